@@ -1,0 +1,51 @@
+"""The Trainer boundary: documented training_args → transformers' Seq2SeqTrainingArguments.
+
+finetune.yaml keeps the documented names (users of the reference demo recognise them); the keys transformers
+renamed are translated here and only here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+# documented / schema name → current transformers name
+TRANSLATED_KEYS = {
+    "evaluation_strategy": "eval_strategy",
+    "group_by_length": "train_sampling_strategy",
+}
+
+
+def seq2seq_kwargs(cfg: DictConfig, run_dir: Path, ds_path: Path | None, *, has_eval: bool) -> dict[str, Any]:
+    args = OmegaConf.to_container(cfg.training_args, resolve=True)
+    gen = {k: v for k, v in args.pop("generation_config").items() if v is not None}
+    kwargs: dict[str, Any] = {}
+    for key, value in args.items():
+        if key == "group_by_length":
+            kwargs["train_sampling_strategy"] = "group_by_length" if value else "random"
+        elif key in ("use_cpu", "disable_tqdm", "save_total_limit", "ddp_find_unused_parameters") and value is None:
+            continue
+        else:
+            kwargs[TRANSLATED_KEYS.get(key, key)] = value
+    kwargs["output_dir"] = str(run_dir)
+    kwargs["deepspeed"] = str(ds_path) if ds_path is not None else None
+    kwargs["seed"] = cfg.seed
+    kwargs["data_seed"] = cfg.seed
+    # glm-ft logs to MLflow itself (one run per job, nested in sweeps): transformers' callback would log twice.
+    kwargs["report_to"] = "none"
+    if not has_eval:
+        kwargs["eval_strategy"] = "no"
+    kwargs["generation_config"] = gen
+    return kwargs
+
+
+def build_training_arguments(cfg: DictConfig, run_dir: Path, ds_path: Path | None, *, has_eval: bool,
+                             generation_config: Any):
+    """Seq2SeqTrainingArguments for this run; transformers itself checks the values it owns."""
+    from transformers import Seq2SeqTrainingArguments
+
+    kwargs = seq2seq_kwargs(cfg, run_dir, ds_path, has_eval=has_eval)
+    kwargs["generation_config"] = generation_config
+    return Seq2SeqTrainingArguments(**kwargs)

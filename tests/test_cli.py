@@ -1,0 +1,94 @@
+"""`python train.py ...` as a user runs it: dry runs, Hydra's own flags, and short clear errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from conftest import ROOT, run_train
+
+HEAVY = ("torch", "transformers", "peft", "deepspeed", "mlflow", "datasets")
+
+
+@pytest.fixture(scope="module")
+def fake_6b(tmp_path_factory) -> dict[str, Path]:
+    """A chatglm3-6b-shaped folder (config.json only: a dry run never reads weights) and AdvertiseGen files."""
+    root = tmp_path_factory.mktemp("fake6b")
+    model = root / "chatglm3-6b"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"model_type": "chatglm", "hidden_size": 4096}))
+    data = root / "AdvertiseGen"
+    data.mkdir()
+    for name in ("train.json", "dev.json"):
+        (data / name).write_text('{"content": "类型#裙", "summary": "好看"}\n', encoding="utf-8")
+    return {"model": model, "data": data}
+
+
+def test_dry_run_renders_and_loads_nothing_heavy(tmp_path, fake_6b):
+    run_dir = tmp_path / "run"
+    code = (
+        "import sys; sys.argv = ['train.py', 'method=sft', 'dry_run=true', "
+        f"'model.path={fake_6b['model']}', 'data.data_dir={fake_6b['data']}', 'hydra.run.dir={run_dir}'];"
+        "from glm_ft.cli import main; main();"
+        f"print('HEAVY', [m for m in {HEAVY!r} if m in sys.modules])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "HEAVY []" in out.stdout
+    for name in ("finetune.yaml", "ds_config.json", "ds_config.resolved.json"):
+        assert str(run_dir / name) in out.stdout
+        assert (run_dir / name).is_file()
+    assert (run_dir / ".hydra" / "config.yaml").is_file()
+    resolved = json.loads((run_dir / "ds_config.resolved.json").read_text())
+    assert resolved["zero_optimization"]["reduce_bucket_size"] == 4096 * 4096
+    finetune = OmegaConf.load(run_dir / "finetune.yaml")
+    assert finetune.training_args.output_dir == str(run_dir)
+
+
+def test_quickstart_dry_run(tmp_path):
+    out = run_train(["experiment=quickstart", "dry_run=true", f"hydra.run.dir={tmp_path}"])
+    assert out.returncode == 0, out.stderr
+    finetune = OmegaConf.load(tmp_path / "finetune.yaml")
+    assert finetune.data_config.train_file == "train.jsonl"
+    assert finetune.peft_config.peft_type == "LORA"
+
+
+def test_deepspeed_launcher_local_rank_argument_is_accepted(tmp_path):
+    out = run_train(["--local_rank=0", "experiment=quickstart", "dry_run=true", f"hydra.run.dir={tmp_path}"])
+    assert out.returncode == 0, out.stderr
+
+
+@pytest.mark.parametrize("flag, expect", [("--help", "method: lora, ptuning_v2, sft"), ("--cfg=job", "peft_type: LORA")])
+def test_hydra_flags_keep_working(flag, expect):
+    out = run_train([flag] if flag == "--help" else ["--cfg", "job"])
+    assert out.returncode == 0, out.stderr
+    assert expect in out.stdout
+
+
+@pytest.mark.parametrize("args, expect", [
+    (["method=qlora"], "ptuning_v2"),
+    (["method.r=abc"], "method.r"),
+    (["method.rr=4"], "method.rr"),
+    (["method.r=0", "experiment=quickstart"], "method.r: must be > 0"),
+    (["method.lora_dropout=1.5", "experiment=quickstart"], "method.lora_dropout"),
+    (["method=ptuning_v2", "method.num_virtual_tokens=-1", "experiment=quickstart"], "method.num_virtual_tokens"),
+    (["method=sft", "+method.r=8", "experiment=quickstart"], "method.r"),
+    (["max_output_length=0", "experiment=quickstart"], "max_output_length"),
+    (["experiment=quickstart", "data.train_file=missing.jsonl"], "missing.jsonl"),
+    (["experiment=quickstart", "training_args.fp16=true"], "training_args.fp16"),
+    (["model.path=/nonexistent/glm"], "/nonexistent/glm"),
+    (["experiment=quickstart", "deepspeed=zero2", "deepspeed.train_micro_batch_size_per_gpu=3"],
+     "training_args.per_device_train_batch_size"),
+])
+def test_errors_are_short_and_name_the_key(args, expect, tmp_path):
+    out = run_train([*args, "dry_run=true", f"hydra.run.dir={tmp_path}"])
+    assert out.returncode != 0
+    assert expect in out.stderr
+    assert "Traceback" not in out.stderr
+    assert len(out.stderr.strip().splitlines()) <= 12
+    assert not (tmp_path / "finetune.yaml").exists()  # nothing half-written
