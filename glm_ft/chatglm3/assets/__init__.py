@@ -1,0 +1,1 @@
+"""Files shipped with the package: the tiny tokenizer model and the script that builds it."""
