@@ -17,7 +17,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 import glm_ft.schema  # noqa: F401  (registers the schema with Hydra's ConfigStore)
-from glm_ft.errors import GlmFtError
+from glm_ft.errors import ConfigError, GlmFtError
 from glm_ft.render import render_run_files
 from glm_ft.schema import PROJECT_ROOT
 from glm_ft.validate import resolve_path, validate
@@ -38,7 +38,7 @@ def model_hidden_size(model_cfg: DictConfig) -> int | None:
 
 
 def run(cfg: DictConfig) -> float | None:
-    """One job. Returns the metric an Optuna sweep optimises (None for a dry run)."""
+    """One job. Returns `optimized_metric` of the final metrics, which an Optuna sweep maximises."""
     validate(cfg)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     paths = render_run_files(cfg, run_dir, model_hidden_size(cfg.model))
@@ -49,7 +49,13 @@ def run(cfg: DictConfig) -> float | None:
         return None
     from glm_ft.finetune import finetune
 
-    return finetune(cfg, run_dir, paths)
+    metrics = finetune(cfg, run_dir, paths)
+    if cfg.optimized_metric is None:
+        return None
+    if cfg.optimized_metric not in metrics:
+        raise ConfigError(f"optimized_metric: '{cfg.optimized_metric}' was not produced by this run (it has: "
+                          f"{', '.join(sorted(metrics)) or 'no metrics; is there a validation split?'})")
+    return float(metrics[cfg.optimized_metric])
 
 
 @hydra.main(config_path=str(PROJECT_ROOT / "conf"), config_name="config", version_base="1.3")
@@ -82,6 +88,15 @@ def _take_launcher_args(argv: list[str]) -> list[str]:
     return out
 
 
+def _shared_run_dir(argv: list[str]) -> list[str]:
+    """Ranks of one torchrun/deepspeed job must share a run folder; Hydra's ${now:...} may differ between them."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or any(a.startswith("hydra.run.dir=") for a in argv):
+        return argv
+    job = os.environ.get("TORCHELASTIC_RUN_ID", "none")
+    job = job if job != "none" else f"{os.environ.get('MASTER_PORT', '0')}-{os.getppid()}"
+    return [*argv, f"hydra.run.dir=outputs/${{now:%Y-%m-%d}}/dist-{job}"]
+
+
 def main() -> None:
-    sys.argv = _take_launcher_args(sys.argv)
+    sys.argv = _shared_run_dir(_take_launcher_args(sys.argv))
     _hydra_main()

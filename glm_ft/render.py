@@ -165,7 +165,7 @@ def resolve_deepspeed(cfg: DictConfig, hidden_size: int, num_training_steps: int
         fill("zero_optimization.stage3_param_persistence_threshold", 10 * hidden_size)
     if num_training_steps > 0:  # max_steps=-1: known only once the data is loaded
         fill("scheduler.params.total_num_steps", num_training_steps)
-        warmup = args.warmup_steps or math.ceil(args.warmup_ratio * num_training_steps)
+        warmup = int(args.warmup_steps) if args.warmup_steps >= 1 else math.ceil(args.warmup_steps * num_training_steps)
         fill("scheduler.params.warmup_num_steps", max(1, warmup))
     return ds
 
@@ -193,6 +193,7 @@ def render_run_files(cfg: DictConfig, run_dir: Path, hidden_size: int | None) ->
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
+    # Per-process temp name: every rank of a distributed run renders the same files into the same folder.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)

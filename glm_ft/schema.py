@@ -116,8 +116,8 @@ class TrainingArgs:
     # Translated to transformers' train_sampling_strategy="group_by_length".
     group_by_length: bool = False
     save_total_limit: Optional[int] = None
-    warmup_steps: int = 0
-    warmup_ratio: float = 0.0
+    # An int counts steps; a float in [0, 1) is a fraction of the training steps (transformers 5).
+    warmup_steps: float = 0
     weight_decay: float = 0.0
     lr_scheduler_type: str = "linear"
     max_grad_norm: float = 1.0
@@ -137,7 +137,8 @@ class TrackingConfig:
     enabled: bool = True
     # Absolute, so Hydra's run folder doesn't matter; MLFLOW_TRACKING_URI wins when set.
     tracking_uri: str = "sqlite:///${project_root:}/mlflow.db"
-    artifact_location: str = "${project_root:}/mlartifacts"
+    # null: mlartifacts/ beside a SQLite store, the server's own choice for an http:// store.
+    artifact_location: Optional[str] = None
     experiment_name: str = "glm-ft"
     run_name: Optional[str] = None
     # SFT checkpoints are gigabytes: logged as a path tag unless this is set.
@@ -160,6 +161,8 @@ class Config:
     # null: start fresh; "auto": newest checkpoint of the run folder; otherwise a checkpoint path.
     resume: Optional[str] = None
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    # The final metric train.py returns to an Optuna sweep (set by conf/hparams_search/*); the job fails if missing.
+    optimized_metric: Optional[str] = None
 
 
 METHOD_SCHEMAS = {"lora": LoraMethod, "ptuning_v2": PTuningV2Method, "sft": SftMethod}

@@ -35,6 +35,10 @@ def seq2seq_kwargs(cfg: DictConfig, run_dir: Path, ds_path: Path | None, *, has_
     kwargs["data_seed"] = cfg.seed
     # glm-ft logs to MLflow itself (one run per job, nested in sweeps): transformers' callback would log twice.
     kwargs["report_to"] = "none"
+    # The Trainer's own filter would replace a NaN loss by the running mean and hide the divergence.
+    kwargs["logging_nan_inf_filter"] = False
+    # Tokens/s counts real tokens only: padding is work, not throughput.
+    kwargs["include_num_input_tokens_seen"] = "non_padding"
     if not has_eval:
         kwargs["eval_strategy"] = "no"
     kwargs["generation_config"] = gen
@@ -46,6 +50,12 @@ def build_training_arguments(cfg: DictConfig, run_dir: Path, ds_path: Path | Non
     """Seq2SeqTrainingArguments for this run; transformers itself checks the values it owns."""
     from transformers import Seq2SeqTrainingArguments
 
+    import torch
+
     kwargs = seq2seq_kwargs(cfg, run_dir, ds_path, has_eval=has_eval)
     kwargs["generation_config"] = generation_config
+    if not torch.cuda.is_available():
+        # The documented configs say use_cpu: false ("use the GPU if there is one"); without one the CPU is the
+        # only device, and transformers refuses bf16 on CPU unless use_cpu is set.
+        kwargs["use_cpu"] = True
     return Seq2SeqTrainingArguments(**kwargs)

@@ -55,7 +55,7 @@ def test_quickstart_dry_run(tmp_path):
     assert out.returncode == 0, out.stderr
     finetune = OmegaConf.load(tmp_path / "finetune.yaml")
     assert finetune.data_config.train_file == "train.jsonl"
-    assert finetune.peft_config.peft_type == "LORA"
+    assert "peft_config" not in finetune and "deepspeed" not in finetune.training_args
 
 
 def test_deepspeed_launcher_local_rank_argument_is_accepted(tmp_path):
@@ -74,8 +74,9 @@ def test_hydra_flags_keep_working(flag, expect):
     (["method=qlora"], "ptuning_v2"),
     (["method.r=abc"], "method.r"),
     (["method.rr=4"], "method.rr"),
-    (["method.r=0", "experiment=quickstart"], "method.r: must be > 0"),
-    (["method.lora_dropout=1.5", "experiment=quickstart"], "method.lora_dropout"),
+    (["experiment=quickstart", "method=lora", "method.r=0"], "method.r: must be > 0"),
+    (["experiment=quickstart", "method=lora", "method.lora_dropout=1.5"], "method.lora_dropout"),
+    (["experiment=quickstart", "method.r=4"], "Key 'r' not in 'SftMethod'"),
     (["method=ptuning_v2", "method.num_virtual_tokens=-1", "experiment=quickstart"], "method.num_virtual_tokens"),
     (["method=sft", "+method.r=8", "experiment=quickstart"], "method.r"),
     (["max_output_length=0", "experiment=quickstart"], "max_output_length"),

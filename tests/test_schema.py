@@ -56,7 +56,11 @@ def test_quickstart_switches_to_tiny_model_and_sample_data():
     assert cfg.model.name == "tiny" and cfg.model.build_if_missing
     assert cfg.data.name == "sample"
     assert cfg.data.data_dir.endswith("data/sample")
-    assert cfg.method.name == "lora"
+    # A random tiny base has nothing for LoRA to adapt: the quickstart trains all weights, without DeepSpeed.
+    assert cfg.method.name == "sft" and cfg.deepspeed is None
+    assert (cfg.max_input_length, cfg.max_output_length) == (64, 64)
+    lora = compose(["experiment=quickstart", "method=lora", "method.r=4"])
+    assert lora.method.r == 4 and lora.model.name == "tiny"
 
 
 def test_documented_top_level_keys_are_overridable():

@@ -1,0 +1,254 @@
+"""The training job: composed config → model + data → Seq2SeqTrainer (train, evaluate with generation, predict).
+
+    python train.py experiment=quickstart                               # tiny model, sample data, CPU, minutes
+    python train.py method=lora model.path=/models/chatglm3-6b data.data_dir=/data/AdvertiseGen
+    torchrun --nproc_per_node 2 train.py method=sft deepspeed=zero3 ... # several GPUs (or CPU processes, gloo)
+
+Checkpoints hold only what was trained (LoRA adapter, P-Tuning v2 prefix, or the full model for SFT), as
+safetensors. A checkpoint counts once `glm_ft_complete` is written into it, so `resume=auto` never picks up one
+that a crash left half-written.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from glm_ft.errors import CheckpointError, ConfigError, GlmFtError
+from glm_ft.schema import PROJECT_ROOT
+
+log = logging.getLogger("glm_ft")
+
+COMPLETE_MARKER = "glm_ft_complete"
+DATA_CACHE = PROJECT_ROOT / ".cache" / "datasets"
+
+
+class TrainingDiverged(GlmFtError):
+    """The loss became NaN or infinite."""
+
+
+def setup_single_process_distributed(cfg: DictConfig) -> None:
+    """DeepSpeed wants a process group even for one process; without a launcher it tries MPI and fails."""
+    if cfg.deepspeed is None or "RANK" in os.environ:
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def complete_checkpoints(run_dir: Path) -> list[Path]:
+    found = [p for p in run_dir.glob("checkpoint-*") if (p / COMPLETE_MARKER).is_file()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
+
+
+def resume_checkpoint(resume: str | None, run_dir: Path) -> str | None:
+    if resume is None:
+        return None
+    if resume == "auto":
+        found = complete_checkpoints(run_dir)
+        if not found:
+            log.warning("resume=auto: no complete checkpoint in %s, starting from scratch", run_dir)
+            return None
+        return str(found[-1])
+    path = Path(resume).expanduser().resolve()
+    if not (path / COMPLETE_MARKER).is_file() and not (path / "trainer_state.json").is_file():
+        raise CheckpointError(f"resume: '{path}' is not a complete glm-ft checkpoint (no trainer_state.json)")
+    return str(path)
+
+
+def _trainer_classes():
+    """Built lazily: transformers and torch load only when training really starts."""
+    import torch
+    from transformers import Seq2SeqTrainer, TrainerCallback
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+    class GlmTrainer(Seq2SeqTrainer):
+        """Generation-based evaluation for a decoder-only model, and method-aware checkpoints."""
+
+        def __init__(self, *args, method: str, gen_config, eval_collator, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.method = method
+            self.gen_config = gen_config
+            self.eval_collator = eval_collator
+
+        def _with_eval_collator(self, build, *args, **kwargs):
+            # Training batches carry labels aligned with input_ids; evaluation batches carry separate references.
+            train_collator, self.data_collator = self.data_collator, self.eval_collator
+            try:
+                return build(*args, **kwargs)
+            finally:
+                self.data_collator = train_collator
+
+        def get_eval_dataloader(self, eval_dataset=None):
+            return self._with_eval_collator(super().get_eval_dataloader, eval_dataset)
+
+        def get_test_dataloader(self, test_dataset):
+            return self._with_eval_collator(super().get_test_dataloader, test_dataset)
+
+        def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None, **gen_kwargs):
+            inputs = self._prepare_inputs(inputs)
+            labels = inputs.pop("labels")
+            with torch.no_grad():
+                generated = model.generate(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                                           generation_config=self.gen_config,
+                                           synced_gpus=is_deepspeed_zero3_enabled())
+            return None, generated[:, inputs["input_ids"].shape[1]:], labels
+
+        def _save(self, output_dir: str | None = None, state_dict=None):
+            if self.method != "ptuning_v2":
+                return super()._save(output_dir, state_dict)
+            from glm_ft.chatglm3.prefix import save_prefix
+
+            output_dir = output_dir or self.args.output_dir
+            os.makedirs(output_dir, exist_ok=True)
+            save_prefix(self.accelerator.unwrap_model(self.model), output_dir)
+            if self.processing_class is not None:
+                self.processing_class.save_pretrained(output_dir)
+
+        def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+            if self.method != "ptuning_v2":
+                return super()._load_from_checkpoint(resume_from_checkpoint, model)
+            from glm_ft.chatglm3.prefix import load_prefix
+
+            load_prefix(self.accelerator.unwrap_model(model or self.model), resume_from_checkpoint)
+
+    class Watchdog(TrainerCallback):
+        """Marks finished checkpoints and stops on a NaN loss, naming the step."""
+
+        def on_save(self, args, state, control, **kwargs):
+            ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if ckpt.is_dir() and state.is_world_process_zero:
+                (ckpt / COMPLETE_MARKER).write_text(json.dumps({"step": state.global_step}) + "\n")
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            loss = (logs or {}).get("loss")
+            if loss is not None and not math.isfinite(loss):
+                raise TrainingDiverged(
+                    f"training loss is {loss} at step {state.global_step}; stopped. Last complete checkpoint: "
+                    f"{(complete_checkpoints(Path(args.output_dir)) or ['none'])[-1]}. "
+                    "Try a lower training_args.learning_rate or training_args.max_grad_norm")
+
+    return GlmTrainer, Watchdog
+
+
+def generation_config_for(cfg: DictConfig, tokenizer, stop_ids: list[int]):
+    from transformers import GenerationConfig
+
+    gen = {k: v for k, v in OmegaConf.to_container(cfg.training_args.generation_config).items() if v is not None}
+    return GenerationConfig(**gen, eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id)
+
+
+def finetune(cfg: DictConfig, run_dir: Path, paths: dict[str, Path]) -> dict[str, float]:
+    """Train, evaluate and predict; returns the final eval_* and test_* metrics."""
+    import warnings
+
+    from glm_ft.tracking import start_run
+
+    # DeepSpeed calls these on every step; the deprecation is torch's business with DeepSpeed, not the user's.
+    warnings.filterwarnings("ignore", message=r".*torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)")
+
+    setup_single_process_distributed(cfg)
+    with start_run(cfg, run_dir) as tracker:
+        return _train(cfg, run_dir, paths, tracker)
+
+
+def _train(cfg: DictConfig, run_dir: Path, paths: dict[str, Path], tracker) -> dict[str, float]:
+    from transformers import set_seed
+
+    from glm_ft.data import load_datasets
+    from glm_ft.evaluation import EvalCollator, TrainCollator, metrics_fn, stop_token_ids, write_predictions
+    from glm_ft.model import load_for_training, parameter_counts
+    from glm_ft.trainer_args import build_training_arguments
+    from glm_ft.validate import data_paths
+
+    set_seed(cfg.seed)
+    tokenizer, model, model_dir = load_for_training(cfg)
+    counts = parameter_counts(model)
+    log.info("method=%s: %s trainable of %s parameters", cfg.method.name,
+             f"{counts['model.trainable_parameters']:,}", f"{counts['model.total_parameters']:,}")
+    tracker.log_metrics(counts)
+    tracker.set_tags({"glm_ft.base_model": str(model_dir)})
+    _write_run_info(run_dir, cfg, model_dir)
+
+    data_config = OmegaConf.to_container(cfg.data, resolve=True)
+    data_config["data_dir"] = str(data_paths(cfg.data)["train"].parent)
+    data = load_datasets(data_config, tokenizer, cfg.max_input_length, cfg.max_output_length,
+                         cache_dir=DATA_CACHE, skip_bad_rows=cfg.data.skip_bad_rows, eval_subset=cfg.eval_subset)
+    tracker.log_metrics(data.stats)
+    if data.val is None or len(data.val) == 0:
+        log.warning("no validation samples: evaluation during training is skipped")
+
+    stop_ids = stop_token_ids(tokenizer)
+    gen_config = generation_config_for(cfg, tokenizer, stop_ids)
+    has_eval = data.val is not None and len(data.val) > 0
+    args = build_training_arguments(cfg, run_dir, paths.get("ds_config"), has_eval=has_eval,
+                                    generation_config=gen_config)
+    if args.gradient_checkpointing:
+        args.gradient_checkpointing_kwargs = {"use_reentrant": False}
+    GlmTrainer, Watchdog = _trainer_classes()
+    trainer = GlmTrainer(
+        model=model, args=args, train_dataset=data.train, eval_dataset=data.val if has_eval else None,
+        data_collator=TrainCollator(tokenizer.pad_token_id), processing_class=tokenizer,
+        compute_metrics=metrics_fn(tokenizer, stop_ids), method=cfg.method.name, gen_config=gen_config,
+        eval_collator=EvalCollator(tokenizer.pad_token_id), callbacks=[Watchdog(), tracker.trainer_callback()],
+    )
+
+    resume_from = resume_checkpoint(cfg.resume, run_dir)
+    if resume_from:
+        log.info("resuming from %s", resume_from)
+        tracker.set_tags({"glm_ft.resumed_from": resume_from})
+    try:
+        result = trainer.train(resume_from_checkpoint=resume_from)
+    except KeyboardInterrupt:
+        last = (complete_checkpoints(run_dir) or ["none"])[-1]
+        log.error("interrupted at step %d; last complete checkpoint: %s (continue with resume=auto "
+                  "hydra.run.dir=%s)", trainer.state.global_step, last, run_dir)
+        raise
+    tracker.log_metrics({k: v for k, v in result.metrics.items() if k.startswith("train")})
+    trainer.save_model(str(run_dir / "final"))
+    if is_main_process():
+        (run_dir / "final" / COMPLETE_MARKER).write_text("{}\n")
+        tracker.set_tags({"glm_ft.final_model": str(run_dir / "final")})
+
+    final: dict[str, float] = {}
+    if has_eval:
+        final.update(trainer.evaluate())
+        tracker.log_metrics(final, step=trainer.state.global_step)
+    if data.test is not None and len(data.test) > 0:
+        out = trainer.predict(data.test, metric_key_prefix="test")
+        final.update(out.metrics)
+        tracker.log_metrics(out.metrics, step=trainer.state.global_step)
+        if is_main_process():
+            n = write_predictions(run_dir / "predictions.jsonl", tokenizer, data.test, out.predictions, stop_ids,
+                                  out.metrics)
+            log.info("test: %d predictions → %s; %s", n, run_dir / "predictions.jsonl",
+                     ", ".join(f"{k}={v:.4g}" for k, v in out.metrics.items() if "rouge" in k or "bleu" in k))
+    log.info("run folder: %s", run_dir)
+    if is_main_process() and cfg.tracking.enabled:
+        log.info("MLflow: run `make ui` and open http://127.0.0.1:5000 (experiment '%s')",
+                 cfg.tracking.experiment_name)
+    return final
+
+
+def _write_run_info(run_dir: Path, cfg: DictConfig, model_dir: Path) -> None:
+    """What chat/export need to reopen this run: the base model and the method."""
+    if not is_main_process():
+        return
+    info = {"base_model": str(model_dir), "method": OmegaConf.to_container(cfg.method, resolve=True),
+            "max_input_length": cfg.max_input_length, "max_output_length": cfg.max_output_length}
+    (run_dir / "glm_ft_run.json").write_text(json.dumps(info, indent=2, ensure_ascii=False) + "\n")
+
+
+__all__ = ["finetune", "resume_checkpoint", "complete_checkpoints", "ConfigError"]

@@ -1,0 +1,117 @@
+"""Model config → tokenizer + ChatGLM3 with the chosen method applied (LoRA, P-Tuning v2 prefix, or all weights).
+
+One loader for training, resume, chat and export, so a checkpoint opens the same way everywhere.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+from glm_ft.errors import CheckpointError
+from glm_ft.validate import resolve_path
+
+log = logging.getLogger(__name__)
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def torch_dtype_for(model_cfg: DictConfig, method: str, bf16: bool, fp16: bool):
+    """"auto": frozen base weights in the mixed-precision dtype for PEFT methods (memory), fp32 otherwise."""
+    import torch
+
+    name = model_cfg.torch_dtype
+    if name == "auto":
+        if method == "sft":
+            name = "float32"  # full fine-tuning keeps fp32 master weights; AMP / DeepSpeed handle the rest
+        else:
+            name = "bfloat16" if bf16 else "float16" if fp16 else "float32"
+    if name not in DTYPES:
+        from glm_ft.errors import ConfigError
+
+        raise ConfigError(f"model.torch_dtype: '{name}' is not one of auto, {', '.join(DTYPES)}")
+    return getattr(torch, name)
+
+
+def base_model_dir(model_cfg: DictConfig) -> Path:
+    path = resolve_path(model_cfg.path)
+    if model_cfg.build_if_missing:
+        from glm_ft.chatglm3.tiny import ensure_tiny_model
+
+        return ensure_tiny_model(path)
+    return path
+
+
+def load_tokenizer(model_dir: Path):
+    import glm_ft  # noqa: F401  (registers ChatGLM3)
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(model_dir))
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{model_dir}: cannot load the tokenizer ({err})") from err
+
+
+def load_base_model(model_dir: Path, dtype, attn_implementation: str = "sdpa"):
+    import glm_ft  # noqa: F401
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype,
+                                                     attn_implementation=attn_implementation)
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{model_dir}: cannot load the model ({err})") from err
+    return model
+
+
+def apply_method(model, method: DictConfig, seed: int):
+    """Make the method's weights the trainable ones. Seeded here so LoRA/prefix init is reproducible."""
+    import torch
+    from transformers import set_seed
+
+    set_seed(seed)
+    if method.name == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        peft_config = LoraConfig(task_type="CAUSAL_LM", r=method.r, lora_alpha=method.lora_alpha,
+                                 lora_dropout=method.lora_dropout, target_modules=list(method.target_modules))
+        model = get_peft_model(model, peft_config)
+    elif method.name == "ptuning_v2":
+        from glm_ft.chatglm3.prefix import enable_ptuning_v2
+
+        # A model folder that holds a prefix (a reference demo P-Tuning v2 checkpoint) continues training it.
+        try:
+            enable_ptuning_v2(model, method.num_virtual_tokens, prefix_projection=method.prefix_projection, seed=seed)
+        except ValueError as err:
+            from glm_ft.errors import ConfigError
+
+            raise ConfigError(f"method.num_virtual_tokens={method.num_virtual_tokens}: model.path holds a P-Tuning v2 "
+                              f"prefix already ({err}); set method.num_virtual_tokens={model.config.pre_seq_len} "
+                              f"method.prefix_projection={str(model.config.prefix_projection).lower()} "
+                              "to continue training it") from err
+    # Trainable weights stay fp32 even when the frozen base is bf16/fp16: the optimizer needs the precision.
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()
+    return model
+
+
+def parameter_counts(model) -> dict[str, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return {"model.trainable_parameters": trainable, "model.total_parameters": total}
+
+
+def load_for_training(cfg: DictConfig) -> tuple[Any, Any, Path]:
+    """Tokenizer, model with the method applied, and the base model folder."""
+    model_dir = base_model_dir(cfg.model)
+    tokenizer = load_tokenizer(model_dir)
+    args = cfg.training_args
+    dtype = torch_dtype_for(cfg.model, cfg.method.name, args.bf16, args.fp16)
+    model = load_base_model(model_dir, dtype, cfg.model.attn_implementation)
+    model.config.use_cache = False  # training; generate() turns the cache on by itself
+    model = apply_method(model, cfg.method, cfg.seed)
+    return tokenizer, model, model_dir

@@ -1,0 +1,164 @@
+"""End to end on the tiny ChatGLM3 and the sample data: the three methods, checkpoints, predictions, resume,
+reproducibility, switches and failures. Each run is `python train.py ...` in a subprocess, as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from conftest import ROOT, run_train
+
+pytestmark = pytest.mark.slow
+
+# Small but complete: training, two evaluations with generation, checkpoints, test prediction.
+SMALL = ["experiment=quickstart", "training_args.max_steps=6", "training_args.save_steps=3",
+         "training_args.eval_steps=3", "training_args.logging_steps=1", "eval_subset=4",
+         "training_args.per_device_train_batch_size=4", "training_args.generation_config.max_new_tokens=8",
+         "training_args.learning_rate=1e-3"]
+METHODS = {"lora": ["method=lora"], "ptuning_v2": ["method=ptuning_v2", "method.num_virtual_tokens=4"],
+           "sft": ["method=sft"]}
+
+
+@pytest.fixture(scope="module")
+def mlflow_env(tmp_path_factory) -> dict[str, str]:
+    store = tmp_path_factory.mktemp("mlflow")
+    return {"MLFLOW_TRACKING_URI": f"sqlite:///{store}/mlflow.db"}
+
+
+def train(args: list[str], run_dir: Path, env: dict, timeout: int = 600) -> subprocess.CompletedProcess:
+    out = run_train([*SMALL, *args, f"hydra.run.dir={run_dir}"], env=env, timeout=timeout)
+    return out
+
+
+def losses(run_dir: Path, checkpoint: str | None = None) -> dict[int, float]:
+    state_dir = run_dir / checkpoint if checkpoint else max(run_dir.glob("checkpoint-*"),
+                                                            key=lambda p: int(p.name.split("-")[1]))
+    history = json.loads((state_dir / "trainer_state.json").read_text())["log_history"]
+    return {h["step"]: h["loss"] for h in history if "loss" in h}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, mlflow_env) -> dict[str, Path]:
+    """Each method trained twice with the same seed (the second run checks reproducibility)."""
+    out = {}
+    for name, args in METHODS.items():
+        for attempt in ("a", "b"):
+            run_dir = tmp_path_factory.mktemp(f"{name}_{attempt}")
+            result = train(args, run_dir, mlflow_env)
+            assert result.returncode == 0, result.stderr[-3000:]
+            out[f"{name}_{attempt}"] = run_dir
+    return out
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_end_to_end(method, runs):
+    run_dir = runs[f"{method}_a"]
+    finetune = OmegaConf.load(run_dir / "finetune.yaml")
+    assert finetune.training_args.output_dir == str(run_dir)
+    assert sorted(p.name for p in run_dir.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-6"]
+    state = json.loads((run_dir / "checkpoint-6" / "trainer_state.json").read_text())
+    evals = [h for h in state["log_history"] if "eval_rouge-l" in h]
+    assert [h["step"] for h in evals] == [3, 6]
+    assert all(set(h) >= {"eval_rouge-1", "eval_rouge-2", "eval_rouge-l", "eval_bleu-4"} for h in evals)
+
+    rows = [json.loads(line) for line in (run_dir / "predictions.jsonl").read_text(encoding="utf-8").splitlines()]
+    test_rows = sum(1 for _ in (ROOT / "data/sample/test.jsonl").open())
+    assert len(rows) >= test_rows  # one per assistant turn; multi-turn rows give several
+    assert all(set(r) == {"prompt", "reference", "prediction"} and r["reference"] for r in rows)
+    assert rows[0]["prompt"].startswith("[gMASK]sop<|user|>")
+    metrics = json.loads((run_dir / "test_metrics.json").read_text())
+    assert set(metrics) >= {"test_rouge-1", "test_rouge-2", "test_rouge-l", "test_bleu-4"}
+
+
+def test_checkpoints_hold_only_what_was_trained(runs):
+    lora = runs["lora_a"] / "checkpoint-6"
+    assert (lora / "adapter_model.safetensors").is_file() and not (lora / "model.safetensors").exists()
+    prefix = runs["ptuning_v2_a"] / "checkpoint-6"
+    weights = [p for p in prefix.iterdir() if p.suffix == ".safetensors"]
+    assert len(weights) == 1 and weights[0].stat().st_size < 64 * 1024, weights
+    assert not (prefix / "model.safetensors").exists()
+    sft = runs["sft_a"] / "checkpoint-6"
+    assert (sft / "model.safetensors").is_file()
+    for run in runs.values():
+        for ckpt in run.glob("checkpoint-*"):
+            assert (ckpt / "glm_ft_complete").is_file()
+            # (training_args.bin is the Trainer's own record of its arguments, not weights)
+            assert not list(ckpt.glob("*model*.bin")), "model weights must be safetensors"
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_same_seed_same_losses(method, runs):
+    a, b = losses(runs[f"{method}_a"]), losses(runs[f"{method}_b"])
+    assert len(a) == 6 and a == b
+    assert all(math.isfinite(v) for v in a.values())
+
+
+def test_full_training_learns(runs):
+    """SFT on the tiny model: the loss falls over six steps (the quickstart relies on it)."""
+    sft = losses(runs["sft_a"])
+    assert sft[6] < sft[1]
+
+
+def test_resume_after_sigkill_reaches_the_same_loss(tmp_path, mlflow_env, runs):
+    args = [*METHODS["lora"]]
+    run_dir = tmp_path / "killed"
+    env = {**os.environ, **mlflow_env}
+    cmd = [sys.executable, str(ROOT / "train.py"), *SMALL, *args, "training_args.save_steps=2",
+           f"hydra.run.dir={run_dir}"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    deadline = time.time() + 300
+    while not (run_dir / "checkpoint-2" / "glm_ft_complete").is_file():
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        assert time.time() < deadline
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (run_dir / "checkpoint-6").exists()
+
+    resumed = train([*args, "training_args.save_steps=2", "resume=auto"], run_dir, mlflow_env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    uninterrupted = losses(runs["lora_a"])
+    after = losses(run_dir, "checkpoint-6")
+    assert after[6] == pytest.approx(uninterrupted[6], rel=1e-5)
+
+
+def test_resume_from_named_checkpoint(tmp_path, mlflow_env, runs):
+    source = runs["ptuning_v2_a"] / "checkpoint-3"
+    result = train([*METHODS["ptuning_v2"], f"resume={source}"], tmp_path / "r", mlflow_env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert losses(tmp_path / "r", "checkpoint-6")[6] == pytest.approx(losses(runs["ptuning_v2_a"])[6], rel=1e-5)
+
+
+def test_switches(tmp_path, mlflow_env):
+    """bf16, gradient checkpointing, accumulation and length grouping together, as finetune.yaml records them."""
+    run_dir = tmp_path / "switches"
+    result = train(["method=lora", "training_args.bf16=true", "training_args.gradient_checkpointing=true",
+                    "training_args.gradient_accumulation_steps=2", "training_args.group_by_length=true",
+                    "training_args.max_steps=2", "training_args.save_steps=2", "training_args.eval_steps=2",
+                    "eval_subset=3"], run_dir, mlflow_env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    finetune = OmegaConf.load(run_dir / "finetune.yaml").training_args
+    assert finetune.bf16 and finetune.gradient_checkpointing and finetune.group_by_length
+    args = json.loads((run_dir / "checkpoint-2" / "trainer_state.json").read_text())
+    assert args["global_step"] == 2
+    assert len([h for h in args["log_history"] if "loss" in h]) == 2
+    state = json.loads((run_dir / "checkpoint-2" / "trainer_state.json").read_text())
+    assert [h["step"] for h in state["log_history"] if "eval_rouge-l" in h] == [2]
+
+
+def test_nan_loss_stops_naming_the_step(tmp_path, mlflow_env):
+    result = train(["method=sft", "training_args.learning_rate=1e30", "training_args.max_grad_norm=1e30"],
+                   tmp_path / "nan", mlflow_env)
+    assert result.returncode != 0
+    assert "loss is nan at step" in result.stderr.lower()
+    assert "Traceback" not in result.stderr
