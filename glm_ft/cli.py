@@ -69,6 +69,12 @@ def _hydra_main(cfg: DictConfig) -> float | None:
             raise
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
+    except KeyboardInterrupt:
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            raise
+        # finetune has logged the step and the last complete checkpoint; the MLflow run is marked KILLED.
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
 
 
 def _take_launcher_args(argv: list[str]) -> list[str]:

@@ -1,0 +1,191 @@
+"""Sweeps (`-m`) through the real conf/ and its MLflow sweep callback, with each launcher.
+
+The jobs are tests/fixtures/sweep_app.py: real composition, validation, rendering and tracking, but a made-up score
+instead of training, so each sweep costs seconds. The real training job runs a sweep in test_mlflow_server.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import ROOT, compose, run_train
+
+APP = ROOT / "tests" / "fixtures" / "sweep_app.py"
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """(tracking URI, MlflowClient) of one SQLite store shared by this module's sweeps."""
+    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    from mlflow.tracking import MlflowClient
+
+    return uri, MlflowClient(uri)
+
+
+def app_env(uri: str, **extra: str) -> dict:
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONPATH": str(ROOT), **extra}
+    for key in ("HYDRA_FULL_ERROR", "CUDA_VISIBLE_DEVICES", "RANK", "WORLD_SIZE", "FAKE_FAIL_R", "FAKE_SLEEP_S"):
+        if key not in extra:
+            env.pop(key, None)
+    return env
+
+
+def run_app(args: list[str], cwd: Path, uri: str, timeout: int = 240, **extra: str):
+    return subprocess.run([sys.executable, str(APP), *args], cwd=cwd, env=app_env(uri, **extra),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def sweep_runs(client, sweep_dir: Path):
+    parent = client.get_run((sweep_dir / "mlflow_parent_run_id").read_text().strip())
+    children = client.search_runs([parent.info.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    return parent, {c.info.run_name: c for c in children}
+
+
+def score(r: int, alpha: int = 32) -> float:  # sweep_app's made-up metric
+    return r * 0.01 + alpha * 0.0001
+
+
+@pytest.mark.slow
+def test_failed_job_fails_the_parent_and_the_others_still_run(tmp_path, store):
+    uri, client = store
+    out = run_app(["-m", "experiment=quickstart", "method=lora", "method.r=4,8,16"], tmp_path, uri, FAKE_FAIL_R="8")
+    assert out.returncode == 1, out.stderr
+    assert "fake failure at method.r=8" in out.stderr
+
+    # Hydra's default layout: multirun/<date>/<time>/<job>, relative to where train.py was started.
+    (sweep_dir,) = list(tmp_path.glob("multirun/*/*"))
+    assert re.fullmatch(r"\d{4}-\d{2}-\d{2}/\d{2}-\d{2}-\d{2}", f"{sweep_dir.parent.name}/{sweep_dir.name}")
+    parent, children = sweep_runs(client, sweep_dir)
+
+    assert parent.info.status == "FAILED"
+    assert parent.info.run_name == f"multirun/{sweep_dir.parent.name}/{sweep_dir.name}"
+    assert parent.data.tags["glm_ft.sweep_dir"] == str(sweep_dir)
+    assert json.loads(parent.data.tags["glm_ft.swept_params"]) == ["method.r"]
+    assert parent.data.params == {"sweep.method.r": "4,8,16"}
+    assert parent.data.metrics["jobs"] == 3 and parent.data.metrics["jobs_failed"] == 1
+    assert parent.data.metrics["best_eval_rouge-l"] == pytest.approx(score(16))
+    assert parent.data.tags["glm_ft.best_run_name"] == "method.r=16"
+
+    assert {name: c.info.status for name, c in children.items()} == {
+        "method.r=4": "FINISHED", "method.r=8": "FAILED", "method.r=16": "FINISHED"}
+    for num, r in enumerate((4, 8, 16)):
+        child = children[f"method.r={r}"]
+        assert child.data.params["method.r"] == str(r)
+        assert child.data.tags["glm_ft.run_dir"] == str(sweep_dir / str(num))
+        assert (sweep_dir / str(num) / ".hydra" / "overrides.yaml").is_file()
+    assert children["method.r=8"].data.tags["glm_ft.error"] == "RuntimeError: fake failure at method.r=8"
+
+
+@pytest.mark.slow
+def test_optuna_search_maximises_the_metric_and_the_parent_holds_the_best(tmp_path, store):
+    uri, client = store
+    sweep_dir = tmp_path / "optuna"
+    out = run_app(["hparams_search=lora_optuna", "experiment=quickstart", "hydra.sweeper.n_trials=3",
+                   f"hydra.sweep.dir={sweep_dir}"], tmp_path, uri)
+    assert out.returncode == 0, out.stderr
+    parent, children = sweep_runs(client, sweep_dir)
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["glm_ft.sweeper"] == "OptunaSweeper"
+    assert parent.data.params == {"sweep.method.r": "choice(4, 8, 16, 32)",
+                                  "sweep.method.lora_alpha": "choice(8, 16, 32, 64)"}
+    assert len(children) == 3 and all(c.info.status == "FINISHED" for c in children.values())
+    for name, child in children.items():
+        r, alpha = int(child.data.params["method.r"]), int(child.data.params["method.lora_alpha"])
+        assert name == f"method.r={r},method.lora_alpha={alpha}"
+        assert child.data.metrics["eval_rouge-l"] == pytest.approx(score(r, alpha))
+
+    optuna = yaml.safe_load((sweep_dir / "optimization_results.yaml").read_text())
+    best = max(c.data.metrics["eval_rouge-l"] for c in children.values())
+    assert optuna["best_value"] == pytest.approx(best)  # Optuna got what train.py returned
+    assert parent.data.metrics["best_eval_rouge-l"] == pytest.approx(best)
+    assert "optimization_results.yaml" in [a.path for a in client.list_artifacts(parent.info.run_id)]
+
+
+def test_search_configs_compose():
+    lora = compose(["hparams_search=lora_optuna", "experiment=quickstart"])
+    assert lora.method.name == "lora" and lora.optimized_metric == "eval_rouge-l"
+    prefix = compose(["hparams_search=ptuning_v2_optuna", "experiment=quickstart"])
+    assert prefix.method.name == "ptuning_v2" and prefix.optimized_metric == "eval_rouge-l"
+
+
+@pytest.mark.slow
+def test_joblib_pins_each_worker_to_one_gpu_and_nests_its_jobs(tmp_path, store):
+    uri, client = store
+    sweep_dir = tmp_path / "joblib"
+    out = run_app(["-m", "hydra/launcher=joblib_gpus", "hydra.launcher.n_jobs=2", "experiment=quickstart",
+                   "method=lora", "method.r=4,8,16,32", f"hydra.sweep.dir={sweep_dir}"], tmp_path, uri,
+                  CUDA_VISIBLE_DEVICES="0,1")
+    assert out.returncode == 0, out.stderr
+    parent, children = sweep_runs(client, sweep_dir)
+    assert parent.info.status == "FINISHED" and parent.data.tags["glm_ft.launcher"] == "JoblibLauncher"
+    assert sorted(children) == sorted(f"method.r={r}" for r in (4, 8, 16, 32))
+    gpu_of_worker = {}
+    for child in children.values():
+        assert child.info.status == "FINISHED"
+        pid, gpu = child.data.tags["test.pid"], child.data.tags["test.cuda_visible_devices"]
+        assert gpu in ("0", "1")
+        assert gpu_of_worker.setdefault(pid, gpu) == gpu  # a worker keeps its GPU
+    assert len(set(gpu_of_worker.values())) == len(gpu_of_worker)  # no two workers share one
+
+
+@pytest.mark.slow
+def test_submitit_jobs_are_nested_children_logged_by_rank_0_only(tmp_path, store):
+    """The SLURM launcher's code path, on submitit's local executor: each job in two tasks (ranks)."""
+    uri, client = store
+    sweep_dir = tmp_path / "submitit"
+    out = run_app(["-m", "hydra/launcher=submitit_local", "hydra.launcher.tasks_per_node=2",
+                   "hydra.launcher.timeout_min=5", "experiment=quickstart", "method=lora", "method.r=4,8",
+                   f"hydra.sweep.dir={sweep_dir}"], tmp_path, uri)
+    assert out.returncode == 0, out.stderr
+    parent, children = sweep_runs(client, sweep_dir)
+    assert parent.info.status == "FINISHED" and parent.data.tags["glm_ft.launcher"] == "LocalLauncher"
+    assert sorted(children) == ["method.r=4", "method.r=8"]
+    assert all(c.info.status == "FINISHED" and c.data.tags["test.rank"] == "0" for c in children.values())
+    assert parent.data.metrics["best_eval_rouge-l"] == pytest.approx(score(8))
+
+
+@pytest.mark.slow
+def test_sigterm_to_a_sweep_ends_parent_and_running_child_killed(tmp_path, store):
+    uri, client = store
+    sweep_dir = tmp_path / "term"
+    proc = subprocess.Popen([sys.executable, str(APP), "-m", "experiment=quickstart", "method=lora", "method.r=4,8",
+                             f"hydra.sweep.dir={sweep_dir}"], cwd=tmp_path, env=app_env(uri, FAKE_SLEEP_S="120"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            if (sweep_dir / "mlflow_parent_run_id").is_file() and sweep_runs(client, sweep_dir)[1]:
+                break
+            time.sleep(0.3)
+        parent, children = sweep_runs(client, sweep_dir)
+        assert [c.info.status for c in children.values()] == ["RUNNING"], proc.stderr
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+    finally:
+        proc.kill()
+        proc.wait()
+    parent, children = sweep_runs(client, sweep_dir)
+    assert parent.info.status == "KILLED"
+    assert [c.info.status for c in children.values()] == ["KILLED"]
+
+
+def test_dry_run_sweep_records_nothing(tmp_path):
+    db = tmp_path / "mlflow.db"
+    sweep_dir = tmp_path / "sweep"
+    out = run_train(["-m", "experiment=quickstart", "method=lora", "method.r=4,8", "dry_run=true",
+                     f"hydra.sweep.dir={sweep_dir}"], env={"MLFLOW_TRACKING_URI": f"sqlite:///{db}"}, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert (sweep_dir / "1" / "finetune.yaml").is_file()
+    assert not db.exists() and not (sweep_dir / "mlflow_parent_run_id").exists()
