@@ -90,7 +90,8 @@ def metrics_fn(tokenizer, stop_ids: Sequence[int]):
     return compute
 
 
-def write_predictions(path: Path, tokenizer, dataset, predictions, stop_ids, metrics: dict[str, float]) -> int:
+def write_predictions(path: Path, tokenizer, dataset, predictions, stop_ids, metrics: dict[str, float],
+                      metrics_name: str = "test_metrics.json") -> int:
     """predictions.jsonl: one row per test sample (prompt, reference, prediction); the metrics beside it."""
     preds = decode_rows(tokenizer, predictions, stop_ids)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -102,6 +103,6 @@ def write_predictions(path: Path, tokenizer, dataset, predictions, stop_ids, met
                 "prediction": pred,
             }, ensure_ascii=False) + "\n")
     os.replace(tmp, path)
-    metrics_path = path.with_name("test_metrics.json")
+    metrics_path = path.with_name(metrics_name)
     metrics_path.write_text(json.dumps(metrics, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return len(preds)

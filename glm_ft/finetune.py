@@ -217,6 +217,8 @@ def _train(cfg: DictConfig, run_dir: Path, paths: dict[str, Path], tracker) -> d
                   "hydra.run.dir=%s)", trainer.state.global_step, last, run_dir)
         raise
     tracker.log_metrics({k: v for k, v in result.metrics.items() if k.startswith("train")})
+    # The final model is for inference: keep the KV cache on in its config (training turned it off).
+    trainer.accelerator.unwrap_model(trainer.model).config.use_cache = True
     trainer.save_model(str(run_dir / "final"))
     if is_main_process():
         (run_dir / "final" / COMPLETE_MARKER).write_text("{}\n")
