@@ -69,11 +69,11 @@ def _hydra_main(cfg: DictConfig) -> float | None:
             raise
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:
         if HydraConfig.get().mode == RunMode.MULTIRUN:
             raise
-        # finetune has logged the step and the last complete checkpoint; the MLflow run is marked KILLED.
-        print("interrupted", file=sys.stderr)
+        # The MLflow run is already marked KILLED; say where to continue from.
+        print(f"interrupted {err}".rstrip(), file=sys.stderr)
         sys.exit(130)
 
 

@@ -34,6 +34,10 @@ class TrainingDiverged(GlmFtError):
     """The loss became NaN or infinite."""
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during training, with where to continue from."""
+
+
 def setup_single_process_distributed(cfg: DictConfig) -> None:
     """DeepSpeed wants a process group even for one process; without a launcher it tries MPI and fails."""
     if cfg.deepspeed is None or "RANK" in os.environ:
@@ -171,7 +175,7 @@ def _train(cfg: DictConfig, run_dir: Path, paths: dict[str, Path], tracker) -> d
     from glm_ft.evaluation import EvalCollator, TrainCollator, metrics_fn, stop_token_ids, write_predictions
     from glm_ft.model import load_for_training, parameter_counts
     from glm_ft.trainer_args import build_training_arguments
-    from glm_ft.validate import data_paths
+    from glm_ft.validate import resolve_path
 
     set_seed(cfg.seed)
     tokenizer, model, model_dir = load_for_training(cfg)
@@ -183,7 +187,7 @@ def _train(cfg: DictConfig, run_dir: Path, paths: dict[str, Path], tracker) -> d
     _write_run_info(run_dir, cfg, model_dir)
 
     data_config = OmegaConf.to_container(cfg.data, resolve=True)
-    data_config["data_dir"] = str(data_paths(cfg.data)["train"].parent)
+    data_config["data_dir"] = str(resolve_path(cfg.data.data_dir))
     data = load_datasets(data_config, tokenizer, cfg.max_input_length, cfg.max_output_length,
                          cache_dir=DATA_CACHE, skip_bad_rows=cfg.data.skip_bad_rows, eval_subset=cfg.eval_subset)
     tracker.log_metrics(data.stats)
@@ -195,8 +199,6 @@ def _train(cfg: DictConfig, run_dir: Path, paths: dict[str, Path], tracker) -> d
     has_eval = data.val is not None and len(data.val) > 0
     args = build_training_arguments(cfg, run_dir, paths.get("ds_config"), has_eval=has_eval,
                                     generation_config=gen_config)
-    if args.gradient_checkpointing:
-        args.gradient_checkpointing_kwargs = {"use_reentrant": False}
     GlmTrainer, Watchdog = _trainer_classes()
     trainer = GlmTrainer(
         model=model, args=args, train_dataset=data.train, eval_dataset=data.val if has_eval else None,
@@ -211,11 +213,10 @@ def _train(cfg: DictConfig, run_dir: Path, paths: dict[str, Path], tracker) -> d
         tracker.set_tags({"glm_ft.resumed_from": resume_from})
     try:
         result = trainer.train(resume_from_checkpoint=resume_from)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:
         last = (complete_checkpoints(run_dir) or ["none"])[-1]
-        log.error("interrupted at step %d; last complete checkpoint: %s (continue with resume=auto "
-                  "hydra.run.dir=%s)", trainer.state.global_step, last, run_dir)
-        raise
+        raise Interrupted(f"at step {trainer.state.global_step}; last complete checkpoint: {last} (continue with "
+                          f"resume=auto hydra.run.dir={run_dir})") from err
     tracker.log_metrics({k: v for k, v in result.metrics.items() if k.startswith("train")})
     # The final model is for inference: keep the KV cache on in its config (training turned it off).
     trainer.accelerator.unwrap_model(trainer.model).config.use_cache = True
@@ -226,8 +227,12 @@ def _train(cfg: DictConfig, run_dir: Path, paths: dict[str, Path], tracker) -> d
 
     final: dict[str, float] = {}
     if has_eval:
-        final.update(trainer.evaluate())
-        tracker.log_metrics(final, step=trainer.state.global_step)
+        last = next((h for h in reversed(trainer.state.log_history) if "eval_rouge-l" in h), None)
+        if last is not None and last["step"] == trainer.state.global_step:
+            final.update({k: v for k, v in last.items() if k.startswith("eval_")})  # evaluated at the last step
+        else:
+            final.update(trainer.evaluate())
+            tracker.log_metrics(final, step=trainer.state.global_step)
     if data.test is not None and len(data.test) > 0:
         out = trainer.predict(data.test, metric_key_prefix="test")
         final.update(out.metrics)

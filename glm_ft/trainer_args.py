@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 TRANSLATED_KEYS = {
     "evaluation_strategy": "eval_strategy",
     "group_by_length": "train_sampling_strategy",
+    "gradient_checkpointing": "activation_checkpointing",
 }
 
 
@@ -25,6 +26,10 @@ def seq2seq_kwargs(cfg: DictConfig, run_dir: Path, ds_path: Path | None, *, has_
     for key, value in args.items():
         if key == "group_by_length":
             kwargs["train_sampling_strategy"] = "group_by_length" if value else "random"
+        elif key == "gradient_checkpointing":
+            kwargs["activation_checkpointing"] = value
+            # Non-reentrant: frozen embeddings (LoRA, prefix) would otherwise cut the gradient path.
+            kwargs["activation_checkpointing_kwargs"] = {"use_reentrant": False} if value else None
         elif key in ("use_cpu", "disable_tqdm", "save_total_limit", "ddp_find_unused_parameters") and value is None:
             continue
         else:

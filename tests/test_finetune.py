@@ -79,6 +79,25 @@ def test_end_to_end(method, runs):
     assert set(metrics) >= {"test_rouge-1", "test_rouge-2", "test_rouge-l", "test_bleu-4"}
 
 
+def test_the_run_is_complete_in_mlflow(runs, mlflow_env):
+    from mlflow.tracking import MlflowClient
+
+    run_dir = runs["lora_a"]
+    run = next(r for r in _mlflow_runs(mlflow_env["MLFLOW_TRACKING_URI"])
+               if r.data.tags.get("glm_ft.run_dir") == str(run_dir))
+    assert run.info.status == "FINISHED"
+    assert run.data.params["method.r"] == "8" and run.data.tags["glm_ft.method"] == "lora"
+    assert run.data.metrics["data.val.samples_selected"] == 4
+    assert run.data.metrics["data.train.rows_read"] == 400
+    client = MlflowClient(tracking_uri=mlflow_env["MLFLOW_TRACKING_URI"])
+    rouge = client.get_metric_history(run.info.run_id, "eval_rouge-l")
+    assert sorted({m.step for m in rouge}) == [3, 6]
+    assert len(client.get_metric_history(run.info.run_id, "loss")) == 6
+    assert "test_rouge-l" in run.data.metrics
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"finetune.yaml", "predictions.jsonl", ".hydra", "model"} <= artifacts
+
+
 def test_checkpoints_hold_only_what_was_trained(runs):
     lora = runs["lora_a"] / "checkpoint-6"
     assert (lora / "adapter_model.safetensors").is_file() and not (lora / "model.safetensors").exists()
@@ -130,6 +149,8 @@ def test_resume_after_sigkill_reaches_the_same_loss(tmp_path, mlflow_env, runs):
     uninterrupted = losses(runs["lora_a"])
     after = losses(run_dir, "checkpoint-6")
     assert after[6] == pytest.approx(uninterrupted[6], rel=1e-5)
+    # save_total_limit=2 (quickstart): checkpoint-2 was rotated out once 4 and 6 were complete.
+    assert sorted(p.name for p in run_dir.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-6"]
 
 
 def test_resume_from_named_checkpoint(tmp_path, mlflow_env, runs):
@@ -157,8 +178,41 @@ def test_switches(tmp_path, mlflow_env):
 
 
 def test_nan_loss_stops_naming_the_step(tmp_path, mlflow_env):
+    run_dir = tmp_path / "nan"
     result = train(["method=sft", "training_args.learning_rate=1e30", "training_args.max_grad_norm=1e30"],
-                   tmp_path / "nan", mlflow_env)
-    assert result.returncode != 0
+                   run_dir, mlflow_env)
+    assert result.returncode == 1
     assert "loss is nan at step" in result.stderr.lower()
     assert "Traceback" not in result.stderr
+    run = next(r for r in _mlflow_runs(mlflow_env["MLFLOW_TRACKING_URI"])
+               if r.data.tags.get("glm_ft.run_dir") == str(run_dir))
+    assert run.info.status == "FAILED"
+    assert "loss is nan" in run.data.tags["glm_ft.error"]
+
+
+def _mlflow_runs(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name("glm-ft")
+    return client.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"])
+
+
+def test_ctrl_c_keeps_the_last_checkpoint_and_marks_the_run_killed(tmp_path, mlflow_env):
+    run_dir = tmp_path / "interrupted"
+    env = {**os.environ, **mlflow_env}
+    cmd = [sys.executable, str(ROOT / "train.py"), *SMALL, "method=lora", "training_args.max_steps=500",
+           "training_args.save_steps=2", "training_args.eval_steps=1000", f"hydra.run.dir={run_dir}"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not (run_dir / "checkpoint-2" / "glm_ft_complete").is_file():
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr[-2000:]
+    assert "interrupted at step" in stderr and "Traceback" not in stderr
+    assert (run_dir / "checkpoint-2" / "adapter_model.safetensors").is_file()
+    run = next(r for r in _mlflow_runs(mlflow_env["MLFLOW_TRACKING_URI"])
+               if r.data.tags.get("glm_ft.run_dir") == str(run_dir))
+    assert run.info.status == "KILLED"
