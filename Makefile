@@ -39,5 +39,13 @@ ui: install
 compare: install
 	$(BIN)/python -m glm_ft.compare $(ARGS)
 
+# Side-by-side benchmarks against the reference demo's way of doing the same work (bench/README.md).
+bench: install
+	$(BIN)/python bench/run.py $(ARGS)
+
+# One CUDA GPU: LoRA and P-Tuning v2 on a chatglm3-6b-shaped model (bench/README.md, "GPU mode").
+bench-gpu: install
+	$(BIN)/python bench/gpu.py $(ARGS)
+
 clean:
 	rm -rf outputs multirun .cache/glm_ft_data

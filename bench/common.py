@@ -1,0 +1,408 @@
+"""Pure helpers of the bench: FLOP counting, ratios and goals, the results schema, the table, machine facts.
+
+No torch here: the orchestrator imports this module, and its own start-up must not weigh on what it measures.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import platform
+import re
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS_DIR = ROOT / "bench" / "results"
+SCHEMA = "glm-ft-bench/1"
+
+PACKAGES = ("torch", "transformers", "peft", "deepspeed", "accelerate", "datasets", "tokenizers", "sentencepiece",
+            "hydra-core", "omegaconf", "mlflow", "numpy")
+
+# Goals of issue 8 (targets to work towards, never test assertions): name -> (comparison, target, what it is).
+GOALS: dict[str, tuple[str, float, str]] = {
+    "training_tokens_per_s_ratio": (">=", 1.5, "training tokens/s, glm-ft / reference data path (mid size)"),
+    "eval_generated_tokens_per_s_ratio": (">=", 3.0, "evaluation generated tokens/s, glm-ft / reference approach"),
+    "preprocessing_rows_per_s_ratio": (">=", 2.0, "preprocessing rows/s, glm-ft / row-at-a-time encoding"),
+    "dry_run_wall_s": ("<", 3.0, "wall time of `python train.py experiment=quickstart dry_run=true`, seconds"),
+    "mid_training_mfu_fp32": (">=", 0.40, "model FLOP/s of training at mid size / measured fp32 matmul peak"),
+}
+
+
+# --- FLOPs ----------------------------------------------------------------------------------------------------
+
+
+def _groups(config: Mapping[str, Any]) -> int:
+    heads = config["num_attention_heads"]
+    return config.get("multi_query_group_num", heads) if config.get("multi_query_attention", False) else heads
+
+
+def matmul_params(config: Mapping[str, Any]) -> int:
+    """Weights every token multiplies through: all linear layers and the output layer of a ChatGLM3 config.
+
+    The input embedding is a table lookup (no FLOPs); norms and biases are O(hidden) per token and left out.
+    """
+    h, ffn, kv = config["hidden_size"], config["ffn_hidden_size"], config["kv_channels"]
+    heads = config["num_attention_heads"]
+    qkv = h * (heads + 2 * _groups(config)) * kv
+    dense = heads * kv * h
+    mlp = h * 2 * ffn + ffn * h  # SwiGLU: dense_h_to_4h gives two halves, dense_4h_to_h maps one back
+    return config["num_layers"] * (qkv + dense + mlp) + h * config["padded_vocab_size"]
+
+
+def attention_pairs(seq_lens: Sequence[int], prefix_len: int = 0) -> int:
+    """(query, key) pairs causal attention really scores: n(n+1)/2 for a row of n tokens, plus n·prefix_len."""
+    return sum(n * (n + 1) // 2 + n * prefix_len for n in seq_lens)
+
+
+def forward_flops(config: Mapping[str, Any], seq_lens: Sequence[int], prefix_len: int = 0) -> int:
+    """2 FLOPs (multiply, add) per matmul weight per token, plus QKᵀ and PV: 2 · 2 · heads · kv_channels FLOPs per
+    scored (query, key) pair and layer. Padding is not counted: these are the model's FLOPs, not the machine's."""
+    attn = 4 * config["num_layers"] * config["num_attention_heads"] * config["kv_channels"]
+    return 2 * matmul_params(config) * sum(seq_lens) + attn * attention_pairs(seq_lens, prefix_len)
+
+
+def training_flops(config: Mapping[str, Any], seq_lens: Sequence[int], *, all_weights_train: bool = True,
+                   prefix_len: int = 0) -> int:
+    """Forward plus backward. The backward pass computes activation gradients (2 FLOPs per weight per token) and,
+    for weights that train, weight gradients (2 more): 6·N per token for full fine-tuning, 4·N for a frozen base
+    (LoRA, P-Tuning v2, whose own weights add < 1 % and are left out). Attention has no weights; its backward is
+    counted as twice its forward, so attention contributes 3× its forward FLOPs either way."""
+    weights = matmul_params(config) * sum(seq_lens)
+    attn = forward_flops(config, seq_lens, prefix_len) - 2 * weights
+    return (6 if all_weights_train else 4) * weights + 3 * attn
+
+
+# --- ratios and goals -----------------------------------------------------------------------------------------
+
+
+def ratio(numerator: float | None, denominator: float | None) -> float | None:
+    """numerator / denominator, or None when either is missing or the denominator is not positive."""
+    if numerator is None or denominator is None or denominator <= 0:
+        return None
+    return numerator / denominator
+
+
+def check_goal(value: float | None, op: str, target: float) -> dict[str, Any]:
+    """Whether `value op target` holds, and by how much it misses: `gap` is the factor still to gain
+    (target / value for >=, value / target for <); 1.0 or less means met."""
+    if op not in (">=", "<"):
+        raise ValueError(f"unknown comparison {op!r}")
+    out: dict[str, Any] = {"value": value, "op": op, "target": target}
+    if value is None or value <= 0:
+        out.update(met=False, gap=None)
+        return out
+    met = value >= target if op == ">=" else value < target
+    gap = target / value if op == ">=" else value / target
+    out.update(met=met, gap=round(gap, 3))
+    return out
+
+
+def check_goals(values: Mapping[str, float | None]) -> dict[str, dict[str, Any]]:
+    goals = {}
+    for name, (op, target, what) in GOALS.items():
+        goals[name] = {**check_goal(values.get(name), op, target), "what": what}
+    return goals
+
+
+def goal_summary(name: str, goal: Mapping[str, Any]) -> str:
+    """One line: met, or missed by how much."""
+    value, op, target = goal["value"], goal["op"], goal["target"]
+    if value is None:
+        return f"{name}: not measured"
+    if goal["met"]:
+        return f"{name}: met ({value:.3g} {op} {target:g})"
+    if op == ">=":
+        return f"{name}: missed ({value:.3g}, goal {op} {target:g}: needs {goal['gap']:.2f}x more)"
+    return f"{name}: missed ({value:.3g}, goal {op} {target:g}: {goal['gap']:.2f}x too high)"
+
+
+def combine_rounds(rounds: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """One side's figure from several runs of the same training steps.
+
+    When every round trained the same batches in the same order (equal `batches_digest`), step i did the same work
+    in each, so its fastest run is the one least disturbed by other load on the machine: rates are computed over
+    the sum of per-step minima. Otherwise the fastest round counts. Each round keeps its own rate too.
+    """
+    ok = [r for r in rounds if "step_s" in r]
+    if not ok:
+        return {"combined_from": 0}
+    per_round = [sum(r["step_tokens"]) / sum(r["step_s"]) for r in ok]
+    same = len({r["batches_digest"] for r in ok}) == 1
+    if same:
+        seconds = sum(min(steps) for steps in zip(*(r["step_s"] for r in ok)))
+        base, how = ok[0], f"per-step minimum over {len(ok)} rounds"
+    else:
+        base = max(ok, key=lambda r: sum(r["step_tokens"]) / sum(r["step_s"]))
+        seconds, how = sum(base["step_s"]), "fastest round (rounds trained different batches)"
+    return {
+        "combined_from": len(ok),
+        "estimator": how,
+        "timed_s": seconds,
+        "tokens_per_s": sum(base["step_tokens"]) / seconds,
+        "samples_per_s": sum(base["step_samples"]) / seconds,
+        "model_flops_per_s": sum(base["step_flops"]) / seconds,
+        "tokens_per_s_each_round": [round(x, 1) for x in per_round],
+    }
+
+
+# --- results --------------------------------------------------------------------------------------------------
+
+REQUIRED_KEYS = ("schema", "name", "created", "command", "machine", "versions", "settings", "figures", "ratios",
+                 "goals")
+REQUIRED_MACHINE = ("cpu_model", "cores", "ram_gib")
+SIDE_KEYS = ("peak_rss_mib",)
+
+
+def validate_results(results: Mapping[str, Any]) -> list[str]:
+    """Problems with a results document (empty when it is well-formed): missing keys, a side without its peak
+    memory, a ratio that does not follow from its figures."""
+    problems = [f"missing key '{key}'" for key in REQUIRED_KEYS if key not in results]
+    if problems:
+        return problems
+    if results["schema"] != SCHEMA:
+        problems.append(f"schema is {results['schema']!r}, expected {SCHEMA!r}")
+    problems += [f"missing machine.{key}" for key in REQUIRED_MACHINE if key not in results["machine"]]
+    for figure, sides in results["figures"].items():
+        for side in sides.get("sides", {}):
+            for key in SIDE_KEYS:
+                if key not in sides["sides"][side]:
+                    problems.append(f"figures.{figure}.sides.{side}: missing {key}")
+    for name, spec in results.get("ratio_sources", {}).items():
+        figure, metric, num, den = spec
+        sides = results["figures"].get(figure, {}).get("sides", {})
+        expected = ratio(sides.get(num, {}).get(metric), sides.get(den, {}).get(metric))
+        got = results["ratios"].get(name)
+        if (expected is None) != (got is None) or (expected is not None and abs(expected - got) > 1e-9 * expected):
+            problems.append(f"ratios.{name} is {got}, but {figure} {num}/{den} {metric} gives {expected}")
+    return problems
+
+
+def results_name(machine: Mapping[str, Any]) -> str:
+    """A stable file name per machine kind, so a new run replaces the last one: cpu-<model>-<cores>c."""
+    model = re.sub(r"[^a-z0-9]+", "-", machine["cpu_model"].lower()).strip("-")
+    model = re.sub(r"-?(r|tm|processor|cpu)-", "-", f"-{model}-").strip("-")
+    return f"cpu-{model[:40].strip('-')}-{machine['cores']}c"
+
+
+# --- machine --------------------------------------------------------------------------------------------------
+
+
+def machine_info() -> dict[str, Any]:
+    cpu_model = platform.processor() or "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu_model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    ram_gib = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                ram_gib = round(int(line.split()[1]) / 2**20, 1)
+    except OSError:
+        pass
+    return {
+        "cpu_model": cpu_model,
+        "cores": os.cpu_count(),
+        "ram_gib": ram_gib,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
+    }
+
+
+def package_versions(names: Sequence[str] = PACKAGES) -> dict[str, str | None]:
+    versions = {}
+    for name in names:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def now_iso() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
+
+
+# --- table ----------------------------------------------------------------------------------------------------
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        if abs(value) >= 1000:
+            return f"{value:,.0f}"
+        return f"{value:.{digits}g}"
+    return str(value)
+
+
+def table_rows(results: Mapping[str, Any]) -> list[tuple[str, str, str, str, str]]:
+    """(figure, baseline, glm-ft, ratio, unit) rows for the latest-results table."""
+    rows = []
+    for row in results.get("table", []):
+        rows.append((row["figure"], _fmt(row.get("baseline")), _fmt(row.get("glm_ft")), _fmt(row.get("ratio")),
+                     row.get("unit", "")))
+    return rows
+
+
+def format_table(results: Mapping[str, Any], markdown: bool = False) -> str:
+    header = ("figure", "baseline", "glm-ft", "speed-up", "unit")
+    rows = table_rows(results)
+    if markdown:
+        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        lines += ["| " + " | ".join(row) + " |" for row in rows]
+        return "\n".join(lines)
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    fmt = "  ".join(f"{{:{'<' if i == 0 else '>'}{w}}}" for i, w in enumerate(widths))
+    return "\n".join(fmt.format(*r) for r in [header, *rows])
+
+
+def compute_ratios(figures: Mapping[str, Any], sources: Mapping[str, Sequence[str]]) -> dict[str, float | None]:
+    """ratios[name] = figures[figure].sides[numerator][metric] / ...[denominator][metric] for each source."""
+    out = {}
+    for name, (figure, metric, num, den) in sources.items():
+        sides = figures.get(figure, {}).get("sides", {})
+        out[name] = ratio(sides.get(num, {}).get(metric), sides.get(den, {}).get(metric))
+    return out
+
+
+# --- child processes ------------------------------------------------------------------------------------------
+
+
+def vm_hwm_mib(pid: int | str = "self") -> float | None:
+    """Peak resident memory of a live process's address space (VmHWM), in MiB; None where /proc can't say."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def process_tree(pid: int) -> list[int]:
+    """`pid` and all its descendants, from the parent ids in /proc/*/stat."""
+    children: dict[int, list[int]] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry.name}/stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(entry.name))
+    tree, stack = [], [pid]
+    while stack:
+        current = stack.pop()
+        tree.append(current)
+        stack += children.get(current, [])
+    return tree
+
+
+def tree_pss_mib(pid: int) -> tuple[float, int]:
+    """Proportional set size of a process tree (pages shared between its processes counted once), in MiB, and
+    how many processes it held."""
+    total, count = 0, 0
+    for member in process_tree(pid):
+        try:
+            for line in Path(f"/proc/{member}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    total += int(line.split()[1])
+                    count += 1
+                    break
+        except (OSError, ValueError):
+            continue
+    return round(total / 1024, 1), count
+
+
+def run_measured(cmd: Sequence[str], *, cwd: Path | None = None, env: Mapping[str, str] | None = None,
+                 timeout: float | None = None, tree: bool = False) -> dict[str, Any]:
+    """Run `cmd` and return its exit code, output, wall time and peak resident memory (MiB).
+
+    The peak is the child's own VmHWM, sampled every 5 ms while it runs. The rusage figures are no
+    good for this: getrusage(RUSAGE_CHILDREN) keeps the maximum over every child ever waited for, and even the
+    wait4() figure of one child starts from its parent's size (Linux carries the forking process's high-water
+    mark across exec). `peak_rss_mib_rusage` keeps that figure as an upper bound.
+
+    With `tree`, the summed PSS of the child and its own children (worker processes) is sampled too, every 100 ms
+    (scanning /proc costs a little CPU, so only figures that start workers ask for it).
+    """
+    import subprocess
+    import tempfile
+    import threading
+    import time
+
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        start = time.perf_counter()
+        proc = subprocess.Popen(list(cmd), cwd=cwd, env=dict(env) if env is not None else None, stdout=out,
+                                stderr=err)
+        done = threading.Event()
+        killed = threading.Event()
+        peaks: list[float] = []
+        tree_peaks: list[tuple[float, int]] = []
+
+        argv = ("\0".join(cmd) + "\0").encode()
+
+        def exec_done() -> bool:
+            # Until exec, a vfork()ed child still shows its parent's address space.
+            try:
+                return Path(f"/proc/{proc.pid}/cmdline").read_bytes() == argv
+            except OSError:
+                return False
+
+        def sample() -> None:
+            started, tick = False, 0
+            while not done.wait(0.005):
+                started = started or exec_done()
+                hwm = vm_hwm_mib(proc.pid) if started else None
+                if hwm is not None:
+                    peaks.append(hwm)
+                tick += 1
+                if tree and started and tick % 20 == 0:
+                    tree_peaks.append(tree_pss_mib(proc.pid))
+                if timeout is not None and time.perf_counter() - start > timeout and not killed.is_set():
+                    killed.set()
+                    proc.kill()
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - start
+        done.set()
+        sampler.join()
+        proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here, so Popen must not wait again
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read().decode(errors="replace"), err.read().decode(errors="replace")
+    rusage_mib = round(usage.ru_maxrss / 1024, 1)  # Linux reports ru_maxrss in KiB
+    return {
+        "returncode": proc.returncode,
+        "timed_out": killed.is_set(),
+        "stdout": stdout,
+        "stderr": stderr,
+        "wall_s": wall,
+        # None when the child ended before the first sample (a few milliseconds)
+        "peak_rss_mib": max(peaks) if peaks else None,
+        "peak_rss_mib_rusage": rusage_mib,
+        "peak_tree_pss_mib": max((p for p, _ in tree_peaks), default=None) if tree else None,
+        "max_processes": max((n for _, n in tree_peaks), default=None) if tree else None,
+    }
+
+
+def useful_tokens(row: Sequence[int], stop_ids: Sequence[int], pad_label: int = -100) -> int:
+    """Generated tokens a reader gets from one output row: up to and including its first stop token; a row that
+    never stops counts until the padding the Trainer adds between batches (`pad_label`)."""
+    stops = set(stop_ids)
+    for i, tok in enumerate(row):
+        if tok in stops:
+            return i + 1
+        if tok == pad_label:
+            return i
+    return len(row)

@@ -1,0 +1,169 @@
+"""Evaluation generation, one side per process: glm-ft's batched evaluation or the reference demo's approach.
+
+- glm_ft: the Trainer path glm-ft evaluates and predicts with: its trainer class's `predict` over the test split,
+  `EvalCollator` batches, `model.generate` with glm-ft's generation config (stop on eos, <|user|> or
+  <|observation|>), the configured attention (SDPA by default);
+- baseline: the reference demo's approach (finetune_hf.py): batches in file order padded by
+  `DataCollatorForSeq2Seq(padding="longest")`, greedy `generate` with the stop set it configured (eos, <|user|>,
+  <|observation|>), so every batch decodes until its longest row ends; eager attention, a plain loop.
+
+Both use the same fine-tuned model (trained once by `train_eval_model`, so that rows end at different lengths as
+they do after real fine-tuning), the same prompts and batch size. Generated tokens are the tokens a reader gets
+(see `bench.common.useful_tokens`); the decoded outputs and their ROUGE/BLEU are compared after timing.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+SIDES = ("baseline", "glm_ft")
+
+
+def overrides(spec: dict[str, Any]) -> list[str]:
+    return [
+        "experiment=quickstart",
+        "method=sft",
+        f"model.path={spec['model_dir']}",
+        "model.build_if_missing=false",
+        f"data.data_dir={spec['data_dir']}",
+        f"data.train_file={spec.get('train_file', 'train.json')}",
+        "data.val_file=null",
+        "data.test_file=test.json",
+        f"max_input_length={spec['max_input_length']}",
+        f"max_output_length={spec['max_output_length']}",
+        f"seed={spec['seed']}",
+        f"training_args.per_device_eval_batch_size={spec['eval_batch_size']}",
+        f"training_args.generation_config.max_new_tokens={spec['max_new_tokens']}",
+        f"training_args.max_steps={spec.get('train_steps', 1)}",
+        f"training_args.per_device_train_batch_size={spec.get('train_batch_size', 8)}",
+        "training_args.save_strategy=no",
+        "training_args.evaluation_strategy=no",
+        "training_args.disable_tqdm=true",
+        "tracking.enabled=false",
+    ]
+
+
+def train_eval_model(spec: dict[str, Any]) -> dict[str, Any]:
+    """Fine-tune the tiny model through glm-ft (the quickstart's settings) and save it for both sides to load."""
+    from transformers import set_seed
+
+    from bench.prepare import data_config, glm_ft_config
+    from glm_ft.data import load_datasets
+    from glm_ft.evaluation import EvalCollator, TrainCollator, stop_token_ids
+    from glm_ft.finetune import _trainer_classes, generation_config_for
+    from glm_ft.model import load_for_training
+    from glm_ft.trainer_args import build_training_arguments
+
+    cfg = glm_ft_config(overrides(spec))
+    set_seed(cfg.seed)
+    work = Path(spec["work_dir"])
+    tokenizer, model, _ = load_for_training(cfg)
+    data = load_datasets(data_config(cfg), tokenizer, cfg.max_input_length, cfg.max_output_length,
+                         cache_dir=work / "datasets")
+    gen = generation_config_for(cfg, tokenizer, stop_token_ids(tokenizer))
+    args = build_training_arguments(cfg, work / "run-eval-model", None, has_eval=False, generation_config=gen)
+    GlmTrainer, _ = _trainer_classes()
+    trainer = GlmTrainer(model=model, args=args, train_dataset=data.train,
+                         data_collator=TrainCollator(tokenizer.pad_token_id), processing_class=tokenizer,
+                         method="sft", gen_config=gen, eval_collator=EvalCollator(tokenizer.pad_token_id))
+    start = time.perf_counter()
+    result = trainer.train()
+    seconds = time.perf_counter() - start
+    trainer.save_model(spec["out_dir"])
+    return {"train_steps": cfg.training_args.max_steps, "train_loss": result.training_loss, "train_s": seconds,
+            "out_dir": spec["out_dir"]}
+
+
+def run(spec: dict[str, Any]) -> dict[str, Any]:
+    import torch
+    from transformers import DataCollatorForSeq2Seq, GenerationConfig, set_seed
+
+    from bench.common import useful_tokens
+    from bench.prepare import data_config, glm_ft_config, weights_checksum
+    from glm_ft.data import load_datasets
+    from glm_ft.evaluation import EvalCollator, TrainCollator, decode_rows, stop_token_ids
+    from glm_ft.finetune import _trainer_classes, generation_config_for
+    from glm_ft.metrics import compute_metrics
+    from glm_ft.model import load_base_model, load_for_training, load_tokenizer
+    from glm_ft.trainer_args import build_training_arguments
+
+    side = "glm_ft" if spec["side"].startswith("glm_ft") else spec["side"]
+    if side not in SIDES:
+        raise ValueError(f"unknown side {side!r}")
+    cfg = glm_ft_config(overrides(spec))
+    set_seed(cfg.seed)
+    work = Path(spec["work_dir"])
+    model_dir = Path(spec["model_dir"])
+    batch_size, max_new = spec["eval_batch_size"], spec["max_new_tokens"]
+
+    if side == "baseline":
+        tokenizer = load_tokenizer(model_dir)
+        model = load_base_model(model_dir, torch.float32, attn_implementation="eager")
+    else:
+        tokenizer, model, _ = load_for_training(cfg)
+    checksum = weights_checksum(model)
+    stops = stop_token_ids(tokenizer)
+    data = load_datasets(data_config(cfg), tokenizer, cfg.max_input_length, cfg.max_output_length,
+                         cache_dir=work / "datasets")
+    test = data.test
+
+    if side == "baseline":
+        collate = DataCollatorForSeq2Seq(tokenizer, padding="longest", return_tensors="pt")
+        # finetune_hf.py set exactly these stop ids on its generation config
+        gen = GenerationConfig(max_new_tokens=max_new, do_sample=False, num_beams=1, eos_token_id=stops,
+                               pad_token_id=tokenizer.pad_token_id)
+        model.eval()
+
+        def generate_all():
+            rows, slots = [], 0
+            with torch.no_grad():
+                for first in range(0, len(test), batch_size):
+                    batch = collate([{"input_ids": ids} for ids in test[first:first + batch_size]["input_ids"]])
+                    out = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                         generation_config=gen)
+                    generated = out[:, batch["input_ids"].shape[1]:]
+                    slots += generated.numel()
+                    rows += generated.tolist()
+            return rows, slots
+    else:
+        gen = generation_config_for(cfg, tokenizer, stops)
+        args = build_training_arguments(cfg, work / "run-eval-glm_ft", None, has_eval=True, generation_config=gen)
+        GlmTrainer, _ = _trainer_classes()
+        trainer = GlmTrainer(model=model, args=args, data_collator=TrainCollator(tokenizer.pad_token_id),
+                             processing_class=tokenizer, method="sft", gen_config=gen,
+                             eval_collator=EvalCollator(tokenizer.pad_token_id))
+
+        def generate_all():
+            output = trainer.predict(test, metric_key_prefix="test")
+            # the Trainer pads rows across batches; its decode steps are not visible from here
+            return [list(map(int, row)) for row in output.predictions], None
+
+    # Greedy decoding gives the same rows every time; the fastest pass is the least disturbed one.
+    passes = []
+    for _ in range(spec.get("repeats", 2)):
+        start = time.perf_counter()
+        rows, decode_slots = generate_all()
+        passes.append(time.perf_counter() - start)
+    seconds = min(passes)
+
+    generated = sum(useful_tokens(row, stops) for row in rows)
+    predictions = decode_rows(tokenizer, rows, stops)
+    references = decode_rows(tokenizer, test["output_ids"], stops)
+    return {
+        "attn_implementation": model.config._attn_implementation,
+        "eval_batch_size": batch_size,
+        "stop_token_ids": stops,
+        "weights_sha256_16": checksum,
+        "prompts": len(test),
+        "generate_s": seconds,
+        "generate_s_each_pass": [round(x, 3) for x in passes],
+        "generated_tokens": generated,
+        "generated_tokens_per_s": generated / seconds,
+        # rows × decode steps the baseline's batches ran; generated / decode_slots is the useful share
+        "decode_slots": decode_slots,
+        "rows_that_stopped": sum(any(t in stops for t in row) for row in rows),
+        "metrics": compute_metrics(predictions, references),
+        "predictions": predictions,
+    }

@@ -1,0 +1,271 @@
+"""GPU bench: LoRA and P-Tuning v2 on a chatglm3-6b-shaped model with random bf16 weights (~2-4 min on one H100).
+
+    python bench/gpu.py                                # what `make bench-gpu` runs; needs CUDA
+    python bench/gpu.py --methods lora --steps 20
+    python bench/gpu.py --cpu-smoke                    # checks this script on the CPU with the tiny shape
+
+For each method, with and without gradient checkpointing: peak GPU memory (torch.cuda.max_memory_allocated, and
+reserved), training tokens/s and model FLOP/s, at batch 4 and rows of max_input_length 256 + max_output_length 512
+(+1, the reference's sample limit) tokens, every row full length: the worst case a run at these settings meets.
+Beside it: the reference demo's published memory (LoRA 14,082 MiB, P-Tuning v2 18,426 MiB, measured by the demo at
+its own, older and smaller settings and read from nvidia-smi, which also counts the CUDA context: a comparison of
+orders of magnitude, not a like-for-like one).
+
+The path is glm-ft's own model and method code (glm_ft.chatglm3 + glm_ft.model.apply_method, SDPA attention,
+bf16 autocast as the Trainer uses with training_args.bf16=true) in a plain optimizer loop: no Hydra, MLflow or
+Trainer. Nothing is read from outside the repository: the chatglm3-6b shape is embedded below.
+Writes bench/results/gpu-<device>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # run as `python bench/gpu.py`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import (  # noqa: E402
+    RESULTS_DIR, SCHEMA, machine_info, matmul_params, now_iso, package_versions, ratio, training_flops,
+)
+
+# THUDM/chatglm3-6b config.json (the fields the model reads).
+CHATGLM3_6B: dict[str, Any] = {
+    "model_type": "chatglm",
+    "add_bias_linear": False,
+    "add_qkv_bias": True,
+    "apply_query_key_layer_scaling": True,
+    "apply_residual_connection_post_layernorm": False,
+    "attention_dropout": 0.0,
+    "attention_softmax_in_fp32": True,
+    "bias_dropout_fusion": True,
+    "ffn_hidden_size": 13696,
+    "fp32_residual_connection": False,
+    "hidden_dropout": 0.0,
+    "hidden_size": 4096,
+    "kv_channels": 128,
+    "layernorm_epsilon": 1e-05,
+    "multi_query_attention": True,
+    "multi_query_group_num": 2,
+    "num_attention_heads": 32,
+    "num_layers": 28,
+    "original_rope": True,
+    "padded_vocab_size": 65024,
+    "post_layer_norm": True,
+    "rmsnorm": True,
+    "seq_length": 8192,
+    "use_cache": True,
+    "tie_word_embeddings": False,
+    "eos_token_id": 2,
+    "pad_token_id": 0,
+}
+PUBLISHED_MIB = {"lora": 14_082, "ptuning_v2": 18_426}
+PUBLISHED_NOTE = ("ChatGLM3 finetune_demo README, older and smaller settings than these; nvidia-smi figures "
+                  "(CUDA context included)")
+
+
+def build_model(config: dict[str, Any], device: str, dtype_name: str):
+    """Random weights, created directly on `device` in `dtype` (a 6B model never passes through host memory)."""
+    import torch
+
+    import glm_ft.chatglm3 as chatglm3
+    from glm_ft.chatglm3.configuration import ChatGLMConfig
+    from glm_ft.chatglm3.modeling import ChatGLMForConditionalGeneration
+
+    chatglm3.register()
+    with torch.device(device):
+        model = ChatGLMForConditionalGeneration._from_config(
+            ChatGLMConfig.from_dict(config), dtype=getattr(torch, dtype_name), attn_implementation="sdpa")
+    model.config.use_cache = False
+    return model
+
+
+def method_config(name: str):
+    """The method group's schema defaults, as `method=lora|ptuning_v2` composes them (r 8, alpha 32, dropout 0.1
+    on query_key_value; 128 virtual tokens)."""
+    from omegaconf import OmegaConf
+
+    from glm_ft.schema import METHOD_SCHEMAS
+
+    return OmegaConf.structured(METHOD_SCHEMAS[name])
+
+
+def batch(config: dict[str, Any], batch_size: int, prompt_len: int, reply_len: int, device: str, seed: int):
+    """Full-length rows of random token ids; the prompt part carries no loss, as in glm-ft's samples."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    length = prompt_len + reply_len + 1
+    ids = torch.randint(3, config["padded_vocab_size"] - 16, (batch_size, length), generator=g)
+    labels = ids.clone()
+    labels[:, :prompt_len] = -100
+    return {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device), "labels": labels.to(device)}
+
+
+def run_variant(config: dict[str, Any], method: str, checkpointing: bool, args, device: str) -> dict[str, Any]:
+    import torch
+
+    from glm_ft.model import apply_method, parameter_counts
+
+    cuda = device.startswith("cuda")
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    if cuda:
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    model = optimizer = None
+    try:
+        model = build_model(config, device, args.dtype)
+        model = apply_method(model, method_config(method), args.seed)
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        counts = parameter_counts(model)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(trainable, lr=5e-5)
+        inputs = batch(config, args.batch_size, args.prompt_len, args.reply_len, device, args.seed)
+        losses, step_end = [], []
+        sync()
+        start = time.perf_counter()
+        for _ in range(args.warmup + args.steps):
+            with torch.autocast(device_type="cuda" if cuda else "cpu", dtype=getattr(torch, args.dtype)):
+                loss = model(**inputs).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.item())  # .item() syncs, so each step end is real
+            step_end.append(time.perf_counter())
+        seconds = step_end[-1] - step_end[args.warmup - 1]
+        rows = args.batch_size * args.steps
+        length = args.prompt_len + args.reply_len + 1
+        prefix = method_config(method).num_virtual_tokens if method == "ptuning_v2" else 0
+        flops = training_flops(config, [length] * rows, all_weights_train=False, prefix_len=prefix)
+        out = {
+            "method": method,
+            "gradient_checkpointing": checkpointing,
+            **counts,
+            "first_step_s": step_end[0] - start,
+            "timed_steps": args.steps,
+            "timed_s": seconds,
+            "tokens_per_s": rows * length / seconds,
+            "samples_per_s": rows / seconds,
+            "model_flops_per_s": flops / seconds,
+            "loss_first_last": [losses[0], losses[-1]],
+        }
+        if cuda:
+            out["peak_allocated_mib"] = round(torch.cuda.max_memory_allocated() / 2**20)
+            out["peak_reserved_mib"] = round(torch.cuda.max_memory_reserved() / 2**20)
+        return out
+    except torch.OutOfMemoryError as err:
+        return {"method": method, "gradient_checkpointing": checkpointing, "error": f"out of memory: {err}"[:400]}
+    finally:
+        del model, optimizer
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python bench/gpu.py", description=__doc__.splitlines()[0])
+    parser.add_argument("--methods", default="lora,ptuning_v2")
+    parser.add_argument("--checkpointing", choices=("off", "on", "both"), default="both",
+                        help="gradient checkpointing (glm-ft: training_args.gradient_checkpointing)")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--prompt-len", type=int, default=256, help="max_input_length")
+    parser.add_argument("--reply-len", type=int, default=512, help="max_output_length")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per variant")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16"))
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
+    parser.add_argument("--cpu-smoke", action="store_true",
+                        help="run the same code on the CPU with the tiny shape (checks the script; writes nothing)")
+    args = parser.parse_args(argv)
+    if args.warmup < 1:
+        parser.error("--warmup must be at least 1")
+
+    import torch
+
+    if args.cpu_smoke:
+        from glm_ft.chatglm3.tiny import TINY_CONFIG
+
+        device, config = "cpu", dict(TINY_CONFIG)
+        args.steps, args.warmup, args.prompt_len, args.reply_len = 2, 1, 16, 16
+    elif not torch.cuda.is_available():
+        print("error: bench/gpu.py needs a CUDA GPU and torch with CUDA "
+              f"(torch {torch.__version__}, torch.cuda.is_available() is False). "
+              "Use `make bench` for the CPU bench, or --cpu-smoke to check this script.", file=sys.stderr)
+        return 2
+    else:
+        device, config = "cuda", dict(CHATGLM3_6B)
+
+    from bench.matmul import peak
+
+    started = time.perf_counter()
+    results: dict[str, Any] = {
+        "schema": SCHEMA,
+        "created": now_iso(),
+        "command": "python bench/gpu.py" + (" " + " ".join(sys.argv[1:]) if argv is None and sys.argv[1:] else ""),
+        "machine": machine_info(),
+        "versions": {**package_versions(), "cuda": torch.version.cuda},
+        "settings": {k: v for k, v in vars(args).items() if k != "out_dir"},
+        "model": {"config": config, "matmul_params": matmul_params(config)},
+        "published_mib": PUBLISHED_MIB,
+        "published_note": PUBLISHED_NOTE,
+    }
+    if device == "cuda":
+        props = torch.cuda.get_device_properties(0)
+        results["machine"]["gpu"] = {"name": props.name, "memory_mib": props.total_memory // 2**20,
+                                     "count": torch.cuda.device_count()}
+    smoke = {"seconds": 0.1, "size": 256}
+    size, seconds = (smoke["size"], smoke["seconds"]) if args.cpu_smoke else (8192, 3.0)
+    results["matmul_peak"] = {dtype: peak(dtype, size, seconds, device) for dtype in (args.dtype, "float32")}
+    peak_flops = results["matmul_peak"][args.dtype]["gflops"] * 1e9
+
+    variants = []
+    checkpointing = {"off": [False], "on": [True], "both": [False, True]}[args.checkpointing]
+    for method in args.methods.split(","):
+        if method not in PUBLISHED_MIB:
+            parser.error(f"unknown method {method!r} (lora, ptuning_v2)")
+        for gc_on in checkpointing:
+            print(f"[bench-gpu] {method} gradient_checkpointing={gc_on} ...", file=sys.stderr, flush=True)
+            v = run_variant(config, method, gc_on, args, device)
+            if "model_flops_per_s" in v:
+                v["mfu"] = v["model_flops_per_s"] / peak_flops
+            if "peak_allocated_mib" in v:
+                v["peak_allocated_vs_published"] = ratio(v["peak_allocated_mib"], PUBLISHED_MIB[method])
+            variants.append(v)
+    results["variants"] = variants
+    results["wall_s"] = round(time.perf_counter() - started, 1)
+
+    print(f"{'method':<11} {'ckpt':<5} {'peak alloc MiB':>14} {'published MiB':>13} {'tokens/s':>9} "
+          f"{'TFLOP/s':>8} {'MFU':>6}")
+    for v in variants:
+        if "error" in v:
+            print(f"{v['method']:<11} {str(v['gradient_checkpointing']):<5} {v['error'][:60]}")
+            continue
+        print(f"{v['method']:<11} {str(v['gradient_checkpointing']):<5} {v.get('peak_allocated_mib', '-'):>14} "
+              f"{PUBLISHED_MIB[v['method']]:>13,} {v['tokens_per_s']:>9,.0f} {v['model_flops_per_s'] / 1e12:>8.1f} "
+              f"{v['mfu']:>6.1%}")
+    print(f"matmul peak {args.dtype}: {peak_flops / 1e12:.1f} TFLOP/s; wall {results['wall_s']:.0f} s")
+    if args.cpu_smoke:
+        failed = [v for v in variants if "error" in v]
+        return 1 if failed else 0
+    name = "gpu-" + re.sub(r"[^a-z0-9]+", "-", results["machine"]["gpu"]["name"].lower()).strip("-")
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    path = args.out_dir / f"{name}.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(results, indent=1) + "\n")
+    tmp.replace(path)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

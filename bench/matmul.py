@@ -1,0 +1,41 @@
+"""This machine's matmul peak: torch.matmul of large squares, fp32 and bf16, best of repeated runs.
+
+The best single multiply over a few seconds is taken, not the mean: the figure is a ceiling to compare training
+against, and on a shared machine the mean mostly measures the neighbours.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+
+def peak(dtype_name: str, size: int, seconds: float, device: str = "cpu") -> dict[str, Any]:
+    import torch
+
+    dtype = getattr(torch, dtype_name)
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    for _ in range(2):
+        a @ b
+    sync()
+    best, runs, start = float("inf"), 0, time.perf_counter()
+    while time.perf_counter() - start < seconds or runs < 3:
+        t = time.perf_counter()
+        a @ b
+        sync()
+        best = min(best, time.perf_counter() - t)
+        runs += 1
+    return {"dtype": dtype_name, "size": size, "runs": runs, "best_s": best, "gflops": 2 * size**3 / best / 1e9}
+
+
+def run(spec: dict[str, Any]) -> dict[str, Any]:
+    import torch
+
+    out: dict[str, Any] = {"threads": torch.get_num_threads()}
+    for dtype in ("float32", "bfloat16"):
+        results = [peak(dtype, size, spec.get("seconds", 2.0)) for size in spec.get("sizes", (1024, 2048))]
+        top = max(results, key=lambda r: r["gflops"])
+        out[dtype] = {"gflops": top["gflops"], "size": top["size"], "all": results}
+    return out
