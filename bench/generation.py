@@ -1,7 +1,7 @@
 """Evaluation generation, one side per process: glm-ft's batched evaluation or the reference demo's approach.
 
 - glm_ft: the Trainer path glm-ft evaluates and predicts with: its trainer class's `predict` over the test split,
-  `EvalCollator` batches, `model.generate` with glm-ft's generation config (stop on eos, <|user|> or
+  `Collator` batches, `model.generate` with glm-ft's generation config (stop on eos, <|user|> or
   <|observation|>), the configured attention (SDPA by default);
 - baseline: the reference demo's approach (finetune_hf.py): batches in file order padded by
   `DataCollatorForSeq2Seq(padding="longest")`, greedy `generate` with the stop set it configured (eos, <|user|>,
@@ -51,7 +51,7 @@ def train_eval_model(spec: dict[str, Any]) -> dict[str, Any]:
 
     from bench.prepare import data_config, glm_ft_config
     from glm_ft.data import load_datasets
-    from glm_ft.evaluation import EvalCollator, TrainCollator, stop_token_ids
+    from glm_ft.evaluation import Collator, stop_token_ids
     from glm_ft.finetune import _trainer_classes, generation_config_for
     from glm_ft.model import load_for_training
     from glm_ft.trainer_args import build_training_arguments
@@ -66,8 +66,8 @@ def train_eval_model(spec: dict[str, Any]) -> dict[str, Any]:
     args = build_training_arguments(cfg, work / "run-eval-model", None, has_eval=False, generation_config=gen)
     GlmTrainer, _ = _trainer_classes()
     trainer = GlmTrainer(model=model, args=args, train_dataset=data.train,
-                         data_collator=TrainCollator(tokenizer.pad_token_id), processing_class=tokenizer,
-                         method="sft", gen_config=gen, eval_collator=EvalCollator(tokenizer.pad_token_id))
+                         data_collator=Collator(tokenizer.pad_token_id), processing_class=tokenizer,
+                         method="sft", gen_config=gen)
     start = time.perf_counter()
     result = trainer.train()
     seconds = time.perf_counter() - start
@@ -83,7 +83,7 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     from bench.common import useful_tokens
     from bench.prepare import data_config, glm_ft_config, weights_checksum
     from glm_ft.data import load_datasets
-    from glm_ft.evaluation import EvalCollator, TrainCollator, decode_rows, stop_token_ids
+    from glm_ft.evaluation import Collator, decode_rows, stop_token_ids
     from glm_ft.finetune import _trainer_classes, generation_config_for
     from glm_ft.metrics import compute_metrics
     from glm_ft.model import load_base_model, load_for_training, load_tokenizer
@@ -131,9 +131,8 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
         gen = generation_config_for(cfg, tokenizer, stops)
         args = build_training_arguments(cfg, work / "run-eval-glm_ft", None, has_eval=True, generation_config=gen)
         GlmTrainer, _ = _trainer_classes()
-        trainer = GlmTrainer(model=model, args=args, data_collator=TrainCollator(tokenizer.pad_token_id),
-                             processing_class=tokenizer, method="sft", gen_config=gen,
-                             eval_collator=EvalCollator(tokenizer.pad_token_id))
+        trainer = GlmTrainer(model=model, args=args, data_collator=Collator(tokenizer.pad_token_id),
+                             processing_class=tokenizer, method="sft", gen_config=gen)
 
         def generate_all():
             output = trainer.predict(test, metric_key_prefix="test")

@@ -30,8 +30,12 @@ def _right_pad(rows: Sequence[Sequence[int]], value: int) -> list[list[int]]:
 
 
 @dataclass
-class TrainCollator:
-    """input_ids and labels padded on the left (ChatGLM3's side); padding never carries loss."""
+class Collator:
+    """Pads prompts on the left (ChatGLM3's side) with their attention mask.
+
+    Training rows carry `labels` aligned with `input_ids` (left-padded with -100, so padding never carries loss);
+    evaluation rows carry the reference `output_ids`, which become right-padded labels for the metrics.
+    """
 
     pad_token_id: int
 
@@ -39,27 +43,14 @@ class TrainCollator:
         import torch
 
         ids = [f["input_ids"] for f in features]
+        if "labels" in features[0]:
+            labels = _left_pad([f["labels"] for f in features], IGNORE_INDEX)
+        else:
+            labels = _right_pad([f["output_ids"] for f in features], IGNORE_INDEX)
         return {
             "input_ids": torch.tensor(_left_pad(ids, self.pad_token_id)),
             "attention_mask": torch.tensor(_left_pad([[1] * len(r) for r in ids], 0)),
-            "labels": torch.tensor(_left_pad([f["labels"] for f in features], IGNORE_INDEX)),
-        }
-
-
-@dataclass
-class EvalCollator:
-    """Prompts padded on the left for batched generation; references (output_ids) become labels."""
-
-    pad_token_id: int
-
-    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
-        import torch
-
-        ids = [f["input_ids"] for f in features]
-        return {
-            "input_ids": torch.tensor(_left_pad(ids, self.pad_token_id)),
-            "attention_mask": torch.tensor(_left_pad([[1] * len(r) for r in ids], 0)),
-            "labels": torch.tensor(_right_pad([f["output_ids"] for f in features], IGNORE_INDEX)),
+            "labels": torch.tensor(labels),
         }
 
 

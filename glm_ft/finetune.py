@@ -81,25 +81,10 @@ def _trainer_classes():
     class GlmTrainer(Seq2SeqTrainer):
         """Generation-based evaluation for a decoder-only model, and method-aware checkpoints."""
 
-        def __init__(self, *args, method: str, gen_config, eval_collator, **kwargs):
+        def __init__(self, *args, method: str, gen_config, **kwargs):
             super().__init__(*args, **kwargs)
             self.method = method
             self.gen_config = gen_config
-            self.eval_collator = eval_collator
-
-        def _with_eval_collator(self, build, *args, **kwargs):
-            # Training batches carry labels aligned with input_ids; evaluation batches carry separate references.
-            train_collator, self.data_collator = self.data_collator, self.eval_collator
-            try:
-                return build(*args, **kwargs)
-            finally:
-                self.data_collator = train_collator
-
-        def get_eval_dataloader(self, eval_dataset=None):
-            return self._with_eval_collator(super().get_eval_dataloader, eval_dataset)
-
-        def get_test_dataloader(self, test_dataset):
-            return self._with_eval_collator(super().get_test_dataloader, test_dataset)
 
         def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None, **gen_kwargs):
             inputs = self._prepare_inputs(inputs)
@@ -172,7 +157,7 @@ def _train(cfg: DictConfig, run_dir: Path, paths: dict[str, Path], tracker) -> d
     from transformers import set_seed
 
     from glm_ft.data import load_datasets
-    from glm_ft.evaluation import EvalCollator, TrainCollator, metrics_fn, stop_token_ids, write_predictions
+    from glm_ft.evaluation import Collator, metrics_fn, stop_token_ids, write_predictions
     from glm_ft.model import load_for_training, parameter_counts
     from glm_ft.trainer_args import build_training_arguments
     from glm_ft.validate import resolve_path
@@ -202,9 +187,9 @@ def _train(cfg: DictConfig, run_dir: Path, paths: dict[str, Path], tracker) -> d
     GlmTrainer, Watchdog = _trainer_classes()
     trainer = GlmTrainer(
         model=model, args=args, train_dataset=data.train, eval_dataset=data.val if has_eval else None,
-        data_collator=TrainCollator(tokenizer.pad_token_id), processing_class=tokenizer,
+        data_collator=Collator(tokenizer.pad_token_id), processing_class=tokenizer,
         compute_metrics=metrics_fn(tokenizer, stop_ids), method=cfg.method.name, gen_config=gen_config,
-        eval_collator=EvalCollator(tokenizer.pad_token_id), callbacks=[Watchdog(), tracker.trainer_callback()],
+        callbacks=[Watchdog(), tracker.trainer_callback()],
     )
 
     resume_from = resume_checkpoint(cfg.resume, run_dir)

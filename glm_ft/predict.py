@@ -45,9 +45,9 @@ def generate_all(model, tokenizer, samples: list[dict[str, Any]], generation_con
     """Generated ids (prompt removed) for every sample, in the samples' order."""
     import torch
 
-    from glm_ft.evaluation import EvalCollator
+    from glm_ft.evaluation import Collator
 
-    collate = EvalCollator(tokenizer.pad_token_id)
+    collate = Collator(tokenizer.pad_token_id)
     order = sorted(range(len(samples)), key=lambda i: len(samples[i]["input_ids"]))
     outputs: list[list[int]] = [[] for _ in samples]
     for start in range(0, len(order), batch_size):

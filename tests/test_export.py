@@ -46,11 +46,11 @@ def published_names(real_dir: Path, num_layers: int) -> set[str]:
 
 def prompts(tokenizer) -> dict[str, torch.Tensor]:
     """Two chat prompts of different lengths, left-padded, as in batched evaluation."""
-    from glm_ft.evaluation import EvalCollator
+    from glm_ft.evaluation import Collator
 
     queries = ("类型#裙", "类型#上衣*颜色#白色*风格#简约")
     ids = [tokenizer.build_chat_input(q)["input_ids"][0].tolist() for q in queries]
-    batch = EvalCollator(tokenizer.pad_token_id)([{"input_ids": i, "output_ids": [2]} for i in ids])
+    batch = Collator(tokenizer.pad_token_id)([{"input_ids": i, "output_ids": [2]} for i in ids])
     return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
 
 

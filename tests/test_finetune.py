@@ -161,15 +161,15 @@ def test_resume_from_named_checkpoint(tmp_path, mlflow_env, runs):
 
 
 def test_switches(tmp_path, mlflow_env):
-    """bf16, gradient checkpointing, accumulation and length grouping together, as finetune.yaml records them."""
+    """bf16, gradient checkpointing, accumulation and random order (not length-grouped) together."""
     run_dir = tmp_path / "switches"
     result = train(["method=lora", "training_args.bf16=true", "training_args.gradient_checkpointing=true",
-                    "training_args.gradient_accumulation_steps=2", "training_args.group_by_length=true",
+                    "training_args.gradient_accumulation_steps=2", "training_args.group_by_length=false",
                     "training_args.max_steps=2", "training_args.save_steps=2", "training_args.eval_steps=2",
                     "eval_subset=3"], run_dir, mlflow_env)
     assert result.returncode == 0, result.stderr[-3000:]
     finetune = OmegaConf.load(run_dir / "finetune.yaml").training_args
-    assert finetune.bf16 and finetune.gradient_checkpointing and finetune.group_by_length
+    assert finetune.bf16 and finetune.gradient_checkpointing and finetune.group_by_length is False
     args = json.loads((run_dir / "checkpoint-2" / "trainer_state.json").read_text())
     assert args["global_step"] == 2
     assert len([h for h in args["log_history"] if "loss" in h]) == 2

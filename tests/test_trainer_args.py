@@ -27,6 +27,7 @@ def test_documented_names_are_translated(tmp_path):
      lambda a: a.activation_checkpointing and a.activation_checkpointing_kwargs == {"use_reentrant": False}),
     ("training_args.gradient_accumulation_steps=4", lambda a: a.gradient_accumulation_steps == 4),
     ("training_args.group_by_length=true", lambda a: a.train_sampling_strategy == "group_by_length"),
+    ("training_args.group_by_length=false", lambda a: a.train_sampling_strategy == "random"),
     ("training_args.save_total_limit=3", lambda a: a.save_total_limit == 3),
     ("training_args.warmup_steps=0.1", lambda a: a.get_warmup_steps(100) == 10),
     ("seed=7", lambda a: a.seed == 7),
