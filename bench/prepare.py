@@ -6,7 +6,6 @@ record a checksum of the weights they loaded to show it.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -43,27 +42,10 @@ def model_dir(size: str, work: Path, seed: int = 0) -> Path:
         return ensure_tiny_model(TINY_DIR)
     out = work / f"{size}-chatglm3"
     if not (out / "model.safetensors").is_file():
-        _build(out, model_config(size), seed)
+        from glm_ft.chatglm3.tiny import write_checkpoint
+
+        write_checkpoint(out, model_config(size), seed)
     return out
-
-
-def _build(out: Path, config: dict[str, Any], seed: int) -> None:
-    import torch
-
-    import glm_ft.chatglm3 as chatglm3
-    from glm_ft.chatglm3.configuration import ChatGLMConfig
-    from glm_ft.chatglm3.modeling import ChatGLMForConditionalGeneration
-    from glm_ft.chatglm3.tokenization import load_tiny_tokenizer
-
-    chatglm3.register()
-    out.mkdir(parents=True, exist_ok=True)
-    load_tiny_tokenizer().save_pretrained(out)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = ChatGLMForConditionalGeneration(ChatGLMConfig.from_dict(config))
-    model.save_pretrained(out)
-    (out / "generation_config.json").unlink(missing_ok=True)
-    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
 
 
 def glm_ft_config(overrides: Sequence[str]):

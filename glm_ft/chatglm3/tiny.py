@@ -103,6 +103,14 @@ def ensure_tiny_model(path: str | os.PathLike, seed: int = 0) -> Path:
 
 
 def _build(out: Path, seed: int) -> None:
+    write_checkpoint(out, TINY_CONFIG, seed)
+    tokenizer_config = json.loads((out / "tokenizer_config.json").read_text(encoding="utf-8"))
+    tokenizer_config["auto_map"] = _TOKENIZER_AUTO_MAP
+    (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n", encoding="utf-8")
+
+
+def write_checkpoint(out: Path, config: dict, seed: int) -> None:
+    """A random ChatGLM3 of `config`'s shape with the tiny tokenizer, laid out like the published checkpoint."""
     import torch
 
     import glm_ft.chatglm3 as chatglm3
@@ -112,20 +120,16 @@ def _build(out: Path, seed: int) -> None:
     from .modeling import ChatGLMForConditionalGeneration
     from .tokenization import load_tiny_tokenizer
 
-    tokenizer = load_tiny_tokenizer()
-    tokenizer.save_pretrained(out)
-    tokenizer_config = json.loads((out / "tokenizer_config.json").read_text(encoding="utf-8"))
-    tokenizer_config["auto_map"] = _TOKENIZER_AUTO_MAP
-    (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n", encoding="utf-8")
-
+    out.mkdir(parents=True, exist_ok=True)
+    load_tiny_tokenizer().save_pretrained(out)
     # Weights from a private RNG stream: the caller's global RNG state is left as it was.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = ChatGLMForConditionalGeneration(ChatGLMConfig.from_dict(TINY_CONFIG))
+        model = ChatGLMForConditionalGeneration(ChatGLMConfig.from_dict(config))
     model.save_pretrained(out)
     # The published checkpoint has no generation_config.json and keeps its own config.json layout.
     (out / "generation_config.json").unlink(missing_ok=True)
-    (out / "config.json").write_text(json.dumps(TINY_CONFIG, indent=2) + "\n", encoding="utf-8")
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
 
 
 def main(argv: list[str] | None = None) -> None:
