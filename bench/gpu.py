@@ -34,37 +34,8 @@ if __package__ in (None, ""):  # run as `python bench/gpu.py`
 from bench.common import (  # noqa: E402
     RESULTS_DIR, SCHEMA, machine_info, matmul_params, now_iso, package_versions, ratio, training_flops,
 )
+from glm_ft.chatglm3.tiny import CHATGLM3_6B_CONFIG  # noqa: E402  (light: no torch)
 
-# THUDM/chatglm3-6b config.json (the fields the model reads).
-CHATGLM3_6B: dict[str, Any] = {
-    "model_type": "chatglm",
-    "add_bias_linear": False,
-    "add_qkv_bias": True,
-    "apply_query_key_layer_scaling": True,
-    "apply_residual_connection_post_layernorm": False,
-    "attention_dropout": 0.0,
-    "attention_softmax_in_fp32": True,
-    "bias_dropout_fusion": True,
-    "ffn_hidden_size": 13696,
-    "fp32_residual_connection": False,
-    "hidden_dropout": 0.0,
-    "hidden_size": 4096,
-    "kv_channels": 128,
-    "layernorm_epsilon": 1e-05,
-    "multi_query_attention": True,
-    "multi_query_group_num": 2,
-    "num_attention_heads": 32,
-    "num_layers": 28,
-    "original_rope": True,
-    "padded_vocab_size": 65024,
-    "post_layer_norm": True,
-    "rmsnorm": True,
-    "seq_length": 8192,
-    "use_cache": True,
-    "tie_word_embeddings": False,
-    "eos_token_id": 2,
-    "pad_token_id": 0,
-}
 PUBLISHED_MIB = {"lora": 14_082, "ptuning_v2": 18_426}
 PUBLISHED_NOTE = ("ChatGLM3 finetune_demo README, older and smaller settings than these; nvidia-smi figures "
                   "(CUDA context included)")
@@ -203,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
               "Use `make bench` for the CPU bench, or --cpu-smoke to check this script.", file=sys.stderr)
         return 2
     else:
-        device, config = "cuda", dict(CHATGLM3_6B)
+        device, config = "cuda", dict(CHATGLM3_6B_CONFIG)
 
     from bench.matmul import peak
 

@@ -219,3 +219,17 @@ def test_ctrl_c_keeps_the_last_checkpoint_and_marks_the_run_killed(tmp_path, mlf
     run = next(r for r in _mlflow_runs(mlflow_env["MLFLOW_TRACKING_URI"])
                if r.data.tags.get("glm_ft.run_dir") == str(run_dir))
     assert run.info.status == "KILLED"
+
+
+def test_quickstart_learns_the_sample_data(tmp_path, mlflow_env):
+    """`make train` as shipped: the tiny model's eval ROUGE-L rises over the run (the sample data is learnable),
+    and the run tells the user where its outputs went and how to open MLflow."""
+    run_dir = tmp_path / "quickstart"
+    result = run_train(["experiment=quickstart", f"hydra.run.dir={run_dir}"], env=mlflow_env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    state = json.loads((run_dir / "checkpoint-600" / "trainer_state.json").read_text())
+    rouge = [h["eval_rouge-l"] for h in state["log_history"] if "eval_rouge-l" in h]
+    assert len(rouge) == 6
+    assert rouge[-1] > rouge[0] + 20 and rouge[-1] > 50, rouge
+    out = result.stdout + result.stderr
+    assert f"run folder: {run_dir}" in out and "make ui" in out

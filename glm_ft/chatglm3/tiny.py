@@ -14,11 +14,10 @@ import shutil
 import tempfile
 from pathlib import Path
 
-# The published config.json with small sizes. padded_vocab_size is the tiny tokenizer's vocabulary
-# (3,000 SentencePiece pieces + 9 special tokens = 3,009) rounded up to a multiple of 64, as 64,798 -> 65,024 for
-# the real one; tests check it against the tokenizer.
-TINY_CONFIG: dict = {
-    "_name_or_path": "glm-ft/tiny-chatglm3",
+# THUDM/chatglm3-6b's config.json as published (original field names, auto_map included): the 6B shape for
+# benchmarks and meta-device checks, and the template of the tiny model. tests check it against the real file.
+CHATGLM3_6B_CONFIG: dict = {
+    "_name_or_path": "THUDM/chatglm3-6b",
     "model_type": "chatglm",
     "architectures": ["ChatGLMModel"],
     "auto_map": {
@@ -35,27 +34,43 @@ TINY_CONFIG: dict = {
     "attention_dropout": 0.0,
     "attention_softmax_in_fp32": True,
     "bias_dropout_fusion": True,
-    "ffn_hidden_size": 160,
+    "ffn_hidden_size": 13696,
     "fp32_residual_connection": False,
     "hidden_dropout": 0.0,
-    "hidden_size": 64,
-    "kv_channels": 16,
+    "hidden_size": 4096,
+    "kv_channels": 128,
     "layernorm_epsilon": 1e-05,
     "multi_query_attention": True,
     "multi_query_group_num": 2,
-    "num_attention_heads": 4,
-    "num_layers": 2,
+    "num_attention_heads": 32,
+    "num_layers": 28,
     "original_rope": True,
-    "padded_vocab_size": 3072,
+    "padded_vocab_size": 65024,
     "post_layer_norm": True,
     "rmsnorm": True,
-    "seq_length": 1024,
+    "seq_length": 8192,
     "use_cache": True,
-    "torch_dtype": "float32",
+    "torch_dtype": "float16",
     "transformers_version": "4.30.2",
     "tie_word_embeddings": False,
     "eos_token_id": 2,
     "pad_token_id": 0,
+}
+
+# The published config.json with small sizes. padded_vocab_size is the tiny tokenizer's vocabulary
+# (3,000 SentencePiece pieces + 9 special tokens = 3,009) rounded up to a multiple of 64, as 64,798 -> 65,024 for
+# the real one; tests check it against the tokenizer.
+TINY_CONFIG: dict = {
+    **CHATGLM3_6B_CONFIG,
+    "_name_or_path": "glm-ft/tiny-chatglm3",
+    "ffn_hidden_size": 160,
+    "hidden_size": 64,
+    "kv_channels": 16,
+    "num_attention_heads": 4,
+    "num_layers": 2,
+    "padded_vocab_size": 3072,
+    "seq_length": 1024,
+    "torch_dtype": "float32",
 }
 
 # What a complete tiny folder holds; the weights may be one file or shards with an index.

@@ -23,6 +23,14 @@ def test_vocab_is_the_tiny_tokenizer_rounded_up_to_64():
     assert tokenizer.get_command("<|observation|>") < TINY_CONFIG["padded_vocab_size"]
 
 
+def test_embedded_6b_config_is_the_published_one():
+    from glm_ft.chatglm3.tiny import CHATGLM3_6B_CONFIG
+
+    if not REAL_CONFIG.is_file():
+        pytest.skip(f"real ChatGLM3 fixture absent: {REAL_CONFIG}")
+    assert CHATGLM3_6B_CONFIG == json.loads(REAL_CONFIG.read_text())
+
+
 def test_tiny_config_has_the_published_keys_and_the_asked_sizes():
     if not REAL_CONFIG.is_file():
         pytest.skip(f"real ChatGLM3 fixture absent: {REAL_CONFIG}")
