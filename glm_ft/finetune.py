@@ -17,11 +17,10 @@ import math
 import os
 import socket
 from pathlib import Path
-from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from glm_ft.errors import CheckpointError, ConfigError, GlmFtError
+from glm_ft.errors import CheckpointError, GlmFtError
 from glm_ft.schema import PROJECT_ROOT
 
 log = logging.getLogger("glm_ft")
@@ -242,5 +241,3 @@ def _write_run_info(run_dir: Path, cfg: DictConfig, model_dir: Path) -> None:
             "max_input_length": cfg.max_input_length, "max_output_length": cfg.max_output_length}
     (run_dir / "glm_ft_run.json").write_text(json.dumps(info, indent=2, ensure_ascii=False) + "\n")
 
-
-__all__ = ["finetune", "resume_checkpoint", "complete_checkpoints", "ConfigError"]

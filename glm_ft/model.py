@@ -16,8 +16,6 @@ from glm_ft.validate import resolve_path
 
 log = logging.getLogger(__name__)
 
-DTYPES = ("float32", "bfloat16", "float16")
-
 
 def torch_dtype_for(model_cfg: DictConfig, method: str, bf16: bool, fp16: bool):
     """"auto": frozen base weights in the mixed-precision dtype for PEFT methods (memory), fp32 otherwise."""
@@ -29,11 +27,7 @@ def torch_dtype_for(model_cfg: DictConfig, method: str, bf16: bool, fp16: bool):
             name = "float32"  # full fine-tuning keeps fp32 master weights; AMP / DeepSpeed handle the rest
         else:
             name = "bfloat16" if bf16 else "float16" if fp16 else "float32"
-    if name not in DTYPES:
-        from glm_ft.errors import ConfigError
-
-        raise ConfigError(f"model.torch_dtype: '{name}' is not one of auto, {', '.join(DTYPES)}")
-    return getattr(torch, name)
+    return getattr(torch, name)  # the name was checked by glm_ft.validate
 
 
 def base_model_dir(model_cfg: DictConfig) -> Path:

@@ -11,10 +11,10 @@ import os
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from glm_ft.errors import ConfigError
-from glm_ft.schema import METHOD_SCHEMAS, PROJECT_ROOT
+from glm_ft.schema import METHOD_SCHEMAS
 
 STRATEGIES = ("no", "steps", "epoch")
 QUICKSTART_HINT = "or try the bundled tiny setup: python train.py experiment=quickstart"
@@ -30,6 +30,7 @@ def validate(cfg: DictConfig, *, check_paths: bool = True) -> None:
         from glm_ft.render import check_deepspeed
 
         check_deepspeed(cfg)
+    _check_model(cfg.model)
     if check_paths:
         check_model_path(cfg.model)
         check_data_files(cfg.data)
@@ -76,6 +77,18 @@ def _check_method(method: DictConfig) -> None:
             raise ConfigError("method.target_modules: must name at least one module (ChatGLM3: query_key_value)")
     if name == "ptuning_v2" and method.num_virtual_tokens <= 0:
         raise ConfigError(f"method.num_virtual_tokens: must be > 0, got {method.num_virtual_tokens}")
+
+
+MODEL_DTYPES = ("auto", "float32", "bfloat16", "float16")
+ATTENTION = ("sdpa", "eager")
+
+
+def _check_model(model: DictConfig) -> None:
+    if model.torch_dtype not in MODEL_DTYPES:
+        raise ConfigError(f"model.torch_dtype: '{model.torch_dtype}' is not one of {', '.join(MODEL_DTYPES)}")
+    if model.attn_implementation not in ATTENTION:
+        raise ConfigError(f"model.attn_implementation: '{model.attn_implementation}' is not one of "
+                          f"{', '.join(ATTENTION)}")
 
 
 def _check_lengths(cfg: DictConfig) -> None:
@@ -158,12 +171,3 @@ def _check_resume(resume: str | None) -> None:
     if not resolve_path(resume).is_dir():
         raise ConfigError(f"resume: '{resume}' is not a checkpoint folder; use resume=auto with "
                           "hydra.run.dir=<run folder>, or resume=<run folder>/checkpoint-N")
-
-
-def to_plain(node: Any) -> Any:
-    if isinstance(node, (DictConfig, ListConfig)):
-        return OmegaConf.to_container(node, resolve=True)
-    return node
-
-
-__all__ = ["validate", "check_model_path", "check_data_files", "data_paths", "resolve_path", "PROJECT_ROOT"]

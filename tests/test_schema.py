@@ -99,6 +99,8 @@ def test_unknown_group_choice_rejected():
     (["training_args.per_device_train_batch_size=0"], "training_args.per_device_train_batch_size"),
     (["training_args.fp16=true", "training_args.bf16=true"], "training_args.fp16"),
     (["method.peft_type=PREFIX_TUNING"], "method.peft_type"),
+    (["model.torch_dtype=float64"], "model.torch_dtype"),
+    (["model.attn_implementation=flash"], "model.attn_implementation"),
 ])
 def test_semantic_errors_name_the_key(overrides, key):
     cfg = compose(overrides)

@@ -150,6 +150,11 @@ def test_enable_ptuning_v2_is_reproducible_with_a_seed():
     torch.manual_seed(123)  # a given seed does not depend on, nor disturb, the global RNG
     state = torch.random.get_rng_state()
     b = enable_ptuning_v2(base_model(), TOKENS, seed=7).transformer.prefix_encoder.embedding.weight
+    # the global RNG is where building the base model alone leaves it: the seeded prefix drew nothing from it
+    after = torch.random.get_rng_state()
+    torch.random.set_rng_state(state)
+    base_model()
+    assert torch.equal(after, torch.random.get_rng_state())
     c = enable_ptuning_v2(base_model(), TOKENS, seed=8).transformer.prefix_encoder.embedding.weight
     assert torch.equal(a, b) and not torch.equal(a, c)
     assert a.dtype == torch.float32
