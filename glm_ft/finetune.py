@@ -148,8 +148,23 @@ def finetune(cfg: DictConfig, run_dir: Path, paths: dict[str, Path]) -> dict[str
     warnings.filterwarnings("ignore", message=r".*torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)")
 
     setup_single_process_distributed(cfg)
-    with start_run(cfg, run_dir) as tracker:
-        return _train(cfg, run_dir, paths, tracker)
+    try:
+        with start_run(cfg, run_dir) as tracker:
+            return _train(cfg, run_dir, paths, tracker)
+    finally:
+        destroy_process_group()
+
+
+def destroy_process_group() -> None:
+    """Tear the process group down while the interpreter is alive.
+
+    Left to interpreter shutdown, gloo's worker threads may still hold tensors; destroying them then aborts the
+    process (SIGABRT, "terminate called without an active exception") after a run that otherwise succeeded.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _train(cfg: DictConfig, run_dir: Path, paths: dict[str, Path], tracker) -> dict[str, float]:

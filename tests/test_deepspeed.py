@@ -58,3 +58,29 @@ def test_two_processes_under_torchrun(stage, tmp_path):
     result = run(prefix, stage, tmp_path / "run", tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     check_run(tmp_path / "run", stage, world_size=2)
+
+
+def test_a_failed_run_still_tears_down_the_process_group(tmp_path, monkeypatch):
+    """Left to interpreter shutdown, gloo can abort a finished rank (SIGABRT); finetune destroys the group itself."""
+    import mlflow
+    import torch.distributed as dist
+
+    import glm_ft.finetune as finetune_module
+    from conftest import compose
+
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    cfg = compose(["experiment=quickstart", "deepspeed=zero2"])
+
+    def train_that_fails(*_args):
+        dist.init_process_group("gloo")  # where DeepSpeed would create it
+        raise RuntimeError("boom in training")
+
+    monkeypatch.setattr(finetune_module, "_train", train_that_fails)
+    with pytest.raises(RuntimeError, match="boom in training"):
+        finetune_module.finetune(cfg, tmp_path / "run", {})
+    assert not dist.is_initialized()
+    runs = mlflow.MlflowClient(uri).search_runs(mlflow.MlflowClient(uri).search_experiments()[0].experiment_id)
+    assert [r.info.status for r in runs] == ["FAILED"]
