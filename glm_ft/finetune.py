@@ -88,7 +88,9 @@ def _trainer_classes():
         def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None, **gen_kwargs):
             inputs = self._prepare_inputs(inputs)
             labels = inputs.pop("labels")
-            with torch.no_grad():
+            # accelerate autocasts the wrapped model's forward, but a PEFT model's generate calls the base
+            # model's forward, which would run the adapter outside the training precision.
+            with torch.no_grad(), self.accelerator.autocast():
                 generated = model.generate(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
                                            generation_config=self.gen_config,
                                            synced_gpus=is_deepspeed_zero3_enabled())

@@ -177,6 +177,40 @@ def test_switches(tmp_path, mlflow_env):
     assert [h["step"] for h in state["log_history"] if "eval_rouge-l" in h] == [2]
 
 
+# Records, for every forward of the real model, whether it ran in training or evaluation and under autocast.
+PRECISION_PROBE = """
+import json, sys, torch
+import glm_ft.chatglm3.modeling as modeling
+seen, out_file = set(), sys.argv[1]
+forward = modeling.ChatGLMForConditionalGeneration.forward
+def probe(self, *args, **kwargs):
+    seen.add(("train" if self.training else "eval", torch.is_autocast_enabled("cpu")))
+    return forward(self, *args, **kwargs)
+modeling.ChatGLMForConditionalGeneration.forward = probe
+sys.argv = ["train.py", *sys.argv[2:]]
+from glm_ft.cli import main
+try:
+    main()
+finally:
+    open(out_file, "w").write(json.dumps(sorted(seen)))
+"""
+
+
+@pytest.mark.parametrize("method", ["lora", "ptuning_v2"])
+def test_bf16_evaluation_generates_in_the_training_precision(method, tmp_path, mlflow_env):
+    """A PEFT model's generate bypasses the autocast accelerate puts on the wrapped forward; glm-ft restores it."""
+    script, seen_file = tmp_path / "probe.py", tmp_path / "seen.json"
+    script.write_text(PRECISION_PROBE)
+    args = [*SMALL, *METHODS[method], "training_args.bf16=true", "training_args.max_steps=1",
+            "training_args.eval_steps=1", "training_args.save_steps=1", "eval_subset=2", "data.test_file=null",
+            f"hydra.run.dir={tmp_path / 'run'}"]
+    result = subprocess.run([sys.executable, str(script), str(seen_file), *args], cwd=ROOT,
+                            env={**os.environ, **mlflow_env, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(map(tuple, json.loads(seen_file.read_text()))) == [("eval", True), ("train", True)]
+
+
 def test_nan_loss_stops_naming_the_step(tmp_path, mlflow_env):
     run_dir = tmp_path / "nan"
     result = train(["method=sft", "training_args.learning_rate=1e30", "training_args.max_grad_norm=1e30"],
