@@ -33,8 +33,11 @@ test: install
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow" $(ARGS)
 
+# The project's store (train.py's default), on loopback only; `make ui UI_STORE=sqlite:////abs/mlflow.db UI_PORT=5001`.
+UI_STORE ?= sqlite:///$(CURDIR)/mlflow.db
+UI_PORT ?= 5000
 ui: install
-	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000
+	$(BIN)/mlflow ui --backend-store-uri "$(UI_STORE)" --host 127.0.0.1 --port $(UI_PORT)
 
 compare: install
 	$(BIN)/python -m glm_ft.compare $(ARGS)

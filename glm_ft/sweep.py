@@ -275,15 +275,18 @@ def pin_gpu_for_worker(sweep_dir: Path) -> str | None:
 
 def export_distributed_env() -> None:
     """hydra.launcher.tasks_per_node=N runs the job in N processes: give them torch.distributed's env:// variables
-    (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT), as torchrun would."""
+    (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT), as torchrun would. Without RANK, whatever of the rest
+    is set is left over from the submitting shell: it is replaced (a MASTER_PORT is kept)."""
     if "RANK" in os.environ:
         return
     try:
         import submitit
+
+        num_tasks = submitit.JobEnvironment().num_tasks
+    except Exception as err:  # not inside a submitit job
+        log.debug("no submitit job environment: %s", err)
+        return
+    if num_tasks > 1:
         from submitit.helpers import TorchDistributedEnvironment
 
-        if submitit.JobEnvironment().num_tasks <= 1:
-            return
-        TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
-    except Exception as err:  # not inside a submitit job (or an older submitit): nothing to export
-        log.debug("no submitit job environment: %s", err)
+        TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)

@@ -69,7 +69,8 @@ def test_a_failed_run_still_tears_down_the_process_group(tmp_path, monkeypatch):
     from conftest import compose
 
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(key, raising=False)
+        monkeypatch.setenv(key, "")  # recorded, so that what finetune exports is undone after the test
+        monkeypatch.delenv(key)
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     cfg = compose(["experiment=quickstart", "deepspeed=zero2"])

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import ROOT, compose, run_train
+from conftest import ROOT, compose, free_port, run_train
 
 APP = ROOT / "tests" / "fixtures" / "sweep_app.py"
 
@@ -35,7 +35,8 @@ def store(tmp_path_factory):
 
 def app_env(uri: str, **extra: str) -> dict:
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONPATH": str(ROOT), **extra}
-    for key in ("HYDRA_FULL_ERROR", "CUDA_VISIBLE_DEVICES", "RANK", "WORLD_SIZE", "FAKE_FAIL_R", "FAKE_SLEEP_S"):
+    for key in ("HYDRA_FULL_ERROR", "CUDA_VISIBLE_DEVICES", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                "MASTER_PORT", "FAKE_FAIL_R", "FAKE_SLEEP_S"):
         if key not in extra:
             env.pop(key, None)
     return env
@@ -142,18 +143,25 @@ def test_joblib_pins_each_worker_to_one_gpu_and_nests_its_jobs(tmp_path, store):
 
 @pytest.mark.slow
 def test_submitit_jobs_are_nested_children_logged_by_rank_0_only(tmp_path, store):
-    """The SLURM launcher's code path, on submitit's local executor: each job in two tasks (ranks)."""
+    """The SLURM launcher's code path, on submitit's local executor: each job in two tasks (ranks). The submitting
+    shell has leftovers of a one-process run (everything but RANK): they must not make every task rank 0."""
     uri, client = store
     sweep_dir = tmp_path / "submitit"
     out = run_app(["-m", "hydra/launcher=submitit_local", "hydra.launcher.tasks_per_node=2",
                    "hydra.launcher.timeout_min=5", "experiment=quickstart", "method=lora", "method.r=4,8",
-                   f"hydra.sweep.dir={sweep_dir}"], tmp_path, uri)
+                   f"hydra.sweep.dir={sweep_dir}"], tmp_path, uri,
+                  WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     assert out.returncode == 0, out.stderr
     parent, children = sweep_runs(client, sweep_dir)
     assert parent.info.status == "FINISHED" and parent.data.tags["glm_ft.launcher"] == "LocalLauncher"
     assert sorted(children) == ["method.r=4", "method.r=8"]
-    assert all(c.info.status == "FINISHED" and c.data.tags["test.rank"] == "0" for c in children.values())
+    seen = {name: (c.info.status, c.data.tags.get("test.rank")) for name, c in children.items()}
+    assert seen == {"method.r=4": ("FINISHED", "0"), "method.r=8": ("FINISHED", "0")}, _job_logs(sweep_dir)
     assert parent.data.metrics["best_eval_rouge-l"] == pytest.approx(score(8))
+
+
+def _job_logs(sweep_dir: Path) -> str:
+    return "\n".join(f"--- {p}\n{p.read_text()[-1500:]}" for p in sorted(sweep_dir.rglob("*_log.*")))
 
 
 @pytest.mark.slow
