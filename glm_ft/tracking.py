@@ -115,6 +115,56 @@ def is_logging_rank() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) <= 1 or int(os.environ.get("RANK", "0")) == 0
 
 
+DEFERRED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Hold Ctrl-C and SIGTERM until the enclosed MLflow call returns, then deliver them.
+
+    Raised inside a SQLite write, KeyboardInterrupt leaves that connection's transaction, and its lock, open while
+    the exception (and its traceback) lives; marking the run KILLED then waits on the process's own lock and fails,
+    leaving the run RUNNING. Only the main thread receives signals, so elsewhere this does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.getsignal(sig) for sig in DEFERRED_SIGNALS}
+    held = [sig for sig, handler in previous.items() if handler not in (None, signal.SIG_IGN)]
+    pending: list[int] = []
+    for sig in held:
+        signal.signal(sig, lambda signum, _frame: pending.append(signum))
+    try:
+        yield
+    finally:
+        for sig in held:
+            signal.signal(sig, previous[sig])
+        for signum in pending:
+            handler = previous[signum]
+            if callable(handler):
+                handler(signum, None)
+            else:  # SIG_DFL: what the signal would have done
+                signal.raise_signal(signum)
+
+
+class _SignalSafeClient:
+    """An MlflowClient whose every call runs with signals deferred (see `signals_deferred`)."""
+
+    def __init__(self, client: Any):
+        self._client = client
+
+    def __getattr__(self, name: str) -> Any:
+        attribute = getattr(self._client, name)
+        if not callable(attribute):
+            return attribute
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            with signals_deferred():
+                return attribute(*args, **kwargs)
+
+        return call
+
+
 class Store:
     """An MLflow client bound to one tracking URI and experiment."""
 
@@ -125,7 +175,7 @@ class Store:
         from mlflow.tracking import MlflowClient
 
         self.uri = uri
-        self.client = MlflowClient(tracking_uri=uri)
+        self.client = _SignalSafeClient(MlflowClient(tracking_uri=uri))
         name = str(tracking_cfg.experiment_name)
         experiment = self.client.get_experiment_by_name(name)
         if experiment is None:

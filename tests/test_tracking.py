@@ -19,8 +19,8 @@ from conftest import ROOT
 
 from glm_ft.errors import ConfigError
 from glm_ft.render import render_run_files
-from glm_ft.tracking import (PARENT_FILE, SWEPT_PARAMS_TAG, NullTracker, Store, flatten_config, split_long_values,
-                             start_run)
+from glm_ft.tracking import (PARENT_FILE, SWEPT_PARAMS_TAG, NullTracker, Store, Terminated, flatten_config,
+                             split_long_values, start_run)
 
 
 @pytest.fixture(scope="module")
@@ -162,6 +162,35 @@ def test_ctrl_c_ends_the_run_killed(tmp_path, client):
             with start_run(cfg, tmp_path):
                 raise KeyboardInterrupt
     assert only_run(client, "interrupted").info.status == "KILLED"
+
+
+@pytest.mark.parametrize("signum, raised", [(signal.SIGINT, KeyboardInterrupt), (signal.SIGTERM, Terminated)])
+def test_a_signal_inside_an_mlflow_write_still_ends_the_run_killed(signum, raised, tmp_path, client):
+    """Ctrl-C or SIGTERM lands right after an INSERT, inside MLflow's transaction: the write completes, then the
+    signal acts and the run ends KILLED."""
+    from sqlalchemy import event
+    from sqlalchemy.engine import Engine
+
+    fired = []
+
+    def interrupt_after_first_insert(_conn, _cursor, statement, *_args):
+        if not fired and statement.lstrip().upper().startswith("INSERT"):
+            fired.append(statement)
+            os.kill(os.getpid(), signum)
+
+    experiment = f"interrupted_write_{signum}"
+    with hydra_job(["experiment=quickstart", f"tracking.experiment_name={experiment}"], tmp_path) as cfg:
+        with pytest.raises(raised):
+            with start_run(cfg, tmp_path) as tracker:
+                event.listen(Engine, "after_cursor_execute", interrupt_after_first_insert)
+                try:
+                    tracker.log_metrics({"loss": 1.5}, step=7)
+                finally:
+                    event.remove(Engine, "after_cursor_execute", interrupt_after_first_insert)
+    assert fired
+    run = only_run(client, experiment)
+    assert run.info.status == "KILLED"
+    assert run.data.metrics["loss"] == 1.5  # the write the signal arrived in was completed, not torn
 
 
 def test_sft_weights_are_a_path_tag_unless_asked_for(tmp_path, client):
