@@ -29,7 +29,13 @@ def run(prefix: list[str], stage: int, run_dir: Path, tmp_path: Path) -> subproc
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
 
 
-def check_run(run_dir: Path, stage: int, world_size: int) -> None:
+def check_run(run_dir: Path, stage: int, world_size: int, tmp_path: Path) -> None:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    (run,) = client.search_runs([client.get_experiment_by_name("glm-ft").experiment_id])
+    assert run.info.status == "FINISHED"  # logged by rank 0 only, and closed before any rank exits
+    assert run.data.metrics["train_loss"] > 0
     state = json.loads((run_dir / "checkpoint-3" / "trainer_state.json").read_text())
     assert state["global_step"] == 3
     losses = [h["loss"] for h in state["log_history"] if "loss" in h]
@@ -49,7 +55,7 @@ def test_single_process(stage, tmp_path):
     """A plain `python train.py ... deepspeed=zeroN`: glm-ft sets up the one-process group itself."""
     result = run([sys.executable], stage, tmp_path / "run", tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    check_run(tmp_path / "run", stage, world_size=1)
+    check_run(tmp_path / "run", stage, world_size=1, tmp_path=tmp_path)
 
 
 @pytest.mark.parametrize("stage", [2, 3])
@@ -57,7 +63,7 @@ def test_two_processes_under_torchrun(stage, tmp_path):
     prefix = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     result = run(prefix, stage, tmp_path / "run", tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    check_run(tmp_path / "run", stage, world_size=2)
+    check_run(tmp_path / "run", stage, world_size=2, tmp_path=tmp_path)
 
 
 def test_a_failed_run_still_tears_down_the_process_group(tmp_path, monkeypatch):
