@@ -158,10 +158,10 @@ def finetune(cfg: DictConfig, run_dir: Path, paths: dict[str, Path]) -> dict[str
 
 
 def destroy_process_group() -> None:
-    """Tear the process group down while the interpreter is alive.
+    """Tear the process group down while the interpreter is alive, on success and on failure alike.
 
-    Left to interpreter shutdown, gloo's worker threads may still hold tensors; destroying them then aborts the
-    process (SIGABRT, "terminate called without an active exception") after a run that otherwise succeeded.
+    Left to interpreter shutdown, gloo's worker threads may still hold tensors when they are destroyed, which can
+    abort a process whose run succeeded (SIGABRT); see also cli._exit_skipping_native_teardown.
     """
     import torch.distributed as dist
 
