@@ -11,6 +11,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from glm_ft import chatglm3
 from glm_ft.errors import CheckpointError
 from glm_ft.validate import resolve_path
 
@@ -40,8 +41,9 @@ def base_model_dir(model_cfg: DictConfig) -> Path:
 
 
 def load_tokenizer(model_dir: Path):
-    import glm_ft  # noqa: F401  (registers ChatGLM3)
     from transformers import AutoTokenizer
+
+    chatglm3.register()
 
     try:
         return AutoTokenizer.from_pretrained(str(model_dir))
@@ -50,8 +52,9 @@ def load_tokenizer(model_dir: Path):
 
 
 def load_base_model(model_dir: Path, dtype, attn_implementation: str = "sdpa"):
-    import glm_ft  # noqa: F401
     from transformers import AutoModelForCausalLM
+
+    chatglm3.register()
 
     try:
         model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype,

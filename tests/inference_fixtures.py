@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-import glm_ft  # noqa: F401  (registers ChatGLM3 with transformers' Auto classes)
+from glm_ft import chatglm3
 from conftest import run_train
 
 TRAIN_ARGS = ["experiment=quickstart", "training_args.max_steps=2", "training_args.save_steps=2",
@@ -27,6 +27,8 @@ TRAIN_ARGS = ["experiment=quickstart", "training_args.max_steps=2", "training_ar
 METHODS = {"lora": ["method=lora"], "ptuning_v2": ["method=ptuning_v2", "method.num_virtual_tokens=4"],
            "sft": ["method=sft"]}
 REFERENCE_PREFIX_TOKENS = 3
+
+chatglm3.register()  # the fixtures and their tests load folders through transformers' Auto classes
 
 _cache: dict[str, object] = {}
 

@@ -4,12 +4,7 @@ Importing this package is light (glm_ft.chatglm3.tiny's TINY_CONFIG is read by d
 submodules other than tiny import transformers and torch.
 """
 
-import sys
-import types
-
-_MODULES = ("configuration", "modeling", "tokenization")
 _registered = False
-_pending = False
 
 
 def register() -> None:
@@ -17,45 +12,20 @@ def register() -> None:
 
     A THUDM/chatglm3-6b folder then loads through AutoConfig / AutoModel / AutoModelForCausalLM / AutoTokenizer with
     trust_remote_code False: transformers prefers a registered class over the folder's `auto_map` and never imports
-    the folder's .py files.
+    the folder's .py files. Called where models are loaded, not at import, so that importing glm_ft stays light.
     """
-    global _registered, _pending
+    global _registered
     if _registered:
         return
-    try:
-        from .configuration import ChatGLMConfig
-        from .modeling import ChatGLMForConditionalGeneration
-        from .tokenization import ChatGLMTokenizer
-    except ImportError:
-        # `glm_ft` registers right after transformers is first imported. When that first import happens inside one
-        # of our own modules, that module is only half-defined now; the registration waits until it is complete.
-        if not _half_imported():
-            raise
-        _pending = True
-        return
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    from .configuration import ChatGLMConfig
+    from .modeling import ChatGLMForConditionalGeneration
+    from .tokenization import ChatGLMTokenizer
 
     AutoConfig.register(ChatGLMConfig.model_type, ChatGLMConfig, exist_ok=True)
     # The published auto_map sends AutoModel to the causal-LM class too.
     AutoModel.register(ChatGLMConfig, ChatGLMForConditionalGeneration, exist_ok=True)
     AutoModelForCausalLM.register(ChatGLMConfig, ChatGLMForConditionalGeneration, exist_ok=True)
     AutoTokenizer.register(ChatGLMConfig, tokenizer_class=ChatGLMTokenizer, exist_ok=True)
-    _registered, _pending = True, False
-
-
-def _half_imported() -> bool:
-    modules = (sys.modules.get(f"{__name__}.{name}") for name in _MODULES)
-    return any(getattr(getattr(m, "__spec__", None), "_initializing", False) for m in modules)
-
-
-class _Package(types.ModuleType):
-    """Python sets each submodule as an attribute of its package as soon as the submodule has finished importing:
-    the moment to finish a registration that had to wait."""
-
-    def __setattr__(self, name, value):
-        super().__setattr__(name, value)
-        if _pending and isinstance(value, types.ModuleType):
-            register()
-
-
-sys.modules[__name__].__class__ = _Package
+    _registered = True

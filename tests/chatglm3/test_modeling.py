@@ -18,6 +18,8 @@ from glm_ft.chatglm3.modeling import ChatGLMForConditionalGeneration, RotaryEmbe
 from glm_ft.chatglm3.tiny import TINY_CONFIG, ensure_tiny_model
 from glm_ft.chatglm3.tokenization import load_tiny_tokenizer
 
+chatglm3.register()  # explicit, as glm_ft.model does before it loads a folder
+
 REAL = Path(__file__).resolve().parents[2].parent / "shared" / "chatglm3"
 
 
@@ -67,22 +69,22 @@ def test_register_is_idempotent_and_maps_every_auto_class():
     assert TOKENIZER_MAPPING[ChatGLMConfig] is ChatGLMTokenizer
 
 
-def test_registration_completes_when_a_chatglm3_module_imports_transformers_first():
-    """`import glm_ft` registers as soon as transformers is imported; when that first import happens inside one of
-    the chatglm3 modules (here the tokenizer's, which the two others are imported around), the registration must
-    wait for that module instead of failing on a circular import."""
+def test_importing_glm_ft_registers_nothing_until_asked():
+    """Registration is explicit, where models load: importing glm_ft (and the light tiny module a dry run reads)
+    neither imports transformers nor changes its Auto classes; `register()` then maps all of them."""
     import subprocess
     import sys
 
     code = (
-        "import sys, glm_ft, glm_ft.chatglm3.tiny; assert 'torch' not in sys.modules; "
-        "import glm_ft.chatglm3.tokenization; "
+        "import sys, glm_ft, glm_ft.chatglm3, glm_ft.chatglm3.tiny; assert 'transformers' not in sys.modules; "
         "from transformers import AutoConfig, AutoModelForCausalLM as M; "
         "from transformers.models.auto.tokenization_auto import TOKENIZER_MAPPING as T; "
+        "from transformers.models.auto.configuration_auto import CONFIG_MAPPING as C; "
+        "assert 'chatglm' not in C; glm_ft.chatglm3.register(); "
         "c = type(AutoConfig.for_model('chatglm')); print(c.__name__, M._model_mapping[c].__name__, T[c].__name__)"
     )
     root = Path(__file__).resolve().parents[2]
-    result = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.split() == ["ChatGLMConfig", "ChatGLMForConditionalGeneration", "ChatGLMTokenizer"]
 

@@ -144,10 +144,11 @@ def test_assistant_mask_covers_what_the_assistant_produced(real):
 
 
 def test_autotokenizer_loads_published_folder_and_saves(real_chatglm3_dir, tmp_path, real):
-    import glm_ft
     from transformers import AutoTokenizer
 
-    glm_ft.register()
+    from glm_ft import chatglm3
+
+    chatglm3.register()
     published = tmp_path / "published"
     published.mkdir()
     for name in ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "config.json"):
