@@ -1,8 +1,9 @@
 """Evaluation generation, one side per process: glm-ft's batched evaluation or the reference demo's approach.
 
 - glm_ft: the Trainer path glm-ft evaluates and predicts with: its trainer class's `predict` over the test split,
-  `Collator` batches, `model.generate` with glm-ft's generation config (stop on eos, <|user|> or
-  <|observation|>), the configured attention (SDPA by default);
+  `Collator` batches in file order (glm-ft's evaluation sampler is sequential whatever `group_by_length` says, so
+  the batches are the baseline's), `model.generate` with glm-ft's generation config (stop on eos, <|user|> or
+  <|observation|>), the configured attention (SDPA by default); its rows come back in file order, one per prompt;
 - baseline: the reference demo's approach (finetune_hf.py): batches in file order padded by
   `DataCollatorForSeq2Seq(padding="longest")`, greedy `generate` with the stop set it configured (eos, <|user|>,
   <|observation|>), so every batch decodes until its longest row ends; eager attention, a plain loop.
@@ -147,6 +148,8 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
         passes.append(time.perf_counter() - start)
     seconds = min(passes)
 
+    if len(rows) != len(test):  # compared row by row with the baseline below: a missing or extra row is a bug
+        raise RuntimeError(f"{side}: {len(rows)} generated rows for {len(test)} prompts")
     generated = sum(useful_tokens(row, stops) for row in rows)
     predictions = decode_rows(tokenizer, rows, stops)
     references = decode_rows(tokenizer, test["output_ids"], stops)

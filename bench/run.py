@@ -371,7 +371,9 @@ def table(figures: dict[str, Any], ratios: dict[str, Any]) -> list[dict[str, Any
         base_tokens = _get(figures, "generation", "baseline", "generated_tokens")
         add("eval: generated tokens / decoded row-steps (baseline batches)", "fraction",
             ratio(base_tokens, base_slots), None, None)
-        add("eval ROUGE-L (same outputs)", "score", _get(figures, "generation", "baseline", "metrics") and
+        equal = (figures["generation"].get("outputs_equal_to_baseline") or {}).get("glm_ft")
+        add(f"eval ROUGE-L (outputs equal on {equal} of {figures['generation'].get('outputs')} prompts)", "score",
+            _get(figures, "generation", "baseline", "metrics") and
             _get(figures, "generation", "baseline", "metrics").get("rouge-l"),
             _get(figures, "generation", "glm_ft", "metrics") and
             _get(figures, "generation", "glm_ft", "metrics").get("rouge-l"), None)

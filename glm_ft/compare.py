@@ -23,8 +23,9 @@ from glm_ft.schema import TrackingConfig
 from glm_ft.sweep import DEFAULT_METRIC, child_runs
 
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
-# Final metrics worth a column: quality metrics and the training loss, not timings.
-TIMING = ("runtime", "per_second", "flos")
+# Final metrics worth a column: quality metrics and the training loss, not timings or sample counts (eval_samples,
+# test_samples: the same for every run of a sweep over one data set).
+NOT_COMPARED = ("runtime", "per_second", "flos", "_samples")
 
 
 @dataclass
@@ -98,7 +99,7 @@ def compare(sweep: str | None = None, metric: str | None = None, experiment: str
         k for k in children[0].data.params if len({c.data.params.get(k) for c in children}) > 1)
 
     columns = sorted({k for c in children for k in c.data.metrics
-                      if (k.startswith(("eval_", "test_")) or k == "train_loss") and not k.endswith(TIMING)} - {metric})
+                      if (k.startswith(("eval_", "test_")) or k == "train_loss") and not k.endswith(NOT_COMPARED)} - {metric})
     result = Comparison(parent.info.run_id, parent.info.run_name, metric, direction, swept, [metric] + columns)
     for child in children:
         result.rows.append({"name": child.info.run_name, "status": child.info.status, "run_id": child.info.run_id,

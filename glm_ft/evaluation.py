@@ -1,6 +1,10 @@
 """Evaluation with generation: batching, decoding, metrics and predictions.jsonl.
 
 The same pieces serve evaluation during training, the final test prediction and batch inference.
+
+Every evaluation sample carries its index through the batches (`Indexed`, `SAMPLE_INDEX`): whatever order the
+batches ran in and however the processes padded their shards, `in_sample_order` puts the outputs back in the
+dataset's order, each sample once, before anything is scored or written.
 """
 
 from __future__ import annotations
@@ -12,6 +16,40 @@ from pathlib import Path
 from typing import Any, Sequence
 
 IGNORE_INDEX = -100
+SAMPLE_INDEX = "sample_index"
+
+
+class Indexed:
+    """A map-style dataset whose rows also carry their position (`SAMPLE_INDEX`)."""
+
+    def __init__(self, dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return {**self.dataset[index], SAMPLE_INDEX: index}
+
+
+def in_sample_order(indices, count: int, *arrays):
+    """`arrays` (rows aligned with `indices`) reordered to sample 0..count-1, one row each.
+
+    Distributed evaluation pads the last batches with repeats of samples already seen; the first row of each
+    sample is kept. A sample with no row at all is an error, not a smaller average.
+    """
+    import numpy as np
+
+    indices = np.asarray(indices).reshape(-1)
+    first: dict[int, int] = {}
+    for row, index in enumerate(indices.tolist()):
+        first.setdefault(int(index), row)
+    missing = [i for i in range(count) if i not in first]
+    if missing or len(first) != count:
+        raise RuntimeError(f"evaluation returned {len(first)} distinct samples of {count} "
+                           f"(missing: {missing[:10]}); refusing to score or write a partial set")
+    rows = np.array([first[i] for i in range(count)], dtype=np.int64)
+    return tuple(np.asarray(a)[rows] for a in arrays)
 
 
 def stop_token_ids(tokenizer) -> list[int]:
@@ -34,7 +72,8 @@ class Collator:
     """Pads prompts on the left (ChatGLM3's side) with their attention mask.
 
     Training rows carry `labels` aligned with `input_ids` (left-padded with -100, so padding never carries loss);
-    evaluation rows carry the reference `output_ids`, which become right-padded labels for the metrics.
+    evaluation rows carry the reference `output_ids`, which become right-padded labels for the metrics, and, through
+    `Indexed`, their position in the dataset (`SAMPLE_INDEX`).
     """
 
     pad_token_id: int
@@ -47,11 +86,14 @@ class Collator:
             labels = _left_pad([f["labels"] for f in features], IGNORE_INDEX)
         else:
             labels = _right_pad([f["output_ids"] for f in features], IGNORE_INDEX)
-        return {
+        batch = {
             "input_ids": torch.tensor(_left_pad(ids, self.pad_token_id)),
             "attention_mask": torch.tensor(_left_pad([[1] * len(r) for r in ids], 0)),
             "labels": torch.tensor(labels),
         }
+        if SAMPLE_INDEX in features[0]:
+            batch[SAMPLE_INDEX] = torch.tensor([f[SAMPLE_INDEX] for f in features])
+        return batch
 
 
 def decode_rows(tokenizer, rows, stop_ids: Sequence[int]) -> list[str]:
@@ -83,11 +125,14 @@ def metrics_fn(tokenizer, stop_ids: Sequence[int]):
 
 def write_predictions(path: Path, tokenizer, dataset, predictions, stop_ids, metrics: dict[str, float],
                       metrics_name: str = "test_metrics.json") -> int:
-    """predictions.jsonl: one row per test sample (prompt, reference, prediction); the metrics beside it."""
+    """predictions.jsonl: row i is sample i of `dataset` (prompt, reference, prediction i); the metrics beside it."""
     preds = decode_rows(tokenizer, predictions, stop_ids)
+    if len(preds) != len(dataset):
+        raise RuntimeError(f"{len(preds)} predictions for {len(dataset)} samples; {path} not written")
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with tmp.open("w", encoding="utf-8") as f:
-        for row, pred in zip(dataset, preds):
+        for i, pred in enumerate(preds):
+            row = dataset[i]
             f.write(json.dumps({
                 "prompt": tokenizer.decode(row["input_ids"], skip_special_tokens=False),
                 "reference": decode_rows(tokenizer, [row["output_ids"]], stop_ids)[0],

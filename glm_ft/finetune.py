@@ -76,25 +76,77 @@ def _trainer_classes():
     import torch
     from transformers import Seq2SeqTrainer, TrainerCallback
     from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+    from transformers.trainer_utils import EvalLoopOutput, EvalPrediction
+
+    from glm_ft.evaluation import SAMPLE_INDEX, Indexed, in_sample_order, write_predictions
+    from glm_ft.metrics import prefix_metrics
 
     class GlmTrainer(Seq2SeqTrainer):
-        """Generation-based evaluation for a decoder-only model, and method-aware checkpoints."""
+        """Generation-based evaluation for a decoder-only model, and method-aware checkpoints.
 
-        def __init__(self, *args, method: str, gen_config, **kwargs):
+        Evaluation and prediction return every sample once, in the dataset's order, and score exactly those
+        rows. transformers 5.24 would not: under `train_sampling_strategy="group_by_length"` its eval sampler is a
+        seeded LengthGroupedSampler (outputs come back shuffled), and with several processes the last batches are
+        padded with repeated samples that Seq2SeqTrainer's plain `gather` keeps. Here the sampler is sequential
+        and each row carries its sample index, so order and uniqueness hold by construction (`in_sample_order`).
+        """
+
+        def __init__(self, *args, method: str, gen_config, eval_predictions: Path | None = None, **kwargs):
             super().__init__(*args, **kwargs)
             self.method = method
             self.gen_config = gen_config
+            # Where the last evaluation's outputs are written (rank 0), so what was scored can be read.
+            self.eval_predictions = eval_predictions
+
+        def _get_eval_sampler(self, eval_dataset):
+            from torch.utils.data import SequentialSampler
+
+            return SequentialSampler(eval_dataset)
+
+        def get_eval_dataloader(self, eval_dataset=None):
+            if isinstance(eval_dataset, str):
+                eval_dataset = self.eval_dataset[eval_dataset]
+            eval_dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
+            return super().get_eval_dataloader(Indexed(eval_dataset) if eval_dataset is not None else None)
+
+        def get_test_dataloader(self, test_dataset):
+            return super().get_test_dataloader(Indexed(test_dataset))
 
         def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None, **gen_kwargs):
             inputs = self._prepare_inputs(inputs)
             labels = inputs.pop("labels")
+            index = inputs.pop(SAMPLE_INDEX)
             # accelerate autocasts the wrapped model's forward, but a PEFT model's generate calls the base
             # model's forward, which would run the adapter outside the training precision.
             with torch.no_grad(), self.accelerator.autocast():
                 generated = model.generate(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
                                            generation_config=self.gen_config,
                                            synced_gpus=is_deepspeed_zero3_enabled())
-            return None, generated[:, inputs["input_ids"].shape[1]:], labels
+            # The index rides with the labels through padding, gathering and concatenation.
+            return None, generated[:, inputs["input_ids"].shape[1]:], (index, labels)
+
+        def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
+                            metric_key_prefix="eval"):
+            # Scored below, once the rows are in the dataset's order and each sample is there once.
+            compute, self.compute_metrics = self.compute_metrics, None
+            try:
+                output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys,
+                                                 metric_key_prefix)
+            finally:
+                self.compute_metrics = compute
+            index, labels = output.label_ids
+            predictions, labels = in_sample_order(index, output.num_samples, output.predictions, labels)
+            metrics = dict(output.metrics)
+            if compute is not None:
+                scores = compute(EvalPrediction(predictions=predictions, label_ids=labels))
+                metrics.update(prefix_metrics(scores, metric_key_prefix))
+            metrics[f"{metric_key_prefix}_samples"] = output.num_samples
+            if metric_key_prefix == "eval" and self.eval_predictions is not None and self.is_world_process_zero():
+                write_predictions(self.eval_predictions, self.processing_class, dataloader.dataset.dataset,
+                                  predictions, self.gen_config.eos_token_id,
+                                  {**metrics, "step": self.state.global_step}, metrics_name="eval_metrics.json")
+            return EvalLoopOutput(predictions=predictions, label_ids=labels, metrics=metrics,
+                                  num_samples=output.num_samples)
 
         def _save(self, output_dir: str | None = None, state_dict=None):
             if self.method != "ptuning_v2":
@@ -205,7 +257,7 @@ def _train(cfg: DictConfig, run_dir: Path, paths: dict[str, Path], tracker) -> d
         model=model, args=args, train_dataset=data.train, eval_dataset=data.val if has_eval else None,
         data_collator=Collator(tokenizer.pad_token_id), processing_class=tokenizer,
         compute_metrics=metrics_fn(tokenizer, stop_ids), method=cfg.method.name, gen_config=gen_config,
-        callbacks=[Watchdog(), tracker.trainer_callback()],
+        eval_predictions=run_dir / "eval_predictions.jsonl", callbacks=[Watchdog(), tracker.trainer_callback()],
     )
 
     resume_from = resume_checkpoint(cfg.resume, run_dir)

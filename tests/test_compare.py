@@ -42,7 +42,7 @@ def store(tmp_path_factory):
     exp = client.create_experiment("glm-ft", artifact_location=str(root / "artifacts"))
     lora = add_sweep(client, exp, root / "lora", 1000, ["method.r", "method.lora_alpha"], "eval_rouge-l", "maximize", [
         ({"method.r": 4, "method.lora_alpha": 16}, {"eval_rouge-l": 30.0, "eval_bleu-4": 5.0, "eval_runtime": 9.0,
-                                                    "train_loss": 2.0}, "FINISHED"),
+                                                    "eval_samples": 40, "train_loss": 2.0}, "FINISHED"),
         ({"method.r": 8, "method.lora_alpha": 16}, {"eval_rouge-l": 50.0, "eval_bleu-4": 4.0}, "FINISHED"),
         ({"method.r": 32, "method.lora_alpha": 8}, {}, "FAILED"),
         ({"method.r": 16, "method.lora_alpha": 32}, {"eval_rouge-l": 40.0, "eval_bleu-4": 6.0}, "FINISHED"),
@@ -59,7 +59,7 @@ def test_table_is_best_first_with_failed_runs_last(store, capsys):
     assert result.parent_id == store["lora"] and result.swept == ["method.r", "method.lora_alpha"]
     assert [r["name"] for r in result.rows] == ["method.r=8,method.lora_alpha=16", "method.r=16,method.lora_alpha=32",
                                                "method.r=4,method.lora_alpha=16", "method.r=32,method.lora_alpha=8"]
-    assert result.columns == ["eval_rouge-l", "eval_bleu-4", "train_loss"]  # timings left out
+    assert result.columns == ["eval_rouge-l", "eval_bleu-4", "train_loss"]  # timings and sample counts left out
 
     lines = capsys.readouterr().out.splitlines()
     assert lines[1].split() == ["run", "method.r", "method.lora_alpha", "status", "eval_rouge-l", "eval_bleu-4",
