@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import ast
 import functools
-import importlib.util
+import importlib.machinery
 from pathlib import Path
 
 # enum name → the module of transformers that defines it
@@ -23,8 +23,9 @@ _ENUMS = {
 
 
 def _transformers_dir() -> Path:
-    # find_spec on a top-level package locates it without importing it.
-    spec = importlib.util.find_spec("transformers")
+    # PathFinder locates the package without importing it, and without going through sys.meta_path: there,
+    # glm_ft's hook that registers ChatGLM3 when transformers is imported would take this look-up for the import.
+    spec = importlib.machinery.PathFinder.find_spec("transformers")
     if spec is None or not spec.submodule_search_locations:
         raise ImportError("transformers is not installed")
     return Path(next(iter(spec.submodule_search_locations)))

@@ -60,10 +60,11 @@ def check_key(key: str, methods: tuple[str, ...] = tuple(METHOD_SCHEMAS)) -> str
     for depth, part in enumerate(parts):
         if children is None:
             return None  # below a free-form or leaf value: Hydra and the validator judge it
-        if part not in children:
-            prefix = ".".join(parts[:depth])
-            if prefix == "method" and any(part in _fields(METHOD_SCHEMAS[m]) for m in METHOD_SCHEMAS):
+        prefix = ".".join(parts[:depth])
+        if prefix == "method" and any(part in _fields(METHOD_SCHEMAS[m]) for m in METHOD_SCHEMAS):
+            if not all(part in _fields(METHOD_SCHEMAS[m]) for m in methods):
                 return _method_key_message(key, part, methods)
+        elif part not in children:
             return unknown_key_message(key, list(children))
         node = children[part]
         children = _children(node, methods)

@@ -72,10 +72,10 @@ def refused_weights_reason(err: BaseException) -> str:
 
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
     if isinstance(err, pickle.UnpicklingError):
-        detail = next((line for line in lines if "Unsupported" in line or "WeightsUnpickler error" in line),
-                      lines[0] if lines else "")
-        return (f"refused a pickled weights file: {detail[:200]} (pickles are loaded with weights_only=True; a "
-                "file that needs more is not loaded)")
+        # torch names what it blocked ("... unsupported GLOBAL posix.system ...") among paragraphs of advice.
+        detail = next((line for line in lines if "global" in line.lower() or "unpickler" in line.lower()),
+                      "it holds more than tensors")
+        return (f"refused a pickled weights file, loaded with weights_only=True: {detail[:200]}")
     return f"damaged safetensors file ({lines[0] if lines else type(err).__name__})"
 
 
