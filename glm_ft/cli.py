@@ -49,7 +49,8 @@ def run(cfg: DictConfig) -> float | None:
         raise ConfigError(f"resume=auto: '{run_dir}' holds no earlier run (no finetune.yaml), so there is nothing "
                           "to resume; pass hydra.run.dir=<the folder of the run to continue>")
     # Data before weights: every row is read and checked here (FILE:LINE errors) before anything heavy loads.
-    check_data_rows(cfg.data)
+    # Skipped rows are logged when the data is tokenized; a dry run tokenizes nothing, so it logs them here.
+    check_data_rows(cfg.data, log_skips=bool(cfg.dry_run))
     paths = render_run_files(cfg, run_dir, model_hidden_size(cfg.model))
     if cfg.dry_run:
         for name, path in paths.items():

@@ -88,9 +88,10 @@ def read_conversations(path: str | os.PathLike, *, skip_bad_rows: bool = False) 
     return read_rows(path, skip_bad_rows=skip_bad_rows).conversations
 
 
-def read_rows(path: str | os.PathLike, *, skip_bad_rows: bool = False) -> ReadReport:
+def read_rows(path: str | os.PathLike, *, skip_bad_rows: bool = False, log_skips: bool = True) -> ReadReport:
     """Read and check every row of a `.json`/`.jsonl` file. Malformed JSON, a non-UTF-8 or empty file always fail;
-    a row that is valid JSON but unusable fails too, unless `skip_bad_rows`, which skips and counts it."""
+    a row that is valid JSON but unusable fails too, unless `skip_bad_rows`, which skips and counts it (and logs
+    the first few unless not `log_skips`)."""
     path = Path(path)
     conversations, skipped, rows_read = [], [], 0
     for line, row in _json_rows(path):
@@ -102,9 +103,9 @@ def read_rows(path: str | os.PathLike, *, skip_bad_rows: bool = False) -> ReadRe
             if not skip_bad_rows:
                 raise DataError(f"{where}: {bad}") from None
             skipped.append(f"{where}: {bad}")
-            if len(skipped) <= _SHOWN_SKIPS:
+            if log_skips and len(skipped) <= _SHOWN_SKIPS:
                 logger.warning("skipping row %s: %s", where, bad)
-    if len(skipped) > _SHOWN_SKIPS:
+    if log_skips and len(skipped) > _SHOWN_SKIPS:
         logger.warning("%s: skipped %d rows in all (first %d shown)", path, len(skipped), _SHOWN_SKIPS)
     if not conversations:
         raise DataError(f"{path}: no usable rows ({len(skipped)} of {rows_read} skipped)")

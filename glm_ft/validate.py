@@ -265,13 +265,13 @@ def check_data_files(data: DictConfig) -> None:
         raise ConfigError(f"data.num_proc: must be > 0, got {data.num_proc}")
 
 
-def check_data_rows(data: DictConfig) -> None:
+def check_data_rows(data: DictConfig, *, log_skips: bool = True) -> None:
     """Read and check every row of the configured files: FILE:LINE errors come before any model loads."""
     from glm_ft.data import read_rows
 
     for path in data_paths(data).values():
         if path is not None:
-            read_rows(path, skip_bad_rows=data.skip_bad_rows)
+            read_rows(path, skip_bad_rows=data.skip_bad_rows, log_skips=log_skips)
 
 
 def _file_kind(path: Path) -> str:
