@@ -174,7 +174,8 @@ def _train(cfg: DictConfig, run_dir: Path, paths: dict[str, Path], tracker) -> d
 
     from glm_ft.data import load_datasets
     from glm_ft.evaluation import Collator, metrics_fn, stop_token_ids, write_predictions
-    from glm_ft.model import base_model_dir, load_model_for_training, load_tokenizer, parameter_counts
+    from glm_ft.model import (base_model_dir, load_model_for_training, load_tokenizer, parameter_counts,
+                              refused_weights_errors, refused_weights_reason)
     from glm_ft.trainer_args import build_training_arguments
     from glm_ft.validate import resolve_path
 
@@ -222,6 +223,11 @@ def _train(cfg: DictConfig, run_dir: Path, paths: dict[str, Path], tracker) -> d
         last = (complete_checkpoints(run_dir) or ["none"])[-1]
         raise Interrupted(f"at step {trainer.state.global_step}; last complete checkpoint: {last} (continue with "
                           f"resume=auto hydra.run.dir={run_dir})") from err
+    except refused_weights_errors() as err:
+        if not resume_from:
+            raise
+        # The checkpoint's own files (weights, optimizer.pt, rng_state.pth): refused in one line, never run.
+        raise CheckpointError(f"resume: {resume_from}: {refused_weights_reason(err)}") from None
     tracker.log_metrics({k: v for k, v in result.metrics.items() if k.startswith("train")})
     # The final model is for inference: keep the KV cache on in its config (training turned it off).
     trainer.accelerator.unwrap_model(trainer.model).config.use_cache = True

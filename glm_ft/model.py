@@ -50,10 +50,7 @@ def load_tokenizer(model_dir: Path):
 
 
 def load_base_model(model_dir: Path, dtype, attn_implementation: str = "sdpa"):
-    import pickle
-
     import glm_ft  # noqa: F401
-    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
     try:
@@ -61,9 +58,19 @@ def load_base_model(model_dir: Path, dtype, attn_implementation: str = "sdpa"):
                                                      attn_implementation=attn_implementation)
     except (OSError, ValueError) as err:
         raise CheckpointError(f"{model_dir}: cannot load the model ({err})") from err
-    except (pickle.UnpicklingError, SafetensorError) as err:
+    except refused_weights_errors() as err:
         raise CheckpointError(f"{model_dir}: {refused_weights_reason(err)}") from None
     return model
+
+
+def refused_weights_errors() -> tuple[type[BaseException], ...]:
+    """What loading a weights file raises when glm-ft refuses it: a pickle weights_only=True rejects, a damaged
+    safetensors file."""
+    import pickle
+
+    from safetensors import SafetensorError
+
+    return (pickle.UnpicklingError, SafetensorError)
 
 
 def refused_weights_reason(err: BaseException) -> str:

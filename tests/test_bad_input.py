@@ -282,3 +282,35 @@ def test_refused_pickle_and_damaged_safetensors_are_one_line(tiny_folder, tmp_pa
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     runs = client.search_runs([client.get_experiment_by_name("glm-ft").experiment_id])
     assert len(runs) == 2 and {r.info.status for r in runs} == {"FAILED"}
+
+
+@pytest.mark.slow
+def test_refused_files_in_a_resume_checkpoint_are_one_line(tmp_path):
+    import shutil
+    import struct
+
+    import torch
+
+    source = tmp_path / "source"
+    out = probe_train([*SHORT, "method=lora", "training_args.max_steps=1", "training_args.save_steps=1",
+                       "training_args.evaluation_strategy=no", "data.test_file=null", f"hydra.run.dir={source}"],
+                      tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    marker = tmp_path / "payload-ran"
+    pickled = shutil.copytree(source / "checkpoint-1", tmp_path / "pickled" / "checkpoint-1")
+    torch.save({"state": _Payload(marker)}, pickled / "optimizer.pt")
+    damaged = shutil.copytree(source / "checkpoint-1", tmp_path / "damaged" / "checkpoint-1")
+    raw = bytearray((damaged / "adapter_model.safetensors").read_bytes())
+    raw[:8] = struct.pack("<Q", 2**40)
+    (damaged / "adapter_model.safetensors").write_bytes(bytes(raw))
+
+    for checkpoint, expect in ((pickled, "refused a pickled weights file, loaded with weights_only=True: "),
+                               (damaged, "damaged safetensors file (")):
+        out = probe_train([*SHORT, "method=lora", "training_args.max_steps=2", f"resume={checkpoint}",
+                           f"hydra.run.dir={tmp_path / ('run-' + checkpoint.parent.name)}"], tmp_path)
+        assert out.returncode == 1, out.stderr[-3000:]
+        assert "Traceback" not in out.stderr
+        errors = [line for line in out.stderr.splitlines() if line.startswith("error: ")]
+        assert len(errors) == 1 and errors[0].startswith(f"error: resume: {checkpoint}: {expect}"), \
+            out.stderr[-3000:]
+    assert not marker.exists()
