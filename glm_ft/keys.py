@@ -52,8 +52,8 @@ def _top_level() -> dict[str, Any]:
 
 def check_key(key: str, methods: tuple[str, ...] = tuple(METHOD_SCHEMAS)) -> str | None:
     """None when `key` (dotted) may be set, else the message for it. `methods`: the method(s) chosen."""
-    if key == "hydra" or key.startswith("hydra."):
-        return None  # Hydra's own config: Hydra checks it
+    if key == "hydra" or key.startswith("hydra.") or "/" in key:
+        return None  # Hydra's own config, or a nested group choice (hydra/launcher=joblib_gpus): Hydra checks it
     node: Any = None
     children: dict[str, Any] | None = _top_level()
     parts = key.split(".")

@@ -222,6 +222,16 @@ def test_misspelt_keys_get_the_closest_valid_ones(args, expect, tmp_path):
     assert not (tmp_path / "run").exists() and not (tmp_path / "s").exists()
 
 
+@pytest.mark.parametrize("args", [["hydra/launcher=joblib_gpus", "--cfg", "job"], ["--cfg", "job", "+seed2=1"],
+                                  ["-m", "method.r=4,8", "--cfg", "job"], ["deepspeed=zero2", "--cfg", "job"],
+                                  ["deepspeed=zero2", "deepspeed.zero_optimization.stage=2", "--cfg", "job"],
+                                  ["hparams_search=lora_optuna", "--cfg", "job"]])
+def test_valid_command_lines_pass_the_key_check(args, tmp_path):
+    flags = [a for a in args if a.startswith("-") or a == "job"]
+    out = probe_train([*flags, "method=lora", *[a for a in args if a not in flags]], tmp_path)
+    assert "unknown key" not in out.stderr and "has no key" not in out.stderr, out.stderr[-2000:]
+
+
 # --- refused weights: the model folder's files, with a real (heavy) run ---------------------------------------
 
 class _Payload:
