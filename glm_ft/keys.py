@@ -50,8 +50,9 @@ def _top_level() -> dict[str, Any]:
     return fields
 
 
-def check_key(key: str, methods: tuple[str, ...] = tuple(METHOD_SCHEMAS)) -> str | None:
-    """None when `key` (dotted) may be set, else the message for it. `methods`: the method(s) chosen."""
+def check_key(key: str, methods: tuple[str, ...] | None = None) -> str | None:
+    """None when `key` (dotted) may be set, else the message for it. `methods`: the method(s) chosen, None when
+    not known (then only a method key that no method has is refused)."""
     if key == "hydra" or key.startswith("hydra.") or "/" in key:
         return None  # Hydra's own config, or a nested group choice (hydra/launcher=joblib_gpus): Hydra checks it
     node: Any = None
@@ -62,12 +63,12 @@ def check_key(key: str, methods: tuple[str, ...] = tuple(METHOD_SCHEMAS)) -> str
             return None  # below a free-form or leaf value: Hydra and the validator judge it
         prefix = ".".join(parts[:depth])
         if prefix == "method" and any(part in _fields(METHOD_SCHEMAS[m]) for m in METHOD_SCHEMAS):
-            if not all(part in _fields(METHOD_SCHEMAS[m]) for m in methods):
+            if methods and not all(part in _fields(METHOD_SCHEMAS[m]) for m in methods):
                 return _method_key_message(key, part, methods)
         elif part not in children:
             return unknown_key_message(key, list(children))
         node = children[part]
-        children = _children(node, methods)
+        children = _children(node, methods or tuple(METHOD_SCHEMAS))
     return None
 
 

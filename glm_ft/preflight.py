@@ -89,9 +89,9 @@ def _check_creatable(key: str, folder: Path) -> None:
             path.rmdir()
 
 
-def _chosen_methods(overrides: list[Override]) -> tuple[str, ...]:
+def _chosen_methods(overrides: list[Override]) -> tuple[str, ...] | None:
     """The method option(s) this command line composes: method=..., else the experiment's or search's choice,
-    else conf/config.yaml's default. All methods when unsure (then only keys no method has are refused)."""
+    else conf/config.yaml's default. None when unsure (then only keys no method has are refused)."""
     groups = {o.key_or_group: o for o in overrides if o.type == OverrideType.CHANGE and o.package is None}
     chosen: list[str] = []
     if "method" in groups:
@@ -104,7 +104,7 @@ def _chosen_methods(overrides: list[Override]) -> tuple[str, ...]:
                 chosen = _method_override_in(CONF / group / f"{option.value()}.yaml") or chosen
         chosen = chosen or _method_override_in(CONF / "config.yaml", default_list=True)
     if not chosen or any(m not in METHOD_SCHEMAS for m in chosen):
-        return tuple(METHOD_SCHEMAS)
+        return None
     return tuple(dict.fromkeys(chosen))
 
 
