@@ -14,14 +14,16 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import CompactHydraException
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
 import glm_ft.schema  # noqa: F401  (registers the schema with Hydra's ConfigStore)
 from glm_ft.errors import ConfigError, GlmFtError
+from glm_ft.preflight import check_command_line
 from glm_ft.render import render_run_files
 from glm_ft.schema import PROJECT_ROOT
-from glm_ft.validate import resolve_path, validate
+from glm_ft.validate import builds_tiny_model, check_data_rows, resolve_path, validate
 
 log = logging.getLogger("glm_ft")
 
@@ -31,7 +33,7 @@ def model_hidden_size(model_cfg: DictConfig) -> int | None:
     config_json = resolve_path(model_cfg.path) / "config.json"
     if config_json.is_file():
         return int(json.loads(config_json.read_text(encoding="utf-8"))["hidden_size"])
-    if model_cfg.build_if_missing:
+    if builds_tiny_model(model_cfg):
         from glm_ft.chatglm3.tiny import TINY_CONFIG
 
         return int(TINY_CONFIG["hidden_size"])
@@ -42,6 +44,13 @@ def run(cfg: DictConfig) -> float | None:
     """One job. Returns `optimized_metric` of the final metrics, which an Optuna sweep maximises."""
     validate(cfg)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
+    if cfg.resume == "auto" and not (run_dir / "finetune.yaml").is_file():
+        # Every glm-ft run writes finetune.yaml first: without it this folder was just made by Hydra.
+        raise ConfigError(f"resume=auto: '{run_dir}' holds no earlier run (no finetune.yaml), so there is nothing "
+                          "to resume; pass hydra.run.dir=<the folder of the run to continue>")
+    # Data before weights: every row is read and checked here (FILE:LINE errors) before anything heavy loads.
+    # Skipped rows are logged when the data is tokenized; a dry run tokenizes nothing, so it logs them here.
+    check_data_rows(cfg.data, log_skips=bool(cfg.dry_run))
     paths = render_run_files(cfg, run_dir, model_hidden_size(cfg.model))
     if cfg.dry_run:
         for name, path in paths.items():
@@ -59,15 +68,20 @@ def run(cfg: DictConfig) -> float | None:
     return float(metrics[cfg.optimized_metric])
 
 
+class JobFailed(CompactHydraException):
+    """A sweep job refused its input: Hydra prints the message alone."""
+
+
 @hydra.main(config_path=str(PROJECT_ROOT / "conf"), config_name="config", version_base="1.3")
 def _hydra_main(cfg: DictConfig) -> float | None:
     try:
         return run(cfg)
     except GlmFtError as err:
         if HydraConfig.get().mode == RunMode.MULTIRUN:
-            # Re-raise so Hydra marks this job FAILED and the sweep's other jobs still run.
+            # Raise so Hydra marks this job FAILED and the sweep's other jobs still run; as a compact exception
+            # Hydra ends the sweep with this one line, not a traceback.
             log.error("%s", err)
-            raise
+            raise JobFailed(f"error: {err}") from None
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt as err:
@@ -108,6 +122,11 @@ def main() -> None:
     # A crash in native code (CUDA, NCCL/gloo, a C++ abort) hours into a run should at least say where Python was.
     faulthandler.enable()
     sys.argv = _shared_run_dir(_take_launcher_args(sys.argv))
+    try:
+        check_command_line(sys.argv[1:])
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)
     _hydra_main()
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         _exit_skipping_native_teardown()

@@ -37,6 +37,7 @@ ROLES = ("system", "user", "assistant", "observation")
 IGNORE_INDEX = -100
 _SHOWN_SKIPS = 5  # per file; the rest are only counted
 _ROWS_PER_PROCESS = 1000  # below this, starting worker processes costs more than it saves
+_TOO_DEEP = "JSON nested too deeply to read (a conversation row is a few levels deep)"
 
 
 @dataclass(frozen=True)
@@ -87,9 +88,10 @@ def read_conversations(path: str | os.PathLike, *, skip_bad_rows: bool = False) 
     return read_rows(path, skip_bad_rows=skip_bad_rows).conversations
 
 
-def read_rows(path: str | os.PathLike, *, skip_bad_rows: bool = False) -> ReadReport:
+def read_rows(path: str | os.PathLike, *, skip_bad_rows: bool = False, log_skips: bool = True) -> ReadReport:
     """Read and check every row of a `.json`/`.jsonl` file. Malformed JSON, a non-UTF-8 or empty file always fail;
-    a row that is valid JSON but unusable fails too, unless `skip_bad_rows`, which skips and counts it."""
+    a row that is valid JSON but unusable fails too, unless `skip_bad_rows`, which skips and counts it (and logs
+    the first few unless not `log_skips`)."""
     path = Path(path)
     conversations, skipped, rows_read = [], [], 0
     for line, row in _json_rows(path):
@@ -101,9 +103,9 @@ def read_rows(path: str | os.PathLike, *, skip_bad_rows: bool = False) -> ReadRe
             if not skip_bad_rows:
                 raise DataError(f"{where}: {bad}") from None
             skipped.append(f"{where}: {bad}")
-            if len(skipped) <= _SHOWN_SKIPS:
+            if log_skips and len(skipped) <= _SHOWN_SKIPS:
                 logger.warning("skipping row %s: %s", where, bad)
-    if len(skipped) > _SHOWN_SKIPS:
+    if log_skips and len(skipped) > _SHOWN_SKIPS:
         logger.warning("%s: skipped %d rows in all (first %d shown)", path, len(skipped), _SHOWN_SKIPS)
     if not conversations:
         raise DataError(f"{path}: no usable rows ({len(skipped)} of {rows_read} skipped)")
@@ -117,6 +119,8 @@ def _json_rows(path: Path) -> Iterator[tuple[int, Any]]:
         raw = path.read_bytes()
     except FileNotFoundError:
         raise DataError(f"{path}: file not found") from None
+    except OSError as err:  # EIO from a failing disk, EISDIR, EACCES, ...
+        raise DataError(f"{path}: cannot read the file ({err.strerror or err})") from None
     raw = raw.removeprefix(codecs.BOM_UTF8)
     try:
         text = raw.decode("utf-8")
@@ -137,12 +141,15 @@ def _line_rows(path: Path, text: str) -> Iterator[tuple[int, Any]]:
         if not line.strip():
             continue
         try:
-            yield number, json.loads(line)
+            row = json.loads(line)
+        except RecursionError:
+            raise DataError(f"{path}:{number}: {_TOO_DEEP}") from None
         except json.JSONDecodeError as e:
             raise DataError(
                 f"{path}:{number}: malformed JSON ({e.msg}, column {e.colno}); expected one JSON object per line "
                 "or one JSON array"
             ) from None
+        yield number, row
 
 
 def _array_rows(path: Path, text: str, start: int) -> Iterator[tuple[int, Any]]:
@@ -155,6 +162,8 @@ def _array_rows(path: Path, text: str, start: int) -> Iterator[tuple[int, Any]]:
     while True:
         try:
             row, end = decoder.raw_decode(text, pos)
+        except RecursionError:
+            raise DataError(f"{path}:{lines.at(pos)}: {_TOO_DEEP}") from None
         except json.JSONDecodeError as e:
             raise DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg}, column {e.colno})") from None
         yield lines.at(pos), row
@@ -201,6 +210,7 @@ def _row_messages(row: Any) -> tuple[Message, ...]:
         for key in ("content", "summary"):
             if not isinstance(row[key], str):
                 raise _BadRow(f"'{key}' is not a string")
+            _check_unicode(row[key], f"'{key}'")
         messages = (Message("user", row["content"]), Message("assistant", row["summary"]))
     else:
         raise _BadRow("row has neither 'conversations' nor 'content' and 'summary'")
@@ -226,12 +236,37 @@ def _message(item: Any, number: int) -> Message:
     tools = item.get("tools")
     if tools is not None and role != "system":
         raise _BadRow(f"message {number} ({role}) has tools; only a system message may carry them")
-    if tools is not None and not isinstance(tools, list):
-        raise _BadRow(f"tools of message {number} must be a list")
+    if tools is not None:
+        _check_tools(tools, number)
     loss = item.get("loss")
     if loss is not None and not isinstance(loss, bool):
         raise _BadRow(f"'loss' of message {number} ({role}) must be true or false")
+    _check_unicode(item["content"], f"content of message {number} ({role})")
+    if metadata:
+        _check_unicode(metadata, f"metadata of message {number} ({role})")
     return Message(role, item["content"], metadata or "", tools, loss)
+
+
+def _check_unicode(text: str, what: str) -> None:
+    # JSON allows escapes such as \ud800 that are no Unicode character; the tokenizer would fail on them mid-run.
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise _BadRow(f"{what} holds {text[err.start]!r} at character {err.start}, an unpaired surrogate "
+                      "escape that is not valid Unicode") from None
+
+
+def _check_tools(tools: Any, number: int) -> None:
+    """`tools` is rendered as JSON into the system prompt: a list of tool descriptions (objects)."""
+    if not isinstance(tools, list) or not all(isinstance(tool, dict) for tool in tools):
+        found = type(tools).__name__ if not isinstance(tools, list) else \
+            next(type(t).__name__ for t in tools if not isinstance(t, dict))
+        raise _BadRow(f"tools of message {number} must be a list of objects (tool descriptions), found a {found}")
+    try:
+        rendered = json.dumps(tools, indent=4, ensure_ascii=False)
+    except RecursionError:
+        raise _BadRow(f"tools of message {number}: nested too deeply to render") from None
+    _check_unicode(rendered, f"tools of message {number}")
 
 
 # --- samples ---

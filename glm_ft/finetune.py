@@ -226,19 +226,16 @@ def _train(cfg: DictConfig, run_dir: Path, paths: dict[str, Path], tracker) -> d
 
     from glm_ft.data import load_datasets
     from glm_ft.evaluation import Collator, metrics_fn, stop_token_ids, write_predictions
-    from glm_ft.model import load_for_training, parameter_counts
+    from glm_ft.model import (base_model_dir, load_model_for_training, load_tokenizer, parameter_counts,
+                              refused_weights_errors, refused_weights_reason)
     from glm_ft.trainer_args import build_training_arguments
     from glm_ft.validate import resolve_path
 
     set_seed(cfg.seed)
-    tokenizer, model, model_dir = load_for_training(cfg)
-    counts = parameter_counts(model)
-    log.info("method=%s: %s trainable of %s parameters", cfg.method.name,
-             f"{counts['model.trainable_parameters']:,}", f"{counts['model.total_parameters']:,}")
-    tracker.log_metrics(counts)
-    tracker.set_tags({"glm_ft.base_model": str(model_dir)})
-    _write_run_info(run_dir, cfg, model_dir)
-
+    # Data before weights: the data is tokenized (and cached) with the tokenizer alone, so a problem with it
+    # shows before the model loads (seconds here, minutes for 6B).
+    model_dir = base_model_dir(cfg.model)
+    tokenizer = load_tokenizer(model_dir)
     data_config = OmegaConf.to_container(cfg.data, resolve=True)
     data_config["data_dir"] = str(resolve_path(cfg.data.data_dir))
     data = load_datasets(data_config, tokenizer, cfg.max_input_length, cfg.max_output_length,
@@ -246,9 +243,17 @@ def _train(cfg: DictConfig, run_dir: Path, paths: dict[str, Path], tracker) -> d
     tracker.log_metrics(data.stats)
     if data.val is None or len(data.val) == 0:
         log.warning("no validation samples: evaluation during training is skipped")
-
     stop_ids = stop_token_ids(tokenizer)
     gen_config = generation_config_for(cfg, tokenizer, stop_ids)
+
+    model = load_model_for_training(cfg, model_dir)
+    counts = parameter_counts(model)
+    log.info("method=%s: %s trainable of %s parameters", cfg.method.name,
+             f"{counts['model.trainable_parameters']:,}", f"{counts['model.total_parameters']:,}")
+    tracker.log_metrics(counts)
+    tracker.set_tags({"glm_ft.base_model": str(model_dir)})
+    _write_run_info(run_dir, cfg, model_dir)
+
     has_eval = data.val is not None and len(data.val) > 0
     args = build_training_arguments(cfg, run_dir, paths.get("ds_config"), has_eval=has_eval,
                                     generation_config=gen_config)
@@ -270,6 +275,11 @@ def _train(cfg: DictConfig, run_dir: Path, paths: dict[str, Path], tracker) -> d
         last = (complete_checkpoints(run_dir) or ["none"])[-1]
         raise Interrupted(f"at step {trainer.state.global_step}; last complete checkpoint: {last} (continue with "
                           f"resume=auto hydra.run.dir={run_dir})") from err
+    except refused_weights_errors() as err:
+        if not resume_from:
+            raise
+        # The checkpoint's own files (weights, optimizer.pt, rng_state.pth): refused in one line, never run.
+        raise CheckpointError(f"resume: {resume_from}: {refused_weights_reason(err)}") from None
     tracker.log_metrics({k: v for k, v in result.metrics.items() if k.startswith("train")})
     # The final model is for inference: keep the KV cache on in its config (training turned it off).
     trainer.accelerator.unwrap_model(trainer.model).config.use_cache = True

@@ -13,7 +13,7 @@ from omegaconf import DictConfig
 
 from glm_ft import chatglm3
 from glm_ft.errors import CheckpointError
-from glm_ft.validate import resolve_path
+from glm_ft.validate import builds_tiny_model, resolve_path
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ def torch_dtype_for(model_cfg: DictConfig, method: str, bf16: bool, fp16: bool):
 
 def base_model_dir(model_cfg: DictConfig) -> Path:
     path = resolve_path(model_cfg.path)
-    if model_cfg.build_if_missing:
+    if builds_tiny_model(model_cfg):
         from glm_ft.chatglm3.tiny import ensure_tiny_model
 
         return ensure_tiny_model(path)
@@ -61,7 +61,32 @@ def load_base_model(model_dir: Path, dtype, attn_implementation: str = "sdpa"):
                                                      attn_implementation=attn_implementation)
     except (OSError, ValueError) as err:
         raise CheckpointError(f"{model_dir}: cannot load the model ({err})") from err
+    except refused_weights_errors() as err:
+        raise CheckpointError(f"{model_dir}: {refused_weights_reason(err)}") from None
     return model
+
+
+def refused_weights_errors() -> tuple[type[BaseException], ...]:
+    """What loading a weights file raises when glm-ft refuses it: a pickle weights_only=True rejects, a damaged
+    safetensors file."""
+    import pickle
+
+    from safetensors import SafetensorError
+
+    return (pickle.UnpicklingError, SafetensorError)
+
+
+def refused_weights_reason(err: BaseException) -> str:
+    """One line for a refused weights file: torch's weights_only message is a page of advice."""
+    import pickle
+
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    if isinstance(err, pickle.UnpicklingError):
+        # torch names what it blocked ("... unsupported GLOBAL posix.system ...") among paragraphs of advice.
+        detail = next((line for line in lines if "global" in line.lower() or "unpickler" in line.lower()),
+                      "it holds more than tensors")
+        return (f"refused a pickled weights file, loaded with weights_only=True: {detail[:200]}")
+    return f"damaged safetensors file ({lines[0] if lines else type(err).__name__})"
 
 
 def apply_method(model, method: DictConfig, seed: int):
@@ -106,9 +131,13 @@ def load_for_training(cfg: DictConfig) -> tuple[Any, Any, Path]:
     """Tokenizer, model with the method applied, and the base model folder."""
     model_dir = base_model_dir(cfg.model)
     tokenizer = load_tokenizer(model_dir)
+    return tokenizer, load_model_for_training(cfg, model_dir), model_dir
+
+
+def load_model_for_training(cfg: DictConfig, model_dir: Path):
+    """The base model of `model_dir` with the method applied (the weights: the slow part, minutes for 6B)."""
     args = cfg.training_args
     dtype = torch_dtype_for(cfg.model, cfg.method.name, args.bf16, args.fp16)
     model = load_base_model(model_dir, dtype, cfg.model.attn_implementation)
     model.config.use_cache = False  # training; generate() turns the cache on by itself
-    model = apply_method(model, cfg.method, cfg.seed)
-    return tokenizer, model, model_dir
+    return apply_method(model, cfg.method, cfg.seed)

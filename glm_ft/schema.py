@@ -15,6 +15,8 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
+# Where model=tiny builds its random tiny ChatGLM3; no other missing model.path is ever built (conf/model/tiny.yaml).
+TINY_MODEL_DIR = PROJECT_ROOT / ".cache" / "tiny-chatglm3"
 
 
 # --- method group: one dataclass per method -------------------------------------------------------------------
@@ -65,7 +67,7 @@ class DataConfig:
 class ModelConfig:
     name: str = MISSING
     path: str = MISSING
-    # Build the tiny random ChatGLM3 at `path` when it is missing (model=tiny only).
+    # Build the tiny random ChatGLM3 when `path` is missing; only ever at TINY_MODEL_DIR (model=tiny).
     build_if_missing: bool = False
     torch_dtype: str = "auto"
     attn_implementation: str = "sdpa"

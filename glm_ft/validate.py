@@ -7,25 +7,35 @@ second instead of after an hour on a GPU.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import stat
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
+from glm_ft import hf_choices
 from glm_ft.errors import ConfigError
-from glm_ft.schema import METHOD_SCHEMAS
+from glm_ft.keys import closest, unknown_key_message
+from glm_ft.schema import METHOD_SCHEMAS, TINY_MODEL_DIR
 
-STRATEGIES = ("no", "steps", "epoch")
+SEED_LIMIT = 2**32  # numpy's seed range (transformers' set_seed seeds numpy too)
 QUICKSTART_HINT = "or try the bundled tiny setup: python train.py experiment=quickstart"
 
 
 def validate(cfg: DictConfig, *, check_paths: bool = True) -> None:
     """Raise ConfigError on the first problem found, naming the key."""
+    _check_finite(_resolved(cfg))
     _check_unknown_keys(cfg)
     _check_method(cfg.method)
     _check_lengths(cfg)
+    if not 0 <= cfg.seed < SEED_LIMIT:
+        raise ConfigError(f"seed: must be in [0, 2**32), got {cfg.seed}")
     _check_training_args(cfg.training_args)
+    _check_generation(cfg.training_args.generation_config)
+    _check_tracking(cfg.tracking)
     if cfg.deepspeed is not None:
         from glm_ft.render import check_deepspeed
 
@@ -50,7 +60,7 @@ def _check_unknown_keys(node: Any, prefix: str = "") -> None:
                 if prefix == "method." and node.get("name") == "sft":
                     raise ConfigError(f"{full}: method=sft (full fine-tuning) takes no PEFT keys; drop '{full}' "
                                       "or choose method=lora|ptuning_v2")
-                raise ConfigError(f"unknown key '{full}' (allowed: {', '.join(allowed)})")
+                raise ConfigError(unknown_key_message(full, allowed))
     for key in node.keys():
         child = node._get_node(key)
         if isinstance(child, DictConfig) and not child._is_none() and not child._is_missing():
@@ -99,28 +109,106 @@ def _check_lengths(cfg: DictConfig) -> None:
         raise ConfigError(f"eval_subset: must be > 0 or null (all), got {cfg.eval_subset}")
 
 
+def _resolved(cfg: DictConfig) -> dict:
+    """The config with every interpolation resolved: a missing key or a cycle is named here, not in a traceback."""
+    try:
+        return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    except RecursionError:
+        raise ConfigError("an interpolation refers back to itself (a ${...} cycle); check the keys set to "
+                          "${...} on the command line and in the chosen config files") from None
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None) or "config"
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ConfigError(f"{key}: {reason}") from None
+
+
+def _check_finite(node: Any, prefix: str = "") -> None:
+    # NaN slips through every `<= 0` check (all comparisons with NaN are false), so it is refused everywhere.
+    if isinstance(node, dict):
+        for key, value in node.items():
+            _check_finite(value, f"{prefix}{key}.")
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            _check_finite(value, f"{prefix}{i}.")
+    elif isinstance(node, float) and not math.isfinite(node):
+        raise ConfigError(f"{prefix[:-1]}: must be a finite number, got {node}")
+
+
+def _check_choice(key: str, value: str, choices: tuple[str, ...], source: str) -> None:
+    if value in choices:
+        return
+    guesses = closest(value, list(choices))
+    hint = f"did you mean {' or '.join(guesses)}? " if guesses else ""
+    shown = ", ".join(choices) if len(choices) <= 12 else f"{', '.join(choices[:8])}, ... ({len(choices)} in all)"
+    raise ConfigError(f"training_args.{key}: '{value}' is not one of {source} ({hint}{shown})")
+
+
 def _check_training_args(args: DictConfig) -> None:
+    # Choices are transformers' own enums, read from the installed transformers (glm_ft.hf_choices).
+    strategies = hf_choices.enum_values("IntervalStrategy")
     for key in ("evaluation_strategy", "save_strategy", "logging_strategy"):
-        if args[key] not in STRATEGIES:
-            raise ConfigError(f"training_args.{key}: '{args[key]}' is not one of {', '.join(STRATEGIES)}")
+        _check_choice(key, args[key], strategies, "transformers' IntervalStrategy")
+    _check_choice("lr_scheduler_type", args.lr_scheduler_type, hf_choices.enum_values("SchedulerType"),
+                  "transformers' SchedulerType")
+    _check_choice("optim", args.optim, hf_choices.enum_values("OptimizerNames"), "transformers' OptimizerNames")
+    _check_choice("log_level", args.log_level, hf_choices.log_levels(), "transformers' log levels")
     positive = ["per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
-                "logging_steps", "save_steps", "eval_steps"]
+                "logging_steps", "save_steps", "eval_steps", "learning_rate", "adam_epsilon"]
     for key in positive:
         if args[key] <= 0:
             raise ConfigError(f"training_args.{key}: must be > 0, got {args[key]}")
     if args.max_steps == 0 or args.max_steps < -1:
         raise ConfigError(f"training_args.max_steps: must be > 0 (or -1 to use num_train_epochs), got {args.max_steps}")
-    if args.learning_rate <= 0:
-        raise ConfigError(f"training_args.learning_rate: must be > 0, got {args.learning_rate}")
-    if args.dataloader_num_workers < 0:
-        raise ConfigError(f"training_args.dataloader_num_workers: must be >= 0, got {args.dataloader_num_workers}")
-    if args.generation_config.max_new_tokens <= 0:
-        raise ConfigError("training_args.generation_config.max_new_tokens: must be > 0")
+    if args.max_steps == -1 and args.num_train_epochs <= 0:
+        raise ConfigError(f"training_args.num_train_epochs: must be > 0 when max_steps is -1, "
+                          f"got {args.num_train_epochs}")
+    for key in ("dataloader_num_workers", "weight_decay"):
+        if args[key] < 0:
+            raise ConfigError(f"training_args.{key}: must be >= 0, got {args[key]}")
+    if args.warmup_steps < 0:
+        raise ConfigError(f"training_args.warmup_steps: must be >= 0 (a step count, or a fraction in [0, 1) of the "
+                          f"training steps), got {args.warmup_steps}")
+    if args.max_grad_norm < 0:
+        # transformers skips clipping for any value <= 0, so a negative one would silently mean "no clipping".
+        raise ConfigError(f"training_args.max_grad_norm: must be >= 0 (0 turns gradient clipping off), "
+                          f"got {args.max_grad_norm}")
+    if args.save_total_limit is not None and args.save_total_limit < 1:
+        # transformers keeps every checkpoint for any value <= 0, silently.
+        raise ConfigError(f"training_args.save_total_limit: must be >= 1 (or null to keep every checkpoint), "
+                          f"got {args.save_total_limit}")
+    for key in ("adam_beta1", "adam_beta2"):
+        if not 0 <= args[key] < 1:
+            raise ConfigError(f"training_args.{key}: must be in [0, 1), got {args[key]}")
     if args.fp16 and args.bf16:
         raise ConfigError("training_args.fp16 and training_args.bf16 are both true: choose one")
     if args.fp16 and not cuda_available():
         raise ConfigError("training_args.fp16=true needs a CUDA GPU and none is available; "
                           "use training_args.bf16=true on CPU or drop fp16")
+
+
+# What transformers' generate() refuses (its logits processors raise on these; num_beams=0 divides by zero at the
+# first evaluation): tests/test_validate_values.py generates with transformers under each boundary value.
+def _check_generation(gen: DictConfig) -> None:
+    key = "training_args.generation_config"
+    if gen.max_new_tokens <= 0:
+        raise ConfigError(f"{key}.max_new_tokens: must be > 0, got {gen.max_new_tokens}")
+    if gen.num_beams < 1:
+        raise ConfigError(f"{key}.num_beams: must be >= 1 (1 = no beam search), got {gen.num_beams}")
+    if gen.repetition_penalty is not None and gen.repetition_penalty <= 0:
+        raise ConfigError(f"{key}.repetition_penalty: must be > 0 (1 = none), got {gen.repetition_penalty}")
+    if gen.do_sample:
+        if gen.temperature is not None and gen.temperature <= 0:
+            raise ConfigError(f"{key}.temperature: must be > 0 with do_sample=true, got {gen.temperature}")
+        if gen.top_p is not None and not 0 <= gen.top_p <= 1:
+            raise ConfigError(f"{key}.top_p: must be in [0, 1] with do_sample=true, got {gen.top_p}")
+
+
+def _check_tracking(tracking: DictConfig) -> None:
+    if tracking.enabled and not str(tracking.experiment_name).strip():
+        raise ConfigError("tracking.experiment_name: must not be empty (the MLflow experiment to log into, "
+                          "default glm-ft)")
+    if tracking.run_name is not None and not str(tracking.run_name).strip():
+        raise ConfigError("tracking.run_name: must not be empty; leave it null for MLflow's own name")
 
 
 def cuda_available() -> bool:
@@ -136,14 +224,22 @@ def resolve_path(path: str) -> Path:
     return p if p.is_absolute() else Path(os.getcwd()) / p
 
 
+def builds_tiny_model(model: DictConfig) -> bool:
+    """model=tiny builds its random model when missing, but only at its own cache location: a misspelt or
+    not-yet-mounted model.path must never turn into a random model trained in its place."""
+    return bool(model.build_if_missing) and resolve_path(model.path).resolve() == TINY_MODEL_DIR.resolve()
+
+
 def check_model_path(model: DictConfig) -> None:
     path = resolve_path(model.path)
-    if model.build_if_missing:
+    if builds_tiny_model(model):
         return
     if not (path / "config.json").is_file():
         what = "does not exist" if not path.exists() else "has no config.json"
+        tiny = (f" (the tiny model is built only at its own location, {TINY_MODEL_DIR}: leave model.path unset "
+                "to use it)") if model.build_if_missing else ""
         raise ConfigError(
-            f"model.path: '{path}' {what}. Point it at a local chatglm3-6b checkpoint folder "
+            f"model.path: '{path}' {what}{tiny}. Point it at a local chatglm3-6b checkpoint folder "
             f"(config.json, tokenizer.model, weights), e.g. model.path=/models/chatglm3-6b, {QUICKSTART_HINT}")
 
 
@@ -156,13 +252,36 @@ def data_paths(data: DictConfig) -> dict[str, Path | None]:
 def check_data_files(data: DictConfig) -> None:
     base = resolve_path(data.data_dir)
     for split, path in data_paths(data).items():
+        key = {"train": "train_file", "val": "val_file", "test": "test_file"}[split]
+        if path is not None and path.exists() and not path.is_file():
+            # A FIFO would block the run forever on its first read; a directory is a wrong path.
+            raise ConfigError(f"data.{key}: '{path}' is {_file_kind(path)}, not a data file; point data.{key} "
+                              "at a .json or .jsonl file")
         if path is not None and not path.is_file():
-            key = {"train": "train_file", "val": "val_file", "test": "test_file"}[split]
             where = "data.data_dir does not exist" if not base.exists() else f"no such file (data.{key})"
             raise ConfigError(f"data: '{path}': {where}. Point data.data_dir=... at your data folder "
                               f"(or data.{key}=... at the file), {QUICKSTART_HINT}")
     if data.num_proc <= 0:
         raise ConfigError(f"data.num_proc: must be > 0, got {data.num_proc}")
+
+
+def check_data_rows(data: DictConfig, *, log_skips: bool = True) -> None:
+    """Read and check every row of the configured files: FILE:LINE errors come before any model loads."""
+    from glm_ft.data import read_rows
+
+    for path in data_paths(data).values():
+        if path is not None:
+            read_rows(path, skip_bad_rows=data.skip_bad_rows, log_skips=log_skips)
+
+
+def _file_kind(path: Path) -> str:
+    mode = path.stat().st_mode
+    for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a named pipe (FIFO)"),
+                       (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return name
+    return "not a regular file"
 
 
 def _check_resume(resume: str | None) -> None:

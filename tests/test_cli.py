@@ -76,7 +76,8 @@ def test_hydra_flags_keep_working(flag, expect):
     (["method.rr=4"], "method.rr"),
     (["experiment=quickstart", "method=lora", "method.r=0"], "method.r: must be > 0"),
     (["experiment=quickstart", "method=lora", "method.lora_dropout=1.5"], "method.lora_dropout"),
-    (["experiment=quickstart", "method.r=4"], "Key 'r' not in 'SftMethod'"),
+    # glm-ft's own line (Hydra's was "Key 'r' not in 'SftMethod'" with a hint to append the key with '+').
+    (["experiment=quickstart", "method.r=4"], "method.r: method=sft (full fine-tuning) takes no PEFT keys"),
     (["method=ptuning_v2", "method.num_virtual_tokens=-1", "experiment=quickstart"], "method.num_virtual_tokens"),
     (["method=sft", "+method.r=8", "experiment=quickstart"], "method.r"),
     (["max_output_length=0", "experiment=quickstart"], "max_output_length"),

@@ -1,0 +1,326 @@
+"""Bad input through the real `train.py`: one line naming the key or FILE:LINE, exit 1, and nothing heavy loaded.
+
+Each run here is a real (not dry) training command that would load the tiny model and train if the input got
+through; it runs under a probe that reports, at exit, which heavy modules were imported. "HEAVY []" shows that the
+refusal came before torch, transformers, MLflow, ... were even imported, let alone any model weights read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT
+
+HEAVY = ("torch", "transformers", "peft", "deepspeed", "mlflow", "datasets")
+PROBE = (
+    "import atexit, sys\n"
+    f"atexit.register(lambda: print('HEAVY', sorted(m for m in {HEAVY!r} if m in sys.modules)))\n"
+    "sys.argv = ['train.py', *sys.argv[1:]]\n"
+    "from glm_ft.cli import main\n"
+    "main()\n"
+)
+# Small enough that a value slipping through would end soon instead of training the full quickstart.
+SHORT = ["experiment=quickstart", "training_args.max_steps=2", "training_args.eval_steps=2",
+         "training_args.save_steps=2", "eval_subset=2"]
+
+
+def probe_train(args: list[str], tmp_path: Path, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}
+    env.pop("HYDRA_FULL_ERROR", None)
+    # The timeout only guards against a hang; nothing here depends on how fast the machine is.
+    return subprocess.run([sys.executable, "-c", PROBE, *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=600)
+
+
+def assert_refused_light(out: subprocess.CompletedProcess, *expect: str) -> str:
+    """Exit 1, exactly one stderr line `error: ...` holding every `expect`, no heavy module imported."""
+    assert out.returncode == 1, out.stderr[-3000:]
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), out.stderr[-3000:]
+    for text in expect:
+        assert text in lines[0]
+    assert "HEAVY []" in out.stdout, out.stdout[-2000:]
+    return lines[0]
+
+
+# --- item 4: every bad value, named by its key, before anything loads ------------------------------------------
+
+GEN = "training_args.generation_config"
+# key → bad values (each needs only the overrides given); the key must appear in the message.
+BAD_VALUES = {
+    f"{GEN}.num_beams": [["0"], ["-2"]],
+    f"{GEN}.temperature": [["-1", f"{GEN}.do_sample=true"], ["0", f"{GEN}.do_sample=true"]],
+    f"{GEN}.top_p": [["-0.1", f"{GEN}.do_sample=true"], ["1.5", f"{GEN}.do_sample=true"]],
+    f"{GEN}.repetition_penalty": [["0"], ["-1"]],
+    f"{GEN}.max_new_tokens": [["0"]],
+    "seed": [["-1"], [str(2**32)], [str(2**40)]],
+    "training_args.learning_rate": [["nan"], ["inf"], ["-1e-3"], ["0"]],
+    "training_args.warmup_steps": [["-1"], ["-0.5"], ["nan"]],
+    "training_args.lr_scheduler_type": [["bogus"], ["Linear"]],
+    "training_args.optim": [["bogus"], ["adamw"]],
+    "training_args.log_level": [["loud"]],
+    "training_args.evaluation_strategy": [["sometimes"]],
+    "training_args.save_total_limit": [["-1"], ["0"]],
+    "training_args.max_grad_norm": [["-1"], ["nan"]],
+    "training_args.weight_decay": [["-0.1"]],
+    "training_args.adam_beta1": [["1.0"]],
+    "training_args.adam_epsilon": [["0"]],
+    "tracking.experiment_name": [[""], ["'  '"]],
+}
+BAD_CASES = [(key, [f"{key}={value}", *extra]) for key, values in BAD_VALUES.items() for value, *extra in values]
+
+
+@pytest.mark.parametrize("key, args", BAD_CASES, ids=[" ".join(a) for _, a in BAD_CASES])
+def test_bad_value_fails_naming_the_key_before_anything_loads(key, args, tmp_path):
+    run_dir = tmp_path / "run"
+    out = probe_train([*SHORT, *args, f"hydra.run.dir={run_dir}"], tmp_path)
+    line = assert_refused_light(out, key)
+    assert "Traceback" not in out.stderr and line.startswith(f"error: {key}")
+    assert not (run_dir / "finetune.yaml").exists()  # nothing rendered, nothing half-written
+
+
+# --- item 5: data before weights --------------------------------------------------------------------------------
+
+CONVERSATION = {"conversations": [{"role": "user", "content": "你好"}, {"role": "assistant", "content": "好"}]}
+
+
+def data_dir_with(tmp_path: Path, name: str, text: str | None = None) -> list[str]:
+    data = tmp_path / "data"
+    data.mkdir(exist_ok=True)
+    if text is not None:
+        (data / name).write_text(text, encoding="utf-8")
+    return [f"data.data_dir={data}", f"data.train_file={name}", "data.val_file=null", "data.test_file=null"]
+
+
+def test_bad_data_fails_with_file_and_line_before_the_model_loads(tmp_path):
+    good = json.dumps(CONVERSATION, ensure_ascii=False)
+    args = data_dir_with(tmp_path, "train.jsonl", f"{good}\n{good}\n{{\"conversations\": [{{\"role\": \"bot\"}}\n")
+    out = probe_train([*SHORT, *args, f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
+    assert_refused_light(out, f"{tmp_path / 'data' / 'train.jsonl'}:3: malformed JSON")
+    unknown_role = good.replace('"user"', '"bot"')
+    args = data_dir_with(tmp_path, "train.jsonl", f"{good}\n{unknown_role}\n")
+    out = probe_train([*SHORT, *args, f"hydra.run.dir={tmp_path / 'run2'}"], tmp_path)
+    assert_refused_light(out, f"{tmp_path / 'data' / 'train.jsonl'}:2: message 1 has unknown role 'bot'")
+
+
+# --- item 6: refused input is one line, never a traceback -------------------------------------------------------
+
+DEEP = "[" * 100_000 + "]" * 100_000
+
+
+def _tools_row(tools) -> str:
+    return json.dumps({"conversations": [{"role": "system", "content": "s", "tools": tools}, *CONVERSATION[
+        "conversations"]]})
+
+
+@pytest.mark.parametrize("name, text, expect", [
+    ("train.jsonl", json.dumps(CONVERSATION) + "\n" + json.dumps(CONVERSATION, ensure_ascii=False).replace(
+        '"好"', '"\\ud800"') + "\n",
+     ":2: content of message 2 (assistant) holds '\\ud800'"),
+    ("train.jsonl", json.dumps(CONVERSATION) + "\n" + DEEP + "\n", ":2: JSON nested too deeply"),
+    ("train.json", "[" + json.dumps(CONVERSATION) + ",\n" + DEEP + "]", ":2: JSON nested too deeply"),
+    ("train.jsonl", _tools_row(["get_weather"]) + "\n", ":1: tools of message 1 must be a list of objects"),
+    ("train.jsonl", _tools_row({"name": "get_weather"}) + "\n", ":1: tools of message 1 must be a list of objects"),
+], ids=["surrogate", "deep-jsonl", "deep-json-array", "tools-strings", "tools-object"])
+def test_refused_data_rows_are_one_line(name, text, expect, tmp_path):
+    args = data_dir_with(tmp_path, name, text)
+    out = probe_train([*SHORT, *args, f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
+    assert_refused_light(out, f"{tmp_path / 'data' / name}{expect}")
+
+
+def test_unreadable_directory_and_fifo_data_files(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    # A real EIO from the kernel: reading /proc/self/mem at offset 0 (an unmapped address) fails with EIO.
+    (data / "eio.jsonl").symlink_to("/proc/self/mem")
+    (data / "folder.jsonl").mkdir()
+    os.mkfifo(data / "pipe.jsonl")  # reading it would block forever: refused without opening it
+    cases = {"eio.jsonl": "cannot read the file (Input/output error)",
+             "folder.jsonl": "data.train_file: '{path}' is a directory, not a data file",
+             "pipe.jsonl": "data.train_file: '{path}' is a named pipe (FIFO), not a data file"}
+    for name, expect in cases.items():
+        path = data / name
+        args = [f"data.data_dir={data}", f"data.train_file={name}", "data.val_file=null", "data.test_file=null"]
+        out = probe_train([*SHORT, *args, f"hydra.run.dir={tmp_path / name}"], tmp_path)
+        assert_refused_light(out, str(path), expect.format(path=path))
+
+
+@pytest.mark.parametrize("args, expect", [
+    (["hydra.run.dir=/proc/glm-ft-x"], "error: hydra.run.dir: cannot create '/proc/glm-ft-x' (No such file"),
+    (["seed=${nope}"], "error: seed: Interpolation key 'nope' not found"),
+    (["training_args.max_steps=${training_args.eval_steps}", "training_args.eval_steps=${training_args.max_steps}"],
+     "Recursive interpolation detected"),
+    (["tracking.run_name=${tracking.experiment_name}", "tracking.experiment_name=${tracking.run_name}"],
+     "Recursive interpolation detected"),
+])
+def test_config_refusals_are_one_line(args, expect, tmp_path):
+    run_dir = [] if any(a.startswith("hydra.run.dir") for a in args) else [f"hydra.run.dir={tmp_path / 'run'}"]
+    out = probe_train([*SHORT, *args, *run_dir], tmp_path)
+    assert_refused_light(out, expect)
+    assert not Path("/proc/glm-ft-x").exists()
+
+
+def test_a_failed_sweep_job_prints_its_line_not_a_traceback(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "good.jsonl").write_text(json.dumps(CONVERSATION) + "\n", encoding="utf-8")
+    (data / "bad.jsonl").write_text(json.dumps(CONVERSATION) + "\n{oops\n", encoding="utf-8")
+    out = probe_train(["-m", *SHORT, "dry_run=true", f"data.data_dir={data}", "data.train_file=good.jsonl,bad.jsonl",
+                       "data.val_file=null", "data.test_file=null", f"hydra.sweep.dir={tmp_path / 'sweep'}"],
+                      tmp_path)
+    assert out.returncode == 1, out.stderr[-3000:]
+    # Hydra frames it ("Error executing job with overrides: ..."), but the job's error is its one line.
+    assert "Traceback" not in out.stderr and 'File "' not in out.stderr
+    assert f"error: {data / 'bad.jsonl'}:2: malformed JSON (Expecting property name enclosed in double quotes, " \
+        "column 2); expected one JSON object per line or one JSON array" in out.stderr.splitlines()
+    assert (tmp_path / "sweep" / "0" / "finetune.yaml").is_file()  # the good job ran
+    assert not (tmp_path / "sweep" / "1" / "finetune.yaml").exists()
+
+
+# --- item 10: no silent surprises -------------------------------------------------------------------------------
+
+def test_a_missing_model_path_is_never_built_into_a_random_model(tmp_path):
+    where = tmp_path / "some" / "where"
+    out = probe_train([*SHORT, f"model.path={where}", f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
+    assert_refused_light(out, f"model.path: '{where}' does not exist", "model.path=/models/chatglm3-6b")
+    assert not where.exists() and not where.parent.exists()
+
+
+def test_resume_auto_needs_an_existing_run_folder(tmp_path):
+    missing = tmp_path / "never-ran"
+    out = probe_train([*SHORT, "resume=auto", f"hydra.run.dir={missing}"], tmp_path)
+    assert_refused_light(out, f"resume=auto: the run folder '{missing}' (hydra.run.dir) does not exist")
+    assert not missing.exists()  # refused before Hydra created it
+    # Without hydra.run.dir Hydra makes a fresh timestamped folder: nothing to resume there either.
+    out = probe_train([*SHORT, "resume=auto"], tmp_path, cwd=tmp_path)
+    line = assert_refused_light(out, "resume=auto: '", "holds no earlier run")
+    (fresh,) = list(tmp_path.glob("outputs/*/*"))
+    assert str(fresh) in line and not (fresh / "finetune.yaml").exists()
+
+
+@pytest.mark.parametrize("args, expect", [
+    (["method=lora", "method.rank=8"], "unknown key 'method.rank' (did you mean method.r?)"),
+    (["training_args.max_step=10"], "unknown key 'training_args.max_step' (did you mean training_args.max_steps?)"),
+    (["max_steps=10"], "unknown key 'max_steps' (did you mean training_args.max_steps?)"),
+    ([f"{GEN}.num_beam=2"], f"unknown key '{GEN}.num_beam' (did you mean {GEN}.num_beams?)"),
+    (["data.train=x.jsonl"], "unknown key 'data.train' (did you mean data.train_file?)"),
+    (["method=ptuning_v2", "method.r=4"], "method.r: method=ptuning_v2 has no key 'r' (it belongs to method=lora)"),
+    (["-m", "method=lora,ptuning_v2", "method.r=4,8"], "method=ptuning_v2 has no key 'r'"),
+])
+def test_misspelt_keys_get_the_closest_valid_ones(args, expect, tmp_path):
+    flags = [a for a in args if a.startswith("-")]  # Hydra's flags come before the overrides
+    out = probe_train([*flags, *SHORT, *[a for a in args if a not in flags], f"hydra.run.dir={tmp_path / 'run'}", f"hydra.sweep.dir={tmp_path / 's'}"],
+                      tmp_path)
+    assert_refused_light(out, expect)
+    assert "+" not in out.stderr  # not Hydra's "To append to your config use +..."
+    assert not (tmp_path / "run").exists() and not (tmp_path / "s").exists()
+
+
+@pytest.mark.parametrize("args", [["hydra/launcher=joblib_gpus", "--cfg", "job"], ["--cfg", "job", "+seed2=1"],
+                                  ["-m", "method.r=4,8", "--cfg", "job"], ["deepspeed=zero2", "--cfg", "job"],
+                                  ["deepspeed=zero2", "deepspeed.zero_optimization.stage=2", "--cfg", "job"],
+                                  ["hparams_search=lora_optuna", "--cfg", "job"]])
+def test_valid_command_lines_pass_the_key_check(args, tmp_path):
+    flags = [a for a in args if a.startswith("-") or a == "job"]
+    out = probe_train([*flags, "method=lora", *[a for a in args if a not in flags]], tmp_path)
+    assert "unknown key" not in out.stderr and "has no key" not in out.stderr, out.stderr[-2000:]
+
+
+# --- refused weights: the model folder's files, with a real (heavy) run ---------------------------------------
+
+class _Payload:
+    """Pickled as a call to os.system: what weights_only=True must refuse to run."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory) -> Path:
+    from glm_ft.chatglm3.tiny import ensure_tiny_model
+
+    return ensure_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny-chatglm3")
+
+
+def _copy_model(source: Path, target: Path) -> Path:
+    import shutil
+
+    shutil.copytree(source, target)
+    return target
+
+
+@pytest.mark.slow
+def test_refused_pickle_and_damaged_safetensors_are_one_line(tiny_folder, tmp_path):
+    import struct
+
+    import torch
+
+    marker = tmp_path / "payload-ran"
+    pickled = _copy_model(tiny_folder, tmp_path / "pickled")
+    (pickled / "model.safetensors").unlink()
+    torch.save({"transformer.embedding.word_embeddings.weight": _Payload(marker)}, pickled / "pytorch_model.bin")
+    damaged = _copy_model(tiny_folder, tmp_path / "damaged")
+    weights = damaged / "model.safetensors"
+    raw = bytearray(weights.read_bytes())
+    raw[:8] = struct.pack("<Q", 2**40)  # the header length: now far past the end of the file
+    weights.write_bytes(bytes(raw))
+
+    cases = {pickled: "refused a pickled weights file, loaded with weights_only=True: Trying to load unsupported "
+                      "GLOBAL posix.system",
+             damaged: "damaged safetensors file (Error while deserializing header: header too large)"}
+    for folder, expect in cases.items():
+        run_dir = tmp_path / f"run-{folder.name}"
+        out = probe_train([*SHORT, "method=lora", f"model.path={folder}", f"hydra.run.dir={run_dir}"], tmp_path)
+        assert out.returncode == 1, out.stderr[-3000:]
+        assert "Traceback" not in out.stderr
+        errors = [line for line in out.stderr.splitlines() if line.startswith("error: ")]
+        assert len(errors) == 1 and errors[0].startswith(f"error: {folder}: {expect}"), out.stderr[-3000:]
+        # Data before weights: the data was read and tokenized before the weights were opened.
+        assert "train: " in out.stdout + out.stderr and "rows read" in out.stdout + out.stderr
+    assert not marker.exists()  # the pickled call never ran
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("glm-ft").experiment_id])
+    assert len(runs) == 2 and {r.info.status for r in runs} == {"FAILED"}
+
+
+@pytest.mark.slow
+def test_refused_files_in_a_resume_checkpoint_are_one_line(tmp_path):
+    import shutil
+    import struct
+
+    import torch
+
+    source = tmp_path / "source"
+    out = probe_train([*SHORT, "method=lora", "training_args.max_steps=1", "training_args.save_steps=1",
+                       "training_args.evaluation_strategy=no", "data.test_file=null", f"hydra.run.dir={source}"],
+                      tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    marker = tmp_path / "payload-ran"
+    pickled = shutil.copytree(source / "checkpoint-1", tmp_path / "pickled" / "checkpoint-1")
+    torch.save({"state": _Payload(marker)}, pickled / "optimizer.pt")
+    damaged = shutil.copytree(source / "checkpoint-1", tmp_path / "damaged" / "checkpoint-1")
+    raw = bytearray((damaged / "adapter_model.safetensors").read_bytes())
+    raw[:8] = struct.pack("<Q", 2**40)
+    (damaged / "adapter_model.safetensors").write_bytes(bytes(raw))
+
+    for checkpoint, expect in ((pickled, "refused a pickled weights file, loaded with weights_only=True: "),
+                               (damaged, "damaged safetensors file (")):
+        out = probe_train([*SHORT, "method=lora", "training_args.max_steps=2", f"resume={checkpoint}",
+                           f"hydra.run.dir={tmp_path / ('run-' + checkpoint.parent.name)}"], tmp_path)
+        assert out.returncode == 1, out.stderr[-3000:]
+        assert "Traceback" not in out.stderr
+        errors = [line for line in out.stderr.splitlines() if line.startswith("error: ")]
+        assert len(errors) == 1 and errors[0].startswith(f"error: resume: {checkpoint}: {expect}"), \
+            out.stderr[-3000:]
+    assert not marker.exists()
