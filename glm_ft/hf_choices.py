@@ -23,8 +23,7 @@ _ENUMS = {
 
 
 def _transformers_dir() -> Path:
-    # PathFinder locates the package without importing it, and without going through sys.meta_path: there,
-    # glm_ft's hook that registers ChatGLM3 when transformers is imported would take this look-up for the import.
+    # PathFinder locates the package without importing it (importing transformers would cost seconds here).
     spec = importlib.machinery.PathFinder.find_spec("transformers")
     if spec is None or not spec.submodule_search_locations:
         raise ImportError("transformers is not installed")

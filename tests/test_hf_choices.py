@@ -59,7 +59,6 @@ SILENTLY_IGNORED_BY_TRANSFORMERS = [{"do_sample": True, "top_p": 1.5}]
 def tiny_model(tmp_path_factory):
     import torch  # noqa: F401
 
-    import glm_ft  # noqa: F401
     from glm_ft.chatglm3.tiny import ensure_tiny_model
     from transformers import AutoModelForCausalLM
 
