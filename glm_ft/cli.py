@@ -19,6 +19,7 @@ from omegaconf import DictConfig
 
 import glm_ft.schema  # noqa: F401  (registers the schema with Hydra's ConfigStore)
 from glm_ft.errors import ConfigError, GlmFtError
+from glm_ft.redact import redact_files
 from glm_ft.render import render_run_files
 from glm_ft.schema import PROJECT_ROOT
 from glm_ft.validate import resolve_path, validate
@@ -42,6 +43,7 @@ def run(cfg: DictConfig) -> float | None:
     """One job. Returns `optimized_metric` of the final metrics, which an Optuna sweep maximises."""
     validate(cfg)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
+    redact_files(run_dir / ".hydra")  # Hydra wrote the overrides there, a tracking URI's password included
     paths = render_run_files(cfg, run_dir, model_hidden_size(cfg.model))
     if cfg.dry_run:
         for name, path in paths.items():

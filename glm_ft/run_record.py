@@ -88,3 +88,8 @@ def record_progress(run_dir: Path, **stages: Any) -> None:
     progress = read_progress(run_dir)
     progress.update(stages)
     _write_json(Path(run_dir) / PROGRESS_FILE, progress)
+
+
+def reset_progress(run_dir: Path) -> None:
+    """A training that starts (or continues) makes the stages an earlier training of this folder finished stale."""
+    (Path(run_dir) / PROGRESS_FILE).unlink(missing_ok=True)

@@ -640,7 +640,19 @@ def start_run(cfg: DictConfig, run_dir: Path) -> Iterator[Tracker | NullTracker]
             SIGTERM_GUARD.release()
 
 
-def _previous_run(store: Store, cfg: DictConfig, run_dir: Path) -> tuple[str | None, dict[str, str] | None]:
+def settle_previous_run(cfg: DictConfig, run_dir: Path) -> None:
+    """For a job that does not open a run (a complete run resumed): still close a RUNNING run a dead process
+    left and send its kept points; a store that can't be reached is only a warning here."""
+    if not cfg.tracking.enabled or not is_logging_rank():
+        return
+    try:
+        _previous_run(Store(cfg.tracking), cfg, run_dir, reopen=False)
+    except Exception as err:
+        log.warning("MLflow: could not check this run folder's MLflow run: %s", redact(str(err)))
+
+
+def _previous_run(store: Store, cfg: DictConfig, run_dir: Path,
+                  reopen: bool = True) -> tuple[str | None, dict[str, str] | None]:
     """The MLflow run this folder had before: closed if its process died leaving it RUNNING, its unsent points
     sent, and with `resume` set reopened (run id, its params); (None, None) starts a new run."""
     from glm_ft.run_record import process_gone, read_mlflow_run, this_process
@@ -674,7 +686,7 @@ def _previous_run(store: Store, cfg: DictConfig, run_dir: Path) -> tuple[str | N
     except Exception as err:
         log.warning("MLflow: could not send the points an earlier process kept for run %s: %s", run_id,
                     redact(str(err)))
-    if cfg.resume is None:
+    if cfg.resume is None or not reopen:
         return None, None
     store.client.update_run(run_id, status="RUNNING")
     store.client.set_tag(run_id, "glm_ft.resumes", str(int(run.data.tags.get("glm_ft.resumes", "0")) + 1))
