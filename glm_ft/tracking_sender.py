@@ -57,6 +57,10 @@ class Sender:
         self.outages = 0
         self.dropped = 0
         self.sent = 0
+        # MLflow's SQL store logs each failed write with its traceback, and urllib3 every retry of every call: during
+        # an outage the sender's own two lines say it.
+        logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
+        logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
         self._thread = threading.Thread(target=self._loop, name=f"mlflow-sender-{run_id[:8]}", daemon=True)
         self._thread.start()
 
@@ -138,7 +142,7 @@ class Sender:
                     if self._outage_since is None:
                         self._outage_since = time.monotonic()
                         self.outages += 1
-                        log.warning("MLflow: the tracking store %s does not answer (%s); training goes on, its "
+                        log.warning("MLflow: the tracking store %s is unavailable (%s); training goes on, its "
                                     "metrics are kept and sent when the store is back", self.uri,
                                     redact(_first_line(err)))
                     if self._stopping:
@@ -158,6 +162,10 @@ class Sender:
 
 
 def _first_line(err: BaseException) -> str:
+    """The root cause in one line ("OperationalError: database or disk is full", "ConnectionRefusedError: ...")
+    rather than MLflow's wrapper text."""
+    while err.__cause__ is not None or err.__context__ is not None:
+        err = err.__cause__ or err.__context__
     text = str(err).strip()
     return f"{type(err).__name__}: {text.splitlines()[0][:300]}" if text else type(err).__name__
 
