@@ -710,14 +710,20 @@ def _close(tracker: Tracker, status: str) -> None:
         log.error("MLflow: %d metric points of run %s were lost (the queue overflowed during an outage)",
                   sender.dropped, run_id)
     if unsent:
-        path = save_unsent(tracker.run_dir, run_id, unsent)
-        log.error("MLflow: %s %s did not take %s of run %s; they are kept in %s and sent the next time glm-ft "
-                  "starts in this run folder", "the tracking store", store.shown_uri, describe_unsent(unsent),
-                  run_id, path)
+        try:
+            kept = f"they are kept in {save_unsent(tracker.run_dir, run_id, unsent)} and sent the next time " \
+                   "glm-ft starts in this run folder"
+        except OSError as err:
+            kept = f"they are lost (could not be kept in {tracker.run_dir}: {err})"
+        log.error("MLflow: the tracking store %s did not take %s of run %s; %s", store.shown_uri,
+                  describe_unsent(unsent), run_id, kept)
         log.warning("MLflow: run files not logged as artifacts (the store is down); they stay in %s",
                     tracker.run_dir)
     closed = _end(store, run_id, status)
-    mark_mlflow_run_ended(tracker.run_dir, status, closed)
+    try:
+        mark_mlflow_run_ended(tracker.run_dir, status, closed)
+    except OSError as err:  # a full disk must not replace the job's own outcome
+        log.warning("MLflow: could not record the end of run %s in %s: %s", run_id, tracker.run_dir, err)
 
 
 def _end(store: Store, run_id: str, status: str) -> bool:
