@@ -167,7 +167,7 @@ class MlflowSweepCallback(Callback):
             else:
                 status = "FINISHED"
             self._summarise(store, parent_id, len(outcomes), len(failed))
-            tracking._end(store, parent_id, status)
+            tracking.end_run(store, parent_id, status)
             log.info("MLflow: sweep parent run %s %s (%d jobs, %d failed)", parent_id, status, len(outcomes),
                      len(failed))
         except Exception as err:
