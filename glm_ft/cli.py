@@ -21,6 +21,7 @@ from omegaconf import DictConfig
 import glm_ft.schema  # noqa: F401  (registers the schema with Hydra's ConfigStore)
 from glm_ft.errors import ConfigError, GlmFtError
 from glm_ft.preflight import check_command_line
+from glm_ft.redact import redact_files
 from glm_ft.render import render_run_files
 from glm_ft.schema import PROJECT_ROOT
 from glm_ft.validate import builds_tiny_model, check_data_rows, resolve_path, validate
@@ -44,6 +45,7 @@ def run(cfg: DictConfig) -> float | None:
     """One job. Returns `optimized_metric` of the final metrics, which an Optuna sweep maximises."""
     validate(cfg)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
+    redact_files(run_dir / ".hydra")  # Hydra wrote the overrides there, a tracking URI's password included
     if cfg.resume == "auto" and not (run_dir / "finetune.yaml").is_file():
         # Every glm-ft run writes finetune.yaml first: without it this folder was just made by Hydra.
         raise ConfigError(f"resume=auto: '{run_dir}' holds no earlier run (no finetune.yaml), so there is nothing "

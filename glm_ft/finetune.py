@@ -11,6 +11,7 @@ that a crash left half-written.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -21,6 +22,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from glm_ft.errors import CheckpointError, GlmFtError
+from glm_ft.run_record import read_progress, record_progress, reset_progress
 from glm_ft.schema import PROJECT_ROOT
 
 log = logging.getLogger("glm_ft")
@@ -38,13 +40,35 @@ class Interrupted(KeyboardInterrupt):
 
 
 def setup_single_process_distributed(cfg: DictConfig) -> None:
-    """DeepSpeed wants a process group even for one process; without a launcher it tries MPI and fails."""
+    """DeepSpeed wants a process group even for one process; without a launcher it tries MPI and fails.
+
+    The group is created here on an in-memory store: the env:// rendezvous would start a TCPStore server, which
+    listens on every interface whatever MASTER_ADDR says. The variables stay set for the code that reads them."""
     if cfg.deepspeed is None or "RANK" in os.environ:
         return
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    keep_collectives_on_loopback()
+    import torch.distributed as dist
+    from deepspeed.accelerator import get_accelerator
+
+    if not dist.is_initialized():
+        dist.init_process_group(get_accelerator().communication_backend_name(), store=dist.HashStore(), rank=0,
+                                world_size=1)
+
+
+def keep_collectives_on_loopback() -> None:
+    """gloo and NCCL listen on the interface of the machine's hostname unless told otherwise; a job whose ranks
+    are all on this machine (one process, or torchrun/deepspeed on one node) needs nothing beyond loopback."""
+    from glm_ft.launch import is_loopback
+
+    world = os.environ.get("WORLD_SIZE", "1")
+    if int(world) <= 1 or os.environ.get("LOCAL_WORLD_SIZE") == world or \
+            is_loopback(os.environ.get("MASTER_ADDR", "")):
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+        os.environ.setdefault("NCCL_SOCKET_IFNAME", "lo")
 
 
 def is_main_process() -> bool:
@@ -148,6 +172,11 @@ def _trainer_classes():
             return EvalLoopOutput(predictions=predictions, label_ids=labels, metrics=metrics,
                                   num_samples=output.num_samples)
 
+        def _save_checkpoint(self, model, trial):
+            folder = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
+            with disk_full_named(folder, Path(self.args.output_dir)):
+                return super()._save_checkpoint(model, trial)
+
         def _save(self, output_dir: str | None = None, state_dict=None):
             if self.method != "ptuning_v2":
                 return super()._save(output_dir, state_dict)
@@ -185,6 +214,41 @@ def _trainer_classes():
     return GlmTrainer, Watchdog
 
 
+@contextlib.contextmanager
+def disk_full_named(folder: Path, run_dir: Path):
+    """A full disk while writing `folder` becomes one line naming it. torch's zip writer reports ENOSPC as
+    "inline_container.cc:...: unexpected pos" (no errno), so a RuntimeError counts as a full disk when the folder's
+    filesystem has (almost) nothing left. The half-written folder has no completion marker: resume skips it."""
+    try:
+        yield
+    except (OSError, RuntimeError) as err:
+        if not _is_disk_full(err, folder):
+            raise
+        last = (complete_checkpoints(run_dir) or [None])[-1]
+        keep = (f"the last complete checkpoint, {last}, stays the resume point: free space, then continue with "
+                f"resume=auto hydra.run.dir={run_dir}") if last else "there is no complete checkpoint yet"
+        raise CheckpointError(f"No space left on device while saving {folder}; {keep}") from err
+
+
+DISK_FULL_BELOW_BYTES = 16 << 20
+
+
+def _is_disk_full(err: BaseException, folder: Path) -> bool:
+    import errno
+    import shutil
+
+    seen: BaseException | None = err
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno == errno.ENOSPC or "No space left" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    probe = folder if folder.exists() else folder.parent
+    try:
+        return shutil.disk_usage(probe).free < DISK_FULL_BELOW_BYTES
+    except OSError:
+        return False
+
+
 def generation_config_for(cfg: DictConfig, tokenizer, stop_ids: list[int]):
     from transformers import GenerationConfig
 
@@ -201,6 +265,14 @@ def finetune(cfg: DictConfig, run_dir: Path, paths: dict[str, Path]) -> dict[str
     # DeepSpeed calls these on every step; the deprecation is torch's business with DeepSpeed, not the user's.
     warnings.filterwarnings("ignore", message=r".*torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)")
 
+    done = completed_run(cfg, run_dir)
+    if done is not None:
+        log.info("resume=auto: %s is complete (trained, evaluated and predicted); nothing to train", run_dir)
+        from glm_ft.tracking import settle_previous_run
+
+        settle_previous_run(cfg, run_dir)
+        return done
+    keep_collectives_on_loopback()
     setup_single_process_distributed(cfg)
     try:
         with start_run(cfg, run_dir) as tracker:
@@ -265,6 +337,55 @@ def _train(cfg: DictConfig, run_dir: Path, paths: dict[str, Path], tracker) -> d
         eval_predictions=run_dir / "eval_predictions.jsonl", callbacks=[Watchdog(), tracker.trainer_callback()],
     )
 
+    trained_step = finished_training_step(cfg, run_dir)
+    if trained_step is not None:
+        # resume=auto after the training itself finished (a kill during the final evaluation or prediction):
+        # the trained weights are final/, and only the missing stages are redone.
+        log.info("resume=auto: training finished at step %d (%s); redoing only what is missing", trained_step,
+                 run_dir / "final")
+        trainer._load_from_checkpoint(str(run_dir / "final"))
+        trainer.state.global_step = trained_step
+    else:
+        _train_and_save(cfg, run_dir, trainer, tracker)
+    progress = read_progress(run_dir) if trained_step is not None else {}
+
+    final: dict[str, float] = {}
+    if has_eval:
+        last = next((h for h in reversed(trainer.state.log_history) if "eval_rouge-l" in h), None)
+        if "evaluated" in progress:
+            final.update(progress["evaluated"])
+        elif last is not None and last["step"] == trainer.state.global_step:
+            final.update({k: v for k, v in last.items() if k.startswith("eval_")})  # evaluated at the last step
+        else:
+            final.update(trainer.evaluate())
+            tracker.log_metrics(final, step=trainer.state.global_step)
+        if is_main_process():
+            record_progress(run_dir, evaluated=final)
+    if data.test is not None and len(data.test) > 0:
+        if "predicted" in progress and (run_dir / "predictions.jsonl").is_file():
+            final.update(progress["predicted"])
+        else:
+            out = trainer.predict(data.test, metric_key_prefix="test")
+            final.update(out.metrics)
+            tracker.log_metrics(out.metrics, step=trainer.state.global_step)
+            if is_main_process():
+                n = write_predictions(run_dir / "predictions.jsonl", tokenizer, data.test, out.predictions,
+                                      stop_ids, out.metrics)
+                record_progress(run_dir, predicted=out.metrics)
+                log.info("test: %d predictions → %s; %s", n, run_dir / "predictions.jsonl",
+                         ", ".join(f"{k}={v:.4g}" for k, v in out.metrics.items() if "rouge" in k or "bleu" in k))
+    if is_main_process():
+        record_progress(run_dir, complete=True, step=trainer.state.global_step, metrics=final)
+    log.info("run folder: %s", run_dir)
+    if is_main_process() and cfg.tracking.enabled:
+        log.info("MLflow: run `make ui` and open http://127.0.0.1:5000 (experiment '%s')",
+                 cfg.tracking.experiment_name)
+    return final
+
+
+def _train_and_save(cfg: DictConfig, run_dir: Path, trainer, tracker) -> None:
+    if is_main_process():
+        reset_progress(run_dir)
     resume_from = resume_checkpoint(cfg.resume, run_dir)
     if resume_from:
         log.info("resuming from %s", resume_from)
@@ -283,33 +404,34 @@ def _train(cfg: DictConfig, run_dir: Path, paths: dict[str, Path], tracker) -> d
     tracker.log_metrics({k: v for k, v in result.metrics.items() if k.startswith("train")})
     # The final model is for inference: keep the KV cache on in its config (training turned it off).
     trainer.accelerator.unwrap_model(trainer.model).config.use_cache = True
-    trainer.save_model(str(run_dir / "final"))
+    with disk_full_named(run_dir / "final", run_dir):
+        trainer.save_model(str(run_dir / "final"))
     if is_main_process():
-        (run_dir / "final" / COMPLETE_MARKER).write_text("{}\n")
+        (run_dir / "final" / COMPLETE_MARKER).write_text(json.dumps({"step": trainer.state.global_step}) + "\n")
         tracker.set_tags({"glm_ft.final_model": str(run_dir / "final")})
 
-    final: dict[str, float] = {}
-    if has_eval:
-        last = next((h for h in reversed(trainer.state.log_history) if "eval_rouge-l" in h), None)
-        if last is not None and last["step"] == trainer.state.global_step:
-            final.update({k: v for k, v in last.items() if k.startswith("eval_")})  # evaluated at the last step
-        else:
-            final.update(trainer.evaluate())
-            tracker.log_metrics(final, step=trainer.state.global_step)
-    if data.test is not None and len(data.test) > 0:
-        out = trainer.predict(data.test, metric_key_prefix="test")
-        final.update(out.metrics)
-        tracker.log_metrics(out.metrics, step=trainer.state.global_step)
-        if is_main_process():
-            n = write_predictions(run_dir / "predictions.jsonl", tokenizer, data.test, out.predictions, stop_ids,
-                                  out.metrics)
-            log.info("test: %d predictions → %s; %s", n, run_dir / "predictions.jsonl",
-                     ", ".join(f"{k}={v:.4g}" for k, v in out.metrics.items() if "rouge" in k or "bleu" in k))
-    log.info("run folder: %s", run_dir)
-    if is_main_process() and cfg.tracking.enabled:
-        log.info("MLflow: run `make ui` and open http://127.0.0.1:5000 (experiment '%s')",
-                 cfg.tracking.experiment_name)
-    return final
+
+def finished_training_step(cfg: DictConfig, run_dir: Path) -> int | None:
+    """With resume=auto: the step training finished at, if final/ holds the model of the whole training."""
+    marker = run_dir / "final" / COMPLETE_MARKER
+    if cfg.resume != "auto" or not marker.is_file():
+        return None
+    try:
+        step = int(json.loads(marker.read_text()).get("step", -1))
+    except (OSError, ValueError, AttributeError):
+        return None
+    max_steps = int(cfg.training_args.get("max_steps", -1) or -1)
+    # A larger max_steps than final/ was trained to means "train on": resume from the last checkpoint instead.
+    return step if step >= 0 and (max_steps <= 0 or step >= max_steps) else None
+
+
+def completed_run(cfg: DictConfig, run_dir: Path) -> dict[str, float] | None:
+    """resume=auto on a run whose every stage is done: its final metrics (nothing is to be redone)."""
+    progress = read_progress(run_dir)
+    step = finished_training_step(cfg, run_dir)
+    if step is None or not progress.get("complete") or progress.get("step") != step:
+        return None
+    return dict(progress.get("metrics") or {})
 
 
 def _write_run_info(run_dir: Path, cfg: DictConfig, model_dir: Path) -> None:

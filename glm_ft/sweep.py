@@ -120,7 +120,7 @@ class MlflowSweepCallback(Callback):
         sweep_dir.mkdir(parents=True, exist_ok=True)
         (sweep_dir / tracking.PARENT_FILE).write_text(self._parent_id + "\n", encoding="utf-8")
         os.environ[tracking.PARENT_ENV] = self._parent_id
-        log.info("MLflow: sweep parent run %s in %s", self._parent_id, store.uri)
+        log.info("MLflow: sweep parent run %s in %s", self._parent_id, store.shown_uri)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         self._reached_end = True
@@ -167,7 +167,7 @@ class MlflowSweepCallback(Callback):
             else:
                 status = "FINISHED"
             self._summarise(store, parent_id, len(outcomes), len(failed))
-            tracking._end(store, parent_id, status)
+            tracking.end_run(store, parent_id, status)
             log.info("MLflow: sweep parent run %s %s (%d jobs, %d failed)", parent_id, status, len(outcomes),
                      len(failed))
         except Exception as err:

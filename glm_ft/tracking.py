@@ -32,7 +32,10 @@ from typing import Any, Iterator, Mapping
 from omegaconf import DictConfig, OmegaConf
 
 from glm_ft.errors import ConfigError
+from glm_ft.redact import redact
 from glm_ft.schema import PROJECT_ROOT
+from glm_ft.tracking_lifecycle import close_run, end_run, previous_run
+from glm_ft.tracking_sender import bound_http_calls
 
 log = logging.getLogger(__name__)
 
@@ -98,17 +101,45 @@ def check_reachable(uri: str, source: str) -> None:
             except OSError as err:
                 raise ConfigError(f"{source}: cannot create the folder of the MLflow store {uri}: {err}") from None
         return
+    parts = urllib.parse.urlsplit(uri)
+    # urllib can't take user:password@ in a URL: send it as the basic auth MLflow's client would send.
+    bare = parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
+    request = urllib.request.Request(bare.rstrip("/") + "/health")
+    if parts.username is not None:
+        import base64
+
+        pair = f"{urllib.parse.unquote(parts.username)}:{urllib.parse.unquote(parts.password or '')}"
+        request.add_header("Authorization", "Basic " + base64.b64encode(pair.encode()).decode())
     try:
-        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=HEALTH_TIMEOUT_S):
+        with urllib.request.urlopen(request, timeout=HEALTH_TIMEOUT_S):
             pass
     except urllib.error.HTTPError:
         pass  # it answered: reachable (a proxy or an auth layer may not serve /health)
     except (urllib.error.URLError, OSError) as err:
         reason = getattr(err, "reason", err)
         raise ConfigError(
-            f"{source}: MLflow tracking server {uri} is unreachable ({reason}). Start it (mlflow server "
+            f"{source}: MLflow tracking server {redact(uri)} is unreachable ({reason}). Start it (mlflow server "
             "--host 127.0.0.1 --port ...), point MLFLOW_TRACKING_URI / tracking.tracking_uri at a running one, "
             "or run without tracking: tracking.enabled=false") from None
+
+
+@contextlib.contextmanager
+def _first_use_lock(uri: str) -> Iterator[None]:
+    """Several processes opening one fresh SQLite store at once race in MLflow's schema creation ("table
+    latest_metrics already exists"): an exclusive lock on a file beside the database serialises opening it (and
+    creating the experiment). Other stores need no lock."""
+    db = _sqlite_path(uri)
+    if db is None:
+        yield
+        return
+    import fcntl
+
+    with open(db.with_name(db.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def is_logging_rank() -> bool:
@@ -172,10 +203,18 @@ class Store:
     def __init__(self, tracking_cfg: DictConfig):
         uri, source = tracking_uri(tracking_cfg)
         check_reachable(uri, source)
+        bound_http_calls()
+        import_mlflow()
+        self.uri = uri
+        self.shown_uri = redact(uri)  # for messages
+        with _first_use_lock(uri):
+            self._open(tracking_cfg)
+
+    def _open(self, tracking_cfg: DictConfig) -> None:
         mlflow = import_mlflow()
         from mlflow.tracking import MlflowClient
 
-        self.uri = uri
+        uri = self.uri
         self.client = _SignalSafeClient(MlflowClient(tracking_uri=uri))
         name = str(tracking_cfg.experiment_name)
         experiment = self.client.get_experiment_by_name(name)
@@ -189,7 +228,7 @@ class Store:
                     raise
                 self.experiment_id = experiment.experiment_id
         elif experiment.lifecycle_stage != "active":
-            raise ConfigError(f"tracking.experiment_name: experiment '{name}' is deleted in {uri}; restore it "
+            raise ConfigError(f"tracking.experiment_name: experiment '{name}' is deleted in {redact(uri)}; restore it "
                               f"(mlflow experiments restore --experiment-id {experiment.experiment_id}) or choose "
                               "another name")
         else:
@@ -254,7 +293,7 @@ def split_long_values(params: Mapping[str, str], limit: int = MAX_PARAM_VALUE) -
 def _fit_tags(tags: Mapping[str, Any]) -> dict[str, str]:
     out = {}
     for key, value in tags.items():
-        text = _scalar(value) if not isinstance(value, str) else value
+        text = redact(_scalar(value) if not isinstance(value, str) else value)
         out[key] = text if len(text) <= MAX_TAG_VALUE else text[:MAX_TAG_VALUE - 3] + "..."
     return out
 
@@ -372,23 +411,36 @@ SIGTERM_GUARD = _SigtermGuard()
 
 
 class Tracker:
-    """One MLflow run. Every method logs immediately; nothing is buffered."""
+    """One MLflow run. Params are logged at once; metrics and tags go through a background `Sender`, so a slow or
+    absent store never holds up training (see glm_ft.tracking_sender)."""
 
     def __init__(self, store: Store, run_id: str, cfg: DictConfig, run_dir: Path):
+        from glm_ft.tracking_sender import Sender
+
         self.store = store
         self.client = store.client
         self.run_id = run_id
         self.cfg = cfg
         self.run_dir = Path(run_dir)
+        self.sender = Sender(store.client, run_id, store.uri)
         # (step, value) last logged per metric: the Trainer's own log and the job's summary often report the same
         # evaluation twice, which would show as duplicate points.
         self._last: dict[str, tuple[int, float]] = {}
 
-    def log_params(self, params: Mapping[str, Any]) -> None:
+    def log_params(self, params: Mapping[str, Any], logged: Mapping[str, str] | None = None) -> None:
+        """The config as params. `logged`: what a continued run already holds; MLflow refuses to change a param,
+        so only new keys are logged and changed values are listed in tag glm_ft.resume_changed_params."""
         from mlflow.entities import Param
 
-        flat = split_long_values(flatten_config(params))
-        self.client.log_batch(self.run_id, params=[Param(k, v) for k, v in flat.items()])
+        flat = {k: redact(v) for k, v in split_long_values(flatten_config(params)).items()}
+        if logged is not None:
+            changed = {k: v for k, v in flat.items() if k in logged and logged[k] != v}
+            flat = {k: v for k, v in flat.items() if k not in logged}
+            if changed:
+                self.set_tags({"glm_ft.resume_changed_params": json.dumps(changed, ensure_ascii=False)})
+        for start in range(0, len(flat), 100):  # MLflow's log_batch takes at most 100 params
+            chunk = dict(list(flat.items())[start:start + 100])
+            self.client.log_batch(self.run_id, params=[Param(k, v) for k, v in chunk.items()])
 
     def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
         """Numeric values only (the Trainer's logs also carry strings); step None means 0, as in MLflow."""
@@ -407,7 +459,7 @@ class Tracker:
             self._last[name] = point
             batch.append(Metric(name, number, now, point[0]))
         if batch:
-            self.client.log_batch(self.run_id, metrics=batch)
+            self.sender.submit(metrics=batch)
 
     def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
         """A file, or a folder (logged under its own name unless artifact_path says otherwise)."""
@@ -422,7 +474,7 @@ class Tracker:
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         from mlflow.entities import RunTag
 
-        self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in _fit_tags(tags).items()])
+        self.sender.submit(tags=[RunTag(k, v) for k, v in _fit_tags(tags).items()])
 
     def log_model(self, path: str | os.PathLike) -> None:
         """The trained adapter/prefix as artifacts under model/; a full SFT checkpoint only as a path tag unless
@@ -528,7 +580,7 @@ def _parent_for_job(store: Store, hc: DictConfig | None) -> tuple[str | None, li
         parent = store.client.get_run(parent_id)
     except Exception as err:
         log.warning("MLflow: sweep parent run %s not found in %s (%s); logging this job unnested",
-                    parent_id, store.uri, err)
+                    parent_id, store.shown_uri, redact(str(err)))
         return None, []
     return parent_id, json.loads(parent.data.tags.get(SWEPT_PARAMS_TAG, "[]"))
 
@@ -538,27 +590,34 @@ def _parent_for_job(store: Store, hc: DictConfig | None) -> tuple[str | None, li
 
 @contextlib.contextmanager
 def start_run(cfg: DictConfig, run_dir: Path) -> Iterator[Tracker | NullTracker]:
-    """One MLflow run around one training job; see the module docstring. Exceptions propagate unchanged."""
+    """One MLflow run around one training job; see the module docstring. Exceptions propagate unchanged.
+
+    With `resume` set, the run folder's MLflow run (mlflow_run.json) is continued rather than a new one started."""
     if not cfg.tracking.enabled or not is_logging_rank():
         yield NullTracker()
         return
+    from glm_ft.run_record import write_mlflow_run
+
     run_dir = Path(run_dir)
     store = Store(cfg.tracking)
     hc = hydra_config()
-    parent_id, swept = _parent_for_job(store, hc)
-    tags = run_tags(cfg, run_dir, hc)
-    name = cfg.tracking.run_name
-    if hc is not None and not name:
-        name = child_run_name(hc, swept) if parent_id else (str(hc.job.override_dirname) or None)
-    if parent_id:
-        tags["glm_ft.job_num"] = str(hc.job.num)
-    run_id = store.create_run(name[:MAX_RUN_NAME] if name else None, tags, parent_id)
+    run_id, logged = previous_run(store, cfg, run_dir)
+    if run_id is None:
+        parent_id, swept = _parent_for_job(store, hc)
+        tags = run_tags(cfg, run_dir, hc)
+        name = cfg.tracking.run_name
+        if hc is not None and not name:
+            name = child_run_name(hc, swept) if parent_id else (str(hc.job.override_dirname) or None)
+        if parent_id:
+            tags["glm_ft.job_num"] = str(hc.job.num)
+        run_id = store.create_run(redact(name)[:MAX_RUN_NAME] if name else None, tags, parent_id)
+    write_mlflow_run(run_dir, run_id, store.experiment_id, store.uri)
     tracker = Tracker(store, run_id, cfg, run_dir)
     SIGTERM_GUARD.open_runs[run_id] = store
     SIGTERM_GUARD.acquire()
     status = "FINISHED"
     try:
-        tracker.log_params(cfg)
+        tracker.log_params(cfg, logged)
         yield tracker
     except (KeyboardInterrupt, Terminated):
         status = "KILLED"
@@ -574,18 +633,21 @@ def start_run(cfg: DictConfig, run_dir: Path) -> Iterator[Tracker | NullTracker]
         raise
     finally:
         try:
-            tracker._log_run_files()
-            _end(store, run_id, status)
-        except Terminated:
-            _end(store, run_id, "KILLED")
+            close_run(tracker, status)
+        except (KeyboardInterrupt, Terminated):  # a second Ctrl-C or SIGTERM while closing
+            end_run(store, run_id, "KILLED")
             raise
         finally:
             SIGTERM_GUARD.open_runs.pop(run_id, None)
             SIGTERM_GUARD.release()
 
 
-def _end(store: Store, run_id: str, status: str) -> None:
+def settle_previous_run(cfg: DictConfig, run_dir: Path) -> None:
+    """For a job that does not open a run (a complete run resumed): still close a RUNNING run a dead process
+    left and send its kept points; a store that can't be reached is only a warning here."""
+    if not cfg.tracking.enabled or not is_logging_rank():
+        return
     try:
-        store.end_run(run_id, status)
+        previous_run(Store(cfg.tracking), cfg, run_dir, reopen=False)
     except Exception as err:
-        log.error("MLflow: could not mark run %s %s in %s: %s", run_id, status, store.uri, err)
+        log.warning("MLflow: could not check this run folder's MLflow run: %s", redact(str(err)))

@@ -185,6 +185,7 @@ def test_a_signal_inside_an_mlflow_write_still_ends_the_run_killed(signum, raise
                 event.listen(Engine, "after_cursor_execute", interrupt_after_first_insert)
                 try:
                     tracker.log_metrics({"loss": 1.5}, step=7)
+                    tracker.sender.flush(timeout_s=600)  # the write happens in the sender thread: wait for it
                 finally:
                     event.remove(Engine, "after_cursor_execute", interrupt_after_first_insert)
     assert fired

@@ -1,0 +1,64 @@
+"""torchrun whose rendezvous store listens on the loopback interface when the job is on one machine.
+
+    python -m glm_ft.launch --nproc_per_node 2 train.py method=sft deepspeed=zero3 ...     # same arguments as torchrun
+
+torchrun's TCPStore server (in the launcher process) listens on every interface even when --master_addr is
+127.0.0.1, its default: anyone on the network could then write into the job's rendezvous. Here a store whose host is
+a loopback name gets a socket bound to 127.0.0.1 (torch's `master_listen_fd`), so a single-node job opens nothing
+beyond the machine. A multi-node job passes a routable --master_addr and keeps torch's behaviour unchanged.
+"""
+
+from __future__ import annotations
+
+import socket
+import sys
+
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+def is_loopback(host: str) -> bool:
+    return host in LOOPBACK_HOSTS or host.startswith("127.")
+
+
+def loopback_store_class():
+    import torch.distributed as dist
+
+    base = dist.TCPStore
+
+    class LoopbackTCPStore(base):  # type: ignore[misc, valid-type]
+        """A TCPStore that, as a server on a loopback host, listens on 127.0.0.1 only."""
+
+        def __init__(self, host_name, port, world_size=None, is_master=False, *args, **kwargs):
+            if is_master and kwargs.get("master_listen_fd") is None and is_loopback(str(host_name)):
+                listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                listener.bind(("127.0.0.1", int(port)))
+                listener.listen(1024)
+                kwargs["master_listen_fd"] = listener.fileno()
+                port = listener.getsockname()[1]
+                self._glm_ft_listener = listener  # kept open as long as the store lives
+            super().__init__(host_name, port, world_size, is_master, *args, **kwargs)
+
+    return base, LoopbackTCPStore
+
+
+def install() -> None:
+    """Replace TCPStore wherever torch.distributed's modules hold it (some import the name at load time)."""
+    import torch.distributed.run  # noqa: F401  (loads the elastic modules that bind the name)
+
+    base, patched = loopback_store_class()
+    for name, module in list(sys.modules.items()):
+        if (name == "torch.distributed" or name.startswith("torch.distributed.")) and \
+                getattr(module, "TCPStore", None) is base:
+            module.TCPStore = patched
+
+
+def main(argv: list[str] | None = None) -> None:
+    install()
+    from torch.distributed.run import main as torchrun
+
+    torchrun(argv if argv is not None else sys.argv[1:])
+
+
+if __name__ == "__main__":
+    main()

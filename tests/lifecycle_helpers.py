@@ -1,0 +1,140 @@
+"""Helpers for tests that run real training processes and real MLflow servers, and break them on purpose.
+
+Every wait is for an event (a file, a log line, a metric in the store), with only a generous safety deadline; every
+process started here runs in its own session and is killed as a group when the test ends, pass or fail.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Iterator
+
+import pytest
+
+from conftest import ROOT, serving
+
+SAFETY_S = 1500  # only against a hung test; nothing here depends on how fast the machine is
+
+# Small training: no evaluation until the end, no test split, a checkpoint every few steps.
+QUICK = ["experiment=quickstart", "method=lora", "training_args.logging_steps=1", "eval_subset=2",
+         "training_args.per_device_train_batch_size=2", "training_args.generation_config.max_new_tokens=4",
+         "training_args.eval_steps=100000", "data.test_file=null", "training_args.learning_rate=1e-3"]
+
+
+def mlflow_bin() -> str:
+    return str(Path(sys.executable).parent / "mlflow")
+
+
+def server_env() -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_") and k != "HYDRA_FULL_ERROR"}
+    return {**env, "MLFLOW_DISABLE_TELEMETRY": "true"}
+
+
+@contextlib.contextmanager
+def mlflow_server(root: Path, port: int, name: str = "server") -> Iterator[subprocess.Popen]:
+    """`mlflow server` on 127.0.0.1:port over root/db (the same store each time it is started)."""
+    cmd = [mlflow_bin(), "server", "--backend-store-uri", f"sqlite:///{root / 'db'}", "--artifacts-destination",
+           str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    log = root / f"{name}-{time.monotonic_ns()}.log"
+    with serving(cmd, f"http://127.0.0.1:{port}/health", log, timeout_s=SAFETY_S, cwd=root, env=server_env()) as proc:
+        yield proc
+
+
+def kill_group(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, sig)
+
+
+@contextlib.contextmanager
+def background(cmd: list[str], log: Path, env: dict | None = None, cwd: Path = ROOT) -> Iterator[subprocess.Popen]:
+    """A process in its own session, output to `log`; SIGKILLed with its whole group at the end."""
+    full_env = {**os.environ, **(env or {})}
+    full_env.pop("HYDRA_FULL_ERROR", None)
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, cwd=cwd, env=full_env, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        try:
+            yield proc
+        finally:
+            if proc.poll() is None:
+                kill_group(proc, signal.SIGCONT)
+                kill_group(proc)
+            proc.wait()
+
+
+def train_cmd(args: list[str], run_dir: Path) -> list[str]:
+    return [sys.executable, str(ROOT / "train.py"), *args, f"hydra.run.dir={run_dir}"]
+
+
+def wait_for(condition: Callable[[], object], what: str, proc: subprocess.Popen | None = None,
+             log: Path | None = None, may_exit: bool = False) -> object:
+    """Poll until condition() is truthy; fail at once if `proc` died first (with its log's tail)."""
+    deadline = time.monotonic() + SAFETY_S
+    while True:
+        value = condition()
+        if value:
+            return value
+        if proc is not None and proc.poll() is not None and not may_exit:
+            tail = log.read_text(errors="replace")[-3000:] if log is not None else ""
+            pytest.fail(f"process exited ({proc.returncode}) before {what}:\n{tail}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"gave up waiting for {what}")
+        time.sleep(0.2)
+
+
+def complete(run_dir: Path, step: int) -> bool:
+    return (run_dir / f"checkpoint-{step}" / "glm_ft_complete").is_file()
+
+
+def trainer_losses(run_dir: Path, step: int) -> dict[int, float]:
+    history = json.loads((run_dir / f"checkpoint-{step}" / "trainer_state.json").read_text())["log_history"]
+    return {h["step"]: h["loss"] for h in history if "loss" in h}
+
+
+def logged_losses(client, run_id: str) -> dict[int, float]:
+    """The loss curve in MLflow; a step logged twice (redone after a resume) keeps its last value."""
+    points = sorted(client.get_metric_history(run_id, "loss"), key=lambda m: (m.step, m.timestamp))
+    return {m.step: m.value for m in points}
+
+
+def mlflow_run_id(run_dir: Path) -> str:
+    return json.loads((run_dir / "mlflow_run.json").read_text())["run_id"]
+
+
+def log_has(log: Path, text: str) -> bool:
+    return log.is_file() and text in log.read_text(errors="replace")
+
+
+@contextlib.contextmanager
+def tmpfs(folder: Path, size: str) -> Iterator[Path]:
+    """A real tmpfs of `size` mounted on folder (needs root); unmounted at the end."""
+    folder.mkdir(parents=True, exist_ok=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], capture_output=True)
+
+
+def fill(folder: Path, leave_bytes: int = 0) -> Path:
+    """Fill folder's filesystem up to `leave_bytes` free with one file; returns it (delete it to free space)."""
+    filler = folder / "filler.bin"
+    chunk = b"\0" * (1 << 16)
+    with open(filler, "wb") as out:
+        while os.statvfs(folder).f_bavail * os.statvfs(folder).f_frsize > leave_bytes + len(chunk):
+            try:
+                out.write(chunk)
+                out.flush()
+            except OSError:
+                break
+    return filler

@@ -1,0 +1,136 @@
+"""One training, one MLflow run, whatever happens to the process: SIGKILL then resume=auto continues the same run;
+resume=auto on a finished run trains nothing and redoes only what is missing; a full disk while saving a checkpoint
+is one line naming it, and the previous complete checkpoint stays the resume point."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import signal
+
+import pytest
+
+from conftest import ROOT, run_train
+from lifecycle_helpers import (QUICK, background, complete, fill, kill_group, logged_losses, mlflow_run_id, tmpfs,
+                               train_cmd, trainer_losses, wait_for)
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def store(tmp_path) -> dict:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    from mlflow.tracking import MlflowClient
+
+    return {"env": {"MLFLOW_TRACKING_URI": uri}, "client": MlflowClient(uri)}
+
+
+def runs_of(client, run_dir) -> list:
+    exp = client.get_experiment_by_name("glm-ft")
+    return [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("glm_ft.run_dir") == str(run_dir)]
+
+
+def test_sigkill_then_resume_continues_the_same_mlflow_run(tmp_path, store):
+    args = [*QUICK, "training_args.max_steps=8", "training_args.save_steps=2"]
+    run_dir, log = tmp_path / "run", tmp_path / "train.log"
+    with background(train_cmd(args, run_dir), log, env=store["env"]) as proc:
+        wait_for(lambda: complete(run_dir, 4), "checkpoint-4", proc, log)
+        kill_group(proc)
+        proc.wait()
+    assert not complete(run_dir, 8)
+    run_id = mlflow_run_id(run_dir)
+    assert store["client"].get_run(run_id).info.status == "RUNNING"  # what SIGKILL leaves behind
+
+    resumed = run_train([*args, "resume=auto", f"hydra.run.dir={run_dir}"], env=store["env"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    said = resumed.stdout + resumed.stderr
+    assert f"MLflow: run {run_id} was left RUNNING by process" in said and "marked KILLED" in said
+    assert mlflow_run_id(run_dir) == run_id
+    (run,) = runs_of(store["client"], run_dir)  # one training, one run
+    assert run.info.run_id == run_id and run.info.status == "FINISHED"
+    assert run.data.tags["glm_ft.resumes"] == "1"
+    assert run.data.params["resume"] == "null"  # params stay those of the first start ...
+    assert json.loads(run.data.tags["glm_ft.resume_changed_params"]) == {"resume": "auto"}  # ... changes listed
+    # The curve continues at its global steps: the steps redone after checkpoint-4 carry the resumed values.
+    assert logged_losses(store["client"], run_id) == trainer_losses(run_dir, 8)
+
+
+def file_digests(folder) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_resume_of_a_finished_run_redoes_only_what_is_missing(tmp_path, store):
+    """Killed during the final test prediction: resume=auto predicts (same MLflow run) without training; once all
+    is done, resume=auto says so and changes nothing."""
+    args = [*QUICK, "data.test_file=test.jsonl", "training_args.max_steps=4", "training_args.save_steps=2",
+            "training_args.generation_config.max_new_tokens=16"]
+    run_dir, log = tmp_path / "run", tmp_path / "train.log"
+    with background(train_cmd(args, run_dir), log, env=store["env"]) as proc:
+        wait_for(lambda: (run_dir / "final" / "glm_ft_complete").is_file(), "final/", proc, log)
+        kill_group(proc)
+        proc.wait()
+    if (run_dir / "predictions.jsonl").exists():
+        pytest.fail("the kill came after the test prediction; this test needs it during")
+    trained = file_digests(run_dir / "final")
+    run_id = mlflow_run_id(run_dir)
+
+    redo = run_train([*args, "resume=auto", f"hydra.run.dir={run_dir}"], env=store["env"])
+    assert redo.returncode == 0, redo.stderr[-3000:]
+    assert "resume=auto: training finished at step 4" in redo.stdout + redo.stderr
+    assert sorted(p.name for p in run_dir.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]  # no step 5
+    assert file_digests(run_dir / "final") == trained  # final/ not rewritten
+    rows = [json.loads(line) for line in (run_dir / "predictions.jsonl").read_text(encoding="utf-8").splitlines()]
+    conversations = [json.loads(line) for line in (ROOT / "data" / "sample" / "test.jsonl").read_text().splitlines()]
+    references = [m["content"] for c in conversations for m in c["conversations"] if m["role"] == "assistant"]
+    assert len(rows) == len(references)  # one prediction per assistant turn of the test file
+    (run,) = runs_of(store["client"], run_dir)
+    assert run.info.run_id == run_id and run.info.status == "FINISHED"
+    test_metrics = json.loads((run_dir / "test_metrics.json").read_text())
+    for key in ("test_rouge-l", "test_bleu-4"):
+        assert run.data.metrics[key] == pytest.approx(test_metrics[key])
+        assert [m.step for m in store["client"].get_metric_history(run_id, key)] == [4]
+    assert logged_losses(store["client"], run_id) == trainer_losses(run_dir, 4)
+
+    before = file_digests(run_dir)
+    again = run_train([*args, "resume=auto", f"hydra.run.dir={run_dir}"], env=store["env"])
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"resume=auto: {run_dir} is complete" in again.stdout + again.stderr
+    after = file_digests(run_dir)
+    hydra_log = {k for k in before.keys() | after.keys() if k.startswith(".hydra/") or k.endswith(".log")}
+    assert {k: v for k, v in after.items() if k not in hydra_log} == \
+        {k: v for k, v in before.items() if k not in hydra_log}  # nothing trained, saved or predicted again
+    assert store["client"].get_run(run_id).info.status == "FINISHED"
+
+
+def test_full_disk_while_saving_a_checkpoint(tmp_path, store):
+    args = [*QUICK, "training_args.max_steps=8", "training_args.save_steps=2"]
+    with tmpfs(tmp_path / "run", "8m") as run_dir:
+        log = tmp_path / "train.log"
+        with background(train_cmd(args, run_dir), log, env=store["env"]) as proc:
+            wait_for(lambda: complete(run_dir, 2), "checkpoint-2", proc, log)
+            filler = fill(run_dir, leave_bytes=64 << 10)
+            wait_for(lambda: proc.poll() is not None, "the failure", may_exit=True)
+        text = log.read_text(errors="replace")
+        assert proc.returncode == 1, text[-3000:]
+        errors = [line for line in text.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1, text[-3000:]
+        match = re.fullmatch(r"error: No space left on device while saving (\S+); the last complete checkpoint, "
+                             r"(\S+), stays the resume point: free space, then continue with resume=auto "
+                             r"hydra.run.dir=(\S+)", errors[0])
+        assert match, errors[0]
+        failed, last = match[1], match[2]
+        assert not os.path.exists(os.path.join(failed, "glm_ft_complete"))
+        complete_now = sorted(run_dir.glob("checkpoint-*/glm_ft_complete"))
+        assert last == str(max((p.parent for p in complete_now), key=lambda p: int(p.name.split("-")[1])))
+        assert "inline_container" not in text and "Traceback" not in text
+        (run,) = runs_of(store["client"], run_dir)
+        assert run.info.status == "FAILED" and "No space left on device" in run.data.tags["glm_ft.error"]
+
+        filler.unlink()
+        resumed = run_train([*args, "resume=auto", f"hydra.run.dir={run_dir}"], env=store["env"])
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        assert f"resuming from {last}" in resumed.stdout + resumed.stderr
+        assert complete(run_dir, 8)
