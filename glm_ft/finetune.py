@@ -201,11 +201,13 @@ def _train(cfg: DictConfig, run_dir: Path, paths: dict[str, Path], tracker) -> d
     args = build_training_arguments(cfg, run_dir, paths.get("ds_config"), has_eval=has_eval,
                                     generation_config=gen_config)
     GlmTrainer, Watchdog = _trainer_classes()
+    callbacks = [Watchdog(), tracker.trainer_callback()]
+    job_trial = _search_trial(cfg, tracker, has_eval, callbacks)
     trainer = GlmTrainer(
         model=model, args=args, train_dataset=data.train, eval_dataset=data.val if has_eval else None,
         data_collator=Collator(tokenizer.pad_token_id), processing_class=tokenizer,
         compute_metrics=metrics_fn(tokenizer, stop_ids), method=cfg.method.name, gen_config=gen_config,
-        callbacks=[Watchdog(), tracker.trainer_callback()],
+        callbacks=callbacks,
     )
 
     resume_from = resume_checkpoint(cfg.resume, run_dir)
@@ -219,6 +221,12 @@ def _train(cfg: DictConfig, run_dir: Path, paths: dict[str, Path], tracker) -> d
         raise Interrupted(f"at step {trainer.state.global_step}; last complete checkpoint: {last} (continue with "
                           f"resume=auto hydra.run.dir={run_dir})") from err
     tracker.log_metrics({k: v for k, v in result.metrics.items() if k.startswith("train")})
+    if job_trial is not None and job_trial.pruned_at is not None:
+        from glm_ft.search import PRUNED_TAG, TrialPruned
+
+        # Stopped by the study's pruner: the checkpoint at that step is saved; no final model, no test predictions.
+        tracker.set_tags({PRUNED_TAG: "true", "glm_ft.pruned_at_step": str(job_trial.pruned_at)})
+        raise TrialPruned(f"trial {job_trial.number} pruned at step {job_trial.pruned_at}")
     # The final model is for inference: keep the KV cache on in its config (training turned it off).
     trainer.accelerator.unwrap_model(trainer.model).config.use_cache = True
     trainer.save_model(str(run_dir / "final"))
@@ -248,6 +256,23 @@ def _train(cfg: DictConfig, run_dir: Path, paths: dict[str, Path], tracker) -> d
         log.info("MLflow: run `make ui` and open http://127.0.0.1:5000 (experiment '%s')",
                  cfg.tracking.experiment_name)
     return final
+
+
+def _search_trial(cfg: DictConfig, tracker, has_eval: bool, callbacks: list):
+    """Inside an Optuna sweep (hydra/sweeper=optuna): this job's trial, tagged on its run, and a callback reporting
+    `optimized_metric` at every evaluation so the study's pruner can stop it."""
+    from glm_ft.search import TRIAL_ENV
+
+    if TRIAL_ENV not in os.environ:
+        return None
+    from glm_ft.search import JobTrial, pruner_from_hydra, pruning_callback
+    from glm_ft.tracking import hydra_config
+
+    job_trial = JobTrial.from_env(pruner_from_hydra(hydra_config()))
+    tracker.set_tags(job_trial.tags())
+    if has_eval and cfg.optimized_metric:
+        callbacks.append(pruning_callback(job_trial, cfg.optimized_metric))
+    return job_trial
 
 
 def _write_run_info(run_dir: Path, cfg: DictConfig, model_dir: Path) -> None:
