@@ -102,6 +102,14 @@ def grid_values(key: str, dist: optuna.distributions.BaseDistribution) -> list:
                      "continuous interval")
 
 
+class AskTellGridSampler(optuna.samplers.GridSampler):
+    """Optuna's grid sampler for a sweeper that asks and tells: Optuna's stops the study when the grid is used up,
+    which only works inside study.optimize (elsewhere it raises); the sweeper caps n_trials to the grid instead."""
+
+    def after_trial(self, study, trial, state, values) -> None:
+        pass
+
+
 def override_value(value: Any) -> str:
     """A sampled value as a Hydra override value (repr keeps a float exact)."""
     if isinstance(value, float):

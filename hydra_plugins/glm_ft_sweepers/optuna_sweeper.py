@@ -90,6 +90,7 @@ class OptunaSweeper(Sweeper):
                 kwargs["search_space"] = {k: grid_values(k, d) for k, d in space.items()}
             except ValueError as err:
                 raise HydraException(str(err)) from None
+            kwargs["_target_"] = "glm_ft.search.AskTellGridSampler"
         return instantiate(self.sampler_cfg, **kwargs)
 
     # --- the sweep -------------------------------------------------------------------------------------------
