@@ -116,6 +116,10 @@ def compare(sweep: str | None = None, metric: str | None = None, experiment: str
         raise ConfigError(f"--metric: no run of sweep {parent.info.run_name} has '{metric}' "
                           f"(its runs have: {', '.join(present) or 'no metrics'})")
     print(format_table(result))
+    scored = {r["metrics"][metric] for r in result.rows if r["metrics"][metric] is not None}
+    if len(scored) == 1 and len(result.rows) > 1:
+        # Nothing to choose: say so rather than star an arbitrary "best" run.
+        print(f"all scored runs tie at {metric}={scored.pop():.4g}: the swept values made no difference here")
     result.plot = out or _plot_path(tags.get("glm_ft.sweep_dir"), parent.info.run_id, metric)
     plot(result, result.plot)
     client.log_artifact(parent.info.run_id, str(result.plot))
