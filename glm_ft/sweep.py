@@ -52,6 +52,18 @@ def swept_params(config: DictConfig) -> dict[str, str]:
     return out
 
 
+def sweep_run_name(config: DictConfig, swept: dict[str, str]) -> str:
+    """What was swept, as a user would say it: `lora r=4,8,16`, `lora optuna r,lora_alpha,learning_rate`."""
+    method = "" if "method" in swept else (OmegaConf.select(config, "hydra.runtime.choices.method", default=None)
+                                            or OmegaConf.select(config, "method.name", default=""))
+    short = {key: key.removeprefix("method.").removeprefix("training_args.") for key in swept}
+    if "optuna" in str(OmegaConf.select(config, "hydra.sweeper._target_", default="")).lower():
+        what = "optuna " + ",".join(short.values())
+    else:
+        what = " ".join(f"{short[key]}={value}" for key, value in swept.items())
+    return f"{method} {what}".strip() or str(config.hydra.sweep.dir)
+
+
 def sweep_objective(config: DictConfig) -> tuple[str, str]:
     """(metric, "maximize"|"minimize") the parent ranks its children by."""
     metric = OmegaConf.select(config, "optimized_metric", default=None) or DEFAULT_METRIC
@@ -118,7 +130,7 @@ class MlflowSweepCallback(Callback):
             "glm_ft.direction": self._direction,
             "glm_ft.git_commit": tracking.git_commit(),
         }
-        self._parent_id = reopen_parent(store, sweep_dir) or store.create_run(str(config.hydra.sweep.dir), tags)
+        self._parent_id = reopen_parent(store, sweep_dir) or store.create_run(sweep_run_name(config, swept), tags)
         self._store, self._sweep_dir = store, sweep_dir
         tracking.SIGTERM_GUARD.open_runs[self._parent_id] = store
         tracking.SIGTERM_GUARD.acquire()

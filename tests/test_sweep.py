@@ -72,7 +72,7 @@ def test_failed_job_fails_the_parent_and_the_others_still_run(tmp_path, store):
     parent, children = sweep_runs(client, sweep_dir)
 
     assert parent.info.status == "FAILED"
-    assert parent.info.run_name == f"multirun/{sweep_dir.parent.name}/{sweep_dir.name}"
+    assert parent.info.run_name == "lora r=4,8,16"  # what was swept; the folder is a tag
     assert parent.data.tags["glm_ft.sweep_dir"] == str(sweep_dir)
     assert json.loads(parent.data.tags["glm_ft.swept_params"]) == ["method.r"]
     assert parent.data.params == {"sweep.method.r": "4,8,16"}
@@ -100,6 +100,7 @@ def test_optuna_search_maximises_the_metric_and_the_parent_holds_the_study(tmp_p
     parent, children = sweep_runs(client, sweep_dir)
     assert parent.info.status == "FINISHED"
     assert parent.data.tags["glm_ft.sweeper"] == "OptunaSweeper"
+    assert parent.info.run_name == "lora optuna r,lora_alpha,lora_dropout,learning_rate"
     assert parent.data.params == {"sweep.method.r": "choice(4, 8, 16, 32)",
                                   "sweep.method.lora_alpha": "choice(8, 16, 32, 64)",
                                   "sweep.method.lora_dropout": "interval(0.0, 0.2)",
