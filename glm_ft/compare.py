@@ -102,17 +102,25 @@ def compare(sweep: str | None = None, metric: str | None = None, experiment: str
                       if (k.startswith(("eval_", "test_")) or k == "train_loss") and not k.endswith(NOT_COMPARED)} - {metric})
     result = Comparison(parent.info.run_id, parent.info.run_name, metric, direction, swept, [metric] + columns)
     for child in children:
-        result.rows.append({"name": child.info.run_name, "status": child.info.status, "run_id": child.info.run_id,
+        # A trial stopped by its study's pruner ends KILLED with this tag (glm_ft.search).
+        status = "PRUNED" if child.data.tags.get("glm_ft.pruned") == "true" else child.info.status
+        result.rows.append({"name": child.info.run_name, "status": status, "run_id": child.info.run_id,
                             "params": {k: _param(child, k) for k in swept},
                             "metrics": {k: child.data.metrics.get(k) for k in result.columns}})
     sign = -1 if direction == "maximize" else 1
-    result.rows.sort(key=lambda r: (r["metrics"][metric] is None, sign * (r["metrics"][metric] or 0.0)))
+    # Pruned trials after the finished ones: their last value is from part of the training.
+    result.rows.sort(key=lambda r: (r["metrics"][metric] is None, r["status"] == "PRUNED",
+                                    sign * (r["metrics"][metric] or 0.0)))
 
     if all(r["metrics"][metric] is None for r in result.rows):
         present = sorted({k for c in children for k in c.data.metrics})
         raise ConfigError(f"--metric: no run of sweep {parent.info.run_name} has '{metric}' "
                           f"(its runs have: {', '.join(present) or 'no metrics'})")
     print(format_table(result))
+    scored = {r["metrics"][metric] for r in result.rows if r["metrics"][metric] is not None}
+    if len(scored) == 1 and len(result.rows) > 1:
+        # Nothing to choose: say so rather than star an arbitrary "best" run.
+        print(f"all scored runs tie at {metric}={scored.pop():.4g}: the swept values made no difference here")
     result.plot = out or _plot_path(tags.get("glm_ft.sweep_dir"), parent.info.run_id, metric)
     plot(result, result.plot)
     client.log_artifact(parent.info.run_id, str(result.plot))

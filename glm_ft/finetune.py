@@ -330,11 +330,13 @@ def _train(cfg: DictConfig, run_dir: Path, paths: dict[str, Path], tracker) -> d
     args = build_training_arguments(cfg, run_dir, paths.get("ds_config"), has_eval=has_eval,
                                     generation_config=gen_config)
     GlmTrainer, Watchdog = _trainer_classes()
+    callbacks = [Watchdog(), tracker.trainer_callback()]
+    job_trial = _search_trial(cfg, tracker, has_eval, callbacks)
     trainer = GlmTrainer(
         model=model, args=args, train_dataset=data.train, eval_dataset=data.val if has_eval else None,
         data_collator=Collator(tokenizer.pad_token_id), processing_class=tokenizer,
         compute_metrics=metrics_fn(tokenizer, stop_ids), method=cfg.method.name, gen_config=gen_config,
-        eval_predictions=run_dir / "eval_predictions.jsonl", callbacks=[Watchdog(), tracker.trainer_callback()],
+        eval_predictions=run_dir / "eval_predictions.jsonl", callbacks=callbacks,
     )
 
     trained_step = finished_training_step(cfg, run_dir)
@@ -346,7 +348,7 @@ def _train(cfg: DictConfig, run_dir: Path, paths: dict[str, Path], tracker) -> d
         trainer._load_from_checkpoint(str(run_dir / "final"))
         trainer.state.global_step = trained_step
     else:
-        _train_and_save(cfg, run_dir, trainer, tracker)
+        _train_and_save(cfg, run_dir, trainer, tracker, job_trial)
     progress = read_progress(run_dir) if trained_step is not None else {}
 
     final: dict[str, float] = {}
@@ -383,7 +385,7 @@ def _train(cfg: DictConfig, run_dir: Path, paths: dict[str, Path], tracker) -> d
     return final
 
 
-def _train_and_save(cfg: DictConfig, run_dir: Path, trainer, tracker) -> None:
+def _train_and_save(cfg: DictConfig, run_dir: Path, trainer, tracker, job_trial) -> None:
     if is_main_process():
         reset_progress(run_dir)
     resume_from = resume_checkpoint(cfg.resume, run_dir)
@@ -402,6 +404,12 @@ def _train_and_save(cfg: DictConfig, run_dir: Path, trainer, tracker) -> None:
         # The checkpoint's own files (weights, optimizer.pt, rng_state.pth): refused in one line, never run.
         raise CheckpointError(f"resume: {resume_from}: {refused_weights_reason(err)}") from None
     tracker.log_metrics({k: v for k, v in result.metrics.items() if k.startswith("train")})
+    if job_trial is not None and job_trial.pruned_at is not None:
+        from glm_ft.search import PRUNED_TAG, TrialPruned
+
+        # Stopped by the study's pruner: the checkpoint at that step is saved; no final model, no test predictions.
+        tracker.set_tags({PRUNED_TAG: "true", "glm_ft.pruned_at_step": str(job_trial.pruned_at)})
+        raise TrialPruned(f"trial {job_trial.number} pruned at step {job_trial.pruned_at}")
     # The final model is for inference: keep the KV cache on in its config (training turned it off).
     trainer.accelerator.unwrap_model(trainer.model).config.use_cache = True
     with disk_full_named(run_dir / "final", run_dir):
@@ -432,6 +440,23 @@ def completed_run(cfg: DictConfig, run_dir: Path) -> dict[str, float] | None:
     if step is None or not progress.get("complete") or progress.get("step") != step:
         return None
     return dict(progress.get("metrics") or {})
+
+
+def _search_trial(cfg: DictConfig, tracker, has_eval: bool, callbacks: list):
+    """Inside an Optuna sweep (hydra/sweeper=optuna): this job's trial, tagged on its run, and a callback reporting
+    `optimized_metric` at every evaluation so the study's pruner can stop it."""
+    from glm_ft.search import TRIAL_ENV
+
+    if TRIAL_ENV not in os.environ:
+        return None
+    from glm_ft.search import JobTrial, pruner_from_hydra, pruning_callback
+    from glm_ft.tracking import hydra_config
+
+    job_trial = JobTrial.from_env(pruner_from_hydra(hydra_config()))
+    tracker.set_tags(job_trial.tags())
+    if has_eval and cfg.optimized_metric:
+        callbacks.append(pruning_callback(job_trial, cfg.optimized_metric))
+    return job_trial
 
 
 def _write_run_info(run_dir: Path, cfg: DictConfig, model_dir: Path) -> None:

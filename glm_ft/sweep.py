@@ -30,10 +30,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from glm_ft import tracking
 from glm_ft.errors import GlmFtError
+from glm_ft.sweep_lock import SweepLock, SweepLocked
 
 log = logging.getLogger(__name__)
 
 JOBS_DIR = ".glm_ft_jobs"
+PRUNED = "PRUNED"
+STUDY_DIR = "study"  # the Optuna sweeper's summary and plots (hydra_plugins/glm_ft_sweepers)
 DEFAULT_METRIC = "eval_rouge-l"
 
 
@@ -47,6 +50,18 @@ def swept_params(config: DictConfig) -> dict[str, str]:
     for key, spec in (OmegaConf.to_container(params) if params is not None else {}).items():
         out[str(key)] = str(spec)
     return out
+
+
+def sweep_run_name(config: DictConfig, swept: dict[str, str]) -> str:
+    """What was swept, as a user would say it: `lora r=4,8,16`, `lora optuna r,lora_alpha,learning_rate`."""
+    method = "" if "method" in swept else (OmegaConf.select(config, "hydra.runtime.choices.method", default=None)
+                                            or OmegaConf.select(config, "method.name", default=""))
+    short = {key: key.removeprefix("method.").removeprefix("training_args.") for key in swept}
+    if "optuna" in str(OmegaConf.select(config, "hydra.sweeper._target_", default="")).lower():
+        what = "optuna " + ",".join(short.values())
+    else:
+        what = " ".join(f"{short[key]}={value}" for key, value in swept.items())
+    return f"{method} {what}".strip() or str(config.hydra.sweep.dir)
 
 
 def sweep_objective(config: DictConfig) -> tuple[str, str]:
@@ -85,9 +100,16 @@ class MlflowSweepCallback(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         self._owner_pid = os.getpid()
+        sweep_dir = Path(str(config.hydra.sweep.dir)).resolve()
+        try:
+            # Held for the sweep's life (released by the OS at exit): what an earlier sweep of this folder left
+            # RUNNING died with it.
+            SweepLock(sweep_dir).acquire()
+        except SweepLocked as err:
+            print(f"error: {err}", file=sys.stderr)
+            sys.exit(1)
         if not config.tracking.enabled or config.get("dry_run") or not tracking.is_logging_rank():
             return
-        sweep_dir = Path(str(config.hydra.sweep.dir)).resolve()
         try:
             store = tracking.Store(config.tracking)
         except GlmFtError as err:
@@ -108,7 +130,7 @@ class MlflowSweepCallback(Callback):
             "glm_ft.direction": self._direction,
             "glm_ft.git_commit": tracking.git_commit(),
         }
-        self._parent_id = store.create_run(str(config.hydra.sweep.dir), tags)
+        self._parent_id = reopen_parent(store, sweep_dir) or store.create_run(sweep_run_name(config, swept), tags)
         self._store, self._sweep_dir = store, sweep_dir
         tracking.SIGTERM_GUARD.open_runs[self._parent_id] = store
         tracking.SIGTERM_GUARD.acquire()
@@ -116,7 +138,10 @@ class MlflowSweepCallback(Callback):
         from mlflow.entities import Param
 
         params = tracking.split_long_values({f"sweep.{k}": v for k, v in swept.items()})
-        store.client.log_batch(self._parent_id, params=[Param(k, v) for k, v in params.items()])
+        try:
+            store.client.log_batch(self._parent_id, params=[Param(k, v) for k, v in params.items()])
+        except Exception as err:  # a continued sweep whose search space was changed: MLflow keeps the first
+            log.warning("MLflow: sweep params of %s not updated: %s", self._parent_id, err)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         (sweep_dir / tracking.PARENT_FILE).write_text(self._parent_id + "\n", encoding="utf-8")
         os.environ[tracking.PARENT_ENV] = self._parent_id
@@ -141,12 +166,18 @@ class MlflowSweepCallback(Callback):
         if config.hydra.mode != RunMode.MULTIRUN:
             return
         sweep_dir = Path(str(config.hydra.sweep.dir))
-        if not (sweep_dir / tracking.PARENT_FILE).is_file():
+        if config.get("dry_run"):
             return
+        # Written with or without tracking: a re-run of this sweep folder skips the jobs recorded COMPLETED.
         outcome = {"num": int(config.hydra.job.num), "status": job_return.status.name,
                    "overrides": list(config.hydra.overrides.task)}
         if job_return.status == JobStatus.FAILED:
-            outcome["error"] = f"{type(job_return._return_value).__name__}: {job_return._return_value}"
+            error = job_return._return_value
+            outcome["error"] = f"{type(error).__name__}: {error}"
+            if type(error).__name__ == "TrialPruned":  # glm_ft.search: stopped by the study's pruner
+                outcome["status"] = PRUNED
+        elif isinstance(job_return._return_value, (int, float)):
+            outcome["return_value"] = job_return._return_value
         _write_json(sweep_dir / JOBS_DIR / f"{outcome['num']}.json", outcome)
 
     # --- closing the parent --------------------------------------------------------------------------------------
@@ -159,7 +190,7 @@ class MlflowSweepCallback(Callback):
         store = self._store
         try:
             outcomes = self._job_outcomes()
-            failed = [o for o in outcomes if o["status"] != JobStatus.COMPLETED.name]
+            failed = [o for o in outcomes if o["status"] not in (JobStatus.COMPLETED.name, PRUNED)]
             if tracking.SIGTERM_GUARD.interrupted or isinstance(_uncaught_exception(), KeyboardInterrupt):
                 status = "KILLED"
             elif failed or not self._reached_end:
@@ -202,6 +233,38 @@ class MlflowSweepCallback(Callback):
         optuna_results = self._sweep_dir / "optimization_results.yaml"
         if optuna_results.is_file():
             parent.log_artifact(optuna_results)
+        study = self._sweep_dir / STUDY_DIR
+        if (study / "summary.json").is_file():
+            summary = json.loads((study / "summary.json").read_text(encoding="utf-8"))
+            parent.log_metrics({f"trials_{state.lower()}": n for state, n in summary.get("trials", {}).items()})
+            if "best_trial" in summary:
+                parent.set_tags({"glm_ft.best_trial": str(summary["best_trial"]),
+                                 "glm_ft.best_params": json.dumps(summary["best_params"])})
+            for path in sorted(study.iterdir()):
+                parent.log_artifact(path, STUDY_DIR)
+
+
+def reopen_parent(store: tracking.Store, sweep_dir: Path) -> str | None:
+    """A re-run of a sweep folder continues its parent run: RUNNING again, and the children the dead sweep left
+    RUNNING closed as KILLED (their jobs are re-run or, for a study, retried as new trials)."""
+    marker = sweep_dir / tracking.PARENT_FILE
+    if not marker.is_file():
+        return None
+    parent_id = marker.read_text(encoding="utf-8").strip()
+    try:
+        store.client.get_run(parent_id)
+    except Exception as err:
+        log.warning("MLflow: the earlier parent run %s of %s is not in %s (%s); starting a new one", parent_id,
+                    sweep_dir, store.uri, err)
+        return None
+    for child in child_runs(store.client, store.experiment_id, parent_id):
+        if child.info.status == "RUNNING":
+            store.client.set_tag(child.info.run_id, "glm_ft.error", "its sweep stopped while it ran")
+            tracking._end(store, child.info.run_id, "KILLED")
+    store.client.update_run(parent_id, status="RUNNING")
+    store.client.set_tag(parent_id, "glm_ft.continued", "true")
+    log.info("MLflow: continuing sweep parent run %s", parent_id)
+    return parent_id
 
 
 def best_child(store: tracking.Store, parent_id: str, metric: str, direction: str):

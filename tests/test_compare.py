@@ -51,7 +51,11 @@ def store(tmp_path_factory):
         ({"method": "lora"}, {"eval_loss": 1.5}, "FINISHED"),
         ({"method": "ptuning_v2"}, {"eval_loss": 1.2}, "FINISHED"),
     ])
-    return {"uri": uri, "client": client, "root": root, "lora": lora, "methods": methods}
+    tied = add_sweep(client, exp, root / "tied", 500, ["method.r"], "eval_rouge-l", "maximize", [
+        ({"method.r": 4}, {"eval_rouge-l": 12.5}, "FINISHED"),
+        ({"method.r": 8}, {"eval_rouge-l": 12.5}, "FINISHED"),
+    ])
+    return {"uri": uri, "client": client, "root": root, "lora": lora, "methods": methods, "tied": tied}
 
 
 def test_table_is_best_first_with_failed_runs_last(store, capsys):
@@ -107,3 +111,11 @@ def test_missing_store_is_not_created(tmp_path, capsys):
     db = tmp_path / "none.db"
     assert main(["--tracking-uri", f"sqlite:///{db}"]) == 1
     assert "no MLflow store at" in capsys.readouterr().err and not db.exists()
+
+
+def test_a_sweep_whose_runs_all_tie_says_so(store, capsys):
+    assert main(["--tracking-uri", store["uri"], "--sweep", store["tied"]]) == 0
+    out = capsys.readouterr().out
+    assert "all scored runs tie at eval_rouge-l=12.5: the swept values made no difference here" in out
+    assert main(["--tracking-uri", store["uri"], "--sweep", store["lora"]]) == 0
+    assert "tie" not in capsys.readouterr().out

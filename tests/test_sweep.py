@@ -36,7 +36,8 @@ def store(tmp_path_factory):
 def app_env(uri: str, **extra: str) -> dict:
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONPATH": str(ROOT), **extra}
     for key in ("HYDRA_FULL_ERROR", "CUDA_VISIBLE_DEVICES", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
-                "MASTER_PORT", "FAKE_FAIL_R", "FAKE_SLEEP_S"):
+                "MASTER_PORT", "FAKE_FAIL_R", "FAKE_SLEEP_S", "FAKE_SLEEP_JOB", "FAKE_EVALS", "GLM_FT_OPTUNA_TRIAL",
+                "GLM_FT_OPTUNA_STUDY", "GLM_FT_OPTUNA_STORAGE"):
         if key not in extra:
             env.pop(key, None)
     return env
@@ -71,7 +72,7 @@ def test_failed_job_fails_the_parent_and_the_others_still_run(tmp_path, store):
     parent, children = sweep_runs(client, sweep_dir)
 
     assert parent.info.status == "FAILED"
-    assert parent.info.run_name == f"multirun/{sweep_dir.parent.name}/{sweep_dir.name}"
+    assert parent.info.run_name == "lora r=4,8,16"  # what was swept; the folder is a tag
     assert parent.data.tags["glm_ft.sweep_dir"] == str(sweep_dir)
     assert json.loads(parent.data.tags["glm_ft.swept_params"]) == ["method.r"]
     assert parent.data.params == {"sweep.method.r": "4,8,16"}
@@ -90,7 +91,7 @@ def test_failed_job_fails_the_parent_and_the_others_still_run(tmp_path, store):
 
 
 @pytest.mark.slow
-def test_optuna_search_maximises_the_metric_and_the_parent_holds_the_best(tmp_path, store):
+def test_optuna_search_maximises_the_metric_and_the_parent_holds_the_study(tmp_path, store):
     uri, client = store
     sweep_dir = tmp_path / "optuna"
     out = run_app(["hparams_search=lora_optuna", "experiment=quickstart", "hydra.sweeper.n_trials=3",
@@ -99,19 +100,47 @@ def test_optuna_search_maximises_the_metric_and_the_parent_holds_the_best(tmp_pa
     parent, children = sweep_runs(client, sweep_dir)
     assert parent.info.status == "FINISHED"
     assert parent.data.tags["glm_ft.sweeper"] == "OptunaSweeper"
+    assert parent.info.run_name == "lora optuna r,lora_alpha,lora_dropout,learning_rate"
     assert parent.data.params == {"sweep.method.r": "choice(4, 8, 16, 32)",
-                                  "sweep.method.lora_alpha": "choice(8, 16, 32, 64)"}
+                                  "sweep.method.lora_alpha": "choice(8, 16, 32, 64)",
+                                  "sweep.method.lora_dropout": "interval(0.0, 0.2)",
+                                  "sweep.training_args.learning_rate": "tag(log, interval(5e-5, 5e-3))"}
     assert len(children) == 3 and all(c.info.status == "FINISHED" for c in children.values())
-    for name, child in children.items():
-        r, alpha = int(child.data.params["method.r"]), int(child.data.params["method.lora_alpha"])
-        assert name == f"method.r={r},method.lora_alpha={alpha}"
-        assert child.data.metrics["eval_rouge-l"] == pytest.approx(score(r, alpha))
 
-    optuna = yaml.safe_load((sweep_dir / "optimization_results.yaml").read_text())
+    import optuna
+
+    study = optuna.load_study(study_name="lora_optuna", storage=optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(sweep_dir / "optuna_journal.log"))))
+    by_trial = {int(c.data.tags["glm_ft.trial"]): c for c in children.values()}
+    assert sorted(by_trial) == [t.number for t in study.trials] == [0, 1, 2]
+    for trial in study.trials:
+        child = by_trial[trial.number]
+        params = child.data.params
+        assert child.data.tags["glm_ft.job_num"] == str(trial.number)  # trial N runs in folder N
+        assert child.info.run_name == ",".join(f"{k}={params[k]}" for k in trial.params)
+        for key, value in trial.params.items():  # what the job trained with is what the study recorded
+            assert float(params[key]) == pytest.approx(value, rel=1e-12)
+        r, alpha = int(params["method.r"]), int(params["method.lora_alpha"])
+        assert 0.0 <= float(params["method.lora_dropout"]) <= 0.2
+        assert 5e-5 <= float(params["training_args.learning_rate"]) <= 5e-3
+        assert child.data.metrics["eval_rouge-l"] == pytest.approx(score(r, alpha)) == pytest.approx(trial.value)
+
+    optuna_results = yaml.safe_load((sweep_dir / "optimization_results.yaml").read_text())
     best = max(c.data.metrics["eval_rouge-l"] for c in children.values())
-    assert optuna["best_value"] == pytest.approx(best)  # Optuna got what train.py returned
+    assert optuna_results["best_value"] == pytest.approx(best) == pytest.approx(study.best_value)
     assert parent.data.metrics["best_eval_rouge-l"] == pytest.approx(best)
+    assert parent.data.metrics["trials_complete"] == 3
+    assert parent.data.tags["glm_ft.best_trial"] == str(study.best_trial.number)
+    assert json.loads(parent.data.tags["glm_ft.best_params"]) == study.best_params
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "study")}
+    assert {f"study/{name}" for name in ("optimization_history.png", "param_importances.png",
+                                         "parallel_coordinate.png", "summary.json", "trials.csv")} <= artifacts
     assert "optimization_results.yaml" in [a.path for a in client.list_artifacts(parent.info.run_id)]
+    from PIL import Image
+
+    for name in ("optimization_history", "param_importances", "parallel_coordinate"):
+        with Image.open(sweep_dir / "study" / f"{name}.png") as image:
+            assert image.size == (900, 600)
 
 
 def test_search_configs_compose():

@@ -1,0 +1,75 @@
+"""`hydra/sweeper=basic` (Hydra's default; config.py replaces Hydra's entry of that name): Hydra's grid sweeper (`-m method.r=4,8,16`), except
+that running the same sweep again in the same `hydra.sweep.dir` skips the jobs that already finished there, so a
+sweep killed after two of three 6B jobs costs one more job, not three.
+
+A job counts as finished when glm_ft.sweep's callback recorded it COMPLETED (`<sweep dir>/.glm_ft_jobs/N.json`)
+with exactly the same overrides, and its folder is still there. The skipped jobs' results are the recorded ones.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any, Sequence
+
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra.core.utils import JobReturn, JobStatus
+from hydra.types import HydraContext, TaskFunction
+from omegaconf import DictConfig
+
+log = logging.getLogger(__name__)
+
+
+class ResumableBasicSweeper(BasicSweeper):
+    def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
+        super().setup(hydra_context=hydra_context, task_function=task_function, config=config)
+        self.launcher = SkippingLauncher(self.launcher, Path(str(config.hydra.sweep.dir)))
+
+
+class SkippingLauncher:
+    """Wraps the configured launcher: launches only the jobs not finished yet, keeping Hydra's job numbers."""
+
+    def __init__(self, launcher: Any, sweep_dir: Path):
+        self.launcher, self.sweep_dir = launcher, sweep_dir
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.launcher, name)
+
+    def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
+        from glm_ft.sweep import JOBS_DIR
+
+        results: list[JobReturn | None] = [None] * len(job_overrides)
+        skipped = []
+        for i, overrides in enumerate(job_overrides):
+            num = initial_job_idx + i
+            outcome = _read(self.sweep_dir / JOBS_DIR / f"{num}.json")
+            if (outcome and outcome.get("status") == JobStatus.COMPLETED.name
+                    and outcome.get("overrides") == list(overrides) and (self.sweep_dir / str(num)).is_dir()):
+                results[i] = JobReturn(overrides=list(overrides), status=JobStatus.COMPLETED,
+                                       _return_value=outcome.get("return_value"),
+                                       working_dir=str(self.sweep_dir / str(num)))
+                skipped.append(f"#{num} ({' '.join(overrides)})")
+        if skipped:
+            log.info("Skipping %d job(s) that finished in an earlier run of %s: %s", len(skipped), self.sweep_dir,
+                     ", ".join(skipped))
+        # Launch the rest in runs of consecutive job numbers, so each keeps its number (and folder).
+        start = 0
+        while start < len(job_overrides):
+            if results[start] is not None:
+                start += 1
+                continue
+            end = start
+            while end < len(job_overrides) and results[end] is None:
+                end += 1
+            launched = self.launcher.launch(list(job_overrides[start:end]), initial_job_idx=initial_job_idx + start)
+            results[start:end] = list(launched)
+            start = end
+        return results
+
+
+def _read(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None

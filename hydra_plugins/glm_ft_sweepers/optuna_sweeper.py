@@ -1,0 +1,231 @@
+"""`hydra/sweeper=optuna`: an Optuna study driving train.py jobs, on current Optuna and stable hydra-core.
+
+Each trial is one job of the configured launcher, launched in batches of `n_jobs`; job N's folder is trial N's.
+The study lives in `hydra.sweep.dir` (Optuna's journal file, see glm_ft/search.py), so running the same command
+with the same `hydra.sweep.dir` continues it: finished trials are kept, a trial that was running when the sweep
+died is marked failed and tried again, and `n_trials` counts every trial of the study. One sweep process owns a
+sweep folder at a time (a lock file), which is what makes "running when it died" knowable.
+
+Optuna is imported only once a sweep starts: Hydra imports this module on every train.py start.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any, List, Optional
+
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.plugins import Plugins
+from hydra.core.utils import JobStatus
+from hydra.errors import HydraException
+from hydra.plugins.sweeper import Sweeper
+from hydra.types import HydraContext, TaskFunction
+from omegaconf import DictConfig, OmegaConf
+
+from glm_ft.sweep_lock import SweepLock, SweepLocked
+
+log = logging.getLogger(__name__)
+
+RESULTS_FILE = "optimization_results.yaml"
+STUDY_DIR = "study"
+
+
+class OptunaSweeper(Sweeper):
+    def __init__(self, sampler: Any, pruner: Any, direction: str, study_name: str, storage: Optional[str],
+                 n_trials: int, n_jobs: int, seed: Optional[int], params: Optional[dict]) -> None:
+        self.sampler_cfg, self.pruner_cfg = sampler, pruner
+        self.direction = str(direction).lower()
+        if self.direction not in ("maximize", "minimize"):
+            raise HydraException(f"hydra.sweeper.direction: '{direction}' is not maximize or minimize")
+        if n_trials < 1 or n_jobs < 1:
+            raise HydraException("hydra.sweeper.n_trials and hydra.sweeper.n_jobs must be at least 1")
+        self.study_name, self.storage_spec = study_name, storage
+        self.n_trials, self.n_jobs, self.seed = n_trials, n_jobs, seed
+        self.params = dict(params or {})
+        self.config: Optional[DictConfig] = None
+        self.launcher = None
+        self.hydra_context: Optional[HydraContext] = None
+
+    def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
+        self.hydra_context, self.config = hydra_context, config
+        self.launcher = Plugins.instance().instantiate_launcher(hydra_context=hydra_context,
+                                                                task_function=task_function, config=config)
+
+    # --- the search space ------------------------------------------------------------------------------------
+
+    def _space(self, arguments: List[str]) -> tuple[dict, list[str]]:
+        """(key → Optuna distribution, fixed overrides): hydra.sweeper.params, then the command line (which wins)."""
+        from glm_ft.search import distribution_for
+
+        parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
+        space, fixed = {}, {}
+        lines = [f"{k}={v}" for k, v in self.params.items()] + list(arguments)
+        for override in parser.parse_overrides(lines):
+            key = override.get_key_element()
+            space.pop(key, None)
+            fixed.pop(key, None)
+            if override.is_sweep_override():
+                try:
+                    space[key] = distribution_for(override)
+                except ValueError as err:
+                    raise HydraException(f"hydra.sweeper.params: {err}") from None
+            else:
+                fixed[key] = f"{key}={override.get_value_element_as_str()}"
+        if not space:
+            raise HydraException("hydra.sweeper.params: no search space (e.g. method.r: choice(4, 8, 16))")
+        return space, list(fixed.values())
+
+    def _sampler(self, space: dict):
+        from hydra.utils import instantiate
+
+        from glm_ft.search import grid_values
+
+        kwargs = {}
+        if self.seed is not None:
+            kwargs["seed"] = self.seed
+        if str(self.sampler_cfg.get("_target_", "")).endswith("GridSampler"):
+            try:
+                kwargs["search_space"] = {k: grid_values(k, d) for k, d in space.items()}
+            except ValueError as err:
+                raise HydraException(str(err)) from None
+            kwargs["_target_"] = "glm_ft.search.AskTellGridSampler"
+        return instantiate(self.sampler_cfg, **kwargs)
+
+    # --- the sweep -------------------------------------------------------------------------------------------
+
+    def sweep(self, arguments: List[str]) -> Any:
+        import optuna
+
+        from glm_ft import search
+
+        assert self.config is not None and self.launcher is not None
+        space, fixed = self._space(arguments)
+        sweep_dir = Path(str(self.config.hydra.sweep.dir)).resolve()
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
+        metric = str(OmegaConf.select(self.config, "optimized_metric", default=None) or "objective")
+        sampler = self._sampler(space)
+        n_trials = self.n_trials
+        if isinstance(sampler, optuna.samplers.GridSampler):
+            size = 1
+            for values in sampler._search_space.values():
+                size *= len(values)
+            n_trials = min(n_trials, size)
+
+        lock = SweepLock(sweep_dir)
+        try:
+            lock.acquire()
+        except SweepLocked as err:
+            raise HydraException(str(err)) from None
+        try:
+            storage = search.storage_for(self.storage_spec, sweep_dir)
+            study = optuna.create_study(study_name=self.study_name, storage=storage, sampler=sampler,
+                                        pruner=_instantiate(self.pruner_cfg),
+                                        direction=self.direction, load_if_exists=True)
+            if study.direction.name.lower() != self.direction:
+                raise HydraException(f"hydra.sweeper.direction: the study in {sweep_dir} was made to "
+                                     f"{study.direction.name.lower()}, not {self.direction}")
+            retried = search.recover_stale_trials(study)
+            done = len(search.counted_trials(study))
+            if done or retried:
+                log.info("Optuna: continuing study '%s' in %s: %d of %d trials done%s", self.study_name, sweep_dir,
+                         done, n_trials, f"; trials {retried} were running when it stopped and are retried"
+                         if retried else "")
+            else:
+                log.info("Optuna: study '%s' in %s, %d trials, sampler %s, pruner %s", self.study_name, sweep_dir,
+                         n_trials, type(sampler).__name__, type(study.pruner).__name__)
+            env = {search.STUDY_ENV: self.study_name,
+                   search.STORAGE_ENV: search.storage_spec_for_job(self.storage_spec, sweep_dir)}
+            failures: list[str] = []
+            try:
+                while (remaining := n_trials - len(search.counted_trials(study))) > 0:
+                    trials = [study.ask(space) for _ in range(min(self.n_jobs, remaining))]
+                    failures += self._run_batch(study, trials, fixed, env)
+            finally:
+                summary = _summarise(study, sweep_dir, metric)
+        finally:
+            lock.release()
+        if failures:
+            raise HydraException(f"{len(failures)} trial(s) failed: " + "; ".join(failures))
+        return summary
+
+    def _run_batch(self, study, trials: list, fixed: list[str], env: dict) -> list[str]:
+        import optuna
+
+        from glm_ft import search
+
+        batch = []
+        for trial in trials:
+            swept = [f"{k}={search.override_value(v)}" for k, v in trial.params.items()]
+            env_set = [f"+hydra.job.env_set.{k}={v}" for k, v in {**env, search.TRIAL_ENV: trial.number}.items()]
+            batch.append(fixed + swept + env_set)
+        self.validate_batch_is_legal(batch)
+        numbers = [t.number for t in trials]
+        # Job N's folder is trial N's: launch together when the numbers run on (they do under the sweep lock).
+        if numbers == list(range(numbers[0], numbers[0] + len(numbers))):
+            returns = list(self.launcher.launch(batch, initial_job_idx=numbers[0]))
+        else:
+            returns = [r for n, b in zip(numbers, batch) for r in self.launcher.launch([b], initial_job_idx=n)]
+        failures = []
+        for trial, ret, overrides in zip(trials, returns, batch):
+            # Not ret.return_value: for a failed job it prints "Error executing job" even when it was pruned.
+            value, error = ret._return_value, None
+            if ret.status != JobStatus.COMPLETED:
+                value, error = None, ret._return_value
+            if isinstance(error, optuna.TrialPruned):
+                study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+                log.info("trial %d pruned", trial.number)
+                continue
+            if error is not None:
+                study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                swept = " ".join(overrides[len(fixed):len(fixed) + len(trial.params)])
+                failures.append(f"trial {trial.number} ({swept}): {type(error).__name__}: {error}")
+                log.error("trial %d failed: %s: %s", trial.number, type(error).__name__, error)
+                continue
+            if value is None or not _finite(value):
+                study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                failures.append(f"trial {trial.number} returned {value!r}, not a number (optimized_metric?)")
+                continue
+            study.tell(trial, float(value))
+            log.info("trial %d: %s", trial.number, value)
+        return failures
+
+
+def _instantiate(node: Any) -> Any:
+    from hydra.utils import instantiate
+
+    return instantiate(node)
+
+
+def _finite(value: Any) -> bool:
+    import math
+
+    try:
+        return math.isfinite(float(value))
+    except (TypeError, ValueError):
+        return False
+
+
+def _summarise(study, sweep_dir: Path, metric: str) -> dict:
+    """The study's summary and plots (sweep_dir/study/, logged to the MLflow parent by glm_ft.sweep), and
+    optimization_results.yaml. Also after a failure or Ctrl-C: what was found so far is worth keeping."""
+    from glm_ft import search
+
+    try:
+        summary = search.summarise(study, sweep_dir / STUDY_DIR, metric)
+        _write_results(sweep_dir / RESULTS_FILE, study, summary)
+        return summary
+    except Exception as err:
+        log.error("Optuna: could not summarise study '%s': %s: %s", study.study_name, type(err).__name__, err)
+        return {}
+
+
+def _write_results(path: Path, study, summary: dict) -> None:
+    """Optuna's summary in the file name hydra-optuna-sweeper used, for users and scripts that read it."""
+    out = {"name": study.study_name, "direction": summary["direction"], "trials": summary["trials"]}
+    if "best_value" in summary:
+        out.update(best_trial=summary["best_trial"], best_value=summary["best_value"],
+                   best_params=summary["best_params"])
+    OmegaConf.save(OmegaConf.create(out), path)
