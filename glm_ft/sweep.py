@@ -230,6 +230,14 @@ class MlflowSweepCallback(Callback):
         parent.log_metrics(metrics)
         if tags:
             parent.set_tags(tags)
+        # A Tracker sends metrics and tags from its background sender: deliver them before the parent is closed.
+        from glm_ft.tracking_lifecycle import FLUSH_TIMEOUT_S
+        from glm_ft.tracking_sender import describe_unsent
+
+        unsent = parent.sender.close(FLUSH_TIMEOUT_S)
+        if unsent:
+            log.error("MLflow: the summary of sweep parent run %s was not sent: %s", parent_id,
+                      describe_unsent(unsent))
         optuna_results = self._sweep_dir / "optimization_results.yaml"
         if optuna_results.is_file():
             parent.log_artifact(optuna_results)

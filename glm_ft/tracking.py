@@ -14,6 +14,7 @@ inside these functions: `import glm_ft.tracking` stays light.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import logging
 import math
@@ -21,6 +22,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -244,7 +246,14 @@ class Store:
         return run.info.run_id
 
     def end_run(self, run_id: str, status: str) -> None:
-        self.client.set_terminated(run_id, status)
+        # MLflow prints the run's URL (the tracking URI, password and all) to stdout when a run ends over HTTP.
+        printed = io.StringIO()
+        try:
+            with contextlib.redirect_stdout(printed):
+                self.client.set_terminated(run_id, status)
+        finally:
+            if printed.getvalue():
+                sys.stdout.write(redact(printed.getvalue()))
 
 
 # --- params and tags ---------------------------------------------------------------------------------------------
