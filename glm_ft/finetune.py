@@ -298,8 +298,7 @@ def _train(cfg: DictConfig, run_dir: Path, paths: dict[str, Path], tracker) -> d
 
     from glm_ft.data import load_datasets
     from glm_ft.evaluation import Collator, metrics_fn, stop_token_ids, write_predictions
-    from glm_ft.model import (base_model_dir, load_model_for_training, load_tokenizer, parameter_counts,
-                              refused_weights_errors, refused_weights_reason)
+    from glm_ft.model import base_model_dir, load_model_for_training, load_tokenizer, parameter_counts
     from glm_ft.trainer_args import build_training_arguments
     from glm_ft.validate import resolve_path
 
@@ -386,6 +385,8 @@ def _train(cfg: DictConfig, run_dir: Path, paths: dict[str, Path], tracker) -> d
 
 
 def _train_and_save(cfg: DictConfig, run_dir: Path, trainer, tracker, job_trial) -> None:
+    from glm_ft.model import refused_weights_errors, refused_weights_reason
+
     if is_main_process():
         reset_progress(run_dir)
     resume_from = resume_checkpoint(cfg.resume, run_dir)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, run_process
 
 HEAVY = ("torch", "transformers", "peft", "deepspeed", "mlflow", "datasets")
 PROBE = (
@@ -33,9 +33,7 @@ SHORT = ["experiment=quickstart", "training_args.max_steps=2", "training_args.ev
 def probe_train(args: list[str], tmp_path: Path, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}
     env.pop("HYDRA_FULL_ERROR", None)
-    # The timeout only guards against a hang; nothing here depends on how fast the machine is.
-    return subprocess.run([sys.executable, "-c", PROBE, *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=600)
+    return run_process([sys.executable, "-c", PROBE, *args], cwd=cwd, env=env)
 
 
 def assert_refused_light(out: subprocess.CompletedProcess, *expect: str) -> str:

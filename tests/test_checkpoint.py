@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 import sys
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, run_process
 from glm_ft.checkpoint import FULL, LORA, PTUNING, find_checkpoint, load_checkpoint
 from glm_ft.errors import CheckpointError
 from inference_fixtures import (REFERENCE_PREFIX_TOKENS, TRAIN_ARGS, base_dir, greedy_reply,  # noqa: F401
@@ -46,8 +45,7 @@ def test_folder_without_a_model_is_refused(tmp_path):
 
 
 def test_cli_error_is_one_line_without_traceback(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "glm_ft.chat", str(tmp_path), "--prompt", "hi"], cwd=ROOT,
-                            capture_output=True, text=True, timeout=120)
+    result = run_process([sys.executable, "-m", "glm_ft.chat", str(tmp_path), "--prompt", "hi"], cwd=ROOT)
     assert result.returncode == 1
     assert result.stdout == ""
     lines = result.stderr.strip().splitlines()

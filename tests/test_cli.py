@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
 
-from conftest import ROOT, run_train
+from conftest import ROOT, run_process, run_train
 
 HEAVY = ("torch", "transformers", "peft", "deepspeed", "mlflow", "datasets")
 
@@ -37,7 +36,7 @@ def test_dry_run_renders_and_loads_nothing_heavy(tmp_path, fake_6b):
         "from glm_ft.cli import main; main();"
         f"print('HEAVY', [m for m in {HEAVY!r} if m in sys.modules])"
     )
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    out = run_process([sys.executable, "-c", code], cwd=ROOT)
     assert out.returncode == 0, out.stderr
     assert "HEAVY []" in out.stdout
     for name in ("finetune.yaml", "ds_config.json", "ds_config.resolved.json"):

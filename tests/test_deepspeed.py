@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, run_process
 
 pytestmark = pytest.mark.slow
 
@@ -26,7 +26,7 @@ def run(prefix: list[str], stage: int, run_dir: Path, tmp_path: Path) -> subproc
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     cmd = [*prefix, str(ROOT / "train.py"), *ARGS, f"deepspeed=zero{stage}", f"hydra.run.dir={run_dir}"]
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    return run_process(cmd, cwd=ROOT, env=env)
 
 
 def check_run(run_dir: Path, stage: int, world_size: int, tmp_path: Path) -> None:

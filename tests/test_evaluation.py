@@ -14,14 +14,12 @@ import io
 import json
 import os
 import re
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, run_train
+from conftest import ROOT, run_process, run_train
 
 SAMPLE = ROOT / "data" / "sample"
 MAX_NEW_TOKENS = 24
@@ -104,7 +102,7 @@ def single(tmp_path_factory) -> dict:
     work = tmp_path_factory.mktemp("single")
     uri = f"sqlite:///{work}/mlflow.db"
     run_dir = work / "run"
-    result = run_train([*DEFAULT_RUN, f"hydra.run.dir={run_dir}"], env={"MLFLOW_TRACKING_URI": uri}, timeout=840)
+    result = run_train([*DEFAULT_RUN, f"hydra.run.dir={run_dir}"], env={"MLFLOW_TRACKING_URI": uri})
     assert result.returncode == 0, result.stderr[-3000:]
     return {"run_dir": run_dir, "uri": uri, "console": result.stdout + result.stderr, "work": work}
 
@@ -124,15 +122,9 @@ def distributed(single, tmp_path_factory) -> dict:
            "training_args.save_steps=2", "training_args.learning_rate=1e-9", "deepspeed=zero3",
            f"model.path={single['run_dir'] / 'final'}", "model.build_if_missing=false", f"hydra.run.dir={run_dir}"]
     # Its own session, so that torchrun's workers end with it whatever happens.
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        stdout, stderr = proc.communicate(timeout=840)
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    assert proc.returncode == 0, stderr[-3000:]
+    result = run_process(cmd, cwd=ROOT, env=env)
+    stdout, stderr = result.stdout, result.stderr
+    assert result.returncode == 0, stderr[-3000:]
     return {"run_dir": run_dir, "uri": uri, "console": stdout + stderr, "work": work}
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from conftest import ROOT, run_train
+from conftest import ROOT, end_process_group, run_process, run_train
 
 pytestmark = pytest.mark.slow
 
@@ -34,8 +34,8 @@ def mlflow_env(tmp_path_factory) -> dict[str, str]:
     return {"MLFLOW_TRACKING_URI": f"sqlite:///{store}/mlflow.db"}
 
 
-def train(args: list[str], run_dir: Path, env: dict, timeout: int = 600) -> subprocess.CompletedProcess:
-    out = run_train([*SMALL, *args, f"hydra.run.dir={run_dir}"], env=env, timeout=timeout)
+def train(args: list[str], run_dir: Path, env: dict) -> subprocess.CompletedProcess:
+    out = run_train([*SMALL, *args, f"hydra.run.dir={run_dir}"], env=env)
     return out
 
 
@@ -135,13 +135,12 @@ def test_resume_after_sigkill_reaches_the_same_loss(tmp_path, mlflow_env, runs):
            f"hydra.run.dir={run_dir}"]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             start_new_session=True)
-    deadline = time.time() + 300
-    while not (run_dir / "checkpoint-2" / "glm_ft_complete").is_file():
-        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-        assert time.time() < deadline
-        time.sleep(0.01)  # steps 3-6, an evaluation and the test prediction still follow: well over 10 ms
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    try:
+        while not (run_dir / "checkpoint-2" / "glm_ft_complete").is_file():
+            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+            time.sleep(0.01)  # steps 3-6, an evaluation and the test prediction still follow: well over 10 ms
+    finally:
+        end_process_group(proc)
     assert not (run_dir / "checkpoint-6").exists()
 
     resumed = train([*args, "training_args.save_steps=2", "resume=auto"], run_dir, mlflow_env)
@@ -204,9 +203,8 @@ def test_bf16_evaluation_generates_in_the_training_precision(method, tmp_path, m
     args = [*SMALL, *METHODS[method], "training_args.bf16=true", "training_args.max_steps=1",
             "training_args.eval_steps=1", "training_args.save_steps=1", "eval_subset=2", "data.test_file=null",
             f"hydra.run.dir={tmp_path / 'run'}"]
-    result = subprocess.run([sys.executable, str(script), str(seen_file), *args], cwd=ROOT,
-                            env={**os.environ, **mlflow_env, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
-                            timeout=600)
+    result = run_process([sys.executable, str(script), str(seen_file), *args], cwd=ROOT,
+                         env={**os.environ, **mlflow_env, "PYTHONPATH": str(ROOT)})
     assert result.returncode == 0, result.stderr[-3000:]
     assert sorted(map(tuple, json.loads(seen_file.read_text()))) == [("eval", True), ("train", True)]
 
@@ -237,13 +235,17 @@ def test_ctrl_c_keeps_the_last_checkpoint_and_marks_the_run_killed(tmp_path, mlf
     env = {**os.environ, **mlflow_env}
     cmd = [sys.executable, str(ROOT / "train.py"), *SMALL, "method=lora", "training_args.max_steps=1000000",
            "training_args.save_steps=2", "training_args.eval_steps=1000000", f"hydra.run.dir={run_dir}"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 300
-    while not list(run_dir.glob("checkpoint-*/glm_ft_complete")):
-        assert proc.poll() is None and time.time() < deadline
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
-    _, stderr = proc.communicate(timeout=120)
+    # Its own session: a test that fails before the interrupt must not leave a million-step training behind.
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        while not list(run_dir.glob("checkpoint-*/glm_ft_complete")):
+            assert proc.poll() is None, proc.stderr.read()[-2000:]
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate()
+    finally:
+        end_process_group(proc)
     assert proc.returncode == 130, stderr[-2000:]
     assert "interrupted at step" in stderr and "Traceback" not in stderr
     complete = sorted((p.parent for p in run_dir.glob("checkpoint-*/glm_ft_complete")),

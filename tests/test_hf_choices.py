@@ -8,12 +8,11 @@ refuses is refused by glm-ft, every value glm-ft accepts generates.
 
 from __future__ import annotations
 
-import subprocess
 import sys
 
 import pytest
 
-from conftest import ROOT, compose
+from conftest import ROOT, compose, run_process
 from glm_ft import hf_choices
 from glm_ft.errors import ConfigError
 from glm_ft.validate import validate
@@ -34,7 +33,7 @@ def test_reading_the_enums_imports_nothing_heavy_and_keeps_chatglm3_registered()
     code = ("import sys; from glm_ft import hf_choices; hf_choices.enum_values('OptimizerNames');"
             "print('HEAVY', [m for m in ('torch', 'transformers') if m in sys.modules]);"
             "from transformers import AutoConfig; print(type(AutoConfig.for_model('chatglm')).__name__)")
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    out = run_process([sys.executable, "-c", code], cwd=ROOT)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "HEAVY []" in out.stdout and "ChatGLMConfig" in out.stdout
 

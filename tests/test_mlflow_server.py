@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import ROOT, free_port, run_train, serving
+from conftest import ROOT, free_port, run_process, run_train, serving
 
 from glm_ft.compare import main as compare_main
 
@@ -29,7 +28,7 @@ def server(tmp_path_factory):
            "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
            "--workers", "1"]
     uri = f"http://127.0.0.1:{port}"
-    with serving(cmd, f"{uri}/health", root / "server.log", timeout_s=60, cwd=root,
+    with serving(cmd, f"{uri}/health", root / "server.log", cwd=root,
                  env={**without_tracking_env(), "MLFLOW_DISABLE_TELEMETRY": "true"}):
         yield {"uri": uri, "root": root}
 
@@ -40,11 +39,11 @@ def test_three_job_training_sweep_over_http(server, tmp_path, capsys):
 
     sweep_dir = tmp_path / "sweep"
     env = {**without_tracking_env(), "MLFLOW_TRACKING_URI": server["uri"]}
-    out = subprocess.run(
+    out = run_process(
         [sys.executable, str(ROOT / "train.py"), "-m", "experiment=quickstart", "method=lora", "method.r=2,4,8",
          "training_args.max_steps=2", "training_args.logging_steps=1", "eval_subset=4",
          "training_args.generation_config.max_new_tokens=4", f"hydra.sweep.dir={sweep_dir}"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+        cwd=ROOT, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
 
     client = MlflowClient(server["uri"])
@@ -83,7 +82,7 @@ def test_three_job_training_sweep_over_http(server, tmp_path, capsys):
 def test_unreachable_server_fails_before_training(tmp_path):
     uri = f"http://127.0.0.1:{free_port()}"
     out = run_train(["experiment=quickstart", "method=lora", f"tracking.tracking_uri={uri}",
-                     f"hydra.run.dir={tmp_path}"], env={"MLFLOW_TRACKING_URI": ""}, timeout=120)
+                     f"hydra.run.dir={tmp_path}"], env={"MLFLOW_TRACKING_URI": ""})
     assert out.returncode == 1
     assert f"tracking.tracking_uri: MLflow tracking server {uri} is unreachable" in out.stderr
     assert not (tmp_path / "final").exists() and not list(tmp_path.glob("checkpoint-*"))
@@ -93,7 +92,7 @@ def test_unreachable_server_stops_a_sweep_before_its_first_job(tmp_path):
     uri = f"http://127.0.0.1:{free_port()}"
     sweep_dir = tmp_path / "sweep"
     out = run_train(["-m", "experiment=quickstart", "method=lora", "method.r=4,8", f"hydra.sweep.dir={sweep_dir}"],
-                    env={"MLFLOW_TRACKING_URI": uri}, timeout=120)
+                    env={"MLFLOW_TRACKING_URI": uri})
     assert out.returncode == 1
     assert f"MLFLOW_TRACKING_URI: MLflow tracking server {uri} is unreachable" in out.stderr
     assert not (sweep_dir / "0").exists()

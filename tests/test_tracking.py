@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf, open_dict
 
-from conftest import ROOT
+from conftest import ROOT, run_process
 
 from glm_ft.errors import ConfigError
 from glm_ft.render import render_run_files
@@ -251,7 +251,7 @@ def test_sigterm_ends_the_run_killed_and_exits(tmp_path, client):
         assert run_id, proc.stderr.read()
         assert client.get_run(run_id).info.status == "RUNNING"
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+        assert proc.wait() == 128 + signal.SIGTERM
     finally:
         proc.kill()
         proc.wait()
@@ -345,6 +345,6 @@ def test_trainer_callback_logs_the_trainers_metrics_at_their_steps(tmp_path, cli
 def test_import_is_light():
     code = ("import sys, glm_ft.tracking, glm_ft.sweep, glm_ft.compare; "
             "print([m for m in ('mlflow', 'torch', 'transformers', 'matplotlib') if m in sys.modules])")
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    out = run_process([sys.executable, "-c", code], cwd=ROOT)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"

@@ -11,7 +11,7 @@ import signal
 import pytest
 
 from conftest import free_port
-from lifecycle_helpers import (QUICK, background, complete, fill, kill_group, log_has, logged_losses, mlflow_run_id,
+from lifecycle_helpers import (QUICK, background, fill, kill_group, log_has, logged_losses, mlflow_run_id,
                                mlflow_server, tmpfs, train_cmd, trainer_losses, wait_for)
 
 pytestmark = pytest.mark.slow

@@ -12,7 +12,6 @@ Optuna is imported only once a sweep starts: Hydra imports this module on every 
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Any, List, Optional
 

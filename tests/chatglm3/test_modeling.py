@@ -72,8 +72,9 @@ def test_register_is_idempotent_and_maps_every_auto_class():
 def test_importing_glm_ft_registers_nothing_until_asked():
     """Registration is explicit, where models load: importing glm_ft (and the light tiny module a dry run reads)
     neither imports transformers nor changes its Auto classes; `register()` then maps all of them."""
-    import subprocess
     import sys
+
+    from conftest import run_process
 
     code = (
         "import sys, glm_ft, glm_ft.chatglm3, glm_ft.chatglm3.tiny; assert 'transformers' not in sys.modules; "
@@ -84,7 +85,7 @@ def test_importing_glm_ft_registers_nothing_until_asked():
         "c = type(AutoConfig.for_model('chatglm')); print(c.__name__, M._model_mapping[c].__name__, T[c].__name__)"
     )
     root = Path(__file__).resolve().parents[2]
-    result = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300)
+    result = run_process([sys.executable, "-c", code], cwd=root)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.split() == ["ChatGLMConfig", "ChatGLMForConditionalGeneration", "ChatGLMTokenizer"]
 

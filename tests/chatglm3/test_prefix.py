@@ -253,9 +253,9 @@ def test_save_and_load_prefix_gather_deepspeed_zero3_shards(tmp_path):
     to be loaded back (in a subprocess: DeepSpeed's process group must not leak into other tests)."""
     import os
     import socket
-    import subprocess
     import sys
 
+    from conftest import run_process
     from safetensors.torch import load_file
 
     with socket.socket() as s:
@@ -264,8 +264,7 @@ def test_save_and_load_prefix_gather_deepspeed_zero3_shards(tmp_path):
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1",
            "LOCAL_RANK": "0"}
     root = Path(__file__).resolve().parents[2]
-    result = subprocess.run([sys.executable, "-c", _ZERO3_SCRIPT, str(tmp_path)], cwd=root, env=env,
-                            capture_output=True, text=True, timeout=300)
+    result = run_process([sys.executable, "-c", _ZERO3_SCRIPT, str(tmp_path)], cwd=root, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "RESTORED True" in result.stdout
     saved = load_file(tmp_path / PREFIX_WEIGHTS)["transformer.prefix_encoder.embedding.weight"]
