@@ -27,15 +27,13 @@ def test_enums_equal_transformers_own():
     assert set(hf_choices.log_levels()) == set(trainer_log_levels)
 
 
-def test_reading_the_enums_imports_nothing_heavy_and_keeps_chatglm3_registered():
-    """hf_choices locates transformers without importing it; the later real import still registers ChatGLM3
-    (glm_ft's import hook must not be used up by the look-up)."""
+def test_reading_the_enums_imports_nothing_heavy():
+    """hf_choices locates transformers without importing it (a dry run must stay light)."""
     code = ("import sys; from glm_ft import hf_choices; hf_choices.enum_values('OptimizerNames');"
-            "print('HEAVY', [m for m in ('torch', 'transformers') if m in sys.modules]);"
-            "from transformers import AutoConfig; print(type(AutoConfig.for_model('chatglm')).__name__)")
+            "print('HEAVY', [m for m in ('torch', 'transformers') if m in sys.modules])")
     out = run_process([sys.executable, "-c", code], cwd=ROOT)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert "HEAVY []" in out.stdout and "ChatGLMConfig" in out.stdout
+    assert "HEAVY []" in out.stdout
 
 
 GEN = "training_args.generation_config"
