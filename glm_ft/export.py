@@ -46,6 +46,10 @@ _ORIGINAL_NAME = re.compile(
 
 # The published tokenizer_config.json's auto_map (remote code that glm-ft itself never runs).
 TOKENIZER_AUTO_MAP = {"AutoTokenizer": ["tokenization_chatglm.ChatGLMTokenizer", None]}
+# The published tokenizer_config.json lists these four added tokens, all with these flags (transformers 4.40 wrote
+# it); the others are known to the tokenizer by its own code. glm-ft's tokenizer applies its own flags on load.
+PUBLISHED_ADDED_TOKENS = ("[gMASK]", "sop", "<|user|>", "<|assistant|>")
+_PUBLISHED_FLAGS = {"lstrip": False, "normalized": True, "rstrip": False, "single_word": False, "special": False}
 # transformers 5 records how a tokenizer was loaded; the published tokenizer_config.json has none of these.
 _TOKENIZER_BOOKKEEPING = ("backend", "is_local", "local_files_only")
 
@@ -67,8 +71,10 @@ def original_config(model_config, dtype_name: str, name_or_path: str) -> dict:
     return config
 
 
-def original_tokenizer_config(saved: dict, chat_template: str | None) -> dict:
+def original_tokenizer_config(saved: dict, chat_template: str | None, token_ids: dict[str, int]) -> dict:
     config = {k: v for k, v in saved.items() if k not in _TOKENIZER_BOOKKEEPING}
+    config["added_tokens_decoder"] = {str(token_ids[token]): {"content": token, **_PUBLISHED_FLAGS}
+                                      for token in PUBLISHED_ADDED_TOKENS}
     config["auto_map"] = TOKENIZER_AUTO_MAP
     config["tokenizer_class"] = "ChatGLMTokenizer"
     if chat_template is not None:
@@ -173,7 +179,8 @@ def export(checkpoint: str | Path, out_dir: str | Path, *, base_model: str | Pat
                             dtype_name, shard_bytes)
         else:
             save_weights(export_state_dict(model, dtype_obj), staging, shard_bytes)
-            config = original_config(model.config, dtype_name, str(ckpt.path))
+            # The published file names its hub id here; a local path would leak where it was trained.
+            config = original_config(model.config, dtype_name, out.name)
             (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
             _save_tokenizer(loaded.tokenizer, staging)
         staging.chmod(0o755)  # mkdtemp's 0700 would follow the folder into place
@@ -192,7 +199,8 @@ def _save_tokenizer(tokenizer, out: Path) -> None:
     jinja.unlink(missing_ok=True)
     config_path = out / "tokenizer_config.json"
     saved = json.loads(config_path.read_text(encoding="utf-8"))
-    config = original_tokenizer_config(saved, chat_template or saved.get("chat_template"))
+    token_ids = {token: tokenizer.get_command(token) for token in PUBLISHED_ADDED_TOKENS}
+    config = original_tokenizer_config(saved, chat_template or saved.get("chat_template"), token_ids)
     config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
