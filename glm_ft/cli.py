@@ -19,8 +19,8 @@ from omegaconf import DictConfig
 
 import glm_ft.schema  # noqa: F401  (registers the schema with Hydra's ConfigStore)
 from glm_ft.errors import ConfigError, GlmFtError
+from glm_ft.locations import config_dir
 from glm_ft.render import render_run_files
-from glm_ft.schema import PROJECT_ROOT
 from glm_ft.validate import resolve_path, validate
 
 log = logging.getLogger("glm_ft")
@@ -59,7 +59,7 @@ def run(cfg: DictConfig) -> float | None:
     return float(metrics[cfg.optimized_metric])
 
 
-@hydra.main(config_path=str(PROJECT_ROOT / "conf"), config_name="config", version_base="1.3")
+@hydra.main(config_path=str(config_dir()), config_name="config", version_base="1.3")
 def _hydra_main(cfg: DictConfig) -> float | None:
     try:
         return run(cfg)
