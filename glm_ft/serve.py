@@ -65,11 +65,11 @@ def conversation(body: dict) -> list[dict]:
     return out
 
 
-def _number(body: dict, key: str, default, low: float, high: float | None = None):
-    value = body.get(key, default)
+def _number(key: str, value, default, low: float, high: float | None = None):
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < low or (high is not None and value > high):
+    out_of_range = value < low or (high is not None and value > high) if isinstance(value, (int, float)) else True
+    if isinstance(value, bool) or out_of_range:
         raise BadRequest(f"{key}: expected a number from {low}" + (f" to {high}" if high is not None else ""))
     return value
 
@@ -90,9 +90,9 @@ class Engine:
 
         ids = self.tokenizer.apply_chat_template(conversation(body), add_generation_prompt=True)
         limit = body.get("max_completion_tokens", body.get("max_tokens"))
-        max_new = int(_number({"max_tokens": limit}, "max_tokens", self.max_new_tokens, 1))
-        temperature = _number(body, "temperature", 0.0, 0.0, 2.0)
-        top_p = _number(body, "top_p", 1.0, 0.0, 1.0)
+        max_new = int(_number("max_tokens", limit, self.max_new_tokens, 1))
+        temperature = _number("temperature", body.get("temperature"), 0.0, 0.0, 2.0)
+        top_p = _number("top_p", body.get("top_p"), 1.0, 0.0, 1.0)
         if len(ids) + max_new > self.model.config.seq_length:
             raise BadRequest(f"the prompt ({len(ids)} tokens) plus max_tokens ({max_new}) exceeds the model's "
                              f"context of {self.model.config.seq_length} tokens")
