@@ -20,10 +20,10 @@ from omegaconf import DictConfig
 
 import glm_ft.schema  # noqa: F401  (registers the schema with Hydra's ConfigStore)
 from glm_ft.errors import ConfigError, GlmFtError
+from glm_ft.locations import config_dir
 from glm_ft.preflight import check_command_line
 from glm_ft.redact import redact_files
 from glm_ft.render import render_run_files
-from glm_ft.schema import PROJECT_ROOT
 from glm_ft.validate import builds_tiny_model, check_data_rows, resolve_path, validate
 
 log = logging.getLogger("glm_ft")
@@ -74,7 +74,7 @@ class JobFailed(CompactHydraException):
     """A sweep job refused its input: Hydra prints the message alone."""
 
 
-@hydra.main(config_path=str(PROJECT_ROOT / "conf"), config_name="config", version_base="1.3")
+@hydra.main(config_path=str(config_dir()), config_name="config", version_base="1.3")
 def _hydra_main(cfg: DictConfig) -> float | None:
     try:
         return run(cfg)

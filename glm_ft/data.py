@@ -29,6 +29,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from glm_ft import data_formats
+from glm_ft.data_formats import FormatError, to_chatglm3
 from glm_ft.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -197,6 +199,10 @@ def _skip_space(text: str, pos: int) -> int:
 
 
 def _row_messages(row: Any) -> tuple[Message, ...]:
+    try:
+        row = to_chatglm3(row)  # alpaca and sharegpt rows (glm_ft/data_formats.py)
+    except FormatError as err:
+        raise _BadRow(str(err)) from None
     if not isinstance(row, dict):
         raise _BadRow(f"row is a JSON {type(row).__name__}, not an object")
     if "conversations" in row:
@@ -213,7 +219,8 @@ def _row_messages(row: Any) -> tuple[Message, ...]:
             _check_unicode(row[key], f"'{key}'")
         messages = (Message("user", row["content"]), Message("assistant", row["summary"]))
     else:
-        raise _BadRow("row has neither 'conversations' nor 'content' and 'summary'")
+        raise _BadRow("row has neither 'conversations' nor 'content' and 'summary' (nor alpaca's 'instruction' and "
+                      "'output')")
     if not any(m.role == "assistant" and m.carries_loss for m in messages):
         raise _BadRow("conversation has no assistant turn to learn from")
     return messages
@@ -516,6 +523,7 @@ def tokenizer_fingerprint(tokenizer) -> str:
 def _code_fingerprint(tokenizer_class: type) -> str:
     # Any edit to the code that lays out samples invalidates the cache, so a stale cache can't outlive a fix.
     digest = hashlib.sha256(Path(__file__).read_bytes())
+    digest.update(Path(data_formats.__file__).read_bytes())
     source = inspect.getsourcefile(tokenizer_class)
     if source:
         digest.update(Path(source).read_bytes())

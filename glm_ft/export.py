@@ -7,6 +7,9 @@
   `prefix_projection` in config.json, as the reference demo saved it;
 - a full model (SFT checkpoint, any model folder): re-saved, resharded, in the chosen dtype.
 
+`--format hf` writes transformers' own GlmForCausalLM layout instead (glm_ft/hf_export.py): loadable by stock
+transformers with no remote code.
+
 The folder gets config.json with the published field names and auto_map, the published tensor names as sharded
 safetensors with `model.safetensors.index.json`, and tokenizer.model + tokenizer_config.json (published auto_map).
 glm-ft loads it with AutoModelForCausalLM, and so does the published remote code. It is written beside OUT_DIR and
@@ -28,6 +31,7 @@ from glm_ft.checkpoint import FULL, LORA, find_checkpoint, load_checkpoint, torc
 from glm_ft.errors import CheckpointError, GlmFtError
 
 DTYPES = ("float32", "bfloat16", "float16")
+FORMATS = ("chatglm3", "hf")
 INDEX = "model.safetensors.index.json"
 
 # Tensor names of the published checkpoint (its model.safetensors.index.json), plus the P-Tuning v2 prefix.
@@ -42,6 +46,10 @@ _ORIGINAL_NAME = re.compile(
 
 # The published tokenizer_config.json's auto_map (remote code that glm-ft itself never runs).
 TOKENIZER_AUTO_MAP = {"AutoTokenizer": ["tokenization_chatglm.ChatGLMTokenizer", None]}
+# The published tokenizer_config.json lists these four added tokens, all with these flags (transformers 4.40 wrote
+# it); the others are known to the tokenizer by its own code. glm-ft's tokenizer applies its own flags on load.
+PUBLISHED_ADDED_TOKENS = ("[gMASK]", "sop", "<|user|>", "<|assistant|>")
+_PUBLISHED_FLAGS = {"lstrip": False, "normalized": True, "rstrip": False, "single_word": False, "special": False}
 # transformers 5 records how a tokenizer was loaded; the published tokenizer_config.json has none of these.
 _TOKENIZER_BOOKKEEPING = ("backend", "is_local", "local_files_only")
 
@@ -63,8 +71,10 @@ def original_config(model_config, dtype_name: str, name_or_path: str) -> dict:
     return config
 
 
-def original_tokenizer_config(saved: dict, chat_template: str | None) -> dict:
+def original_tokenizer_config(saved: dict, chat_template: str | None, token_ids: dict[str, int]) -> dict:
     config = {k: v for k, v in saved.items() if k not in _TOKENIZER_BOOKKEEPING}
+    config["added_tokens_decoder"] = {str(token_ids[token]): {"content": token, **_PUBLISHED_FLAGS}
+                                      for token in PUBLISHED_ADDED_TOKENS}
     config["auto_map"] = TOKENIZER_AUTO_MAP
     config["tokenizer_class"] = "ChatGLMTokenizer"
     if chat_template is not None:
@@ -131,8 +141,9 @@ def default_dtype(ckpt) -> str:
 
 
 def export(checkpoint: str | Path, out_dir: str | Path, *, base_model: str | Path | None = None,
-           max_shard_size: str | int = "2GB", dtype: str | None = None) -> Path:
-    """Write the checkpoint as a full model folder at `out_dir` (which must not exist or be empty)."""
+           max_shard_size: str | int = "2GB", dtype: str | None = None, fmt: str = "chatglm3") -> Path:
+    """Write the checkpoint as a full model folder at `out_dir` (which must not exist or be empty), in the THUDM
+    layout (`fmt="chatglm3"`) or transformers' GlmForCausalLM layout (`fmt="hf"`)."""
     from transformers.utils.hub import convert_file_size_to_int
 
     out = Path(out_dir).expanduser().resolve()
@@ -142,7 +153,13 @@ def export(checkpoint: str | Path, out_dir: str | Path, *, base_model: str | Pat
         shard_bytes = convert_file_size_to_int(max_shard_size)
     except ValueError as err:
         raise CheckpointError(f"--max-shard-size {max_shard_size!r}: expected e.g. 2GB, 500MB or a byte count") from err
+    if fmt not in FORMATS:
+        raise CheckpointError(f"format {fmt!r}: expected one of {', '.join(FORMATS)}")
     ckpt = find_checkpoint(checkpoint, base_model)
+    if fmt == "hf":
+        from glm_ft.hf_export import check_exportable
+
+        check_exportable(ckpt)
     dtype_name = dtype or default_dtype(ckpt)
     if dtype_name not in DTYPES:
         raise CheckpointError(f"dtype {dtype_name!r}: expected one of {', '.join(DTYPES)}")
@@ -150,15 +167,22 @@ def export(checkpoint: str | Path, out_dir: str | Path, *, base_model: str | Pat
     # up to one rounding.
     loaded = load_checkpoint(ckpt, dtype=dtype_name, device="cpu", merge_lora=True)
     model = loaded.model
-    state = export_state_dict(model, torch_dtype(dtype_name, "cpu"))
+    dtype_obj = torch_dtype(dtype_name, "cpu")
 
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        save_weights(state, staging, shard_bytes)
-        config = original_config(model.config, dtype_name, str(ckpt.path))
-        (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-        _save_tokenizer(loaded.tokenizer, staging)
+        if fmt == "hf":
+            from glm_ft.hf_export import write_hf_folder
+
+            write_hf_folder(model, loaded.tokenizer, ckpt.tokenizer_dir / "tokenizer.model", staging, dtype_obj,
+                            dtype_name, shard_bytes)
+        else:
+            save_weights(export_state_dict(model, dtype_obj), staging, shard_bytes)
+            # The published file names its hub id here; a local path would leak where it was trained.
+            config = original_config(model.config, dtype_name, out.name)
+            (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+            _save_tokenizer(loaded.tokenizer, staging)
         staging.chmod(0o755)  # mkdtemp's 0700 would follow the folder into place
         if out.is_dir():
             out.rmdir()  # empty (checked above); a rename cannot replace a folder that exists
@@ -175,7 +199,8 @@ def _save_tokenizer(tokenizer, out: Path) -> None:
     jinja.unlink(missing_ok=True)
     config_path = out / "tokenizer_config.json"
     saved = json.loads(config_path.read_text(encoding="utf-8"))
-    config = original_tokenizer_config(saved, chat_template or saved.get("chat_template"))
+    token_ids = {token: tokenizer.get_command(token) for token in PUBLISHED_ADDED_TOKENS}
+    config = original_tokenizer_config(saved, chat_template or saved.get("chat_template"), token_ids)
     config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
@@ -186,6 +211,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--base-model", help="base model folder (default: the one recorded at training time)")
     parser.add_argument("--max-shard-size", default="2GB", help="largest safetensors shard (default 2GB)")
     parser.add_argument("--dtype", choices=DTYPES, help="default: the dtype of the weights it starts from")
+    parser.add_argument("--format", choices=FORMATS, default="chatglm3", dest="fmt",
+                        help="chatglm3: the THUDM/chatglm3-6b layout (default; what llama.cpp and chatglm.cpp "
+                             "convert); hf: transformers' GlmForCausalLM, loadable with no remote code")
     return parser.parse_args(argv)
 
 
@@ -197,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
         ckpt = find_checkpoint(args.checkpoint, args.base_model)
         quiet_transformers()
         out = export(ckpt.path, args.out_dir, base_model=args.base_model, max_shard_size=args.max_shard_size,
-                     dtype=args.dtype)
+                     dtype=args.dtype, fmt=args.fmt)
     except GlmFtError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

@@ -96,9 +96,11 @@ def apply_method(model, method: DictConfig, seed: int):
 
     set_seed(seed)
     if method.name == "lora":
-        from peft import LoraConfig, get_peft_model
+        from peft import get_peft_model
 
-        peft_config = LoraConfig(task_type="CAUSAL_LM", r=method.r, lora_alpha=method.lora_alpha,
+        from glm_ft.adapter_config import PortableLoraConfig
+
+        peft_config = PortableLoraConfig(task_type="CAUSAL_LM", r=method.r, lora_alpha=method.lora_alpha,
                                  lora_dropout=method.lora_dropout, target_modules=list(method.target_modules))
         model = get_peft_model(model, peft_config)
     elif method.name == "ptuning_v2":
