@@ -12,17 +12,16 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, free_port, serving
+from conftest import ROOT, free_port, run_process, serving
 
 SUBCOMMANDS = ["train", "chat", "predict", "export", "compare", "serve", "ui"]
 
 
-def glm_ft(args: list[str], cwd: Path, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+def glm_ft(args: list[str], cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
     """`python -m glm_ft ARGS` from `cwd`, glm_ft importable through PYTHONPATH only (as an install makes it)."""
     full_env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "HYDRA_FULL_ERROR")}
     full_env.update(PYTHONPATH=str(ROOT), **(env or {}))
-    return subprocess.run([sys.executable, "-m", "glm_ft", *args], cwd=cwd, env=full_env, capture_output=True,
-                          text=True, timeout=timeout)
+    return run_process([sys.executable, "-m", "glm_ft", *args], cwd=cwd, env=full_env)
 
 
 def test_help_lists_the_subcommands_and_unknown_ones_fail(tmp_path):
@@ -81,20 +80,21 @@ def test_ui_serves_this_folders_store_on_loopback(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     env["PYTHONPATH"] = str(ROOT)
     with serving([sys.executable, "-m", "glm_ft", "ui", "--port", str(port)], f"http://127.0.0.1:{port}/health",
-                 tmp_path / "ui.log", timeout_s=300, cwd=tmp_path, env=env):
+                 tmp_path / "ui.log", cwd=tmp_path, env=env):
         assert (tmp_path / "mlflow.db").is_file()  # the store it opened is this folder's
 
 
 @pytest.mark.slow
 def test_wheel_ships_the_configs_the_tiny_tokenizer_and_the_command(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                             "-w", str(tmp_path), str(ROOT)], capture_output=True, text=True, timeout=600,
-                            cwd=tmp_path)
+    result = run_process([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                          "-w", str(tmp_path), str(ROOT)], cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     [wheel] = list(tmp_path.glob("glm_ft-*.whl"))
     names = set(zipfile.ZipFile(wheel).namelist())
     shipped = {f"glm_ft/conf/{p.relative_to(ROOT / 'conf')}" for p in (ROOT / "conf").rglob("*.yaml")}
     assert shipped and shipped <= names
     assert "glm_ft/chatglm3/assets/tiny_tokenizer.model" in names
+    # Hydra finds glm-ft's sweepers (optuna, basic) as plugins of the installed package.
+    assert {f"hydra_plugins/glm_ft_sweepers/{m}.py" for m in ("config", "optuna_sweeper", "basic_sweeper")} <= names
     entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
     assert "glm-ft = glm_ft.command:main" in zipfile.ZipFile(wheel).read(entry_points).decode()

@@ -7,13 +7,13 @@ from __future__ import annotations
 import json
 import os
 import random
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import run_process
 from glm_ft.chatglm3.fast_tokenizer import save_fast_tokenizer
 from glm_ft.chatglm3.tokenization import ChatGLMTokenizer, tiny_tokenizer_path
 from glm_ft.checkpoint import load_checkpoint
@@ -60,9 +60,9 @@ def stock_transformers(folder: Path, tmp_path: Path) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     empty = tmp_path / "empty"
     empty.mkdir(exist_ok=True)
-    result = subprocess.run(
+    result = run_process(
         [sys.executable, "-I", "-c", STOCK_SCRIPT, str(folder), json.dumps(CONVERSATIONS), str(MAX_NEW),
-         json.dumps(TOOLS)], cwd=empty, env=env, capture_output=True, text=True, timeout=600)
+         json.dumps(TOOLS)], cwd=empty, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
 

@@ -20,7 +20,7 @@ MAX_TOKENS = 24
 
 
 def post(port: int, body: dict) -> tuple[int, http.client.HTTPResponse, bytes]:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+    conn = http.client.HTTPConnection("127.0.0.1", port)
     conn.request("POST", "/v1/chat/completions", body=json.dumps(body), headers={"Content-Type": "application/json"})
     response = conn.getresponse()
     return response.status, response, response.read()
@@ -60,11 +60,11 @@ def by_hand(tokenizer, model, messages: list[dict], max_new: int) -> list[int]:
 def test_chat_completions_over_http(method, runs, base_dir, tmp_path):
     port = free_port()
     cmd = [sys.executable, "-m", "glm_ft.serve", str(runs[method]), "--port", str(port)]
-    with serving(cmd, f"http://127.0.0.1:{port}/health", tmp_path / "serve.log", timeout_s=600,
+    with serving(cmd, f"http://127.0.0.1:{port}/health", tmp_path / "serve.log",
                  cwd=Path(__file__).resolve().parents[1]):
         assert listening_addresses(port) == {"0100007F"}  # 127.0.0.1 only, by default
 
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        conn = http.client.HTTPConnection("127.0.0.1", port)
         conn.request("GET", "/v1/models")
         assert json.loads(conn.getresponse().read())["data"][0]["id"] == runs[method].name
 
@@ -113,9 +113,9 @@ def test_chat_completions_over_http(method, runs, base_dir, tmp_path):
 
 
 def test_a_missing_run_fails_fast_with_one_line(tmp_path):
-    import subprocess
+    from conftest import run_process
 
-    result = subprocess.run([sys.executable, "-m", "glm_ft.serve", str(tmp_path / "nope")], capture_output=True,
-                            text=True, timeout=120, cwd=Path(__file__).resolve().parents[1])
+    result = run_process([sys.executable, "-m", "glm_ft.serve", str(tmp_path / "nope")],
+                         cwd=Path(__file__).resolve().parents[1])
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [f"error: {tmp_path / 'nope'}: not found"]
