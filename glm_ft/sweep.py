@@ -230,14 +230,6 @@ class MlflowSweepCallback(Callback):
         parent.log_metrics(metrics)
         if tags:
             parent.set_tags(tags)
-        # A Tracker sends metrics and tags from its background sender: deliver them before the parent is closed.
-        from glm_ft.tracking_lifecycle import FLUSH_TIMEOUT_S
-        from glm_ft.tracking_sender import describe_unsent
-
-        unsent = parent.sender.close(FLUSH_TIMEOUT_S)
-        if unsent:
-            log.error("MLflow: the summary of sweep parent run %s was not sent: %s", parent_id,
-                      describe_unsent(unsent))
         optuna_results = self._sweep_dir / "optimization_results.yaml"
         if optuna_results.is_file():
             parent.log_artifact(optuna_results)
@@ -250,6 +242,14 @@ class MlflowSweepCallback(Callback):
                                  "glm_ft.best_params": json.dumps(summary["best_params"])})
             for path in sorted(study.iterdir()):
                 parent.log_artifact(path, STUDY_DIR)
+        # A Tracker sends metrics and tags from its background sender: deliver them before the parent is closed.
+        from glm_ft.tracking_lifecycle import FLUSH_TIMEOUT_S
+        from glm_ft.tracking_sender import describe_unsent
+
+        unsent = parent.sender.close(FLUSH_TIMEOUT_S)
+        if unsent:
+            log.error("MLflow: the summary of sweep parent run %s was not sent: %s", parent_id,
+                      describe_unsent(unsent))
 
 
 def reopen_parent(store: tracking.Store, sweep_dir: Path) -> str | None:
@@ -268,7 +268,7 @@ def reopen_parent(store: tracking.Store, sweep_dir: Path) -> str | None:
     for child in child_runs(store.client, store.experiment_id, parent_id):
         if child.info.status == "RUNNING":
             store.client.set_tag(child.info.run_id, "glm_ft.error", "its sweep stopped while it ran")
-            tracking._end(store, child.info.run_id, "KILLED")
+            tracking.end_run(store, child.info.run_id, "KILLED")
     store.client.update_run(parent_id, status="RUNNING")
     store.client.set_tag(parent_id, "glm_ft.continued", "true")
     log.info("MLflow: continuing sweep parent run %s", parent_id)
