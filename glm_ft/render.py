@@ -17,6 +17,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from glm_ft.atomic import write_text_atomic
 from glm_ft.errors import ConfigError
 from glm_ft.schema import GenerationArgs, TrainingArgs
 
@@ -177,23 +178,16 @@ def render_run_files(cfg: DictConfig, run_dir: Path, hidden_size: int | None) ->
     ds_path = None
     if cfg.deepspeed is not None:
         ds_path = run_dir / DS_FILE
-        _write_atomic(ds_path, json.dumps(OmegaConf.to_container(cfg.deepspeed, resolve=True), indent=2))
+        write_text_atomic(ds_path, json.dumps(OmegaConf.to_container(cfg.deepspeed, resolve=True), indent=2))
         paths["ds_config"] = ds_path
         if hidden_size is not None:
             steps = cfg.training_args.max_steps
             resolved = resolve_deepspeed(cfg, hidden_size, steps)
             paths["ds_config_resolved"] = run_dir / DS_RESOLVED_FILE
-            _write_atomic(paths["ds_config_resolved"], json.dumps(resolved, indent=2))
+            write_text_atomic(paths["ds_config_resolved"], json.dumps(resolved, indent=2))
     import yaml
 
     finetune = finetune_dict(cfg, run_dir, ds_path)
     paths["finetune"] = run_dir / FINETUNE_FILE
-    _write_atomic(paths["finetune"], yaml.safe_dump(finetune, sort_keys=False, allow_unicode=True))
+    write_text_atomic(paths["finetune"], yaml.safe_dump(finetune, sort_keys=False, allow_unicode=True))
     return paths
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    # Per-process temp name: every rank of a distributed run renders the same files into the same folder.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)

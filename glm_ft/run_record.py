@@ -18,14 +18,14 @@ import socket
 from pathlib import Path
 from typing import Any
 
+from glm_ft.atomic import write_text_atomic
+
 MLFLOW_RUN_FILE = "mlflow_run.json"
 PROGRESS_FILE = "glm_ft_progress.json"
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:

@@ -29,6 +29,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from glm_ft import tracking
+from glm_ft.atomic import write_text_atomic
 from glm_ft.errors import GlmFtError
 from glm_ft.sweep_lock import SweepLock, SweepLocked
 
@@ -75,10 +76,7 @@ def sweep_objective(config: DictConfig) -> tuple[str, str]:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data), encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(data))
 
 
 class MlflowSweepCallback(Callback):
