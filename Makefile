@@ -40,7 +40,7 @@ ui: install
 	$(BIN)/mlflow ui --backend-store-uri "$(UI_STORE)" --host 127.0.0.1 --port $(UI_PORT)
 
 compare: install
-	$(BIN)/python -m glm_ft.compare $(ARGS)
+	$(BIN)/python -m glm_ft compare $(ARGS)
 
 # Side-by-side benchmarks against the reference demo's way of doing the same work (bench/README.md).
 bench: install

@@ -51,11 +51,11 @@ def train_eval_model(spec: dict[str, Any]) -> dict[str, Any]:
     from transformers import set_seed
 
     from bench.prepare import data_config, glm_ft_config
-    from glm_ft.data import load_datasets
-    from glm_ft.evaluation import Collator, stop_token_ids
-    from glm_ft.finetune import _trainer_classes, generation_config_for
+    from glm_ft.data.dataset import load_datasets
+    from glm_ft.train.evaluation import Collator, stop_token_ids
+    from glm_ft.train.finetune import _trainer_classes, generation_config_for
     from glm_ft.model import load_for_training
-    from glm_ft.trainer_args import build_training_arguments
+    from glm_ft.train.trainer_args import build_training_arguments
 
     cfg = glm_ft_config(overrides(spec))
     set_seed(cfg.seed)
@@ -83,12 +83,12 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
 
     from bench.common import useful_tokens
     from bench.prepare import data_config, glm_ft_config, weights_checksum
-    from glm_ft.data import load_datasets
-    from glm_ft.evaluation import Collator, decode_rows, stop_token_ids
-    from glm_ft.finetune import _trainer_classes, generation_config_for
-    from glm_ft.metrics import compute_metrics
+    from glm_ft.data.dataset import load_datasets
+    from glm_ft.train.evaluation import Collator, decode_rows, stop_token_ids
+    from glm_ft.train.finetune import _trainer_classes, generation_config_for
+    from glm_ft.train.metrics import compute_metrics
     from glm_ft.model import load_base_model, load_for_training, load_tokenizer
-    from glm_ft.trainer_args import build_training_arguments
+    from glm_ft.train.trainer_args import build_training_arguments
 
     side = "glm_ft" if spec["side"].startswith("glm_ft") else spec["side"]
     if side not in SIDES:

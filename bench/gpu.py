@@ -62,7 +62,7 @@ def method_config(name: str):
     on query_key_value; 128 virtual tokens)."""
     from omegaconf import OmegaConf
 
-    from glm_ft.schema import METHOD_SCHEMAS
+    from glm_ft.config.schema import METHOD_SCHEMAS
 
     return OmegaConf.structured(METHOD_SCHEMAS[name])
 

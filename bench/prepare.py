@@ -50,7 +50,7 @@ def model_dir(size: str, work: Path, seed: int = 0) -> Path:
 
 def glm_ft_config(overrides: Sequence[str]):
     """The composed config exactly as `python train.py OVERRIDES` would see it."""
-    import glm_ft.schema  # noqa: F401  (registers the schema)
+    import glm_ft.config.schema  # noqa: F401  (registers the schema)
     from hydra import compose, initialize_config_dir
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):

@@ -1,6 +1,6 @@
 """Preprocessing throughput, one side per process: glm-ft's `load_datasets` or row-at-a-time encoding.
 
-- glm_ft: `glm_ft.data.load_datasets` on a fresh cache folder (read and check every row, tokenize with a batched
+- glm_ft: `glm_ft.data.dataset.load_datasets` on a fresh cache folder (read and check every row, tokenize with a batched
   `Dataset.map` over `num_proc` processes (the advertise_gen config's 16, which glm-ft caps at the CPU count),
   save the cache); then the same call again, which finds the cache (`glm_ft_warm`);
 - baseline: what the reference demo did per row: `datasets.load_dataset("json")`, then `Dataset.map` without
@@ -46,7 +46,7 @@ def samples_digest(dataset) -> str:
 def breakdown(path: Path, tokenizer, max_input_length: int, max_output_length: int) -> dict[str, float]:
     """Where glm-ft's time goes (measured after the timed call, one process): reading and checking the file, and
     building every sample in a plain loop. The rest of its time is datasets' map (processes, Arrow) and the save."""
-    from glm_ft.data import build_train_sample, read_rows
+    from glm_ft.data.dataset import build_train_sample, read_rows
 
     start = time.perf_counter()
     report = read_rows(path)
@@ -61,7 +61,7 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     import datasets
 
     from glm_ft.chatglm3.tokenization import load_tiny_tokenizer
-    from glm_ft.data import load_datasets
+    from glm_ft.data.dataset import load_datasets
 
     side = spec["side"]
     if side not in SIDES:

@@ -278,7 +278,7 @@ def eval_model_cache(spec: dict[str, Any]) -> Path:
     digest = hashlib.sha256(json.dumps({k: v for k, v in spec.items() if k not in ("work_dir", "data_dir",
                                                                                    "model_dir")},
                                        sort_keys=True).encode())
-    for path in ("bench/advertisegen.py", "bench/generation.py", "scripts/make_sample_data.py", "glm_ft/data.py",
+    for path in ("bench/advertisegen.py", "bench/generation.py", "scripts/make_sample_data.py", "glm_ft/data/dataset.py",
                  "glm_ft/model.py", "glm_ft/chatglm3/modeling.py", "glm_ft/chatglm3/tiny.py",
                  "glm_ft/chatglm3/assets/tiny_tokenizer.model"):
         digest.update((ROOT / path).read_bytes())

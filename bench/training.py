@@ -4,7 +4,7 @@ Both sides train one epoch over the same samples from the same weights, through 
 - baseline: the reference's data path: `DataCollatorForSeq2Seq(padding="longest")` batches in file order
   (`train_sampling_strategy="sequential"`), eager attention, a plain `Seq2SeqTrainer`;
 - glm_ft: `glm_ft.model.load_for_training` (the configured attention, SDPA by default), `glm_ft.data`, the
-  `Collator`, the Seq2SeqTrainingArguments that `glm_ft.trainer_args` builds and glm-ft's own trainer class,
+  `Collator`, the Seq2SeqTrainingArguments that `glm_ft.train.trainer_args` builds and glm-ft's own trainer class,
   with glm-ft's configured sampler (random order unless `training_args.group_by_length=true`);
 - glm_ft_grouped: the same with `training_args.group_by_length=true`;
 - glm_ft_grouped_bf16: and `training_args.bf16=true` too (bf16 autocast; fp32 weights and optimizer, as
@@ -105,12 +105,12 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
 
     from bench.common import training_flops
     from bench.prepare import data_config, glm_ft_config, model_config, weights_checksum
-    from glm_ft.data import load_datasets
-    from glm_ft.evaluation import Collator, stop_token_ids
-    from glm_ft.finetune import _trainer_classes, generation_config_for
+    from glm_ft.data.dataset import load_datasets
+    from glm_ft.train.evaluation import Collator, stop_token_ids
+    from glm_ft.train.finetune import _trainer_classes, generation_config_for
     from glm_ft.model import apply_method, load_base_model, load_for_training, load_tokenizer
-    from glm_ft.trainer_args import build_training_arguments
-    from glm_ft.validate import validate
+    from glm_ft.train.trainer_args import build_training_arguments
+    from glm_ft.config.validate import validate
 
     side = spec["side"]
     if side not in SIDES:

@@ -18,13 +18,13 @@ from hydra.errors import CompactHydraException
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-import glm_ft.schema  # noqa: F401  (registers the schema with Hydra's ConfigStore)
+import glm_ft.config.schema  # noqa: F401  (registers the schema with Hydra's ConfigStore)
 from glm_ft.errors import ConfigError, GlmFtError
-from glm_ft.locations import config_dir
-from glm_ft.preflight import check_command_line
-from glm_ft.redact import redact_files
-from glm_ft.render import render_run_files
-from glm_ft.validate import builds_tiny_model, check_data_rows, resolve_path, validate
+from glm_ft.config.locations import config_dir
+from glm_ft.config.preflight import check_command_line
+from glm_ft.tracking.redact import redact_files
+from glm_ft.config.render import render_run_files
+from glm_ft.config.validate import builds_tiny_model, check_data_rows, resolve_path, validate
 
 log = logging.getLogger("glm_ft")
 
@@ -59,7 +59,7 @@ def run(cfg: DictConfig) -> float | None:
             print(f"{name}: {path}")
         print("dry run: config is valid; nothing was loaded or trained")
         return None
-    from glm_ft.finetune import finetune
+    from glm_ft.train.finetune import finetune
 
     metrics = finetune(cfg, run_dir, paths)
     if cfg.optimized_metric is None:

@@ -17,11 +17,11 @@ from pathlib import Path
 # subcommand -> (module whose main(argv) runs it, one-line help)
 SUBCOMMANDS = {
     "train": ("glm_ft.cli", "fine-tune: python train.py with Hydra overrides (-m sweeps, --config-dir DIR)"),
-    "chat": ("glm_ft.chat", "chat in the terminal with a run, checkpoint or model folder"),
-    "predict": ("glm_ft.predict", "generate and score predictions for a data file"),
-    "export": ("glm_ft.export", "write a full model: THUDM layout, or --format hf for stock transformers"),
-    "compare": ("glm_ft.compare", "a sweep's runs side by side, best first, with a plot"),
-    "serve": ("glm_ft.serve", "an OpenAI-compatible chat-completions server on 127.0.0.1"),
+    "chat": ("glm_ft.infer.chat", "chat in the terminal with a run, checkpoint or model folder"),
+    "predict": ("glm_ft.infer.predict", "generate and score predictions for a data file"),
+    "export": ("glm_ft.infer.export", "write a full model: THUDM layout, or --format hf for stock transformers"),
+    "compare": ("glm_ft.tracking.compare", "a sweep's runs side by side, best first, with a plot"),
+    "serve": ("glm_ft.infer.serve", "an OpenAI-compatible chat-completions server on 127.0.0.1"),
     "ui": (None, "the MLflow UI on this folder's store, http://127.0.0.1:5000 (--port N)"),
 }
 

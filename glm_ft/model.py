@@ -13,7 +13,7 @@ from omegaconf import DictConfig
 
 from glm_ft import chatglm3
 from glm_ft.errors import CheckpointError
-from glm_ft.validate import builds_tiny_model, resolve_path
+from glm_ft.config.validate import builds_tiny_model, resolve_path
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +28,7 @@ def torch_dtype_for(model_cfg: DictConfig, method: str, bf16: bool, fp16: bool):
             name = "float32"  # full fine-tuning keeps fp32 master weights; AMP / DeepSpeed handle the rest
         else:
             name = "bfloat16" if bf16 else "float16" if fp16 else "float32"
-    return getattr(torch, name)  # the name was checked by glm_ft.validate
+    return getattr(torch, name)  # the name was checked by glm_ft.config.validate
 
 
 def base_model_dir(model_cfg: DictConfig) -> Path:
@@ -98,7 +98,7 @@ def apply_method(model, method: DictConfig, seed: int):
     if method.name == "lora":
         from peft import get_peft_model
 
-        from glm_ft.adapter_config import PortableLoraConfig
+        from glm_ft.infer.adapter_config import PortableLoraConfig
 
         peft_config = PortableLoraConfig(task_type="CAUSAL_LM", r=method.r, lora_alpha=method.lora_alpha,
                                  lora_dropout=method.lora_dropout, target_modules=list(method.target_modules))

@@ -44,7 +44,7 @@ def real_chatglm3_dir() -> Path:
 
 def compose(overrides: list[str] | None = None):
     """Compose conf/config.yaml exactly as train.py does, with these command-line overrides."""
-    import glm_ft.schema  # noqa: F401
+    import glm_ft.config.schema  # noqa: F401
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 

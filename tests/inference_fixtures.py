@@ -129,7 +129,7 @@ def greedy_reply(model, tokenizer, query: str, history: list[dict] | None = None
 
 
 def load_by_hand(run_dir: Path, base_dir: Path):
-    """A run's final model loaded with the libraries directly (not glm_ft.checkpoint): tokenizer, model."""
+    """A run's final model loaded with the libraries directly (not glm_ft.infer.checkpoint): tokenizer, model."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     method = json.loads((run_dir / "glm_ft_run.json").read_text())["method"]["name"]

@@ -165,7 +165,7 @@ def test_reference_samples_equal_glm_ft_training_samples_for_advertisegen_rows()
     # The preprocessing figure compares both sides' outputs; they must agree on what a sample is.
     from bench.preprocessing import reference_sample
     from glm_ft.chatglm3.tokenization import load_tiny_tokenizer
-    from glm_ft.data import Message, build_train_sample
+    from glm_ft.data.dataset import Message, build_train_sample
 
     tokenizer = load_tiny_tokenizer()
     for row in advertisegen.rows(50, seed=3):

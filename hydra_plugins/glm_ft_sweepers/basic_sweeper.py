@@ -37,7 +37,7 @@ class SkippingLauncher:
         return getattr(self.launcher, name)
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
-        from glm_ft.sweep import JOBS_DIR
+        from glm_ft.search.sweep import JOBS_DIR
 
         results: list[JobReturn | None] = [None] * len(job_overrides)
         skipped = []

@@ -1,7 +1,7 @@
 """`hydra/sweeper=optuna`: an Optuna study driving train.py jobs, on current Optuna and stable hydra-core.
 
 Each trial is one job of the configured launcher, launched in batches of `n_jobs`; job N's folder is trial N's.
-The study lives in `hydra.sweep.dir` (Optuna's journal file, see glm_ft/search.py), so running the same command
+The study lives in `hydra.sweep.dir` (Optuna's journal file, see glm_ft/search/study.py), so running the same command
 with the same `hydra.sweep.dir` continues it: finished trials are kept, a trial that was running when the sweep
 died is marked failed and tried again, and `n_trials` counts every trial of the study. One sweep process owns a
 sweep folder at a time (a lock file), which is what makes "running when it died" knowable.
@@ -23,7 +23,7 @@ from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf
 
-from glm_ft.sweep_lock import SweepLock, SweepLocked
+from glm_ft.search.lock import SweepLock, SweepLocked
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ class OptunaSweeper(Sweeper):
 
     def _space(self, arguments: List[str]) -> tuple[dict, list[str]]:
         """(key → Optuna distribution, fixed overrides): hydra.sweeper.params, then the command line (which wins)."""
-        from glm_ft.search import distribution_for
+        from glm_ft.search.study import distribution_for
 
         parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
         space, fixed = {}, {}
@@ -79,7 +79,7 @@ class OptunaSweeper(Sweeper):
     def _sampler(self, space: dict):
         from hydra.utils import instantiate
 
-        from glm_ft.search import grid_values
+        from glm_ft.search.study import grid_values
 
         kwargs = {}
         if self.seed is not None:
@@ -89,7 +89,7 @@ class OptunaSweeper(Sweeper):
                 kwargs["search_space"] = {k: grid_values(k, d) for k, d in space.items()}
             except ValueError as err:
                 raise HydraException(str(err)) from None
-            kwargs["_target_"] = "glm_ft.search.AskTellGridSampler"
+            kwargs["_target_"] = "glm_ft.search.study.AskTellGridSampler"
         return instantiate(self.sampler_cfg, **kwargs)
 
     # --- the sweep -------------------------------------------------------------------------------------------
@@ -97,7 +97,7 @@ class OptunaSweeper(Sweeper):
     def sweep(self, arguments: List[str]) -> Any:
         import optuna
 
-        from glm_ft import search
+        from glm_ft.search import study as search
 
         assert self.config is not None and self.launcher is not None
         space, fixed = self._space(arguments)
@@ -153,7 +153,7 @@ class OptunaSweeper(Sweeper):
     def _run_batch(self, study, trials: list, fixed: list[str], env: dict) -> list[str]:
         import optuna
 
-        from glm_ft import search
+        from glm_ft.search import study as search
 
         batch = []
         for trial in trials:
@@ -210,7 +210,7 @@ def _finite(value: Any) -> bool:
 def _summarise(study, sweep_dir: Path, metric: str) -> dict:
     """The study's summary and plots (sweep_dir/study/, logged to the MLflow parent by glm_ft.sweep), and
     optimization_results.yaml. Also after a failure or Ctrl-C: what was found so far is worth keeping."""
-    from glm_ft import search
+    from glm_ft.search import study as search
 
     try:
         summary = search.summarise(study, sweep_dir / STUDY_DIR, metric)

@@ -1,0 +1,117 @@
+"""What the command line alone can be judged on, before Hydra composes the config or creates a run folder.
+
+- a misspelt key (`method.rank=8`, `training_args.max_step=10`): glm-ft's one line with the closest valid keys,
+  instead of Hydra's hint to append the key with `+`;
+- `resume=auto` with a `hydra.run.dir` that does not exist: there is nothing to resume, and Hydra would create the
+  folder and start afresh;
+- a `hydra.run.dir` / `hydra.sweep.dir` that can't be created (`/proc/x`): Hydra would fail with a traceback.
+
+Only what is certain is judged here; everything else is left to Hydra and glm_ft.config.validate.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import yaml
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import Override, OverrideType
+from hydra.errors import OverrideParseException
+
+from glm_ft.errors import ConfigError
+from glm_ft.config.keys import check_key
+from glm_ft.config.schema import METHOD_SCHEMAS, PROJECT_ROOT
+
+CONF = PROJECT_ROOT / "conf"
+
+
+def check_command_line(argv: list[str]) -> None:
+    """Raise ConfigError for what is certainly wrong in these command-line arguments (sys.argv[1:])."""
+    # Hydra's flags (--cfg job, -m, --config-dir=...) start with '-'; their values never hold '='.
+    try:
+        overrides = OverridesParser.create().parse_overrides(
+            [a for a in argv if not a.startswith("-") and "=" in a])
+    except OverrideParseException:
+        return  # Hydra reports its own syntax errors
+    methods = _chosen_methods(overrides)
+    for override in overrides:
+        if override.type == OverrideType.CHANGE and override.package is None:
+            problem = check_key(override.key_or_group, methods)
+            if problem:
+                raise ConfigError(problem)
+    values = {o.key_or_group: o for o in overrides if o.type == OverrideType.CHANGE and not o.is_sweep_override()}
+    # hparams_search configs set hydra.mode=MULTIRUN themselves.
+    multirun = any(a in ("-m", "--multirun") for a in argv) or _value(values.get("hparams_search")) is not None
+    run_dir = _literal_path(values.get("hydra.run.dir"))
+    if _value(values.get("resume")) == "auto" and run_dir is not None and not multirun and not run_dir.is_dir():
+        raise ConfigError(f"resume=auto: the run folder '{run_dir}' (hydra.run.dir) does not exist, so there is "
+                          "nothing to resume; pass hydra.run.dir=<the folder of the run to continue>")
+    if "--cfg" in argv or "-c" in argv or "--help" in argv or "--hydra-help" in argv:
+        return  # Hydra creates no folder for these
+    key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+    folder = _literal_path(values.get(key))
+    if folder is not None:
+        _check_creatable(key, folder)
+
+
+def _value(override: Override | None):
+    return None if override is None else override.value()
+
+
+def _literal_path(override: Override | None) -> Path | None:
+    """The folder an override names, when it is a plain path (not an interpolation Hydra resolves later)."""
+    value = _value(override)
+    if not isinstance(value, str) or "${" in value:
+        return None
+    path = Path(os.path.expanduser(value))
+    return path if path.is_absolute() else Path.cwd() / path
+
+
+def _check_creatable(key: str, folder: Path) -> None:
+    """Create the missing part of `folder` and remove it again: only trying tells (root may write anywhere but in
+    /proc). Hydra creates it for real a moment later."""
+    missing, existing = [], folder
+    while not existing.exists() and existing != existing.parent:
+        missing.append(existing)
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"{key}: cannot create '{folder}': '{existing}' is not a folder")
+    created = []
+    try:
+        for path in reversed(missing):
+            path.mkdir()
+            created.append(path)
+    except OSError as err:
+        raise ConfigError(f"{key}: cannot create '{folder}' ({err.strerror or err})") from None
+    finally:
+        for path in reversed(created):
+            path.rmdir()
+
+
+def _chosen_methods(overrides: list[Override]) -> tuple[str, ...] | None:
+    """The method option(s) this command line composes: method=..., else the experiment's or search's choice,
+    else conf/config.yaml's default. None when unsure (then only keys no method has are refused)."""
+    groups = {o.key_or_group: o for o in overrides if o.type == OverrideType.CHANGE and o.package is None}
+    chosen: list[str] = []
+    if "method" in groups:
+        method = groups["method"]
+        chosen = list(method.sweep_string_iterator()) if method.is_sweep_override() else [str(method.value())]
+    else:
+        for group in ("experiment", "hparams_search"):  # conf/config.yaml order: the later one wins
+            option = groups.get(group)
+            if option is not None and not option.is_sweep_override():
+                chosen = _method_override_in(CONF / group / f"{option.value()}.yaml") or chosen
+        chosen = chosen or _method_override_in(CONF / "config.yaml", default_list=True)
+    if not chosen or any(m not in METHOD_SCHEMAS for m in chosen):
+        return None
+    return tuple(dict.fromkeys(chosen))
+
+
+def _method_override_in(path: Path, default_list: bool = False) -> list[str]:
+    try:
+        defaults = (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("defaults") or []
+    except (OSError, yaml.YAMLError):
+        return []
+    key = "method" if default_list else "override /method"
+    return [str(entry[key]) for entry in defaults if isinstance(entry, dict) and entry.get(key) is not None]

@@ -1,0 +1,193 @@
+"""Composed config → the documented files: finetune.yaml (the reference demo's schema) and the DeepSpeed JSON.
+
+`ds_config.json` is the chosen deepspeed group as the user wrote it ("auto" kept, as documented);
+`ds_config.resolved.json` fills every "auto" exactly as transformers will (HfTrainerDeepSpeedConfig), so the user
+can read what DeepSpeed really gets. Contradictions are found here, before any weights load: DeepSpeed itself
+silently maps some "auto" values to its defaults, and transformers reports mismatches only inside train().
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from glm_ft.atomic import write_text_atomic
+from glm_ft.errors import ConfigError
+from glm_ft.config.schema import GenerationArgs, TrainingArgs
+
+# Keys of the documented training_args, in documented order; others appear only when changed from the default.
+DOCUMENTED_TRAINING_KEYS = [
+    "output_dir", "max_steps", "learning_rate", "per_device_train_batch_size", "dataloader_num_workers",
+    "remove_unused_columns", "save_strategy", "save_steps", "log_level", "logging_strategy", "logging_steps",
+    "per_device_eval_batch_size", "evaluation_strategy", "eval_steps", "predict_with_generate", "generation_config",
+]
+DOCUMENTED_LORA_KEYS = ["peft_type", "task_type", "r", "lora_alpha", "lora_dropout"]
+DOCUMENTED_PREFIX_KEYS = ["peft_type", "task_type", "num_virtual_tokens"]
+FINETUNE_FILE = "finetune.yaml"
+DS_FILE = "ds_config.json"
+DS_RESOLVED_FILE = "ds_config.resolved.json"
+
+
+def _defaults(schema: type) -> dict[str, Any]:
+    return {k: v for k, v in dataclasses.asdict(schema()).items()}
+
+
+def _changed_or_listed(values: dict, defaults: dict, listed: list[str]) -> dict:
+    out = {k: values[k] for k in listed if k in values}
+    out.update({k: v for k, v in values.items() if k not in out and v != defaults.get(k)})
+    return out
+
+
+def finetune_dict(cfg: DictConfig, run_dir: Path, ds_path: Path | None) -> dict[str, Any]:
+    """The documented finetune.yaml for this composed config."""
+    args = OmegaConf.to_container(cfg.training_args, resolve=True)
+    args["output_dir"] = str(run_dir)
+    if ds_path is not None:
+        args["deepspeed"] = str(ds_path)
+    args["generation_config"] = _changed_or_listed(args["generation_config"], _defaults(GenerationArgs),
+                                                   ["max_new_tokens"])
+    training_args = _changed_or_listed(args, _defaults(TrainingArgs), DOCUMENTED_TRAINING_KEYS)
+    # Each documented method file names use_cpu except sft; keep what the method group set, drop a bare default.
+    if training_args.get("use_cpu") is None:
+        training_args.pop("use_cpu", None)
+
+    data = cfg.data
+    out: dict[str, Any] = {
+        "data_config": {"train_file": data.train_file, "val_file": data.val_file, "test_file": data.test_file,
+                        "num_proc": data.num_proc},
+        "max_input_length": cfg.max_input_length,
+        "max_output_length": cfg.max_output_length,
+        "training_args": training_args,
+    }
+    method = OmegaConf.to_container(cfg.method, resolve=True)
+    name = method.pop("name")
+    if name == "lora":
+        out["peft_config"] = _changed_or_listed(method, {"target_modules": ["query_key_value"]}, DOCUMENTED_LORA_KEYS)
+    elif name == "ptuning_v2":
+        out["peft_config"] = _changed_or_listed(method, {"prefix_projection": False}, DOCUMENTED_PREFIX_KEYS)
+    return out
+
+
+# --- DeepSpeed --------------------------------------------------------------------------------------------------
+
+def _get(d: dict, dotted: str) -> Any:
+    for part in dotted.split("."):
+        if not isinstance(d, dict) or part not in d:
+            return None
+        d = d[part]
+    return d
+
+
+def _set(d: dict, dotted: str, value: Any) -> None:
+    *parents, last = dotted.split(".")
+    for part in parents:
+        d = d[part]
+    d[last] = value
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _training_fills(args: DictConfig) -> list[tuple[str, Any, str]]:
+    """(deepspeed key, value from training_args, training_args key): HfTrainerDeepSpeedConfig's first stage."""
+    batch = world_size() * args.per_device_train_batch_size * args.gradient_accumulation_steps
+    return [
+        ("train_micro_batch_size_per_gpu", args.per_device_train_batch_size, "training_args.per_device_train_batch_size"),
+        ("gradient_accumulation_steps", args.gradient_accumulation_steps, "training_args.gradient_accumulation_steps"),
+        ("train_batch_size", batch, "training_args.per_device_train_batch_size × gradient_accumulation_steps × "
+                                    f"world size {world_size()}"),
+        ("gradient_clipping", args.max_grad_norm, "training_args.max_grad_norm"),
+        ("optimizer.params.lr", args.learning_rate, "training_args.learning_rate"),
+        ("optimizer.params.betas", [args.adam_beta1, args.adam_beta2], "training_args.adam_beta1/adam_beta2"),
+        ("optimizer.params.eps", args.adam_epsilon, "training_args.adam_epsilon"),
+        ("optimizer.params.weight_decay", args.weight_decay, "training_args.weight_decay"),
+        ("scheduler.params.warmup_max_lr", args.learning_rate, "training_args.learning_rate"),
+        ("fp16.enabled", bool(args.fp16), "training_args.fp16"),
+        ("bf16.enabled", bool(args.bf16), "training_args.bf16"),
+    ]
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, bool) or isinstance(b, bool):
+        return a is b or a == b
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return abs(a - b) <= 1e-12 * max(1.0, abs(a), abs(b))
+    return a == b
+
+
+def check_deepspeed(cfg: DictConfig) -> None:
+    """Reject a DeepSpeed config that contradicts training_args or that DeepSpeed would refuse."""
+    ds = OmegaConf.to_container(cfg.deepspeed, resolve=True)
+    stage = _get(ds, "zero_optimization.stage")
+    if stage is not None and stage not in (0, 1, 2, 3):
+        raise ConfigError(f"deepspeed.zero_optimization.stage: {stage!r} is not one of 0, 1, 2, 3")
+    if _get(ds, "fp16.enabled") is True and _get(ds, "bf16.enabled") is True:
+        raise ConfigError("deepspeed.fp16.enabled and deepspeed.bf16.enabled are both true: DeepSpeed allows one")
+    for key, value, source in _training_fills(cfg.training_args):
+        explicit = _get(ds, key)
+        if explicit is None or explicit == "auto":
+            continue
+        if isinstance(explicit, str):
+            raise ConfigError(f"deepspeed.{key}: '{explicit}' must be a number or \"auto\"")
+        if not _same(explicit, value):
+            raise ConfigError(f"deepspeed.{key}={explicit} contradicts {source}={value}; "
+                              f"set deepspeed.{key}=auto or make them equal")
+    for key in ("zero_optimization.reduce_bucket_size", "zero_optimization.stage3_prefetch_bucket_size",
+                "zero_optimization.stage3_param_persistence_threshold", "zero_optimization.allgather_bucket_size"):
+        value = _get(ds, key)
+        if value is not None and value != "auto" and (isinstance(value, (str, bool)) or value <= 0):
+            raise ConfigError(f"deepspeed.{key}: must be a positive number or \"auto\", got {value!r}")
+
+
+def resolve_deepspeed(cfg: DictConfig, hidden_size: int, num_training_steps: int) -> dict[str, Any]:
+    """Fill every "auto" as transformers' HfTrainerDeepSpeedConfig does (both stages)."""
+    ds = OmegaConf.to_container(cfg.deepspeed, resolve=True)
+    args = cfg.training_args
+
+    def fill(key: str, value: Any) -> None:
+        if _get(ds, key) == "auto":
+            _set(ds, key, value)
+
+    for key, value, _ in _training_fills(args):
+        fill(key, value)
+    fill("scheduler.params.warmup_min_lr", 0)
+    fill("zero_optimization.reduce_bucket_size", hidden_size * hidden_size)
+    if _get(ds, "zero_optimization.stage") == 3:
+        fill("zero_optimization.stage3_prefetch_bucket_size", int(0.9 * hidden_size * hidden_size))
+        fill("zero_optimization.stage3_param_persistence_threshold", 10 * hidden_size)
+    if num_training_steps > 0:  # max_steps=-1: known only once the data is loaded
+        fill("scheduler.params.total_num_steps", num_training_steps)
+        warmup = int(args.warmup_steps) if args.warmup_steps >= 1 else math.ceil(args.warmup_steps * num_training_steps)
+        fill("scheduler.params.warmup_num_steps", max(1, warmup))
+    return ds
+
+
+def render_run_files(cfg: DictConfig, run_dir: Path, hidden_size: int | None) -> dict[str, Path]:
+    """Write finetune.yaml (and the DeepSpeed JSON pair) into the run folder; return their paths."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    paths: dict[str, Path] = {}
+    ds_path = None
+    if cfg.deepspeed is not None:
+        ds_path = run_dir / DS_FILE
+        write_text_atomic(ds_path, json.dumps(OmegaConf.to_container(cfg.deepspeed, resolve=True), indent=2))
+        paths["ds_config"] = ds_path
+        if hidden_size is not None:
+            steps = cfg.training_args.max_steps
+            resolved = resolve_deepspeed(cfg, hidden_size, steps)
+            paths["ds_config_resolved"] = run_dir / DS_RESOLVED_FILE
+            write_text_atomic(paths["ds_config_resolved"], json.dumps(resolved, indent=2))
+    import yaml
+
+    finetune = finetune_dict(cfg, run_dir, ds_path)
+    paths["finetune"] = run_dir / FINETUNE_FILE
+    write_text_atomic(paths["finetune"], yaml.safe_dump(finetune, sort_keys=False, allow_unicode=True))
+    return paths

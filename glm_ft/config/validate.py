@@ -1,0 +1,292 @@
+"""Semantic checks on a composed config: what types alone can't say. Runs before any model weights or data load.
+
+Every error names the config key (and the allowed values or the conflicting key), so a bad sweep fails in a
+second instead of after an hour on a GPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import stat
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from glm_ft.config import hf_choices
+from glm_ft.errors import ConfigError
+from glm_ft.config.keys import closest, unknown_key_message
+from glm_ft.config.schema import METHOD_SCHEMAS, TINY_MODEL_DIR
+
+SEED_LIMIT = 2**32  # numpy's seed range (transformers' set_seed seeds numpy too)
+QUICKSTART_HINT = "or try the bundled tiny setup: python train.py experiment=quickstart"
+
+
+def validate(cfg: DictConfig, *, check_paths: bool = True) -> None:
+    """Raise ConfigError on the first problem found, naming the key."""
+    _check_finite(_resolved(cfg))
+    _check_unknown_keys(cfg)
+    _check_method(cfg.method)
+    _check_lengths(cfg)
+    if not 0 <= cfg.seed < SEED_LIMIT:
+        raise ConfigError(f"seed: must be in [0, 2**32), got {cfg.seed}")
+    _check_training_args(cfg.training_args)
+    _check_generation(cfg.training_args.generation_config)
+    _check_tracking(cfg.tracking)
+    if cfg.deepspeed is not None:
+        from glm_ft.config.render import check_deepspeed
+
+        check_deepspeed(cfg)
+    _check_model(cfg.model)
+    if check_paths:
+        check_model_path(cfg.model)
+        check_data_files(cfg.data)
+        _check_resume(cfg.resume)
+
+
+def _check_unknown_keys(node: Any, prefix: str = "") -> None:
+    # `+key=value` opens the struct flag, so keys added that way reach us: every dataclass node is checked here.
+    if not isinstance(node, DictConfig):
+        return
+    schema = OmegaConf.get_type(node)
+    if dataclasses.is_dataclass(schema):
+        allowed = [f.name for f in dataclasses.fields(schema)]
+        for key in node.keys():
+            if key not in allowed:
+                full = f"{prefix}{key}"
+                if prefix == "method." and node.get("name") == "sft":
+                    raise ConfigError(f"{full}: method=sft (full fine-tuning) takes no PEFT keys; drop '{full}' "
+                                      "or choose method=lora|ptuning_v2")
+                raise ConfigError(unknown_key_message(full, allowed))
+    for key in node.keys():
+        child = node._get_node(key)
+        if isinstance(child, DictConfig) and not child._is_none() and not child._is_missing():
+            _check_unknown_keys(child, f"{prefix}{key}.")
+
+
+def _check_method(method: DictConfig) -> None:
+    name = method.name
+    if name not in METHOD_SCHEMAS:
+        raise ConfigError(f"method.name: '{name}' is not one of {', '.join(METHOD_SCHEMAS)}")
+    expected = METHOD_SCHEMAS[name]()
+    for key in ("peft_type", "task_type"):
+        if key in method and method[key] != getattr(expected, key):
+            raise ConfigError(f"method.{key}: '{method[key]}' does not fit method={name} "
+                              f"(expected '{getattr(expected, key)}')")
+    if name == "lora":
+        if method.r <= 0:
+            raise ConfigError(f"method.r: must be > 0, got {method.r}")
+        if method.lora_alpha <= 0:
+            raise ConfigError(f"method.lora_alpha: must be > 0, got {method.lora_alpha}")
+        if not 0 <= method.lora_dropout < 1:
+            raise ConfigError(f"method.lora_dropout: must be in [0, 1), got {method.lora_dropout}")
+        if len(method.target_modules) == 0:
+            raise ConfigError("method.target_modules: must name at least one module (ChatGLM3: query_key_value)")
+    if name == "ptuning_v2" and method.num_virtual_tokens <= 0:
+        raise ConfigError(f"method.num_virtual_tokens: must be > 0, got {method.num_virtual_tokens}")
+
+
+MODEL_DTYPES = ("auto", "float32", "bfloat16", "float16")
+ATTENTION = ("sdpa", "eager")
+
+
+def _check_model(model: DictConfig) -> None:
+    if model.torch_dtype not in MODEL_DTYPES:
+        raise ConfigError(f"model.torch_dtype: '{model.torch_dtype}' is not one of {', '.join(MODEL_DTYPES)}")
+    if model.attn_implementation not in ATTENTION:
+        raise ConfigError(f"model.attn_implementation: '{model.attn_implementation}' is not one of "
+                          f"{', '.join(ATTENTION)}")
+
+
+def _check_lengths(cfg: DictConfig) -> None:
+    for key in ("max_input_length", "max_output_length"):
+        if cfg[key] <= 0:
+            raise ConfigError(f"{key}: must be > 0, got {cfg[key]}")
+    if cfg.eval_subset is not None and cfg.eval_subset <= 0:
+        raise ConfigError(f"eval_subset: must be > 0 or null (all), got {cfg.eval_subset}")
+
+
+def _resolved(cfg: DictConfig) -> dict:
+    """The config with every interpolation resolved: a missing key or a cycle is named here, not in a traceback."""
+    try:
+        return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    except RecursionError:
+        raise ConfigError("an interpolation refers back to itself (a ${...} cycle); check the keys set to "
+                          "${...} on the command line and in the chosen config files") from None
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None) or "config"
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ConfigError(f"{key}: {reason}") from None
+
+
+def _check_finite(node: Any, prefix: str = "") -> None:
+    # NaN slips through every `<= 0` check (all comparisons with NaN are false), so it is refused everywhere.
+    if isinstance(node, dict):
+        for key, value in node.items():
+            _check_finite(value, f"{prefix}{key}.")
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            _check_finite(value, f"{prefix}{i}.")
+    elif isinstance(node, float) and not math.isfinite(node):
+        raise ConfigError(f"{prefix[:-1]}: must be a finite number, got {node}")
+
+
+def _check_choice(key: str, value: str, choices: tuple[str, ...], source: str) -> None:
+    if value in choices:
+        return
+    guesses = closest(value, list(choices))
+    hint = f"did you mean {' or '.join(guesses)}? " if guesses else ""
+    shown = ", ".join(choices) if len(choices) <= 12 else f"{', '.join(choices[:8])}, ... ({len(choices)} in all)"
+    raise ConfigError(f"training_args.{key}: '{value}' is not one of {source} ({hint}{shown})")
+
+
+def _check_training_args(args: DictConfig) -> None:
+    # Choices are transformers' own enums, read from the installed transformers (glm_ft.config.hf_choices).
+    strategies = hf_choices.enum_values("IntervalStrategy")
+    for key in ("evaluation_strategy", "save_strategy", "logging_strategy"):
+        _check_choice(key, args[key], strategies, "transformers' IntervalStrategy")
+    _check_choice("lr_scheduler_type", args.lr_scheduler_type, hf_choices.enum_values("SchedulerType"),
+                  "transformers' SchedulerType")
+    _check_choice("optim", args.optim, hf_choices.enum_values("OptimizerNames"), "transformers' OptimizerNames")
+    _check_choice("log_level", args.log_level, hf_choices.log_levels(), "transformers' log levels")
+    positive = ["per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
+                "logging_steps", "save_steps", "eval_steps", "learning_rate", "adam_epsilon"]
+    for key in positive:
+        if args[key] <= 0:
+            raise ConfigError(f"training_args.{key}: must be > 0, got {args[key]}")
+    if args.max_steps == 0 or args.max_steps < -1:
+        raise ConfigError(f"training_args.max_steps: must be > 0 (or -1 to use num_train_epochs), got {args.max_steps}")
+    if args.max_steps == -1 and args.num_train_epochs <= 0:
+        raise ConfigError(f"training_args.num_train_epochs: must be > 0 when max_steps is -1, "
+                          f"got {args.num_train_epochs}")
+    for key in ("dataloader_num_workers", "weight_decay"):
+        if args[key] < 0:
+            raise ConfigError(f"training_args.{key}: must be >= 0, got {args[key]}")
+    if args.warmup_steps < 0:
+        raise ConfigError(f"training_args.warmup_steps: must be >= 0 (a step count, or a fraction in [0, 1) of the "
+                          f"training steps), got {args.warmup_steps}")
+    if args.max_grad_norm < 0:
+        # transformers skips clipping for any value <= 0, so a negative one would silently mean "no clipping".
+        raise ConfigError(f"training_args.max_grad_norm: must be >= 0 (0 turns gradient clipping off), "
+                          f"got {args.max_grad_norm}")
+    if args.save_total_limit is not None and args.save_total_limit < 1:
+        # transformers keeps every checkpoint for any value <= 0, silently.
+        raise ConfigError(f"training_args.save_total_limit: must be >= 1 (or null to keep every checkpoint), "
+                          f"got {args.save_total_limit}")
+    for key in ("adam_beta1", "adam_beta2"):
+        if not 0 <= args[key] < 1:
+            raise ConfigError(f"training_args.{key}: must be in [0, 1), got {args[key]}")
+    if args.fp16 and args.bf16:
+        raise ConfigError("training_args.fp16 and training_args.bf16 are both true: choose one")
+    if args.fp16 and not cuda_available():
+        raise ConfigError("training_args.fp16=true needs a CUDA GPU and none is available; "
+                          "use training_args.bf16=true on CPU or drop fp16")
+
+
+# What transformers' generate() refuses (its logits processors raise on these; num_beams=0 divides by zero at the
+# first evaluation): tests/test_validate_values.py generates with transformers under each boundary value.
+def _check_generation(gen: DictConfig) -> None:
+    key = "training_args.generation_config"
+    if gen.max_new_tokens <= 0:
+        raise ConfigError(f"{key}.max_new_tokens: must be > 0, got {gen.max_new_tokens}")
+    if gen.num_beams < 1:
+        raise ConfigError(f"{key}.num_beams: must be >= 1 (1 = no beam search), got {gen.num_beams}")
+    if gen.repetition_penalty is not None and gen.repetition_penalty <= 0:
+        raise ConfigError(f"{key}.repetition_penalty: must be > 0 (1 = none), got {gen.repetition_penalty}")
+    if gen.do_sample:
+        if gen.temperature is not None and gen.temperature <= 0:
+            raise ConfigError(f"{key}.temperature: must be > 0 with do_sample=true, got {gen.temperature}")
+        if gen.top_p is not None and not 0 <= gen.top_p <= 1:
+            raise ConfigError(f"{key}.top_p: must be in [0, 1] with do_sample=true, got {gen.top_p}")
+
+
+def _check_tracking(tracking: DictConfig) -> None:
+    if tracking.enabled and not str(tracking.experiment_name).strip():
+        raise ConfigError("tracking.experiment_name: must not be empty (the MLflow experiment to log into, "
+                          "default glm-ft)")
+    if tracking.run_name is not None and not str(tracking.run_name).strip():
+        raise ConfigError("tracking.run_name: must not be empty; leave it null for MLflow's own name")
+
+
+def cuda_available() -> bool:
+    # Only asked when fp16 is requested, so the common path never pays for importing torch.
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def resolve_path(path: str) -> Path:
+    """Relative paths in configs are taken from where the user launched, like any CLI argument."""
+    p = Path(os.path.expanduser(path))
+    return p if p.is_absolute() else Path(os.getcwd()) / p
+
+
+def builds_tiny_model(model: DictConfig) -> bool:
+    """model=tiny builds its random model when missing, but only at its own cache location: a misspelt or
+    not-yet-mounted model.path must never turn into a random model trained in its place."""
+    return bool(model.build_if_missing) and resolve_path(model.path).resolve() == TINY_MODEL_DIR.resolve()
+
+
+def check_model_path(model: DictConfig) -> None:
+    path = resolve_path(model.path)
+    if builds_tiny_model(model):
+        return
+    if not (path / "config.json").is_file():
+        what = "does not exist" if not path.exists() else "has no config.json"
+        tiny = (f" (the tiny model is built only at its own location, {TINY_MODEL_DIR}: leave model.path unset "
+                "to use it)") if model.build_if_missing else ""
+        raise ConfigError(
+            f"model.path: '{path}' {what}{tiny}. Point it at a local chatglm3-6b checkpoint folder "
+            f"(config.json, tokenizer.model, weights), e.g. model.path=/models/chatglm3-6b, {QUICKSTART_HINT}")
+
+
+def data_paths(data: DictConfig) -> dict[str, Path | None]:
+    base = resolve_path(data.data_dir)
+    return {split: (base / data[key]) if data[key] else None
+            for split, key in (("train", "train_file"), ("val", "val_file"), ("test", "test_file"))}
+
+
+def check_data_files(data: DictConfig) -> None:
+    base = resolve_path(data.data_dir)
+    for split, path in data_paths(data).items():
+        key = {"train": "train_file", "val": "val_file", "test": "test_file"}[split]
+        if path is not None and path.exists() and not path.is_file():
+            # A FIFO would block the run forever on its first read; a directory is a wrong path.
+            raise ConfigError(f"data.{key}: '{path}' is {_file_kind(path)}, not a data file; point data.{key} "
+                              "at a .json or .jsonl file")
+        if path is not None and not path.is_file():
+            where = "data.data_dir does not exist" if not base.exists() else f"no such file (data.{key})"
+            raise ConfigError(f"data: '{path}': {where}. Point data.data_dir=... at your data folder "
+                              f"(or data.{key}=... at the file), {QUICKSTART_HINT}")
+    if data.num_proc <= 0:
+        raise ConfigError(f"data.num_proc: must be > 0, got {data.num_proc}")
+
+
+def check_data_rows(data: DictConfig, *, log_skips: bool = True) -> None:
+    """Read and check every row of the configured files: FILE:LINE errors come before any model loads."""
+    from glm_ft.data.dataset import read_rows
+
+    for path in data_paths(data).values():
+        if path is not None:
+            read_rows(path, skip_bad_rows=data.skip_bad_rows, log_skips=log_skips)
+
+
+def _file_kind(path: Path) -> str:
+    mode = path.stat().st_mode
+    for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a named pipe (FIFO)"),
+                       (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def _check_resume(resume: str | None) -> None:
+    if resume in (None, "auto"):
+        return
+    if not resolve_path(resume).is_dir():
+        raise ConfigError(f"resume: '{resume}' is not a checkpoint folder; use resume=auto with "
+                          "hydra.run.dir=<run folder>, or resume=<run folder>/checkpoint-N")

@@ -1,0 +1,1 @@
+"""What a run trained, used: open a checkpoint, chat, predict, export (THUDM or transformers layout), serve."""

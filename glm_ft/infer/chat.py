@@ -1,0 +1,167 @@
+"""Chat in the terminal with what a run trained (or any ChatGLM3 model folder).
+
+    python -m glm_ft chat outputs/2026-11-27/12-00-00            # a run folder: final/ or its newest checkpoint
+    python -m glm_ft chat outputs/.../checkpoint-500 --system "你是一个广告文案助手"
+    python -m glm_ft chat RUN --prompt "类型#裙*颜色#红色"        # answer once on stdout, exit 0 (for scripts)
+    python -m glm_ft chat RUN --do-sample --temperature 0.8 --top-p 0.8 --seed 1
+
+Interactive mode reads one message per line from stdin: `clear` starts a new conversation, `exit`, `quit` or end of
+input leaves. The whole conversation is re-encoded every turn with ChatGLM3's own chat format, so the model sees
+exactly what it was trained on; replies stream as they are generated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any, TextIO
+
+from glm_ft.errors import GlmFtError
+
+
+class ChatSession:
+    """A conversation with a loaded checkpoint: history, optional system prompt, generation settings."""
+
+    def __init__(self, loaded, generation_config, system: str | None = None):
+        self.tokenizer = loaded.tokenizer
+        self.model = loaded.model
+        self.generation_config = generation_config
+        self.system = system
+        self.history: list[dict[str, str]] = []
+
+    def clear(self) -> None:
+        self.history = []
+
+    def messages(self, query: str) -> list[dict[str, str]]:
+        system = [{"role": "system", "content": self.system}] if self.system else []
+        return [*system, *self.history, {"role": "user", "content": query}]
+
+    def prompt_ids(self, query: str) -> list[int]:
+        """The conversation + `query` + `<|assistant|>`; when over the model's context, the oldest turns go first
+        (the system prompt stays)."""
+        budget = self.model.config.seq_length - self.generation_config.max_new_tokens
+        ids = self.tokenizer.apply_chat_template(self.messages(query), add_generation_prompt=True)
+        while len(ids) > budget and self.history:
+            self.history = self.history[2:]
+            ids = self.tokenizer.apply_chat_template(self.messages(query), add_generation_prompt=True)
+        return ids
+
+    def ask(self, query: str, out: TextIO | None = None) -> str:
+        """Reply to `query` (streamed to `out` when given), remember the turn and return the reply."""
+        import torch
+
+        from glm_ft.train.evaluation import decode_rows
+
+        ids = self.prompt_ids(query)
+        input_ids = torch.tensor([ids], device=self.model.device)
+        streamer = make_streamer(self.tokenizer, out) if out is not None else None
+        with torch.no_grad():
+            generated = self.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                                            generation_config=self.generation_config, streamer=streamer)
+        reply = decode_rows(self.tokenizer, generated[:, len(ids):], self.generation_config.eos_token_id)[0]
+        self.history += [{"role": "user", "content": query}, {"role": "assistant", "content": reply}]
+        return reply
+
+
+def make_streamer(tokenizer, out: TextIO):
+    """A TextStreamer that writes the reply to `out` as it is generated."""
+    from transformers import TextStreamer
+
+    class Streamer(TextStreamer):
+        """TextStreamer writing to a chosen stream, without the reply's leading newline (ChatGLM3 replies begin
+        with "\\n")."""
+
+        def __init__(self, tokenizer, out: TextIO):
+            super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
+            self.out = out
+            self.started = False
+
+        def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+            if not self.started:
+                text = text.lstrip()
+                self.started = bool(text)
+            self.out.write(text + ("\n" if stream_end else ""))
+            self.out.flush()
+
+    return Streamer(tokenizer, out)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m glm_ft chat", description=__doc__.splitlines()[0])
+    parser.add_argument("checkpoint", help="run folder, checkpoint folder (LoRA, P-Tuning v2, SFT) or model folder")
+    parser.add_argument("--base-model", help="base model folder (default: the one recorded at training time)")
+    parser.add_argument("--system", help="system prompt")
+    parser.add_argument("--prompt", help="answer this one message on stdout and exit")
+    parser.add_argument("--max-new-tokens", type=int, default=512)
+    parser.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    parser.add_argument("--temperature", type=float, help="with --do-sample")
+    parser.add_argument("--top-p", type=float, help="with --do-sample")
+    parser.add_argument("--seed", type=int, default=None, help="seed for sampling")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    args = parser.parse_args(argv)
+    if args.max_new_tokens < 1:
+        parser.error("--max-new-tokens must be at least 1")
+    if not args.do_sample and (args.temperature is not None or args.top_p is not None):
+        parser.error("--temperature and --top-p need --do-sample")
+    return args
+
+
+def run(args: argparse.Namespace, stdin: TextIO, stdout: TextIO) -> int:
+    from glm_ft.infer.checkpoint import find_checkpoint
+
+    # A wrong path fails here, before seconds of imports.
+    ckpt = find_checkpoint(args.checkpoint, args.base_model)
+
+    from transformers import set_seed
+
+    from glm_ft.infer.checkpoint import generation_config, load_checkpoint, quiet_transformers
+
+    quiet_transformers()
+    loaded = load_checkpoint(ckpt, dtype=args.dtype)
+    gen = generation_config(loaded.tokenizer, args.max_new_tokens, do_sample=args.do_sample,
+                            temperature=args.temperature, top_p=args.top_p)
+    if args.seed is not None:
+        set_seed(args.seed)
+    session = ChatSession(loaded, gen, args.system)
+    if args.prompt is not None:
+        session.ask(args.prompt, stdout)
+        return 0
+    _interactive(session, loaded, stdin, stdout)
+    return 0
+
+
+def _interactive(session: ChatSession, loaded: Any, stdin: TextIO, stdout: TextIO) -> None:
+    stdout.write(f"{loaded.checkpoint.describe()}\n'clear' starts over, 'exit' or 'quit' (or Ctrl-D) leaves.\n")
+    while True:
+        stdout.write("\nUser: ")
+        stdout.flush()
+        line = stdin.readline()
+        if not line:
+            stdout.write("\n")
+            return
+        query = line.strip()
+        if query in ("exit", "quit"):
+            return
+        if query == "clear":
+            session.clear()
+            stdout.write("(history cleared)\n")
+            continue
+        if not query:
+            continue
+        stdout.write("Assistant: ")
+        session.ask(query, stdout)
+
+
+def main(argv: list[str] | None = None, stdin: TextIO | None = None, stdout: TextIO | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        return run(args, stdin or sys.stdin, stdout or sys.stdout)
+    except GlmFtError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

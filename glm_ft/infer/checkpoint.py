@@ -1,0 +1,319 @@
+"""Open what training left: a run folder, one of its checkpoints, or a plain model folder.
+
+    find_checkpoint(path, base_model=None) -> Checkpoint        # where things are; reads no weights
+    load_checkpoint(path, base_model=None, ...) -> Loaded       # tokenizer + model ready for generate()
+
+What a folder holds decides how it opens:
+- a run folder (`glm_ft_run.json`): its `final/`, or else its newest complete `checkpoint-N/`;
+- a LoRA checkpoint (`adapter_config.json`): the base model + the PEFT adapter;
+- a P-Tuning v2 checkpoint (`prefix_encoder.safetensors`): the base model + the prefix;
+- a full model (`config.json` + weights): an SFT checkpoint, an exported model, the tiny model, or a whole-model
+  P-Tuning v2 checkpoint of the reference demo (`pre_seq_len` in its config, the prefix among its weights).
+
+The base model is the one recorded in the run's `glm_ft_run.json` (for a LoRA adapter outside a run: the adapter's
+`base_model_name_or_path`); `base_model=` overrides it. chat, predict and export all open checkpoints here.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from glm_ft.errors import CheckpointError
+from glm_ft.train.finetune import COMPLETE_MARKER, complete_checkpoints
+
+log = logging.getLogger(__name__)
+
+RUN_INFO = "glm_ft_run.json"
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+# The names glm_ft.chatglm3.prefix writes; not imported from there because that module pulls in torch, and
+# finding a checkpoint (and failing on a wrong path) should take no time.
+PREFIX_WEIGHTS = "prefix_encoder.safetensors"
+PREFIX_CONFIG = "prefix_config.json"
+MODEL_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                 "pytorch_model.bin.index.json")
+PREFIX_TENSOR = "transformer.prefix_encoder.embedding.weight"
+
+LORA, PTUNING, FULL = "lora", "ptuning_v2", "full"
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    path: Path  # the folder that holds the trained weights
+    kind: str  # LORA, PTUNING or FULL
+    base_model: Path | None  # the model an adapter or prefix applies to; None for a full model
+    tokenizer_dir: Path
+    run_info: dict[str, Any] | None  # glm_ft_run.json of the run it belongs to, if any
+
+    def describe(self) -> str:
+        what = {LORA: "LoRA adapter", PTUNING: "P-Tuning v2 prefix", FULL: "full model"}[self.kind]
+        return f"{what} {self.path}" + (f" on {self.base_model}" if self.base_model else "")
+
+
+@dataclass
+class Loaded:
+    checkpoint: Checkpoint
+    tokenizer: Any
+    model: Any  # in eval mode; a PeftModel for an unmerged LoRA adapter
+
+
+def find_checkpoint(path: str | Path, base_model: str | Path | None = None) -> Checkpoint:
+    path = Path(path).expanduser().resolve()
+    if not path.exists():
+        raise CheckpointError(f"{path}: not found")
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a folder (expected a run, checkpoint or model folder)")
+
+    if (path / RUN_INFO).is_file():
+        run_dir, folder = path, _newest_complete(path)
+    else:
+        run_dir = path.parent if (path.parent / RUN_INFO).is_file() else None
+        folder = path
+        if run_dir is not None and not (folder / COMPLETE_MARKER).is_file():
+            raise CheckpointError(f"{folder}: incomplete checkpoint (no {COMPLETE_MARKER}: training stopped while "
+                                  "writing it); pick another checkpoint or the run folder")
+    run_info = _read_json(run_dir / RUN_INFO) if run_dir is not None else None
+    kind = _kind(folder)
+
+    base = None
+    if kind != FULL:
+        base = _base_model(folder, kind, run_dir, run_info, base_model)
+    elif base_model is not None:
+        log.warning("%s is a full model: --base-model %s is not used", folder, base_model)
+    tokenizer_dir = next((d for d in (folder, base) if d is not None and (d / "tokenizer.model").is_file()), None)
+    if tokenizer_dir is None:
+        raise CheckpointError(f"{folder}: no tokenizer.model here" + (f" nor in the base model {base}" if base else ""))
+    return Checkpoint(folder, kind, base, tokenizer_dir, run_info)
+
+
+def _newest_complete(run_dir: Path) -> Path:
+    if (run_dir / "final" / COMPLETE_MARKER).is_file():
+        return run_dir / "final"
+    found = complete_checkpoints(run_dir)
+    if not found:
+        raise CheckpointError(f"{run_dir}: run folder without a complete checkpoint (no final/ and no checkpoint-N/ "
+                              f"with {COMPLETE_MARKER})")
+    return found[-1]
+
+
+def _kind(folder: Path) -> str:
+    if (folder / ADAPTER_CONFIG).is_file():
+        return LORA
+    if (folder / PREFIX_WEIGHTS).is_file():
+        return PTUNING
+    if (folder / "config.json").is_file() and any((folder / name).is_file() for name in MODEL_WEIGHTS):
+        return FULL
+    raise CheckpointError(
+        f"{folder}: holds no model: expected a glm-ft run folder ({RUN_INFO}), a LoRA checkpoint ({ADAPTER_CONFIG}), "
+        f"a P-Tuning v2 checkpoint ({PREFIX_WEIGHTS}) or a model folder (config.json + model.safetensors)")
+
+
+def _base_model(folder: Path, kind: str, run_dir: Path | None, run_info: dict | None,
+                override: str | Path | None) -> Path:
+    if override is not None:
+        base = Path(override).expanduser().resolve()
+        if not (base / "config.json").is_file():
+            raise CheckpointError(f"--base-model {base}: not a model folder (no config.json)")
+        return base
+    if run_info is not None and run_info.get("base_model"):
+        recorded, source = run_info["base_model"], run_dir / RUN_INFO
+    elif kind == LORA and _read_json(folder / ADAPTER_CONFIG).get("base_model_name_or_path"):
+        recorded, source = _read_json(folder / ADAPTER_CONFIG)["base_model_name_or_path"], folder / ADAPTER_CONFIG
+    else:
+        raise CheckpointError(f"{folder}: no base model is recorded for this checkpoint; pass --base-model PATH")
+    base = Path(recorded).expanduser()
+    if not (base / "config.json").is_file():
+        raise CheckpointError(f"{folder}: base model {recorded} (recorded in {source}) not found; "
+                              "pass --base-model PATH")
+    return base.resolve()
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{path}: cannot be read ({err})") from err
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    return data
+
+
+# --- loading -----------------------------------------------------------------------------------------------------
+
+
+def default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def torch_dtype(name: str | None, device: str):
+    """None/"auto": bf16 (or fp16) on a GPU, fp32 on the CPU, where half precision is slow or unsupported."""
+    import torch
+
+    if name in (None, "auto"):
+        if device.startswith("cuda"):
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    if name not in ("float32", "bfloat16", "float16"):
+        raise CheckpointError(f"dtype {name!r}: expected auto, float32, bfloat16 or float16")
+    return getattr(torch, name)
+
+
+def load_checkpoint(path: str | Path | Checkpoint, base_model: str | Path | None = None, *, dtype: str | None = None,
+                    device: str | None = None, merge_lora: bool = False) -> Loaded:
+    """Tokenizer and model in eval mode on `device` (default: the GPU if there is one). `path` may also be what
+    find_checkpoint returned (then base_model is already in it).
+
+    A LoRA adapter stays a PeftModel unless `merge_lora`, which folds it into the base weights."""
+    from glm_ft.model import load_base_model, load_tokenizer
+
+    ckpt = path if isinstance(path, Checkpoint) else find_checkpoint(path, base_model)
+    device = device or default_device()
+    dtype = torch_dtype(dtype, device)
+    tokenizer = load_tokenizer(ckpt.tokenizer_dir)
+    if ckpt.kind == FULL:
+        _check_prefix_weights(ckpt.path)
+        model = load_base_model(ckpt.path, dtype)
+    else:
+        model = load_base_model(ckpt.base_model, dtype)
+        if ckpt.kind == LORA:
+            model = _apply_lora(model, ckpt, merge_lora)
+        else:
+            model = _apply_prefix(model, ckpt)
+    model.config.use_cache = True  # training switched it off, and an SFT checkpoint saved it that way
+    model.to(device).eval()
+    log.info("loaded %s", ckpt.describe())
+    return Loaded(ckpt, tokenizer, model)
+
+
+def _check_prefix_weights(folder: Path) -> None:
+    # A config with pre_seq_len whose weights lack the prefix would load with a freshly drawn random prefix: the
+    # model treats a missing prefix as "new, initialise it", which is right for training and wrong here.
+    config = _read_json(folder / "config.json")
+    if config.get("pre_seq_len") and PREFIX_TENSOR not in _weight_names(folder):
+        raise CheckpointError(f"{folder}: config.json sets pre_seq_len={config['pre_seq_len']} but the weights hold "
+                              f"no {PREFIX_TENSOR}")
+
+
+def _weight_names(folder: Path) -> set[str]:
+    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        if (folder / index).is_file():
+            return set(_read_json(folder / index).get("weight_map", {}))
+    if (folder / "model.safetensors").is_file():
+        from safetensors import safe_open
+
+        with safe_open(folder / "model.safetensors", framework="pt") as f:
+            return set(f.keys())
+    import torch
+
+    try:
+        return set(torch.load(folder / "pytorch_model.bin", map_location="meta", weights_only=True, mmap=True))
+    except Exception as err:  # an unsafe pickle is refused here, whatever the exact error class
+        raise CheckpointError(f"{folder / 'pytorch_model.bin'}: cannot be read as plain tensors "
+                              f"({type(err).__name__})") from err
+
+
+def model_shape(config) -> str:
+    return (f"num_layers {config.num_layers}, hidden_size {config.hidden_size}, "
+            f"{config.num_key_value_heads} key/value groups of {config.kv_channels}")
+
+
+_LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
+_LAYER = re.compile(r"\.layers\.(\d+)\.")
+
+
+def check_adapter_fits(model, folder: Path, base: Path) -> None:
+    """Compare the adapter's tensor shapes and layers with the model before PEFT sees them: PEFT would report a
+    mismatch as a long multi-line size error, or silently leave the layers the adapter lacks unadapted."""
+    from safetensors import safe_open
+
+    weights = folder / ADAPTER_WEIGHTS
+    if not weights.is_file():
+        raise CheckpointError(f"{folder}: {ADAPTER_CONFIG} without {ADAPTER_WEIGHTS}")
+    modules = dict(model.named_modules())
+    cfg = model.config
+    what = f"the LoRA adapter {folder} was trained for another model shape than the base model {base}"
+    layers = set()
+    with safe_open(weights, framework="pt") as f:
+        for key in f.keys():
+            match = _LORA_KEY.match(key)
+            if match is None:
+                continue
+            name = match["module"]
+            layers.update(int(i) for i in _LAYER.findall(name))
+            target = modules.get(name)
+            if target is None:
+                raise CheckpointError(f"{what}: it adapts {name}, which the base model ({model_shape(cfg)}) lacks")
+            shape = list(f.get_slice(key).get_shape())
+            r = shape[0] if match["ab"] == "A" else shape[1]
+            expected = [r, target.in_features] if match["ab"] == "A" else [target.out_features, r]
+            if shape != expected:
+                raise CheckpointError(f"{what}: {key} is {shape} in the adapter but {expected} for this model "
+                                      f"({model_shape(cfg)})")
+    if layers and len(layers) != cfg.num_layers:
+        raise CheckpointError(f"{what}: the adapter covers {len(layers)} layers, the base model has {cfg.num_layers}")
+
+
+def _apply_lora(model, ckpt: Checkpoint, merge: bool):
+    from peft import PeftModel
+
+    check_adapter_fits(model, ckpt.path, ckpt.base_model)
+    try:
+        model = PeftModel.from_pretrained(model, str(ckpt.path), is_trainable=False)
+    except (OSError, ValueError, RuntimeError, KeyError) as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(
+            f"{ckpt.path}: cannot load the LoRA adapter onto {ckpt.base_model}: {first_line}") from err
+    return model.merge_and_unload() if merge else model
+
+
+def _apply_prefix(model, ckpt: Checkpoint):
+    from safetensors import safe_open
+
+    from glm_ft.chatglm3.prefix import load_prefix
+
+    cfg = model.config
+    kv_size = cfg.num_layers * 2 * cfg.num_key_value_heads * cfg.kv_channels
+    with safe_open(ckpt.path / PREFIX_WEIGHTS, framework="pt") as f:
+        shape = list(f.get_slice(PREFIX_TENSOR).get_shape()) if PREFIX_TENSOR in f.keys() else None
+    if shape is None:
+        raise CheckpointError(f"{ckpt.path / PREFIX_WEIGHTS}: holds no {PREFIX_TENSOR}")
+    if len(shape) != 2 or shape[1] != kv_size:
+        raise CheckpointError(
+            f"the P-Tuning v2 prefix {ckpt.path} was trained for another model shape than the base model "
+            f"{ckpt.base_model}: its {PREFIX_TENSOR} is {shape}, this model needs [{shape[0]}, {kv_size}] "
+            f"(= [num_virtual_tokens, num_layers·2·groups·kv_channels]; {model_shape(cfg)})")
+    try:
+        return load_prefix(model, ckpt.path)
+    except ValueError as err:  # the base model carries a prefix of another size already
+        raise CheckpointError(f"{ckpt.path}: cannot attach the prefix to {ckpt.base_model}: {err}") from err
+
+
+def generation_config(tokenizer, max_new_tokens: int, *, do_sample: bool = False, temperature: float | None = None,
+                      top_p: float | None = None):
+    """Greedy unless do_sample; stops on eos, <|user|> and <|observation|> as ChatGLM3 does."""
+    from transformers import GenerationConfig
+
+    from glm_ft.train.evaluation import stop_token_ids
+
+    sampling = {"temperature": temperature, "top_p": top_p} if do_sample else {}
+    return GenerationConfig(max_new_tokens=max_new_tokens, do_sample=do_sample, num_beams=1, use_cache=True,
+                            eos_token_id=stop_token_ids(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                            **{k: v for k, v in sampling.items() if v is not None})
+
+
+def quiet_transformers() -> None:
+    """CLI output is the answer: no weight-loading progress bars or advisory warnings from transformers."""
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    warnings.filterwarnings("ignore", category=FutureWarning)  # deprecations inside transformers/peft
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()

@@ -1,0 +1,143 @@
+"""Batch prediction over a data file with what a run trained, scored as in evaluation.
+
+    python -m glm_ft predict RUN_OR_CHECKPOINT data/test.jsonl --out predictions.jsonl --batch-size 16
+
+The file may be in any format glm_ft.data reads (`.jsonl` / `.json`, conversations or AdvertiseGen rows); every
+assistant turn is one sample (its context as the prompt, its text as the reference), built by the same code as the
+evaluation during training. Prompts are batched with left padding, sorted by length so that a batch wastes little
+on padding; rows are written in file order. Writes OUT (prompt, reference, prediction per sample) and, beside it,
+`test_metrics.json`; the metrics (test_rouge-1, test_rouge-2, test_rouge-l, test_bleu-4, test_samples — the names
+of a run's final test prediction) are also printed on stdout as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from glm_ft.errors import GlmFtError
+
+log = logging.getLogger(__name__)
+
+# The schema's defaults (the reference demo's documented lengths), for checkpoints that are not part of a run.
+DEFAULT_MAX_INPUT_LENGTH = 256
+DEFAULT_MAX_OUTPUT_LENGTH = 512
+
+
+def build_samples(conversations, tokenizer, max_input_length: int, max_output_length: int) -> list[dict[str, Any]]:
+    """One sample per assistant turn, in file order: input_ids (the prompt) and output_ids (the reference)."""
+    from glm_ft.data.dataset import build_eval_samples
+
+    samples = []
+    for conversation in conversations:
+        for sample in build_eval_samples(conversation.messages, tokenizer, max_input_length, max_output_length):
+            samples.append({"input_ids": sample["input_ids"], "output_ids": sample["output_ids"]})
+    return samples
+
+
+def generate_all(model, tokenizer, samples: list[dict[str, Any]], generation_config,
+                 batch_size: int) -> list[list[int]]:
+    """Generated ids (prompt removed) for every sample, in the samples' order."""
+    import torch
+
+    from glm_ft.train.evaluation import Collator
+
+    collate = Collator(tokenizer.pad_token_id)
+    order = sorted(range(len(samples)), key=lambda i: len(samples[i]["input_ids"]))
+    outputs: list[list[int]] = [[] for _ in samples]
+    for start in range(0, len(order), batch_size):
+        chunk = order[start:start + batch_size]
+        batch = collate([samples[i] for i in chunk])
+        input_ids = batch["input_ids"].to(model.device)
+        with torch.no_grad():
+            generated = model.generate(input_ids=input_ids, attention_mask=batch["attention_mask"].to(model.device),
+                                       generation_config=generation_config)
+        for i, row in zip(chunk, generated[:, input_ids.shape[1]:].tolist()):
+            outputs[i] = row
+        log.info("generated %d of %d", min(start + batch_size, len(order)), len(order))
+    return outputs
+
+
+def predict(checkpoint, data_file: str | Path, out: str | Path, *, base_model: str | Path | None = None,
+            batch_size: int = 16, max_input_length: int | None = None, max_output_length: int | None = None,
+            max_new_tokens: int | None = None, dtype: str | None = None) -> dict[str, float]:
+    """Write predictions to `out` and the metrics beside it; returns the metrics. `checkpoint` is a path or what
+    glm_ft.infer.checkpoint.find_checkpoint returned."""
+    from glm_ft.infer.checkpoint import Checkpoint, find_checkpoint
+    from glm_ft.data.dataset import read_conversations
+
+    # A wrong path or a bad data file fails before the model loads.
+    ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else find_checkpoint(checkpoint, base_model)
+    conversations = read_conversations(data_file)
+
+    from glm_ft.infer.checkpoint import generation_config, load_checkpoint
+    from glm_ft.train.evaluation import decode_rows, stop_token_ids, write_predictions
+    from glm_ft.train.metrics import compute_metrics, prefix_metrics
+
+    loaded = load_checkpoint(ckpt, dtype=dtype)
+    tokenizer, run_info = loaded.tokenizer, loaded.checkpoint.run_info or {}
+    # The lengths the run was trained with, so the prompts look like those it was evaluated on.
+    max_input_length = max_input_length or run_info.get("max_input_length") or DEFAULT_MAX_INPUT_LENGTH
+    max_output_length = max_output_length or run_info.get("max_output_length") or DEFAULT_MAX_OUTPUT_LENGTH
+    samples = build_samples(conversations, tokenizer, max_input_length, max_output_length)
+    gen = generation_config(tokenizer, max_new_tokens or max_output_length)
+
+    started = time.perf_counter()
+    generated = generate_all(loaded.model, tokenizer, samples, gen, batch_size)
+    stop_ids = stop_token_ids(tokenizer)
+    predictions = decode_rows(tokenizer, generated, stop_ids)
+    references = decode_rows(tokenizer, [s["output_ids"] for s in samples], stop_ids)
+    metrics = prefix_metrics(compute_metrics(predictions, references), "test")
+    metrics.update(test_samples=len(samples), test_runtime=round(time.perf_counter() - started, 3))
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_predictions(out, tokenizer, samples, generated, stop_ids, metrics)
+    return metrics
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m glm_ft predict", description=__doc__.splitlines()[0])
+    parser.add_argument("checkpoint", help="run folder, checkpoint folder (LoRA, P-Tuning v2, SFT) or model folder")
+    parser.add_argument("data_file", help=".jsonl or .json file of conversations or AdvertiseGen rows")
+    parser.add_argument("--out", default="predictions.jsonl", help="predictions file; test_metrics.json goes beside it")
+    parser.add_argument("--base-model", help="base model folder (default: the one recorded at training time)")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--max-input-length", type=int, help="default: the run's, else 256")
+    parser.add_argument("--max-output-length", type=int, help="reference length; default: the run's, else 512")
+    parser.add_argument("--max-new-tokens", type=int, help="default: --max-output-length")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    args = parser.parse_args(argv)
+    for name in ("batch_size", "max_new_tokens", "max_output_length"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.max_input_length is not None and args.max_input_length < 3:
+        parser.error("--max-input-length must be at least 3 ([gMASK] sop <|assistant|>)")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        from glm_ft.infer.checkpoint import find_checkpoint, quiet_transformers
+
+        ckpt = find_checkpoint(args.checkpoint, args.base_model)
+        quiet_transformers()
+        metrics = predict(ckpt, args.data_file, args.out,
+                          batch_size=args.batch_size, max_input_length=args.max_input_length,
+                          max_output_length=args.max_output_length, max_new_tokens=args.max_new_tokens,
+                          dtype=args.dtype)
+    except GlmFtError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(json.dumps(metrics, indent=2, ensure_ascii=False))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

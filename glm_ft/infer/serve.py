@@ -1,0 +1,264 @@
+"""Serve what a run trained behind an OpenAI-compatible chat-completions API (FastAPI + uvicorn, on loopback).
+
+    python -m glm_ft serve outputs/2026-11-27/12-00-00 [--port 8000] [--host 127.0.0.1] [--max-new-tokens 512]
+
+Endpoints: `GET /health`, `GET /v1/models`, `POST /v1/chat/completions` (non-streaming, and server-sent events with
+`"stream": true`). Messages are system / user / assistant and `tool` (ChatGLM3's observation); `tools` in the OpenAI
+form are rendered into the system prompt as ChatGLM3 was trained. The prompt is built by glm-ft's tokenizer, so it
+holds exactly the ids training used; generation stops on eos, `<|user|>` and `<|observation|>` (finish_reason
+"stop"), or at max_tokens ("length"). Greedy unless the request sets a temperature above 0.
+
+Every kind of checkpoint serves (LoRA, P-Tuning v2, full, any ChatGLM3 folder). A `--format hf` export is served
+by stock tooling instead: `transformers serve OUT` (needs `transformers[serving]`) or vLLM.
+The model loads before the port opens, so a connection that succeeds is served.
+"""
+
+
+import argparse
+import json
+import sys
+import threading
+import time
+import uuid
+from typing import Any
+
+from glm_ft.errors import GlmFtError
+
+# OpenAI role -> ChatGLM3 role
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "observation",
+         "observation": "observation"}
+
+
+class BadRequest(ValueError):
+    """A request the API answers with 400 and this message."""
+
+
+def conversation(body: dict) -> list[dict]:
+    """OpenAI messages (+ tools) -> ChatGLM3 messages."""
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise BadRequest("messages: expected a non-empty list")
+    out = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or message.get("role") not in ROLES:
+            raise BadRequest(f"messages[{i}].role: expected one of {', '.join(ROLES)}")
+        content = message.get("content")
+        if isinstance(content, list):  # content parts: only text has a place in ChatGLM3
+            if any(not isinstance(p, dict) or p.get("type") != "text" for p in content):
+                raise BadRequest(f"messages[{i}].content: only text parts are supported")
+            content = "".join(p.get("text", "") for p in content)
+        if content is not None and not isinstance(content, str):
+            raise BadRequest(f"messages[{i}].content: expected a string")
+        converted = {"role": ROLES[message["role"]], "content": content or ""}
+        if message.get("name") and converted["role"] == "assistant":
+            converted["metadata"] = str(message["name"])
+        out.append(converted)
+    tools = body.get("tools")
+    if tools:
+        if not isinstance(tools, list):
+            raise BadRequest("tools: expected a list")
+        functions = [t.get("function", t) if isinstance(t, dict) and t.get("type") == "function" else t for t in tools]
+        if out[0]["role"] == "system":
+            out[0]["tools"] = functions
+        else:
+            out.insert(0, {"role": "system", "content": "", "tools": functions})
+    return out
+
+
+def _number(key: str, value, default, low: float, high: float | None = None):
+    if value is None:
+        return default
+    out_of_range = value < low or (high is not None and value > high) if isinstance(value, (int, float)) else True
+    if isinstance(value, bool) or out_of_range:
+        raise BadRequest(f"{key}: expected a number from {low}" + (f" to {high}" if high is not None else ""))
+    return value
+
+
+class Engine:
+    """The loaded checkpoint; one generation at a time (a model is not safe to share between threads)."""
+
+    def __init__(self, loaded, name: str, max_new_tokens: int):
+        from glm_ft.train.evaluation import stop_token_ids
+
+        self.tokenizer, self.model, self.name = loaded.tokenizer, loaded.model, name
+        self.max_new_tokens = max_new_tokens
+        self.stops = stop_token_ids(self.tokenizer)
+        self.lock = threading.Lock()
+
+    def prepare(self, body: dict) -> tuple[list[int], Any]:
+        from transformers import GenerationConfig
+
+        ids = self.tokenizer.apply_chat_template(conversation(body), add_generation_prompt=True)
+        limit = body.get("max_completion_tokens", body.get("max_tokens"))
+        max_new = int(_number("max_tokens", limit, self.max_new_tokens, 1))
+        temperature = _number("temperature", body.get("temperature"), 0.0, 0.0, 2.0)
+        top_p = _number("top_p", body.get("top_p"), 1.0, 0.0, 1.0)
+        if len(ids) + max_new > self.model.config.seq_length:
+            raise BadRequest(f"the prompt ({len(ids)} tokens) plus max_tokens ({max_new}) exceeds the model's "
+                             f"context of {self.model.config.seq_length} tokens")
+        sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {
+            "do_sample": False}
+        gen = GenerationConfig(max_new_tokens=max_new, num_beams=1, use_cache=True, eos_token_id=self.stops,
+                               pad_token_id=self.tokenizer.pad_token_id, **sampling)
+        return ids, gen
+
+    def generate(self, ids: list[int], gen, streamer=None, seed: int | None = None) -> list[int]:
+        """The new ids up to and including the first stop token."""
+        import torch
+        from transformers import set_seed
+
+        with self.lock, torch.no_grad():
+            if seed is not None:
+                set_seed(seed)
+            input_ids = torch.tensor([ids], device=self.model.device)
+            out = self.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                                      generation_config=gen, streamer=streamer)
+        new = out[0, len(ids):].tolist()
+        end = next((i + 1 for i, tok in enumerate(new) if tok in self.stops), len(new))
+        return new[:end]
+
+    def text(self, new: list[int]) -> str:
+        kept = [t for t in new if t not in self.stops]
+        return self.tokenizer.decode(kept, skip_special_tokens=True).strip()
+
+    def finish_reason(self, new: list[int]) -> str:
+        return "stop" if new and new[-1] in self.stops else "length"
+
+    def usage(self, ids: list[int], new: list[int]) -> dict:
+        return {"prompt_tokens": len(ids), "completion_tokens": len(new), "total_tokens": len(ids) + len(new)}
+
+
+def create_app(engine: Engine):
+    from fastapi import FastAPI, Request
+    from fastapi.responses import JSONResponse, StreamingResponse
+
+    app = FastAPI(title="glm-ft", docs_url=None, redoc_url=None)
+
+    def error(status: int, message: str) -> JSONResponse:
+        return JSONResponse({"error": {"message": message, "type": "invalid_request_error"}}, status_code=status)
+
+    @app.get("/health")
+    def health():
+        return {"status": "ok"}
+
+    @app.get("/v1/models")
+    def models():
+        return {"object": "list", "data": [{"id": engine.name, "object": "model", "owned_by": "glm-ft"}]}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        from starlette.concurrency import run_in_threadpool
+
+        try:
+            body = await request.json()
+        except ValueError:
+            return error(400, "the request body is not JSON")
+        if not isinstance(body, dict):
+            return error(400, "the request body must be a JSON object")
+        try:
+            ids, gen = engine.prepare(body)
+            seed = body.get("seed")
+            if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+                raise BadRequest("seed: expected an integer")
+        except BadRequest as err:
+            return error(400, str(err))
+        except ValueError as err:  # the tokenizer's own checks (e.g. a non-string content)
+            return error(400, str(err))
+        completion_id = f"chatcmpl-{uuid.uuid4().hex}"
+        created = int(time.time())
+        if body.get("stream"):
+            return StreamingResponse(_stream(engine, ids, gen, seed, completion_id, created),
+                                     media_type="text/event-stream")
+        new = await run_in_threadpool(engine.generate, ids, gen, None, seed)
+        return {"id": completion_id, "object": "chat.completion", "created": created, "model": engine.name,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": engine.text(new)},
+                             "finish_reason": engine.finish_reason(new)}],
+                "usage": engine.usage(ids, new)}
+
+    return app
+
+
+async def _stream(engine: Engine, ids: list[int], gen, seed, completion_id: str, created: int):
+    """Server-sent events: a role chunk, content chunks as text is decoded, a chunk with finish_reason, [DONE]."""
+    import asyncio
+
+    from transformers import TextIteratorStreamer
+
+    def chunk(delta: dict, finish_reason: str | None = None) -> str:
+        data = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": engine.name,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}]}
+        return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+    streamer = TextIteratorStreamer(engine.tokenizer, skip_prompt=True, skip_special_tokens=True)
+    result: dict[str, Any] = {}
+
+    def work():
+        try:
+            result["new"] = engine.generate(ids, gen, streamer, seed)
+        except BaseException as err:  # reported in the stream; the streamer must end either way
+            result["error"] = err
+            streamer.end()
+
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    yield chunk({"role": "assistant", "content": ""})
+    started = False
+    loop = asyncio.get_running_loop()
+    while True:
+        text = await loop.run_in_executor(None, lambda: next(streamer, None))
+        if text is None:
+            break
+        if not started:  # ChatGLM3 replies begin with "\n"; the non-streaming text is stripped the same way
+            text = text.lstrip()
+            started = bool(text)
+        if text:
+            yield chunk({"content": text})
+    await loop.run_in_executor(None, thread.join)
+    if "error" in result:
+        yield f"data: {json.dumps({'error': {'message': str(result['error']), 'type': 'server_error'}})}\n\n"
+    else:
+        yield chunk({}, engine.finish_reason(result["new"]))
+    yield "data: [DONE]\n\n"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m glm_ft serve", description=__doc__.splitlines()[0])
+    parser.add_argument("checkpoint", help="run folder, checkpoint folder (LoRA, P-Tuning v2, SFT) or model folder")
+    parser.add_argument("--base-model", help="base model folder (default: the one recorded at training time)")
+    parser.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1: this machine only)")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--model-name", help="the model id the API reports (default: the checkpoint folder's name)")
+    parser.add_argument("--max-new-tokens", type=int, default=512, help="default max_tokens of a request")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    args = parser.parse_args(argv)
+    if args.max_new_tokens < 1:
+        parser.error("--max-new-tokens must be at least 1")
+    if not 0 <= args.port <= 65535:
+        parser.error("--port must be from 0 to 65535")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        from glm_ft.infer.checkpoint import find_checkpoint
+
+        ckpt = find_checkpoint(args.checkpoint, args.base_model)  # a wrong path fails before the heavy imports
+        import uvicorn
+
+        from glm_ft.infer.checkpoint import load_checkpoint, quiet_transformers
+
+        quiet_transformers()
+        loaded = load_checkpoint(ckpt, dtype=args.dtype)
+        name = args.model_name or (ckpt.path.parent.name if ckpt.path.name == "final" else ckpt.path.name)
+        app = create_app(Engine(loaded, name, args.max_new_tokens))
+    except GlmFtError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(f"serving {ckpt.describe()} as {name!r} on http://{args.host}:{args.port}/v1", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

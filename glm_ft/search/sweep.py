@@ -1,0 +1,361 @@
+"""The Hydra callback behind `python train.py -m ...`: one MLflow parent run per sweep, and job placement.
+
+conf/config.yaml names it in `hydra.callbacks`. Where each hook runs matters:
+- on_multirun_start / on_multirun_end: the process that ran `train.py -m`. The parent run is created here, and its
+  id handed to the jobs twice: in `<sweep dir>/mlflow_parent_run_id` (jobs in other processes or on other nodes:
+  joblib, submitit) and in an environment variable (in-process and forked jobs).
+- on_job_start / on_job_end: the job's own process (the same one for the basic launcher, a worker otherwise).
+  Each job writes its outcome to `<sweep dir>/.glm_ft_jobs/<num>.json`, so the parent knows about failures that
+  happened in other processes.
+
+Hydra 1.3 calls on_multirun_end only when every job succeeded, so the parent is also closed from an atexit hook:
+reaching that hook without on_multirun_end means the sweep failed (or was interrupted).
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from hydra.core.utils import JobReturn, JobStatus
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+from glm_ft.tracking import tracker as tracking
+from glm_ft.atomic import write_text_atomic
+from glm_ft.errors import GlmFtError
+from glm_ft.search.lock import SweepLock, SweepLocked
+
+log = logging.getLogger(__name__)
+
+JOBS_DIR = ".glm_ft_jobs"
+PRUNED = "PRUNED"
+STUDY_DIR = "study"  # the Optuna sweeper's summary and plots (hydra_plugins/glm_ft_sweepers)
+DEFAULT_METRIC = "eval_rouge-l"
+
+
+def swept_params(config: DictConfig) -> dict[str, str]:
+    """key → what was swept over: command-line sweeps (method.r=4,8,16) and a sweeper's search space."""
+    out = {}
+    for override in tracking.parse_overrides(list(config.hydra.overrides.task)):
+        if override.is_sweep_override():
+            out[override.key_or_group] = override.get_value_string()
+    params = OmegaConf.select(config, "hydra.sweeper.params", default=None)
+    for key, spec in (OmegaConf.to_container(params) if params is not None else {}).items():
+        out[str(key)] = str(spec)
+    return out
+
+
+def sweep_run_name(config: DictConfig, swept: dict[str, str]) -> str:
+    """What was swept, as a user would say it: `lora r=4,8,16`, `lora optuna r,lora_alpha,learning_rate`."""
+    method = "" if "method" in swept else (OmegaConf.select(config, "hydra.runtime.choices.method", default=None)
+                                            or OmegaConf.select(config, "method.name", default=""))
+    short = {key: key.removeprefix("method.").removeprefix("training_args.") for key in swept}
+    if "optuna" in str(OmegaConf.select(config, "hydra.sweeper._target_", default="")).lower():
+        what = "optuna " + ",".join(short.values())
+    else:
+        what = " ".join(f"{short[key]}={value}" for key, value in swept.items())
+    return f"{method} {what}".strip() or str(config.hydra.sweep.dir)
+
+
+def sweep_objective(config: DictConfig) -> tuple[str, str]:
+    """(metric, "maximize"|"minimize") the parent ranks its children by."""
+    metric = OmegaConf.select(config, "optimized_metric", default=None) or DEFAULT_METRIC
+    direction = OmegaConf.select(config, "hydra.sweeper.direction", default=None)
+    if isinstance(direction, (list, tuple)) or OmegaConf.is_list(direction):
+        direction = direction[0] if len(direction) else None
+    direction = str(direction or "maximize").lower()
+    return str(metric), "minimize" if "min" in direction else "maximize"
+
+
+def _write_json(path: Path, data: dict) -> None:
+    write_text_atomic(path, json.dumps(data))
+
+
+class MlflowSweepCallback(Callback):
+    def __init__(self) -> None:
+        self._owner_pid: int | None = None
+        self._parent_id: str | None = None
+        self._sweep_dir: Path | None = None
+        self._metric = DEFAULT_METRIC
+        self._direction = "maximize"
+        self._reached_end = False
+        self._closed = False
+        self._store: tracking.Store | None = None
+
+    def __getstate__(self) -> dict:
+        # joblib and submitit pickle the callbacks into their workers; the MLflow client stays behind.
+        return {**self.__dict__, "_store": None}
+
+    # --- the sweep process ---------------------------------------------------------------------------------------
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._owner_pid = os.getpid()
+        sweep_dir = Path(str(config.hydra.sweep.dir)).resolve()
+        try:
+            # Held for the sweep's life (released by the OS at exit): what an earlier sweep of this folder left
+            # RUNNING died with it.
+            SweepLock(sweep_dir).acquire()
+        except SweepLocked as err:
+            print(f"error: {err}", file=sys.stderr)
+            sys.exit(1)
+        if not config.tracking.enabled or config.get("dry_run") or not tracking.is_logging_rank():
+            return
+        try:
+            store = tracking.Store(config.tracking)
+        except GlmFtError as err:
+            # Hydra turns a callback's exception into a warning and would start every job anyway.
+            print(f"error: {err}", file=sys.stderr)
+            sys.exit(1)
+        swept = swept_params(config)
+        self._metric, self._direction = sweep_objective(config)
+        sweeper = str(OmegaConf.select(config, "hydra.sweeper._target_", default="") or "")
+        tags = {
+            "glm_ft.sweep": "true",
+            "glm_ft.sweep_dir": str(sweep_dir),
+            tracking.SWEPT_PARAMS_TAG: json.dumps(sorted(swept)),
+            "glm_ft.sweeper": sweeper.rsplit(".", 1)[-1],
+            "glm_ft.launcher": str(OmegaConf.select(config, "hydra.launcher._target_", default="")).rsplit(".", 1)[-1],
+            "glm_ft.overrides": " ".join(config.hydra.overrides.task),
+            "glm_ft.optimized_metric": self._metric,
+            "glm_ft.direction": self._direction,
+            "glm_ft.git_commit": tracking.git_commit(),
+        }
+        self._parent_id = reopen_parent(store, sweep_dir) or store.create_run(sweep_run_name(config, swept), tags)
+        self._store, self._sweep_dir = store, sweep_dir
+        tracking.SIGTERM_GUARD.open_runs[self._parent_id] = store
+        tracking.SIGTERM_GUARD.acquire()
+        atexit.register(self._close)
+        from mlflow.entities import Param
+
+        params = tracking.split_long_values({f"sweep.{k}": v for k, v in swept.items()})
+        try:
+            store.client.log_batch(self._parent_id, params=[Param(k, v) for k, v in params.items()])
+        except Exception as err:  # a continued sweep whose search space was changed: MLflow keeps the first
+            log.warning("MLflow: sweep params of %s not updated: %s", self._parent_id, err)
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        (sweep_dir / tracking.PARENT_FILE).write_text(self._parent_id + "\n", encoding="utf-8")
+        os.environ[tracking.PARENT_ENV] = self._parent_id
+        log.info("MLflow: sweep parent run %s in %s", self._parent_id, store.shown_uri)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        self._reached_end = True
+        self._close()
+
+    # --- the job's process ---------------------------------------------------------------------------------------
+
+    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
+        launcher = str(OmegaConf.select(config, "hydra.launcher._target_", default="") or "")
+        if "joblib" in launcher and self._owner_pid not in (None, os.getpid()):
+            pin_gpu_for_worker(Path(str(config.hydra.sweep.dir)))
+        if "submitit" in launcher:
+            export_distributed_env()
+
+    def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
+        from hydra.types import RunMode
+
+        if config.hydra.mode != RunMode.MULTIRUN:
+            return
+        sweep_dir = Path(str(config.hydra.sweep.dir))
+        if config.get("dry_run"):
+            return
+        # Written with or without tracking: a re-run of this sweep folder skips the jobs recorded COMPLETED.
+        outcome = {"num": int(config.hydra.job.num), "status": job_return.status.name,
+                   "overrides": list(config.hydra.overrides.task)}
+        if job_return.status == JobStatus.FAILED:
+            error = job_return._return_value
+            outcome["error"] = f"{type(error).__name__}: {error}"
+            if type(error).__name__ == "TrialPruned":  # glm_ft.search.study: stopped by the study's pruner
+                outcome["status"] = PRUNED
+        elif isinstance(job_return._return_value, (int, float)):
+            outcome["return_value"] = job_return._return_value
+        _write_json(sweep_dir / JOBS_DIR / f"{outcome['num']}.json", outcome)
+
+    # --- closing the parent --------------------------------------------------------------------------------------
+
+    def _close(self) -> None:
+        if self._closed or self._parent_id is None or os.getpid() != self._owner_pid:
+            return
+        self._closed = True
+        parent_id = self._parent_id
+        store = self._store
+        try:
+            outcomes = self._job_outcomes()
+            failed = [o for o in outcomes if o["status"] not in (JobStatus.COMPLETED.name, PRUNED)]
+            if tracking.SIGTERM_GUARD.interrupted or isinstance(_uncaught_exception(), KeyboardInterrupt):
+                status = "KILLED"
+            elif failed or not self._reached_end:
+                status = "FAILED"
+            else:
+                status = "FINISHED"
+            self._summarise(store, parent_id, len(outcomes), len(failed))
+            tracking.end_run(store, parent_id, status)
+            log.info("MLflow: sweep parent run %s %s (%d jobs, %d failed)", parent_id, status, len(outcomes),
+                     len(failed))
+        except Exception as err:
+            log.error("MLflow: could not close sweep parent run %s: %s", parent_id, err)
+        finally:
+            tracking.SIGTERM_GUARD.open_runs.pop(parent_id, None)
+            tracking.SIGTERM_GUARD.release()
+            if os.environ.get(tracking.PARENT_ENV) == parent_id:
+                del os.environ[tracking.PARENT_ENV]
+
+    def _job_outcomes(self) -> list[dict]:
+        folder = self._sweep_dir / JOBS_DIR
+        outcomes = []
+        for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+            with contextlib.suppress(ValueError, OSError):
+                outcomes.append(json.loads(path.read_text(encoding="utf-8")))
+        return outcomes
+
+    def _summarise(self, store: tracking.Store, parent_id: str, jobs: int, failed: int) -> None:
+        """The best child by the sweep's metric, the job counts, and Optuna's own summary file."""
+        best = best_child(store, parent_id, self._metric, self._direction)
+        metrics = {"jobs": jobs, "jobs_failed": failed}
+        tags = {}
+        if best is not None:
+            metrics[f"best_{self._metric}"] = best.data.metrics[self._metric]
+            tags = {"glm_ft.best_run_id": best.info.run_id, "glm_ft.best_run_name": best.info.run_name or "",
+                    "glm_ft.best_overrides": best.data.tags.get("glm_ft.overrides", "")}
+        parent = tracking.Tracker(store, parent_id, OmegaConf.create({}), self._sweep_dir)
+        parent.log_metrics(metrics)
+        if tags:
+            parent.set_tags(tags)
+        optuna_results = self._sweep_dir / "optimization_results.yaml"
+        if optuna_results.is_file():
+            parent.log_artifact(optuna_results)
+        study = self._sweep_dir / STUDY_DIR
+        if (study / "summary.json").is_file():
+            summary = json.loads((study / "summary.json").read_text(encoding="utf-8"))
+            parent.log_metrics({f"trials_{state.lower()}": n for state, n in summary.get("trials", {}).items()})
+            if "best_trial" in summary:
+                parent.set_tags({"glm_ft.best_trial": str(summary["best_trial"]),
+                                 "glm_ft.best_params": json.dumps(summary["best_params"])})
+            for path in sorted(study.iterdir()):
+                parent.log_artifact(path, STUDY_DIR)
+        # A Tracker sends metrics and tags from its background sender: deliver them before the parent is closed.
+        from glm_ft.tracking.lifecycle import FLUSH_TIMEOUT_S
+        from glm_ft.tracking.sender import describe_unsent
+
+        unsent = parent.sender.close(FLUSH_TIMEOUT_S)
+        if unsent:
+            log.error("MLflow: the summary of sweep parent run %s was not sent: %s", parent_id,
+                      describe_unsent(unsent))
+
+
+def reopen_parent(store: tracking.Store, sweep_dir: Path) -> str | None:
+    """A re-run of a sweep folder continues its parent run: RUNNING again, and the children the dead sweep left
+    RUNNING closed as KILLED (their jobs are re-run or, for a study, retried as new trials)."""
+    marker = sweep_dir / tracking.PARENT_FILE
+    if not marker.is_file():
+        return None
+    parent_id = marker.read_text(encoding="utf-8").strip()
+    try:
+        store.client.get_run(parent_id)
+    except Exception as err:
+        log.warning("MLflow: the earlier parent run %s of %s is not in %s (%s); starting a new one", parent_id,
+                    sweep_dir, store.uri, err)
+        return None
+    for child in child_runs(store.client, store.experiment_id, parent_id):
+        if child.info.status == "RUNNING":
+            store.client.set_tag(child.info.run_id, "glm_ft.error", "its sweep stopped while it ran")
+            tracking.end_run(store, child.info.run_id, "KILLED")
+    store.client.update_run(parent_id, status="RUNNING")
+    store.client.set_tag(parent_id, "glm_ft.continued", "true")
+    log.info("MLflow: continuing sweep parent run %s", parent_id)
+    return parent_id
+
+
+def best_child(store: tracking.Store, parent_id: str, metric: str, direction: str):
+    """The child run with the best final value of `metric`, or None when no child has it."""
+    children = child_runs(store.client, store.experiment_id, parent_id)
+    scored = [run for run in children if metric in run.data.metrics]
+    if not scored:
+        return None
+    pick = max if direction == "maximize" else min
+    return pick(scored, key=lambda run: run.data.metrics[metric])
+
+
+def child_runs(client, experiment_id: str, parent_id: str) -> list:
+    return client.search_runs([experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'",
+                              max_results=5000)
+
+
+def _uncaught_exception() -> BaseException | None:
+    # Set by the interpreter when an exception reached the top level, before atexit hooks run.
+    return getattr(sys, "last_exc", None) or getattr(sys, "last_value", None)
+
+
+# --- job placement -----------------------------------------------------------------------------------------------
+
+_pinned_gpu: str | None = None
+_gpu_lock: Any = None  # the open lock file: held for the worker's lifetime, released by the OS when it exits
+
+
+def visible_gpus() -> list[str]:
+    if "CUDA_VISIBLE_DEVICES" in os.environ:
+        return [g.strip() for g in os.environ["CUDA_VISIBLE_DEVICES"].split(",") if g.strip()]
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=index", "--format=csv,noheader"], capture_output=True,
+                             text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    return [line.strip() for line in out.stdout.splitlines() if line.strip()] if out.returncode == 0 else []
+
+
+def pin_gpu_for_worker(sweep_dir: Path) -> str | None:
+    """One GPU per joblib worker, via CUDA_VISIBLE_DEVICES, chosen by a lock file in the sweep folder.
+
+    A worker keeps its GPU for all the jobs it runs: CUDA reads CUDA_VISIBLE_DEVICES once per process.
+    With more workers (hydra.launcher.n_jobs) than GPUs, the extra ones share, round robin by pid.
+    """
+    global _pinned_gpu, _gpu_lock
+    if _pinned_gpu is None:
+        gpus = visible_gpus()
+        if len(gpus) < 2:
+            return None
+        import fcntl
+
+        lock_dir = sweep_dir / ".gpu_locks"
+        lock_dir.mkdir(parents=True, exist_ok=True)
+        for gpu in gpus:
+            handle = open(lock_dir / f"gpu-{gpu.replace('/', '_')}.lock", "w")
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.close()
+                continue
+            _pinned_gpu, _gpu_lock = gpu, handle
+            break
+        else:
+            _pinned_gpu = gpus[os.getpid() % len(gpus)]
+            log.warning("more joblib workers than GPUs (%s): sharing GPU %s; set hydra.launcher.n_jobs=%d",
+                        ",".join(gpus), _pinned_gpu, len(gpus))
+    os.environ["CUDA_VISIBLE_DEVICES"] = _pinned_gpu
+    return _pinned_gpu
+
+
+def export_distributed_env() -> None:
+    """hydra.launcher.tasks_per_node=N runs the job in N processes: give them torch.distributed's env:// variables
+    (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT), as torchrun would. Without RANK, whatever of the rest
+    is set is left over from the submitting shell: it is replaced (a MASTER_PORT is kept)."""
+    if "RANK" in os.environ:
+        return
+    try:
+        import submitit
+
+        num_tasks = submitit.JobEnvironment().num_tasks
+    except Exception as err:  # not inside a submitit job
+        log.debug("no submitit job environment: %s", err)
+        return
+    if num_tasks > 1:
+        from submitit.helpers import TorchDistributedEnvironment
+
+        TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)

@@ -1,0 +1,1 @@
+"""MLflow: one run per job, sent in the background, surviving outages and kills; comparing a sweep's runs."""

@@ -1,0 +1,101 @@
+"""The life of a job's MLflow run around glm_ft.tracking.tracker.start_run: what the run folder's earlier run becomes (closed
+if its process died, continued on resume), and how a run is closed (the sender drained, the run files logged, what
+the store would not take kept for later). Objects come in from glm_ft.tracking.tracker; nothing is imported from it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from glm_ft.errors import ConfigError
+from glm_ft.tracking.redact import redact
+
+log = logging.getLogger("glm_ft.tracking.tracker")
+
+
+def previous_run(store, cfg: DictConfig, run_dir: Path,
+                  reopen: bool = True) -> tuple[str | None, dict[str, str] | None]:
+    """The MLflow run this folder had before: closed if its process died leaving it RUNNING, its unsent points
+    sent, and with `resume` set reopened (run id, its params); (None, None) starts a new run."""
+    from glm_ft.tracking.run_record import process_gone, read_mlflow_run, this_process
+    from glm_ft.tracking.sender import resend_unsent
+
+    record = read_mlflow_run(run_dir)
+    if not record or record.get("tracking_uri") != redact(store.uri) or \
+            record.get("experiment_id") != store.experiment_id:
+        return None, None
+    run_id = str(record.get("run_id"))
+    try:
+        run = store.client.get_run(run_id)
+    except Exception:  # deleted for good, or another store behind the same URI
+        return None, None
+    if run.info.lifecycle_stage != "active":
+        return None, None
+    owner = record.get("owner") or {}
+    if run.info.status == "RUNNING":
+        if owner.get("pid") != this_process()["pid"] and not process_gone(owner):
+            raise ConfigError(f"{run_dir}: process {owner.get('pid')} is still running in this run folder (MLflow "
+                              f"run {run_id}); wait for it to end or stop it first")
+        ended = record.get("ended") or {}
+        status = ended.get("status") or "KILLED"
+        store.end_run(run_id, status)
+        log.warning("MLflow: run %s was left RUNNING by process %s, which is gone; marked %s", run_id,
+                    owner.get("pid"), status)
+    try:
+        sent = resend_unsent(store.client, run_dir, run_id)
+        if sent:
+            log.info("MLflow: sent %d points of run %s that an earlier process could not send", sent, run_id)
+    except Exception as err:
+        log.warning("MLflow: could not send the points an earlier process kept for run %s: %s", run_id,
+                    redact(str(err)))
+    if cfg.resume is None or not reopen:
+        return None, None
+    store.client.update_run(run_id, status="RUNNING")
+    store.client.set_tag(run_id, "glm_ft.resumes", str(int(run.data.tags.get("glm_ft.resumes", "0")) + 1))
+    log.info("MLflow: continuing run %s", run_id)
+    return run_id, dict(run.data.params)
+
+
+# How long the end of a run waits for the sender to deliver what it holds before keeping it in a file.
+FLUSH_TIMEOUT_S = float(os.environ.get("GLM_FT_MLFLOW_FLUSH_TIMEOUT_S", "60"))
+
+
+def close_run(tracker, status: str) -> None:
+    from glm_ft.tracking.run_record import mark_mlflow_run_ended
+    from glm_ft.tracking.sender import describe_unsent, save_unsent
+
+    sender, store, run_id = tracker.sender, tracker.store, tracker.run_id
+    if sender.flush(FLUSH_TIMEOUT_S):
+        tracker._log_run_files()  # its tags go through the sender too
+    unsent = sender.close(FLUSH_TIMEOUT_S if not sender.store_down else 0)
+    if sender.dropped:
+        log.error("MLflow: %d metric points of run %s were lost (the queue overflowed during an outage)",
+                  sender.dropped, run_id)
+    if unsent:
+        try:
+            kept = f"they are kept in {save_unsent(tracker.run_dir, run_id, unsent)} and sent the next time " \
+                   "glm-ft starts in this run folder"
+        except OSError as err:
+            kept = f"they are lost (could not be kept in {tracker.run_dir}: {err})"
+        log.error("MLflow: the tracking store %s did not take %s of run %s; %s", store.shown_uri,
+                  describe_unsent(unsent), run_id, kept)
+        log.warning("MLflow: run files not logged as artifacts (the store is down); they stay in %s",
+                    tracker.run_dir)
+    closed = end_run(store, run_id, status)
+    try:
+        mark_mlflow_run_ended(tracker.run_dir, status, closed)
+    except OSError as err:  # a full disk must not replace the job's own outcome
+        log.warning("MLflow: could not record the end of run %s in %s: %s", run_id, tracker.run_dir, err)
+
+
+def end_run(store, run_id: str, status: str) -> bool:
+    try:
+        store.end_run(run_id, status)
+        return True
+    except Exception as err:
+        log.error("MLflow: could not mark run %s %s in %s: %s", run_id, status, store.shown_uri, redact(str(err)))
+        return False

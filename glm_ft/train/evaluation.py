@@ -1,0 +1,144 @@
+"""Evaluation with generation: batching, decoding, metrics and predictions.jsonl.
+
+The same pieces serve evaluation during training, the final test prediction and batch inference.
+
+Every evaluation sample carries its index through the batches (`Indexed`, `SAMPLE_INDEX`): whatever order the
+batches ran in and however the processes padded their shards, `in_sample_order` puts the outputs back in the
+dataset's order, each sample once, before anything is scored or written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+IGNORE_INDEX = -100
+SAMPLE_INDEX = "sample_index"
+
+
+class Indexed:
+    """A map-style dataset whose rows also carry their position (`SAMPLE_INDEX`)."""
+
+    def __init__(self, dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return {**self.dataset[index], SAMPLE_INDEX: index}
+
+
+def in_sample_order(indices, count: int, *arrays):
+    """`arrays` (rows aligned with `indices`) reordered to sample 0..count-1, one row each.
+
+    Distributed evaluation pads the last batches with repeats of samples already seen; the first row of each
+    sample is kept. A sample with no row at all is an error, not a smaller average.
+    """
+    import numpy as np
+
+    indices = np.asarray(indices).reshape(-1)
+    first: dict[int, int] = {}
+    for row, index in enumerate(indices.tolist()):
+        first.setdefault(int(index), row)
+    missing = [i for i in range(count) if i not in first]
+    if missing or len(first) != count:
+        raise RuntimeError(f"evaluation returned {len(first)} distinct samples of {count} "
+                           f"(missing: {missing[:10]}); refusing to score or write a partial set")
+    rows = np.array([first[i] for i in range(count)], dtype=np.int64)
+    return tuple(np.asarray(a)[rows] for a in arrays)
+
+
+def stop_token_ids(tokenizer) -> list[int]:
+    """ChatGLM3 ends a reply with eos, or hands the turn back with <|user|> or <|observation|>."""
+    return [tokenizer.eos_token_id, tokenizer.get_command("<|user|>"), tokenizer.get_command("<|observation|>")]
+
+
+def _left_pad(rows: Sequence[Sequence[int]], value: int) -> list[list[int]]:
+    width = max(len(r) for r in rows)
+    return [[value] * (width - len(r)) + list(r) for r in rows]
+
+
+def _right_pad(rows: Sequence[Sequence[int]], value: int) -> list[list[int]]:
+    width = max(len(r) for r in rows)
+    return [list(r) + [value] * (width - len(r)) for r in rows]
+
+
+@dataclass
+class Collator:
+    """Pads prompts on the left (ChatGLM3's side) with their attention mask.
+
+    Training rows carry `labels` aligned with `input_ids` (left-padded with -100, so padding never carries loss);
+    evaluation rows carry the reference `output_ids`, which become right-padded labels for the metrics, and, through
+    `Indexed`, their position in the dataset (`SAMPLE_INDEX`).
+    """
+
+    pad_token_id: int
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        import torch
+
+        ids = [f["input_ids"] for f in features]
+        if "labels" in features[0]:
+            labels = _left_pad([f["labels"] for f in features], IGNORE_INDEX)
+        else:
+            labels = _right_pad([f["output_ids"] for f in features], IGNORE_INDEX)
+        batch = {
+            "input_ids": torch.tensor(_left_pad(ids, self.pad_token_id)),
+            "attention_mask": torch.tensor(_left_pad([[1] * len(r) for r in ids], 0)),
+            "labels": torch.tensor(labels),
+        }
+        if SAMPLE_INDEX in features[0]:
+            batch[SAMPLE_INDEX] = torch.tensor([f[SAMPLE_INDEX] for f in features])
+        return batch
+
+
+def decode_rows(tokenizer, rows, stop_ids: Sequence[int]) -> list[str]:
+    """Decode token rows, cutting each at its first stop token and dropping padding / -100."""
+    texts = []
+    stops = set(stop_ids)
+    for row in rows:
+        kept = []
+        for tok in (int(t) for t in row):
+            if tok in stops:
+                break
+            if tok >= 0 and tok != tokenizer.pad_token_id:
+                kept.append(tok)
+        texts.append(tokenizer.decode(kept, skip_special_tokens=True).strip())
+    return texts
+
+
+def metrics_fn(tokenizer, stop_ids: Sequence[int]):
+    """compute_metrics for the Trainer: generated ids vs reference ids → ROUGE-1/2/L, BLEU-4."""
+    from glm_ft.train.metrics import compute_metrics
+
+    def compute(eval_pred) -> dict[str, float]:
+        predictions = decode_rows(tokenizer, eval_pred.predictions, stop_ids)
+        references = decode_rows(tokenizer, eval_pred.label_ids, stop_ids)
+        return compute_metrics(predictions, references)
+
+    return compute
+
+
+def write_predictions(path: Path, tokenizer, dataset, predictions, stop_ids, metrics: dict[str, float],
+                      metrics_name: str = "test_metrics.json") -> int:
+    """predictions.jsonl: row i is sample i of `dataset` (prompt, reference, prediction i); the metrics beside it."""
+    preds = decode_rows(tokenizer, predictions, stop_ids)
+    if len(preds) != len(dataset):
+        raise RuntimeError(f"{len(preds)} predictions for {len(dataset)} samples; {path} not written")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        for i, pred in enumerate(preds):
+            row = dataset[i]
+            f.write(json.dumps({
+                "prompt": tokenizer.decode(row["input_ids"], skip_special_tokens=False),
+                "reference": decode_rows(tokenizer, [row["output_ids"]], stop_ids)[0],
+                "prediction": pred,
+            }, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+    metrics_path = path.with_name(metrics_name)
+    metrics_path.write_text(json.dumps(metrics, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return len(preds)

@@ -1,0 +1,118 @@
+"""glm-ft's light checks of Trainer and generation values hold to what transformers itself does.
+
+Validation can't import transformers (a dry run loads nothing heavy), so the Trainer enums are read from
+transformers' source (glm_ft.config.hf_choices) and the generation ranges are written in glm_ft.config.validate. These tests
+import the real thing and hold both to it: the enums equal, and every generation value transformers' generate()
+refuses is refused by glm-ft, every value glm-ft accepts generates.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from conftest import ROOT, compose, run_process
+from glm_ft.config import hf_choices
+from glm_ft.errors import ConfigError
+from glm_ft.config.validate import validate
+
+
+def test_enums_equal_transformers_own():
+    from transformers.trainer_utils import IntervalStrategy, SaveStrategy, SchedulerType
+    from transformers.training_args import OptimizerNames, trainer_log_levels
+
+    for enum in (IntervalStrategy, SaveStrategy, SchedulerType, OptimizerNames):
+        assert hf_choices.enum_values(enum.__name__) == tuple(member.value for member in enum)
+    assert set(hf_choices.log_levels()) == set(trainer_log_levels)
+
+
+def test_reading_the_enums_imports_nothing_heavy():
+    """hf_choices locates transformers without importing it (a dry run must stay light)."""
+    code = ("import sys; from glm_ft.config import hf_choices; hf_choices.enum_values('OptimizerNames');"
+            "print('HEAVY', [m for m in ('torch', 'transformers') if m in sys.modules])")
+    out = run_process([sys.executable, "-c", code], cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "HEAVY []" in out.stdout
+
+
+GEN = "training_args.generation_config"
+# Values on both sides of each bound glm-ft checks: (generation kwargs, glm-ft refuses it)
+GENERATION_CASES = [
+    ({"num_beams": 0}, True), ({"num_beams": -1}, True), ({"num_beams": 1}, False), ({"num_beams": 2}, False),
+    ({"do_sample": True, "temperature": -1.0}, True), ({"do_sample": True, "temperature": 0.0}, True),
+    ({"do_sample": True, "temperature": 0.01}, False), ({"do_sample": False, "temperature": -1.0}, False),
+    ({"do_sample": True, "top_p": -0.1}, True), ({"do_sample": True, "top_p": 0.0}, False),
+    ({"do_sample": True, "top_p": 1.0}, False), ({"do_sample": True, "top_p": 1.5}, True),
+    ({"repetition_penalty": 0.0}, True), ({"repetition_penalty": -1.0}, True),
+    ({"repetition_penalty": 0.5}, False), ({"max_new_tokens": 0}, True), ({"max_new_tokens": 1}, False),
+]
+# Refused by glm-ft though transformers runs it: top_p above 1 is no probability mass (transformers skips its
+# top-p filter for any value >= 1, so 1.5 would silently mean "no top-p").
+SILENTLY_IGNORED_BY_TRANSFORMERS = [{"do_sample": True, "top_p": 1.5}]
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    import torch  # noqa: F401
+
+    from glm_ft.chatglm3.tiny import ensure_tiny_model
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(ensure_tiny_model(tmp_path_factory.mktemp("tiny") / "m")))
+
+
+def _transformers_refuses(model, kwargs) -> bool:
+    import torch
+    from transformers import GenerationConfig
+
+    ids = torch.tensor([[5, 6, 7, 8]])
+    try:
+        config = GenerationConfig(**{"max_new_tokens": 2, **kwargs}, pad_token_id=0, eos_token_id=2)
+        model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config)
+    except (ValueError, ZeroDivisionError, RuntimeError):  # num_beams 0: division by zero; -1: a negative size
+        return True
+    return False
+
+
+def _glm_ft_refuses(kwargs) -> bool:
+    overrides = [f"{GEN}.{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in kwargs.items()]
+    try:
+        validate(compose(["experiment=quickstart", *overrides]), check_paths=False)
+    except ConfigError as err:
+        assert f"{GEN}." in str(err)
+        return True
+    return False
+
+
+@pytest.mark.parametrize("kwargs, refused", GENERATION_CASES, ids=[str(k) for k, _ in GENERATION_CASES])
+def test_generation_bounds_match_transformers_generate(kwargs, refused, tiny_model):
+    assert _glm_ft_refuses(kwargs) == refused
+    by_transformers = _transformers_refuses(tiny_model, kwargs)
+    if kwargs in SILENTLY_IGNORED_BY_TRANSFORMERS:
+        assert refused and not by_transformers
+    else:
+        assert by_transformers == refused
+
+
+def test_numeric_trainer_bounds_where_transformers_has_its_own():
+    """transformers' TrainingArguments refuses warmup_steps < 0 too; save_total_limit <= 0 and max_grad_norm < 0
+    it accepts and ignores (keep all checkpoints, no clipping), which is why glm-ft refuses them."""
+    from transformers import TrainingArguments
+
+    with pytest.raises(ValueError, match="warmup_steps"):
+        TrainingArguments(output_dir="/tmp/unused", warmup_steps=-1, use_cpu=True, report_to="none")
+    TrainingArguments(output_dir="/tmp/unused", save_total_limit=-1, max_grad_norm=-1.0, use_cpu=True,
+                      report_to="none")
+    for key, value in (("warmup_steps", -1), ("save_total_limit", -1), ("max_grad_norm", -1)):
+        with pytest.raises(ConfigError, match=f"training_args.{key}"):
+            validate(compose(["experiment=quickstart", f"training_args.{key}={value}"]), check_paths=False)
+
+
+@pytest.mark.parametrize("override", ["seed=0", f"seed={2**32 - 1}", "training_args.warmup_steps=0",
+                                      "training_args.warmup_steps=0.5", "training_args.save_total_limit=1",
+                                      "training_args.save_total_limit=null", "training_args.max_grad_norm=0",
+                                      "training_args.lr_scheduler_type=cosine_with_min_lr",
+                                      "training_args.optim=adafactor", "training_args.log_level=passive"])
+def test_values_at_the_bounds_are_accepted(override):
+    validate(compose(["experiment=quickstart", override]), check_paths=False)

@@ -1,0 +1,121 @@
+"""`python -m glm_ft serve RUN`: a real server process on loopback, spoken to over real HTTP (http.client): the
+replies equal glm-ft's own greedy generation for multi-turn conversations with a system prompt, streaming gives the
+same text as non-streaming, finish_reason and usage follow ChatGLM3's stop tokens, tools reach the prompt, and bad
+requests are answered 400. The server is always stopped (conftest.serving)."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import free_port, serving
+from inference_fixtures import base_dir, load_by_hand, runs  # noqa: F401
+
+pytestmark = pytest.mark.slow
+MAX_TOKENS = 24
+
+
+def post(port: int, body: dict) -> tuple[int, http.client.HTTPResponse, bytes]:
+    conn = http.client.HTTPConnection("127.0.0.1", port)
+    conn.request("POST", "/v1/chat/completions", body=json.dumps(body), headers={"Content-Type": "application/json"})
+    response = conn.getresponse()
+    return response.status, response, response.read()
+
+
+def sse_events(raw: bytes) -> list[str]:
+    return [line[len("data: "):] for line in raw.decode().split("\n\n") if line.startswith("data: ")]
+
+
+def listening_addresses(port: int) -> set[str]:
+    """Local addresses of sockets listening on `port`, from the kernel's own table."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            address, hex_port = local.split(":")
+            if state == "0A" and int(hex_port, 16) == port:
+                found.add(address)
+    return found
+
+
+def by_hand(tokenizer, model, messages: list[dict], max_new: int) -> list[int]:
+    """glm-ft's tokenizer and model.generate directly: the new ids up to and including the first stop token."""
+    import torch
+
+    stops = [tokenizer.eos_token_id, tokenizer.get_command("<|user|>"), tokenizer.get_command("<|observation|>")]
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    with torch.no_grad():
+        out = model.generate(input_ids=torch.tensor([ids]), max_new_tokens=max_new, do_sample=False,
+                             eos_token_id=stops, pad_token_id=tokenizer.pad_token_id)
+    new = out[0, len(ids):].tolist()
+    end = next((i + 1 for i, tok in enumerate(new) if tok in stops), len(new))
+    return new[:end]
+
+
+@pytest.mark.parametrize("method", ["lora", "ptuning_v2"])
+def test_chat_completions_over_http(method, runs, base_dir, tmp_path):
+    port = free_port()
+    cmd = [sys.executable, "-m", "glm_ft.infer.serve", str(runs[method]), "--port", str(port)]
+    with serving(cmd, f"http://127.0.0.1:{port}/health", tmp_path / "serve.log",
+                 cwd=Path(__file__).resolve().parents[2]):
+        assert listening_addresses(port) == {"0100007F"}  # 127.0.0.1 only, by default
+
+        conn = http.client.HTTPConnection("127.0.0.1", port)
+        conn.request("GET", "/v1/models")
+        assert json.loads(conn.getresponse().read())["data"][0]["id"] == runs[method].name
+
+        tokenizer, model = load_by_hand(runs[method], base_dir)
+        stops = {tokenizer.eos_token_id, tokenizer.get_command("<|user|>"), tokenizer.get_command("<|observation|>")}
+        system = {"role": "system", "content": "你是一个广告文案助手"}
+        history = [{"role": "user", "content": "类型#裙"}, {"role": "assistant", "content": "一条裙子。"}]
+        query = {"role": "user", "content": "类型#上衣*颜色#白色"}
+        for messages in ([query], [system, query], [system, *history, query]):
+            status, _, raw = post(port, {"model": "x", "messages": messages, "max_tokens": MAX_TOKENS})
+            assert status == 200, raw
+            reply = json.loads(raw)
+            expected = by_hand(tokenizer, model, messages, MAX_TOKENS)
+            text = tokenizer.decode([t for t in expected if t not in stops], skip_special_tokens=True).strip()
+            choice = reply["choices"][0]
+            assert choice["message"] == {"role": "assistant", "content": text}
+            assert choice["finish_reason"] == ("stop" if expected[-1] in stops else "length")
+            assert reply["usage"]["prompt_tokens"] == len(tokenizer.apply_chat_template(messages,
+                                                                                         add_generation_prompt=True))
+            assert reply["usage"]["completion_tokens"] == len(expected)
+
+            status, response, raw = post(port, {"messages": messages, "max_tokens": MAX_TOKENS, "stream": True})
+            assert status == 200 and response.getheader("content-type").startswith("text/event-stream")
+            events = sse_events(raw)
+            assert events[-1] == "[DONE]"
+            chunks = [json.loads(e) for e in events[:-1]]
+            assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+            assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == text
+            assert [c["choices"][0]["finish_reason"] for c in chunks][-1] == choice["finish_reason"]
+            assert all(c["choices"][0]["finish_reason"] is None for c in chunks[:-1])
+
+
+        # OpenAI tools go into the system prompt as ChatGLM3 renders them
+        tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+        status, _, raw = post(port, {"messages": [query], "tools": tools, "max_tokens": 1})
+        assert status == 200
+        with_tools = [{"role": "system", "content": "", "tools": [tools[0]["function"]]}, query]
+        assert json.loads(raw)["usage"]["prompt_tokens"] == len(tokenizer.apply_chat_template(
+            with_tools, add_generation_prompt=True))
+
+        for bad, key in (({"messages": []}, "messages"), ({"messages": [{"role": "robot", "content": "x"}]}, "role"),
+                         ({"messages": [query], "max_tokens": 0}, "max_tokens"),
+                         ({"messages": [query], "temperature": -1}, "temperature")):
+            status, _, raw = post(port, bad)
+            assert status == 400 and key in json.loads(raw)["error"]["message"]
+
+
+def test_a_missing_run_fails_fast_with_one_line(tmp_path):
+    from conftest import run_process
+
+    result = run_process([sys.executable, "-m", "glm_ft.infer.serve", str(tmp_path / "nope")],
+                         cwd=Path(__file__).resolve().parents[2])
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [f"error: {tmp_path / 'nope'}: not found"]

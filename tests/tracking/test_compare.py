@@ -1,0 +1,121 @@
+"""`python -m glm_ft compare` on sweeps recorded in a real MLflow store, shaped as the sweep callback records them."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from glm_ft.tracking.compare import compare, main
+from glm_ft.tracking.tracker import PARENT_FILE
+
+
+def add_sweep(client, experiment_id: str, sweep_dir, start: int, swept: list[str], metric: str, direction: str,
+              children: list[tuple[dict, dict, str]]) -> str:
+    """A parent run and its children: (params or glm_ft.* tags, final metrics, status) each."""
+    sweep_dir.mkdir()
+    parent = client.create_run(experiment_id, start_time=start, run_name=str(sweep_dir), tags={
+        "glm_ft.sweep": "true", "glm_ft.sweep_dir": str(sweep_dir), "glm_ft.swept_params": json.dumps(swept),
+        "glm_ft.optimized_metric": metric, "glm_ft.direction": direction}).info.run_id
+    (sweep_dir / PARENT_FILE).write_text(parent + "\n")
+    for i, (values, metrics, status) in enumerate(children):
+        name = ",".join(f"{k}={v}" for k, v in values.items())
+        tags = {"mlflow.parentRunId": parent, **{f"glm_ft.{k}": v for k, v in values.items() if "." not in k}}
+        child = client.create_run(experiment_id, start_time=start + i + 1, run_name=name, tags=tags).info.run_id
+        for key, value in values.items():
+            if "." in key:
+                client.log_param(child, key, value)
+        for key, value in metrics.items():
+            client.log_metric(child, key, value, step=10)
+        client.set_terminated(child, status)
+    client.set_terminated(parent, "FINISHED")
+    return parent
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    from mlflow.tracking import MlflowClient
+
+    root = tmp_path_factory.mktemp("compare")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("glm-ft", artifact_location=str(root / "artifacts"))
+    lora = add_sweep(client, exp, root / "lora", 1000, ["method.r", "method.lora_alpha"], "eval_rouge-l", "maximize", [
+        ({"method.r": 4, "method.lora_alpha": 16}, {"eval_rouge-l": 30.0, "eval_bleu-4": 5.0, "eval_runtime": 9.0,
+                                                    "eval_samples": 40, "train_loss": 2.0}, "FINISHED"),
+        ({"method.r": 8, "method.lora_alpha": 16}, {"eval_rouge-l": 50.0, "eval_bleu-4": 4.0}, "FINISHED"),
+        ({"method.r": 32, "method.lora_alpha": 8}, {}, "FAILED"),
+        ({"method.r": 16, "method.lora_alpha": 32}, {"eval_rouge-l": 40.0, "eval_bleu-4": 6.0}, "FINISHED"),
+    ])
+    methods = add_sweep(client, exp, root / "methods", 2000, ["method"], "eval_loss", "minimize", [
+        ({"method": "lora"}, {"eval_loss": 1.5}, "FINISHED"),
+        ({"method": "ptuning_v2"}, {"eval_loss": 1.2}, "FINISHED"),
+    ])
+    tied = add_sweep(client, exp, root / "tied", 500, ["method.r"], "eval_rouge-l", "maximize", [
+        ({"method.r": 4}, {"eval_rouge-l": 12.5}, "FINISHED"),
+        ({"method.r": 8}, {"eval_rouge-l": 12.5}, "FINISHED"),
+    ])
+    return {"uri": uri, "client": client, "root": root, "lora": lora, "methods": methods, "tied": tied}
+
+
+def test_table_is_best_first_with_failed_runs_last(store, capsys):
+    result = compare(str(store["root"] / "lora"), tracking_uri=store["uri"])
+    assert result.parent_id == store["lora"] and result.swept == ["method.r", "method.lora_alpha"]
+    assert [r["name"] for r in result.rows] == ["method.r=8,method.lora_alpha=16", "method.r=16,method.lora_alpha=32",
+                                               "method.r=4,method.lora_alpha=16", "method.r=32,method.lora_alpha=8"]
+    assert result.columns == ["eval_rouge-l", "eval_bleu-4", "train_loss"]  # timings and sample counts left out
+
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].split() == ["run", "method.r", "method.lora_alpha", "status", "eval_rouge-l", "eval_bleu-4",
+                                "train_loss"]
+    assert lines[2].split() == ["method.r=8,method.lora_alpha=16", "8", "16", "FINISHED", "50", "4", "-"]
+    assert lines[5].split() == ["method.r=32,method.lora_alpha=8", "32", "8", "FAILED", "-", "-", "-"]
+
+    png = store["root"] / "lora" / "compare_eval_rouge-l.png"
+    assert result.plot == png and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    logged = [a.path for a in store["client"].list_artifacts(store["lora"])]
+    assert logged == ["compare_eval_rouge-l.png"]
+
+
+def test_latest_sweep_by_default_and_its_own_direction(store, capsys):
+    assert main(["--tracking-uri", store["uri"]]) == 0
+    out = capsys.readouterr().out
+    assert f"({store['methods']})" in out and "best eval_loss first (minimize)" in out
+    rows = [line.split()[0] for line in out.splitlines()[2:4]]
+    assert rows == ["method=ptuning_v2", "method=lora"]  # a swept group: its choice comes from the run's tag
+    assert (store["root"] / "methods" / "compare_eval_loss.png").is_file()
+
+
+def test_by_run_id_with_another_metric_and_output(store, tmp_path, capsys):
+    out = tmp_path / "plots" / "bleu.png"
+    assert main(["--tracking-uri", store["uri"], "--sweep", store["lora"], "--metric", "eval_bleu-4",
+                 "--out", str(out)]) == 0
+    rows = [line.split()[0] for line in capsys.readouterr().out.splitlines()[2:5]]
+    assert rows == ["method.r=16,method.lora_alpha=32", "method.r=4,method.lora_alpha=16",
+                    "method.r=8,method.lora_alpha=16"]
+    assert out.read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--metric", "eval_nope"], "no run of sweep"),
+    (["--sweep", "/nowhere/sweep"], "--sweep: no sweep run for '/nowhere/sweep'"),
+    (["--experiment", "other"], "no experiment 'other'"),
+])
+def test_errors_are_short_and_name_the_argument(store, capsys, args, message):
+    assert main(["--tracking-uri", store["uri"], *args]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err
+
+
+def test_missing_store_is_not_created(tmp_path, capsys):
+    db = tmp_path / "none.db"
+    assert main(["--tracking-uri", f"sqlite:///{db}"]) == 1
+    assert "no MLflow store at" in capsys.readouterr().err and not db.exists()
+
+
+def test_a_sweep_whose_runs_all_tie_says_so(store, capsys):
+    assert main(["--tracking-uri", store["uri"], "--sweep", store["tied"]]) == 0
+    out = capsys.readouterr().out
+    assert "all scored runs tie at eval_rouge-l=12.5: the swept values made no difference here" in out
+    assert main(["--tracking-uri", store["uri"], "--sweep", store["lora"]]) == 0
+    assert "tie" not in capsys.readouterr().out

@@ -1,0 +1,93 @@
+"""Real DeepSpeed ZeRO-2/3 on CPU (gloo): one plain process, and two processes under torchrun."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, run_process
+
+pytestmark = pytest.mark.slow
+
+ARGS = ["experiment=quickstart", "training_args.max_steps=3", "training_args.save_steps=3",
+        "training_args.eval_steps=3", "training_args.logging_steps=1", "eval_subset=2",
+        "training_args.per_device_train_batch_size=2", "training_args.generation_config.max_new_tokens=4",
+        "data.test_file=null"]
+
+
+def run(prefix: list[str], stage: int, run_dir: Path, tmp_path: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    cmd = [*prefix, str(ROOT / "train.py"), *ARGS, f"deepspeed=zero{stage}", f"hydra.run.dir={run_dir}"]
+    return run_process(cmd, cwd=ROOT, env=env)
+
+
+def check_run(run_dir: Path, stage: int, world_size: int, tmp_path: Path) -> None:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    (run,) = client.search_runs([client.get_experiment_by_name("glm-ft").experiment_id])
+    assert run.info.status == "FINISHED"  # logged by rank 0 only, and closed before any rank exits
+    assert run.data.metrics["train_loss"] > 0
+    state = json.loads((run_dir / "checkpoint-3" / "trainer_state.json").read_text())
+    assert state["global_step"] == 3
+    losses = [h["loss"] for h in state["log_history"] if "loss" in h]
+    assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
+    assert (run_dir / "checkpoint-3" / "glm_ft_complete").is_file()
+    assert (run_dir / "final" / "model.safetensors").is_file()  # SFT under ZeRO: full weights gathered on save
+    resolved = json.loads((run_dir / "ds_config.resolved.json").read_text())
+    assert resolved["zero_optimization"]["stage"] == stage
+    assert resolved["train_micro_batch_size_per_gpu"] == 2
+    if stage == 2:  # the documented ds_zero_3.json leaves train_batch_size to DeepSpeed
+        assert resolved["train_batch_size"] == 2 * world_size
+    assert "auto" not in json.dumps(resolved)
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_single_process(stage, tmp_path):
+    """A plain `python train.py ... deepspeed=zeroN`: glm-ft sets up the one-process group itself."""
+    result = run([sys.executable], stage, tmp_path / "run", tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    check_run(tmp_path / "run", stage, world_size=1, tmp_path=tmp_path)
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_two_processes_under_torchrun(stage, tmp_path):
+    prefix = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    result = run(prefix, stage, tmp_path / "run", tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    check_run(tmp_path / "run", stage, world_size=2, tmp_path=tmp_path)
+
+
+def test_a_failed_run_still_tears_down_the_process_group(tmp_path, monkeypatch):
+    """Left to interpreter shutdown, gloo can abort a finished rank (SIGABRT); finetune destroys the group itself."""
+    import mlflow
+    import torch.distributed as dist
+
+    import glm_ft.train.finetune as finetune_module
+    from conftest import compose
+
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.setenv(key, "")  # recorded, so that what finetune exports is undone after the test
+        monkeypatch.delenv(key)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    cfg = compose(["experiment=quickstart", "deepspeed=zero2"])
+
+    def train_that_fails(*_args):
+        assert dist.is_initialized()  # glm-ft's one-process group, made before training as DeepSpeed needs it
+        raise RuntimeError("boom in training")
+
+    monkeypatch.setattr(finetune_module, "_train", train_that_fails)
+    with pytest.raises(RuntimeError, match="boom in training"):
+        finetune_module.finetune(cfg, tmp_path / "run", {})
+    assert not dist.is_initialized()
+    runs = mlflow.MlflowClient(uri).search_runs(mlflow.MlflowClient(uri).search_experiments()[0].experiment_id)
+    assert [r.info.status for r in runs] == ["FAILED"]
