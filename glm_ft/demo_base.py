@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 from glm_ft.schema import PROJECT_ROOT, TINY_MODEL_DIR
@@ -40,31 +39,14 @@ def is_complete(path: Path) -> bool:
 
 def ensure_demo_model(path: str | os.PathLike = DEMO_MODEL_DIR) -> Path:
     """Return `path`, first building the demo base there unless it already holds one made by this recipe."""
-    from glm_ft.chatglm3.tiny import ensure_tiny_model
+    from glm_ft.chatglm3.tiny import build_folder, ensure_tiny_model
 
     path = Path(path)
     if is_complete(path):
         return path
     tiny = ensure_tiny_model(TINY_MODEL_DIR)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
-        staging.chmod(0o755)
-        _build(tiny, staging)
-        if is_complete(path):  # a concurrent builder (a sweep's other worker) finished first: keep its base
-            return path
-        # A stale base (another recipe) is moved aside, then replaced.
-        old = path.with_name(f".{path.name}.old.{os.getpid()}")
-        if path.exists():
-            os.replace(path, old)
-        os.replace(staging, path)
-        shutil.rmtree(old, ignore_errors=True)
-    except OSError:
-        if not is_complete(path):
-            raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return path
+    # A stale base (another recipe) is replaced.
+    return build_folder(path, lambda out: _build(tiny, out), is_complete)
 
 
 def _build(tiny: Path, out: Path) -> None:
