@@ -83,16 +83,14 @@ def read_series(path: Path) -> dict:
         return json.loads(image.text[SERIES_KEY])
 
 
-def run_log_history(trainer_history: list[dict], run_dir: Path) -> list[dict]:
+def run_log_history(trainer_history: list[dict], run_dir: Path, trained: bool) -> list[dict]:
     """The whole training's log history. A job that only redid the final evaluation or prediction (resume=auto
-    after final/ was saved) never trained, so its Trainer's history starts empty: the newest complete checkpoint's
-    trainer_state.json holds what came before."""
+    after final/ was saved) did not train (`trained` False), so its Trainer's history starts empty: the newest
+    complete checkpoint's trainer_state.json holds what came before."""
     from glm_ft.finetune import complete_checkpoints
 
-    if any("loss" in h for h in trainer_history):
-        return list(trainer_history)
     found = complete_checkpoints(Path(run_dir))
-    if not found:
+    if trained or not found:
         return list(trainer_history)
     steps = {h.get("step") for h in trainer_history}
     earlier = json.loads((found[-1] / "trainer_state.json").read_text(encoding="utf-8")).get("log_history", [])

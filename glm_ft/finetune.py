@@ -377,7 +377,7 @@ def _train(cfg: DictConfig, run_dir: Path, paths: dict[str, Path], tracker) -> d
                 log.info("test: %d predictions → %s; %s", n, run_dir / "predictions.jsonl",
                          ", ".join(f"{k}={v:.4g}" for k, v in out.metrics.items() if "rouge" in k or "bleu" in k))
     if is_main_process():
-        _write_curves(cfg, run_dir, trainer.state.log_history)
+        _write_curves(cfg, run_dir, trainer.state.log_history, trained=trained_step is None)
         record_progress(run_dir, complete=True, step=trainer.state.global_step, metrics=final)
     log.info("run folder: %s", run_dir)
     if is_main_process() and cfg.tracking.enabled:
@@ -386,11 +386,14 @@ def _train(cfg: DictConfig, run_dir: Path, paths: dict[str, Path], tracker) -> d
     return final
 
 
-def _write_curves(cfg: DictConfig, run_dir: Path, log_history: list[dict]) -> None:
+def _write_curves(cfg: DictConfig, run_dir: Path, log_history: list[dict], trained: bool) -> None:
     from glm_ft.curves import CURVES_FILE, run_log_history, write_training_curves
 
     title = f"{cfg.method.name} on {cfg.model.name}: {run_dir.name}"
-    write_training_curves(run_log_history(log_history, run_dir), run_dir / CURVES_FILE, title)
+    try:
+        write_training_curves(run_log_history(log_history, run_dir, trained), run_dir / CURVES_FILE, title)
+    except Exception as err:  # a picture must not turn a finished training into a failed one
+        log.warning("could not write %s: %s", run_dir / CURVES_FILE, err)
 
 
 def _train_and_save(cfg: DictConfig, run_dir: Path, trainer, tracker, job_trial) -> None:
@@ -419,7 +422,7 @@ def _train_and_save(cfg: DictConfig, run_dir: Path, trainer, tracker, job_trial)
 
         # Stopped by the study's pruner: the checkpoint at that step is saved; no final model, no test predictions.
         if is_main_process():
-            _write_curves(cfg, run_dir, trainer.state.log_history)
+            _write_curves(cfg, run_dir, trainer.state.log_history, trained=True)
         tracker.set_tags({PRUNED_TAG: "true", "glm_ft.pruned_at_step": str(job_trial.pruned_at)})
         raise TrialPruned(f"trial {job_trial.number} pruned at step {job_trial.pruned_at}")
     # The final model is for inference: keep the KV cache on in its config (training turned it off).
