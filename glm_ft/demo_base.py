@@ -2,7 +2,7 @@
 
 The tiny model's weights are random: LoRA or a prefix on it has nothing to adapt, so a CPU sweep over `method.r`
 ends in a tie. This base is the tiny model first fully fine-tuned on the first half of the sample data's training
-file (seeded, a few hundred steps, under a minute on two cores): it already writes ad copy, badly, so how an adapter
+file (seeded, 150 steps, about a minute of CPU time): it already writes ad copy, badly, so how an adapter
 is sized changes what it learns. It is built once at DEMO_MODEL_DIR, in place by one rename like the tiny model,
 and reused from then on; `demo_base.json` in it records how it was made.
 
