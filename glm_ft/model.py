@@ -35,8 +35,9 @@ def base_model_dir(model_cfg: DictConfig) -> Path:
     path = resolve_path(model_cfg.path)
     if builds_tiny_model(model_cfg):
         from glm_ft.chatglm3.tiny import ensure_tiny_model
+        from glm_ft.train.demo_base import DEMO_MODEL_DIR, ensure_demo_model
 
-        return ensure_tiny_model(path)
+        return ensure_demo_model(path) if path.resolve() == DEMO_MODEL_DIR.resolve() else ensure_tiny_model(path)
     return path
 
 

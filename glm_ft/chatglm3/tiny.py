@@ -13,6 +13,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 # THUDM/chatglm3-6b's config.json as published (original field names, auto_map included): the 6B shape for
 # benchmarks and meta-device checks, and the template of the tiny model. tests check it against the real file.
@@ -90,8 +91,7 @@ def is_complete(path: Path) -> bool:
 def ensure_tiny_model(path: str | os.PathLike, seed: int = 0) -> Path:
     """Return `path`, first building the tiny checkpoint there unless it is already complete.
 
-    The folder is built beside `path` and moved into place with one rename, so a reader never sees half a
-    checkpoint and concurrent builders do not clash (the first rename wins, the others are discarded).
+    Built by `build_folder`: a reader never sees half a checkpoint.
     """
     from glm_ft.errors import CheckpointError
 
@@ -101,19 +101,30 @@ def ensure_tiny_model(path: str | os.PathLike, seed: int = 0) -> Path:
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
         raise CheckpointError(f"{path}: exists but is not a complete tiny ChatGLM3 checkpoint; remove it or pick another path")
 
+    return build_folder(path, lambda out: _build(out, seed), is_complete)
+
+
+def build_folder(path: Path, build: Callable[[Path], None], complete: Callable[[Path], bool]) -> Path:
+    """Build a folder beside `path` and move it into place with one rename, so a reader never sees half of it and
+    concurrent builders do not clash (a finished one wins; the others are discarded). What is at `path` and not
+    `complete` (empty, or stale) is moved aside and removed."""
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    old = path.with_name(f".{path.name}.old.{os.getpid()}")
     try:
         staging.chmod(0o755)  # mkdtemp's 0700 would follow the folder into place
-        _build(staging, seed)
-        if path.is_dir():
-            path.rmdir()  # empty (checked above); os.replace cannot overwrite a directory that exists
+        build(staging)
+        if complete(path):
+            return path
+        if path.exists():
+            os.replace(path, old)  # os.replace cannot overwrite a directory that exists
         os.replace(staging, path)
     except OSError:
-        if not is_complete(path):
+        if not complete(path):
             raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
     return path
 
 

@@ -227,7 +227,11 @@ def resolve_path(path: str) -> Path:
 def builds_tiny_model(model: DictConfig) -> bool:
     """model=tiny builds its random model when missing, but only at its own cache location: a misspelt or
     not-yet-mounted model.path must never turn into a random model trained in its place."""
-    return bool(model.build_if_missing) and resolve_path(model.path).resolve() == TINY_MODEL_DIR.resolve()
+    from glm_ft.train.demo_base import DEMO_MODEL_DIR
+
+    # (the demo base, model=tiny_demo, is the tiny model trained a little: built the same way, at its own place)
+    return bool(model.build_if_missing) and resolve_path(model.path).resolve() in (TINY_MODEL_DIR.resolve(),
+                                                                                   DEMO_MODEL_DIR.resolve())
 
 
 def check_model_path(model: DictConfig) -> None:

@@ -1,8 +1,9 @@
 """Compare a sweep's runs: `python -m glm_ft compare [--sweep RUN_ID|SWEEP_DIR] [--metric NAME] [--experiment NAME]`.
 
 Reads the latest sweep (or the one named) from MLflow, prints its children's swept parameters against their final
-metrics, best first, and writes a PNG of the metric against each swept parameter into the sweep folder (the current
-folder when the sweep folder isn't on this machine); the PNG is also logged to the sweep's parent run.
+metrics, best first, and writes a PNG of the metric against each swept parameter and of each run's metric over its
+steps (MLflow's metric history) into the sweep folder (the current folder when the sweep folder isn't on this
+machine); the PNG is also logged to the sweep's parent run.
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ class Comparison:
     swept: list[str]
     columns: list[str]  # metric columns, the compared metric first
     rows: list[dict] = field(default_factory=list)  # best first: name, status, params{}, metrics{}
+    # run id -> [(step, value), ...] of the compared metric, as MLflow's metric history holds it
+    curves: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
     plot: Path | None = None
 
 
@@ -116,6 +119,9 @@ def compare(sweep: str | None = None, metric: str | None = None, experiment: str
         present = sorted({k for c in children for k in c.data.metrics})
         raise ConfigError(f"--metric: no run of sweep {parent.info.run_name} has '{metric}' "
                           f"(its runs have: {', '.join(present) or 'no metrics'})")
+    for row in result.rows:
+        history = client.get_metric_history(row["run_id"], metric) if row["metrics"][metric] is not None else []
+        result.curves[row["run_id"]] = sorted((m.step, m.value) for m in history)
     print(format_table(result))
     scored = {r["metrics"][metric] for r in result.rows if r["metrics"][metric] is not None}
     if len(scored) == 1 and len(result.rows) > 1:
@@ -155,7 +161,17 @@ def _numbers(values: list[str]) -> list[float] | None:
 
 
 def plot(result: Comparison, path: Path) -> None:
-    """One panel per swept parameter: every scored run as a point, the best one starred."""
+    import matplotlib.pyplot as plt
+
+    fig = figure(result)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def figure(result: Comparison):
+    """One panel per swept parameter (every scored run as a point, the best one starred), then one with each run's
+    metric over its steps."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -164,7 +180,9 @@ def plot(result: Comparison, path: Path) -> None:
     keys = result.swept or ["run"]
     rows = [r for r in result.rows if r["metrics"][result.metric] is not None]
     best = rows[0]
-    fig, axes = plt.subplots(1, len(keys), figsize=(4.5 * len(keys), 3.8), squeeze=False)
+    # Constrained layout keeps the (wrapped) title, labels and legends inside the figure.
+    fig, axes = plt.subplots(1, len(keys) + 1, figsize=(4.5 * (len(keys) + 1), 4.2), squeeze=False,
+                             layout="constrained")
     for ax, key in zip(axes[0], keys):
         labels = [r["params"].get(key, r["name"]) for r in rows]
         ys = [r["metrics"][result.metric] for r in rows]
@@ -185,11 +203,20 @@ def plot(result: Comparison, path: Path) -> None:
         ax.set_ylabel(result.metric)
         ax.grid(alpha=0.3)
         ax.legend(loc="best")
-    fig.suptitle(f"{result.metric} vs swept parameters: {result.parent_name}", fontsize=10)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    ax = axes[0][-1]
+    for row in rows:
+        points = result.curves.get(row["run_id"]) or []
+        if points:
+            steps, values = zip(*points)
+            ax.plot(steps, values, marker="o", markersize=3, label=row["name"],
+                    linewidth=2.5 if row is best else 1.2)
+    ax.set_xlabel("global step")
+    ax.set_ylabel(result.metric)
+    ax.set_title(f"{result.metric} over steps", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best", fontsize=7)
+    fig.suptitle(f"{result.metric} vs swept parameters: {result.parent_name}", fontsize=10, wrap=True)
+    return fig
 
 
 def main(argv: list[str] | None = None) -> int:

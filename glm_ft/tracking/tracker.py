@@ -45,7 +45,7 @@ PARENT_ENV = "GLM_FT_MLFLOW_PARENT_RUN_ID"
 PARENT_FILE = "mlflow_parent_run_id"
 # Written by glm_ft.config.render / the training job; logged when present.
 RUN_FILES = ("finetune.yaml", "ds_config.json", "ds_config.resolved.json", "predictions.jsonl",
-             "eval_predictions.jsonl")
+             "eval_predictions.jsonl", "training_curves.png")
 # The trained adapter, prefix or model that glm_ft.train.finetune saves; logged through Tracker.log_model.
 MODEL_DIR = "final"
 SWEPT_PARAMS_TAG = "glm_ft.swept_params"

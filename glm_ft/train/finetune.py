@@ -311,7 +311,8 @@ def _train(cfg: DictConfig, run_dir: Path, paths: dict[str, Path], tracker) -> d
     data_config["data_dir"] = str(resolve_path(cfg.data.data_dir))
     data = load_datasets(data_config, tokenizer, cfg.max_input_length, cfg.max_output_length,
                          cache_dir=DATA_CACHE, skip_bad_rows=cfg.data.skip_bad_rows, eval_subset=cfg.eval_subset)
-    tracker.log_metrics(data.stats)
+    # Counts describe the run, they are not curves: tags keep them off MLflow's metric columns and charts.
+    tracker.set_tags(data.stats)
     if data.val is None or len(data.val) == 0:
         log.warning("no validation samples: evaluation during training is skipped")
     stop_ids = stop_token_ids(tokenizer)
@@ -321,7 +322,7 @@ def _train(cfg: DictConfig, run_dir: Path, paths: dict[str, Path], tracker) -> d
     counts = parameter_counts(model)
     log.info("method=%s: %s trainable of %s parameters", cfg.method.name,
              f"{counts['model.trainable_parameters']:,}", f"{counts['model.total_parameters']:,}")
-    tracker.log_metrics(counts)
+    tracker.set_tags(counts)
     tracker.set_tags({"glm_ft.base_model": str(model_dir)})
     _write_run_info(run_dir, cfg, model_dir)
 
@@ -376,12 +377,23 @@ def _train(cfg: DictConfig, run_dir: Path, paths: dict[str, Path], tracker) -> d
                 log.info("test: %d predictions → %s; %s", n, run_dir / "predictions.jsonl",
                          ", ".join(f"{k}={v:.4g}" for k, v in out.metrics.items() if "rouge" in k or "bleu" in k))
     if is_main_process():
+        _write_curves(cfg, run_dir, trainer.state.log_history, trained=trained_step is None)
         record_progress(run_dir, complete=True, step=trainer.state.global_step, metrics=final)
     log.info("run folder: %s", run_dir)
     if is_main_process() and cfg.tracking.enabled:
         log.info("MLflow: run `make ui` and open http://127.0.0.1:5000 (experiment '%s')",
                  cfg.tracking.experiment_name)
     return final
+
+
+def _write_curves(cfg: DictConfig, run_dir: Path, log_history: list[dict], trained: bool) -> None:
+    from glm_ft.tracking.curves import CURVES_FILE, run_log_history, write_training_curves
+
+    title = f"{cfg.method.name} on {cfg.model.name}: {run_dir.name}"
+    try:
+        write_training_curves(run_log_history(log_history, run_dir, trained), run_dir / CURVES_FILE, title)
+    except Exception as err:  # a picture must not turn a finished training into a failed one
+        log.warning("could not write %s: %s", run_dir / CURVES_FILE, err)
 
 
 def _train_and_save(cfg: DictConfig, run_dir: Path, trainer, tracker, job_trial) -> None:
@@ -409,6 +421,8 @@ def _train_and_save(cfg: DictConfig, run_dir: Path, trainer, tracker, job_trial)
         from glm_ft.search.study import PRUNED_TAG, TrialPruned
 
         # Stopped by the study's pruner: the checkpoint at that step is saved; no final model, no test predictions.
+        if is_main_process():
+            _write_curves(cfg, run_dir, trainer.state.log_history, trained=True)
         tracker.set_tags({PRUNED_TAG: "true", "glm_ft.pruned_at_step": str(job_trial.pruned_at)})
         raise TrialPruned(f"trial {job_trial.number} pruned at step {job_trial.pruned_at}")
     # The final model is for inference: keep the KV cache on in its config (training turned it off).

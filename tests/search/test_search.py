@@ -6,6 +6,7 @@ made-up evaluations). Pruning of a real training job runs train.py on the tiny m
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import statistics
@@ -296,3 +297,11 @@ def test_real_training_trial_is_pruned_at_its_first_evaluation(tmp_path):
     assert logged.step == 4 and logged.value == pytest.approx(trial.intermediate_values[4])
     assert parent.info.status == "FINISHED" and parent.data.metrics["trials_pruned"] == 1
     assert "test_rouge-l" not in child.data.metrics
+    # A pruned trial's training_curves.png draws its training up to where it stopped, in its folder and its run.
+    from glm_ft.tracking.curves import CURVES_FILE, read_series
+
+    history = json.loads((run_dir / "checkpoint-4" / "trainer_state.json").read_text())["log_history"]
+    series = read_series(run_dir / CURVES_FILE)
+    assert series.get("loss", []) == [[h["step"], h["loss"]] for h in history if "loss" in h]
+    assert series["eval_rouge-l"] == [[4, trial.intermediate_values[4]]]
+    assert CURVES_FILE in {a.path for a in client.list_artifacts(child.info.run_id)}

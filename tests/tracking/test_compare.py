@@ -119,3 +119,35 @@ def test_a_sweep_whose_runs_all_tie_says_so(store, capsys):
     assert "all scored runs tie at eval_rouge-l=12.5: the swept values made no difference here" in out
     assert main(["--tracking-uri", store["uri"], "--sweep", store["lora"]]) == 0
     assert "tie" not in capsys.readouterr().out
+
+
+def test_each_runs_curve_is_its_metric_history_and_the_title_fits(store, tmp_path, capsys):
+    from glm_ft.tracking.compare import figure
+
+    client = store["client"]
+    exp = client.get_experiment_by_name("glm-ft").experiment_id
+    parent = add_sweep(client, exp, store["root"] / "curves", 100, ["method.num_virtual_tokens"], "eval_rouge-l",
+                       "maximize", [({"method.num_virtual_tokens": n}, {}, "FINISHED") for n in (4, 8, 16)])
+    # A long sweep name: the title must wrap, not run off the figure.
+    client.set_tag(parent, "mlflow.runName", "ptuning_v2 " + "num_virtual_tokens=4,8,16 " * 6)
+    logged = {}
+    for child in sorted(client.search_runs([exp], f"tags.mlflow.parentRunId = '{parent}'"),
+                        key=lambda c: c.info.run_name):
+        n = int(child.data.params["method.num_virtual_tokens"])
+        logged[child.info.run_id] = [(step, float(n * step % 7 + step)) for step in (2, 4, 6, 8)]
+        for step, value in logged[child.info.run_id]:
+            client.log_metric(child.info.run_id, "eval_rouge-l", value, step=step)
+
+    result = compare(str(store["root"] / "curves"), tracking_uri=store["uri"], out=tmp_path / "c.png")
+    assert result.curves == logged
+    for run_id, points in result.curves.items():  # and MLflow's own history of each run agrees
+        assert points == [(m.step, m.value) for m in sorted(client.get_metric_history(run_id, "eval_rouge-l"),
+                                                             key=lambda m: m.step)]
+    fig = figure(result)
+    fig.canvas.draw()
+    names = {r["run_id"]: r["name"] for r in result.rows}
+    drawn = {line.get_label(): [tuple(p) for p in line.get_xydata().tolist()] for line in fig.axes[-1].lines}
+    assert drawn == {names[run_id]: points for run_id, points in logged.items()}
+    title = fig._suptitle.get_window_extent()
+    assert 0 <= title.x0 and title.x1 <= fig.bbox.width and title.y1 <= fig.bbox.height
+    assert "tie" not in capsys.readouterr().out

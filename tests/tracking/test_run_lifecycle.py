@@ -12,6 +12,7 @@ import re
 import pytest
 
 from conftest import ROOT, run_train
+from glm_ft.tracking.curves import CURVES_FILE, read_series
 from lifecycle_helpers import (QUICK, background, complete, fill, kill_group, logged_losses, mlflow_run_id, tmpfs,
                                train_cmd, trainer_losses, wait_for)
 
@@ -54,6 +55,8 @@ def test_sigkill_then_resume_continues_the_same_mlflow_run(tmp_path, store):
     assert json.loads(run.data.tags["glm_ft.resume_changed_params"]) == {"resume": "auto"}  # ... changes listed
     # The curve continues at its global steps: the steps redone after checkpoint-4 carry the resumed values.
     assert logged_losses(store["client"], run_id) == trainer_losses(run_dir, 8)
+    # training_curves.png, written when the resumed training ends, draws the whole training, not only its second half.
+    assert dict(map(tuple, read_series(run_dir / CURVES_FILE)["loss"])) == trainer_losses(run_dir, 8)
 
 
 def file_digests(folder) -> dict[str, str]:
@@ -92,6 +95,8 @@ def test_resume_of_a_finished_run_redoes_only_what_is_missing(tmp_path, store):
         assert run.data.metrics[key] == pytest.approx(test_metrics[key])
         assert [m.step for m in store["client"].get_metric_history(run_id, key)] == [4]
     assert logged_losses(store["client"], run_id) == trainer_losses(run_dir, 4)
+    # The redo trained nothing; its training_curves.png draws the training from checkpoint-4's trainer_state.json.
+    assert dict(map(tuple, read_series(run_dir / CURVES_FILE)["loss"])) == trainer_losses(run_dir, 4)
 
     before = file_digests(run_dir)
     again = run_train([*args, "resume=auto", f"hydra.run.dir={run_dir}"], env=store["env"])

@@ -87,8 +87,8 @@ def test_the_run_is_complete_in_mlflow(runs, mlflow_env):
                if r.data.tags.get("glm_ft.run_dir") == str(run_dir))
     assert run.info.status == "FINISHED"
     assert run.data.params["method.r"] == "8" and run.data.tags["glm_ft.method"] == "lora"
-    assert run.data.metrics["data.val.samples_selected"] == 4
-    assert run.data.metrics["data.train.rows_read"] == 400
+    assert run.data.tags["data.val.samples_selected"] == "4"
+    assert run.data.tags["data.train.rows_read"] == "400"
     client = MlflowClient(tracking_uri=mlflow_env["MLFLOW_TRACKING_URI"])
     rouge = client.get_metric_history(run.info.run_id, "eval_rouge-l")
     assert sorted({m.step for m in rouge}) == [3, 6]

@@ -1,0 +1,65 @@
+"""training_curves.png: drawn from the Trainer's log history, in the run folder and in its MLflow run; and the
+counts (data, parameters) are tags, not metrics."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import run_train
+from glm_ft.tracking.curves import CURVES_FILE, curve_series, figure, read_series
+
+
+def _from_trainer_state(path) -> dict[str, list[list[float]]]:
+    """The expected series, read from trainer_state.json without glm_ft.tracking.curves."""
+    history = json.loads(path.read_text())["log_history"]
+    loss = [[h["step"], h["loss"]] for h in history if "loss" in h]
+    evals = {}
+    for h in history:
+        for key in ("eval_rouge-1", "eval_rouge-2", "eval_rouge-l", "eval_bleu-4"):
+            if key in h:
+                evals.setdefault(key, []).append([h["step"], h[key]])
+    return {"loss": loss, **evals}
+
+
+def test_the_figure_draws_exactly_the_series():
+    history = [{"loss": 3.0, "step": 1, "learning_rate": 1e-3}, {"loss": 2.5, "step": 2},
+               {"eval_rouge-l": 4.0, "eval_runtime": 1.2, "eval_samples": 4, "step": 2},
+               {"train_runtime": 9.0, "train_loss": 2.7, "step": 2}]
+    series = curve_series(history)
+    assert series == {"loss": [[1, 3.0], [2, 2.5]], "eval_rouge-l": [[2, 4.0]]}
+    fig = figure(series, "a title")
+    drawn = {line.get_label(): line.get_xydata().tolist() for ax in fig.axes for line in ax.lines}
+    assert drawn == series
+
+
+@pytest.mark.slow
+def test_a_run_writes_its_curves_and_logs_counts_as_tags(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run_dir = tmp_path / "run"
+    out = run_train(["experiment=quickstart", "method=lora", "training_args.max_steps=4",
+                     "training_args.save_steps=2", "training_args.eval_steps=2", "training_args.logging_steps=1",
+                     "eval_subset=4", "training_args.per_device_train_batch_size=4",
+                     "training_args.generation_config.max_new_tokens=8", f"hydra.run.dir={run_dir}"],
+                    env={"MLFLOW_TRACKING_URI": uri})
+    assert out.returncode == 0, out.stderr[-3000:]
+
+    png = run_dir / CURVES_FILE
+    expected = _from_trainer_state(run_dir / "checkpoint-4" / "trainer_state.json")
+    assert len(expected["loss"]) == 4 and [s for s, _ in expected["eval_rouge-l"]] == [2, 4]
+    assert read_series(png) == expected
+
+    client = MlflowClient(uri)
+    run = client.search_runs([client.get_experiment_by_name("glm-ft").experiment_id])[0]
+    assert run.info.status == "FINISHED"
+    logged = client.download_artifacts(run.info.run_id, CURVES_FILE, str(tmp_path / "download"))
+    assert open(logged, "rb").read() == png.read_bytes()
+
+    # Counts are tags: MLflow's metric columns and charts are curves and throughput only.
+    assert not [k for k in run.data.metrics if k.startswith(("data.", "model."))]
+    assert run.data.tags["data.train.rows_read"] == "400" and run.data.tags["data.val.samples_selected"] == "4"
+    trainable = int(run.data.tags["model.trainable_parameters"])
+    assert 0 < trainable < int(run.data.tags["model.total_parameters"])
