@@ -35,7 +35,6 @@ __all__ = ["IGNORE_INDEX", "ROLES", "Conversation", "DataBundle", "Message", "Re
 logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
-_ROWS_PER_PROCESS = 1000  # below this, starting worker processes costs more than it saves
 
 
 @dataclass
@@ -50,17 +49,19 @@ class DataBundle:
 
 
 def build_train_sample(
-    messages: Sequence[Message | Mapping[str, Any]], tokenizer, max_input_length: int, max_output_length: int
+    messages: Sequence[Message | Mapping[str, Any]], tokenizer, max_input_length: int, max_output_length: int,
+    parts: Sequence[list[int]] | None = None,
 ) -> dict[str, Any]:
     """`[gMASK] sop` + every message + eos, cut (head kept) to max_input_length + max_output_length + 1 tokens.
 
     Returns input_ids, labels (IGNORE_INDEX where not a target) and `truncated`. A truncated sample keeps no eos:
-    teaching the model to stop where the data was merely cut would be wrong.
+    teaching the model to stop where the data was merely cut would be wrong. `parts`: each message's ids, when
+    already encoded (`encode_messages`).
     """
     ids = list(tokenizer.get_prefix_tokens())
     in_loss_message = [False] * len(ids)
-    for message in map(_as_message, messages):
-        part = _message_ids(tokenizer, message)
+    messages = list(map(_as_message, messages))
+    for message, part in zip(messages, parts or [_message_ids(tokenizer, m) for m in messages]):
         ids += part
         in_loss_message += [message.carries_loss] * len(part)
     ids.append(tokenizer.eos_token_id)
@@ -70,14 +71,15 @@ def build_train_sample(
 
 
 def build_eval_samples(
-    messages: Sequence[Message | Mapping[str, Any]], tokenizer, max_input_length: int, max_output_length: int
+    messages: Sequence[Message | Mapping[str, Any]], tokenizer, max_input_length: int, max_output_length: int,
+    parts: Sequence[list[int]] | None = None,
 ) -> list[dict[str, Any]]:
     """One sample per assistant turn that carries loss: input = context so far + `<|assistant|>`, output = the
     turn's tokens after `<|assistant|>` + eos.
 
     A context over max_input_length tokens keeps `[gMASK] sop` and its most recent tokens (the reference dropped
     the sample); an output over max_output_length is cut and still ends with eos. `input_truncated` and
-    `output_truncated` say which happened.
+    `output_truncated` say which happened. `parts` as for build_train_sample.
     """
     if max_input_length < 3 or max_output_length < 1:
         raise ValueError("max_input_length must be at least 3 and max_output_length at least 1")
@@ -85,8 +87,8 @@ def build_eval_samples(
     budget = max_input_length - len(prefix)
     context: list[int] = []
     samples = []
-    for message in map(_as_message, messages):
-        part = _message_ids(tokenizer, message)
+    messages = list(map(_as_message, messages))
+    for message, part in zip(messages, parts or [_message_ids(tokenizer, m) for m in messages]):
         if message.role == "assistant" and message.carries_loss:
             reply = part[1:]
             samples.append(
@@ -116,10 +118,37 @@ def _message_ids(tokenizer, message: Message) -> list[int]:
     return tokenizer.build_single_message(message.role, message.metadata, text)
 
 
-def _train_batch(batch, tokenizer, max_input_length, max_output_length):
+def encode_messages(conversations: Sequence[Conversation], tokenizer, threads: int = 1) -> list[list[list[int]]]:
+    """Every message's ids (as `build_single_message` gives them), per conversation. ChatGLM3's own tokenizer
+    encodes all the texts in one SentencePiece call on `threads` threads (no per-message Python round trip, no
+    worker processes); any other tokenizer goes message by message."""
+    from glm_ft.chatglm3.tokenization import ChatGLMTokenizer, message_text
+
+    messages = [m for conversation in conversations for m in conversation.messages]
+    if isinstance(tokenizer, ChatGLMTokenizer) and \
+            type(tokenizer).build_single_message is ChatGLMTokenizer.build_single_message:
+        texts = [message_text(m.role, m.content, m.tools) for m in messages]
+        heads: dict[tuple[str, str], list[int]] = {}  # `<|role|>` + encode(metadata + "\n"): few distinct ones
+        flat = []
+        for m, ids in zip(messages, tokenizer.sp_model.encode(texts, num_threads=threads)):
+            head = heads.get((m.role, m.metadata))
+            if head is None:
+                head = heads[m.role, m.metadata] = tokenizer.build_single_message(m.role, m.metadata, "")
+            flat.append(head + ids)
+    else:
+        flat = [_message_ids(tokenizer, m) for m in messages]
+    out, at = [], 0
+    for conversation in conversations:
+        out.append(flat[at:at + len(conversation.messages)])
+        at += len(conversation.messages)
+    return out
+
+
+def _train_columns(conversations, parts, tokenizer, max_input_length, max_output_length):
     out = {"input_ids": [], "labels": [], "truncated": []}
-    for text in batch["conversation"]:
-        sample = build_train_sample(json.loads(text), tokenizer, max_input_length, max_output_length)
+    for conversation, message_parts in zip(conversations, parts):
+        sample = build_train_sample(conversation.messages, tokenizer, max_input_length, max_output_length,
+                                    message_parts)
         # A sample whose targets were all cut off would add nothing but a NaN-prone empty loss.
         if any(label != IGNORE_INDEX for label in sample["labels"]):
             for key in out:
@@ -127,10 +156,11 @@ def _train_batch(batch, tokenizer, max_input_length, max_output_length):
     return out
 
 
-def _eval_batch(batch, tokenizer, max_input_length, max_output_length):
+def _eval_columns(conversations, parts, tokenizer, max_input_length, max_output_length):
     out = {"input_ids": [], "output_ids": [], "input_truncated": [], "output_truncated": []}
-    for text in batch["conversation"]:
-        for sample in build_eval_samples(json.loads(text), tokenizer, max_input_length, max_output_length):
+    for conversation, message_parts in zip(conversations, parts):
+        for sample in build_eval_samples(conversation.messages, tokenizer, max_input_length, max_output_length,
+                                         message_parts):
             for key in out:
                 out[key].append(sample[key])
     return out
@@ -160,8 +190,8 @@ def load_datasets(
     num_proc = int(data_config.get("num_proc") or 1)
     stats: dict[str, int] = {}
     splits: dict[str, Any] = {}
-    for split, key, build in (("train", "train_file", _train_batch), ("val", "val_file", _eval_batch),
-                              ("test", "test_file", _eval_batch)):
+    for split, key, build in (("train", "train_file", _train_columns), ("val", "val_file", _eval_columns),
+                              ("test", "test_file", _eval_columns)):
         name = data_config.get(key)
         if not name:
             logger.info("%s not set: no %s split", key, split)
@@ -207,27 +237,22 @@ def _preprocess(path, build, tokenizer, max_input_length, max_output_length, ski
     """Tokenize one file into `target` (a saved dataset plus its counts); returns the counts."""
     import datasets
 
+    # One pass in this process: the rows are read and checked once, encoded together (SentencePiece's own threads
+    # are cheaper than worker processes, which would each re-read or unpickle every row), and laid out as samples.
     report = read_rows(path, skip_bad_rows=skip_bad_rows)
-    rows = [conversation.to_json() for conversation in report.conversations]
-    procs = max(1, min(num_proc, os.cpu_count() or 1, len(rows) // _ROWS_PER_PROCESS))
-    dataset = datasets.Dataset.from_dict({"conversation": rows}).map(
-        functools.partial(build, tokenizer=tokenizer, max_input_length=max_input_length,
-                          max_output_length=max_output_length),
-        batched=True,
-        remove_columns=["conversation"],
-        num_proc=procs if procs > 1 else None,
-        new_fingerprint=target.name[-24:],
-        desc=f"Tokenizing {path.name}",
-    )
+    rows = report.conversations
+    parts = encode_messages(rows, tokenizer, threads=max(1, min(num_proc, os.cpu_count() or 1)))
+    columns = build(rows, parts, tokenizer, max_input_length, max_output_length)
+    dataset = datasets.Dataset.from_dict(columns)
     counts = {"rows_read": report.rows_read, "rows_skipped": len(report.skipped), "rows_used": len(rows),
               "samples": len(dataset)}
-    if build is _train_batch:
+    if build is _train_columns:
         flags = {"truncated": "truncated"}
         counts["dropped_no_target"] = len(rows) - len(dataset)
     else:
         flags = {"input_truncated": "inputs_truncated", "output_truncated": "outputs_truncated"}
     for column, name in flags.items():
-        counts[name] = sum(dataset[column])
+        counts[name] = sum(columns[column])
     _save_atomically(dataset.remove_columns(list(flags)), counts, target)
     return counts
 
