@@ -546,6 +546,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="small sizes: checks the harness, not for quoting")
     parser.add_argument("--only", help=f"comma-separated subset of {','.join(FIGURES)}")
     parser.add_argument("--sides", help=f"training sides to run (default all: {','.join(TRAINING_SIDES)})")
+    parser.add_argument("--rounds", type=int, help="training rounds per side (default: 3 tiny, 2 mid)")
     parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
     parser.add_argument("--name", help="results file name (default: from the CPU model and core count)")
     parser.add_argument("--keep-work", action="store_true", help="keep the scratch folder (models, data, specs)")
@@ -566,6 +567,8 @@ def main(argv: list[str] | None = None) -> int:
         if "baseline" not in sides or set(sides) - set(TRAINING_SIDES):
             parser.error(f"--sides: a subset of {','.join(TRAINING_SIDES)} that includes baseline")
         settings["training_sides"] = sides
+    if args.rounds:
+        settings["training_rounds"] = {size: args.rounds for size in settings["training_rounds"]}
     machine = machine_info()
     work = Path(tempfile.mkdtemp(prefix="glm-ft-bench-"))
     log(f"scratch folder {work}; load average {machine['loadavg_at_start']}")
