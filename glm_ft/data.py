@@ -59,13 +59,17 @@ def build_train_sample(
     already encoded (`encode_messages`).
     """
     ids = list(tokenizer.get_prefix_tokens())
-    in_loss_message = [False] * len(ids)
+    loss_spans = []  # [start, end) of each message that carries loss
     messages = list(map(_as_message, messages))
     for message, part in zip(messages, parts or [_message_ids(tokenizer, m) for m in messages]):
+        if message.carries_loss:
+            loss_spans.append((len(ids), len(ids) + len(part)))
         ids += part
-        in_loss_message += [message.carries_loss] * len(part)
     ids.append(tokenizer.eos_token_id)
-    labels = [IGNORE_INDEX] + [tok if prev else IGNORE_INDEX for tok, prev in zip(ids[1:], in_loss_message)]
+    # token i is a target iff token i-1 is in a loss message: each span shifted by one (slices: the fast path)
+    labels = [IGNORE_INDEX] * len(ids)
+    for start, end in loss_spans:
+        labels[start + 1:end + 1] = ids[start + 1:end + 1]
     limit = max_input_length + max_output_length + 1
     return {"input_ids": ids[:limit], "labels": labels[:limit], "truncated": len(ids) > limit}
 
@@ -150,7 +154,7 @@ def _train_columns(conversations, parts, tokenizer, max_input_length, max_output
         sample = build_train_sample(conversation.messages, tokenizer, max_input_length, max_output_length,
                                     message_parts)
         # A sample whose targets were all cut off would add nothing but a NaN-prone empty loss.
-        if any(label != IGNORE_INDEX for label in sample["labels"]):
+        if sample["labels"].count(IGNORE_INDEX) != len(sample["labels"]):
             for key in out:
                 out[key].append(sample[key])
     return out
