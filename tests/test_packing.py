@@ -1,5 +1,5 @@
 """data.packing: how rows are planned and laid out, and a real quickstart run that trains on packed rows.
-The maths (packed = unpacked losses and gradients) is tests/chatglm3/test_packing.py."""
+The maths (packed = unpacked losses and gradients) is tests/chatglm3/test_segments.py."""
 
 from __future__ import annotations
 
