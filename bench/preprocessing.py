@@ -1,8 +1,9 @@
 """Preprocessing throughput, one side per process: glm-ft's `load_datasets` or row-at-a-time encoding.
 
-- glm_ft: `glm_ft.data.dataset.load_datasets` on a fresh cache folder (read and check every row, tokenize with a batched
-  `Dataset.map` over `num_proc` processes (the advertise_gen config's 16, which glm-ft caps at the CPU count),
-  save the cache); then the same call again, which finds the cache (`glm_ft_warm`);
+- glm_ft: `glm_ft.data.dataset.load_datasets` on a fresh cache folder, one pass in one process: read and check every row,
+  encode every message text in one SentencePiece call on `num_proc` threads (the advertise_gen config's 16, which
+  glm-ft caps at the CPU count), lay out the samples, save the cache; then the same call again, which finds the
+  cache (`glm_ft_warm`);
 - baseline: what the reference demo did per row: `datasets.load_dataset("json")`, then `Dataset.map` without
   batching, one process, calling the tokenizer per message of each row as its `process_batch` did.
 
@@ -13,6 +14,7 @@ compared). Rows/s counts input rows.
 from __future__ import annotations
 
 import hashlib
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -43,18 +45,21 @@ def samples_digest(dataset) -> str:
     return digest.hexdigest()[:16]
 
 
-def breakdown(path: Path, tokenizer, max_input_length: int, max_output_length: int) -> dict[str, float]:
-    """Where glm-ft's time goes (measured after the timed call, one process): reading and checking the file, and
-    building every sample in a plain loop. The rest of its time is datasets' map (processes, Arrow) and the save."""
-    from glm_ft.data.dataset import build_train_sample, read_rows
+def breakdown(path: Path, tokenizer, max_input_length: int, max_output_length: int,
+              threads: int) -> dict[str, float]:
+    """Where glm-ft's time goes (measured after the timed call, the same steps again): reading and checking the
+    file, encoding the messages, laying out the samples. The rest of its time is Arrow and the cache write."""
+    from glm_ft.data.dataset import _train_columns, encode_messages, read_rows
 
     start = time.perf_counter()
     report = read_rows(path)
     read_s = time.perf_counter() - start
     start = time.perf_counter()
-    for conversation in report.conversations:
-        build_train_sample(conversation.messages, tokenizer, max_input_length, max_output_length)
-    return {"read_and_check": read_s, "build_samples_loop": time.perf_counter() - start}
+    parts = encode_messages(report.conversations, tokenizer, threads)
+    encode_s = time.perf_counter() - start
+    start = time.perf_counter()
+    _train_columns(report.conversations, parts, tokenizer, max_input_length, max_output_length)
+    return {"read_and_check": read_s, "encode": encode_s, "lay_out_samples": time.perf_counter() - start}
 
 
 def run(spec: dict[str, Any]) -> dict[str, Any]:
@@ -94,6 +99,7 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
         rows = bundle.stats["data.train.rows_read"]
         result = {"rows": rows, "seconds": seconds, "rows_per_s": rows / seconds, "num_proc": spec["num_proc"],
                   "warm_seconds": warm_seconds, "warm_rows_per_s": rows / warm_seconds, "stats": bundle.stats,
-                  "breakdown_s": breakdown(path, tokenizer, max_in, max_out)}
+                  "breakdown_s": breakdown(path, tokenizer, max_in, max_out,
+                                                                              max(1, min(spec["num_proc"], os.cpu_count() or 1)))}
     result.update(samples=len(out), samples_sha256_16=samples_digest(out))
     return result

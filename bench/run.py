@@ -26,6 +26,7 @@ if __package__ in (None, ""):  # run as `python bench/run.py`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import advertisegen  # noqa: E402
+from bench.training import SIDES as TRAINING_SIDES  # noqa: E402
 from bench.common import (  # noqa: E402
     RESULTS_DIR, ROOT, SCHEMA, check_goals, combine_rounds, compute_ratios, format_table, goal_summary,
     machine_info, now_iso, package_versions, ratio, results_name, run_measured, validate_results,
@@ -175,7 +176,7 @@ class Bench:
         data = self.work / f"data-train-{size}"
         advertisegen.write(data / "train.json", rows, seed=1)
         base = self._spec("training", data, size=size, model_dir=str(self._model_dir(size)), **cfg)
-        order = ["baseline", "glm_ft", "glm_ft_grouped", "glm_ft_grouped_bf16"]
+        order = self.settings.get("training_sides") or list(TRAINING_SIDES)
         rounds: dict[str, list[dict[str, Any]]] = {side: [] for side in order}
         for r in range(self.settings["training_rounds"][size]):
             for side in order if r % 2 == 0 else reversed(order):
@@ -191,6 +192,7 @@ class Bench:
             sides[side] = {**first, **combine_rounds(ok), "peak_rss_mib": max(d["peak_rss_mib"] for d in done),
                            "timed_cpu_s_each_round": [round(d.get("timed_cpu_s", 0), 2) for d in ok],
                            "errors": [d["error"] for d in done if "error" in d]}
+        per_sample = {side: v.pop("per_sample_loss", None) for side, v in sides.items()}
         fp32 = [v.get("initial_loss_over_set") for v in sides.values() if not v.get("bf16")]
         bf16 = [v.get("initial_loss_over_set") for v in sides.values() if v.get("bf16")]
         return {
@@ -200,6 +202,10 @@ class Bench:
             # fp32 sides must agree to rounding; bf16 autocast moves the loss by bf16's precision (~1e-3 relative)
             "same_initial_loss": same_value(fp32, 1e-4),
             "same_initial_loss_bf16": same_value(fp32 + bf16, 1e-2) if bf16 else None,
+            # each sample's own loss, packed or not, against the baseline's (the samples are keyed by their tokens)
+            "per_sample_loss_max_rel_diff": {
+                side: per_sample_difference(per_sample["baseline"], losses)
+                for side, losses in per_sample.items() if side != "baseline" and not sides[side].get("bf16")},
         }
 
     def generation(self) -> dict[str, Any]:
@@ -270,6 +276,15 @@ def same_value(values: list[float | None], relative: float) -> bool:
     return bool(known) and len(known) == len(values) and max(known) - min(known) <= relative * max(known)
 
 
+def per_sample_difference(base: dict[str, float] | None, other: dict[str, float] | None) -> float | None:
+    """Largest relative difference between two sides' per-sample losses; inf if they hold different samples."""
+    if not base or not other:
+        return None
+    if set(base) != set(other):
+        return float("inf")
+    return max(abs(other[k] - v) / max(abs(v), 1e-12) for k, v in base.items())
+
+
 def eval_model_cache(spec: dict[str, Any]) -> Path:
     """Where the fine-tuned tiny model of the generation figure is kept between runs: keyed by everything that
     decides its weights (settings, the data generator, the model, data and training code), so a change retrains."""
@@ -294,6 +309,8 @@ RATIO_SOURCES = {
     "training_mid_tokens_per_s": ("training_mid", "tokens_per_s", "glm_ft", "baseline"),
     "training_mid_grouped_tokens_per_s": ("training_mid", "tokens_per_s", "glm_ft_grouped", "baseline"),
     "training_mid_samples_per_s": ("training_mid", "samples_per_s", "glm_ft", "baseline"),
+    "training_tiny_packed_tokens_per_s": ("training_tiny", "tokens_per_s", "glm_ft_packed", "baseline"),
+    "training_mid_packed_tokens_per_s": ("training_mid", "tokens_per_s", "glm_ft_packed", "baseline"),
     "training_tiny_grouped_bf16_tokens_per_s": ("training_tiny", "tokens_per_s", "glm_ft_grouped_bf16", "baseline"),
     "training_mid_grouped_bf16_tokens_per_s": ("training_mid", "tokens_per_s", "glm_ft_grouped_bf16", "baseline"),
     "eval_generated_tokens_per_s": ("generation", "generated_tokens_per_s", "glm_ft", "baseline"),
@@ -341,6 +358,9 @@ def table(figures: dict[str, Any], ratios: dict[str, Any]) -> list[dict[str, Any
         add(f"training tokens/s, {size}, group_by_length=true bf16=true", "tokens/s",
             _get(figures, f, "baseline", "tokens_per_s"), _get(figures, f, "glm_ft_grouped_bf16", "tokens_per_s"),
             ratios.get(f"{f}_grouped_bf16_tokens_per_s"))
+        add(f"training tokens/s, {size}, data.packing=true", "tokens/s",
+            _get(figures, f, "baseline", "tokens_per_s"), _get(figures, f, "glm_ft_packed", "tokens_per_s"),
+            ratios.get(f"{f}_packed_tokens_per_s"))
         add(f"training samples/s, {size}", "samples/s", _get(figures, f, "baseline", "samples_per_s"),
             _get(figures, f, "glm_ft", "samples_per_s"), ratios.get(f"{f}_samples_per_s"))
         add(f"training loss over the set (same work), {size}", "loss",
@@ -419,6 +439,10 @@ def _pct(x: float | None) -> str:
     return "?" if x is None else f"{x:.0%}"
 
 
+def _sci(x: float | None) -> str:
+    return "?" if x is None else f"{x:.1e}"
+
+
 def _x(x: float | None) -> str:
     return "?" if x is None else f"{x:.2f}x"
 
@@ -438,7 +462,11 @@ def notes(figures: dict[str, Any], ratios: dict[str, Any], goals: dict[str, Any]
             f"padding {_pct(pad['glm_ft'])} vs {_pct(pad['baseline'])} of batch slots), which gives "
             f"{_x(ratios.get(f'{f}_tokens_per_s'))}; group_by_length=true cuts padding to "
             f"{_pct(pad['glm_ft_grouped'])} ({_x(ratios.get(f'{f}_grouped_tokens_per_s'))}); with bf16=true as well "
-            f"{_x(ratios.get(f'{f}_grouped_bf16_tokens_per_s'))}.")
+            f"{_x(ratios.get(f'{f}_grouped_bf16_tokens_per_s'))}; data.packing=true pads "
+            f"{_pct(_get(figures, f, 'glm_ft_packed', 'padding_fraction'))} "
+            f"({_x(ratios.get(f'{f}_packed_tokens_per_s'))}; each sample's loss within "
+            f"{_sci((figures[f].get('per_sample_loss_max_rel_diff') or {}).get('glm_ft_packed'))} relative of the "
+            f"baseline's).")
     if "training_mid" in figures:
         out.append(
             "mid-size training reaches " + _pct(_get(figures, "training_mid", "glm_ft", "mfu_float32"))
@@ -460,11 +488,12 @@ def notes(figures: dict[str, Any], ratios: dict[str, Any], goals: dict[str, Any]
         parts = glm.get("breakdown_s") or {}
         out.append(
             f"preprocessing: glm-ft took {glm.get('seconds', 0):.1f} s for "
-            f"{figures['preprocessing']['rows']:,} rows: reading and checking every row "
-            f"{parts.get('read_and_check', 0):.1f} s, building the samples {parts.get('build_samples_loop', 0):.1f} s "
-            f"(one process), the rest in datasets' map (up to {glm.get('max_processes') or '?'} processes, its own "
-            f"included) and the cache write; the baseline only loads and maps ({_x(ratios.get('preprocessing_rows_per_s'))}). "
-            f"Every later run reuses glm-ft's cache ({_x(ratios.get('preprocessing_warm_rows_per_s'))}); the "
+            f"{figures['preprocessing']['rows']:,} rows in one pass: reading and checking every row "
+            f"{parts.get('read_and_check', 0):.1f} s, encoding every message in one SentencePiece call "
+            f"{parts.get('encode', 0):.1f} s, laying out the samples {parts.get('lay_out_samples', 0):.1f} s, the rest "
+            f"Arrow and the cache write; the baseline loads with datasets and encodes row by row "
+            f"({_x(ratios.get('preprocessing_rows_per_s'))}). Every later run reuses glm-ft's cache "
+            f"({_x(ratios.get('preprocessing_warm_rows_per_s'))}); the "
             f"reference tokenized again on every run.")
     load = os.getloadavg()
     out.append(f"load average at the end of the run: {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f} "
@@ -516,6 +545,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python bench/run.py", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes: checks the harness, not for quoting")
     parser.add_argument("--only", help=f"comma-separated subset of {','.join(FIGURES)}")
+    parser.add_argument("--sides", help=f"training sides to run (default all: {','.join(TRAINING_SIDES)})")
+    parser.add_argument("--rounds", type=int, help="training rounds per side (default: 3 tiny, 2 mid)")
     parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
     parser.add_argument("--name", help="results file name (default: from the CPU model and core count)")
     parser.add_argument("--keep-work", action="store_true", help="keep the scratch folder (models, data, specs)")
@@ -531,6 +562,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown figure(s) {', '.join(sorted(unknown))}; choose from {', '.join(FIGURES)}")
     settings = _merge(SETTINGS, QUICK) if args.quick else dict(SETTINGS)
     settings["quick"] = args.quick
+    if args.sides:
+        sides = args.sides.split(",")
+        if "baseline" not in sides or set(sides) - set(TRAINING_SIDES):
+            parser.error(f"--sides: a subset of {','.join(TRAINING_SIDES)} that includes baseline")
+        settings["training_sides"] = sides
+    if args.rounds:
+        settings["training_rounds"] = {size: args.rounds for size in settings["training_rounds"]}
     machine = machine_info()
     work = Path(tempfile.mkdtemp(prefix="glm-ft-bench-"))
     log(f"scratch folder {work}; load average {machine['loadavg_at_start']}")

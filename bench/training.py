@@ -9,7 +9,9 @@ Both sides train one epoch over the same samples from the same weights, through 
 - glm_ft_grouped: the same with `training_args.group_by_length=true`;
 - glm_ft_grouped_bf16: and `training_args.bf16=true` too (bf16 autocast; fp32 weights and optimizer, as
   `torch_dtype: auto` keeps them for full fine-tuning). A switch the reference's Trainer had as well, shown for
-  what this CPU's bf16 matmuls give; its losses differ from the fp32 sides by bf16 rounding.
+  what this CPU's bf16 matmuls give; its losses differ from the fp32 sides by bf16 rounding;
+- glm_ft_packed: glm-ft's default path with `data.packing=true` (glm_ft/data/packing.py): the same samples, packed
+  several to a row up to max_input_length + max_output_length + 1 tokens, so one epoch is fewer, fuller steps.
 
 Same work is shown twice: the loss of the untrained model over the whole set, summed over every target token with
 each side's own batching and attention (order and padding must not change it), and the token-weighted mean training
@@ -25,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-SIDES = ("baseline", "glm_ft", "glm_ft_grouped", "glm_ft_grouped_bf16")
+SIDES = ("baseline", "glm_ft", "glm_ft_grouped", "glm_ft_grouped_bf16", "glm_ft_packed")
 
 
 class RecordingCollator:
@@ -39,11 +41,12 @@ class RecordingCollator:
         batch = self.collate(features)
         mask = batch["attention_mask"]
         self.batches.append({
-            "samples": len(features),
             "tokens": int(mask.sum()),
             "slots": int(mask.numel()),
             "targets": int((batch["labels"][:, 1:] != -100).sum()),
-            "lengths": [len(f["input_ids"]) for f in features],
+            # a packed row's samples count one by one (their attention is per sample)
+            "samples": sum(len(f.get("lengths", [0])) for f in features),
+            "lengths": [n for f in features for n in f.get("lengths", [len(f["input_ids"])])],
         })
         return batch
 
@@ -75,25 +78,42 @@ def overrides(spec: dict[str, Any], side: str) -> list[str]:
         out.append("training_args.group_by_length=true")
     if side.endswith("_bf16"):
         out.append("training_args.bf16=true")
+    if side == "glm_ft_packed":
+        out.append("data.packing=true")
     return out + list(spec.get("extra_overrides", []))
 
 
-def _loss_over_set(model, dataset, order: list[int], batch_size: int, collate, bf16: bool) -> tuple[float, int]:
+def _loss_over_set(model, dataset, order: list[int], batch_size: int, collate, bf16: bool):
     """Token-weighted mean loss of `model` over every sample, batched in `order` and computed in the side's
-    precision; and the target-token count."""
+    precision; the target-token count; and each sample's summed loss, keyed by a digest of its tokens (a packed
+    row's samples are told apart by its `lengths`)."""
     import torch
+    import torch.nn.functional as F
 
-    total, count = 0.0, 0
+    total, count, per_sample = 0.0, 0, {}
     model.eval()
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         for start in range(0, len(order), batch_size):
-            batch = collate([dataset[i] for i in order[start:start + batch_size]])
+            features = [dataset[i] for i in order[start:start + batch_size]]
+            batch = collate(features)
             n = int((batch["labels"][:, 1:] != -100).sum())
-            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+            inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "segment_ids")}
+            out = model(**inputs, labels=batch["labels"])
             total += float(out.loss) * n
             count += n
+            token_loss = F.cross_entropy(out.logits[:, :-1].float().transpose(1, 2), batch["labels"][:, 1:],
+                                         reduction="none")
+            token_loss = F.pad(token_loss, (1, 0))  # token t's loss is that of predicting it
+            for row, feature in enumerate(features):
+                ids, lengths = feature["input_ids"], feature.get("lengths", [len(feature["input_ids"])])
+                # unpacked rows are left-padded, packed ones right-padded
+                offset = batch["input_ids"].shape[1] - len(ids) if "lengths" not in feature else 0
+                for length in lengths:
+                    digest = hashlib.sha256(json.dumps(ids[:length]).encode()).hexdigest()[:16]
+                    per_sample[digest] = float(token_loss[row, offset + 1:offset + length].sum())
+                    ids, offset = ids[length:], offset + length
     model.train()
-    return total / count, count
+    return total / count, count, per_sample
 
 
 def run(spec: dict[str, Any]) -> dict[str, Any]:
@@ -109,6 +129,7 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     from glm_ft.train.evaluation import Collator, stop_token_ids
     from glm_ft.train.finetune import _trainer_classes, generation_config_for
     from glm_ft.model import apply_method, load_base_model, load_for_training, load_tokenizer
+    from glm_ft.data.packing import PackedCollator
     from glm_ft.train.trainer_args import build_training_arguments
     from glm_ft.config.validate import validate
 
@@ -138,9 +159,17 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     expected = spec["steps"] * spec["batch_size"]
     if len(train) != expected:
         raise RuntimeError(f"{len(train)} training samples, expected steps × batch = {expected}")
+    steps, warmup = spec["steps"], spec["warmup_steps"]
+    if cfg.data.packing:
+        from glm_ft.data.packing import pack_dataset, pack_max_length
+
+        train = pack_dataset(train, pack_max_length(cfg.data, cfg.max_input_length, cfg.max_output_length))
+        steps = -(-len(train) // spec["batch_size"])  # still one epoch over the same samples
+        warmup = max(1, round(warmup * steps / spec["steps"]))
 
     args = build_training_arguments(cfg, work / f"run-{spec['size']}-{side}", None, has_eval=False,
                                     generation_config=generation_config_for(cfg, tokenizer, stop_token_ids(tokenizer)))
+    args.max_steps = steps
     if side == "baseline":
         args.train_sampling_strategy = "sequential"
         collate = DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=-100, return_tensors="pt")
@@ -149,7 +178,7 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
                                  processing_class=tokenizer)
     else:
         GlmTrainer, _ = _trainer_classes()
-        collate = Collator(tokenizer.pad_token_id)
+        collate = (PackedCollator if cfg.data.packing else Collator)(tokenizer.pad_token_id)
         recorder = RecordingCollator(collate)
         trainer = GlmTrainer(model=model, args=args, train_dataset=train, data_collator=recorder,
                              processing_class=tokenizer, method=cfg.method.name,
@@ -161,7 +190,7 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
         set_seed(cfg.seed)
         sampler = trainer._get_train_sampler()
         order = list(sampler) if sampler is not None else list(range(len(train)))
-        initial_loss, targets = _loss_over_set(model, train, order, spec["batch_size"], collate, args.bf16)
+        initial_loss, targets, per_sample_loss = _loss_over_set(model, train, order, spec["batch_size"], collate, args.bf16)
     random.setstate(py_state)
     np.random.set_state(np_state)
 
@@ -183,7 +212,6 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     trainer.add_callback(clock)
     trainer.train()
 
-    steps, warmup = spec["steps"], spec["warmup_steps"]
     batches = recorder.batches[:steps]
     if len(clock.step_end) != steps or len(clock.losses) != steps:
         raise RuntimeError(f"expected {steps} steps and losses, got {len(clock.step_end)} and {len(clock.losses)}")
@@ -202,6 +230,7 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
         "weights_sha256_16": checksum,
         "initial_loss_over_set": initial_loss,
         "target_tokens": targets,
+        "per_sample_loss": per_sample_loss,
         "train_loss_token_weighted": weighted / sum(b["targets"] for b in batches),
         "timed_steps": steps - warmup,
         "timed_s": seconds,

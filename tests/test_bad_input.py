@@ -70,6 +70,7 @@ BAD_VALUES = {
     "training_args.adam_beta1": [["1.0"]],
     "training_args.adam_epsilon": [["0"]],
     "tracking.experiment_name": [[""], ["'  '"]],
+    "data.pack_max_length": [["16"], ["0"]],
 }
 BAD_CASES = [(key, [f"{key}={value}", *extra]) for key, values in BAD_VALUES.items() for value, *extra in values]
 

@@ -24,6 +24,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, slice_logits_to
 from transformers.utils import can_return_tuple
 
 from .configuration import ChatGLMConfig
+from .segments import segment_attention_mask, segment_position_ids
 
 # The original draws its prefix from nn.Embedding's default init, N(0, 1), and applies a fixed dropout of 0.1.
 PREFIX_INIT_STD = 1.0
@@ -320,6 +321,7 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
         cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
+        segment_ids: torch.LongTensor | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
         if (input_ids is None) == (inputs_embeds is None):
@@ -339,12 +341,18 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
                 f"attention_mask must be [batch, past + seq] = [{batch}, {past_len + seq}] (without the prefix), "
                 f"got {list(attention_mask.shape)}"
             )
+        if segment_ids is not None and past_len:
+            raise ValueError("segment_ids (packed rows) are for a whole sequence at once, not with a cache")
         if position_ids is None:
-            position_ids = default_position_ids(attention_mask, past_len, seq, device)
+            position_ids = (segment_position_ids(segment_ids) if segment_ids is not None
+                            else default_position_ids(attention_mask, past_len, seq, device))
 
         prefix = self.get_prompt(batch, inputs_embeds.dtype) if self.prefix_encoder is not None else None
         prefix_len = self.config.pre_seq_len if prefix is not None else 0
-        mask = build_attention_mask(attention_mask, batch, seq, past_len, prefix_len, device)
+        if segment_ids is not None:
+            mask = segment_attention_mask(segment_ids, prefix_len)  # packed rows (glm_ft/data/packing.py)
+        else:
+            mask = build_attention_mask(attention_mask, batch, seq, past_len, prefix_len, device)
         rotary = self.rotary_pos_emb(position_ids)
 
         hidden_states = self.encoder(inputs_embeds, prefix, mask, rotary, cache)
@@ -406,6 +414,7 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         past_key_values: Cache | None = None,
+        segment_ids: torch.LongTensor | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         # `past_key_values` is the keyword's name before transformers 5.24; PEFT's prefix tuning still puts its
@@ -419,6 +428,7 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
             cache=cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
+            segment_ids=segment_ids,
         )
         if labels is not None and self.training:
             # Training needs only the loss: no full-vocabulary logits for the batch (see chunked_causal_lm_loss).

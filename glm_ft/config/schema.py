@@ -61,6 +61,9 @@ class DataConfig:
     num_proc: int = 16
     # Well-formed but unusable rows (unknown role, no assistant turn) are skipped and counted instead of failing.
     skip_bad_rows: bool = False
+    # Several training samples per row (glm_ft/data/packing.py); the budget defaults to the longest possible sample.
+    packing: bool = False
+    pack_max_length: Optional[int] = None
 
 
 @dataclass

@@ -107,6 +107,10 @@ def _check_lengths(cfg: DictConfig) -> None:
             raise ConfigError(f"{key}: must be > 0, got {cfg[key]}")
     if cfg.eval_subset is not None and cfg.eval_subset <= 0:
         raise ConfigError(f"eval_subset: must be > 0 or null (all), got {cfg.eval_subset}")
+    longest = cfg.max_input_length + cfg.max_output_length + 1
+    if cfg.data.pack_max_length is not None and cfg.data.pack_max_length < longest:
+        raise ConfigError(f"data.pack_max_length: must be >= max_input_length + max_output_length + 1 = {longest} "
+                          f"(the longest sample), or null for that; got {cfg.data.pack_max_length}")
 
 
 def _resolved(cfg: DictConfig) -> dict:

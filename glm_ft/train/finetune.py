@@ -311,6 +311,15 @@ def _train(cfg: DictConfig, run_dir: Path, paths: dict[str, Path], tracker) -> d
     data_config["data_dir"] = str(resolve_path(cfg.data.data_dir))
     data = load_datasets(data_config, tokenizer, cfg.max_input_length, cfg.max_output_length,
                          cache_dir=DATA_CACHE, skip_bad_rows=cfg.data.skip_bad_rows, eval_subset=cfg.eval_subset)
+    collator = Collator(tokenizer.pad_token_id)
+    if cfg.data.packing and data.train is not None:
+        from glm_ft.data.packing import PackedCollator, pack_dataset, pack_max_length, packing_stats
+
+        samples = len(data.train)
+        data.train = pack_dataset(data.train, pack_max_length(cfg.data, cfg.max_input_length, cfg.max_output_length))
+        data.stats.update(packing_stats(samples, data.train))
+        log.info("packing: %d training samples in %d rows", samples, len(data.train))
+        collator = PackedCollator(tokenizer.pad_token_id)
     # Counts describe the run, they are not curves: tags keep them off MLflow's metric columns and charts.
     tracker.set_tags(data.stats)
     if data.val is None or len(data.val) == 0:
@@ -334,7 +343,7 @@ def _train(cfg: DictConfig, run_dir: Path, paths: dict[str, Path], tracker) -> d
     job_trial = _search_trial(cfg, tracker, has_eval, callbacks)
     trainer = GlmTrainer(
         model=model, args=args, train_dataset=data.train, eval_dataset=data.val if has_eval else None,
-        data_collator=Collator(tokenizer.pad_token_id), processing_class=tokenizer,
+        data_collator=collator, processing_class=tokenizer,
         compute_metrics=metrics_fn(tokenizer, stop_ids), method=cfg.method.name, gen_config=gen_config,
         eval_predictions=run_dir / "eval_predictions.jsonl", callbacks=callbacks,
     )

@@ -357,3 +357,17 @@ def test_unset_splits_are_none_and_missing_files_fail(tiny, tmp_path):
 
 def test_tiny_tokenizer_path_is_the_shipped_asset():
     assert tiny_tokenizer_path().name == "tiny_tokenizer.model" and tiny_tokenizer_path().is_file()
+
+
+def test_encoding_all_messages_at_once_equals_message_by_message(tiny):
+    from glm_ft.chatglm3.tokenization import message_text
+    from glm_ft.data.dataset import Conversation, encode_messages
+
+    conversations = [c for name in ("train.jsonl", "dev.jsonl") for c in read_conversations(SAMPLE_DIR / name)]
+    multi_turn = tuple(Message(m["role"], m["content"], m.get("metadata", ""), m.get("tools")) for m in MULTI_TURN)
+    conversations.append(Conversation(multi_turn, "x:1"))
+    expected = [[tiny.build_single_message(m.role, m.metadata, message_text(m.role, m.content, m.tools))
+                 for m in c.messages] for c in conversations]
+    assert any(m.tools for c in conversations for m in c.messages) and any(m.metadata for m in multi_turn)
+    for threads in (1, 2):
+        assert encode_messages(conversations, tiny, threads) == expected

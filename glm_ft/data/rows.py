@@ -1,0 +1,255 @@
+"""Reading conversation files: every row checked, or named by FILE:LINE.
+
+Files are `.jsonl` or `.json` (JSON lines, or one JSON array of rows). A row is either
+`{"conversations": [{"role": ..., "content": ..., "metadata"?, "tools"?, "loss"?}, ...]}` with roles system, user,
+assistant and observation (`tools` only on a system message), or an AdvertiseGen row `{"content", "summary"}`,
+read as one user and one assistant message (alpaca and sharegpt rows too: glm_ft/data/formats.py). Problems are
+reported as `DataError("FILE:LINE: what is wrong")`. Turning conversations into samples is glm_ft/data/dataset.py.
+"""
+
+from __future__ import annotations
+
+import codecs
+import json
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from glm_ft.data.formats import FormatError, to_chatglm3
+from glm_ft.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+ROLES = ("system", "user", "assistant", "observation")
+_SHOWN_SKIPS = 5  # per file; the rest are only counted
+_TOO_DEEP = "JSON nested too deeply to read (a conversation row is a few levels deep)"
+
+
+@dataclass(frozen=True)
+class Message:
+    role: str
+    content: str
+    metadata: str = ""
+    tools: Any = None
+    loss: bool | None = None
+
+    @property
+    def carries_loss(self) -> bool:
+        return self.loss if self.loss is not None else self.role == "assistant"
+
+
+@dataclass(frozen=True)
+class Conversation:
+    messages: tuple[Message, ...]
+    where: str  # "FILE:LINE" of the row
+
+    def to_json(self) -> str:
+        return json.dumps([asdict(m) for m in self.messages], ensure_ascii=False)
+
+
+@dataclass
+class ReadReport:
+    conversations: list[Conversation]
+    rows_read: int
+    skipped: list[str]  # "FILE:LINE: reason", one per skipped row
+
+
+
+class _BadRow(Exception):
+    """A row that is valid JSON but can't be used; skippable with skip_bad_rows."""
+
+
+# --- reading files ---
+
+
+def read_conversations(path: str | os.PathLike, *, skip_bad_rows: bool = False) -> list[Conversation]:
+    return read_rows(path, skip_bad_rows=skip_bad_rows).conversations
+
+
+def read_rows(path: str | os.PathLike, *, skip_bad_rows: bool = False, log_skips: bool = True) -> ReadReport:
+    """Read and check every row of a `.json`/`.jsonl` file. Malformed JSON, a non-UTF-8 or empty file always fail;
+    a row that is valid JSON but unusable fails too, unless `skip_bad_rows`, which skips and counts it (and logs
+    the first few unless not `log_skips`)."""
+    path = Path(path)
+    conversations, skipped, rows_read = [], [], 0
+    for line, row in _json_rows(path):
+        rows_read += 1
+        where = f"{path}:{line}"
+        try:
+            conversations.append(Conversation(_row_messages(row), where))
+        except _BadRow as bad:
+            if not skip_bad_rows:
+                raise DataError(f"{where}: {bad}") from None
+            skipped.append(f"{where}: {bad}")
+            if log_skips and len(skipped) <= _SHOWN_SKIPS:
+                logger.warning("skipping row %s: %s", where, bad)
+    if log_skips and len(skipped) > _SHOWN_SKIPS:
+        logger.warning("%s: skipped %d rows in all (first %d shown)", path, len(skipped), _SHOWN_SKIPS)
+    if not conversations:
+        raise DataError(f"{path}: no usable rows ({len(skipped)} of {rows_read} skipped)")
+    return ReadReport(conversations, rows_read, skipped)
+
+
+def _json_rows(path: Path) -> Iterator[tuple[int, Any]]:
+    if path.suffix not in (".json", ".jsonl"):
+        raise DataError(f"{path}: unsupported file type {path.suffix or '(none)'}; use .json or .jsonl")
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found") from None
+    except OSError as err:  # EIO from a failing disk, EISDIR, EACCES, ...
+        raise DataError(f"{path}: cannot read the file ({err.strerror or err})") from None
+    raw = raw.removeprefix(codecs.BOM_UTF8)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not UTF-8 text") from None
+    start = _skip_space(text, 0)
+    if start == len(text):
+        raise DataError(f"{path}:1: file is empty")
+    if text[start] == "[":
+        yield from _array_rows(path, text, start)
+    else:
+        yield from _line_rows(path, text)
+
+
+def _line_rows(path: Path, text: str) -> Iterator[tuple[int, Any]]:
+    for number, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except RecursionError:
+            raise DataError(f"{path}:{number}: {_TOO_DEEP}") from None
+        except json.JSONDecodeError as e:
+            raise DataError(
+                f"{path}:{number}: malformed JSON ({e.msg}, column {e.colno}); expected one JSON object per line "
+                "or one JSON array"
+            ) from None
+        yield number, row
+
+
+def _array_rows(path: Path, text: str, start: int) -> Iterator[tuple[int, Any]]:
+    # Elements are decoded one at a time so that each row can be named by the line it starts on.
+    decoder = json.JSONDecoder()
+    lines = _LineCounter(text)
+    pos = _skip_space(text, start + 1)
+    if text.startswith("]", pos):
+        raise DataError(f"{path}:{lines.at(pos)}: the array holds no rows")
+    while True:
+        try:
+            row, end = decoder.raw_decode(text, pos)
+        except RecursionError:
+            raise DataError(f"{path}:{lines.at(pos)}: {_TOO_DEEP}") from None
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg}, column {e.colno})") from None
+        yield lines.at(pos), row
+        pos = _skip_space(text, end)
+        if text.startswith(",", pos):
+            pos = _skip_space(text, pos + 1)
+        elif text.startswith("]", pos):
+            if _skip_space(text, pos + 1) != len(text):
+                raise DataError(f"{path}:{lines.at(pos)}: malformed JSON (text after the closing ']')")
+            return
+        else:
+            raise DataError(f"{path}:{lines.at(pos)}: malformed JSON (expected ',' or ']' between rows)")
+
+
+class _LineCounter:
+    """Line number of increasing offsets into a text, counting each newline once."""
+
+    def __init__(self, text: str):
+        self.text, self.pos, self.line = text, 0, 1
+
+    def at(self, pos: int) -> int:
+        self.line += self.text.count("\n", self.pos, pos)
+        self.pos = pos
+        return self.line
+
+
+def _skip_space(text: str, pos: int) -> int:
+    while pos < len(text) and text[pos] in " \t\r\n":
+        pos += 1
+    return pos
+
+
+def _row_messages(row: Any) -> tuple[Message, ...]:
+    try:
+        row = to_chatglm3(row)  # alpaca and sharegpt rows (glm_ft/data/formats.py)
+    except FormatError as err:
+        raise _BadRow(str(err)) from None
+    if not isinstance(row, dict):
+        raise _BadRow(f"row is a JSON {type(row).__name__}, not an object")
+    if "conversations" in row:
+        if "tools" in row:
+            raise _BadRow("'tools' belongs on the system message, not on the row")
+        items = row["conversations"]
+        if not isinstance(items, list) or not items:
+            raise _BadRow("'conversations' must be a non-empty list of messages")
+        messages = tuple(_message(item, number) for number, item in enumerate(items, 1))
+    elif "content" in row and "summary" in row:
+        for key in ("content", "summary"):
+            if not isinstance(row[key], str):
+                raise _BadRow(f"'{key}' is not a string")
+            _check_unicode(row[key], f"'{key}'")
+        messages = (Message("user", row["content"]), Message("assistant", row["summary"]))
+    else:
+        raise _BadRow("row has neither 'conversations' nor 'content' and 'summary' (nor alpaca's 'instruction' and "
+                      "'output')")
+    if not any(m.role == "assistant" and m.carries_loss for m in messages):
+        raise _BadRow("conversation has no assistant turn to learn from")
+    return messages
+
+
+def _message(item: Any, number: int) -> Message:
+    if not isinstance(item, dict):
+        raise _BadRow(f"message {number} is not a JSON object")
+    role = item.get("role")
+    if role not in ROLES:
+        found = "has no role" if role is None else f"has unknown role {role!r}"
+        raise _BadRow(f"message {number} {found} (expected one of {', '.join(ROLES)})")
+    if "content" not in item:
+        raise _BadRow(f"message {number} ({role}) has no content")
+    if not isinstance(item["content"], str):
+        raise _BadRow(f"content of message {number} ({role}) is not a string")
+    metadata = item.get("metadata")
+    if metadata is not None and not isinstance(metadata, str):
+        raise _BadRow(f"metadata of message {number} ({role}) is not a string")
+    tools = item.get("tools")
+    if tools is not None and role != "system":
+        raise _BadRow(f"message {number} ({role}) has tools; only a system message may carry them")
+    if tools is not None:
+        _check_tools(tools, number)
+    loss = item.get("loss")
+    if loss is not None and not isinstance(loss, bool):
+        raise _BadRow(f"'loss' of message {number} ({role}) must be true or false")
+    _check_unicode(item["content"], f"content of message {number} ({role})")
+    if metadata:
+        _check_unicode(metadata, f"metadata of message {number} ({role})")
+    return Message(role, item["content"], metadata or "", tools, loss)
+
+
+def _check_unicode(text: str, what: str) -> None:
+    # JSON allows escapes such as \ud800 that are no Unicode character; the tokenizer would fail on them mid-run.
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise _BadRow(f"{what} holds {text[err.start]!r} at character {err.start}, an unpaired surrogate "
+                      "escape that is not valid Unicode") from None
+
+
+def _check_tools(tools: Any, number: int) -> None:
+    """`tools` is rendered as JSON into the system prompt: a list of tool descriptions (objects)."""
+    if not isinstance(tools, list) or not all(isinstance(tool, dict) for tool in tools):
+        found = type(tools).__name__ if not isinstance(tools, list) else \
+            next(type(t).__name__ for t in tools if not isinstance(t, dict))
+        raise _BadRow(f"tools of message {number} must be a list of objects (tool descriptions), found a {found}")
+    try:
+        rendered = json.dumps(tools, indent=4, ensure_ascii=False)
+    except RecursionError:
+        raise _BadRow(f"tools of message {number}: nested too deeply to render") from None
+    _check_unicode(rendered, f"tools of message {number}")
