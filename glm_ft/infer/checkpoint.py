@@ -24,11 +24,10 @@ from pathlib import Path
 from typing import Any
 
 from glm_ft.errors import CheckpointError
-from glm_ft.train.finetune import COMPLETE_MARKER, complete_checkpoints
+from glm_ft.runs import COMPLETE_MARKER, RUN_INFO, is_complete, newest_complete
 
 log = logging.getLogger(__name__)
 
-RUN_INFO = "glm_ft_run.json"
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 # The names glm_ft.chatglm3.prefix writes; not imported from there because that module pulls in torch, and
@@ -70,11 +69,11 @@ def find_checkpoint(path: str | Path, base_model: str | Path | None = None) -> C
         raise CheckpointError(f"{path}: not a folder (expected a run, checkpoint or model folder)")
 
     if (path / RUN_INFO).is_file():
-        run_dir, folder = path, _newest_complete(path)
+        run_dir, folder = path, newest_complete(path)
     else:
         run_dir = path.parent if (path.parent / RUN_INFO).is_file() else None
         folder = path
-        if run_dir is not None and not (folder / COMPLETE_MARKER).is_file():
+        if run_dir is not None and not is_complete(folder):
             raise CheckpointError(f"{folder}: incomplete checkpoint (no {COMPLETE_MARKER}: training stopped while "
                                   "writing it); pick another checkpoint or the run folder")
     run_info = _read_json(run_dir / RUN_INFO) if run_dir is not None else None
@@ -89,16 +88,6 @@ def find_checkpoint(path: str | Path, base_model: str | Path | None = None) -> C
     if tokenizer_dir is None:
         raise CheckpointError(f"{folder}: no tokenizer.model here" + (f" nor in the base model {base}" if base else ""))
     return Checkpoint(folder, kind, base, tokenizer_dir, run_info)
-
-
-def _newest_complete(run_dir: Path) -> Path:
-    if (run_dir / "final" / COMPLETE_MARKER).is_file():
-        return run_dir / "final"
-    found = complete_checkpoints(run_dir)
-    if not found:
-        raise CheckpointError(f"{run_dir}: run folder without a complete checkpoint (no final/ and no checkpoint-N/ "
-                              f"with {COMPLETE_MARKER})")
-    return found[-1]
 
 
 def _kind(folder: Path) -> str:

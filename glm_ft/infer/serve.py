@@ -23,6 +23,7 @@ import uuid
 from typing import Any
 
 from glm_ft.errors import GlmFtError
+from glm_ft.runs import FINAL
 
 # OpenAI role -> ChatGLM3 role
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "observation",
@@ -250,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
 
         quiet_transformers()
         loaded = load_checkpoint(ckpt, dtype=args.dtype)
-        name = args.model_name or (ckpt.path.parent.name if ckpt.path.name == "final" else ckpt.path.name)
+        name = args.model_name or (ckpt.path.parent.name if ckpt.path.name == FINAL else ckpt.path.name)
         app = create_app(Engine(loaded, name, args.max_new_tokens))
     except GlmFtError as err:
         print(f"error: {err}", file=sys.stderr)

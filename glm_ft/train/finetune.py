@@ -12,7 +12,6 @@ that a crash left half-written.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import os
@@ -22,12 +21,13 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from glm_ft.errors import CheckpointError, GlmFtError
-from glm_ft.tracking.run_record import read_progress, record_progress, reset_progress
+from glm_ft.runs import (EVAL_PREDICTIONS, FINAL, PREDICTIONS, checkpoint_dir, final_step, last_complete_checkpoint,
+                         mark_complete, read_progress, record_progress, reset_progress, resume_checkpoint,
+                         write_run_info)
 from glm_ft.config.schema import PROJECT_ROOT
 
 log = logging.getLogger("glm_ft")
 
-COMPLETE_MARKER = "glm_ft_complete"
 DATA_CACHE = PROJECT_ROOT / ".cache" / "datasets"
 
 
@@ -73,26 +73,6 @@ def keep_collectives_on_loopback() -> None:
 
 def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
-
-
-def complete_checkpoints(run_dir: Path) -> list[Path]:
-    found = [p for p in run_dir.glob("checkpoint-*") if (p / COMPLETE_MARKER).is_file()]
-    return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
-
-
-def resume_checkpoint(resume: str | None, run_dir: Path) -> str | None:
-    if resume is None:
-        return None
-    if resume == "auto":
-        found = complete_checkpoints(run_dir)
-        if not found:
-            log.warning("resume=auto: no complete checkpoint in %s, starting from scratch", run_dir)
-            return None
-        return str(found[-1])
-    path = Path(resume).expanduser().resolve()
-    if not (path / COMPLETE_MARKER).is_file() and not (path / "trainer_state.json").is_file():
-        raise CheckpointError(f"resume: '{path}' is not a complete glm-ft checkpoint (no trainer_state.json)")
-    return str(path)
 
 
 def _trainer_classes():
@@ -173,7 +153,7 @@ def _trainer_classes():
                                   num_samples=output.num_samples)
 
         def _save_checkpoint(self, model, trial):
-            folder = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
+            folder = checkpoint_dir(Path(self.args.output_dir), self.state.global_step)
             with disk_full_named(folder, Path(self.args.output_dir)):
                 return super()._save_checkpoint(model, trial)
 
@@ -199,16 +179,16 @@ def _trainer_classes():
         """Marks finished checkpoints and stops on a NaN loss, naming the step."""
 
         def on_save(self, args, state, control, **kwargs):
-            ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            ckpt = checkpoint_dir(Path(args.output_dir), state.global_step)
             if ckpt.is_dir() and state.is_world_process_zero:
-                (ckpt / COMPLETE_MARKER).write_text(json.dumps({"step": state.global_step}) + "\n")
+                mark_complete(ckpt, state.global_step)
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             loss = (logs or {}).get("loss")
             if loss is not None and not math.isfinite(loss):
                 raise TrainingDiverged(
                     f"training loss is {loss} at step {state.global_step}; stopped. Last complete checkpoint: "
-                    f"{(complete_checkpoints(Path(args.output_dir)) or ['none'])[-1]}. "
+                    f"{last_complete_checkpoint(Path(args.output_dir)) or 'none'}. "
                     "Try a lower training_args.learning_rate or training_args.max_grad_norm")
 
     return GlmTrainer, Watchdog
@@ -224,7 +204,7 @@ def disk_full_named(folder: Path, run_dir: Path):
     except (OSError, RuntimeError) as err:
         if not _is_disk_full(err, folder):
             raise
-        last = (complete_checkpoints(run_dir) or [None])[-1]
+        last = last_complete_checkpoint(run_dir)
         keep = (f"the last complete checkpoint, {last}, stays the resume point: free space, then continue with "
                 f"resume=auto hydra.run.dir={run_dir}") if last else "there is no complete checkpoint yet"
         raise CheckpointError(f"No space left on device while saving {folder}; {keep}") from err
@@ -335,7 +315,7 @@ def _train(cfg: DictConfig, run_dir: Path, paths: dict[str, Path], tracker) -> d
         model=model, args=args, train_dataset=data.train, eval_dataset=data.val if has_eval else None,
         data_collator=Collator(tokenizer.pad_token_id), processing_class=tokenizer,
         compute_metrics=metrics_fn(tokenizer, stop_ids), method=cfg.method.name, gen_config=gen_config,
-        eval_predictions=run_dir / "eval_predictions.jsonl", callbacks=callbacks,
+        eval_predictions=run_dir / EVAL_PREDICTIONS, callbacks=callbacks,
     )
 
     trained_step = finished_training_step(cfg, run_dir)
@@ -343,8 +323,8 @@ def _train(cfg: DictConfig, run_dir: Path, paths: dict[str, Path], tracker) -> d
         # resume=auto after the training itself finished (a kill during the final evaluation or prediction):
         # the trained weights are final/, and only the missing stages are redone.
         log.info("resume=auto: training finished at step %d (%s); redoing only what is missing", trained_step,
-                 run_dir / "final")
-        trainer._load_from_checkpoint(str(run_dir / "final"))
+                 run_dir / FINAL)
+        trainer._load_from_checkpoint(str(run_dir / FINAL))
         trainer.state.global_step = trained_step
     else:
         _train_and_save(cfg, run_dir, trainer, tracker, job_trial)
@@ -363,17 +343,17 @@ def _train(cfg: DictConfig, run_dir: Path, paths: dict[str, Path], tracker) -> d
         if is_main_process():
             record_progress(run_dir, evaluated=final)
     if data.test is not None and len(data.test) > 0:
-        if "predicted" in progress and (run_dir / "predictions.jsonl").is_file():
+        if "predicted" in progress and (run_dir / PREDICTIONS).is_file():
             final.update(progress["predicted"])
         else:
             out = trainer.predict(data.test, metric_key_prefix="test")
             final.update(out.metrics)
             tracker.log_metrics(out.metrics, step=trainer.state.global_step)
             if is_main_process():
-                n = write_predictions(run_dir / "predictions.jsonl", tokenizer, data.test, out.predictions,
+                n = write_predictions(run_dir / PREDICTIONS, tokenizer, data.test, out.predictions,
                                       stop_ids, out.metrics)
                 record_progress(run_dir, predicted=out.metrics)
-                log.info("test: %d predictions → %s; %s", n, run_dir / "predictions.jsonl",
+                log.info("test: %d predictions → %s; %s", n, run_dir / PREDICTIONS,
                          ", ".join(f"{k}={v:.4g}" for k, v in out.metrics.items() if "rouge" in k or "bleu" in k))
     if is_main_process():
         record_progress(run_dir, complete=True, step=trainer.state.global_step, metrics=final)
@@ -396,7 +376,7 @@ def _train_and_save(cfg: DictConfig, run_dir: Path, trainer, tracker, job_trial)
     try:
         result = trainer.train(resume_from_checkpoint=resume_from)
     except KeyboardInterrupt as err:
-        last = (complete_checkpoints(run_dir) or ["none"])[-1]
+        last = last_complete_checkpoint(run_dir) or "none"
         raise Interrupted(f"at step {trainer.state.global_step}; last complete checkpoint: {last} (continue with "
                           f"resume=auto hydra.run.dir={run_dir})") from err
     except refused_weights_errors() as err:
@@ -413,25 +393,21 @@ def _train_and_save(cfg: DictConfig, run_dir: Path, trainer, tracker, job_trial)
         raise TrialPruned(f"trial {job_trial.number} pruned at step {job_trial.pruned_at}")
     # The final model is for inference: keep the KV cache on in its config (training turned it off).
     trainer.accelerator.unwrap_model(trainer.model).config.use_cache = True
-    with disk_full_named(run_dir / "final", run_dir):
-        trainer.save_model(str(run_dir / "final"))
+    with disk_full_named(run_dir / FINAL, run_dir):
+        trainer.save_model(str(run_dir / FINAL))
     if is_main_process():
-        (run_dir / "final" / COMPLETE_MARKER).write_text(json.dumps({"step": trainer.state.global_step}) + "\n")
-        tracker.set_tags({"glm_ft.final_model": str(run_dir / "final")})
+        mark_complete(run_dir / FINAL, trainer.state.global_step)
+        tracker.set_tags({"glm_ft.final_model": str(run_dir / FINAL)})
 
 
 def finished_training_step(cfg: DictConfig, run_dir: Path) -> int | None:
     """With resume=auto: the step training finished at, if final/ holds the model of the whole training."""
-    marker = run_dir / "final" / COMPLETE_MARKER
-    if cfg.resume != "auto" or not marker.is_file():
-        return None
-    try:
-        step = int(json.loads(marker.read_text()).get("step", -1))
-    except (OSError, ValueError, AttributeError):
+    step = final_step(run_dir) if cfg.resume == "auto" else None
+    if step is None:
         return None
     max_steps = int(cfg.training_args.get("max_steps", -1) or -1)
     # A larger max_steps than final/ was trained to means "train on": resume from the last checkpoint instead.
-    return step if step >= 0 and (max_steps <= 0 or step >= max_steps) else None
+    return step if max_steps <= 0 or step >= max_steps else None
 
 
 def completed_run(cfg: DictConfig, run_dir: Path) -> dict[str, float] | None:
@@ -466,5 +442,5 @@ def _write_run_info(run_dir: Path, cfg: DictConfig, model_dir: Path) -> None:
         return
     info = {"base_model": str(model_dir), "method": OmegaConf.to_container(cfg.method, resolve=True),
             "max_input_length": cfg.max_input_length, "max_output_length": cfg.max_output_length}
-    (run_dir / "glm_ft_run.json").write_text(json.dumps(info, indent=2, ensure_ascii=False) + "\n")
+    write_run_info(run_dir, info)
 
