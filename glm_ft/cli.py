@@ -8,7 +8,6 @@ from __future__ import annotations
 import faulthandler
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from hydra.errors import CompactHydraException
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from glm_ft import dist
 import glm_ft.config.schema  # noqa: F401  (registers the schema with Hydra's ConfigStore)
 from glm_ft.errors import ConfigError, GlmFtError
 from glm_ft.config.locations import config_dir
@@ -94,55 +94,15 @@ def _hydra_main(cfg: DictConfig) -> float | None:
         sys.exit(130)
 
 
-def _take_launcher_args(argv: list[str]) -> list[str]:
-    """The deepspeed launcher appends --local_rank=N, which Hydra's parser would reject: move it to the env."""
-    out, skip = [], False
-    for i, arg in enumerate(argv):
-        if skip:
-            skip = False
-            continue
-        if arg.startswith("--local_rank=") or arg.startswith("--local-rank="):
-            os.environ.setdefault("LOCAL_RANK", arg.split("=", 1)[1])
-        elif arg in ("--local_rank", "--local-rank") and i + 1 < len(argv):
-            os.environ.setdefault("LOCAL_RANK", argv[i + 1])
-            skip = True
-        else:
-            out.append(arg)
-    return out
-
-
-def _shared_run_dir(argv: list[str]) -> list[str]:
-    """Ranks of one torchrun/deepspeed job must share a run folder; Hydra's ${now:...} may differ between them."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or any(a.startswith("hydra.run.dir=") for a in argv):
-        return argv
-    job = os.environ.get("TORCHELASTIC_RUN_ID", "none")
-    job = job if job != "none" else f"{os.environ.get('MASTER_PORT', '0')}-{os.getppid()}"
-    return [*argv, f"hydra.run.dir=outputs/${{now:%Y-%m-%d}}/dist-{job}"]
-
-
 def main() -> None:
     # A crash in native code (CUDA, NCCL/gloo, a C++ abort) hours into a run should at least say where Python was.
     faulthandler.enable()
-    sys.argv = _shared_run_dir(_take_launcher_args(sys.argv))
+    sys.argv = dist.shared_run_dir(dist.take_launcher_args(sys.argv))
     try:
         check_command_line(sys.argv[1:])
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
     _hydra_main()
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        _exit_skipping_native_teardown()
-
-
-def _exit_skipping_native_teardown() -> None:
-    """A rank of a multi-process run that finished its work exits here, without interpreter finalization.
-
-    Seen on CPU/gloo under torchrun (about one suite run in four): a rank that had finished, saved and destroyed
-    its process group still aborted in native teardown at exit ("terminate called without an active exception",
-    SIGABRT), so torchrun reported the successful run as failed. Everything this process owns is already written
-    and closed (checkpoints, final weights, the MLflow run); what remains is flushing the log streams.
-    """
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    if dist.is_multi_process():
+        dist.exit_skipping_native_teardown()

@@ -22,6 +22,8 @@ from typing import Any, Mapping
 
 import optuna
 
+from glm_ft import dist
+
 log = logging.getLogger(__name__)
 
 TRIAL_ENV = "GLM_FT_OPTUNA_TRIAL"
@@ -195,7 +197,7 @@ def pruning_callback(job_trial: JobTrial, metric: str, on_pruned=None):
             prune = False
             if state.is_world_process_zero and value is not None:
                 prune = job_trial.report(float(value), state.global_step)
-            prune = _broadcast_flag(prune)
+            prune = dist.broadcast_from_rank_zero(prune)
             if prune:
                 job_trial.pruned_at = state.global_step
                 log.info("trial %d pruned at step %d (%s=%s)", job_trial.number, state.global_step, metric, value)
@@ -205,18 +207,6 @@ def pruning_callback(job_trial: JobTrial, metric: str, on_pruned=None):
                 control.should_training_stop = True
 
     return OptunaPruning()
-
-
-def _broadcast_flag(flag: bool) -> bool:
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return flag
-    import torch
-
-    tensor = torch.tensor([1 if flag else 0], dtype=torch.int64)
-    dist.broadcast(tensor, src=0)
-    return bool(tensor.item())
 
 
 def summarise(study: optuna.Study, out_dir: Path, metric: str) -> dict[str, Any]:

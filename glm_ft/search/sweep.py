@@ -19,7 +19,6 @@ import contextlib
 import json
 import logging
 import os
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from glm_ft import dist
 from glm_ft.tracking import tracker as tracking
 from glm_ft.atomic import write_text_atomic
 from glm_ft.errors import GlmFtError
@@ -106,7 +106,7 @@ class MlflowSweepCallback(Callback):
         except SweepLocked as err:
             print(f"error: {err}", file=sys.stderr)
             sys.exit(1)
-        if not config.tracking.enabled or config.get("dry_run") or not tracking.is_logging_rank():
+        if not config.tracking.enabled or config.get("dry_run") or not dist.is_rank_zero():
             return
         try:
             store = tracking.Store(config.tracking)
@@ -154,9 +154,9 @@ class MlflowSweepCallback(Callback):
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
         launcher = str(OmegaConf.select(config, "hydra.launcher._target_", default="") or "")
         if "joblib" in launcher and self._owner_pid not in (None, os.getpid()):
-            pin_gpu_for_worker(Path(str(config.hydra.sweep.dir)))
+            dist.pin_gpu_for_worker(Path(str(config.hydra.sweep.dir)))
         if "submitit" in launcher:
-            export_distributed_env()
+            dist.export_distributed_env()
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
         from hydra.types import RunMode
@@ -291,71 +291,3 @@ def child_runs(client, experiment_id: str, parent_id: str) -> list:
 def _uncaught_exception() -> BaseException | None:
     # Set by the interpreter when an exception reached the top level, before atexit hooks run.
     return getattr(sys, "last_exc", None) or getattr(sys, "last_value", None)
-
-
-# --- job placement -----------------------------------------------------------------------------------------------
-
-_pinned_gpu: str | None = None
-_gpu_lock: Any = None  # the open lock file: held for the worker's lifetime, released by the OS when it exits
-
-
-def visible_gpus() -> list[str]:
-    if "CUDA_VISIBLE_DEVICES" in os.environ:
-        return [g.strip() for g in os.environ["CUDA_VISIBLE_DEVICES"].split(",") if g.strip()]
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=index", "--format=csv,noheader"], capture_output=True,
-                             text=True, timeout=20)
-    except (OSError, subprocess.TimeoutExpired):
-        return []
-    return [line.strip() for line in out.stdout.splitlines() if line.strip()] if out.returncode == 0 else []
-
-
-def pin_gpu_for_worker(sweep_dir: Path) -> str | None:
-    """One GPU per joblib worker, via CUDA_VISIBLE_DEVICES, chosen by a lock file in the sweep folder.
-
-    A worker keeps its GPU for all the jobs it runs: CUDA reads CUDA_VISIBLE_DEVICES once per process.
-    With more workers (hydra.launcher.n_jobs) than GPUs, the extra ones share, round robin by pid.
-    """
-    global _pinned_gpu, _gpu_lock
-    if _pinned_gpu is None:
-        gpus = visible_gpus()
-        if len(gpus) < 2:
-            return None
-        import fcntl
-
-        lock_dir = sweep_dir / ".gpu_locks"
-        lock_dir.mkdir(parents=True, exist_ok=True)
-        for gpu in gpus:
-            handle = open(lock_dir / f"gpu-{gpu.replace('/', '_')}.lock", "w")
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                handle.close()
-                continue
-            _pinned_gpu, _gpu_lock = gpu, handle
-            break
-        else:
-            _pinned_gpu = gpus[os.getpid() % len(gpus)]
-            log.warning("more joblib workers than GPUs (%s): sharing GPU %s; set hydra.launcher.n_jobs=%d",
-                        ",".join(gpus), _pinned_gpu, len(gpus))
-    os.environ["CUDA_VISIBLE_DEVICES"] = _pinned_gpu
-    return _pinned_gpu
-
-
-def export_distributed_env() -> None:
-    """hydra.launcher.tasks_per_node=N runs the job in N processes: give them torch.distributed's env:// variables
-    (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT), as torchrun would. Without RANK, whatever of the rest
-    is set is left over from the submitting shell: it is replaced (a MASTER_PORT is kept)."""
-    if "RANK" in os.environ:
-        return
-    try:
-        import submitit
-
-        num_tasks = submitit.JobEnvironment().num_tasks
-    except Exception as err:  # not inside a submitit job
-        log.debug("no submitit job environment: %s", err)
-        return
-    if num_tasks > 1:
-        from submitit.helpers import TorchDistributedEnvironment
-
-        TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)

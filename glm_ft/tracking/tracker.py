@@ -33,6 +33,7 @@ from typing import Any, Iterator, Mapping
 
 from omegaconf import DictConfig, OmegaConf
 
+from glm_ft import dist
 from glm_ft.errors import ConfigError
 from glm_ft.tracking.redact import redact
 from glm_ft.config.schema import PROJECT_ROOT
@@ -142,11 +143,6 @@ def _first_use_lock(uri: str) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
-
-
-def is_logging_rank() -> bool:
-    """In a distributed job only rank 0 writes to MLflow."""
-    return int(os.environ.get("WORLD_SIZE", "1")) <= 1 or int(os.environ.get("RANK", "0")) == 0
 
 
 DEFERRED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -602,7 +598,7 @@ def start_run(cfg: DictConfig, run_dir: Path) -> Iterator[Tracker | NullTracker]
     """One MLflow run around one training job; see the module docstring. Exceptions propagate unchanged.
 
     With `resume` set, the run folder's MLflow run (mlflow_run.json) is continued rather than a new one started."""
-    if not cfg.tracking.enabled or not is_logging_rank():
+    if not cfg.tracking.enabled or not dist.is_rank_zero():
         yield NullTracker()
         return
     from glm_ft.tracking.run_record import write_mlflow_run
@@ -656,7 +652,7 @@ def start_run(cfg: DictConfig, run_dir: Path) -> Iterator[Tracker | NullTracker]
 def settle_previous_run(cfg: DictConfig, run_dir: Path) -> None:
     """For a job that does not open a run (a complete run resumed): still close a RUNNING run a dead process
     left and send its kept points; a store that can't be reached is only a warning here."""
-    if not cfg.tracking.enabled or not is_logging_rank():
+    if not cfg.tracking.enabled or not dist.is_rank_zero():
         return
     try:
         previous_run(Store(cfg.tracking), cfg, run_dir, reopen=False)

@@ -15,11 +15,11 @@ import contextlib
 import logging
 import math
 import os
-import socket
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from glm_ft import dist
 from glm_ft.errors import CheckpointError, GlmFtError
 from glm_ft.runs import (EVAL_PREDICTIONS, FINAL, PREDICTIONS, checkpoint_dir, final_step, last_complete_checkpoint,
                          mark_complete, read_progress, record_progress, reset_progress, resume_checkpoint,
@@ -37,42 +37,6 @@ class TrainingDiverged(GlmFtError):
 
 class Interrupted(KeyboardInterrupt):
     """Ctrl-C during training, with where to continue from."""
-
-
-def setup_single_process_distributed(cfg: DictConfig) -> None:
-    """DeepSpeed wants a process group even for one process; without a launcher it tries MPI and fails.
-
-    The group is created here on an in-memory store: the env:// rendezvous would start a TCPStore server, which
-    listens on every interface whatever MASTER_ADDR says. The variables stay set for the code that reads them."""
-    if cfg.deepspeed is None or "RANK" in os.environ:
-        return
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-    keep_collectives_on_loopback()
-    import torch.distributed as dist
-    from deepspeed.accelerator import get_accelerator
-
-    if not dist.is_initialized():
-        dist.init_process_group(get_accelerator().communication_backend_name(), store=dist.HashStore(), rank=0,
-                                world_size=1)
-
-
-def keep_collectives_on_loopback() -> None:
-    """gloo and NCCL listen on the interface of the machine's hostname unless told otherwise; a job whose ranks
-    are all on this machine (one process, or torchrun/deepspeed on one node) needs nothing beyond loopback."""
-    from glm_ft.launch import is_loopback
-
-    world = os.environ.get("WORLD_SIZE", "1")
-    if int(world) <= 1 or os.environ.get("LOCAL_WORLD_SIZE") == world or \
-            is_loopback(os.environ.get("MASTER_ADDR", "")):
-        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-        os.environ.setdefault("NCCL_SOCKET_IFNAME", "lo")
-
-
-def is_main_process() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
 
 
 def _trainer_classes():
@@ -252,24 +216,13 @@ def finetune(cfg: DictConfig, run_dir: Path, paths: dict[str, Path]) -> dict[str
 
         settle_previous_run(cfg, run_dir)
         return done
-    keep_collectives_on_loopback()
-    setup_single_process_distributed(cfg)
+    dist.keep_collectives_on_loopback()
+    if cfg.deepspeed is not None:
+        dist.setup_single_process_group()
     try:
         with start_run(cfg, run_dir) as tracker:
             return _train(cfg, run_dir, paths, tracker)
     finally:
-        destroy_process_group()
-
-
-def destroy_process_group() -> None:
-    """Tear the process group down while the interpreter is alive, on success and on failure alike.
-
-    Left to interpreter shutdown, gloo's worker threads may still hold tensors when they are destroyed, which can
-    abort a process whose run succeeded (SIGABRT); see also cli._exit_skipping_native_teardown.
-    """
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
 
@@ -340,7 +293,7 @@ def _train(cfg: DictConfig, run_dir: Path, paths: dict[str, Path], tracker) -> d
         else:
             final.update(trainer.evaluate())
             tracker.log_metrics(final, step=trainer.state.global_step)
-        if is_main_process():
+        if dist.is_rank_zero():
             record_progress(run_dir, evaluated=final)
     if data.test is not None and len(data.test) > 0:
         if "predicted" in progress and (run_dir / PREDICTIONS).is_file():
@@ -349,16 +302,16 @@ def _train(cfg: DictConfig, run_dir: Path, paths: dict[str, Path], tracker) -> d
             out = trainer.predict(data.test, metric_key_prefix="test")
             final.update(out.metrics)
             tracker.log_metrics(out.metrics, step=trainer.state.global_step)
-            if is_main_process():
+            if dist.is_rank_zero():
                 n = write_predictions(run_dir / PREDICTIONS, tokenizer, data.test, out.predictions,
                                       stop_ids, out.metrics)
                 record_progress(run_dir, predicted=out.metrics)
                 log.info("test: %d predictions → %s; %s", n, run_dir / PREDICTIONS,
                          ", ".join(f"{k}={v:.4g}" for k, v in out.metrics.items() if "rouge" in k or "bleu" in k))
-    if is_main_process():
+    if dist.is_rank_zero():
         record_progress(run_dir, complete=True, step=trainer.state.global_step, metrics=final)
     log.info("run folder: %s", run_dir)
-    if is_main_process() and cfg.tracking.enabled:
+    if dist.is_rank_zero() and cfg.tracking.enabled:
         log.info("MLflow: run `make ui` and open http://127.0.0.1:5000 (experiment '%s')",
                  cfg.tracking.experiment_name)
     return final
@@ -367,7 +320,7 @@ def _train(cfg: DictConfig, run_dir: Path, paths: dict[str, Path], tracker) -> d
 def _train_and_save(cfg: DictConfig, run_dir: Path, trainer, tracker, job_trial) -> None:
     from glm_ft.model import refused_weights_errors, refused_weights_reason
 
-    if is_main_process():
+    if dist.is_rank_zero():
         reset_progress(run_dir)
     resume_from = resume_checkpoint(cfg.resume, run_dir)
     if resume_from:
@@ -395,7 +348,7 @@ def _train_and_save(cfg: DictConfig, run_dir: Path, trainer, tracker, job_trial)
     trainer.accelerator.unwrap_model(trainer.model).config.use_cache = True
     with disk_full_named(run_dir / FINAL, run_dir):
         trainer.save_model(str(run_dir / FINAL))
-    if is_main_process():
+    if dist.is_rank_zero():
         mark_complete(run_dir / FINAL, trainer.state.global_step)
         tracker.set_tags({"glm_ft.final_model": str(run_dir / FINAL)})
 
@@ -438,7 +391,7 @@ def _search_trial(cfg: DictConfig, tracker, has_eval: bool, callbacks: list):
 
 def _write_run_info(run_dir: Path, cfg: DictConfig, model_dir: Path) -> None:
     """What chat/export need to reopen this run: the base model and the method."""
-    if not is_main_process():
+    if not dist.is_rank_zero():
         return
     info = {"base_model": str(model_dir), "method": OmegaConf.to_container(cfg.method, resolve=True),
             "max_input_length": cfg.max_input_length, "max_output_length": cfg.max_output_length}
