@@ -107,7 +107,8 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     from bench.prepare import data_config, glm_ft_config, model_config, weights_checksum
     from glm_ft.data.dataset import load_datasets
     from glm_ft.train.evaluation import Collator, stop_token_ids
-    from glm_ft.train.finetune import _trainer_classes, generation_config_for
+    from glm_ft.train.finetune import generation_config_for
+    from glm_ft.train.trainer import GlmTrainer
     from glm_ft.model import apply_method, load_base_model, load_for_training, load_tokenizer
     from glm_ft.train.trainer_args import build_training_arguments
     from glm_ft.config.validate import validate
@@ -148,7 +149,6 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
         trainer = Seq2SeqTrainer(model=model, args=args, train_dataset=train, data_collator=recorder,
                                  processing_class=tokenizer)
     else:
-        GlmTrainer, _ = _trainer_classes()
         collate = Collator(tokenizer.pad_token_id)
         recorder = RecordingCollator(collate)
         trainer = GlmTrainer(model=model, args=args, train_dataset=train, data_collator=recorder,

@@ -28,7 +28,12 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from glm_ft import dist
-from glm_ft.tracking import tracker as tracking
+from glm_ft.tracking.lifecycle import end_run
+from glm_ft.tracking.params import git_commit, split_long_values
+from glm_ft.tracking.parent import PARENT_ENV, PARENT_FILE, SWEPT_PARAMS_TAG, parse_overrides
+from glm_ft.tracking.signals import SIGTERM_GUARD
+from glm_ft.tracking.store import Store
+from glm_ft.tracking.tracker import Tracker
 from glm_ft.atomic import write_text_atomic
 from glm_ft.errors import GlmFtError
 from glm_ft.search.lock import SweepLock, SweepLocked
@@ -44,7 +49,7 @@ DEFAULT_METRIC = "eval_rouge-l"
 def swept_params(config: DictConfig) -> dict[str, str]:
     """key → what was swept over: command-line sweeps (method.r=4,8,16) and a sweeper's search space."""
     out = {}
-    for override in tracking.parse_overrides(list(config.hydra.overrides.task)):
+    for override in parse_overrides(list(config.hydra.overrides.task)):
         if override.is_sweep_override():
             out[override.key_or_group] = override.get_value_string()
     params = OmegaConf.select(config, "hydra.sweeper.params", default=None)
@@ -88,7 +93,7 @@ class MlflowSweepCallback(Callback):
         self._direction = "maximize"
         self._reached_end = False
         self._closed = False
-        self._store: tracking.Store | None = None
+        self._store: Store | None = None
 
     def __getstate__(self) -> dict:
         # joblib and submitit pickle the callbacks into their workers; the MLflow client stays behind.
@@ -109,7 +114,7 @@ class MlflowSweepCallback(Callback):
         if not config.tracking.enabled or config.get("dry_run") or not dist.is_rank_zero():
             return
         try:
-            store = tracking.Store(config.tracking)
+            store = Store(config.tracking)
         except GlmFtError as err:
             # Hydra turns a callback's exception into a warning and would start every job anyway.
             print(f"error: {err}", file=sys.stderr)
@@ -120,29 +125,29 @@ class MlflowSweepCallback(Callback):
         tags = {
             "glm_ft.sweep": "true",
             "glm_ft.sweep_dir": str(sweep_dir),
-            tracking.SWEPT_PARAMS_TAG: json.dumps(sorted(swept)),
+            SWEPT_PARAMS_TAG: json.dumps(sorted(swept)),
             "glm_ft.sweeper": sweeper.rsplit(".", 1)[-1],
             "glm_ft.launcher": str(OmegaConf.select(config, "hydra.launcher._target_", default="")).rsplit(".", 1)[-1],
             "glm_ft.overrides": " ".join(config.hydra.overrides.task),
             "glm_ft.optimized_metric": self._metric,
             "glm_ft.direction": self._direction,
-            "glm_ft.git_commit": tracking.git_commit(),
+            "glm_ft.git_commit": git_commit(),
         }
         self._parent_id = reopen_parent(store, sweep_dir) or store.create_run(sweep_run_name(config, swept), tags)
         self._store, self._sweep_dir = store, sweep_dir
-        tracking.SIGTERM_GUARD.open_runs[self._parent_id] = store
-        tracking.SIGTERM_GUARD.acquire()
+        SIGTERM_GUARD.open_runs[self._parent_id] = store
+        SIGTERM_GUARD.acquire()
         atexit.register(self._close)
         from mlflow.entities import Param
 
-        params = tracking.split_long_values({f"sweep.{k}": v for k, v in swept.items()})
+        params = split_long_values({f"sweep.{k}": v for k, v in swept.items()})
         try:
             store.client.log_batch(self._parent_id, params=[Param(k, v) for k, v in params.items()])
         except Exception as err:  # a continued sweep whose search space was changed: MLflow keeps the first
             log.warning("MLflow: sweep params of %s not updated: %s", self._parent_id, err)
         sweep_dir.mkdir(parents=True, exist_ok=True)
-        (sweep_dir / tracking.PARENT_FILE).write_text(self._parent_id + "\n", encoding="utf-8")
-        os.environ[tracking.PARENT_ENV] = self._parent_id
+        (sweep_dir / PARENT_FILE).write_text(self._parent_id + "\n", encoding="utf-8")
+        os.environ[PARENT_ENV] = self._parent_id
         log.info("MLflow: sweep parent run %s in %s", self._parent_id, store.shown_uri)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
@@ -189,23 +194,23 @@ class MlflowSweepCallback(Callback):
         try:
             outcomes = self._job_outcomes()
             failed = [o for o in outcomes if o["status"] not in (JobStatus.COMPLETED.name, PRUNED)]
-            if tracking.SIGTERM_GUARD.interrupted or isinstance(_uncaught_exception(), KeyboardInterrupt):
+            if SIGTERM_GUARD.interrupted or isinstance(_uncaught_exception(), KeyboardInterrupt):
                 status = "KILLED"
             elif failed or not self._reached_end:
                 status = "FAILED"
             else:
                 status = "FINISHED"
             self._summarise(store, parent_id, len(outcomes), len(failed))
-            tracking.end_run(store, parent_id, status)
+            end_run(store, parent_id, status)
             log.info("MLflow: sweep parent run %s %s (%d jobs, %d failed)", parent_id, status, len(outcomes),
                      len(failed))
         except Exception as err:
             log.error("MLflow: could not close sweep parent run %s: %s", parent_id, err)
         finally:
-            tracking.SIGTERM_GUARD.open_runs.pop(parent_id, None)
-            tracking.SIGTERM_GUARD.release()
-            if os.environ.get(tracking.PARENT_ENV) == parent_id:
-                del os.environ[tracking.PARENT_ENV]
+            SIGTERM_GUARD.open_runs.pop(parent_id, None)
+            SIGTERM_GUARD.release()
+            if os.environ.get(PARENT_ENV) == parent_id:
+                del os.environ[PARENT_ENV]
 
     def _job_outcomes(self) -> list[dict]:
         folder = self._sweep_dir / JOBS_DIR
@@ -215,7 +220,7 @@ class MlflowSweepCallback(Callback):
                 outcomes.append(json.loads(path.read_text(encoding="utf-8")))
         return outcomes
 
-    def _summarise(self, store: tracking.Store, parent_id: str, jobs: int, failed: int) -> None:
+    def _summarise(self, store: Store, parent_id: str, jobs: int, failed: int) -> None:
         """The best child by the sweep's metric, the job counts, and Optuna's own summary file."""
         best = best_child(store, parent_id, self._metric, self._direction)
         metrics = {"jobs": jobs, "jobs_failed": failed}
@@ -224,7 +229,7 @@ class MlflowSweepCallback(Callback):
             metrics[f"best_{self._metric}"] = best.data.metrics[self._metric]
             tags = {"glm_ft.best_run_id": best.info.run_id, "glm_ft.best_run_name": best.info.run_name or "",
                     "glm_ft.best_overrides": best.data.tags.get("glm_ft.overrides", "")}
-        parent = tracking.Tracker(store, parent_id, OmegaConf.create({}), self._sweep_dir)
+        parent = Tracker(store, parent_id, OmegaConf.create({}), self._sweep_dir)
         parent.log_metrics(metrics)
         if tags:
             parent.set_tags(tags)
@@ -250,10 +255,10 @@ class MlflowSweepCallback(Callback):
                       describe_unsent(unsent))
 
 
-def reopen_parent(store: tracking.Store, sweep_dir: Path) -> str | None:
+def reopen_parent(store: Store, sweep_dir: Path) -> str | None:
     """A re-run of a sweep folder continues its parent run: RUNNING again, and the children the dead sweep left
     RUNNING closed as KILLED (their jobs are re-run or, for a study, retried as new trials)."""
-    marker = sweep_dir / tracking.PARENT_FILE
+    marker = sweep_dir / PARENT_FILE
     if not marker.is_file():
         return None
     parent_id = marker.read_text(encoding="utf-8").strip()
@@ -266,14 +271,14 @@ def reopen_parent(store: tracking.Store, sweep_dir: Path) -> str | None:
     for child in child_runs(store.client, store.experiment_id, parent_id):
         if child.info.status == "RUNNING":
             store.client.set_tag(child.info.run_id, "glm_ft.error", "its sweep stopped while it ran")
-            tracking.end_run(store, child.info.run_id, "KILLED")
+            end_run(store, child.info.run_id, "KILLED")
     store.client.update_run(parent_id, status="RUNNING")
     store.client.set_tag(parent_id, "glm_ft.continued", "true")
     log.info("MLflow: continuing sweep parent run %s", parent_id)
     return parent_id
 
 
-def best_child(store: tracking.Store, parent_id: str, metric: str, direction: str):
+def best_child(store: Store, parent_id: str, metric: str, direction: str):
     """The child run with the best final value of `metric`, or None when no child has it."""
     children = child_runs(store.client, store.experiment_id, parent_id)
     scored = [run for run in children if metric in run.data.metrics]

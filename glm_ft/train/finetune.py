@@ -11,17 +11,27 @@ that a crash left half-written.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import math
 import os
+import warnings
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
+from transformers import GenerationConfig, set_seed
 
 from glm_ft import dist
-from glm_ft.errors import CheckpointError, GlmFtError
-from glm_ft.runs import (EVAL_PREDICTIONS, FINAL, PREDICTIONS, checkpoint_dir, final_step, last_complete_checkpoint,
+from glm_ft.config.validate import resolve_path
+from glm_ft.data.dataset import load_datasets
+from glm_ft.errors import CheckpointError
+from glm_ft.model import (base_model_dir, load_model_for_training, load_tokenizer, parameter_counts,
+                          refused_weights_errors, refused_weights_reason)
+from glm_ft.search.study import PRUNED_TAG, TRIAL_ENV, JobTrial, TrialPruned, pruner_from_hydra, pruning_callback
+from glm_ft.tracking.parent import hydra_config
+from glm_ft.tracking.tracker import settle_previous_run, start_run
+from glm_ft.train.evaluation import Collator, metrics_fn, stop_token_ids, write_predictions
+from glm_ft.train.trainer import GlmTrainer, TrackerCallback, Watchdog, disk_full_named
+from glm_ft.train.trainer_args import build_training_arguments
+from glm_ft.runs import (EVAL_PREDICTIONS, FINAL, PREDICTIONS, final_step, last_complete_checkpoint,
                          mark_complete, read_progress, record_progress, reset_progress, resume_checkpoint,
                          write_run_info)
 from glm_ft.config.schema import PROJECT_ROOT
@@ -31,189 +41,23 @@ log = logging.getLogger("glm_ft")
 DATA_CACHE = PROJECT_ROOT / ".cache" / "datasets"
 
 
-class TrainingDiverged(GlmFtError):
-    """The loss became NaN or infinite."""
-
-
 class Interrupted(KeyboardInterrupt):
     """Ctrl-C during training, with where to continue from."""
 
 
-def _trainer_classes():
-    """Built lazily: transformers and torch load only when training really starts."""
-    import torch
-    from transformers import Seq2SeqTrainer, TrainerCallback
-    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
-    from transformers.trainer_utils import EvalLoopOutput, EvalPrediction
-
-    from glm_ft.train.evaluation import SAMPLE_INDEX, Indexed, in_sample_order, write_predictions
-    from glm_ft.train.metrics import prefix_metrics
-
-    class GlmTrainer(Seq2SeqTrainer):
-        """Generation-based evaluation for a decoder-only model, and method-aware checkpoints.
-
-        Evaluation and prediction return every sample once, in the dataset's order, and score exactly those
-        rows. transformers 5.24 would not: under `train_sampling_strategy="group_by_length"` its eval sampler is a
-        seeded LengthGroupedSampler (outputs come back shuffled), and with several processes the last batches are
-        padded with repeated samples that Seq2SeqTrainer's plain `gather` keeps. Here the sampler is sequential
-        and each row carries its sample index, so order and uniqueness hold by construction (`in_sample_order`).
-        """
-
-        def __init__(self, *args, method: str, gen_config, eval_predictions: Path | None = None, **kwargs):
-            super().__init__(*args, **kwargs)
-            self.method = method
-            self.gen_config = gen_config
-            # Where the last evaluation's outputs are written (rank 0), so what was scored can be read.
-            self.eval_predictions = eval_predictions
-
-        def _get_eval_sampler(self, eval_dataset):
-            from torch.utils.data import SequentialSampler
-
-            return SequentialSampler(eval_dataset)
-
-        def get_eval_dataloader(self, eval_dataset=None):
-            if isinstance(eval_dataset, str):
-                eval_dataset = self.eval_dataset[eval_dataset]
-            eval_dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
-            return super().get_eval_dataloader(Indexed(eval_dataset) if eval_dataset is not None else None)
-
-        def get_test_dataloader(self, test_dataset):
-            return super().get_test_dataloader(Indexed(test_dataset))
-
-        def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None, **gen_kwargs):
-            inputs = self._prepare_inputs(inputs)
-            labels = inputs.pop("labels")
-            index = inputs.pop(SAMPLE_INDEX)
-            # accelerate autocasts the wrapped model's forward, but a PEFT model's generate calls the base
-            # model's forward, which would run the adapter outside the training precision.
-            with torch.no_grad(), self.accelerator.autocast():
-                generated = model.generate(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
-                                           generation_config=self.gen_config,
-                                           synced_gpus=is_deepspeed_zero3_enabled())
-            # The index rides with the labels through padding, gathering and concatenation.
-            return None, generated[:, inputs["input_ids"].shape[1]:], (index, labels)
-
-        def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
-                            metric_key_prefix="eval"):
-            # Scored below, once the rows are in the dataset's order and each sample is there once.
-            compute, self.compute_metrics = self.compute_metrics, None
-            try:
-                output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys,
-                                                 metric_key_prefix)
-            finally:
-                self.compute_metrics = compute
-            index, labels = output.label_ids
-            predictions, labels = in_sample_order(index, output.num_samples, output.predictions, labels)
-            metrics = dict(output.metrics)
-            if compute is not None:
-                scores = compute(EvalPrediction(predictions=predictions, label_ids=labels))
-                metrics.update(prefix_metrics(scores, metric_key_prefix))
-            metrics[f"{metric_key_prefix}_samples"] = output.num_samples
-            if metric_key_prefix == "eval" and self.eval_predictions is not None and self.is_world_process_zero():
-                write_predictions(self.eval_predictions, self.processing_class, dataloader.dataset.dataset,
-                                  predictions, self.gen_config.eos_token_id,
-                                  {**metrics, "step": self.state.global_step}, metrics_name="eval_metrics.json")
-            return EvalLoopOutput(predictions=predictions, label_ids=labels, metrics=metrics,
-                                  num_samples=output.num_samples)
-
-        def _save_checkpoint(self, model, trial):
-            folder = checkpoint_dir(Path(self.args.output_dir), self.state.global_step)
-            with disk_full_named(folder, Path(self.args.output_dir)):
-                return super()._save_checkpoint(model, trial)
-
-        def _save(self, output_dir: str | None = None, state_dict=None):
-            if self.method != "ptuning_v2":
-                return super()._save(output_dir, state_dict)
-            from glm_ft.chatglm3.prefix import save_prefix
-
-            output_dir = output_dir or self.args.output_dir
-            os.makedirs(output_dir, exist_ok=True)
-            save_prefix(self.accelerator.unwrap_model(self.model), output_dir)
-            if self.processing_class is not None:
-                self.processing_class.save_pretrained(output_dir)
-
-        def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-            if self.method != "ptuning_v2":
-                return super()._load_from_checkpoint(resume_from_checkpoint, model)
-            from glm_ft.chatglm3.prefix import load_prefix
-
-            load_prefix(self.accelerator.unwrap_model(model or self.model), resume_from_checkpoint)
-
-    class Watchdog(TrainerCallback):
-        """Marks finished checkpoints and stops on a NaN loss, naming the step."""
-
-        def on_save(self, args, state, control, **kwargs):
-            ckpt = checkpoint_dir(Path(args.output_dir), state.global_step)
-            if ckpt.is_dir() and state.is_world_process_zero:
-                mark_complete(ckpt, state.global_step)
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            loss = (logs or {}).get("loss")
-            if loss is not None and not math.isfinite(loss):
-                raise TrainingDiverged(
-                    f"training loss is {loss} at step {state.global_step}; stopped. Last complete checkpoint: "
-                    f"{last_complete_checkpoint(Path(args.output_dir)) or 'none'}. "
-                    "Try a lower training_args.learning_rate or training_args.max_grad_norm")
-
-    return GlmTrainer, Watchdog
-
-
-@contextlib.contextmanager
-def disk_full_named(folder: Path, run_dir: Path):
-    """A full disk while writing `folder` becomes one line naming it. torch's zip writer reports ENOSPC as
-    "inline_container.cc:...: unexpected pos" (no errno), so a RuntimeError counts as a full disk when the folder's
-    filesystem has (almost) nothing left. The half-written folder has no completion marker: resume skips it."""
-    try:
-        yield
-    except (OSError, RuntimeError) as err:
-        if not _is_disk_full(err, folder):
-            raise
-        last = last_complete_checkpoint(run_dir)
-        keep = (f"the last complete checkpoint, {last}, stays the resume point: free space, then continue with "
-                f"resume=auto hydra.run.dir={run_dir}") if last else "there is no complete checkpoint yet"
-        raise CheckpointError(f"No space left on device while saving {folder}; {keep}") from err
-
-
-DISK_FULL_BELOW_BYTES = 16 << 20
-
-
-def _is_disk_full(err: BaseException, folder: Path) -> bool:
-    import errno
-    import shutil
-
-    seen: BaseException | None = err
-    while seen is not None:
-        if isinstance(seen, OSError) and seen.errno == errno.ENOSPC or "No space left" in str(seen):
-            return True
-        seen = seen.__cause__ or seen.__context__
-    probe = folder if folder.exists() else folder.parent
-    try:
-        return shutil.disk_usage(probe).free < DISK_FULL_BELOW_BYTES
-    except OSError:
-        return False
-
-
 def generation_config_for(cfg: DictConfig, tokenizer, stop_ids: list[int]):
-    from transformers import GenerationConfig
-
     gen = {k: v for k, v in OmegaConf.to_container(cfg.training_args.generation_config).items() if v is not None}
     return GenerationConfig(**gen, eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id)
 
 
 def finetune(cfg: DictConfig, run_dir: Path, paths: dict[str, Path]) -> dict[str, float]:
     """Train, evaluate and predict; returns the final eval_* and test_* metrics."""
-    import warnings
-
-    from glm_ft.tracking.tracker import start_run
-
     # DeepSpeed calls these on every step; the deprecation is torch's business with DeepSpeed, not the user's.
     warnings.filterwarnings("ignore", message=r".*torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)")
 
     done = completed_run(cfg, run_dir)
     if done is not None:
         log.info("resume=auto: %s is complete (trained, evaluated and predicted); nothing to train", run_dir)
-        from glm_ft.tracking.tracker import settle_previous_run
-
         settle_previous_run(cfg, run_dir)
         return done
     dist.keep_collectives_on_loopback()
@@ -227,14 +71,6 @@ def finetune(cfg: DictConfig, run_dir: Path, paths: dict[str, Path]) -> dict[str
 
 
 def _train(cfg: DictConfig, run_dir: Path, paths: dict[str, Path], tracker) -> dict[str, float]:
-    from transformers import set_seed
-
-    from glm_ft.data.dataset import load_datasets
-    from glm_ft.train.evaluation import Collator, metrics_fn, stop_token_ids, write_predictions
-    from glm_ft.model import base_model_dir, load_model_for_training, load_tokenizer, parameter_counts
-    from glm_ft.train.trainer_args import build_training_arguments
-    from glm_ft.config.validate import resolve_path
-
     set_seed(cfg.seed)
     # Data before weights: the data is tokenized (and cached) with the tokenizer alone, so a problem with it
     # shows before the model loads (seconds here, minutes for 6B).
@@ -261,8 +97,7 @@ def _train(cfg: DictConfig, run_dir: Path, paths: dict[str, Path], tracker) -> d
     has_eval = data.val is not None and len(data.val) > 0
     args = build_training_arguments(cfg, run_dir, paths.get("ds_config"), has_eval=has_eval,
                                     generation_config=gen_config)
-    GlmTrainer, Watchdog = _trainer_classes()
-    callbacks = [Watchdog(), tracker.trainer_callback()]
+    callbacks = [Watchdog(), TrackerCallback(tracker)]
     job_trial = _search_trial(cfg, tracker, has_eval, callbacks)
     trainer = GlmTrainer(
         model=model, args=args, train_dataset=data.train, eval_dataset=data.val if has_eval else None,
@@ -318,8 +153,6 @@ def _train(cfg: DictConfig, run_dir: Path, paths: dict[str, Path], tracker) -> d
 
 
 def _train_and_save(cfg: DictConfig, run_dir: Path, trainer, tracker, job_trial) -> None:
-    from glm_ft.model import refused_weights_errors, refused_weights_reason
-
     if dist.is_rank_zero():
         reset_progress(run_dir)
     resume_from = resume_checkpoint(cfg.resume, run_dir)
@@ -339,8 +172,6 @@ def _train_and_save(cfg: DictConfig, run_dir: Path, trainer, tracker, job_trial)
         raise CheckpointError(f"resume: {resume_from}: {refused_weights_reason(err)}") from None
     tracker.log_metrics({k: v for k, v in result.metrics.items() if k.startswith("train")})
     if job_trial is not None and job_trial.pruned_at is not None:
-        from glm_ft.search.study import PRUNED_TAG, TrialPruned
-
         # Stopped by the study's pruner: the checkpoint at that step is saved; no final model, no test predictions.
         tracker.set_tags({PRUNED_TAG: "true", "glm_ft.pruned_at_step": str(job_trial.pruned_at)})
         raise TrialPruned(f"trial {job_trial.number} pruned at step {job_trial.pruned_at}")
@@ -375,13 +206,8 @@ def completed_run(cfg: DictConfig, run_dir: Path) -> dict[str, float] | None:
 def _search_trial(cfg: DictConfig, tracker, has_eval: bool, callbacks: list):
     """Inside an Optuna sweep (hydra/sweeper=optuna): this job's trial, tagged on its run, and a callback reporting
     `optimized_metric` at every evaluation so the study's pruner can stop it."""
-    from glm_ft.search.study import TRIAL_ENV
-
     if TRIAL_ENV not in os.environ:
         return None
-    from glm_ft.search.study import JobTrial, pruner_from_hydra, pruning_callback
-    from glm_ft.tracking.tracker import hydra_config
-
     job_trial = JobTrial.from_env(pruner_from_hydra(hydra_config()))
     tracker.set_tags(job_trial.tags())
     if has_eval and cfg.optimized_metric:
