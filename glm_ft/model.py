@@ -1,17 +1,23 @@
 """Model config → tokenizer + ChatGLM3 with the chosen method applied (LoRA, P-Tuning v2 prefix, or all weights).
 
-One loader for training, resume, chat and export, so a checkpoint opens the same way everywhere.
+One loader for training, resume, chat and export, so a checkpoint opens the same way everywhere. Heavy: imported
+once training or loading starts (glm_ft.train.finetune, glm_ft.infer.checkpoint.load_checkpoint).
 """
 
 from __future__ import annotations
 
 import logging
+import pickle
 from pathlib import Path
 from typing import Any
 
+import torch
 from omegaconf import DictConfig
+from safetensors import SafetensorError
+from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 
 from glm_ft import chatglm3
+from glm_ft.chatglm3.tiny import ensure_tiny_model
 from glm_ft.errors import CheckpointError
 from glm_ft.config.validate import builds_tiny_model, resolve_path
 
@@ -34,15 +40,11 @@ def torch_dtype_for(model_cfg: DictConfig, method: str, bf16: bool, fp16: bool):
 def base_model_dir(model_cfg: DictConfig) -> Path:
     path = resolve_path(model_cfg.path)
     if builds_tiny_model(model_cfg):
-        from glm_ft.chatglm3.tiny import ensure_tiny_model
-
         return ensure_tiny_model(path)
     return path
 
 
 def load_tokenizer(model_dir: Path):
-    from transformers import AutoTokenizer
-
     chatglm3.register()
 
     try:
@@ -52,8 +54,6 @@ def load_tokenizer(model_dir: Path):
 
 
 def load_base_model(model_dir: Path, dtype, attn_implementation: str = "sdpa"):
-    from transformers import AutoModelForCausalLM
-
     chatglm3.register()
 
     try:
@@ -69,17 +69,11 @@ def load_base_model(model_dir: Path, dtype, attn_implementation: str = "sdpa"):
 def refused_weights_errors() -> tuple[type[BaseException], ...]:
     """What loading a weights file raises when glm-ft refuses it: a pickle weights_only=True rejects, a damaged
     safetensors file."""
-    import pickle
-
-    from safetensors import SafetensorError
-
     return (pickle.UnpicklingError, SafetensorError)
 
 
 def refused_weights_reason(err: BaseException) -> str:
     """One line for a refused weights file: torch's weights_only message is a page of advice."""
-    import pickle
-
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
     if isinstance(err, pickle.UnpicklingError):
         # torch names what it blocked ("... unsupported GLOBAL posix.system ...") among paragraphs of advice.
@@ -91,9 +85,6 @@ def refused_weights_reason(err: BaseException) -> str:
 
 def apply_method(model, method: DictConfig, seed: int):
     """Make the method's weights the trainable ones. Seeded here so LoRA/prefix init is reproducible."""
-    import torch
-    from transformers import set_seed
-
     set_seed(seed)
     if method.name == "lora":
         from peft import get_peft_model

@@ -15,6 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
+import torch
+
+from glm_ft.train.metrics import compute_metrics
+
 IGNORE_INDEX = -100
 SAMPLE_INDEX = "sample_index"
 
@@ -38,8 +43,6 @@ def in_sample_order(indices, count: int, *arrays):
     Distributed evaluation pads the last batches with repeats of samples already seen; the first row of each
     sample is kept. A sample with no row at all is an error, not a smaller average.
     """
-    import numpy as np
-
     indices = np.asarray(indices).reshape(-1)
     first: dict[int, int] = {}
     for row, index in enumerate(indices.tolist()):
@@ -79,8 +82,6 @@ class Collator:
     pad_token_id: int
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
-        import torch
-
         ids = [f["input_ids"] for f in features]
         if "labels" in features[0]:
             labels = _left_pad([f["labels"] for f in features], IGNORE_INDEX)
@@ -113,8 +114,6 @@ def decode_rows(tokenizer, rows, stop_ids: Sequence[int]) -> list[str]:
 
 def metrics_fn(tokenizer, stop_ids: Sequence[int]):
     """compute_metrics for the Trainer: generated ids vs reference ids → ROUGE-1/2/L, BLEU-4."""
-    from glm_ft.train.metrics import compute_metrics
-
     def compute(eval_pred) -> dict[str, float]:
         predictions = decode_rows(tokenizer, eval_pred.predictions, stop_ids)
         references = decode_rows(tokenizer, eval_pred.label_ids, stop_ids)
