@@ -11,6 +11,7 @@ a process group, which run once training starts.
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import socket
@@ -175,8 +176,6 @@ def pin_gpu_for_worker(sweep_dir: Path) -> str | None:
         gpus = visible_gpus()
         if len(gpus) < 2:
             return None
-        import fcntl
-
         lock_dir = sweep_dir / ".gpu_locks"
         lock_dir.mkdir(parents=True, exist_ok=True)
         for gpu in gpus:

@@ -14,6 +14,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from glm_ft.errors import CheckpointError
+
 # THUDM/chatglm3-6b's config.json as published (original field names, auto_map included): the 6B shape for
 # benchmarks and meta-device checks, and the template of the tiny model. tests check it against the real file.
 CHATGLM3_6B_CONFIG: dict = {
@@ -93,8 +95,6 @@ def ensure_tiny_model(path: str | os.PathLike, seed: int = 0) -> Path:
     The folder is built beside `path` and moved into place with one rename, so a reader never sees half a
     checkpoint and concurrent builders do not clash (the first rename wins, the others are discarded).
     """
-    from glm_ft.errors import CheckpointError
-
     path = Path(path)
     if is_complete(path):
         return path

@@ -13,6 +13,7 @@ to it safely, and a killed sweep leaves a study that can be loaded and continued
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -21,6 +22,8 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import optuna
+from hydra.core.override_parser.types import IntervalSweep
+from hydra.utils import instantiate
 
 from glm_ft import dist
 
@@ -69,8 +72,6 @@ def distribution_for(override) -> optuna.distributions.BaseDistribution:
     """An Optuna distribution from a parsed Hydra sweep override:
     choice(a, b, c) → categorical; range(lo, hi, step) → int/float with that step (hi exclusive, as in Hydra);
     interval(lo, hi) → uniform float; int(interval(lo, hi)) → int; tag(log, interval(lo, hi)) → log scale."""
-    from hydra.core.override_parser.types import IntervalSweep
-
     if override.is_choice_sweep():
         return optuna.distributions.CategoricalDistribution(list(override.sweep_iterator()))
     if override.is_range_sweep():
@@ -180,8 +181,6 @@ class JobTrial:
 
 def pruner_from_hydra(hydra_cfg) -> Any:
     """The study's pruner, built from the job's own copy of the sweeper config (hydra.sweeper.pruner)."""
-    from hydra.utils import instantiate
-
     node = hydra_cfg.sweeper.get("pruner") if hydra_cfg is not None else None
     return instantiate(node) if node is not None else optuna.pruners.NopPruner()
 
@@ -211,8 +210,6 @@ def pruning_callback(job_trial: JobTrial, metric: str, on_pruned=None):
 
 def summarise(study: optuna.Study, out_dir: Path, metric: str) -> dict[str, Any]:
     """Write the study's summary (JSON + one CSV row per trial) and Optuna's plots (PNG) into out_dir."""
-    import json
-
     out_dir.mkdir(parents=True, exist_ok=True)
     states: Mapping[str, int] = {}
     for trial in counted_trials(study):

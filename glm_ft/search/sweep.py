@@ -25,6 +25,7 @@ from typing import Any
 
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from glm_ft import dist
@@ -37,6 +38,8 @@ from glm_ft.tracking.tracker import Tracker
 from glm_ft.atomic import write_text_atomic
 from glm_ft.errors import GlmFtError
 from glm_ft.search.lock import SweepLock, SweepLocked
+from glm_ft.tracking.lifecycle import FLUSH_TIMEOUT_S
+from glm_ft.tracking.sender import describe_unsent
 
 log = logging.getLogger(__name__)
 
@@ -164,8 +167,6 @@ class MlflowSweepCallback(Callback):
             dist.export_distributed_env()
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
-        from hydra.types import RunMode
-
         if config.hydra.mode != RunMode.MULTIRUN:
             return
         sweep_dir = Path(str(config.hydra.sweep.dir))
@@ -246,9 +247,6 @@ class MlflowSweepCallback(Callback):
             for path in sorted(study.iterdir()):
                 parent.log_artifact(path, STUDY_DIR)
         # A Tracker sends metrics and tags from its background sender: deliver them before the parent is closed.
-        from glm_ft.tracking.lifecycle import FLUSH_TIMEOUT_S
-        from glm_ft.tracking.sender import describe_unsent
-
         unsent = parent.sender.close(FLUSH_TIMEOUT_S)
         if unsent:
             log.error("MLflow: the summary of sweep parent run %s was not sent: %s", parent_id,

@@ -12,6 +12,9 @@ import logging
 import os
 from pathlib import Path
 
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from glm_ft.tracking.redact import redact
@@ -24,14 +27,10 @@ SWEPT_PARAMS_TAG = "glm_ft.swept_params"
 
 
 def hydra_config() -> DictConfig | None:
-    from hydra.core.hydra_config import HydraConfig
-
     return HydraConfig.get() if HydraConfig.initialized() else None
 
 
 def parse_overrides(overrides: list[str]) -> list:
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
     return OverridesParser.create().parse_overrides(list(overrides))
 
 
@@ -63,8 +62,6 @@ def child_run_name(hc: DictConfig, swept: list[str]) -> str:
 
 
 def parent_for_job(store, hc: DictConfig | None) -> tuple[str | None, list[str]]:
-    from hydra.types import RunMode
-
     if hc is None or hc.mode != RunMode.MULTIRUN:
         return None, []
     parent_id = find_parent_run_id(hc)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from glm_ft.atomic import write_text_atomic
+from glm_ft.tracking.redact import redact
 
 MLFLOW_RUN_FILE = "mlflow_run.json"
 
@@ -62,8 +63,6 @@ def read_mlflow_run(run_dir: Path) -> dict[str, Any] | None:
 
 
 def write_mlflow_run(run_dir: Path, run_id: str, experiment_id: str, uri: str) -> None:
-    from glm_ft.tracking.redact import redact
-
     Path(run_dir).mkdir(parents=True, exist_ok=True)
     _write_json(Path(run_dir) / MLFLOW_RUN_FILE, {"run_id": run_id, "experiment_id": experiment_id,
                                                    "tracking_uri": redact(uri), "owner": this_process(),

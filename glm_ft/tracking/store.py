@@ -6,7 +6,9 @@ every `train.py` run, bad ones included.
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import fcntl
 import io
 import os
 import sys
@@ -75,8 +77,6 @@ def check_reachable(uri: str, source: str) -> None:
     bare = parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
     request = urllib.request.Request(bare.rstrip("/") + "/health")
     if parts.username is not None:
-        import base64
-
         pair = f"{urllib.parse.unquote(parts.username)}:{urllib.parse.unquote(parts.password or '')}"
         request.add_header("Authorization", "Basic " + base64.b64encode(pair.encode()).decode())
     try:
@@ -101,8 +101,6 @@ def _first_use_lock(uri: str) -> Iterator[None]:
     if db is None:
         yield
         return
-    import fcntl
-
     with open(db.with_name(db.name + ".lock"), "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:

@@ -32,6 +32,8 @@ from glm_ft.tracking.lifecycle import close_run, end_run, previous_run
 from glm_ft.tracking.params import MAX_RUN_NAME, fit_tags, flatten_config, metric_name, run_tags, split_long_values
 from glm_ft.tracking.parent import child_run_name, hydra_config, parent_for_job
 from glm_ft.tracking.redact import redact
+from glm_ft.tracking.run_record import write_mlflow_run
+from glm_ft.tracking.sender import Sender
 from glm_ft.tracking.signals import SIGTERM_GUARD, Terminated
 from glm_ft.tracking.store import Store
 
@@ -48,8 +50,6 @@ class Tracker:
     absent store never holds up training (see glm_ft.tracking.sender)."""
 
     def __init__(self, store: Store, run_id: str, cfg: DictConfig, run_dir: Path):
-        from glm_ft.tracking.sender import Sender
-
         self.store = store
         self.client = store.client
         self.run_id = run_id
@@ -159,8 +159,6 @@ def start_run(cfg: DictConfig, run_dir: Path) -> Iterator[Tracker | NullTracker]
     if not cfg.tracking.enabled or not dist.is_rank_zero():
         yield NullTracker()
         return
-    from glm_ft.tracking.run_record import write_mlflow_run
-
     run_dir = Path(run_dir)
     store = Store(cfg.tracking)
     hc = hydra_config()
