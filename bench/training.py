@@ -106,7 +106,7 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     from bench.common import training_flops
     from bench.prepare import data_config, glm_ft_config, model_config, weights_checksum
     from glm_ft.data.dataset import load_datasets
-    from glm_ft.train.evaluation import Collator, stop_token_ids
+    from glm_ft.train.evaluation import Collator
     from glm_ft.train.finetune import generation_config_for
     from glm_ft.train.trainer import GlmTrainer
     from glm_ft.model import apply_method, load_base_model, load_for_training, load_tokenizer
@@ -141,7 +141,7 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
         raise RuntimeError(f"{len(train)} training samples, expected steps × batch = {expected}")
 
     args = build_training_arguments(cfg, work / f"run-{spec['size']}-{side}", None, has_eval=False,
-                                    generation_config=generation_config_for(cfg, tokenizer, stop_token_ids(tokenizer)))
+                                    generation_config=generation_config_for(cfg, tokenizer))
     if side == "baseline":
         args.train_sampling_strategy = "sequential"
         collate = DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=-100, return_tensors="pt")

@@ -31,6 +31,10 @@ PROGRESS_FILE = "glm_ft_progress.json"
 PREDICTIONS = "predictions.jsonl"
 EVAL_PREDICTIONS = "eval_predictions.jsonl"
 EVAL_METRICS = "eval_metrics.json"
+# A P-Tuning v2 checkpoint's files (glm_ft.chatglm3.prefix writes them): named here, where finding a checkpoint can
+# read them without importing torch.
+PREFIX_WEIGHTS = "prefix_encoder.safetensors"
+PREFIX_CONFIG = "prefix_config.json"
 
 
 def checkpoint_dir(run_dir: Path, step: int) -> Path:

@@ -10,10 +10,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
+from glm_ft.atomic import folder_atomic
 from glm_ft.errors import CheckpointError
 
 # THUDM/chatglm3-6b's config.json as published (original field names, auto_map included): the 6B shape for
@@ -81,7 +80,7 @@ _WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
 
 # The published tokenizer_config.json points AutoTokenizer at remote code; the tiny one does too, so that tests see
 # the same situation as with the real checkpoint.
-_TOKENIZER_AUTO_MAP = {"AutoTokenizer": ["tokenization_chatglm.ChatGLMTokenizer", None]}
+TOKENIZER_AUTO_MAP = {"AutoTokenizer": ["tokenization_chatglm.ChatGLMTokenizer", None]}
 
 
 def is_complete(path: Path) -> bool:
@@ -101,26 +100,15 @@ def ensure_tiny_model(path: str | os.PathLike, seed: int = 0) -> Path:
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
         raise CheckpointError(f"{path}: exists but is not a complete tiny ChatGLM3 checkpoint; remove it or pick another path")
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
-        staging.chmod(0o755)  # mkdtemp's 0700 would follow the folder into place
+    with folder_atomic(path, done_by_another=is_complete) as staging:
         _build(staging, seed)
-        if path.is_dir():
-            path.rmdir()  # empty (checked above); os.replace cannot overwrite a directory that exists
-        os.replace(staging, path)
-    except OSError:
-        if not is_complete(path):
-            raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return path
 
 
 def _build(out: Path, seed: int) -> None:
     write_checkpoint(out, TINY_CONFIG, seed)
     tokenizer_config = json.loads((out / "tokenizer_config.json").read_text(encoding="utf-8"))
-    tokenizer_config["auto_map"] = _TOKENIZER_AUTO_MAP
+    tokenizer_config["auto_map"] = TOKENIZER_AUTO_MAP
     (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n", encoding="utf-8")
 
 

@@ -24,16 +24,12 @@ from pathlib import Path
 from typing import Any
 
 from glm_ft.errors import CheckpointError
-from glm_ft.runs import COMPLETE_MARKER, RUN_INFO, is_complete, newest_complete
+from glm_ft.runs import COMPLETE_MARKER, PREFIX_WEIGHTS, RUN_INFO, is_complete, newest_complete
 
 log = logging.getLogger(__name__)
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
-# The names glm_ft.chatglm3.prefix writes; not imported from there because that module pulls in torch, and
-# finding a checkpoint (and failing on a wrong path) should take no time.
-PREFIX_WEIGHTS = "prefix_encoder.safetensors"
-PREFIX_CONFIG = "prefix_config.json"
 MODEL_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                  "pytorch_model.bin.index.json")
 PREFIX_TENSOR = "transformer.prefix_encoder.embedding.weight"
@@ -286,15 +282,12 @@ def _apply_prefix(model, ckpt: Checkpoint):
 
 def generation_config(tokenizer, max_new_tokens: int, *, do_sample: bool = False, temperature: float | None = None,
                       top_p: float | None = None):
-    """Greedy unless do_sample; stops on eos, <|user|> and <|observation|> as ChatGLM3 does."""
-    from transformers import GenerationConfig
-
-    from glm_ft.train.evaluation import stop_token_ids
+    """Inference's settings: greedy unless do_sample; stops on eos, <|user|> and <|observation|> as ChatGLM3 does."""
+    from glm_ft.train.evaluation import generation_config as build
 
     sampling = {"temperature": temperature, "top_p": top_p} if do_sample else {}
-    return GenerationConfig(max_new_tokens=max_new_tokens, do_sample=do_sample, num_beams=1, use_cache=True,
-                            eos_token_id=stop_token_ids(tokenizer), pad_token_id=tokenizer.pad_token_id,
-                            **{k: v for k, v in sampling.items() if v is not None})
+    return build(tokenizer, max_new_tokens=max_new_tokens, do_sample=do_sample, num_beams=1, use_cache=True,
+                 **sampling)
 
 
 def quiet_transformers() -> None:

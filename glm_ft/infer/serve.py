@@ -87,7 +87,7 @@ class Engine:
         self.lock = threading.Lock()
 
     def prepare(self, body: dict) -> tuple[list[int], Any]:
-        from transformers import GenerationConfig
+        from glm_ft.infer.checkpoint import generation_config
 
         ids = self.tokenizer.apply_chat_template(conversation(body), add_generation_prompt=True)
         limit = body.get("max_completion_tokens", body.get("max_tokens"))
@@ -97,10 +97,8 @@ class Engine:
         if len(ids) + max_new > self.model.config.seq_length:
             raise BadRequest(f"the prompt ({len(ids)} tokens) plus max_tokens ({max_new}) exceeds the model's "
                              f"context of {self.model.config.seq_length} tokens")
-        sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {
-            "do_sample": False}
-        gen = GenerationConfig(max_new_tokens=max_new, num_beams=1, use_cache=True, eos_token_id=self.stops,
-                               pad_token_id=self.tokenizer.pad_token_id, **sampling)
+        gen = generation_config(self.tokenizer, max_new, do_sample=temperature > 0, temperature=temperature,
+                                top_p=top_p)
         return ids, gen
 
     def generate(self, ids: list[int], gen, streamer=None, seed: int | None = None) -> list[int]:

@@ -28,7 +28,7 @@ from glm_ft.model import (base_model_dir, load_model_for_training, load_tokenize
 from glm_ft.search.study import PRUNED_TAG, TRIAL_ENV, JobTrial, TrialPruned, pruner_from_hydra, pruning_callback
 from glm_ft.tracking.parent import hydra_config
 from glm_ft.tracking.tracker import settle_previous_run, start_run
-from glm_ft.train.evaluation import Collator, metrics_fn, stop_token_ids, write_predictions
+from glm_ft.train.evaluation import Collator, generation_config, metrics_fn, stop_token_ids, write_predictions
 from glm_ft.train.trainer import GlmTrainer, TrackerCallback, Watchdog, disk_full_named
 from glm_ft.train.trainer_args import build_training_arguments
 from glm_ft.runs import (EVAL_PREDICTIONS, FINAL, PREDICTIONS, final_step, last_complete_checkpoint,
@@ -45,9 +45,9 @@ class Interrupted(KeyboardInterrupt):
     """Ctrl-C during training, with where to continue from."""
 
 
-def generation_config_for(cfg: DictConfig, tokenizer, stop_ids: list[int]):
-    gen = {k: v for k, v in OmegaConf.to_container(cfg.training_args.generation_config).items() if v is not None}
-    return GenerationConfig(**gen, eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id)
+def generation_config_for(cfg: DictConfig, tokenizer) -> GenerationConfig:
+    """Evaluation's generation settings: training_args.generation_config."""
+    return generation_config(tokenizer, **OmegaConf.to_container(cfg.training_args.generation_config))
 
 
 def finetune(cfg: DictConfig, run_dir: Path, paths: dict[str, Path]) -> dict[str, float]:
@@ -84,7 +84,7 @@ def _train(cfg: DictConfig, run_dir: Path, paths: dict[str, Path], tracker) -> d
     if data.val is None or len(data.val) == 0:
         log.warning("no validation samples: evaluation during training is skipped")
     stop_ids = stop_token_ids(tokenizer)
-    gen_config = generation_config_for(cfg, tokenizer, stop_ids)
+    gen_config = generation_config_for(cfg, tokenizer)
 
     model = load_model_for_training(cfg, model_dir)
     counts = parameter_counts(model)
