@@ -24,17 +24,18 @@ from glm_ft.config.locations import config_dir
 from glm_ft.config.preflight import check_command_line
 from glm_ft.tracking.redact import redact_files
 from glm_ft.config.render import render_run_files
-from glm_ft.config.validate import builds_tiny_model, check_data_rows, resolve_path, validate
+from glm_ft.config.paths import InputPaths
+from glm_ft.config.validate import check_data_rows, validate
 
 log = logging.getLogger("glm_ft")
 
 
-def model_hidden_size(model_cfg: DictConfig) -> int | None:
+def model_hidden_size(where: InputPaths) -> int | None:
     """hidden_size from the checkpoint's config.json, read as JSON: the "auto" DeepSpeed keys depend on it."""
-    config_json = resolve_path(model_cfg.path) / "config.json"
+    config_json = where.model_dir / "config.json"
     if config_json.is_file():
         return int(json.loads(config_json.read_text(encoding="utf-8"))["hidden_size"])
-    if builds_tiny_model(model_cfg):
+    if where.builds_tiny_model:
         from glm_ft.chatglm3.tiny import TINY_CONFIG
 
         return int(TINY_CONFIG["hidden_size"])
@@ -43,7 +44,7 @@ def model_hidden_size(model_cfg: DictConfig) -> int | None:
 
 def run(cfg: DictConfig) -> float | None:
     """One job. Returns `optimized_metric` of the final metrics, which an Optuna sweep maximises."""
-    validate(cfg)
+    where = validate(cfg)  # the input paths, resolved here once for the whole job
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     redact_files(run_dir / ".hydra")  # Hydra wrote the overrides there, a tracking URI's password included
     if cfg.resume == "auto" and not (run_dir / "finetune.yaml").is_file():
@@ -52,8 +53,8 @@ def run(cfg: DictConfig) -> float | None:
                           "to resume; pass hydra.run.dir=<the folder of the run to continue>")
     # Data before weights: every row is read and checked here (FILE:LINE errors) before anything heavy loads.
     # Skipped rows are logged when the data is tokenized; a dry run tokenizes nothing, so it logs them here.
-    check_data_rows(cfg.data, log_skips=bool(cfg.dry_run))
-    paths = render_run_files(cfg, run_dir, model_hidden_size(cfg.model))
+    check_data_rows(where, cfg.data, log_skips=bool(cfg.dry_run))
+    paths = render_run_files(cfg, run_dir, model_hidden_size(where))
     if cfg.dry_run:
         for name, path in paths.items():
             print(f"{name}: {path}")
@@ -61,7 +62,7 @@ def run(cfg: DictConfig) -> float | None:
         return None
     from glm_ft.train.finetune import finetune
 
-    metrics = finetune(cfg, run_dir, paths)
+    metrics = finetune(cfg, run_dir, paths, where)
     if cfg.optimized_metric is None:
         return None
     if cfg.optimized_metric not in metrics:

@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 from glm_ft import chatglm3
 from glm_ft.chatglm3.tiny import ensure_tiny_model
 from glm_ft.errors import CheckpointError
-from glm_ft.config.validate import builds_tiny_model, resolve_path
+from glm_ft.config.paths import InputPaths, input_paths
 
 log = logging.getLogger(__name__)
 
@@ -37,11 +37,9 @@ def torch_dtype_for(model_cfg: DictConfig, method: str, bf16: bool, fp16: bool):
     return getattr(torch, name)  # the name was checked by glm_ft.config.validate
 
 
-def base_model_dir(model_cfg: DictConfig) -> Path:
-    path = resolve_path(model_cfg.path)
-    if builds_tiny_model(model_cfg):
-        return ensure_tiny_model(path)
-    return path
+def base_model_dir(where: InputPaths) -> Path:
+    """The base model's folder; the tiny model is built there first when it is missing."""
+    return ensure_tiny_model(where.model_dir) if where.builds_tiny_model else where.model_dir
 
 
 def load_tokenizer(model_dir: Path):
@@ -122,7 +120,7 @@ def parameter_counts(model) -> dict[str, int]:
 
 def load_for_training(cfg: DictConfig) -> tuple[Any, Any, Path]:
     """Tokenizer, model with the method applied, and the base model folder."""
-    model_dir = base_model_dir(cfg.model)
+    model_dir = base_model_dir(input_paths(cfg))
     tokenizer = load_tokenizer(model_dir)
     return tokenizer, load_model_for_training(cfg, model_dir), model_dir
 

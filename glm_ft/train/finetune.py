@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from transformers import GenerationConfig, set_seed
 
 from glm_ft import dist
-from glm_ft.config.validate import resolve_path
+from glm_ft.config.paths import InputPaths, input_paths
 from glm_ft.data.dataset import load_datasets
 from glm_ft.errors import CheckpointError
 from glm_ft.model import (base_model_dir, load_model_for_training, load_tokenizer, parameter_counts,
@@ -50,8 +50,10 @@ def generation_config_for(cfg: DictConfig, tokenizer) -> GenerationConfig:
     return generation_config(tokenizer, **OmegaConf.to_container(cfg.training_args.generation_config))
 
 
-def finetune(cfg: DictConfig, run_dir: Path, paths: dict[str, Path]) -> dict[str, float]:
-    """Train, evaluate and predict; returns the final eval_* and test_* metrics."""
+def finetune(cfg: DictConfig, run_dir: Path, paths: dict[str, Path],
+             where: InputPaths | None = None) -> dict[str, float]:
+    """Train, evaluate and predict; returns the final eval_* and test_* metrics. `where`: the input paths as cli
+    resolved them (resolved here when not given)."""
     # DeepSpeed calls these on every step; the deprecation is torch's business with DeepSpeed, not the user's.
     warnings.filterwarnings("ignore", message=r".*torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)")
 
@@ -65,19 +67,19 @@ def finetune(cfg: DictConfig, run_dir: Path, paths: dict[str, Path]) -> dict[str
         dist.setup_single_process_group()
     try:
         with start_run(cfg, run_dir) as tracker:
-            return _train(cfg, run_dir, paths, tracker)
+            return _train(cfg, run_dir, paths, where or input_paths(cfg), tracker)
     finally:
         dist.destroy_process_group()
 
 
-def _train(cfg: DictConfig, run_dir: Path, paths: dict[str, Path], tracker) -> dict[str, float]:
+def _train(cfg: DictConfig, run_dir: Path, paths: dict[str, Path], where: InputPaths, tracker) -> dict[str, float]:
     set_seed(cfg.seed)
     # Data before weights: the data is tokenized (and cached) with the tokenizer alone, so a problem with it
     # shows before the model loads (seconds here, minutes for 6B).
-    model_dir = base_model_dir(cfg.model)
+    model_dir = base_model_dir(where)
     tokenizer = load_tokenizer(model_dir)
     data_config = OmegaConf.to_container(cfg.data, resolve=True)
-    data_config["data_dir"] = str(resolve_path(cfg.data.data_dir))
+    data_config["data_dir"] = str(where.data_dir)
     data = load_datasets(data_config, tokenizer, cfg.max_input_length, cfg.max_output_length,
                          cache_dir=DATA_CACHE, skip_bad_rows=cfg.data.skip_bad_rows, eval_subset=cfg.eval_subset)
     tracker.log_metrics(data.stats)
