@@ -100,10 +100,16 @@ def is_run_folder(path: Path) -> bool:
 
 
 def write_run_info(run_dir: Path, info: dict[str, Any]) -> None:
-    write_text_atomic(Path(run_dir) / RUN_INFO, json.dumps(info, indent=2, ensure_ascii=False) + "\n")
+    write_json(Path(run_dir) / RUN_INFO, info)
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    """A run folder's record, written atomically: a kill leaves the old version or the new, never half of one."""
+    write_text_atomic(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    """A run folder's record; None when missing or unreadable."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -112,14 +118,13 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 
 
 def read_progress(run_dir: Path) -> dict[str, Any]:
-    return _read_json(Path(run_dir) / PROGRESS_FILE) or {}
+    return read_json(Path(run_dir) / PROGRESS_FILE) or {}
 
 
 def record_progress(run_dir: Path, **stages: Any) -> None:
-    """Written atomically: a kill leaves the old version or the new, never half of one."""
     progress = read_progress(run_dir)
     progress.update(stages)
-    write_text_atomic(Path(run_dir) / PROGRESS_FILE, json.dumps(progress, indent=2, ensure_ascii=False) + "\n")
+    write_json(Path(run_dir) / PROGRESS_FILE, progress)
 
 
 def reset_progress(run_dir: Path) -> None:

@@ -11,28 +11,15 @@ stages done (`glm_ft_progress.json`) and the rest of the run folder are glm_ft.r
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 from pathlib import Path
 from typing import Any
 
-from glm_ft.atomic import write_text_atomic
+from glm_ft.runs import read_json, write_json
 from glm_ft.tracking.redact import redact
 
 MLFLOW_RUN_FILE = "mlflow_run.json"
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    write_text_atomic(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
-
-
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
 
 
 def process_start_time(pid: int) -> str | None:
@@ -59,12 +46,12 @@ def process_gone(owner: dict[str, Any]) -> bool:
 
 
 def read_mlflow_run(run_dir: Path) -> dict[str, Any] | None:
-    return _read_json(Path(run_dir) / MLFLOW_RUN_FILE)
+    return read_json(Path(run_dir) / MLFLOW_RUN_FILE)
 
 
 def write_mlflow_run(run_dir: Path, run_id: str, experiment_id: str, uri: str) -> None:
     Path(run_dir).mkdir(parents=True, exist_ok=True)
-    _write_json(Path(run_dir) / MLFLOW_RUN_FILE, {"run_id": run_id, "experiment_id": experiment_id,
+    write_json(Path(run_dir) / MLFLOW_RUN_FILE, {"run_id": run_id, "experiment_id": experiment_id,
                                                    "tracking_uri": redact(uri), "owner": this_process(),
                                                    "ended": None})
 
@@ -74,4 +61,4 @@ def mark_mlflow_run_ended(run_dir: Path, status: str, closed: bool) -> None:
     record = read_mlflow_run(run_dir)
     if record is not None:
         record["ended"] = {"status": status, "closed": closed}
-        _write_json(Path(run_dir) / MLFLOW_RUN_FILE, record)
+        write_json(Path(run_dir) / MLFLOW_RUN_FILE, record)
