@@ -19,7 +19,6 @@ from conftest import ROOT, run_process
 
 from glm_ft.errors import ConfigError
 from glm_ft.config.render import render_run_files
-from glm_ft.tracking.params import flatten_config, split_long_values
 from glm_ft.tracking.parent import PARENT_FILE, SWEPT_PARAMS_TAG
 from glm_ft.tracking.signals import Terminated
 from glm_ft.tracking.store import Store
@@ -75,17 +74,6 @@ def artifact_paths(client, run_id: str, path: str | None = None) -> set[str]:
     for item in client.list_artifacts(run_id, path):
         out |= artifact_paths(client, run_id, item.path) if item.is_dir else {item.path}
     return out
-
-
-def test_flatten_keeps_every_value_and_splits_long_ones():
-    flat = flatten_config({"a": {"b": 1, "c": [1, "x"], "d": None, "e": True, "f": {}}, "g": 2.5e-5})
-    assert flat == {"a.b": "1", "a.c": '[1, "x"]', "a.d": "null", "a.e": "true", "a.f": "{}", "g": "2.5e-05"}
-    long = "".join(chr(ord("a") + i % 26) for i in range(13001))
-    split = split_long_values({"k": long, "exact": "y" * 6000})
-    assert split["exact"] == "y" * 6000
-    assert "k" not in split and sorted(k for k in split if k.startswith("k.")) == ["k.0", "k.1", "k.2"]
-    assert all(len(v) <= 6000 for v in split.values())
-    assert split["k.0"] + split["k.1"] + split["k.2"] == long
 
 
 def test_finished_run_records_config_tags_metrics_and_files(tmp_path, client, store_uri):
