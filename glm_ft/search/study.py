@@ -1,5 +1,6 @@
 """Optuna studies for hyperparameter search: the study's storage beside the sweep, search spaces from Hydra's sweep
-syntax, and the training job's side of a trial (reporting eval metrics, being pruned).
+syntax, and the training job's side of a trial (reporting eval metrics, being pruned; the Trainer callback that
+reports is glm_ft.train.trainer.PruningCallback).
 
 The sweeper (hydra_plugins/glm_ft_sweepers) asks the study for trials and launches one train.py job per trial. It
 hands each job its trial through the environment (TRIAL_ENV, STUDY_ENV, STORAGE_ENV, set with Hydra's
@@ -25,7 +26,6 @@ import optuna
 from hydra.core.override_parser.types import IntervalSweep
 from hydra.utils import instantiate
 
-from glm_ft import dist
 
 log = logging.getLogger(__name__)
 
@@ -183,29 +183,6 @@ def pruner_from_hydra(hydra_cfg) -> Any:
     """The study's pruner, built from the job's own copy of the sweeper config (hydra.sweeper.pruner)."""
     node = hydra_cfg.sweeper.get("pruner") if hydra_cfg is not None else None
     return instantiate(node) if node is not None else optuna.pruners.NopPruner()
-
-
-def pruning_callback(job_trial: JobTrial, metric: str, on_pruned=None):
-    """A Trainer callback reporting `metric` at every evaluation. When the pruner says stop, the trainer saves a
-    checkpoint at that step and stops; all ranks follow rank 0's decision (one process reports)."""
-    from transformers import TrainerCallback
-
-    class OptunaPruning(TrainerCallback):
-        def on_evaluate(self, args, state, control, metrics=None, **kwargs):
-            value = (metrics or {}).get(metric)
-            prune = False
-            if state.is_world_process_zero and value is not None:
-                prune = job_trial.report(float(value), state.global_step)
-            prune = dist.broadcast_from_rank_zero(prune)
-            if prune:
-                job_trial.pruned_at = state.global_step
-                log.info("trial %d pruned at step %d (%s=%s)", job_trial.number, state.global_step, metric, value)
-                if on_pruned is not None:
-                    on_pruned(state.global_step, value)
-                control.should_save = True
-                control.should_training_stop = True
-
-    return OptunaPruning()
 
 
 def summarise(study: optuna.Study, out_dir: Path, metric: str) -> dict[str, Any]:

@@ -25,11 +25,11 @@ from glm_ft.data.dataset import load_datasets
 from glm_ft.errors import CheckpointError
 from glm_ft.model import (base_model_dir, load_model_for_training, load_tokenizer, parameter_counts,
                           refused_weights_errors, refused_weights_reason)
-from glm_ft.search.study import PRUNED_TAG, TRIAL_ENV, JobTrial, TrialPruned, pruner_from_hydra, pruning_callback
+from glm_ft.search.study import PRUNED_TAG, TRIAL_ENV, JobTrial, TrialPruned, pruner_from_hydra
 from glm_ft.tracking.parent import hydra_config
 from glm_ft.tracking.tracker import settle_previous_run, start_run
 from glm_ft.train.evaluation import Collator, generation_config, metrics_fn, stop_token_ids, write_predictions
-from glm_ft.train.trainer import GlmTrainer, TrackerCallback, Watchdog, disk_full_named
+from glm_ft.train.trainer import GlmTrainer, PruningCallback, TrackerCallback, Watchdog, disk_full_named
 from glm_ft.train.trainer_args import build_training_arguments
 from glm_ft.runs import (EVAL_PREDICTIONS, FINAL, PREDICTIONS, final_step, last_complete_checkpoint,
                          mark_complete, read_progress, record_progress, reset_progress, resume_checkpoint,
@@ -213,7 +213,7 @@ def _search_trial(cfg: DictConfig, tracker, has_eval: bool, callbacks: list):
     job_trial = JobTrial.from_env(pruner_from_hydra(hydra_config()))
     tracker.set_tags(job_trial.tags())
     if has_eval and cfg.optimized_metric:
-        callbacks.append(pruning_callback(job_trial, cfg.optimized_metric))
+        callbacks.append(PruningCallback(job_trial, cfg.optimized_metric))
     return job_trial
 
 

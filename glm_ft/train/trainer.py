@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import math
 import os
 import shutil
@@ -19,11 +20,14 @@ from transformers import Seq2SeqTrainer, TrainerCallback
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from transformers.trainer_utils import EvalLoopOutput, EvalPrediction
 
+from glm_ft import dist
 from glm_ft.chatglm3.prefix import load_prefix, save_prefix
 from glm_ft.errors import CheckpointError, GlmFtError
 from glm_ft.runs import checkpoint_dir, last_complete_checkpoint, mark_complete
 from glm_ft.train.evaluation import SAMPLE_INDEX, Indexed, in_sample_order, write_predictions
 from glm_ft.train.metrics import prefix_metrics
+
+log = logging.getLogger(__name__)
 
 
 class TrainingDiverged(GlmFtError):
@@ -88,7 +92,7 @@ class GlmTrainer(Seq2SeqTrainer):
             scores = compute(EvalPrediction(predictions=predictions, label_ids=labels))
             metrics.update(prefix_metrics(scores, metric_key_prefix))
         metrics[f"{metric_key_prefix}_samples"] = output.num_samples
-        if metric_key_prefix == "eval" and self.eval_predictions is not None and self.is_world_process_zero():
+        if metric_key_prefix == "eval" and self.eval_predictions is not None and dist.is_rank_zero():
             write_predictions(self.eval_predictions, self.processing_class, dataloader.dataset.dataset,
                               predictions, self.gen_config.eos_token_id,
                               {**metrics, "step": self.state.global_step}, metrics_name="eval_metrics.json")
@@ -119,7 +123,7 @@ class Watchdog(TrainerCallback):
 
     def on_save(self, args, state, control, **kwargs):
         ckpt = checkpoint_dir(Path(args.output_dir), state.global_step)
-        if ckpt.is_dir() and state.is_world_process_zero:
+        if ckpt.is_dir() and dist.is_rank_zero():
             mark_complete(ckpt, state.global_step)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
@@ -138,8 +142,30 @@ class TrackerCallback(TrainerCallback):
         self.tracker = tracker
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs and state.is_world_process_zero:
+        if logs and dist.is_rank_zero():
             self.tracker.log_metrics(logs, step=state.global_step)
+
+
+class PruningCallback(TrainerCallback):
+    """Inside an Optuna sweep: reports `metric` to the job's trial (glm_ft.search.study.JobTrial) at every
+    evaluation. When the pruner says stop, the trainer saves a checkpoint at that step and stops; all ranks follow
+    rank 0's decision (one process reports)."""
+
+    def __init__(self, job_trial, metric: str):
+        self.job_trial, self.metric = job_trial, metric
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        value = (metrics or {}).get(self.metric)
+        prune = False
+        if dist.is_rank_zero() and value is not None:
+            prune = self.job_trial.report(float(value), state.global_step)
+        prune = dist.broadcast_from_rank_zero(prune)
+        if prune:
+            self.job_trial.pruned_at = state.global_step
+            log.info("trial %d pruned at step %d (%s=%s)", self.job_trial.number, state.global_step, self.metric,
+                     value)
+            control.should_save = True
+            control.should_training_stop = True
 
 
 @contextlib.contextmanager
