@@ -21,20 +21,20 @@ from transformers import GenerationConfig, set_seed
 
 from glm_ft import dist
 from glm_ft.config.paths import InputPaths, input_paths
+from glm_ft.config.schema import PROJECT_ROOT
 from glm_ft.data.dataset import load_datasets
 from glm_ft.errors import CheckpointError
 from glm_ft.model import (base_model_dir, load_model_for_training, load_tokenizer, parameter_counts,
                           refused_weights_errors, refused_weights_reason)
+from glm_ft.runs import (EVAL_PREDICTIONS, FINAL, PREDICTIONS, final_step, last_complete_checkpoint,
+                         mark_complete, read_progress, record_progress, reset_progress, resume_checkpoint,
+                         write_run_info)
 from glm_ft.search.study import PRUNED_TAG, TRIAL_ENV, JobTrial, TrialPruned, pruner_from_hydra
 from glm_ft.tracking.parent import hydra_config
 from glm_ft.tracking.tracker import settle_previous_run, start_run
 from glm_ft.train.evaluation import Collator, generation_config, metrics_fn, stop_token_ids, write_predictions
 from glm_ft.train.trainer import GlmTrainer, PruningCallback, TrackerCallback, Watchdog, disk_full_named
 from glm_ft.train.trainer_args import build_training_arguments
-from glm_ft.runs import (EVAL_PREDICTIONS, FINAL, PREDICTIONS, final_step, last_complete_checkpoint,
-                         mark_complete, read_progress, record_progress, reset_progress, resume_checkpoint,
-                         write_run_info)
-from glm_ft.config.schema import PROJECT_ROOT
 
 log = logging.getLogger("glm_ft")
 
