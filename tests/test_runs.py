@@ -69,7 +69,17 @@ def test_progress_records_stages_until_reset(tmp_path):
     assert not (tmp_path / runs.PROGRESS_FILE).exists()
 
 
-def test_inference_finds_checkpoints_without_importing_training():
-    code = "import sys; import glm_ft.infer.checkpoint; print(sorted(m for m in sys.modules if 'glm_ft.train' in m))"
+def test_inference_finds_checkpoints_without_importing_training_or_torch(tmp_path):
+    """Finding a checkpoint (and failing on a wrong path) takes no heavy import: chat/predict/export fail at once."""
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "config.json").write_text("{}")
+    (base / "tokenizer.model").write_bytes(b"")
+    run = _run_folder(tmp_path, complete_steps=(2,))
+    runs.write_run_info(run, {"base_model": str(base), "method": {"name": "lora"}})
+    (run / "checkpoint-2" / "adapter_config.json").write_text("{}")
+    code = ("import sys; from glm_ft.infer.checkpoint import find_checkpoint; "
+            f"ckpt = find_checkpoint({str(run)!r}); print(ckpt.path.name, ckpt.kind, ckpt.base_model.name); "
+            "print(sorted(m for m in sys.modules if m.startswith(('glm_ft.train', 'torch', 'transformers'))))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "[]"
+    assert out.splitlines() == ["checkpoint-2 lora base", "[]"]
