@@ -52,8 +52,9 @@ def train_eval_model(spec: dict[str, Any]) -> dict[str, Any]:
 
     from bench.prepare import data_config, glm_ft_config
     from glm_ft.data.dataset import load_datasets
-    from glm_ft.train.evaluation import Collator, stop_token_ids
-    from glm_ft.train.finetune import _trainer_classes, generation_config_for
+    from glm_ft.train.evaluation import Collator
+    from glm_ft.train.finetune import generation_config_for
+    from glm_ft.train.trainer import GlmTrainer
     from glm_ft.model import load_for_training
     from glm_ft.train.trainer_args import build_training_arguments
 
@@ -63,9 +64,8 @@ def train_eval_model(spec: dict[str, Any]) -> dict[str, Any]:
     tokenizer, model, _ = load_for_training(cfg)
     data = load_datasets(data_config(cfg), tokenizer, cfg.max_input_length, cfg.max_output_length,
                          cache_dir=work / "datasets")
-    gen = generation_config_for(cfg, tokenizer, stop_token_ids(tokenizer))
+    gen = generation_config_for(cfg, tokenizer)
     args = build_training_arguments(cfg, work / "run-eval-model", None, has_eval=False, generation_config=gen)
-    GlmTrainer, _ = _trainer_classes()
     trainer = GlmTrainer(model=model, args=args, train_dataset=data.train,
                          data_collator=Collator(tokenizer.pad_token_id), processing_class=tokenizer,
                          method="sft", gen_config=gen)
@@ -85,7 +85,8 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     from bench.prepare import data_config, glm_ft_config, weights_checksum
     from glm_ft.data.dataset import load_datasets
     from glm_ft.train.evaluation import Collator, decode_rows, stop_token_ids
-    from glm_ft.train.finetune import _trainer_classes, generation_config_for
+    from glm_ft.train.finetune import generation_config_for
+    from glm_ft.train.trainer import GlmTrainer
     from glm_ft.train.metrics import compute_metrics
     from glm_ft.model import load_base_model, load_for_training, load_tokenizer
     from glm_ft.train.trainer_args import build_training_arguments
@@ -129,9 +130,8 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
                     rows += generated.tolist()
             return rows, slots
     else:
-        gen = generation_config_for(cfg, tokenizer, stops)
+        gen = generation_config_for(cfg, tokenizer)
         args = build_training_arguments(cfg, work / "run-eval-glm_ft", None, has_eval=True, generation_config=gen)
-        GlmTrainer, _ = _trainer_classes()
         trainer = GlmTrainer(model=model, args=args, data_collator=Collator(tokenizer.pad_token_id),
                              processing_class=tokenizer, method="sft", gen_config=gen)
 

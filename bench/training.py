@@ -126,8 +126,9 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     from bench.common import training_flops
     from bench.prepare import data_config, glm_ft_config, model_config, weights_checksum
     from glm_ft.data.dataset import load_datasets
-    from glm_ft.train.evaluation import Collator, stop_token_ids
-    from glm_ft.train.finetune import _trainer_classes, generation_config_for
+    from glm_ft.train.evaluation import Collator
+    from glm_ft.train.finetune import generation_config_for
+    from glm_ft.train.trainer import GlmTrainer
     from glm_ft.model import apply_method, load_base_model, load_for_training, load_tokenizer
     from glm_ft.data.packing import PackedCollator
     from glm_ft.train.trainer_args import build_training_arguments
@@ -168,7 +169,7 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
         warmup = max(1, round(warmup * steps / spec["steps"]))
 
     args = build_training_arguments(cfg, work / f"run-{spec['size']}-{side}", None, has_eval=False,
-                                    generation_config=generation_config_for(cfg, tokenizer, stop_token_ids(tokenizer)))
+                                    generation_config=generation_config_for(cfg, tokenizer))
     args.max_steps = steps
     if side == "baseline":
         args.train_sampling_strategy = "sequential"
@@ -177,7 +178,6 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
         trainer = Seq2SeqTrainer(model=model, args=args, train_dataset=train, data_collator=recorder,
                                  processing_class=tokenizer)
     else:
-        GlmTrainer, _ = _trainer_classes()
         collate = (PackedCollator if cfg.data.packing else Collator)(tokenizer.pad_token_id)
         recorder = RecordingCollator(collate)
         trainer = GlmTrainer(model=model, args=args, train_dataset=train, data_collator=recorder,

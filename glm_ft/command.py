@@ -9,6 +9,7 @@ It works from any folder: run folders (`outputs/`), sweeps (`multirun/`) and the
 command line, chooses another store.
 """
 
+import argparse
 import importlib
 import os
 import sys
@@ -60,8 +61,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def ui(rest: list[str]) -> int:
-    import argparse
-
     parser = argparse.ArgumentParser(prog="glm-ft ui", description=SUBCOMMANDS["ui"][1])
     parser.add_argument("--port", type=int, default=5000)
     args = parser.parse_args(rest)

@@ -13,11 +13,7 @@ from __future__ import annotations
 import socket
 import sys
 
-LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
-
-
-def is_loopback(host: str) -> bool:
-    return host in LOOPBACK_HOSTS or host.startswith("127.")
+from glm_ft.dist import is_loopback
 
 
 def loopback_store_class():

@@ -1,19 +1,27 @@
 """Model config → tokenizer + ChatGLM3 with the chosen method applied (LoRA, P-Tuning v2 prefix, or all weights).
 
-One loader for training, resume, chat and export, so a checkpoint opens the same way everywhere.
+One loader for training, resume, chat and export, so a checkpoint opens the same way everywhere. Heavy: imported
+once training or loading starts (glm_ft.train.finetune, glm_ft.infer.checkpoint.load_checkpoint).
 """
 
 from __future__ import annotations
 
 import logging
+import pickle
 from pathlib import Path
 from typing import Any
 
+import torch
 from omegaconf import DictConfig
+from safetensors import SafetensorError
+from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 
 from glm_ft import chatglm3
+from glm_ft.chatglm3.tiny import ensure_tiny_model
 from glm_ft.errors import CheckpointError
-from glm_ft.config.validate import builds_tiny_model, resolve_path
+from glm_ft.config.paths import InputPaths, input_paths
+from glm_ft.config.schema import DEMO_MODEL_DIR
+from glm_ft.train.demo_base import ensure_demo_model
 
 log = logging.getLogger(__name__)
 
@@ -31,19 +39,16 @@ def torch_dtype_for(model_cfg: DictConfig, method: str, bf16: bool, fp16: bool):
     return getattr(torch, name)  # the name was checked by glm_ft.config.validate
 
 
-def base_model_dir(model_cfg: DictConfig) -> Path:
-    path = resolve_path(model_cfg.path)
-    if builds_tiny_model(model_cfg):
-        from glm_ft.chatglm3.tiny import ensure_tiny_model
-        from glm_ft.train.demo_base import DEMO_MODEL_DIR, ensure_demo_model
-
-        return ensure_demo_model(path) if path.resolve() == DEMO_MODEL_DIR.resolve() else ensure_tiny_model(path)
-    return path
+def base_model_dir(where: InputPaths) -> Path:
+    """The base model's folder; the tiny model is built there first when it is missing."""
+    if not where.builds_tiny_model:
+        return where.model_dir
+    if where.model_dir.resolve() == DEMO_MODEL_DIR.resolve():
+        return ensure_demo_model(where.model_dir)  # the tiny model trained a little (model=tiny_demo)
+    return ensure_tiny_model(where.model_dir)
 
 
 def load_tokenizer(model_dir: Path):
-    from transformers import AutoTokenizer
-
     chatglm3.register()
 
     try:
@@ -53,8 +58,6 @@ def load_tokenizer(model_dir: Path):
 
 
 def load_base_model(model_dir: Path, dtype, attn_implementation: str = "sdpa"):
-    from transformers import AutoModelForCausalLM
-
     chatglm3.register()
 
     try:
@@ -70,17 +73,11 @@ def load_base_model(model_dir: Path, dtype, attn_implementation: str = "sdpa"):
 def refused_weights_errors() -> tuple[type[BaseException], ...]:
     """What loading a weights file raises when glm-ft refuses it: a pickle weights_only=True rejects, a damaged
     safetensors file."""
-    import pickle
-
-    from safetensors import SafetensorError
-
     return (pickle.UnpicklingError, SafetensorError)
 
 
 def refused_weights_reason(err: BaseException) -> str:
     """One line for a refused weights file: torch's weights_only message is a page of advice."""
-    import pickle
-
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
     if isinstance(err, pickle.UnpicklingError):
         # torch names what it blocked ("... unsupported GLOBAL posix.system ...") among paragraphs of advice.
@@ -92,9 +89,6 @@ def refused_weights_reason(err: BaseException) -> str:
 
 def apply_method(model, method: DictConfig, seed: int):
     """Make the method's weights the trainable ones. Seeded here so LoRA/prefix init is reproducible."""
-    import torch
-    from transformers import set_seed
-
     set_seed(seed)
     if method.name == "lora":
         from peft import get_peft_model
@@ -132,7 +126,7 @@ def parameter_counts(model) -> dict[str, int]:
 
 def load_for_training(cfg: DictConfig) -> tuple[Any, Any, Path]:
     """Tokenizer, model with the method applied, and the base model folder."""
-    model_dir = base_model_dir(cfg.model)
+    model_dir = base_model_dir(input_paths(cfg))
     tokenizer = load_tokenizer(model_dir)
     return tokenizer, load_model_for_training(cfg, model_dir), model_dir
 

@@ -18,11 +18,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from glm_ft.errors import CheckpointError
+from glm_ft.runs import PREFIX_CONFIG, PREFIX_WEIGHTS
 
 from .modeling import PrefixEncoder
 
-PREFIX_WEIGHTS = "prefix_encoder.safetensors"
-PREFIX_CONFIG = "prefix_config.json"
 _KEY = "transformer.prefix_encoder."
 
 

@@ -10,10 +10,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
-from typing import Callable
+
+from glm_ft.atomic import folder_atomic
+from glm_ft.errors import CheckpointError
 
 # THUDM/chatglm3-6b's config.json as published (original field names, auto_map included): the 6B shape for
 # benchmarks and meta-device checks, and the template of the tiny model. tests check it against the real file.
@@ -80,7 +80,7 @@ _WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
 
 # The published tokenizer_config.json points AutoTokenizer at remote code; the tiny one does too, so that tests see
 # the same situation as with the real checkpoint.
-_TOKENIZER_AUTO_MAP = {"AutoTokenizer": ["tokenization_chatglm.ChatGLMTokenizer", None]}
+TOKENIZER_AUTO_MAP = {"AutoTokenizer": ["tokenization_chatglm.ChatGLMTokenizer", None]}
 
 
 def is_complete(path: Path) -> bool:
@@ -91,47 +91,23 @@ def is_complete(path: Path) -> bool:
 def ensure_tiny_model(path: str | os.PathLike, seed: int = 0) -> Path:
     """Return `path`, first building the tiny checkpoint there unless it is already complete.
 
-    Built by `build_folder`: a reader never sees half a checkpoint.
+    Built with `glm_ft.atomic.folder_atomic`: a reader never sees half a checkpoint.
     """
-    from glm_ft.errors import CheckpointError
-
     path = Path(path)
     if is_complete(path):
         return path
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
         raise CheckpointError(f"{path}: exists but is not a complete tiny ChatGLM3 checkpoint; remove it or pick another path")
 
-    return build_folder(path, lambda out: _build(out, seed), is_complete)
-
-
-def build_folder(path: Path, build: Callable[[Path], None], complete: Callable[[Path], bool]) -> Path:
-    """Build a folder beside `path` and move it into place with one rename, so a reader never sees half of it and
-    concurrent builders do not clash (a finished one wins; the others are discarded). What is at `path` and not
-    `complete` (empty, or stale) is moved aside and removed."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    old = path.with_name(f".{path.name}.old.{os.getpid()}")
-    try:
-        staging.chmod(0o755)  # mkdtemp's 0700 would follow the folder into place
-        build(staging)
-        if complete(path):
-            return path
-        if path.exists():
-            os.replace(path, old)  # os.replace cannot overwrite a directory that exists
-        os.replace(staging, path)
-    except OSError:
-        if not complete(path):
-            raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
+    with folder_atomic(path, done_by_another=is_complete) as staging:
+        _build(staging, seed)
     return path
 
 
 def _build(out: Path, seed: int) -> None:
     write_checkpoint(out, TINY_CONFIG, seed)
     tokenizer_config = json.loads((out / "tokenizer_config.json").read_text(encoding="utf-8"))
-    tokenizer_config["auto_map"] = _TOKENIZER_AUTO_MAP
+    tokenizer_config["auto_map"] = TOKENIZER_AUTO_MAP
     (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n", encoding="utf-8")
 
 

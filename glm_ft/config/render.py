@@ -11,12 +11,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from glm_ft import dist
 from glm_ft.atomic import write_text_atomic
 from glm_ft.errors import ConfigError
 from glm_ft.config.schema import GenerationArgs, TrainingArgs
@@ -91,18 +91,14 @@ def _set(d: dict, dotted: str, value: Any) -> None:
     d[last] = value
 
 
-def world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
 def _training_fills(args: DictConfig) -> list[tuple[str, Any, str]]:
     """(deepspeed key, value from training_args, training_args key): HfTrainerDeepSpeedConfig's first stage."""
-    batch = world_size() * args.per_device_train_batch_size * args.gradient_accumulation_steps
+    batch = dist.world_size() * args.per_device_train_batch_size * args.gradient_accumulation_steps
     return [
         ("train_micro_batch_size_per_gpu", args.per_device_train_batch_size, "training_args.per_device_train_batch_size"),
         ("gradient_accumulation_steps", args.gradient_accumulation_steps, "training_args.gradient_accumulation_steps"),
         ("train_batch_size", batch, "training_args.per_device_train_batch_size × gradient_accumulation_steps × "
-                                    f"world size {world_size()}"),
+                                    f"world size {dist.world_size()}"),
         ("gradient_clipping", args.max_grad_norm, "training_args.max_grad_norm"),
         ("optimizer.params.lr", args.learning_rate, "training_args.learning_rate"),
         ("optimizer.params.betas", [args.adam_beta1, args.adam_beta2], "training_args.adam_beta1/adam_beta2"),

@@ -17,6 +17,8 @@ from omegaconf import MISSING, OmegaConf
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 # Where model=tiny builds its random tiny ChatGLM3; no other missing model.path is ever built (conf/model/tiny.yaml).
 TINY_MODEL_DIR = PROJECT_ROOT / ".cache" / "tiny-chatglm3"
+# model=tiny_demo: the tiny model trained a little (glm_ft/train/demo_base.py), built the same way at its own place
+DEMO_MODEL_DIR = PROJECT_ROOT / ".cache" / "tiny-chatglm3-demo"
 
 
 # --- method group: one dataclass per method -------------------------------------------------------------------

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import stat
 from pathlib import Path
 from typing import Any
@@ -19,14 +18,16 @@ from omegaconf.errors import OmegaConfBaseException
 from glm_ft.config import hf_choices
 from glm_ft.errors import ConfigError
 from glm_ft.config.keys import closest, unknown_key_message
+from glm_ft.config.paths import SPLIT_KEYS, InputPaths, input_paths, resolve_path
 from glm_ft.config.schema import METHOD_SCHEMAS, TINY_MODEL_DIR
 
 SEED_LIMIT = 2**32  # numpy's seed range (transformers' set_seed seeds numpy too)
 QUICKSTART_HINT = "or try the bundled tiny setup: python train.py experiment=quickstart"
 
 
-def validate(cfg: DictConfig, *, check_paths: bool = True) -> None:
-    """Raise ConfigError on the first problem found, naming the key."""
+def validate(cfg: DictConfig, *, check_paths: bool = True) -> InputPaths | None:
+    """Raise ConfigError on the first problem found, naming the key. Returns the input paths, resolved once
+    (with check_paths)."""
     _check_finite(_resolved(cfg))
     _check_unknown_keys(cfg)
     _check_method(cfg.method)
@@ -41,10 +42,13 @@ def validate(cfg: DictConfig, *, check_paths: bool = True) -> None:
 
         check_deepspeed(cfg)
     _check_model(cfg.model)
-    if check_paths:
-        check_model_path(cfg.model)
-        check_data_files(cfg.data)
-        _check_resume(cfg.resume)
+    if not check_paths:
+        return None
+    where = input_paths(cfg)
+    check_model_path(where, cfg.model)
+    check_data_files(where, cfg.data)
+    _check_resume(cfg.resume)
+    return where
 
 
 def _check_unknown_keys(node: Any, prefix: str = "") -> None:
@@ -222,25 +226,9 @@ def cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-def resolve_path(path: str) -> Path:
-    """Relative paths in configs are taken from where the user launched, like any CLI argument."""
-    p = Path(os.path.expanduser(path))
-    return p if p.is_absolute() else Path(os.getcwd()) / p
-
-
-def builds_tiny_model(model: DictConfig) -> bool:
-    """model=tiny builds its random model when missing, but only at its own cache location: a misspelt or
-    not-yet-mounted model.path must never turn into a random model trained in its place."""
-    from glm_ft.train.demo_base import DEMO_MODEL_DIR
-
-    # (the demo base, model=tiny_demo, is the tiny model trained a little: built the same way, at its own place)
-    return bool(model.build_if_missing) and resolve_path(model.path).resolve() in (TINY_MODEL_DIR.resolve(),
-                                                                                   DEMO_MODEL_DIR.resolve())
-
-
-def check_model_path(model: DictConfig) -> None:
-    path = resolve_path(model.path)
-    if builds_tiny_model(model):
+def check_model_path(where: InputPaths, model: DictConfig) -> None:
+    path = where.model_dir
+    if where.builds_tiny_model:
         return
     if not (path / "config.json").is_file():
         what = "does not exist" if not path.exists() else "has no config.json"
@@ -251,16 +239,10 @@ def check_model_path(model: DictConfig) -> None:
             f"(config.json, tokenizer.model, weights), e.g. model.path=/models/chatglm3-6b, {QUICKSTART_HINT}")
 
 
-def data_paths(data: DictConfig) -> dict[str, Path | None]:
-    base = resolve_path(data.data_dir)
-    return {split: (base / data[key]) if data[key] else None
-            for split, key in (("train", "train_file"), ("val", "val_file"), ("test", "test_file"))}
-
-
-def check_data_files(data: DictConfig) -> None:
-    base = resolve_path(data.data_dir)
-    for split, path in data_paths(data).items():
-        key = {"train": "train_file", "val": "val_file", "test": "test_file"}[split]
+def check_data_files(where: InputPaths, data: DictConfig) -> None:
+    base = where.data_dir
+    for split, path in where.data_files.items():
+        key = SPLIT_KEYS[split]
         if path is not None and path.exists() and not path.is_file():
             # A FIFO would block the run forever on its first read; a directory is a wrong path.
             raise ConfigError(f"data.{key}: '{path}' is {_file_kind(path)}, not a data file; point data.{key} "
@@ -273,11 +255,11 @@ def check_data_files(data: DictConfig) -> None:
         raise ConfigError(f"data.num_proc: must be > 0, got {data.num_proc}")
 
 
-def check_data_rows(data: DictConfig, *, log_skips: bool = True) -> None:
+def check_data_rows(where: InputPaths, data: DictConfig, *, log_skips: bool = True) -> None:
     """Read and check every row of the configured files: FILE:LINE errors come before any model loads."""
     from glm_ft.data.dataset import read_rows
 
-    for path in data_paths(data).values():
+    for path in where.data_files.values():
         if path is not None:
             read_rows(path, skip_bad_rows=data.skip_bad_rows, log_skips=log_skips)
 

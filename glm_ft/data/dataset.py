@@ -16,13 +16,12 @@ import inspect
 import json
 import logging
 import os
-import shutil
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from glm_ft.atomic import folder_atomic
 from glm_ft.data import formats as data_formats
 from glm_ft.data import rows as reading
 from glm_ft.errors import DataError
@@ -279,18 +278,9 @@ def _log_counts(split: str, counts: dict[str, int], max_input_length: int, max_o
 
 def _save_atomically(dataset, counts: dict[str, int], target: Path) -> None:
     # Several ranks may preprocess at once: each writes its own folder and the first rename wins.
-    target.parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
-    try:
-        dataset.save_to_disk(str(scratch / "dataset"))
-        (scratch / "dataset" / "glm_ft_stats.json").write_text(json.dumps(counts, indent=1))
-        try:
-            os.rename(scratch / "dataset", target)
-        except OSError:
-            if not (target / "glm_ft_stats.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+    with folder_atomic(target, done_by_another=lambda t: (t / "glm_ft_stats.json").is_file()) as scratch:
+        dataset.save_to_disk(str(scratch))
+        (scratch / "glm_ft_stats.json").write_text(json.dumps(counts, indent=1))
 
 
 def _cache_key(path: Path, tokenizer, kind: str, max_input_length: int, max_output_length: int,

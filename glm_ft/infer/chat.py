@@ -7,7 +7,10 @@
 
 Interactive mode reads one message per line from stdin: `clear` starts a new conversation, `exit`, `quit` or end of
 input leaves. The whole conversation is re-encoded every turn with ChatGLM3's own chat format, so the model sees
-exactly what it was trained on; replies stream as they are generated.
+exactly what it was trained on; replies stream as they are generated (glm_ft.infer.session).
+
+Light at import (`--help`, and a wrong path fails before seconds of imports); the session is imported once a
+checkpoint is found.
 """
 
 from __future__ import annotations
@@ -17,73 +20,6 @@ import sys
 from typing import Any, TextIO
 
 from glm_ft.errors import GlmFtError
-
-
-class ChatSession:
-    """A conversation with a loaded checkpoint: history, optional system prompt, generation settings."""
-
-    def __init__(self, loaded, generation_config, system: str | None = None):
-        self.tokenizer = loaded.tokenizer
-        self.model = loaded.model
-        self.generation_config = generation_config
-        self.system = system
-        self.history: list[dict[str, str]] = []
-
-    def clear(self) -> None:
-        self.history = []
-
-    def messages(self, query: str) -> list[dict[str, str]]:
-        system = [{"role": "system", "content": self.system}] if self.system else []
-        return [*system, *self.history, {"role": "user", "content": query}]
-
-    def prompt_ids(self, query: str) -> list[int]:
-        """The conversation + `query` + `<|assistant|>`; when over the model's context, the oldest turns go first
-        (the system prompt stays)."""
-        budget = self.model.config.seq_length - self.generation_config.max_new_tokens
-        ids = self.tokenizer.apply_chat_template(self.messages(query), add_generation_prompt=True)
-        while len(ids) > budget and self.history:
-            self.history = self.history[2:]
-            ids = self.tokenizer.apply_chat_template(self.messages(query), add_generation_prompt=True)
-        return ids
-
-    def ask(self, query: str, out: TextIO | None = None) -> str:
-        """Reply to `query` (streamed to `out` when given), remember the turn and return the reply."""
-        import torch
-
-        from glm_ft.train.evaluation import decode_rows
-
-        ids = self.prompt_ids(query)
-        input_ids = torch.tensor([ids], device=self.model.device)
-        streamer = make_streamer(self.tokenizer, out) if out is not None else None
-        with torch.no_grad():
-            generated = self.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                                            generation_config=self.generation_config, streamer=streamer)
-        reply = decode_rows(self.tokenizer, generated[:, len(ids):], self.generation_config.eos_token_id)[0]
-        self.history += [{"role": "user", "content": query}, {"role": "assistant", "content": reply}]
-        return reply
-
-
-def make_streamer(tokenizer, out: TextIO):
-    """A TextStreamer that writes the reply to `out` as it is generated."""
-    from transformers import TextStreamer
-
-    class Streamer(TextStreamer):
-        """TextStreamer writing to a chosen stream, without the reply's leading newline (ChatGLM3 replies begin
-        with "\\n")."""
-
-        def __init__(self, tokenizer, out: TextIO):
-            super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
-            self.out = out
-            self.started = False
-
-        def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
-            if not self.started:
-                text = text.lstrip()
-                self.started = bool(text)
-            self.out.write(text + ("\n" if stream_end else ""))
-            self.out.flush()
-
-    return Streamer(tokenizer, out)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -115,6 +51,7 @@ def run(args: argparse.Namespace, stdin: TextIO, stdout: TextIO) -> int:
     from transformers import set_seed
 
     from glm_ft.infer.checkpoint import generation_config, load_checkpoint, quiet_transformers
+    from glm_ft.infer.session import ChatSession
 
     quiet_transformers()
     loaded = load_checkpoint(ckpt, dtype=args.dtype)
@@ -130,7 +67,7 @@ def run(args: argparse.Namespace, stdin: TextIO, stdout: TextIO) -> int:
     return 0
 
 
-def _interactive(session: ChatSession, loaded: Any, stdin: TextIO, stdout: TextIO) -> None:
+def _interactive(session, loaded: Any, stdin: TextIO, stdout: TextIO) -> None:
     stdout.write(f"{loaded.checkpoint.describe()}\n'clear' starts over, 'exit' or 'quit' (or Ctrl-D) leaves.\n")
     while True:
         stdout.write("\nUser: ")

@@ -24,17 +24,12 @@ from pathlib import Path
 from typing import Any
 
 from glm_ft.errors import CheckpointError
-from glm_ft.train.finetune import COMPLETE_MARKER, complete_checkpoints
+from glm_ft.runs import COMPLETE_MARKER, PREFIX_WEIGHTS, RUN_INFO, is_complete, newest_complete
 
 log = logging.getLogger(__name__)
 
-RUN_INFO = "glm_ft_run.json"
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
-# The names glm_ft.chatglm3.prefix writes; not imported from there because that module pulls in torch, and
-# finding a checkpoint (and failing on a wrong path) should take no time.
-PREFIX_WEIGHTS = "prefix_encoder.safetensors"
-PREFIX_CONFIG = "prefix_config.json"
 MODEL_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                  "pytorch_model.bin.index.json")
 PREFIX_TENSOR = "transformer.prefix_encoder.embedding.weight"
@@ -70,11 +65,11 @@ def find_checkpoint(path: str | Path, base_model: str | Path | None = None) -> C
         raise CheckpointError(f"{path}: not a folder (expected a run, checkpoint or model folder)")
 
     if (path / RUN_INFO).is_file():
-        run_dir, folder = path, _newest_complete(path)
+        run_dir, folder = path, newest_complete(path)
     else:
         run_dir = path.parent if (path.parent / RUN_INFO).is_file() else None
         folder = path
-        if run_dir is not None and not (folder / COMPLETE_MARKER).is_file():
+        if run_dir is not None and not is_complete(folder):
             raise CheckpointError(f"{folder}: incomplete checkpoint (no {COMPLETE_MARKER}: training stopped while "
                                   "writing it); pick another checkpoint or the run folder")
     run_info = _read_json(run_dir / RUN_INFO) if run_dir is not None else None
@@ -89,16 +84,6 @@ def find_checkpoint(path: str | Path, base_model: str | Path | None = None) -> C
     if tokenizer_dir is None:
         raise CheckpointError(f"{folder}: no tokenizer.model here" + (f" nor in the base model {base}" if base else ""))
     return Checkpoint(folder, kind, base, tokenizer_dir, run_info)
-
-
-def _newest_complete(run_dir: Path) -> Path:
-    if (run_dir / "final" / COMPLETE_MARKER).is_file():
-        return run_dir / "final"
-    found = complete_checkpoints(run_dir)
-    if not found:
-        raise CheckpointError(f"{run_dir}: run folder without a complete checkpoint (no final/ and no checkpoint-N/ "
-                              f"with {COMPLETE_MARKER})")
-    return found[-1]
 
 
 def _kind(folder: Path) -> str:
@@ -297,15 +282,12 @@ def _apply_prefix(model, ckpt: Checkpoint):
 
 def generation_config(tokenizer, max_new_tokens: int, *, do_sample: bool = False, temperature: float | None = None,
                       top_p: float | None = None):
-    """Greedy unless do_sample; stops on eos, <|user|> and <|observation|> as ChatGLM3 does."""
-    from transformers import GenerationConfig
-
-    from glm_ft.train.evaluation import stop_token_ids
+    """Inference's settings: greedy unless do_sample; stops on eos, <|user|> and <|observation|> as ChatGLM3 does."""
+    from glm_ft.train.evaluation import generation_config as build
 
     sampling = {"temperature": temperature, "top_p": top_p} if do_sample else {}
-    return GenerationConfig(max_new_tokens=max_new_tokens, do_sample=do_sample, num_beams=1, use_cache=True,
-                            eos_token_id=stop_token_ids(tokenizer), pad_token_id=tokenizer.pad_token_id,
-                            **{k: v for k, v in sampling.items() if v is not None})
+    return build(tokenizer, max_new_tokens=max_new_tokens, do_sample=do_sample, num_beams=1, use_cache=True,
+                 **sampling)
 
 
 def quiet_transformers() -> None:

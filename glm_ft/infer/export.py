@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
+from glm_ft.atomic import folder_atomic
+# The published config.json (with tiny sizes) and tokenizer_config.json's auto_map (remote code never run here).
+from glm_ft.chatglm3.tiny import TINY_CONFIG, TOKENIZER_AUTO_MAP
 from glm_ft.infer.checkpoint import FULL, LORA, find_checkpoint, load_checkpoint, torch_dtype
 from glm_ft.errors import CheckpointError, GlmFtError
 
@@ -44,8 +44,6 @@ _ORIGINAL_NAME = re.compile(
     r"|prefix_encoder\.(embedding\.weight|trans\.[02]\.(weight|bias)))"
 )
 
-# The published tokenizer_config.json's auto_map (remote code that glm-ft itself never runs).
-TOKENIZER_AUTO_MAP = {"AutoTokenizer": ["tokenization_chatglm.ChatGLMTokenizer", None]}
 # The published tokenizer_config.json lists these four added tokens, all with these flags (transformers 4.40 wrote
 # it); the others are known to the tokenizer by its own code. glm-ft's tokenizer applies its own flags on load.
 PUBLISHED_ADDED_TOKENS = ("[gMASK]", "sop", "<|user|>", "<|assistant|>")
@@ -57,8 +55,6 @@ _TOKENIZER_BOOKKEEPING = ("backend", "is_local", "local_files_only")
 def original_config(model_config, dtype_name: str, name_or_path: str) -> dict:
     """config.json with the published keys in the published order (prefix and rope keys only when used)."""
     from transformers import __version__ as transformers_version
-
-    from glm_ft.chatglm3.tiny import TINY_CONFIG  # the published config.json with tiny sizes
 
     fixed = {"_name_or_path": name_or_path, "model_type": "chatglm", "architectures": ["ChatGLMModel"],
              "auto_map": TINY_CONFIG["auto_map"], "torch_dtype": dtype_name,
@@ -169,9 +165,7 @@ def export(checkpoint: str | Path, out_dir: str | Path, *, base_model: str | Pat
     model = loaded.model
     dtype_obj = torch_dtype(dtype_name, "cpu")
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with folder_atomic(out) as staging:
         if fmt == "hf":
             from glm_ft.infer.hf_export import write_hf_folder
 
@@ -183,12 +177,6 @@ def export(checkpoint: str | Path, out_dir: str | Path, *, base_model: str | Pat
             config = original_config(model.config, dtype_name, out.name)
             (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
             _save_tokenizer(loaded.tokenizer, staging)
-        staging.chmod(0o755)  # mkdtemp's 0700 would follow the folder into place
-        if out.is_dir():
-            out.rmdir()  # empty (checked above); a rename cannot replace a folder that exists
-        os.rename(staging, out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return out
 
 

@@ -8,6 +8,7 @@ TGI load it with no remote code and no glm_ft:
   with a chat template that renders ChatGLM3's prompt format (glm_ft/chatglm3/fast_tokenizer.py).
 
 LoRA is merged. P-Tuning v2 is refused: `GlmForCausalLM` has no place for a prefix; the THUDM-layout export keeps it.
+Heavy (transformers): export imports it once --format hf is asked for.
 """
 
 from __future__ import annotations
@@ -15,8 +16,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from glm_ft.infer.checkpoint import FULL, PTUNING
+from transformers import GlmConfig
+
+from glm_ft.chatglm3.fast_tokenizer import STOP_TOKENS, save_fast_tokenizer
+from glm_ft.chatglm3.glm_layout import glm_config_kwargs, to_glm_state_dict
 from glm_ft.errors import CheckpointError
+from glm_ft.infer.checkpoint import FULL, PTUNING
+from glm_ft.infer.export import save_weights
 
 PTUNING_REFUSAL = ("P-Tuning v2 cannot be exported with --format hf: transformers' GlmForCausalLM has no prefix "
                    "encoder; export it in the THUDM layout (the default, --format chatglm3) or serve it with "
@@ -37,10 +43,6 @@ def check_exportable(ckpt) -> None:
 
 def glm_config_dict(model_config, dtype_name: str) -> dict:
     """config.json of the equivalent `GlmForCausalLM`, as transformers writes it (no local paths)."""
-    from transformers import GlmConfig
-
-    from glm_ft.chatglm3.glm_layout import glm_config_kwargs
-
     try:
         kwargs = glm_config_kwargs(model_config)
     except ValueError as err:
@@ -52,8 +54,6 @@ def glm_config_dict(model_config, dtype_name: str) -> dict:
 
 
 def generation_config_dict(tokenizer) -> dict:
-    from glm_ft.chatglm3.fast_tokenizer import STOP_TOKENS
-
     stops = [tokenizer.convert_tokens_to_ids(token) for token in STOP_TOKENS]
     return {"eos_token_id": stops, "pad_token_id": tokenizer.pad_token_id}
 
@@ -61,10 +61,6 @@ def generation_config_dict(tokenizer) -> dict:
 def write_hf_folder(model, tokenizer, sp_model_file: Path, out: Path, dtype, dtype_name: str,
                     shard_bytes: int) -> None:
     """Write the GLM-layout model, tokenizer and configs into the (staging) folder `out`."""
-    from glm_ft.chatglm3.fast_tokenizer import save_fast_tokenizer
-    from glm_ft.chatglm3.glm_layout import to_glm_state_dict
-    from glm_ft.infer.export import save_weights
-
     config = glm_config_dict(model.config, dtype_name)
     state = {name: tensor.detach().to("cpu", dtype) for name, tensor in model.state_dict().items()}
     try:

@@ -23,6 +23,7 @@ import uuid
 from typing import Any
 
 from glm_ft.errors import GlmFtError
+from glm_ft.runs import FINAL
 
 # OpenAI role -> ChatGLM3 role
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "observation",
@@ -86,7 +87,7 @@ class Engine:
         self.lock = threading.Lock()
 
     def prepare(self, body: dict) -> tuple[list[int], Any]:
-        from transformers import GenerationConfig
+        from glm_ft.infer.checkpoint import generation_config
 
         ids = self.tokenizer.apply_chat_template(conversation(body), add_generation_prompt=True)
         limit = body.get("max_completion_tokens", body.get("max_tokens"))
@@ -96,10 +97,8 @@ class Engine:
         if len(ids) + max_new > self.model.config.seq_length:
             raise BadRequest(f"the prompt ({len(ids)} tokens) plus max_tokens ({max_new}) exceeds the model's "
                              f"context of {self.model.config.seq_length} tokens")
-        sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {
-            "do_sample": False}
-        gen = GenerationConfig(max_new_tokens=max_new, num_beams=1, use_cache=True, eos_token_id=self.stops,
-                               pad_token_id=self.tokenizer.pad_token_id, **sampling)
+        gen = generation_config(self.tokenizer, max_new, do_sample=temperature > 0, temperature=temperature,
+                                top_p=top_p)
         return ids, gen
 
     def generate(self, ids: list[int], gen, streamer=None, seed: int | None = None) -> list[int]:
@@ -250,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
 
         quiet_transformers()
         loaded = load_checkpoint(ckpt, dtype=args.dtype)
-        name = args.model_name or (ckpt.path.parent.name if ckpt.path.name == "final" else ckpt.path.name)
+        name = args.model_name or (ckpt.path.parent.name if ckpt.path.name == FINAL else ckpt.path.name)
         app = create_app(Engine(loaded, name, args.max_new_tokens))
     except GlmFtError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -1,5 +1,6 @@
 """Optuna studies for hyperparameter search: the study's storage beside the sweep, search spaces from Hydra's sweep
-syntax, and the training job's side of a trial (reporting eval metrics, being pruned).
+syntax, and the training job's side of a trial (reporting eval metrics, being pruned; the Trainer callback that
+reports is glm_ft.train.trainer.PruningCallback).
 
 The sweeper (hydra_plugins/glm_ft_sweepers) asks the study for trials and launches one train.py job per trial. It
 hands each job its trial through the environment (TRIAL_ENV, STUDY_ENV, STORAGE_ENV, set with Hydra's
@@ -13,6 +14,7 @@ to it safely, and a killed sweep leaves a study that can be loaded and continued
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -21,6 +23,9 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import optuna
+from hydra.core.override_parser.types import IntervalSweep
+from hydra.utils import instantiate
+
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +72,6 @@ def distribution_for(override) -> optuna.distributions.BaseDistribution:
     """An Optuna distribution from a parsed Hydra sweep override:
     choice(a, b, c) → categorical; range(lo, hi, step) → int/float with that step (hi exclusive, as in Hydra);
     interval(lo, hi) → uniform float; int(interval(lo, hi)) → int; tag(log, interval(lo, hi)) → log scale."""
-    from hydra.core.override_parser.types import IntervalSweep
-
     if override.is_choice_sweep():
         return optuna.distributions.CategoricalDistribution(list(override.sweep_iterator()))
     if override.is_range_sweep():
@@ -178,51 +181,12 @@ class JobTrial:
 
 def pruner_from_hydra(hydra_cfg) -> Any:
     """The study's pruner, built from the job's own copy of the sweeper config (hydra.sweeper.pruner)."""
-    from hydra.utils import instantiate
-
     node = hydra_cfg.sweeper.get("pruner") if hydra_cfg is not None else None
     return instantiate(node) if node is not None else optuna.pruners.NopPruner()
 
 
-def pruning_callback(job_trial: JobTrial, metric: str, on_pruned=None):
-    """A Trainer callback reporting `metric` at every evaluation. When the pruner says stop, the trainer saves a
-    checkpoint at that step and stops; all ranks follow rank 0's decision (one process reports)."""
-    from transformers import TrainerCallback
-
-    class OptunaPruning(TrainerCallback):
-        def on_evaluate(self, args, state, control, metrics=None, **kwargs):
-            value = (metrics or {}).get(metric)
-            prune = False
-            if state.is_world_process_zero and value is not None:
-                prune = job_trial.report(float(value), state.global_step)
-            prune = _broadcast_flag(prune)
-            if prune:
-                job_trial.pruned_at = state.global_step
-                log.info("trial %d pruned at step %d (%s=%s)", job_trial.number, state.global_step, metric, value)
-                if on_pruned is not None:
-                    on_pruned(state.global_step, value)
-                control.should_save = True
-                control.should_training_stop = True
-
-    return OptunaPruning()
-
-
-def _broadcast_flag(flag: bool) -> bool:
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return flag
-    import torch
-
-    tensor = torch.tensor([1 if flag else 0], dtype=torch.int64)
-    dist.broadcast(tensor, src=0)
-    return bool(tensor.item())
-
-
 def summarise(study: optuna.Study, out_dir: Path, metric: str) -> dict[str, Any]:
     """Write the study's summary (JSON + one CSV row per trial) and Optuna's plots (PNG) into out_dir."""
-    import json
-
     out_dir.mkdir(parents=True, exist_ok=True)
     states: Mapping[str, int] = {}
     for trial in counted_trials(study):

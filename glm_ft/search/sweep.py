@@ -19,19 +19,27 @@ import contextlib
 import json
 import logging
 import os
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from glm_ft.tracking import tracker as tracking
+from glm_ft import dist
+from glm_ft.tracking.lifecycle import end_run
+from glm_ft.tracking.params import git_commit, split_long_values
+from glm_ft.tracking.parent import PARENT_ENV, PARENT_FILE, SWEPT_PARAMS_TAG, parse_overrides
+from glm_ft.tracking.signals import SIGTERM_GUARD
+from glm_ft.tracking.store import Store
+from glm_ft.tracking.tracker import Tracker
 from glm_ft.atomic import write_text_atomic
 from glm_ft.errors import GlmFtError
 from glm_ft.search.lock import SweepLock, SweepLocked
+from glm_ft.tracking.lifecycle import FLUSH_TIMEOUT_S
+from glm_ft.tracking.sender import describe_unsent
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +52,7 @@ DEFAULT_METRIC = "eval_rouge-l"
 def swept_params(config: DictConfig) -> dict[str, str]:
     """key → what was swept over: command-line sweeps (method.r=4,8,16) and a sweeper's search space."""
     out = {}
-    for override in tracking.parse_overrides(list(config.hydra.overrides.task)):
+    for override in parse_overrides(list(config.hydra.overrides.task)):
         if override.is_sweep_override():
             out[override.key_or_group] = override.get_value_string()
     params = OmegaConf.select(config, "hydra.sweeper.params", default=None)
@@ -88,7 +96,7 @@ class MlflowSweepCallback(Callback):
         self._direction = "maximize"
         self._reached_end = False
         self._closed = False
-        self._store: tracking.Store | None = None
+        self._store: Store | None = None
 
     def __getstate__(self) -> dict:
         # joblib and submitit pickle the callbacks into their workers; the MLflow client stays behind.
@@ -106,10 +114,10 @@ class MlflowSweepCallback(Callback):
         except SweepLocked as err:
             print(f"error: {err}", file=sys.stderr)
             sys.exit(1)
-        if not config.tracking.enabled or config.get("dry_run") or not tracking.is_logging_rank():
+        if not config.tracking.enabled or config.get("dry_run") or not dist.is_rank_zero():
             return
         try:
-            store = tracking.Store(config.tracking)
+            store = Store(config.tracking)
         except GlmFtError as err:
             # Hydra turns a callback's exception into a warning and would start every job anyway.
             print(f"error: {err}", file=sys.stderr)
@@ -120,29 +128,29 @@ class MlflowSweepCallback(Callback):
         tags = {
             "glm_ft.sweep": "true",
             "glm_ft.sweep_dir": str(sweep_dir),
-            tracking.SWEPT_PARAMS_TAG: json.dumps(sorted(swept)),
+            SWEPT_PARAMS_TAG: json.dumps(sorted(swept)),
             "glm_ft.sweeper": sweeper.rsplit(".", 1)[-1],
             "glm_ft.launcher": str(OmegaConf.select(config, "hydra.launcher._target_", default="")).rsplit(".", 1)[-1],
             "glm_ft.overrides": " ".join(config.hydra.overrides.task),
             "glm_ft.optimized_metric": self._metric,
             "glm_ft.direction": self._direction,
-            "glm_ft.git_commit": tracking.git_commit(),
+            "glm_ft.git_commit": git_commit(),
         }
         self._parent_id = reopen_parent(store, sweep_dir) or store.create_run(sweep_run_name(config, swept), tags)
         self._store, self._sweep_dir = store, sweep_dir
-        tracking.SIGTERM_GUARD.open_runs[self._parent_id] = store
-        tracking.SIGTERM_GUARD.acquire()
+        SIGTERM_GUARD.open_runs[self._parent_id] = store
+        SIGTERM_GUARD.acquire()
         atexit.register(self._close)
         from mlflow.entities import Param
 
-        params = tracking.split_long_values({f"sweep.{k}": v for k, v in swept.items()})
+        params = split_long_values({f"sweep.{k}": v for k, v in swept.items()})
         try:
             store.client.log_batch(self._parent_id, params=[Param(k, v) for k, v in params.items()])
         except Exception as err:  # a continued sweep whose search space was changed: MLflow keeps the first
             log.warning("MLflow: sweep params of %s not updated: %s", self._parent_id, err)
         sweep_dir.mkdir(parents=True, exist_ok=True)
-        (sweep_dir / tracking.PARENT_FILE).write_text(self._parent_id + "\n", encoding="utf-8")
-        os.environ[tracking.PARENT_ENV] = self._parent_id
+        (sweep_dir / PARENT_FILE).write_text(self._parent_id + "\n", encoding="utf-8")
+        os.environ[PARENT_ENV] = self._parent_id
         log.info("MLflow: sweep parent run %s in %s", self._parent_id, store.shown_uri)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
@@ -154,13 +162,11 @@ class MlflowSweepCallback(Callback):
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
         launcher = str(OmegaConf.select(config, "hydra.launcher._target_", default="") or "")
         if "joblib" in launcher and self._owner_pid not in (None, os.getpid()):
-            pin_gpu_for_worker(Path(str(config.hydra.sweep.dir)))
+            dist.pin_gpu_for_worker(Path(str(config.hydra.sweep.dir)))
         if "submitit" in launcher:
-            export_distributed_env()
+            dist.export_distributed_env()
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
-        from hydra.types import RunMode
-
         if config.hydra.mode != RunMode.MULTIRUN:
             return
         sweep_dir = Path(str(config.hydra.sweep.dir))
@@ -189,23 +195,23 @@ class MlflowSweepCallback(Callback):
         try:
             outcomes = self._job_outcomes()
             failed = [o for o in outcomes if o["status"] not in (JobStatus.COMPLETED.name, PRUNED)]
-            if tracking.SIGTERM_GUARD.interrupted or isinstance(_uncaught_exception(), KeyboardInterrupt):
+            if SIGTERM_GUARD.interrupted or isinstance(_uncaught_exception(), KeyboardInterrupt):
                 status = "KILLED"
             elif failed or not self._reached_end:
                 status = "FAILED"
             else:
                 status = "FINISHED"
             self._summarise(store, parent_id, len(outcomes), len(failed))
-            tracking.end_run(store, parent_id, status)
+            end_run(store, parent_id, status)
             log.info("MLflow: sweep parent run %s %s (%d jobs, %d failed)", parent_id, status, len(outcomes),
                      len(failed))
         except Exception as err:
             log.error("MLflow: could not close sweep parent run %s: %s", parent_id, err)
         finally:
-            tracking.SIGTERM_GUARD.open_runs.pop(parent_id, None)
-            tracking.SIGTERM_GUARD.release()
-            if os.environ.get(tracking.PARENT_ENV) == parent_id:
-                del os.environ[tracking.PARENT_ENV]
+            SIGTERM_GUARD.open_runs.pop(parent_id, None)
+            SIGTERM_GUARD.release()
+            if os.environ.get(PARENT_ENV) == parent_id:
+                del os.environ[PARENT_ENV]
 
     def _job_outcomes(self) -> list[dict]:
         folder = self._sweep_dir / JOBS_DIR
@@ -215,7 +221,7 @@ class MlflowSweepCallback(Callback):
                 outcomes.append(json.loads(path.read_text(encoding="utf-8")))
         return outcomes
 
-    def _summarise(self, store: tracking.Store, parent_id: str, jobs: int, failed: int) -> None:
+    def _summarise(self, store: Store, parent_id: str, jobs: int, failed: int) -> None:
         """The best child by the sweep's metric, the job counts, and Optuna's own summary file."""
         best = best_child(store, parent_id, self._metric, self._direction)
         metrics = {"jobs": jobs, "jobs_failed": failed}
@@ -224,7 +230,7 @@ class MlflowSweepCallback(Callback):
             metrics[f"best_{self._metric}"] = best.data.metrics[self._metric]
             tags = {"glm_ft.best_run_id": best.info.run_id, "glm_ft.best_run_name": best.info.run_name or "",
                     "glm_ft.best_overrides": best.data.tags.get("glm_ft.overrides", "")}
-        parent = tracking.Tracker(store, parent_id, OmegaConf.create({}), self._sweep_dir)
+        parent = Tracker(store, parent_id, OmegaConf.create({}), self._sweep_dir)
         parent.log_metrics(metrics)
         if tags:
             parent.set_tags(tags)
@@ -241,19 +247,16 @@ class MlflowSweepCallback(Callback):
             for path in sorted(study.iterdir()):
                 parent.log_artifact(path, STUDY_DIR)
         # A Tracker sends metrics and tags from its background sender: deliver them before the parent is closed.
-        from glm_ft.tracking.lifecycle import FLUSH_TIMEOUT_S
-        from glm_ft.tracking.sender import describe_unsent
-
         unsent = parent.sender.close(FLUSH_TIMEOUT_S)
         if unsent:
             log.error("MLflow: the summary of sweep parent run %s was not sent: %s", parent_id,
                       describe_unsent(unsent))
 
 
-def reopen_parent(store: tracking.Store, sweep_dir: Path) -> str | None:
+def reopen_parent(store: Store, sweep_dir: Path) -> str | None:
     """A re-run of a sweep folder continues its parent run: RUNNING again, and the children the dead sweep left
     RUNNING closed as KILLED (their jobs are re-run or, for a study, retried as new trials)."""
-    marker = sweep_dir / tracking.PARENT_FILE
+    marker = sweep_dir / PARENT_FILE
     if not marker.is_file():
         return None
     parent_id = marker.read_text(encoding="utf-8").strip()
@@ -266,14 +269,14 @@ def reopen_parent(store: tracking.Store, sweep_dir: Path) -> str | None:
     for child in child_runs(store.client, store.experiment_id, parent_id):
         if child.info.status == "RUNNING":
             store.client.set_tag(child.info.run_id, "glm_ft.error", "its sweep stopped while it ran")
-            tracking.end_run(store, child.info.run_id, "KILLED")
+            end_run(store, child.info.run_id, "KILLED")
     store.client.update_run(parent_id, status="RUNNING")
     store.client.set_tag(parent_id, "glm_ft.continued", "true")
     log.info("MLflow: continuing sweep parent run %s", parent_id)
     return parent_id
 
 
-def best_child(store: tracking.Store, parent_id: str, metric: str, direction: str):
+def best_child(store: Store, parent_id: str, metric: str, direction: str):
     """The child run with the best final value of `metric`, or None when no child has it."""
     children = child_runs(store.client, store.experiment_id, parent_id)
     scored = [run for run in children if metric in run.data.metrics]
@@ -291,71 +294,3 @@ def child_runs(client, experiment_id: str, parent_id: str) -> list:
 def _uncaught_exception() -> BaseException | None:
     # Set by the interpreter when an exception reached the top level, before atexit hooks run.
     return getattr(sys, "last_exc", None) or getattr(sys, "last_value", None)
-
-
-# --- job placement -----------------------------------------------------------------------------------------------
-
-_pinned_gpu: str | None = None
-_gpu_lock: Any = None  # the open lock file: held for the worker's lifetime, released by the OS when it exits
-
-
-def visible_gpus() -> list[str]:
-    if "CUDA_VISIBLE_DEVICES" in os.environ:
-        return [g.strip() for g in os.environ["CUDA_VISIBLE_DEVICES"].split(",") if g.strip()]
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=index", "--format=csv,noheader"], capture_output=True,
-                             text=True, timeout=20)
-    except (OSError, subprocess.TimeoutExpired):
-        return []
-    return [line.strip() for line in out.stdout.splitlines() if line.strip()] if out.returncode == 0 else []
-
-
-def pin_gpu_for_worker(sweep_dir: Path) -> str | None:
-    """One GPU per joblib worker, via CUDA_VISIBLE_DEVICES, chosen by a lock file in the sweep folder.
-
-    A worker keeps its GPU for all the jobs it runs: CUDA reads CUDA_VISIBLE_DEVICES once per process.
-    With more workers (hydra.launcher.n_jobs) than GPUs, the extra ones share, round robin by pid.
-    """
-    global _pinned_gpu, _gpu_lock
-    if _pinned_gpu is None:
-        gpus = visible_gpus()
-        if len(gpus) < 2:
-            return None
-        import fcntl
-
-        lock_dir = sweep_dir / ".gpu_locks"
-        lock_dir.mkdir(parents=True, exist_ok=True)
-        for gpu in gpus:
-            handle = open(lock_dir / f"gpu-{gpu.replace('/', '_')}.lock", "w")
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                handle.close()
-                continue
-            _pinned_gpu, _gpu_lock = gpu, handle
-            break
-        else:
-            _pinned_gpu = gpus[os.getpid() % len(gpus)]
-            log.warning("more joblib workers than GPUs (%s): sharing GPU %s; set hydra.launcher.n_jobs=%d",
-                        ",".join(gpus), _pinned_gpu, len(gpus))
-    os.environ["CUDA_VISIBLE_DEVICES"] = _pinned_gpu
-    return _pinned_gpu
-
-
-def export_distributed_env() -> None:
-    """hydra.launcher.tasks_per_node=N runs the job in N processes: give them torch.distributed's env:// variables
-    (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT), as torchrun would. Without RANK, whatever of the rest
-    is set is left over from the submitting shell: it is replaced (a MASTER_PORT is kept)."""
-    if "RANK" in os.environ:
-        return
-    try:
-        import submitit
-
-        num_tasks = submitit.JobEnvironment().num_tasks
-    except Exception as err:  # not inside a submitit job
-        log.debug("no submitit job environment: %s", err)
-        return
-    if num_tasks > 1:
-        from submitit.helpers import TorchDistributedEnvironment
-
-        TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)

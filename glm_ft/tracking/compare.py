@@ -18,7 +18,9 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from glm_ft.tracking import tracker as tracking
+from glm_ft.tracking.params import metric_name
+from glm_ft.tracking.parent import PARENT_FILE, SWEPT_PARAMS_TAG
+from glm_ft.tracking import store
 from glm_ft.errors import ConfigError, GlmFtError
 from glm_ft.config.schema import TrackingConfig
 from glm_ft.search.sweep import DEFAULT_METRIC, child_runs
@@ -45,14 +47,14 @@ class Comparison:
 
 def _client(tracking_uri: str | None):
     if tracking_uri is None:
-        tracking_uri, source = tracking.tracking_uri(OmegaConf.structured(TrackingConfig))
+        tracking_uri, source = store.tracking_uri(OmegaConf.structured(TrackingConfig))
     else:
         source = "--tracking-uri"
-    db = tracking._sqlite_path(tracking_uri)
+    db = store.sqlite_path(tracking_uri)
     if db is not None and not db.is_file():
         raise ConfigError(f"{source}: no MLflow store at {db}; run a sweep first (python train.py -m ...)")
-    tracking.check_reachable(tracking_uri, source)
-    tracking.import_mlflow()
+    store.check_reachable(tracking_uri, source)
+    store.import_mlflow()
     from mlflow.tracking import MlflowClient
 
     return MlflowClient(tracking_uri=tracking_uri), tracking_uri
@@ -64,14 +66,14 @@ def find_parent(client, experiment_id: str, sweep: str | None):
         return client.get_run(sweep)
     if sweep:
         folder = Path(sweep).expanduser().resolve()
-        marker = folder / tracking.PARENT_FILE
+        marker = folder / PARENT_FILE
         if marker.is_file():
             return client.get_run(marker.read_text(encoding="utf-8").strip())
         found = client.search_runs([experiment_id], filter_string=f"tags.`glm_ft.sweep_dir` = '{folder}'",
                                    order_by=["attributes.start_time DESC"], max_results=1)
         if not found:
             raise ConfigError(f"--sweep: no sweep run for '{sweep}' (neither a run id nor a sweep folder "
-                              f"with {tracking.PARENT_FILE})")
+                              f"with {PARENT_FILE})")
         return found[0]
     found = client.search_runs([experiment_id], filter_string="tags.`glm_ft.sweep` = 'true'",
                                order_by=["attributes.start_time DESC"], max_results=1)
@@ -98,7 +100,7 @@ def compare(sweep: str | None = None, metric: str | None = None, experiment: str
     children = child_runs(client, parent.info.experiment_id, parent.info.run_id)
     if not children:
         raise ConfigError(f"sweep {parent.info.run_name} ({parent.info.run_id}) has no child runs")
-    swept = json.loads(tags.get(tracking.SWEPT_PARAMS_TAG, "[]")) or sorted(
+    swept = json.loads(tags.get(SWEPT_PARAMS_TAG, "[]")) or sorted(
         k for k in children[0].data.params if len({c.data.params.get(k) for c in children}) > 1)
 
     columns = sorted({k for c in children for k in c.data.metrics
@@ -147,7 +149,7 @@ def format_table(result: Comparison) -> str:
 
 
 def _plot_path(sweep_dir: str | None, parent_id: str, metric: str) -> Path:
-    name = f"compare_{tracking.metric_name(metric).replace('/', '_')}.png"
+    name = f"compare_{metric_name(metric).replace('/', '_')}.png"
     if sweep_dir and Path(sweep_dir).is_dir() and os.access(sweep_dir, os.W_OK):
         return Path(sweep_dir) / name
     return Path.cwd() / f"{parent_id[:8]}_{name}"

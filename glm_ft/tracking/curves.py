@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from glm_ft.atomic import write_bytes_atomic
+from glm_ft.runs import complete_checkpoints
 
-CURVES_FILE = "training_curves.png"
 SERIES_KEY = "glm_ft.series"
 # Timings and counts are not curves worth a panel: they are flat or say nothing about learning.
 NOT_PLOTTED = ("runtime", "per_second", "flos", "_samples")
@@ -87,8 +87,6 @@ def run_log_history(trainer_history: list[dict], run_dir: Path, trained: bool) -
     """The whole training's log history. A job that only redid the final evaluation or prediction (resume=auto
     after final/ was saved) did not train (`trained` False), so its Trainer's history starts empty: the newest
     complete checkpoint's trainer_state.json holds what came before."""
-    from glm_ft.train.finetune import complete_checkpoints
-
     found = complete_checkpoints(Path(run_dir))
     if trained or not found:
         return list(trainer_history)

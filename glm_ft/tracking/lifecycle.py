@@ -13,6 +13,8 @@ from omegaconf import DictConfig
 
 from glm_ft.errors import ConfigError
 from glm_ft.tracking.redact import redact
+from glm_ft.tracking.run_record import mark_mlflow_run_ended, process_gone, read_mlflow_run, this_process
+from glm_ft.tracking.sender import describe_unsent, resend_unsent, save_unsent
 
 log = logging.getLogger("glm_ft.tracking.tracker")
 
@@ -21,9 +23,6 @@ def previous_run(store, cfg: DictConfig, run_dir: Path,
                   reopen: bool = True) -> tuple[str | None, dict[str, str] | None]:
     """The MLflow run this folder had before: closed if its process died leaving it RUNNING, its unsent points
     sent, and with `resume` set reopened (run id, its params); (None, None) starts a new run."""
-    from glm_ft.tracking.run_record import process_gone, read_mlflow_run, this_process
-    from glm_ft.tracking.sender import resend_unsent
-
     record = read_mlflow_run(run_dir)
     if not record or record.get("tracking_uri") != redact(store.uri) or \
             record.get("experiment_id") != store.experiment_id:
@@ -65,9 +64,6 @@ FLUSH_TIMEOUT_S = float(os.environ.get("GLM_FT_MLFLOW_FLUSH_TIMEOUT_S", "60"))
 
 
 def close_run(tracker, status: str) -> None:
-    from glm_ft.tracking.run_record import mark_mlflow_run_ended
-    from glm_ft.tracking.sender import describe_unsent, save_unsent
-
     sender, store, run_id = tracker.sender, tracker.store, tracker.run_id
     if sender.flush(FLUSH_TIMEOUT_S):
         tracker._log_run_files()  # its tags go through the sender too

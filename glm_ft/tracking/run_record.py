@@ -1,39 +1,25 @@
-"""What a run folder remembers across processes: its MLflow run, the process that has it open, what is done.
+"""What a run folder remembers across processes about tracking: its MLflow run and the process that has it open.
 
 - `mlflow_run.json`: the MLflow run of this folder (run id, experiment, the URI without its password), the process
   that holds it (host, pid, the pid's start time, so a reused pid is not taken for it) and, once the run has ended,
   the status it ended with. A later glm-ft start on the folder continues that run (resume) or closes it if a dead
   process left it RUNNING.
-- `glm_ft_progress.json`: the stages a training has finished (training up to `final/`, the final evaluation, the test
-  prediction), so `resume=auto` redoes only what is missing.
 
-Both are written atomically (temp file + rename): a kill leaves the old version or the new, never half of one.
+Written atomically (temp file + rename): a kill leaves the old version or the new, never half of one. The training
+stages done (`glm_ft_progress.json`) and the rest of the run folder are glm_ft.runs.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 from pathlib import Path
 from typing import Any
 
-from glm_ft.atomic import write_text_atomic
+from glm_ft.runs import read_json, write_json
+from glm_ft.tracking.redact import redact
 
 MLFLOW_RUN_FILE = "mlflow_run.json"
-PROGRESS_FILE = "glm_ft_progress.json"
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    write_text_atomic(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
-
-
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
 
 
 def process_start_time(pid: int) -> str | None:
@@ -60,14 +46,12 @@ def process_gone(owner: dict[str, Any]) -> bool:
 
 
 def read_mlflow_run(run_dir: Path) -> dict[str, Any] | None:
-    return _read_json(Path(run_dir) / MLFLOW_RUN_FILE)
+    return read_json(Path(run_dir) / MLFLOW_RUN_FILE)
 
 
 def write_mlflow_run(run_dir: Path, run_id: str, experiment_id: str, uri: str) -> None:
-    from glm_ft.tracking.redact import redact
-
     Path(run_dir).mkdir(parents=True, exist_ok=True)
-    _write_json(Path(run_dir) / MLFLOW_RUN_FILE, {"run_id": run_id, "experiment_id": experiment_id,
+    write_json(Path(run_dir) / MLFLOW_RUN_FILE, {"run_id": run_id, "experiment_id": experiment_id,
                                                    "tracking_uri": redact(uri), "owner": this_process(),
                                                    "ended": None})
 
@@ -77,19 +61,4 @@ def mark_mlflow_run_ended(run_dir: Path, status: str, closed: bool) -> None:
     record = read_mlflow_run(run_dir)
     if record is not None:
         record["ended"] = {"status": status, "closed": closed}
-        _write_json(Path(run_dir) / MLFLOW_RUN_FILE, record)
-
-
-def read_progress(run_dir: Path) -> dict[str, Any]:
-    return _read_json(Path(run_dir) / PROGRESS_FILE) or {}
-
-
-def record_progress(run_dir: Path, **stages: Any) -> None:
-    progress = read_progress(run_dir)
-    progress.update(stages)
-    _write_json(Path(run_dir) / PROGRESS_FILE, progress)
-
-
-def reset_progress(run_dir: Path) -> None:
-    """A training that starts (or continues) makes the stages an earlier training of this folder finished stale."""
-    (Path(run_dir) / PROGRESS_FILE).unlink(missing_ok=True)
+        write_json(Path(run_dir) / MLFLOW_RUN_FILE, record)

@@ -16,9 +16,9 @@ import os
 import shutil
 from pathlib import Path
 
-from glm_ft.config.schema import PROJECT_ROOT, TINY_MODEL_DIR
+from glm_ft.atomic import folder_atomic
+from glm_ft.config.schema import DEMO_MODEL_DIR, PROJECT_ROOT, TINY_MODEL_DIR
 
-DEMO_MODEL_DIR = PROJECT_ROOT / ".cache" / "tiny-chatglm3-demo"
 SAMPLE_TRAIN = PROJECT_ROOT / "data" / "sample" / "train.jsonl"
 RECORD = "demo_base.json"
 # How the base is trained. Changing these changes the base: the record holds them, so a stale base is rebuilt.
@@ -39,14 +39,16 @@ def is_complete(path: Path) -> bool:
 
 def ensure_demo_model(path: str | os.PathLike = DEMO_MODEL_DIR) -> Path:
     """Return `path`, first building the demo base there unless it already holds one made by this recipe."""
-    from glm_ft.chatglm3.tiny import build_folder, ensure_tiny_model
+    from glm_ft.chatglm3.tiny import ensure_tiny_model
 
     path = Path(path)
     if is_complete(path):
         return path
     tiny = ensure_tiny_model(TINY_MODEL_DIR)
     # A stale base (another recipe) is replaced.
-    return build_folder(path, lambda out: _build(tiny, out), is_complete)
+    with folder_atomic(path, done_by_another=is_complete) as staging:
+        _build(tiny, staging)
+    return path
 
 
 def _build(tiny: Path, out: Path) -> None:

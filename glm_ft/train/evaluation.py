@@ -10,12 +10,18 @@ dataset's order, each sample once, before anything is scored or written.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-IGNORE_INDEX = -100
+import numpy as np
+import torch
+from transformers import GenerationConfig
+
+from glm_ft.atomic import write_text_atomic
+from glm_ft.data.dataset import IGNORE_INDEX
+from glm_ft.train.metrics import compute_metrics
+
 SAMPLE_INDEX = "sample_index"
 
 
@@ -38,8 +44,6 @@ def in_sample_order(indices, count: int, *arrays):
     Distributed evaluation pads the last batches with repeats of samples already seen; the first row of each
     sample is kept. A sample with no row at all is an error, not a smaller average.
     """
-    import numpy as np
-
     indices = np.asarray(indices).reshape(-1)
     first: dict[int, int] = {}
     for row, index in enumerate(indices.tolist()):
@@ -55,6 +59,13 @@ def in_sample_order(indices, count: int, *arrays):
 def stop_token_ids(tokenizer) -> list[int]:
     """ChatGLM3 ends a reply with eos, or hands the turn back with <|user|> or <|observation|>."""
     return [tokenizer.eos_token_id, tokenizer.get_command("<|user|>"), tokenizer.get_command("<|observation|>")]
+
+
+def generation_config(tokenizer, **settings: Any) -> GenerationConfig:
+    """The one GenerationConfig builder (training's evaluation, chat, predict, serve): `settings` (None means
+    transformers' default), stopping where ChatGLM3 ends a turn, padding with the tokenizer's pad id."""
+    return GenerationConfig(**{k: v for k, v in settings.items() if v is not None},
+                            eos_token_id=stop_token_ids(tokenizer), pad_token_id=tokenizer.pad_token_id)
 
 
 def _left_pad(rows: Sequence[Sequence[int]], value: int) -> list[list[int]]:
@@ -79,8 +90,6 @@ class Collator:
     pad_token_id: int
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
-        import torch
-
         ids = [f["input_ids"] for f in features]
         if "labels" in features[0]:
             labels = _left_pad([f["labels"] for f in features], IGNORE_INDEX)
@@ -113,8 +122,6 @@ def decode_rows(tokenizer, rows, stop_ids: Sequence[int]) -> list[str]:
 
 def metrics_fn(tokenizer, stop_ids: Sequence[int]):
     """compute_metrics for the Trainer: generated ids vs reference ids → ROUGE-1/2/L, BLEU-4."""
-    from glm_ft.train.metrics import compute_metrics
-
     def compute(eval_pred) -> dict[str, float]:
         predictions = decode_rows(tokenizer, eval_pred.predictions, stop_ids)
         references = decode_rows(tokenizer, eval_pred.label_ids, stop_ids)
@@ -129,16 +136,9 @@ def write_predictions(path: Path, tokenizer, dataset, predictions, stop_ids, met
     preds = decode_rows(tokenizer, predictions, stop_ids)
     if len(preds) != len(dataset):
         raise RuntimeError(f"{len(preds)} predictions for {len(dataset)} samples; {path} not written")
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        for i, pred in enumerate(preds):
-            row = dataset[i]
-            f.write(json.dumps({
-                "prompt": tokenizer.decode(row["input_ids"], skip_special_tokens=False),
-                "reference": decode_rows(tokenizer, [row["output_ids"]], stop_ids)[0],
-                "prediction": pred,
-            }, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
-    metrics_path = path.with_name(metrics_name)
-    metrics_path.write_text(json.dumps(metrics, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    rows = (json.dumps({"prompt": tokenizer.decode(dataset[i]["input_ids"], skip_special_tokens=False),
+                        "reference": decode_rows(tokenizer, [dataset[i]["output_ids"]], stop_ids)[0],
+                        "prediction": pred}, ensure_ascii=False) + "\n" for i, pred in enumerate(preds))
+    write_text_atomic(path, "".join(rows))
+    write_text_atomic(path.with_name(metrics_name), json.dumps(metrics, indent=2, ensure_ascii=False) + "\n")
     return len(preds)

@@ -14,6 +14,10 @@ from __future__ import annotations
 
 import logging
 
+import jieba
+from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
+from rouge_score.rouge_scorer import RougeScorer
+
 METRIC_NAMES = ("rouge-1", "rouge-2", "rouge-l", "bleu-4")
 _ROUGE_TYPES = {"rouge-1": "rouge1", "rouge-2": "rouge2", "rouge-l": "rougeL"}
 
@@ -23,8 +27,6 @@ class JiebaTokenizer:
     Chinese as 0."""
 
     def __init__(self) -> None:
-        import jieba
-
         # jieba logs its dictionary loading at DEBUG to stderr on first use
         jieba.setLogLevel(logging.WARNING)
         self._cut = jieba.cut
@@ -40,9 +42,6 @@ def compute_metrics(predictions: list[str], references: list[str]) -> dict[str, 
     totals = dict.fromkeys(METRIC_NAMES, 0.0)
     if not predictions:
         return totals
-
-    from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
-    from rouge_score.rouge_scorer import RougeScorer
 
     tokenizer = JiebaTokenizer()
     scorer = RougeScorer(list(_ROUGE_TYPES.values()), tokenizer=tokenizer)

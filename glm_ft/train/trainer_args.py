@@ -9,7 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
 from omegaconf import DictConfig, OmegaConf
+from transformers import Seq2SeqTrainingArguments
 
 # documented / schema name → current transformers name
 TRANSLATED_KEYS = {
@@ -53,10 +55,6 @@ def seq2seq_kwargs(cfg: DictConfig, run_dir: Path, ds_path: Path | None, *, has_
 def build_training_arguments(cfg: DictConfig, run_dir: Path, ds_path: Path | None, *, has_eval: bool,
                              generation_config: Any):
     """Seq2SeqTrainingArguments for this run; transformers itself checks the values it owns."""
-    from transformers import Seq2SeqTrainingArguments
-
-    import torch
-
     kwargs = seq2seq_kwargs(cfg, run_dir, ds_path, has_eval=has_eval)
     kwargs["generation_config"] = generation_config
     if not torch.cuda.is_available():

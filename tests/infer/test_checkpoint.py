@@ -29,10 +29,12 @@ def chat_main(args: list) -> tuple[int, str]:
 
 
 def test_prefix_file_names_are_those_the_prefix_module_writes():
+    from glm_ft import runs as run_folder
     from glm_ft.infer import checkpoint
     from glm_ft.chatglm3 import prefix
 
-    assert (checkpoint.PREFIX_WEIGHTS, checkpoint.PREFIX_CONFIG) == (prefix.PREFIX_WEIGHTS, prefix.PREFIX_CONFIG)
+    # one definition (glm_ft.runs), read by inference and written by the prefix module
+    assert (checkpoint.PREFIX_WEIGHTS, run_folder.PREFIX_CONFIG) == (prefix.PREFIX_WEIGHTS, prefix.PREFIX_CONFIG)
 
 
 def test_folder_without_a_model_is_refused(tmp_path):

@@ -298,7 +298,8 @@ def test_real_training_trial_is_pruned_at_its_first_evaluation(tmp_path):
     assert parent.info.status == "FINISHED" and parent.data.metrics["trials_pruned"] == 1
     assert "test_rouge-l" not in child.data.metrics
     # A pruned trial's training_curves.png draws its training up to where it stopped, in its folder and its run.
-    from glm_ft.tracking.curves import CURVES_FILE, read_series
+    from glm_ft.runs import CURVES_FILE
+    from glm_ft.tracking.curves import read_series
 
     history = json.loads((run_dir / "checkpoint-4" / "trainer_state.json").read_text())["log_history"]
     series = read_series(run_dir / CURVES_FILE)

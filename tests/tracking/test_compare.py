@@ -7,7 +7,7 @@ import json
 import pytest
 
 from glm_ft.tracking.compare import compare, main
-from glm_ft.tracking.tracker import PARENT_FILE
+from glm_ft.tracking.parent import PARENT_FILE
 
 
 def add_sweep(client, experiment_id: str, sweep_dir, start: int, swept: list[str], metric: str, direction: str,

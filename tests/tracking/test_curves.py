@@ -8,7 +8,8 @@ import json
 import pytest
 
 from conftest import run_train
-from glm_ft.tracking.curves import CURVES_FILE, curve_series, figure, read_series
+from glm_ft.runs import CURVES_FILE
+from glm_ft.tracking.curves import curve_series, figure, read_series
 
 
 def _from_trainer_state(path) -> dict[str, list[list[float]]]:

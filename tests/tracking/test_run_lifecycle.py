@@ -12,7 +12,8 @@ import re
 import pytest
 
 from conftest import ROOT, run_train
-from glm_ft.tracking.curves import CURVES_FILE, read_series
+from glm_ft.runs import CURVES_FILE
+from glm_ft.tracking.curves import read_series
 from lifecycle_helpers import (QUICK, background, complete, fill, kill_group, logged_losses, mlflow_run_id, tmpfs,
                                train_cmd, trainer_losses, wait_for)
 

@@ -19,8 +19,10 @@ from conftest import ROOT, run_process
 
 from glm_ft.errors import ConfigError
 from glm_ft.config.render import render_run_files
-from glm_ft.tracking.tracker import (PARENT_FILE, SWEPT_PARAMS_TAG, NullTracker, Store, Terminated, flatten_config,
-                             split_long_values, start_run)
+from glm_ft.tracking.parent import PARENT_FILE, SWEPT_PARAMS_TAG
+from glm_ft.tracking.signals import Terminated
+from glm_ft.tracking.store import Store
+from glm_ft.tracking.tracker import NullTracker, start_run
 
 
 @pytest.fixture(scope="module")
@@ -72,17 +74,6 @@ def artifact_paths(client, run_id: str, path: str | None = None) -> set[str]:
     for item in client.list_artifacts(run_id, path):
         out |= artifact_paths(client, run_id, item.path) if item.is_dir else {item.path}
     return out
-
-
-def test_flatten_keeps_every_value_and_splits_long_ones():
-    flat = flatten_config({"a": {"b": 1, "c": [1, "x"], "d": None, "e": True, "f": {}}, "g": 2.5e-5})
-    assert flat == {"a.b": "1", "a.c": '[1, "x"]', "a.d": "null", "a.e": "true", "a.f": "{}", "g": "2.5e-05"}
-    long = "".join(chr(ord("a") + i % 26) for i in range(13001))
-    split = split_long_values({"k": long, "exact": "y" * 6000})
-    assert split["exact"] == "y" * 6000
-    assert "k" not in split and sorted(k for k in split if k.startswith("k.")) == ["k.0", "k.1", "k.2"]
-    assert all(len(v) <= 6000 for v in split.values())
-    assert split["k.0"] + split["k.1"] + split["k.2"] == long
 
 
 def test_finished_run_records_config_tags_metrics_and_files(tmp_path, client, store_uri):
@@ -278,6 +269,8 @@ def test_child_of_a_sweep_is_nested_and_named_after_its_swept_override(tmp_path,
 def test_disabled_or_other_rank_logs_nothing(tmp_path, client, monkeypatch):
     from transformers import TrainerCallback
 
+    from glm_ft.train.trainer import TrackerCallback
+
     with hydra_job(["experiment=quickstart", "tracking.enabled=false", "tracking.experiment_name=off"],
                    tmp_path) as cfg:
         with start_run(cfg, tmp_path) as tracker:
@@ -285,7 +278,7 @@ def test_disabled_or_other_rank_logs_nothing(tmp_path, client, monkeypatch):
             tracker.log_metrics({"loss": 1.0}, step=1)
             tracker.log_artifact(tmp_path / "missing.txt")
             tracker.set_tags({"a": "b"})
-            assert isinstance(tracker.trainer_callback(), TrainerCallback)
+            assert isinstance(TrackerCallback(tracker), TrainerCallback)
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
     with hydra_job(["experiment=quickstart", "tracking.experiment_name=rank1"], tmp_path) as cfg:
@@ -317,6 +310,8 @@ def test_trainer_callback_logs_the_trainers_metrics_at_their_steps(tmp_path, cli
     import torch
     from transformers import Trainer, TrainingArguments
 
+    from glm_ft.train.trainer import TrackerCallback
+
     class Toy(torch.nn.Module):
         def __init__(self):
             super().__init__()
@@ -332,7 +327,7 @@ def test_trainer_callback_logs_the_trainers_metrics_at_their_steps(tmp_path, cli
     with hydra_job(["experiment=quickstart", "tracking.experiment_name=trainer"], tmp_path) as cfg:
         with start_run(cfg, tmp_path) as tracker:
             trainer = Trainer(model=Toy(), args=args, train_dataset=data, eval_dataset=data[:4],
-                              callbacks=[tracker.trainer_callback()])
+                              callbacks=[TrackerCallback(tracker)])
             trainer.train()
             trainer.evaluate()
     run = only_run(client, "trainer")
@@ -343,7 +338,7 @@ def test_trainer_callback_logs_the_trainers_metrics_at_their_steps(tmp_path, cli
 
 
 def test_import_is_light():
-    code = ("import sys, glm_ft.tracking.tracker, glm_ft.sweep, glm_ft.tracking.compare; "
+    code = ("import sys, glm_ft.tracking.tracker, glm_ft.search.sweep, glm_ft.tracking.compare; "
             "print([m for m in ('mlflow', 'torch', 'transformers', 'matplotlib') if m in sys.modules])")
     out = run_process([sys.executable, "-c", code], cwd=ROOT)
     assert out.returncode == 0, out.stderr

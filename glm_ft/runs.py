@@ -1,0 +1,133 @@
+"""The run folder's protocol, shared by training (which writes it) and inference (which reads it).
+
+    RUN_DIR/
+      glm_ft_run.json          RUN_INFO: base model, method, lengths: what chat/predict/export need to reopen it
+      checkpoint-N/            a Trainer checkpoint; counts once COMPLETE_MARKER is in it
+      final/                   the trained model; COMPLETE_MARKER records the step training finished at
+      glm_ft_progress.json     PROGRESS_FILE: the stages done (evaluated, predicted, complete), for resume=auto
+      predictions.jsonl, eval_predictions.jsonl, eval_metrics.json
+      mlflow_run.json          the folder's MLflow run (glm_ft.tracking.run_record)
+
+A checkpoint without its marker is one a crash left half-written: resume and inference never pick it up.
+Light: this module imports nothing heavy, so inference can find a checkpoint (and fail on a wrong path) at once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from glm_ft.atomic import write_text_atomic
+from glm_ft.errors import CheckpointError
+
+log = logging.getLogger("glm_ft")
+
+RUN_INFO = "glm_ft_run.json"
+COMPLETE_MARKER = "glm_ft_complete"
+FINAL = "final"
+PROGRESS_FILE = "glm_ft_progress.json"
+PREDICTIONS = "predictions.jsonl"
+EVAL_PREDICTIONS = "eval_predictions.jsonl"
+CURVES_FILE = "training_curves.png"
+EVAL_METRICS = "eval_metrics.json"
+# A P-Tuning v2 checkpoint's files (glm_ft.chatglm3.prefix writes them): named here, where finding a checkpoint can
+# read them without importing torch.
+PREFIX_WEIGHTS = "prefix_encoder.safetensors"
+PREFIX_CONFIG = "prefix_config.json"
+
+
+def checkpoint_dir(run_dir: Path, step: int) -> Path:
+    return Path(run_dir) / f"checkpoint-{step}"
+
+
+def mark_complete(folder: Path, step: int) -> None:
+    (Path(folder) / COMPLETE_MARKER).write_text(json.dumps({"step": step}) + "\n")
+
+
+def is_complete(folder: Path) -> bool:
+    return (Path(folder) / COMPLETE_MARKER).is_file()
+
+
+def complete_checkpoints(run_dir: Path) -> list[Path]:
+    """The run's complete checkpoint-N folders, oldest first."""
+    found = [p for p in Path(run_dir).glob("checkpoint-*") if is_complete(p)]
+    return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
+
+
+def last_complete_checkpoint(run_dir: Path) -> Path | None:
+    return (complete_checkpoints(run_dir) or [None])[-1]
+
+
+def newest_complete(run_dir: Path) -> Path:
+    """What inference opens in a run folder: final/, or else the newest complete checkpoint."""
+    if is_complete(Path(run_dir) / FINAL):
+        return Path(run_dir) / FINAL
+    found = last_complete_checkpoint(run_dir)
+    if found is None:
+        raise CheckpointError(f"{run_dir}: run folder without a complete checkpoint (no {FINAL}/ and no "
+                              f"checkpoint-N/ with {COMPLETE_MARKER})")
+    return found
+
+
+def resume_checkpoint(resume: str | None, run_dir: Path) -> str | None:
+    """The checkpoint `resume` (None, "auto" or a path) names; None to start from scratch."""
+    if resume is None:
+        return None
+    if resume == "auto":
+        found = last_complete_checkpoint(run_dir)
+        if found is None:
+            log.warning("resume=auto: no complete checkpoint in %s, starting from scratch", run_dir)
+            return None
+        return str(found)
+    path = Path(resume).expanduser().resolve()
+    if not is_complete(path) and not (path / "trainer_state.json").is_file():
+        raise CheckpointError(f"resume: '{path}' is not a complete glm-ft checkpoint (no trainer_state.json)")
+    return str(path)
+
+
+def final_step(run_dir: Path) -> int | None:
+    """The step final/ was trained to, from its marker; None without a (readable) one."""
+    try:
+        step = int(json.loads((Path(run_dir) / FINAL / COMPLETE_MARKER).read_text()).get("step", -1))
+    except (OSError, ValueError, AttributeError):
+        return None
+    return step if step >= 0 else None
+
+
+def is_run_folder(path: Path) -> bool:
+    return (Path(path) / RUN_INFO).is_file()
+
+
+def write_run_info(run_dir: Path, info: dict[str, Any]) -> None:
+    write_json(Path(run_dir) / RUN_INFO, info)
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    """A run folder's record, written atomically: a kill leaves the old version or the new, never half of one."""
+    write_text_atomic(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    """A run folder's record; None when missing or unreadable."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def read_progress(run_dir: Path) -> dict[str, Any]:
+    return read_json(Path(run_dir) / PROGRESS_FILE) or {}
+
+
+def record_progress(run_dir: Path, **stages: Any) -> None:
+    progress = read_progress(run_dir)
+    progress.update(stages)
+    write_json(Path(run_dir) / PROGRESS_FILE, progress)
+
+
+def reset_progress(run_dir: Path) -> None:
+    """A training that starts (or continues) makes the stages an earlier training of this folder finished stale."""
+    (Path(run_dir) / PROGRESS_FILE).unlink(missing_ok=True)

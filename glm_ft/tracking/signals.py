@@ -1,0 +1,119 @@
+"""Signal safety around MLflow: what MLflow itself does not do.
+
+- `signals_deferred`: Ctrl-C or SIGTERM arriving inside an MLflow write is held until the write returns.
+- `SIGTERM_GUARD`: SIGTERM ends the open runs KILLED (never left RUNNING), shared by the sweep parent and the job's run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+from typing import Any, Iterator
+
+DEFERRED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Hold Ctrl-C and SIGTERM until the enclosed MLflow call returns, then deliver them.
+
+    Raised inside a SQLite write, KeyboardInterrupt leaves that connection's transaction, and its lock, open while
+    the exception (and its traceback) lives; marking the run KILLED then waits on the process's own lock and fails,
+    leaving the run RUNNING. Only the main thread receives signals, so elsewhere this does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.getsignal(sig) for sig in DEFERRED_SIGNALS}
+    held = [sig for sig, handler in previous.items() if handler not in (None, signal.SIG_IGN)]
+    pending: list[int] = []
+    for sig in held:
+        signal.signal(sig, lambda signum, _frame: pending.append(signum))
+    try:
+        yield
+    finally:
+        for sig in held:
+            signal.signal(sig, previous[sig])
+        for signum in pending:
+            handler = previous[signum]
+            if callable(handler):
+                handler(signum, None)
+            else:  # SIG_DFL: what the signal would have done
+                signal.raise_signal(signum)
+
+
+class SignalSafeClient:
+    """An MlflowClient whose every call runs with signals deferred (see `signals_deferred`)."""
+
+    def __init__(self, client: Any):
+        self._client = client
+
+    def __getattr__(self, name: str) -> Any:
+        attribute = getattr(self._client, name)
+        if not callable(attribute):
+            return attribute
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            with signals_deferred():
+                return attribute(*args, **kwargs)
+
+        return call
+
+
+class Terminated(SystemExit):
+    """SIGTERM, raised like Ctrl-C so `finally` blocks run and the run ends KILLED; exits with 143."""
+
+    def __init__(self) -> None:
+        super().__init__(128 + signal.SIGTERM)
+
+
+class _SigtermGuard:
+    """Reference-counted SIGTERM handler shared by the sweep parent and the job's run (one process, basic launcher).
+
+    With the default handler in place, SIGTERM raises `Terminated` once (later ones are ignored while unwinding).
+    When someone else handles SIGTERM (submitit ignores it on purpose), their handler stays in charge: ours only
+    marks the open runs KILLED first, since a SIGKILL usually follows.
+    """
+
+    def __init__(self) -> None:
+        self.depth = 0
+        self.previous: Any = None
+        self.terminating = False
+        # Set on SIGTERM or Ctrl-C inside a run: the sweep parent then ends KILLED rather than FAILED.
+        self.interrupted = False
+        self.open_runs: dict[str, Any] = {}  # run id -> the Store it is in
+
+    def acquire(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        if self.depth == 0:
+            self.previous = signal.getsignal(signal.SIGTERM)
+            if self.previous is signal.SIG_IGN:
+                return
+            signal.signal(signal.SIGTERM, self._handle)
+        self.depth += 1
+
+    def release(self) -> None:
+        if threading.current_thread() is not threading.main_thread() or self.depth == 0:
+            return
+        self.depth -= 1
+        if self.depth == 0:
+            signal.signal(signal.SIGTERM, self.previous if self.previous is not None else signal.SIG_DFL)
+            self.terminating = self.interrupted = False
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.interrupted = True
+        if callable(self.previous):
+            for run_id, store in list(self.open_runs.items()):
+                with contextlib.suppress(Exception):
+                    store.end_run(run_id, "KILLED")
+            self.previous(signum, frame)
+            return
+        if self.terminating:
+            return
+        self.terminating = True
+        raise Terminated()
+
+
+SIGTERM_GUARD = _SigtermGuard()

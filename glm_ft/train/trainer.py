@@ -1,0 +1,200 @@
+"""The Trainer glm-ft trains with, and its callbacks: generation-based evaluation in sample order, method-aware
+checkpoints, completion markers, a NaN watchdog, MLflow logging, and a full disk named in one line.
+
+Heavy (torch, transformers): imported once training starts (glm_ft.train.finetune), never on the light path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import math
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from torch.utils.data import SequentialSampler
+from transformers import Seq2SeqTrainer, TrainerCallback
+from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+from transformers.trainer_utils import EvalLoopOutput, EvalPrediction
+
+from glm_ft import dist
+from glm_ft.chatglm3.prefix import load_prefix, save_prefix
+from glm_ft.errors import CheckpointError, GlmFtError
+from glm_ft.runs import checkpoint_dir, last_complete_checkpoint, mark_complete
+from glm_ft.train.evaluation import SAMPLE_INDEX, Indexed, in_sample_order, write_predictions
+from glm_ft.train.metrics import prefix_metrics
+
+log = logging.getLogger(__name__)
+
+
+class TrainingDiverged(GlmFtError):
+    """The loss became NaN or infinite."""
+
+
+class GlmTrainer(Seq2SeqTrainer):
+    """Generation-based evaluation for a decoder-only model, and method-aware checkpoints.
+
+    Evaluation and prediction return every sample once, in the dataset's order, and score exactly those
+    rows. transformers 5.24 would not: under `train_sampling_strategy="group_by_length"` its eval sampler is a
+    seeded LengthGroupedSampler (outputs come back shuffled), and with several processes the last batches are
+    padded with repeated samples that Seq2SeqTrainer's plain `gather` keeps. Here the sampler is sequential
+    and each row carries its sample index, so order and uniqueness hold by construction (`in_sample_order`).
+    """
+
+    def __init__(self, *args, method: str, gen_config, eval_predictions: Path | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.method = method
+        self.gen_config = gen_config
+        # Where the last evaluation's outputs are written (rank 0), so what was scored can be read.
+        self.eval_predictions = eval_predictions
+
+    def _get_eval_sampler(self, eval_dataset):
+        return SequentialSampler(eval_dataset)
+
+    def get_eval_dataloader(self, eval_dataset=None):
+        if isinstance(eval_dataset, str):
+            eval_dataset = self.eval_dataset[eval_dataset]
+        eval_dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
+        return super().get_eval_dataloader(Indexed(eval_dataset) if eval_dataset is not None else None)
+
+    def get_test_dataloader(self, test_dataset):
+        return super().get_test_dataloader(Indexed(test_dataset))
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None, **gen_kwargs):
+        inputs = self._prepare_inputs(inputs)
+        labels = inputs.pop("labels")
+        index = inputs.pop(SAMPLE_INDEX)
+        # accelerate autocasts the wrapped model's forward, but a PEFT model's generate calls the base
+        # model's forward, which would run the adapter outside the training precision.
+        with torch.no_grad(), self.accelerator.autocast():
+            generated = model.generate(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                                       generation_config=self.gen_config,
+                                       synced_gpus=is_deepspeed_zero3_enabled())
+        # The index rides with the labels through padding, gathering and concatenation.
+        return None, generated[:, inputs["input_ids"].shape[1]:], (index, labels)
+
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
+                        metric_key_prefix="eval"):
+        # Scored below, once the rows are in the dataset's order and each sample is there once.
+        compute, self.compute_metrics = self.compute_metrics, None
+        try:
+            output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys,
+                                             metric_key_prefix)
+        finally:
+            self.compute_metrics = compute
+        index, labels = output.label_ids
+        predictions, labels = in_sample_order(index, output.num_samples, output.predictions, labels)
+        metrics = dict(output.metrics)
+        if compute is not None:
+            scores = compute(EvalPrediction(predictions=predictions, label_ids=labels))
+            metrics.update(prefix_metrics(scores, metric_key_prefix))
+        metrics[f"{metric_key_prefix}_samples"] = output.num_samples
+        if metric_key_prefix == "eval" and self.eval_predictions is not None and dist.is_rank_zero():
+            write_predictions(self.eval_predictions, self.processing_class, dataloader.dataset.dataset,
+                              predictions, self.gen_config.eos_token_id,
+                              {**metrics, "step": self.state.global_step}, metrics_name="eval_metrics.json")
+        return EvalLoopOutput(predictions=predictions, label_ids=labels, metrics=metrics,
+                              num_samples=output.num_samples)
+
+    def _save_checkpoint(self, model, trial):
+        folder = checkpoint_dir(Path(self.args.output_dir), self.state.global_step)
+        with disk_full_named(folder, Path(self.args.output_dir)):
+            return super()._save_checkpoint(model, trial)
+
+    def _save(self, output_dir: str | None = None, state_dict=None):
+        if self.method != "ptuning_v2":
+            return super()._save(output_dir, state_dict)
+        output_dir = output_dir or self.args.output_dir
+        os.makedirs(output_dir, exist_ok=True)
+        save_prefix(self.accelerator.unwrap_model(self.model), output_dir)
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        if self.method != "ptuning_v2":
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        load_prefix(self.accelerator.unwrap_model(model or self.model), resume_from_checkpoint)
+
+class Watchdog(TrainerCallback):
+    """Marks finished checkpoints and stops on a NaN loss, naming the step."""
+
+    def on_save(self, args, state, control, **kwargs):
+        ckpt = checkpoint_dir(Path(args.output_dir), state.global_step)
+        if ckpt.is_dir() and dist.is_rank_zero():
+            mark_complete(ckpt, state.global_step)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(loss):
+            raise TrainingDiverged(
+                f"training loss is {loss} at step {state.global_step}; stopped. Last complete checkpoint: "
+                f"{last_complete_checkpoint(Path(args.output_dir)) or 'none'}. "
+                "Try a lower training_args.learning_rate or training_args.max_grad_norm")
+
+class TrackerCallback(TrainerCallback):
+    """Every Trainer log (loss, learning_rate, eval_*, runtime, throughput) becomes MLflow metrics at
+    step=state.global_step."""
+
+    def __init__(self, tracker):
+        self.tracker = tracker
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and dist.is_rank_zero():
+            self.tracker.log_metrics(logs, step=state.global_step)
+
+
+class PruningCallback(TrainerCallback):
+    """Inside an Optuna sweep: reports `metric` to the job's trial (glm_ft.search.study.JobTrial) at every
+    evaluation. When the pruner says stop, the trainer saves a checkpoint at that step and stops; all ranks follow
+    rank 0's decision (one process reports)."""
+
+    def __init__(self, job_trial, metric: str):
+        self.job_trial, self.metric = job_trial, metric
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        value = (metrics or {}).get(self.metric)
+        prune = False
+        if dist.is_rank_zero() and value is not None:
+            prune = self.job_trial.report(float(value), state.global_step)
+        prune = dist.broadcast_from_rank_zero(prune)
+        if prune:
+            self.job_trial.pruned_at = state.global_step
+            log.info("trial %d pruned at step %d (%s=%s)", self.job_trial.number, state.global_step, self.metric,
+                     value)
+            control.should_save = True
+            control.should_training_stop = True
+
+
+@contextlib.contextmanager
+def disk_full_named(folder: Path, run_dir: Path):
+    """A full disk while writing `folder` becomes one line naming it. torch's zip writer reports ENOSPC as
+    "inline_container.cc:...: unexpected pos" (no errno), so a RuntimeError counts as a full disk when the folder's
+    filesystem has (almost) nothing left. The half-written folder has no completion marker: resume skips it."""
+    try:
+        yield
+    except (OSError, RuntimeError) as err:
+        if not _is_disk_full(err, folder):
+            raise
+        last = last_complete_checkpoint(run_dir)
+        keep = (f"the last complete checkpoint, {last}, stays the resume point: free space, then continue with "
+                f"resume=auto hydra.run.dir={run_dir}") if last else "there is no complete checkpoint yet"
+        raise CheckpointError(f"No space left on device while saving {folder}; {keep}") from err
+
+
+DISK_FULL_BELOW_BYTES = 16 << 20
+
+
+def _is_disk_full(err: BaseException, folder: Path) -> bool:
+    seen: BaseException | None = err
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno == errno.ENOSPC or "No space left" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    probe = folder if folder.exists() else folder.parent
+    try:
+        return shutil.disk_usage(probe).free < DISK_FULL_BELOW_BYTES
+    except OSError:
+        return False

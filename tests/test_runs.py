@@ -1,0 +1,85 @@
+"""The run folder's protocol (glm_ft.runs): which checkpoints count, what resume and inference pick, the stages done.
+
+The folders are laid out as a training leaves them (checkpoint-N/ with or without the marker, final/), through the
+same functions training writes them with."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from glm_ft import runs
+from glm_ft.errors import CheckpointError
+
+
+def _run_folder(tmp_path, complete_steps, half_written_steps=()):
+    run = tmp_path / "run"
+    for step in (*complete_steps, *half_written_steps):
+        ckpt = runs.checkpoint_dir(run, step)
+        ckpt.mkdir(parents=True)
+        (ckpt / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+        if step in complete_steps:
+            runs.mark_complete(ckpt, step)
+    runs.write_run_info(run, {"base_model": "/models/base", "method": {"name": "lora"}})
+    return run
+
+
+def test_complete_checkpoints_are_ordered_by_step_and_skip_half_written_ones(tmp_path):
+    # 10 sorts before 2 and 4 as text; checkpoint-12 lacks its marker (a crash while saving it)
+    run = _run_folder(tmp_path, complete_steps=(2, 10, 4), half_written_steps=(12,))
+    assert [p.name for p in runs.complete_checkpoints(run)] == ["checkpoint-2", "checkpoint-4", "checkpoint-10"]
+    assert runs.last_complete_checkpoint(run) == run / "checkpoint-10"
+    assert runs.resume_checkpoint("auto", run) == str(run / "checkpoint-10")
+    assert runs.newest_complete(run) == run / "checkpoint-10"
+    assert runs.is_run_folder(run) and not runs.is_run_folder(run / "checkpoint-2")
+    assert json.loads((run / runs.RUN_INFO).read_text())["base_model"] == "/models/base"
+
+
+def test_final_wins_once_marked_and_records_its_step(tmp_path):
+    run = _run_folder(tmp_path, complete_steps=(2,))
+    (run / runs.FINAL).mkdir()
+    assert runs.newest_complete(run) == run / "checkpoint-2" and runs.final_step(run) is None  # unmarked final/
+    runs.mark_complete(run / runs.FINAL, 8)
+    assert runs.newest_complete(run) == run / runs.FINAL and runs.final_step(run) == 8
+
+
+def test_resume_without_checkpoints_and_with_explicit_paths(tmp_path, caplog):
+    run = _run_folder(tmp_path, complete_steps=(), half_written_steps=(2,))
+    assert runs.resume_checkpoint(None, run) is None
+    assert runs.resume_checkpoint("auto", run) is None and "starting from scratch" in caplog.text
+    with pytest.raises(CheckpointError, match="without a complete checkpoint"):
+        runs.newest_complete(run)
+    # an explicit path: a Trainer checkpoint (trainer_state.json) is taken even without the marker
+    assert runs.resume_checkpoint(str(run / "checkpoint-2"), run) == str(run / "checkpoint-2")
+    with pytest.raises(CheckpointError, match="not a complete glm-ft checkpoint"):
+        runs.resume_checkpoint(str(tmp_path / "elsewhere"), run)
+
+
+def test_progress_records_stages_until_reset(tmp_path):
+    assert runs.read_progress(tmp_path) == {}
+    runs.record_progress(tmp_path, evaluated={"eval_loss": 1.5})
+    runs.record_progress(tmp_path, complete=True, step=4)
+    assert runs.read_progress(tmp_path) == {"evaluated": {"eval_loss": 1.5}, "complete": True, "step": 4}
+    (tmp_path / runs.PROGRESS_FILE).write_text("{half")  # unreadable counts as nothing done
+    assert runs.read_progress(tmp_path) == {}
+    runs.reset_progress(tmp_path)
+    assert not (tmp_path / runs.PROGRESS_FILE).exists()
+
+
+def test_inference_finds_checkpoints_without_importing_training_or_torch(tmp_path):
+    """Finding a checkpoint (and failing on a wrong path) takes no heavy import: chat/predict/export fail at once."""
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "config.json").write_text("{}")
+    (base / "tokenizer.model").write_bytes(b"")
+    run = _run_folder(tmp_path, complete_steps=(2,))
+    runs.write_run_info(run, {"base_model": str(base), "method": {"name": "lora"}})
+    (run / "checkpoint-2" / "adapter_config.json").write_text("{}")
+    code = ("import sys; from glm_ft.infer.checkpoint import find_checkpoint; "
+            f"ckpt = find_checkpoint({str(run)!r}); print(ckpt.path.name, ckpt.kind, ckpt.base_model.name); "
+            "print(sorted(m for m in sys.modules if m.startswith(('glm_ft.train', 'torch', 'transformers'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.splitlines() == ["checkpoint-2 lora base", "[]"]
