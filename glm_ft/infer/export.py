@@ -3,6 +3,7 @@
     python -m glm_ft export outputs/2026-11-27/12-00-00 exported/ [--max-shard-size 2GB] [--dtype float16]
 
 - LoRA: the adapter is merged into the base weights (PEFT merge_and_unload);
+- freeze tuning: the trained tensors replace the base model's;
 - P-Tuning v2: base weights + `transformer.prefix_encoder.embedding.weight`, with `pre_seq_len` and
   `prefix_projection` in config.json, as the reference demo saved it;
 - a full model (SFT checkpoint, any model folder): re-saved, resharded, in the chosen dtype.
@@ -27,10 +28,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-from glm_ft.infer.checkpoint import FULL, LORA, find_checkpoint, load_checkpoint, torch_dtype
+from glm_ft import methods
+from glm_ft.infer.checkpoint import find_checkpoint, load_checkpoint
 from glm_ft.errors import CheckpointError, GlmFtError
 
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = methods.DTYPE_NAMES
 FORMATS = ("chatglm3", "hf")
 INDEX = "model.safetensors.index.json"
 
@@ -131,7 +133,7 @@ def export_state_dict(model, dtype) -> dict:
 
 def default_dtype(ckpt) -> str:
     """The dtype the weights came in (the published checkpoint: float16), else float32."""
-    source = ckpt.path if ckpt.kind == FULL else ckpt.base_model
+    source = ckpt.base_model or ckpt.path
     try:
         config = json.loads((source / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -167,7 +169,7 @@ def export(checkpoint: str | Path, out_dir: str | Path, *, base_model: str | Pat
     # up to one rounding.
     loaded = load_checkpoint(ckpt, dtype=dtype_name, device="cpu", merge_lora=True)
     model = loaded.model
-    dtype_obj = torch_dtype(dtype_name, "cpu")
+    dtype_obj = methods.torch_dtype(dtype_name, device="cpu")
 
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
@@ -229,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     except GlmFtError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    merged = " (merged)" if ckpt.kind == LORA else ""
+    merged = "" if methods.by_kind(ckpt.kind).WHOLE_MODEL else " (merged)"
     print(f"exported {ckpt.describe()}{merged} → {out}")
     return 0
 

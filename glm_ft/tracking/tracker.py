@@ -33,6 +33,7 @@ from typing import Any, Iterator, Mapping
 
 from omegaconf import DictConfig, OmegaConf
 
+from glm_ft import methods
 from glm_ft.errors import ConfigError
 from glm_ft.tracking.redact import redact
 from glm_ft.config.schema import PROJECT_ROOT
@@ -490,7 +491,7 @@ class Tracker:
         tracking.log_full_model=true (gigabytes of weights in the artifact store are rarely what anyone wants)."""
         path = Path(path)
         self.set_tags({"glm_ft.model_path": str(path.resolve())})
-        if self.cfg.method.name == "sft" and not self.cfg.tracking.log_full_model:
+        if methods.get(self.cfg.method.name).WHOLE_MODEL and not self.cfg.tracking.log_full_model:
             return
         self.log_artifact(path, "model")
 

@@ -4,8 +4,8 @@
     python train.py method=lora model.path=/models/chatglm3-6b data.data_dir=/data/AdvertiseGen
     torchrun --nproc_per_node 2 train.py method=sft deepspeed=zero3 ... # several GPUs (or CPU processes, gloo)
 
-Checkpoints hold only what was trained (LoRA adapter, P-Tuning v2 prefix, or the full model for SFT), as
-safetensors. A checkpoint counts once `glm_ft_complete` is written into it, so `resume=auto` never picks up one
+Checkpoints hold only what was trained (LoRA adapter, P-Tuning v2 prefix, freeze-tuned tensors, or the full model
+for SFT; each method's module in glm_ft/methods/ saves and reloads its own), as safetensors. A checkpoint counts once `glm_ft_complete` is written into it, so `resume=auto` never picks up one
 that a crash left half-written.
 """
 
@@ -21,6 +21,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from glm_ft import methods
 from glm_ft.errors import CheckpointError, GlmFtError
 from glm_ft.tracking.run_record import read_progress, record_progress, reset_progress
 from glm_ft.config.schema import PROJECT_ROOT
@@ -115,9 +116,9 @@ def _trainer_classes():
         and each row carries its sample index, so order and uniqueness hold by construction (`in_sample_order`).
         """
 
-        def __init__(self, *args, method: str, gen_config, eval_predictions: Path | None = None, **kwargs):
+        def __init__(self, *args, method, gen_config, eval_predictions: Path | None = None, **kwargs):
             super().__init__(*args, **kwargs)
-            self.method = method
+            self.method = method  # the method's config (cfg.method); its module saves, loads, builds the optimizer
             self.gen_config = gen_config
             # Where the last evaluation's outputs are written (rank 0), so what was scored can be read.
             self.eval_predictions = eval_predictions
@@ -178,22 +179,23 @@ def _trainer_classes():
                 return super()._save_checkpoint(model, trial)
 
         def _save(self, output_dir: str | None = None, state_dict=None):
-            if self.method != "ptuning_v2":
-                return super()._save(output_dir, state_dict)
-            from glm_ft.chatglm3.prefix import save_prefix
-
             output_dir = output_dir or self.args.output_dir
             os.makedirs(output_dir, exist_ok=True)
-            save_prefix(self.accelerator.unwrap_model(self.model), output_dir)
+            if not methods.get(self.method.name).save(self.accelerator.unwrap_model(self.model), output_dir):
+                return super()._save(output_dir, state_dict)
             if self.processing_class is not None:
                 self.processing_class.save_pretrained(output_dir)
 
         def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-            if self.method != "ptuning_v2":
+            unwrapped = self.accelerator.unwrap_model(model or self.model)
+            if not methods.get(self.method.name).load_for_resume(unwrapped, resume_from_checkpoint):
                 return super()._load_from_checkpoint(resume_from_checkpoint, model)
-            from glm_ft.chatglm3.prefix import load_prefix
 
-            load_prefix(self.accelerator.unwrap_model(model or self.model), resume_from_checkpoint)
+        def create_optimizer(self, model=None):
+            if self.optimizer is None:  # the method's own optimizer (LoRA+), else the Trainer's
+                self.optimizer = methods.get(self.method.name).create_optimizer(self.model if model is None else model,
+                                                                               self.args, self.method)
+            return super().create_optimizer(model) if self.optimizer is None else self.optimizer
 
     class Watchdog(TrainerCallback):
         """Marks finished checkpoints and stops on a NaN loss, naming the step."""
@@ -334,7 +336,7 @@ def _train(cfg: DictConfig, run_dir: Path, paths: dict[str, Path], tracker) -> d
     trainer = GlmTrainer(
         model=model, args=args, train_dataset=data.train, eval_dataset=data.val if has_eval else None,
         data_collator=Collator(tokenizer.pad_token_id), processing_class=tokenizer,
-        compute_metrics=metrics_fn(tokenizer, stop_ids), method=cfg.method.name, gen_config=gen_config,
+        compute_metrics=metrics_fn(tokenizer, stop_ids), method=cfg.method, gen_config=gen_config,
         eval_predictions=run_dir / "eval_predictions.jsonl", callbacks=callbacks,
     )
 
