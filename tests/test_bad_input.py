@@ -72,7 +72,7 @@ BAD_VALUES = {
     "tracking.experiment_name": [[""], ["'  '"]],
     # glm_ft/methods/: the LoRA variants' and freeze tuning's values
     "method.init_lora_weights": [["pisa", "method=lora"], ["eva", "method=lora"], ["pissa_niter_x", "method=lora"],
-                                 ["pissa", "method=lora", "method.use_dora=true"]],
+                                 ["pissa", "method=lora", "method.use_dora=true"], ["olora", "method=lora", "deepspeed=zero3"]],
     "method.loraplus_lr_ratio": [["0", "method=lora"], ["-1", "method=lora"], ["inf", "method=lora"],
                                  ["16", "method=lora", "deepspeed=zero3"]],
     "method.num_trainable_layers": [["-1", "method=freeze"], ["0", "method=freeze"]],

@@ -16,6 +16,7 @@ import argparse
 import sys
 from typing import Any, TextIO
 
+from glm_ft.methods import DTYPE_NAMES
 from glm_ft.errors import GlmFtError
 
 
@@ -97,7 +98,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--temperature", type=float, help="with --do-sample")
     parser.add_argument("--top-p", type=float, help="with --do-sample")
     parser.add_argument("--seed", type=int, default=None, help="seed for sampling")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPE_NAMES])
     args = parser.parse_args(argv)
     if args.max_new_tokens < 1:
         parser.error("--max-new-tokens must be at least 1")

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from glm_ft.methods import DTYPE_NAMES
 from glm_ft.errors import GlmFtError
 
 log = logging.getLogger(__name__)
@@ -111,7 +112,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-input-length", type=int, help="default: the run's, else 256")
     parser.add_argument("--max-output-length", type=int, help="reference length; default: the run's, else 512")
     parser.add_argument("--max-new-tokens", type=int, help="default: --max-output-length")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPE_NAMES])
     args = parser.parse_args(argv)
     for name in ("batch_size", "max_new_tokens", "max_output_length"):
         if getattr(args, name) is not None and getattr(args, name) < 1:

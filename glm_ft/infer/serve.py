@@ -22,6 +22,7 @@ import time
 import uuid
 from typing import Any
 
+from glm_ft.methods import DTYPE_NAMES
 from glm_ft.errors import GlmFtError
 
 # OpenAI role -> ChatGLM3 role
@@ -229,7 +230,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--model-name", help="the model id the API reports (default: the checkpoint folder's name)")
     parser.add_argument("--max-new-tokens", type=int, default=512, help="default max_tokens of a request")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPE_NAMES])
     args = parser.parse_args(argv)
     if args.max_new_tokens < 1:
         parser.error("--max-new-tokens must be at least 1")

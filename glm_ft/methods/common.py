@@ -32,3 +32,10 @@ def check_fixed(method: Any, schema: type, keys: tuple[str, ...] = ("peft_type",
         if key in method and method[key] != getattr(expected, key):
             raise ConfigError(f"method.{key}: '{method[key]}' does not fit method={expected.name} "
                               f"(expected '{getattr(expected, key)}')")
+
+
+def zero_stage(cfg) -> int | None:
+    """The ZeRO stage of the chosen deepspeed group, None without DeepSpeed."""
+    if cfg.deepspeed is None:
+        return None
+    return (cfg.deepspeed.get("zero_optimization") or {}).get("stage")

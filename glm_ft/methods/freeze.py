@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import List
 
 from glm_ft.errors import CheckpointError, ConfigError
-from glm_ft.methods.common import require
+from glm_ft.methods.common import require, zero_stage
 
 NAME = "freeze"
 KIND = "freeze"
@@ -54,8 +54,7 @@ def validate(method, cfg) -> None:
                 f"patterns must be non-empty strings, got {pattern!r}")
     require(method.num_trainable_layers > 0 or len(method.trainable_modules) > 0, "num_trainable_layers",
             "0 with no method.trainable_modules trains nothing; set one of them")
-    stage = (cfg.deepspeed or {}).get("zero_optimization", {}).get("stage") if cfg.deepspeed is not None else None
-    if stage == 3:
+    if zero_stage(cfg) == 3:
         raise ConfigError("deepspeed: method=freeze does not run under ZeRO-3 (sharded parameters); "
                           "choose deepspeed=zero2 or none")
 

@@ -13,7 +13,8 @@ checkpoint is therefore saved converted to a plain LoRA of rank 2r (PEFT's path_
 first r ranks are the trained ones: resume re-applies the (deterministic, seeded) initialisation to the base and
 takes those.
 
-Limits: PiSSA/OLoRA cannot be combined with DoRA (PEFT's conversion has no magnitude vector); initialisations that
+Limits: PiSSA/OLoRA cannot be combined with DoRA (PEFT's conversion has no magnitude vector) nor run under DeepSpeed
+ZeRO-3 (the conversion needs the whole adapter at each save); initialisations that
 need data or quantisation (eva, corda, loftq) are not offered; LoRA+ builds its own optimizer, so a deepspeed group
 whose config defines an `optimizer` is refused with it.
 """
@@ -26,7 +27,7 @@ from pathlib import Path
 from typing import Any, List, Optional
 
 from glm_ft.errors import CheckpointError
-from glm_ft.methods.common import changed_or_listed, check_fixed, defaults, require
+from glm_ft.methods.common import changed_or_listed, check_fixed, defaults, require, zero_stage
 
 NAME = "lora"
 KIND = "lora"
@@ -78,6 +79,8 @@ def validate(method, cfg) -> None:
             f"{init!r} is not one of true, false, {', '.join(i for i in INITS if isinstance(i, str))}, pissa_niter_N")
     require(not (mutates_base(init) and method.use_dora), "init_lora_weights",
             f"{init} cannot be combined with method.use_dora=true (PEFT converts only plain LoRA back)")
+    require(not (mutates_base(init) and zero_stage(cfg) == 3), "init_lora_weights",
+            f"{init} is not supported under DeepSpeed ZeRO-3 (the conversion needs the whole adapter on each save)")
     ratio = method.loraplus_lr_ratio
     require(ratio is None or (isinstance(ratio, (int, float)) and not isinstance(ratio, bool) and ratio > 0
                               and ratio != float("inf")), "loraplus_lr_ratio", f"must be > 0 or null, got {ratio!r}")
