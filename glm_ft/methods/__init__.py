@@ -1,11 +1,16 @@
 """Fine-tuning methods, one module each, found here by name (`method.name`, the conf/method/*.yaml file).
 
-A method module holds everything that differs between methods: its schema dataclass (`Schema`), the checks of its
-values (`validate`), its `peft_config` block in finetune.yaml (`peft_config`), whether the frozen base may sit in the
-mixed-precision dtype (`FROZEN_BASE`), how it is applied to the model (`apply`), how its checkpoints are recognised
-(`KIND`, `DESCRIPTION`, `holds_checkpoint`), saved (`save`), reopened for resume (`load_for_resume`) and for inference
-(`load_onto`), and what the Trainer's optimizer needs (`create_optimizer`). Nothing outside this package compares a
-method name. Adding a method: a module here, its conf/method/NAME.yaml and tests/methods/test_NAME.py.
+A method module holds everything that differs between methods:
+- config: `Schema` (the dataclass Hydra composes into), `validate(method, cfg)` (one line naming the key),
+  `peft_config(values)` (its block in finetune.yaml, or None), `SUMMARY`;
+- model: `apply(model, method, seed)` (what becomes trainable), `FROZEN_BASE` (may the frozen base sit in the
+  mixed-precision dtype: the dtype policy below), `create_optimizer(model, args, method)` (None: the Trainer's);
+- checkpoints: `save(model, dir)` / `load_for_resume(model, dir)` (False: the Trainer's own), `KIND`,
+  `DESCRIPTION`, `holds_checkpoint(folder)`, `WHOLE_MODEL` (a checkpoint is a model folder, else it opens on the
+  base), `recorded_base(folder, read_json)`, `load_onto(base_model, ckpt, merge)` (chat, predict, serve, export),
+  `hf_export_refusal(ckpt)`.
+Nothing outside this package compares a method name. Adding a method: a module here, listed in METHODS, its
+conf/method/NAME.yaml and tests/methods/test_NAME.py.
 
 The modules import only light things at top level: glm_ft.config builds its schema and validation from this
 registry, and a bad value must be refused before torch, transformers or peft are imported (tests/test_bad_input.py);

@@ -72,3 +72,13 @@ def test_checkpoint_kinds_are_recognised_by_their_files(tmp_path: Path):
             (folder / file).write_text("{}")
         assert methods.kind_of(folder) == name
     assert methods.kind_of(tmp_path) is None
+
+
+def test_the_registry_imports_nothing_heavy():
+    import subprocess
+    import sys
+
+    code = ("import sys, glm_ft.methods, glm_ft.config.validate; "
+            "print(sorted(m for m in ('torch', 'transformers', 'peft', 'safetensors') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
