@@ -68,7 +68,7 @@ def train_eval_model(spec: dict[str, Any]) -> dict[str, Any]:
     args = build_training_arguments(cfg, work / "run-eval-model", None, has_eval=False, generation_config=gen)
     trainer = GlmTrainer(model=model, args=args, train_dataset=data.train,
                          data_collator=Collator(tokenizer.pad_token_id), processing_class=tokenizer,
-                         method="sft", gen_config=gen)
+                         method=cfg.method, gen_config=gen)
     start = time.perf_counter()
     result = trainer.train()
     seconds = time.perf_counter() - start
@@ -133,7 +133,7 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
         gen = generation_config_for(cfg, tokenizer)
         args = build_training_arguments(cfg, work / "run-eval-glm_ft", None, has_eval=True, generation_config=gen)
         trainer = GlmTrainer(model=model, args=args, data_collator=Collator(tokenizer.pad_token_id),
-                             processing_class=tokenizer, method="sft", gen_config=gen)
+                             processing_class=tokenizer, method=cfg.method, gen_config=gen)
 
         def generate_all():
             output = trainer.predict(test, metric_key_prefix="test")

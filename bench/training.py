@@ -181,7 +181,7 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
         collate = (PackedCollator if cfg.data.packing else Collator)(tokenizer.pad_token_id)
         recorder = RecordingCollator(collate)
         trainer = GlmTrainer(model=model, args=args, train_dataset=train, data_collator=recorder,
-                             processing_class=tokenizer, method=cfg.method.name,
+                             processing_class=tokenizer, method=cfg.method,
                              gen_config=None)
 
     # The same-work check walks the set in this side's own order; RNG states are put back so training is unaffected.

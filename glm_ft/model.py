@@ -1,4 +1,4 @@
-"""Model config → tokenizer + ChatGLM3 with the chosen method applied (LoRA, P-Tuning v2 prefix, or all weights).
+"""Model config → tokenizer + ChatGLM3 with the chosen method applied (glm_ft/methods/: LoRA, P-Tuning v2, ...).
 
 One loader for training, resume, chat and export, so a checkpoint opens the same way everywhere. Heavy: imported
 once training or loading starts (glm_ft.train.finetune, glm_ft.infer.checkpoint.load_checkpoint).
@@ -16,7 +16,7 @@ from omegaconf import DictConfig
 from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 
-from glm_ft import chatglm3
+from glm_ft import chatglm3, methods
 from glm_ft.chatglm3.tiny import ensure_tiny_model
 from glm_ft.errors import CheckpointError
 from glm_ft.config.paths import InputPaths, input_paths
@@ -24,19 +24,6 @@ from glm_ft.config.schema import DEMO_MODEL_DIR
 from glm_ft.train.demo_base import ensure_demo_model
 
 log = logging.getLogger(__name__)
-
-
-def torch_dtype_for(model_cfg: DictConfig, method: str, bf16: bool, fp16: bool):
-    """"auto": frozen base weights in the mixed-precision dtype for PEFT methods (memory), fp32 otherwise."""
-    import torch
-
-    name = model_cfg.torch_dtype
-    if name == "auto":
-        if method == "sft":
-            name = "float32"  # full fine-tuning keeps fp32 master weights; AMP / DeepSpeed handle the rest
-        else:
-            name = "bfloat16" if bf16 else "float16" if fp16 else "float32"
-    return getattr(torch, name)  # the name was checked by glm_ft.config.validate
 
 
 def base_model_dir(where: InputPaths) -> Path:
@@ -88,29 +75,10 @@ def refused_weights_reason(err: BaseException) -> str:
 
 
 def apply_method(model, method: DictConfig, seed: int):
-    """Make the method's weights the trainable ones. Seeded here so LoRA/prefix init is reproducible."""
+    """Make the method's weights the trainable ones (glm_ft/methods/). Seeded here so LoRA/prefix init is
+    reproducible, which resume relies on."""
     set_seed(seed)
-    if method.name == "lora":
-        from peft import get_peft_model
-
-        from glm_ft.infer.adapter_config import PortableLoraConfig
-
-        peft_config = PortableLoraConfig(task_type="CAUSAL_LM", r=method.r, lora_alpha=method.lora_alpha,
-                                 lora_dropout=method.lora_dropout, target_modules=list(method.target_modules))
-        model = get_peft_model(model, peft_config)
-    elif method.name == "ptuning_v2":
-        from glm_ft.chatglm3.prefix import enable_ptuning_v2
-
-        # A model folder that holds a prefix (a reference demo P-Tuning v2 checkpoint) continues training it.
-        try:
-            enable_ptuning_v2(model, method.num_virtual_tokens, prefix_projection=method.prefix_projection, seed=seed)
-        except ValueError as err:
-            from glm_ft.errors import ConfigError
-
-            raise ConfigError(f"method.num_virtual_tokens={method.num_virtual_tokens}: model.path holds a P-Tuning v2 "
-                              f"prefix already ({err}); set method.num_virtual_tokens={model.config.pre_seq_len} "
-                              f"method.prefix_projection={str(model.config.prefix_projection).lower()} "
-                              "to continue training it") from err
+    model = methods.get(method.name).apply(model, method, seed)
     # Trainable weights stay fp32 even when the frozen base is bf16/fp16: the optimizer needs the precision.
     for param in model.parameters():
         if param.requires_grad and param.dtype != torch.float32:
@@ -134,7 +102,7 @@ def load_for_training(cfg: DictConfig) -> tuple[Any, Any, Path]:
 def load_model_for_training(cfg: DictConfig, model_dir: Path):
     """The base model of `model_dir` with the method applied (the weights: the slow part, minutes for 6B)."""
     args = cfg.training_args
-    dtype = torch_dtype_for(cfg.model, cfg.method.name, args.bf16, args.fp16)
+    dtype = methods.torch_dtype(cfg.model.torch_dtype, method=cfg.method.name, bf16=args.bf16, fp16=args.fp16)
     model = load_base_model(model_dir, dtype, cfg.model.attn_implementation)
     model.config.use_cache = False  # training; generate() turns the cache on by itself
     return apply_method(model, cfg.method, cfg.seed)

@@ -141,6 +141,11 @@ def load_by_hand(run_dir: Path, base_dir: Path):
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, final)
+    elif method == "freeze":  # the trained tensors in place of the base model's
+        from safetensors.torch import load_file
+
+        missing, unexpected = model.load_state_dict(load_file(final / "trained_weights.safetensors"), strict=False)
+        assert not unexpected
     else:
         from glm_ft.chatglm3.prefix import load_prefix
 

@@ -71,6 +71,14 @@ BAD_VALUES = {
     "training_args.adam_epsilon": [["0"]],
     "tracking.experiment_name": [[""], ["'  '"]],
     "data.pack_max_length": [["16"], ["0"]],
+    # glm_ft/methods/: the LoRA variants' and freeze tuning's values
+    "method.init_lora_weights": [["pisa", "method=lora"], ["eva", "method=lora"], ["pissa_niter_x", "method=lora"],
+                                 ["pissa", "method=lora", "method.use_dora=true"], ["olora", "method=lora", "deepspeed=zero3"]],
+    "method.loraplus_lr_ratio": [["0", "method=lora"], ["-1", "method=lora"], ["inf", "method=lora"],
+                                 ["16", "method=lora", "deepspeed=zero3"]],
+    "method.num_trainable_layers": [["-1", "method=freeze"], ["0", "method=freeze"]],
+    "method.trainable_modules": [["[' ']", "method=freeze"]],
+    "deepspeed": [["zero3", "method=freeze"]],
 }
 BAD_CASES = [(key, [f"{key}={value}", *extra]) for key, values in BAD_VALUES.items() for value, *extra in values]
 

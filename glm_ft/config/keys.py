@@ -74,11 +74,19 @@ def check_key(key: str, methods: tuple[str, ...] | None = None) -> str | None:
 
 def _method_key_message(key: str, part: str, methods: tuple[str, ...]) -> str:
     owners = [m for m in METHOD_SCHEMAS if part in _fields(METHOD_SCHEMAS[m])]
-    if methods == ("sft",):
-        return (f"{key}: method=sft (full fine-tuning) takes no PEFT keys; drop '{key}' or choose "
-                f"method={'|'.join(owners)}")
+    if len(methods) == 1 and list(_fields(METHOD_SCHEMAS[methods[0]])) == ["name"]:
+        return no_keys_message(key, methods[0], owners)
     chosen = ",".join(m for m in methods if m not in owners)
     return f"{key}: method={chosen} has no key '{part}' (it belongs to method={'|'.join(owners)})"
+
+
+def no_keys_message(key: str, method: str, owners: list[str] | None = None) -> str:
+    """A key set on a method that has none of its own (sft): name the methods that do take it."""
+    from glm_ft.methods import METHODS
+
+    owners = owners or [m for m, module in METHODS.items() if module.PEFT_CONFIG_KEYS is not None]
+    return (f"{key}: method={method} ({METHODS[method].SUMMARY}) takes no PEFT keys; drop '{key}' or choose "
+            f"method={'|'.join(owners)}")
 
 
 def closest(word: str, candidates: list[str], n: int = 3) -> list[str]:

@@ -2,6 +2,7 @@
 
 - a misspelt key (`method.rank=8`, `training_args.max_step=10`): glm-ft's one line with the closest valid keys,
   instead of Hydra's hint to append the key with `+`;
+- `method=NAME` with no conf/method/NAME.yaml;
 - `resume=auto` with a `hydra.run.dir` that does not exist: there is nothing to resume, and Hydra would create the
   folder and start afresh;
 - a `hydra.run.dir` / `hydra.sweep.dir` that can't be created (`/proc/x`): Hydra would fail with a traceback.
@@ -34,6 +35,7 @@ def check_command_line(argv: list[str]) -> None:
             [a for a in argv if not a.startswith("-") and "=" in a])
     except OverrideParseException:
         return  # Hydra reports its own syntax errors
+    _check_method_options(overrides, argv)
     methods = _chosen_methods(overrides)
     for override in overrides:
         if override.type == OverrideType.CHANGE and override.package is None:
@@ -53,6 +55,20 @@ def check_command_line(argv: list[str]) -> None:
     folder = _literal_path(values.get(key))
     if folder is not None:
         _check_creatable(key, folder)
+
+
+def _check_method_options(overrides: list[Override], argv: list[str]) -> None:
+    """`method=NAME` with no conf/method/NAME.yaml: one line (Hydra lists every option over a dozen lines)."""
+    if any(a.startswith(("--config-dir", "-cd", "--config-path", "-cp")) for a in argv):
+        return  # the user's own config folder may add options
+    options = sorted(p.stem for p in (CONF / "method").glob("*.yaml"))
+    for override in overrides:
+        if override.key_or_group == "method" and override.type == OverrideType.CHANGE and override.package is None:
+            values = list(override.sweep_string_iterator()) if override.is_sweep_override() \
+                else [override.value()]
+            for value in values:
+                if isinstance(value, str) and "${" not in value and value not in options:
+                    raise ConfigError(f"method={value}: no such method; choose one of {', '.join(options)}")
 
 
 def _value(override: Override | None):

@@ -8,7 +8,6 @@ silently maps some "auto" values to its defaults, and transformers reports misma
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 from pathlib import Path
@@ -16,8 +15,9 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from glm_ft import dist
+from glm_ft import dist, methods
 from glm_ft.atomic import write_text_atomic
+from glm_ft.methods.common import changed_or_listed, defaults
 from glm_ft.errors import ConfigError
 from glm_ft.config.schema import GenerationArgs, TrainingArgs
 
@@ -27,21 +27,9 @@ DOCUMENTED_TRAINING_KEYS = [
     "remove_unused_columns", "save_strategy", "save_steps", "log_level", "logging_strategy", "logging_steps",
     "per_device_eval_batch_size", "evaluation_strategy", "eval_steps", "predict_with_generate", "generation_config",
 ]
-DOCUMENTED_LORA_KEYS = ["peft_type", "task_type", "r", "lora_alpha", "lora_dropout"]
-DOCUMENTED_PREFIX_KEYS = ["peft_type", "task_type", "num_virtual_tokens"]
 FINETUNE_FILE = "finetune.yaml"
 DS_FILE = "ds_config.json"
 DS_RESOLVED_FILE = "ds_config.resolved.json"
-
-
-def _defaults(schema: type) -> dict[str, Any]:
-    return {k: v for k, v in dataclasses.asdict(schema()).items()}
-
-
-def _changed_or_listed(values: dict, defaults: dict, listed: list[str]) -> dict:
-    out = {k: values[k] for k in listed if k in values}
-    out.update({k: v for k, v in values.items() if k not in out and v != defaults.get(k)})
-    return out
 
 
 def finetune_dict(cfg: DictConfig, run_dir: Path, ds_path: Path | None) -> dict[str, Any]:
@@ -50,9 +38,9 @@ def finetune_dict(cfg: DictConfig, run_dir: Path, ds_path: Path | None) -> dict[
     args["output_dir"] = str(run_dir)
     if ds_path is not None:
         args["deepspeed"] = str(ds_path)
-    args["generation_config"] = _changed_or_listed(args["generation_config"], _defaults(GenerationArgs),
+    args["generation_config"] = changed_or_listed(args["generation_config"], defaults(GenerationArgs),
                                                    ["max_new_tokens"])
-    training_args = _changed_or_listed(args, _defaults(TrainingArgs), DOCUMENTED_TRAINING_KEYS)
+    training_args = changed_or_listed(args, defaults(TrainingArgs), DOCUMENTED_TRAINING_KEYS)
     # Each documented method file names use_cpu except sft; keep what the method group set, drop a bare default.
     if training_args.get("use_cpu") is None:
         training_args.pop("use_cpu", None)
@@ -66,11 +54,9 @@ def finetune_dict(cfg: DictConfig, run_dir: Path, ds_path: Path | None) -> dict[
         "training_args": training_args,
     }
     method = OmegaConf.to_container(cfg.method, resolve=True)
-    name = method.pop("name")
-    if name == "lora":
-        out["peft_config"] = _changed_or_listed(method, {"target_modules": ["query_key_value"]}, DOCUMENTED_LORA_KEYS)
-    elif name == "ptuning_v2":
-        out["peft_config"] = _changed_or_listed(method, {"prefix_projection": False}, DOCUMENTED_PREFIX_KEYS)
+    block = methods.get(method.pop("name")).peft_config(method)
+    if block is not None:
+        out["peft_config"] = block
     return out
 
 

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
+
+from glm_ft.methods import METHODS, freeze, lora, ptuning_v2, sft
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 # Where model=tiny builds its random tiny ChatGLM3; no other missing model.path is ever built (conf/model/tiny.yaml).
@@ -21,33 +23,11 @@ TINY_MODEL_DIR = PROJECT_ROOT / ".cache" / "tiny-chatglm3"
 DEMO_MODEL_DIR = PROJECT_ROOT / ".cache" / "tiny-chatglm3-demo"
 
 
-# --- method group: one dataclass per method -------------------------------------------------------------------
+# --- method group: one dataclass per method, each in its own module (glm_ft/methods/) ----------------------------
 
-
-@dataclass
-class LoraMethod:
-    name: str = "lora"
-    peft_type: str = "LORA"
-    task_type: str = "CAUSAL_LM"
-    r: int = 8
-    lora_alpha: int = 32
-    lora_dropout: float = 0.1
-    # The documented YAML leaves this out because ChatGLM3 must use query_key_value; kept overridable.
-    target_modules: List[str] = field(default_factory=lambda: ["query_key_value"])
-
-
-@dataclass
-class PTuningV2Method:
-    name: str = "ptuning_v2"
-    peft_type: str = "PREFIX_TUNING"
-    task_type: str = "CAUSAL_LM"
-    num_virtual_tokens: int = 128
-    prefix_projection: bool = False
-
-
-@dataclass
-class SftMethod:
-    name: str = "sft"
+METHOD_SCHEMAS = {name: method.Schema for name, method in METHODS.items()}
+# The schema's names as they were before the methods had modules of their own.
+LoraMethod, PTuningV2Method, SftMethod, FreezeMethod = lora.Schema, ptuning_v2.Schema, sft.Schema, freeze.Schema
 
 
 # --- data and model groups ------------------------------------------------------------------------------------
@@ -172,8 +152,6 @@ class Config:
     # The final metric train.py returns to an Optuna sweep (set by conf/hparams_search/*); the job fails if missing.
     optimized_metric: Optional[str] = None
 
-
-METHOD_SCHEMAS = {"lora": LoraMethod, "ptuning_v2": PTuningV2Method, "sft": SftMethod}
 
 
 def register_configs() -> None:

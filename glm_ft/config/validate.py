@@ -17,9 +17,10 @@ from omegaconf.errors import OmegaConfBaseException
 
 from glm_ft.config import hf_choices
 from glm_ft.errors import ConfigError
-from glm_ft.config.keys import closest, unknown_key_message
+from glm_ft import methods
+from glm_ft.config.keys import closest, no_keys_message, unknown_key_message
 from glm_ft.config.paths import SPLIT_KEYS, InputPaths, input_paths, resolve_path
-from glm_ft.config.schema import METHOD_SCHEMAS, TINY_MODEL_DIR
+from glm_ft.config.schema import TINY_MODEL_DIR
 
 SEED_LIMIT = 2**32  # numpy's seed range (transformers' set_seed seeds numpy too)
 QUICKSTART_HINT = "or try the bundled tiny setup: python train.py experiment=quickstart"
@@ -30,7 +31,7 @@ def validate(cfg: DictConfig, *, check_paths: bool = True) -> InputPaths | None:
     (with check_paths)."""
     _check_finite(_resolved(cfg))
     _check_unknown_keys(cfg)
-    _check_method(cfg.method)
+    _check_method(cfg)
     _check_lengths(cfg)
     if not 0 <= cfg.seed < SEED_LIMIT:
         raise ConfigError(f"seed: must be in [0, 2**32), got {cfg.seed}")
@@ -61,9 +62,8 @@ def _check_unknown_keys(node: Any, prefix: str = "") -> None:
         for key in node.keys():
             if key not in allowed:
                 full = f"{prefix}{key}"
-                if prefix == "method." and node.get("name") == "sft":
-                    raise ConfigError(f"{full}: method=sft (full fine-tuning) takes no PEFT keys; drop '{full}' "
-                                      "or choose method=lora|ptuning_v2")
+                if prefix == "method." and allowed == ["name"]:
+                    raise ConfigError(no_keys_message(full, node.get("name")))
                 raise ConfigError(unknown_key_message(full, allowed))
     for key in node.keys():
         child = node._get_node(key)
@@ -71,29 +71,11 @@ def _check_unknown_keys(node: Any, prefix: str = "") -> None:
             _check_unknown_keys(child, f"{prefix}{key}.")
 
 
-def _check_method(method: DictConfig) -> None:
-    name = method.name
-    if name not in METHOD_SCHEMAS:
-        raise ConfigError(f"method.name: '{name}' is not one of {', '.join(METHOD_SCHEMAS)}")
-    expected = METHOD_SCHEMAS[name]()
-    for key in ("peft_type", "task_type"):
-        if key in method and method[key] != getattr(expected, key):
-            raise ConfigError(f"method.{key}: '{method[key]}' does not fit method={name} "
-                              f"(expected '{getattr(expected, key)}')")
-    if name == "lora":
-        if method.r <= 0:
-            raise ConfigError(f"method.r: must be > 0, got {method.r}")
-        if method.lora_alpha <= 0:
-            raise ConfigError(f"method.lora_alpha: must be > 0, got {method.lora_alpha}")
-        if not 0 <= method.lora_dropout < 1:
-            raise ConfigError(f"method.lora_dropout: must be in [0, 1), got {method.lora_dropout}")
-        if len(method.target_modules) == 0:
-            raise ConfigError("method.target_modules: must name at least one module (ChatGLM3: query_key_value)")
-    if name == "ptuning_v2" and method.num_virtual_tokens <= 0:
-        raise ConfigError(f"method.num_virtual_tokens: must be > 0, got {method.num_virtual_tokens}")
+def _check_method(cfg: DictConfig) -> None:
+    methods.get(cfg.method.name).validate(cfg.method, cfg)
 
 
-MODEL_DTYPES = ("auto", "float32", "bfloat16", "float16")
+MODEL_DTYPES = ("auto", *methods.DTYPE_NAMES)
 ATTENTION = ("sdpa", "eager")
 
 

@@ -19,12 +19,13 @@ import argparse
 import sys
 from typing import Any, TextIO
 
+from glm_ft.methods import DTYPE_NAMES
 from glm_ft.errors import GlmFtError
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m glm_ft chat", description=__doc__.splitlines()[0])
-    parser.add_argument("checkpoint", help="run folder, checkpoint folder (LoRA, P-Tuning v2, SFT) or model folder")
+    parser.add_argument("checkpoint", help="run folder, checkpoint folder (LoRA, P-Tuning v2, freeze, SFT) or model folder")
     parser.add_argument("--base-model", help="base model folder (default: the one recorded at training time)")
     parser.add_argument("--system", help="system prompt")
     parser.add_argument("--prompt", help="answer this one message on stdout and exit")
@@ -33,7 +34,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--temperature", type=float, help="with --do-sample")
     parser.add_argument("--top-p", type=float, help="with --do-sample")
     parser.add_argument("--seed", type=int, default=None, help="seed for sampling")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPE_NAMES])
     args = parser.parse_args(argv)
     if args.max_new_tokens < 1:
         parser.error("--max-new-tokens must be at least 1")

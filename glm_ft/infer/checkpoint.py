@@ -7,10 +7,11 @@ What a folder holds decides how it opens:
 - a run folder (`glm_ft_run.json`): its `final/`, or else its newest complete `checkpoint-N/`;
 - a LoRA checkpoint (`adapter_config.json`): the base model + the PEFT adapter;
 - a P-Tuning v2 checkpoint (`prefix_encoder.safetensors`): the base model + the prefix;
+- a freeze-tuning checkpoint (`trained_weights.safetensors`): the base model + the trained tensors;
 - a full model (`config.json` + weights): an SFT checkpoint, an exported model, the tiny model, or a whole-model
   P-Tuning v2 checkpoint of the reference demo (`pre_seq_len` in its config, the prefix among its weights).
 
-The base model is the one recorded in the run's `glm_ft_run.json` (for a LoRA adapter outside a run: the adapter's
+Each kind is a method's (glm_ft/methods/: `holds_checkpoint`, `load_onto`). The base model is the one recorded in the run's `glm_ft_run.json` (for a LoRA adapter outside a run: the adapter's
 `base_model_name_or_path`); `base_model=` overrides it. chat, predict and export all open checkpoints here.
 """
 
@@ -18,35 +19,32 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from glm_ft import methods
 from glm_ft.errors import CheckpointError
+from glm_ft.methods import freeze, lora, ptuning_v2, sft
+from glm_ft.methods.lora import ADAPTER_CONFIG
+from glm_ft.methods.ptuning_v2 import PREFIX_TENSOR
 from glm_ft.runs import COMPLETE_MARKER, PREFIX_WEIGHTS, RUN_INFO, is_complete, newest_complete
 
 log = logging.getLogger(__name__)
 
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-MODEL_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                 "pytorch_model.bin.index.json")
-PREFIX_TENSOR = "transformer.prefix_encoder.embedding.weight"
-
-LORA, PTUNING, FULL = "lora", "ptuning_v2", "full"
+LORA, PTUNING, FULL, FREEZE = lora.KIND, ptuning_v2.KIND, sft.KIND, freeze.KIND
 
 
 @dataclass(frozen=True)
 class Checkpoint:
     path: Path  # the folder that holds the trained weights
-    kind: str  # LORA, PTUNING or FULL
+    kind: str  # a method's KIND: LORA, PTUNING, FREEZE or FULL
     base_model: Path | None  # the model an adapter or prefix applies to; None for a full model
     tokenizer_dir: Path
     run_info: dict[str, Any] | None  # glm_ft_run.json of the run it belongs to, if any
 
     def describe(self) -> str:
-        what = {LORA: "LoRA adapter", PTUNING: "P-Tuning v2 prefix", FULL: "full model"}[self.kind]
+        what = methods.by_kind(self.kind).DESCRIPTION
         return f"{what} {self.path}" + (f" on {self.base_model}" if self.base_model else "")
 
 
@@ -76,7 +74,7 @@ def find_checkpoint(path: str | Path, base_model: str | Path | None = None) -> C
     kind = _kind(folder)
 
     base = None
-    if kind != FULL:
+    if not methods.by_kind(kind).WHOLE_MODEL:
         base = _base_model(folder, kind, run_dir, run_info, base_model)
     elif base_model is not None:
         log.warning("%s is a full model: --base-model %s is not used", folder, base_model)
@@ -87,15 +85,13 @@ def find_checkpoint(path: str | Path, base_model: str | Path | None = None) -> C
 
 
 def _kind(folder: Path) -> str:
-    if (folder / ADAPTER_CONFIG).is_file():
-        return LORA
-    if (folder / PREFIX_WEIGHTS).is_file():
-        return PTUNING
-    if (folder / "config.json").is_file() and any((folder / name).is_file() for name in MODEL_WEIGHTS):
-        return FULL
-    raise CheckpointError(
-        f"{folder}: holds no model: expected a glm-ft run folder ({RUN_INFO}), a LoRA checkpoint ({ADAPTER_CONFIG}), "
-        f"a P-Tuning v2 checkpoint ({PREFIX_WEIGHTS}) or a model folder (config.json + model.safetensors)")
+    kind = methods.kind_of(folder)
+    if kind is None:
+        raise CheckpointError(
+            f"{folder}: holds no model: expected a glm-ft run folder ({RUN_INFO}), a LoRA checkpoint "
+            f"({ADAPTER_CONFIG}), a P-Tuning v2 checkpoint ({PREFIX_WEIGHTS}), a freeze-tuning checkpoint "
+            f"({freeze.TRAINED_WEIGHTS}) or a model folder (config.json + model.safetensors)")
+    return kind
 
 
 def _base_model(folder: Path, kind: str, run_dir: Path | None, run_info: dict | None,
@@ -107,8 +103,8 @@ def _base_model(folder: Path, kind: str, run_dir: Path | None, run_info: dict | 
         return base
     if run_info is not None and run_info.get("base_model"):
         recorded, source = run_info["base_model"], run_dir / RUN_INFO
-    elif kind == LORA and _read_json(folder / ADAPTER_CONFIG).get("base_model_name_or_path"):
-        recorded, source = _read_json(folder / ADAPTER_CONFIG)["base_model_name_or_path"], folder / ADAPTER_CONFIG
+    elif methods.by_kind(kind).recorded_base(folder, _read_json):
+        recorded, source = methods.by_kind(kind).recorded_base(folder, _read_json), folder / ADAPTER_CONFIG
     else:
         raise CheckpointError(f"{folder}: no base model is recorded for this checkpoint; pass --base-model PATH")
     base = Path(recorded).expanduser()
@@ -137,40 +133,24 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def torch_dtype(name: str | None, device: str):
-    """None/"auto": bf16 (or fp16) on a GPU, fp32 on the CPU, where half precision is slow or unsupported."""
-    import torch
-
-    if name in (None, "auto"):
-        if device.startswith("cuda"):
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32
-    if name not in ("float32", "bfloat16", "float16"):
-        raise CheckpointError(f"dtype {name!r}: expected auto, float32, bfloat16 or float16")
-    return getattr(torch, name)
-
-
 def load_checkpoint(path: str | Path | Checkpoint, base_model: str | Path | None = None, *, dtype: str | None = None,
                     device: str | None = None, merge_lora: bool = False) -> Loaded:
     """Tokenizer and model in eval mode on `device` (default: the GPU if there is one). `path` may also be what
     find_checkpoint returned (then base_model is already in it).
 
-    A LoRA adapter stays a PeftModel unless `merge_lora`, which folds it into the base weights."""
+    A LoRA adapter stays a PeftModel unless `merge_lora`, which folds it into the base weights; other methods'
+    weights are in the model as loaded."""
     from glm_ft.model import load_base_model, load_tokenizer
 
     ckpt = path if isinstance(path, Checkpoint) else find_checkpoint(path, base_model)
     device = device or default_device()
-    dtype = torch_dtype(dtype, device)
+    dtype = methods.torch_dtype(dtype, device=device)
     tokenizer = load_tokenizer(ckpt.tokenizer_dir)
-    if ckpt.kind == FULL:
+    if ckpt.base_model is None:  # the folder is a whole model
         _check_prefix_weights(ckpt.path)
         model = load_base_model(ckpt.path, dtype)
     else:
-        model = load_base_model(ckpt.base_model, dtype)
-        if ckpt.kind == LORA:
-            model = _apply_lora(model, ckpt, merge_lora)
-        else:
-            model = _apply_prefix(model, ckpt)
+        model = methods.by_kind(ckpt.kind).load_onto(load_base_model(ckpt.base_model, dtype), ckpt, merge_lora)
     model.config.use_cache = True  # training switched it off, and an SFT checkpoint saved it that way
     model.to(device).eval()
     log.info("loaded %s", ckpt.describe())
@@ -207,77 +187,6 @@ def _weight_names(folder: Path) -> set[str]:
 def model_shape(config) -> str:
     return (f"num_layers {config.num_layers}, hidden_size {config.hidden_size}, "
             f"{config.num_key_value_heads} key/value groups of {config.kv_channels}")
-
-
-_LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
-_LAYER = re.compile(r"\.layers\.(\d+)\.")
-
-
-def check_adapter_fits(model, folder: Path, base: Path) -> None:
-    """Compare the adapter's tensor shapes and layers with the model before PEFT sees them: PEFT would report a
-    mismatch as a long multi-line size error, or silently leave the layers the adapter lacks unadapted."""
-    from safetensors import safe_open
-
-    weights = folder / ADAPTER_WEIGHTS
-    if not weights.is_file():
-        raise CheckpointError(f"{folder}: {ADAPTER_CONFIG} without {ADAPTER_WEIGHTS}")
-    modules = dict(model.named_modules())
-    cfg = model.config
-    what = f"the LoRA adapter {folder} was trained for another model shape than the base model {base}"
-    layers = set()
-    with safe_open(weights, framework="pt") as f:
-        for key in f.keys():
-            match = _LORA_KEY.match(key)
-            if match is None:
-                continue
-            name = match["module"]
-            layers.update(int(i) for i in _LAYER.findall(name))
-            target = modules.get(name)
-            if target is None:
-                raise CheckpointError(f"{what}: it adapts {name}, which the base model ({model_shape(cfg)}) lacks")
-            shape = list(f.get_slice(key).get_shape())
-            r = shape[0] if match["ab"] == "A" else shape[1]
-            expected = [r, target.in_features] if match["ab"] == "A" else [target.out_features, r]
-            if shape != expected:
-                raise CheckpointError(f"{what}: {key} is {shape} in the adapter but {expected} for this model "
-                                      f"({model_shape(cfg)})")
-    if layers and len(layers) != cfg.num_layers:
-        raise CheckpointError(f"{what}: the adapter covers {len(layers)} layers, the base model has {cfg.num_layers}")
-
-
-def _apply_lora(model, ckpt: Checkpoint, merge: bool):
-    from peft import PeftModel
-
-    check_adapter_fits(model, ckpt.path, ckpt.base_model)
-    try:
-        model = PeftModel.from_pretrained(model, str(ckpt.path), is_trainable=False)
-    except (OSError, ValueError, RuntimeError, KeyError) as err:
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(
-            f"{ckpt.path}: cannot load the LoRA adapter onto {ckpt.base_model}: {first_line}") from err
-    return model.merge_and_unload() if merge else model
-
-
-def _apply_prefix(model, ckpt: Checkpoint):
-    from safetensors import safe_open
-
-    from glm_ft.chatglm3.prefix import load_prefix
-
-    cfg = model.config
-    kv_size = cfg.num_layers * 2 * cfg.num_key_value_heads * cfg.kv_channels
-    with safe_open(ckpt.path / PREFIX_WEIGHTS, framework="pt") as f:
-        shape = list(f.get_slice(PREFIX_TENSOR).get_shape()) if PREFIX_TENSOR in f.keys() else None
-    if shape is None:
-        raise CheckpointError(f"{ckpt.path / PREFIX_WEIGHTS}: holds no {PREFIX_TENSOR}")
-    if len(shape) != 2 or shape[1] != kv_size:
-        raise CheckpointError(
-            f"the P-Tuning v2 prefix {ckpt.path} was trained for another model shape than the base model "
-            f"{ckpt.base_model}: its {PREFIX_TENSOR} is {shape}, this model needs [{shape[0]}, {kv_size}] "
-            f"(= [num_virtual_tokens, num_layers·2·groups·kv_channels]; {model_shape(cfg)})")
-    try:
-        return load_prefix(model, ckpt.path)
-    except ValueError as err:  # the base model carries a prefix of another size already
-        raise CheckpointError(f"{ckpt.path}: cannot attach the prefix to {ckpt.base_model}: {err}") from err
 
 
 def generation_config(tokenizer, max_new_tokens: int, *, do_sample: bool = False, temperature: float | None = None,

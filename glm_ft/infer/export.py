@@ -3,6 +3,7 @@
     python -m glm_ft export outputs/2026-11-27/12-00-00 exported/ [--max-shard-size 2GB] [--dtype float16]
 
 - LoRA: the adapter is merged into the base weights (PEFT merge_and_unload);
+- freeze tuning: the trained tensors replace the base model's;
 - P-Tuning v2: base weights + `transformer.prefix_encoder.embedding.weight`, with `pre_seq_len` and
   `prefix_projection` in config.json, as the reference demo saved it;
 - a full model (SFT checkpoint, any model folder): re-saved, resharded, in the chosen dtype.
@@ -24,13 +25,14 @@ import re
 import sys
 from pathlib import Path
 
+from glm_ft import methods
 from glm_ft.atomic import folder_atomic
 # The published config.json (with tiny sizes) and tokenizer_config.json's auto_map (remote code never run here).
 from glm_ft.chatglm3.tiny import TINY_CONFIG, TOKENIZER_AUTO_MAP
-from glm_ft.infer.checkpoint import FULL, LORA, find_checkpoint, load_checkpoint, torch_dtype
+from glm_ft.infer.checkpoint import find_checkpoint, load_checkpoint
 from glm_ft.errors import CheckpointError, GlmFtError
 
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = methods.DTYPE_NAMES
 FORMATS = ("chatglm3", "hf")
 INDEX = "model.safetensors.index.json"
 
@@ -127,7 +129,7 @@ def export_state_dict(model, dtype) -> dict:
 
 def default_dtype(ckpt) -> str:
     """The dtype the weights came in (the published checkpoint: float16), else float32."""
-    source = ckpt.path if ckpt.kind == FULL else ckpt.base_model
+    source = ckpt.base_model or ckpt.path
     try:
         config = json.loads((source / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -163,7 +165,7 @@ def export(checkpoint: str | Path, out_dir: str | Path, *, base_model: str | Pat
     # up to one rounding.
     loaded = load_checkpoint(ckpt, dtype=dtype_name, device="cpu", merge_lora=True)
     model = loaded.model
-    dtype_obj = torch_dtype(dtype_name, "cpu")
+    dtype_obj = methods.torch_dtype(dtype_name, device="cpu")
 
     with folder_atomic(out) as staging:
         if fmt == "hf":
@@ -194,7 +196,7 @@ def _save_tokenizer(tokenizer, out: Path) -> None:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m glm_ft export", description=__doc__.splitlines()[0])
-    parser.add_argument("checkpoint", help="run folder, checkpoint folder (LoRA, P-Tuning v2, SFT) or model folder")
+    parser.add_argument("checkpoint", help="run folder, checkpoint folder (LoRA, P-Tuning v2, freeze, SFT) or model folder")
     parser.add_argument("out_dir", help="new folder for the exported model")
     parser.add_argument("--base-model", help="base model folder (default: the one recorded at training time)")
     parser.add_argument("--max-shard-size", default="2GB", help="largest safetensors shard (default 2GB)")
@@ -217,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     except GlmFtError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    merged = " (merged)" if ckpt.kind == LORA else ""
+    merged = "" if methods.by_kind(ckpt.kind).WHOLE_MODEL else " (merged)"
     print(f"exported {ckpt.describe()}{merged} → {out}")
     return 0
 

@@ -18,27 +18,18 @@ from pathlib import Path
 
 from transformers import GlmConfig
 
+from glm_ft import methods
 from glm_ft.chatglm3.fast_tokenizer import STOP_TOKENS, save_fast_tokenizer
 from glm_ft.chatglm3.glm_layout import glm_config_kwargs, to_glm_state_dict
 from glm_ft.errors import CheckpointError
-from glm_ft.infer.checkpoint import FULL, PTUNING
 from glm_ft.infer.export import save_weights
-
-PTUNING_REFUSAL = ("P-Tuning v2 cannot be exported with --format hf: transformers' GlmForCausalLM has no prefix "
-                   "encoder; export it in the THUDM layout (the default, --format chatglm3) or serve it with "
-                   "`python -m glm_ft serve RUN`")
 
 
 def check_exportable(ckpt) -> None:
-    """Refuse, before anything loads, what the GLM layout cannot hold."""
-    has_prefix = ckpt.kind == PTUNING
-    if ckpt.kind == FULL:
-        try:
-            has_prefix = bool(json.loads((ckpt.path / "config.json").read_text(encoding="utf-8")).get("pre_seq_len"))
-        except (OSError, ValueError):
-            has_prefix = False  # the loader reports a bad config.json with its own message
-    if has_prefix:
-        raise CheckpointError(PTUNING_REFUSAL)
+    """Refuse, before anything loads, what the GLM layout cannot hold (each method says: `hf_export_refusal`)."""
+    refusal = methods.by_kind(ckpt.kind).hf_export_refusal(ckpt)
+    if refusal is not None:
+        raise CheckpointError(refusal)
 
 
 def glm_config_dict(model_config, dtype_name: str) -> dict:

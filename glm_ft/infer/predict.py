@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from glm_ft.methods import DTYPE_NAMES
 from glm_ft.errors import GlmFtError
 
 log = logging.getLogger(__name__)
@@ -103,7 +104,7 @@ def predict(checkpoint, data_file: str | Path, out: str | Path, *, base_model: s
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m glm_ft predict", description=__doc__.splitlines()[0])
-    parser.add_argument("checkpoint", help="run folder, checkpoint folder (LoRA, P-Tuning v2, SFT) or model folder")
+    parser.add_argument("checkpoint", help="run folder, checkpoint folder (LoRA, P-Tuning v2, freeze, SFT) or model folder")
     parser.add_argument("data_file", help=".jsonl or .json file of conversations or AdvertiseGen rows")
     parser.add_argument("--out", default="predictions.jsonl", help="predictions file; test_metrics.json goes beside it")
     parser.add_argument("--base-model", help="base model folder (default: the one recorded at training time)")
@@ -111,7 +112,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-input-length", type=int, help="default: the run's, else 256")
     parser.add_argument("--max-output-length", type=int, help="reference length; default: the run's, else 512")
     parser.add_argument("--max-new-tokens", type=int, help="default: --max-output-length")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPE_NAMES])
     args = parser.parse_args(argv)
     for name in ("batch_size", "max_new_tokens", "max_output_length"):
         if getattr(args, name) is not None and getattr(args, name) < 1:

@@ -22,6 +22,7 @@ import time
 import uuid
 from typing import Any
 
+from glm_ft.methods import DTYPE_NAMES
 from glm_ft.errors import GlmFtError
 from glm_ft.runs import FINAL
 
@@ -222,13 +223,13 @@ async def _stream(engine: Engine, ids: list[int], gen, seed, completion_id: str,
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m glm_ft serve", description=__doc__.splitlines()[0])
-    parser.add_argument("checkpoint", help="run folder, checkpoint folder (LoRA, P-Tuning v2, SFT) or model folder")
+    parser.add_argument("checkpoint", help="run folder, checkpoint folder (LoRA, P-Tuning v2, freeze, SFT) or model folder")
     parser.add_argument("--base-model", help="base model folder (default: the one recorded at training time)")
     parser.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--model-name", help="the model id the API reports (default: the checkpoint folder's name)")
     parser.add_argument("--max-new-tokens", type=int, default=512, help="default max_tokens of a request")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPE_NAMES])
     args = parser.parse_args(argv)
     if args.max_new_tokens < 1:
         parser.error("--max-new-tokens must be at least 1")

@@ -26,7 +26,7 @@ from typing import Any, Iterator, Mapping
 
 from omegaconf import DictConfig
 
-from glm_ft import dist
+from glm_ft import dist, methods
 from glm_ft.runs import CURVES_FILE, EVAL_PREDICTIONS, FINAL, PREDICTIONS
 from glm_ft.tracking.lifecycle import close_run, end_run, previous_run
 from glm_ft.tracking.params import MAX_RUN_NAME, fit_tags, flatten_config, metric_name, run_tags, split_long_values
@@ -114,7 +114,7 @@ class Tracker:
         tracking.log_full_model=true (gigabytes of weights in the artifact store are rarely what anyone wants)."""
         path = Path(path)
         self.set_tags({"glm_ft.model_path": str(path.resolve())})
-        if self.cfg.method.name == "sft" and not self.cfg.tracking.log_full_model:
+        if methods.get(self.cfg.method.name).WHOLE_MODEL and not self.cfg.tracking.log_full_model:
             return
         self.log_artifact(path, "model")
 

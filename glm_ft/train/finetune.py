@@ -4,8 +4,8 @@
     python train.py method=lora model.path=/models/chatglm3-6b data.data_dir=/data/AdvertiseGen
     torchrun --nproc_per_node 2 train.py method=sft deepspeed=zero3 ... # several GPUs (or CPU processes, gloo)
 
-Checkpoints hold only what was trained (LoRA adapter, P-Tuning v2 prefix, or the full model for SFT), as
-safetensors. A checkpoint counts once `glm_ft_complete` is written into it, so `resume=auto` never picks up one
+Checkpoints hold only what was trained (LoRA adapter, P-Tuning v2 prefix, freeze-tuned tensors, or the full model
+for SFT; each method's module in glm_ft/methods/ saves and reloads its own), as safetensors. A checkpoint counts once `glm_ft_complete` is written into it, so `resume=auto` never picks up one
 that a crash left half-written.
 """
 
@@ -115,7 +115,7 @@ def _train(cfg: DictConfig, run_dir: Path, paths: dict[str, Path], where: InputP
     trainer = GlmTrainer(
         model=model, args=args, train_dataset=data.train, eval_dataset=data.val if has_eval else None,
         data_collator=collator, processing_class=tokenizer,
-        compute_metrics=metrics_fn(tokenizer, stop_ids), method=cfg.method.name, gen_config=gen_config,
+        compute_metrics=metrics_fn(tokenizer, stop_ids), method=cfg.method, gen_config=gen_config,
         eval_predictions=run_dir / EVAL_PREDICTIONS, callbacks=callbacks,
     )
 

@@ -20,8 +20,7 @@ from transformers import Seq2SeqTrainer, TrainerCallback
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from transformers.trainer_utils import EvalLoopOutput, EvalPrediction
 
-from glm_ft import dist
-from glm_ft.chatglm3.prefix import load_prefix, save_prefix
+from glm_ft import dist, methods
 from glm_ft.errors import CheckpointError, GlmFtError
 from glm_ft.runs import checkpoint_dir, last_complete_checkpoint, mark_complete
 from glm_ft.train.evaluation import SAMPLE_INDEX, Indexed, in_sample_order, write_predictions
@@ -44,9 +43,9 @@ class GlmTrainer(Seq2SeqTrainer):
     and each row carries its sample index, so order and uniqueness hold by construction (`in_sample_order`).
     """
 
-    def __init__(self, *args, method: str, gen_config, eval_predictions: Path | None = None, **kwargs):
+    def __init__(self, *args, method, gen_config, eval_predictions: Path | None = None, **kwargs):
         super().__init__(*args, **kwargs)
-        self.method = method
+        self.method = method  # the method's config (cfg.method); its module saves, loads, builds the optimizer
         self.gen_config = gen_config
         # Where the last evaluation's outputs are written (rank 0), so what was scored can be read.
         self.eval_predictions = eval_predictions
@@ -105,18 +104,24 @@ class GlmTrainer(Seq2SeqTrainer):
             return super()._save_checkpoint(model, trial)
 
     def _save(self, output_dir: str | None = None, state_dict=None):
-        if self.method != "ptuning_v2":
-            return super()._save(output_dir, state_dict)
         output_dir = output_dir or self.args.output_dir
         os.makedirs(output_dir, exist_ok=True)
-        save_prefix(self.accelerator.unwrap_model(self.model), output_dir)
+        if not methods.get(self.method.name).save(self.accelerator.unwrap_model(self.model), output_dir):
+            return super()._save(output_dir, state_dict)
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-        if self.method != "ptuning_v2":
+        unwrapped = self.accelerator.unwrap_model(model or self.model)
+        if not methods.get(self.method.name).load_for_resume(unwrapped, resume_from_checkpoint):
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
-        load_prefix(self.accelerator.unwrap_model(model or self.model), resume_from_checkpoint)
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is None:  # the method's own optimizer (LoRA+), else the Trainer's
+            self.optimizer = methods.get(self.method.name).create_optimizer(self.model if model is None else model,
+                                                                           self.args, self.method)
+        return super().create_optimizer(model) if self.optimizer is None else self.optimizer
+
 
 class Watchdog(TrainerCallback):
     """Marks finished checkpoints and stops on a NaN loss, naming the step."""

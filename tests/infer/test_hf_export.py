@@ -123,7 +123,7 @@ def test_ptuning_is_refused_before_loading_with_the_alternative_named(runs, refe
         assert main([str(source), str(tmp_path / "out"), "--format", "hf"]) == 1
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1
-        assert "P-Tuning v2" in err and "--format chatglm3" in err and "glm_ft.infer.serve" in err
+        assert "P-Tuning v2" in err and "--format chatglm3" in err and "python -m glm_ft serve" in err
     assert list(tmp_path.iterdir()) == []
     with pytest.raises(CheckpointError, match="format 'gguf'"):
         export(runs["lora"], tmp_path / "x", fmt="gguf")

@@ -1,0 +1,67 @@
+"""Fine-tuning methods, one module each, found here by name (`method.name`, the conf/method/*.yaml file).
+
+A method module holds everything that differs between methods:
+- config: `Schema` (the dataclass Hydra composes into), `validate(method, cfg)` (one line naming the key),
+  `peft_config(values)` (its block in finetune.yaml, or None), `SUMMARY`;
+- model: `apply(model, method, seed)` (what becomes trainable), `FROZEN_BASE` (may the frozen base sit in the
+  mixed-precision dtype: the dtype policy below), `create_optimizer(model, args, method)` (None: the Trainer's);
+- checkpoints: `save(model, dir)` / `load_for_resume(model, dir)` (False: the Trainer's own), `KIND`,
+  `DESCRIPTION`, `holds_checkpoint(folder)`, `WHOLE_MODEL` (a checkpoint is a model folder, else it opens on the
+  base), `recorded_base(folder, read_json)`, `load_onto(base_model, ckpt, merge)` (chat, predict, serve, export),
+  `hf_export_refusal(ckpt)`.
+Nothing outside this package compares a method name. Adding a method: a module here, listed in METHODS, its
+conf/method/NAME.yaml and tests/methods/test_NAME.py.
+
+The modules import only light things at top level: glm_ft.config builds its schema and validation from this
+registry, and a bad value must be refused before torch, transformers or peft are imported (tests/test_bad_input.py);
+torch and peft are imported inside the functions that apply, save and load weights.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import ModuleType
+
+from glm_ft.errors import CheckpointError, ConfigError
+from glm_ft.methods import freeze, lora, ptuning_v2, sft
+
+METHODS: dict[str, ModuleType] = {m.NAME: m for m in (lora, ptuning_v2, sft, freeze)}
+# Checkpoint kind -> method; `holds_checkpoint` is tried in this order, a plain model folder (sft) last.
+_BY_KIND: dict[str, ModuleType] = {m.KIND: m for m in (lora, ptuning_v2, freeze, sft)}
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
+
+
+def get(name: str) -> ModuleType:
+    if name not in METHODS:
+        raise ConfigError(f"method.name: '{name}' is not one of {', '.join(METHODS)}")
+    return METHODS[name]
+
+
+def by_kind(kind: str) -> ModuleType:
+    return _BY_KIND[kind]
+
+
+def kind_of(folder: Path) -> str | None:
+    """The checkpoint kind a folder holds (what its files say), or None."""
+    return next((kind for kind, method in _BY_KIND.items() if method.holds_checkpoint(folder)), None)
+
+
+def torch_dtype(name: str | None, *, method: str | None = None, bf16: bool = False, fp16: bool = False,
+                device: str = "cpu"):
+    """The one dtype policy. A name wins; "auto" (or None) means:
+    - training (`method` given): the frozen base of a method with FROZEN_BASE in the mixed-precision dtype the
+      Trainer computes in (memory), fp32 for methods that train base weights (AMP / DeepSpeed keep fp32 masters);
+    - inference: bf16 (fp16 where the GPU lacks bf16) on a GPU, fp32 on the CPU, where half precision is slow."""
+    import torch
+
+    if name in (None, "auto"):
+        if method is not None:
+            name = ("bfloat16" if bf16 else "float16" if fp16 else "float32") if get(method).FROZEN_BASE \
+                else "float32"
+        elif device.startswith("cuda"):
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        else:
+            name = "float32"
+    if name not in DTYPE_NAMES:
+        raise CheckpointError(f"dtype {name!r}: expected auto, {', '.join(DTYPE_NAMES)}")
+    return getattr(torch, name)
