@@ -54,7 +54,9 @@ def greedy_generate(model, input_ids, attention_mask, generation_config):
     core = _core_model(model)
     stops = generation_config.eos_token_id
     stops = torch.tensor([stops] if isinstance(stops, int) else list(stops or []), device=input_ids.device)
-    pad = generation_config.pad_token_id if generation_config.pad_token_id is not None else 0
+    pad = generation_config.pad_token_id
+    if pad is None:  # generate() pads with the first stop id then
+        pad = int(stops[0]) if len(stops) else 0
     batch = input_ids.shape[0]
     out = torch.full((batch, generation_config.max_new_tokens), pad, dtype=torch.long, device=input_ids.device)
     rows = torch.arange(batch, device=input_ids.device)  # the original row of each row still in the batch
