@@ -2,7 +2,8 @@
 
 - glm_ft: the Trainer path glm-ft evaluates and predicts with: its trainer class's `predict` over the test split,
   `Collator` batches in file order (glm-ft's evaluation sampler is sequential whatever `group_by_length` says, so
-  the batches are the baseline's), `model.generate` with glm-ft's generation config (stop on eos, <|user|> or
+  the batches are the baseline's), glm-ft's greedy decoding in which finished rows leave the batch and KV cache
+  (glm_ft/train/generation.py; `model.generate`'s ids) with glm-ft's generation config (stop on eos, <|user|> or
   <|observation|>), the configured attention (SDPA by default); its rows come back in file order, one per prompt;
 - baseline: the reference demo's approach (finetune_hf.py): batches in file order padded by
   `DataCollatorForSeq2Seq(padding="longest")`, greedy `generate` with the stop set it configured (eos, <|user|>,

@@ -237,7 +237,10 @@ class Bench:
         sides = {}
         variants = {"baseline": {}, "glm_ft": {},
                     # a setting either side could change; shown for how decoding on this CPU scales with batch size
-                    "glm_ft_larger_batch": {"side": "glm_ft", "eval_batch_size": cfg["larger_eval_batch_size"]}}
+                    "glm_ft_larger_batch": {"side": "glm_ft", "eval_batch_size": cfg["larger_eval_batch_size"]},
+                    # finished rows leave the batch (glm_ft/train/generation.py), so one batch of every prompt
+                    # wastes no decode slot on rows that stopped
+                    "glm_ft_whole_set": {"side": "glm_ft", "eval_batch_size": cfg["prompts"]}}
         for name, extra in variants.items():
             log(f"generation {name}")
             sides[name] = self.side({**spec, "side": name, **extra})
@@ -316,6 +319,8 @@ RATIO_SOURCES = {
     "eval_generated_tokens_per_s": ("generation", "generated_tokens_per_s", "glm_ft", "baseline"),
     "eval_larger_batch_generated_tokens_per_s": ("generation", "generated_tokens_per_s", "glm_ft_larger_batch",
                                                  "baseline"),
+    "eval_whole_set_generated_tokens_per_s": ("generation", "generated_tokens_per_s", "glm_ft_whole_set",
+                                              "baseline"),
     "preprocessing_rows_per_s": ("preprocessing", "rows_per_s", "glm_ft", "baseline"),
     "preprocessing_warm_rows_per_s": ("preprocessing", "rows_per_s", "glm_ft_warm", "baseline"),
     # times: baseline / glm-ft, so that > 1 means glm-ft is faster
@@ -387,6 +392,10 @@ def table(figures: dict[str, Any], ratios: dict[str, Any]) -> list[dict[str, Any
             _get(figures, "generation", "baseline", "generated_tokens_per_s"),
             _get(figures, "generation", "glm_ft_larger_batch", "generated_tokens_per_s"),
             ratios.get("eval_larger_batch_generated_tokens_per_s"))
+        add(f"eval generated tokens/s, tiny, one batch of all {figures['generation'].get('outputs')} prompts",
+            "tokens/s", _get(figures, "generation", "baseline", "generated_tokens_per_s"),
+            _get(figures, "generation", "glm_ft_whole_set", "generated_tokens_per_s"),
+            ratios.get("eval_whole_set_generated_tokens_per_s"))
         base_slots = _get(figures, "generation", "baseline", "decode_slots")
         base_tokens = _get(figures, "generation", "baseline", "generated_tokens")
         add("eval: generated tokens / decoded row-steps (baseline batches)", "fraction",

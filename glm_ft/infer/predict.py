@@ -47,6 +47,7 @@ def generate_all(model, tokenizer, samples: list[dict[str, Any]], generation_con
     import torch
 
     from glm_ft.train.evaluation import Collator
+    from glm_ft.train.generation import generate
 
     collate = Collator(tokenizer.pad_token_id)
     order = sorted(range(len(samples)), key=lambda i: len(samples[i]["input_ids"]))
@@ -56,9 +57,8 @@ def generate_all(model, tokenizer, samples: list[dict[str, Any]], generation_con
         batch = collate([samples[i] for i in chunk])
         input_ids = batch["input_ids"].to(model.device)
         with torch.no_grad():
-            generated = model.generate(input_ids=input_ids, attention_mask=batch["attention_mask"].to(model.device),
-                                       generation_config=generation_config)
-        for i, row in zip(chunk, generated[:, input_ids.shape[1]:].tolist()):
+            generated = generate(model, input_ids, batch["attention_mask"].to(model.device), generation_config)
+        for i, row in zip(chunk, generated.tolist()):
             outputs[i] = row
         log.info("generated %d of %d", min(start + batch_size, len(order)), len(order))
     return outputs

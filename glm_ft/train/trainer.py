@@ -24,6 +24,7 @@ from glm_ft import dist, methods
 from glm_ft.errors import CheckpointError, GlmFtError
 from glm_ft.runs import checkpoint_dir, last_complete_checkpoint, mark_complete
 from glm_ft.train.evaluation import SAMPLE_INDEX, Indexed, in_sample_order, write_predictions
+from glm_ft.train.generation import generate
 from glm_ft.train.metrics import prefix_metrics
 
 log = logging.getLogger(__name__)
@@ -69,11 +70,11 @@ class GlmTrainer(Seq2SeqTrainer):
         # accelerate autocasts the wrapped model's forward, but a PEFT model's generate calls the base
         # model's forward, which would run the adapter outside the training precision.
         with torch.no_grad(), self.accelerator.autocast():
-            generated = model.generate(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
-                                       generation_config=self.gen_config,
-                                       synced_gpus=is_deepspeed_zero3_enabled())
+            # Finished rows leave the batch (glm_ft/train/generation.py); same ids as model.generate.
+            generated = generate(model, inputs["input_ids"], inputs["attention_mask"], self.gen_config,
+                                 synced_gpus=is_deepspeed_zero3_enabled())
         # The index rides with the labels through padding, gathering and concatenation.
-        return None, generated[:, inputs["input_ids"].shape[1]:], (index, labels)
+        return None, generated, (index, labels)
 
     def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
                         metric_key_prefix="eval"):
