@@ -184,11 +184,6 @@ def _weight_names(folder: Path) -> set[str]:
                               f"({type(err).__name__})") from err
 
 
-def model_shape(config) -> str:
-    return (f"num_layers {config.num_layers}, hidden_size {config.hidden_size}, "
-            f"{config.num_key_value_heads} key/value groups of {config.kv_channels}")
-
-
 def generation_config(tokenizer, max_new_tokens: int, *, do_sample: bool = False, temperature: float | None = None,
                       top_p: float | None = None):
     """Inference's settings: greedy unless do_sample; stops on eos, <|user|> and <|observation|> as ChatGLM3 does."""

@@ -39,3 +39,8 @@ def zero_stage(cfg) -> int | None:
     if cfg.deepspeed is None:
         return None
     return (cfg.deepspeed.get("zero_optimization") or {}).get("stage")
+
+
+def model_shape(config) -> str:
+    return (f"num_layers {config.num_layers}, hidden_size {config.hidden_size}, "
+            f"{config.num_key_value_heads} key/value groups of {config.kv_channels}")

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, List, Optional
 
 from glm_ft.errors import CheckpointError
-from glm_ft.methods.common import changed_or_listed, check_fixed, defaults, require, zero_stage
+from glm_ft.methods.common import model_shape, changed_or_listed, check_fixed, defaults, require, zero_stage
 
 NAME = "lora"
 KIND = "lora"
@@ -99,7 +99,7 @@ def peft_config(values: dict) -> dict:
 
 
 def lora_config(method):
-    from glm_ft.infer.adapter_config import PortableLoraConfig
+    from glm_ft.methods.adapter_config import PortableLoraConfig
 
     return PortableLoraConfig(task_type="CAUSAL_LM", r=method.r, lora_alpha=method.lora_alpha,
                               lora_dropout=method.lora_dropout, target_modules=list(method.target_modules),
@@ -188,7 +188,6 @@ def check_adapter_fits(model, folder: Path, base: Path) -> None:
     mismatch as a long multi-line size error, or silently leave the layers the adapter lacks unadapted."""
     from safetensors import safe_open
 
-    from glm_ft.infer.checkpoint import model_shape
 
     weights = folder / ADAPTER_WEIGHTS
     if not weights.is_file():

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from glm_ft.errors import CheckpointError, ConfigError
-from glm_ft.methods.common import changed_or_listed, check_fixed, defaults, require
+from glm_ft.methods.common import model_shape, changed_or_listed, check_fixed, defaults, require
 from glm_ft.runs import PREFIX_WEIGHTS
 
 NAME = "ptuning_v2"
@@ -98,7 +98,6 @@ def load_onto(model, ckpt, merge: bool):
     from safetensors import safe_open
 
     from glm_ft.chatglm3.prefix import load_prefix
-    from glm_ft.infer.checkpoint import model_shape
 
     cfg = model.config
     kv_size = cfg.num_layers * 2 * cfg.num_key_value_heads * cfg.kv_channels

@@ -54,18 +54,21 @@ def ensure_demo_model(path: str | os.PathLike = DEMO_MODEL_DIR) -> Path:
 def _build(tiny: Path, out: Path) -> None:
     import torch
 
+    from glm_ft.chatglm3.modeling import ChatGLMForConditionalGeneration
+    from glm_ft.chatglm3.tokenization import ChatGLMTokenizer
     from glm_ft.data.dataset import build_train_sample, read_conversations
     from glm_ft.train.evaluation import Collator
-    from glm_ft.model import load_base_model, load_tokenizer
 
-    tokenizer = load_tokenizer(tiny)
+    # The native classes directly (not glm_ft.model, which builds this base on demand): the tiny model is ours.
+    tokenizer = ChatGLMTokenizer.from_pretrained(str(tiny))
     rows = read_conversations(SAMPLE_TRAIN)[:RECIPE["rows"]]
     half = RECIPE["max_length"] // 2
     samples = [build_train_sample(row.messages, tokenizer, half, half) for row in rows]
     collate = Collator(tokenizer.pad_token_id)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(RECIPE["seed"])
-        model = load_base_model(tiny, torch.float32)
+        model = ChatGLMForConditionalGeneration.from_pretrained(str(tiny), dtype=torch.float32,
+                                                                attn_implementation="sdpa")
         model.train()
         optimizer = torch.optim.AdamW(model.parameters(), lr=RECIPE["learning_rate"])
         order = torch.randperm(len(samples)).tolist()
