@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import logging
 
-import jieba
-from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
-from rouge_score.rouge_scorer import RougeScorer
+# jieba, rouge-score and NLTK (which rouge-score imports whole, scipy.stats included) are imported where a score
+# is computed: together ~2 s and ~60 MiB of imports that training's first step need not wait for
+# (bench/README.md, start-up), and a run that never scores never loads them.
 
 METRIC_NAMES = ("rouge-1", "rouge-2", "rouge-l", "bleu-4")
 _ROUGE_TYPES = {"rouge-1": "rouge1", "rouge-2": "rouge2", "rouge-l": "rougeL"}
@@ -27,6 +27,8 @@ class JiebaTokenizer:
     Chinese as 0."""
 
     def __init__(self) -> None:
+        import jieba
+
         # jieba logs its dictionary loading at DEBUG to stderr on first use
         jieba.setLogLevel(logging.WARNING)
         self._cut = jieba.cut
@@ -42,6 +44,9 @@ def compute_metrics(predictions: list[str], references: list[str]) -> dict[str, 
     totals = dict.fromkeys(METRIC_NAMES, 0.0)
     if not predictions:
         return totals
+
+    from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
+    from rouge_score.rouge_scorer import RougeScorer
 
     tokenizer = JiebaTokenizer()
     scorer = RougeScorer(list(_ROUGE_TYPES.values()), tokenizer=tokenizer)

@@ -96,3 +96,16 @@ def test_no_samples_gives_zeros():
 
 def test_prefix_metrics():
     assert prefix_metrics({"rouge-1": 1.5, "bleu-4": 0.1}, "eval") == {"eval_rouge-1": 1.5, "eval_bleu-4": 0.1}
+
+
+def test_training_does_not_wait_on_the_scorers_imports():
+    """jieba, rouge-score and NLTK load when a score is first computed, not when training's modules load."""
+    import subprocess
+    import sys
+
+    code = ("import sys, glm_ft.train.finetune, glm_ft.train.evaluation; "
+            "print(sorted(m for m in ('jieba', 'nltk', 'rouge_score') if m in sys.modules)); "
+            "from glm_ft.train.metrics import compute_metrics; compute_metrics(['这条裙子'], ['这条裙子']); "
+            "print(sorted(m for m in ('jieba', 'nltk', 'rouge_score') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")
+    assert out[:2] == ["[]", "['jieba', 'nltk', 'rouge_score']"]
