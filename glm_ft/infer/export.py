@@ -30,11 +30,11 @@ from glm_ft.atomic import folder_atomic
 # The published config.json (with tiny sizes) and tokenizer_config.json's auto_map (remote code never run here).
 from glm_ft.chatglm3.tiny import TINY_CONFIG, TOKENIZER_AUTO_MAP
 from glm_ft.infer.checkpoint import find_checkpoint, load_checkpoint
+from glm_ft.infer.weights import save_weights
 from glm_ft.errors import CheckpointError, GlmFtError
 
 DTYPES = methods.DTYPE_NAMES
 FORMATS = ("chatglm3", "hf")
-INDEX = "model.safetensors.index.json"
 
 # Tensor names of the published checkpoint (its model.safetensors.index.json), plus the P-Tuning v2 prefix.
 _ORIGINAL_NAME = re.compile(
@@ -78,39 +78,6 @@ def original_tokenizer_config(saved: dict, chat_template: str | None, token_ids:
     if chat_template is not None:
         config["chat_template"] = chat_template  # the published file keeps it here, not in chat_template.jinja
     return dict(sorted(config.items()))
-
-
-def shard(state: dict, max_shard_size: int) -> list[dict]:
-    """Tensors in model order, packed greedily into shards of at most max_shard_size bytes (a bigger tensor gets
-    a shard of its own)."""
-    shards: list[dict] = [{}]
-    size = 0
-    for name, tensor in state.items():
-        nbytes = tensor.numel() * tensor.element_size()
-        if shards[-1] and size + nbytes > max_shard_size:
-            shards.append({})
-            size = 0
-        shards[-1][name] = tensor
-        size += nbytes
-    return shards
-
-
-def save_weights(state: dict, out: Path, max_shard_size: int) -> list[str]:
-    from safetensors.torch import save_file
-
-    shards = shard(state, max_shard_size)
-    weight_map, total = {}, 0
-    files = []
-    for i, tensors in enumerate(shards, 1):
-        file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file({k: v.contiguous() for k, v in tensors.items()}, out / file, metadata={"format": "pt"})
-        files.append(file)
-        for name, tensor in tensors.items():
-            weight_map[name] = file
-            total += tensor.numel() * tensor.element_size()
-    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-    (out / INDEX).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
-    return files
 
 
 def export_state_dict(model, dtype) -> dict:

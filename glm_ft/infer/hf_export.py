@@ -22,7 +22,7 @@ from glm_ft import methods
 from glm_ft.chatglm3.fast_tokenizer import STOP_TOKENS, save_fast_tokenizer
 from glm_ft.chatglm3.glm_layout import glm_config_kwargs, to_glm_state_dict
 from glm_ft.errors import CheckpointError
-from glm_ft.infer.export import save_weights
+from glm_ft.infer.weights import save_weights
 
 
 def check_exportable(ckpt) -> None:
