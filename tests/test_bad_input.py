@@ -79,6 +79,9 @@ BAD_VALUES = {
     "method.num_trainable_layers": [["-1", "method=freeze"], ["0", "method=freeze"]],
     "method.trainable_modules": [["[' ']", "method=freeze"]],
     "deepspeed": [["zero3", "method=freeze"]],
+    # a switch: the typed config would read any number or word as true
+    "method.use_dora": [["2", "method=lora"], ["yes", "method=lora"]],
+    "training_args.bf16": [["0"], ["on"]],
 }
 BAD_CASES = [(key, [f"{key}={value}", *extra]) for key, values in BAD_VALUES.items() for value, *extra in values]
 
@@ -232,7 +235,8 @@ def test_misspelt_keys_get_the_closest_valid_ones(args, expect, tmp_path):
 @pytest.mark.parametrize("args", [["hydra/launcher=joblib_gpus", "--cfg", "job"], ["--cfg", "job", "+seed2=1"],
                                   ["-m", "method.r=4,8", "--cfg", "job"], ["deepspeed=zero2", "--cfg", "job"],
                                   ["deepspeed=zero2", "deepspeed.zero_optimization.stage=2", "--cfg", "job"],
-                                  ["hparams_search=lora_optuna", "--cfg", "job"]])
+                                  ["hparams_search=lora_optuna", "--cfg", "job"],
+                                  ["-m", "method.use_dora=true,false", "--cfg", "job"], ["training_args.bf16=False", "--cfg", "job"]])
 def test_valid_command_lines_pass_the_key_check(args, tmp_path):
     flags = [a for a in args if a.startswith("-") or a == "job"]
     out = probe_train([*flags, "method=lora", *[a for a in args if a not in flags]], tmp_path)

@@ -72,6 +72,18 @@ def check_key(key: str, methods: tuple[str, ...] | None = None) -> str | None:
     return None
 
 
+def key_type(key: str, methods: tuple[str, ...] | None = None) -> Any:
+    """The schema type of a known dotted key (bool, int, a dataclass, ...); None when unknown or free-form."""
+    node: Any = None
+    children: dict[str, Any] | None = _top_level()
+    for part in key.split("."):
+        if children is None or part not in children:
+            return None
+        node = children[part]
+        children = _children(node, methods or tuple(METHOD_SCHEMAS))
+    return node
+
+
 def _method_key_message(key: str, part: str, methods: tuple[str, ...]) -> str:
     owners = [m for m in METHOD_SCHEMAS if part in _fields(METHOD_SCHEMAS[m])]
     if len(methods) == 1 and list(_fields(METHOD_SCHEMAS[methods[0]])) == ["name"]:

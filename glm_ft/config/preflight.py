@@ -2,6 +2,8 @@
 
 - a misspelt key (`method.rank=8`, `training_args.max_step=10`): glm-ft's one line with the closest valid keys,
   instead of Hydra's hint to append the key with `+`;
+- a switch given anything but true or false (`method.use_dora=2`, `training_args.bf16=yes`): the typed config
+  would take any number or word as true;
 - `method=NAME` with no conf/method/NAME.yaml;
 - `resume=auto` with a `hydra.run.dir` that does not exist: there is nothing to resume, and Hydra would create the
   folder and start afresh;
@@ -21,7 +23,7 @@ from hydra.core.override_parser.types import Override, OverrideType
 from hydra.errors import OverrideParseException
 
 from glm_ft.errors import ConfigError
-from glm_ft.config.keys import check_key
+from glm_ft.config.keys import check_key, key_type
 from glm_ft.config.schema import METHOD_SCHEMAS, PROJECT_ROOT
 
 CONF = PROJECT_ROOT / "conf"
@@ -42,6 +44,7 @@ def check_command_line(argv: list[str]) -> None:
             problem = check_key(override.key_or_group, methods)
             if problem:
                 raise ConfigError(problem)
+            _check_switch(override, methods)
     values = {o.key_or_group: o for o in overrides if o.type == OverrideType.CHANGE and not o.is_sweep_override()}
     # hparams_search configs set hydra.mode=MULTIRUN themselves.
     multirun = any(a in ("-m", "--multirun") for a in argv) or _value(values.get("hparams_search")) is not None
@@ -69,6 +72,18 @@ def _check_method_options(overrides: list[Override], argv: list[str]) -> None:
             for value in values:
                 if isinstance(value, str) and "${" not in value and value not in options:
                     raise ConfigError(f"method={value}: no such method; choose one of {', '.join(options)}")
+
+
+def _check_switch(override: Override, methods: tuple[str, ...] | None) -> None:
+    """OmegaConf turns 2 or 'yes' into True for a bool field; the user most likely meant something else."""
+    if key_type(override.key_or_group, methods) is not bool:
+        return
+    values = list(override.sweep_string_iterator()) if override.is_sweep_override() else [override.value()]
+    for value in values:
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            continue  # what a sweep's value strings look like
+        if not isinstance(value, bool) and not (isinstance(value, str) and "${" in value):
+            raise ConfigError(f"{override.key_or_group}: must be true or false, got {value!r}")
 
 
 def _value(override: Override | None):
