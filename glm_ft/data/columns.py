@@ -2,9 +2,10 @@
 
 The samples are exactly `build_train_sample`'s (glm_ft/data/dataset.py), row by row; tests/data/test_columns.py
 holds the two equal on rows of every shape the formats allow. What differs is where the per-token work happens:
-SentencePiece encodes every message text in one call, its ids are copied once into a numpy buffer, and the
+SentencePiece encodes the message texts in a few large calls, its ids are copied once into a numpy buffer, and the
 samples are laid out by index arithmetic over all rows together (no Python list per sample, no list of lists for
-Arrow to convert). Rows go through in chunks so that only one chunk's Python ids are alive at a time.
+Arrow to convert). SentencePiece's Python lists live one chunk of texts at a time, and the samples are laid out
+a chunk of rows at a time, so memory holds the rows, their ids as int32 and the finished columns, little more.
 """
 
 from __future__ import annotations
@@ -18,13 +19,16 @@ import pyarrow as pa
 from glm_ft.data.rows import Conversation
 
 IGNORE_INDEX = -100
-CHUNK_ROWS = 8192  # rows encoded and laid out together: big enough to amortise each call, small enough for memory
+# rows laid out, texts encoded together: big enough to amortise each call, small enough for memory
+CHUNK_ROWS = 8192
+CHUNK_TEXTS = 16384
 
 
 def encode_flat(messages: Sequence, tokenizer, threads: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """Every message's ids (as `build_single_message` gives them), concatenated, and each message's length.
 
-    ChatGLM3's own tokenizer encodes all the texts in one SentencePiece call on `threads` threads and puts each
+    ChatGLM3's own tokenizer encodes every distinct text once (datasets repeat texts: AdvertiseGen's keyword
+    prompts, system prompts), CHUNK_TEXTS texts to a SentencePiece call on `threads` threads, and puts each
     message's `<|role|>` + metadata head in front by one gather (few distinct heads); any other tokenizer goes
     message by message."""
     from glm_ft.chatglm3.tokenization import ChatGLMTokenizer, message_text
@@ -34,23 +38,27 @@ def encode_flat(messages: Sequence, tokenizer, threads: int = 1) -> tuple[np.nda
         from glm_ft.data.dataset import _message_ids
 
         return _flatten([_message_ids(tokenizer, m) for m in messages])
-    texts, head_of, heads = [], [], {}
+    texts, text_of, heads, head_of = {}, [], {}, []
     for m in messages:
-        texts.append(message_text(m.role, m.content, m.tools))
+        text_of.append(texts.setdefault(message_text(m.role, m.content, m.tools), len(texts)))
         head_of.append(heads.setdefault((m.role, m.metadata), len(heads)))
-    text_values, text_lengths = _flatten(tokenizer.sp_model.encode(texts, num_threads=threads))
+    texts = list(texts)
+    encoded = [_flatten(tokenizer.sp_model.encode(texts[at:at + CHUNK_TEXTS], num_threads=threads))
+               for at in range(0, len(texts), CHUNK_TEXTS)]
+    text_values = np.concatenate([values for values, _ in encoded] or [np.empty(0, np.int32)])
+    text_lengths = np.concatenate([lengths for _, lengths in encoded] or [np.empty(0, np.int64)])
     head_values, head_lengths = _flatten([tokenizer.build_single_message(role, metadata, "")
                                           for role, metadata in heads])
-    head_of = np.asarray(head_of, dtype=np.int64)
+    text_of, head_of = np.asarray(text_of, dtype=np.int64), np.asarray(head_of, dtype=np.int64)
     # source = heads then texts; segments alternate: message i's head, message i's text
-    starts = np.empty(2 * len(texts), dtype=np.int64)
-    lengths = np.empty(2 * len(texts), dtype=np.int64)
+    starts = np.empty(2 * len(messages), dtype=np.int64)
+    lengths = np.empty(2 * len(messages), dtype=np.int64)
     starts[0::2] = _starts(head_lengths)[head_of]
     lengths[0::2] = head_lengths[head_of]
-    starts[1::2] = len(head_values) + _starts(text_lengths)
-    lengths[1::2] = text_lengths
+    starts[1::2] = len(head_values) + _starts(text_lengths)[text_of]
+    lengths[1::2] = text_lengths[text_of]
     values = _gather(np.concatenate([head_values, text_values]), starts, lengths)
-    return values, head_lengths[head_of] + text_lengths
+    return values, lengths[0::2] + lengths[1::2]
 
 
 def train_table(conversations: Sequence[Conversation], tokenizer, threads: int, max_input_length: int,
@@ -60,15 +68,21 @@ def train_table(conversations: Sequence[Conversation], tokenizer, threads: int, 
     truncated."""
     prefix = np.asarray(tokenizer.get_prefix_tokens(), dtype=np.int64)
     eos = int(tokenizer.eos_token_id)
+    messages = [m for conversation in conversations for m in conversation.messages]
+    values, lengths = encode_flat(messages, tokenizer, threads)
+    loss = np.fromiter((m.carries_loss for m in messages), dtype=bool, count=len(messages))
+    counts = np.fromiter(map(len, (c.messages for c in conversations)), dtype=np.int64, count=len(conversations))
+    del messages
+    # where each row's messages, and each message's ids, begin (one past the end appended)
+    first_message = np.concatenate([_starts(counts), [len(lengths)]])
+    first_value = np.concatenate([_starts(lengths), [len(values)]])
     batches, truncated = [], 0
     for at in range(0, len(conversations), CHUNK_ROWS):
-        chunk = conversations[at:at + CHUNK_ROWS]
-        messages = [m for conversation in chunk for m in conversation.messages]
-        values, lengths = encode_flat(messages, tokenizer, threads)
-        counts = np.fromiter(map(len, (c.messages for c in chunk)), dtype=np.int64, count=len(chunk))
-        loss = np.fromiter((m.carries_loss for m in messages), dtype=bool, count=len(messages))
-        ids, labels, sample_lengths, cut = _lay_out(values, lengths, loss, counts, prefix, eos,
-                                                    max_input_length + max_output_length + 1)
+        end = min(at + CHUNK_ROWS, len(conversations))
+        m0, m1 = first_message[at], first_message[end]
+        ids, labels, sample_lengths, cut = _lay_out(
+            values[first_value[m0]:first_value[m1]], lengths[m0:m1], loss[m0:m1], counts[at:end], prefix, eos,
+            max_input_length + max_output_length + 1)
         offsets = pa.array(np.concatenate([[0], np.cumsum(sample_lengths)]), type=pa.int32())
         # input_ids as int32, as `datasets` itself stores a column of that name; labels as the int64 it infers
         batches.append(pa.RecordBatch.from_arrays(
@@ -84,7 +98,7 @@ def _lay_out(values, lengths, loss, counts, prefix, eos, limit):
     many kept samples were cut."""
     rows, n_messages = len(counts), len(lengths)
     # each conversation is a run of segments: prefix, its messages, eos; all point into one source buffer
-    source = np.concatenate([values, prefix, [eos]])
+    source = np.concatenate([values, prefix, [eos]])  # int64, as the labels
     first_segment = _starts(counts + 2)
     first_message = _starts(counts)
     message_segment = np.arange(n_messages) + np.repeat(first_segment + 1 - first_message, counts)
@@ -111,7 +125,7 @@ def _lay_out(values, lengths, loss, counts, prefix, eos, limit):
 
 def _flatten(lists: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
     lengths = np.fromiter(map(len, lists), dtype=np.int64, count=len(lists))
-    values = np.fromiter(itertools.chain.from_iterable(lists), dtype=np.int64, count=int(lengths.sum()))
+    values = np.fromiter(itertools.chain.from_iterable(lists), dtype=np.int32, count=int(lengths.sum()))
     return values, lengths
 
 

@@ -35,6 +35,7 @@ ROWS = [
     {"instruction": "Translate", "input": "你好", "output": "Hello", "system": "Be brief.",  # alpaca
      "history": [["hi", "hello!"]]},
     {"instruction": "类型#裙", "input": "", "output": "一条红裙。"},
+    {"content": "类型#裙", "summary": "一条红裙。"},  # the same texts again: encoded once, used twice
     {"conversations": [{"from": "human", "value": "北京天气?"}, {"from": "function_call", "value": "get_weather"},
                        {"from": "observation", "value": "22"}, {"from": "gpt", "value": "22 度"}],  # sharegpt
      "tools": json.dumps(TOOLS), "system": "你是助手"},
@@ -82,11 +83,13 @@ def _rows_file(path: Path) -> Path:
     return path
 
 
-@pytest.mark.parametrize("chunk_rows", [columns.CHUNK_ROWS, 3])
+@pytest.mark.parametrize("chunk", [None, 3])
 @pytest.mark.parametrize("max_input_length, max_output_length", LIMITS)
-def test_train_table_equals_row_at_a_time(tokenizer, tmp_path, monkeypatch, chunk_rows, max_input_length,
+def test_train_table_equals_row_at_a_time(tokenizer, tmp_path, monkeypatch, chunk, max_input_length,
                                           max_output_length):
-    monkeypatch.setattr(columns, "CHUNK_ROWS", chunk_rows)
+    if chunk:  # rows laid out and texts encoded 3 at a time: every boundary case in a few rows
+        monkeypatch.setattr(columns, "CHUNK_ROWS", chunk)
+        monkeypatch.setattr(columns, "CHUNK_TEXTS", chunk)
     conversations = read_conversations(_rows_file(tmp_path / "rows.jsonl"))
     assert len(conversations) == len(ROWS)
     limit = max_input_length + max_output_length + 1
