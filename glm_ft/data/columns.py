@@ -4,14 +4,16 @@ The samples are exactly `build_train_sample`'s (glm_ft/data/dataset.py), row by 
 holds the two equal on rows of every shape the formats allow. What differs is where the per-token work happens:
 SentencePiece encodes the message texts in a few large calls, its ids are copied once into a numpy buffer, and the
 samples are laid out by index arithmetic over all rows together (no Python list per sample, no list of lists for
-Arrow to convert). SentencePiece's Python lists live one chunk of texts at a time, and the samples are laid out
-a chunk of rows at a time, so memory holds the rows, their ids as int32 and the finished columns, little more.
+Arrow to convert). Each distinct piece of ids (a text, a role head) is held once, as int32; SentencePiece's Python
+lists live one chunk of texts at a time and samples are laid out a chunk of rows at a time, so memory holds the
+rows, the pieces and the finished columns, little more.
 """
 
 from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -22,43 +24,55 @@ IGNORE_INDEX = -100
 # rows laid out, texts encoded together: big enough to amortise each call, small enough for memory
 CHUNK_ROWS = 8192
 CHUNK_TEXTS = 16384
+PREFIX, EOS = 0, 1  # the pool's first two pieces
 
 
-def encode_flat(messages: Sequence, tokenizer, threads: int = 1) -> tuple[np.ndarray, np.ndarray]:
-    """Every message's ids (as `build_single_message` gives them), concatenated, and each message's length.
+@dataclass
+class Pool:
+    """Distinct pieces of ids, each stored once: `[gMASK] sop`, eos, each `<|role|>` + metadata head, each text.
+    Message i is piece head_of[i] followed by piece text_of[i]."""
+
+    values: np.ndarray  # int32, every piece's ids one after another
+    starts: np.ndarray  # per piece
+    lengths: np.ndarray
+    head_of: np.ndarray  # per message
+    text_of: np.ndarray
+
+    def messages(self) -> list[list[int]]:
+        pieces = [self.values[s:s + n].tolist() for s, n in zip(self.starts.tolist(), self.lengths.tolist())]
+        return [pieces[h] + pieces[t] for h, t in zip(self.head_of.tolist(), self.text_of.tolist())]
+
+
+def encode_pool(messages: Sequence, tokenizer, threads: int = 1) -> Pool:
+    """Every message's ids (as `build_single_message` gives them), as a Pool.
 
     ChatGLM3's own tokenizer encodes every distinct text once (datasets repeat texts: AdvertiseGen's keyword
-    prompts, system prompts), CHUNK_TEXTS texts to a SentencePiece call on `threads` threads, and puts each
-    message's `<|role|>` + metadata head in front by one gather (few distinct heads); any other tokenizer goes
-    message by message."""
+    prompts, system prompts), CHUNK_TEXTS texts to a SentencePiece call on `threads` threads; the heads are few.
+    Any other tokenizer goes message by message, each message a piece of its own after an empty head."""
     from glm_ft.chatglm3.tokenization import ChatGLMTokenizer, message_text
 
+    pieces = [list(tokenizer.get_prefix_tokens()), [tokenizer.eos_token_id]]
     if not (isinstance(tokenizer, ChatGLMTokenizer)
             and type(tokenizer).build_single_message is ChatGLMTokenizer.build_single_message):
         from glm_ft.data.dataset import _message_ids
 
-        return _flatten([_message_ids(tokenizer, m) for m in messages])
-    texts, text_of, heads, head_of = {}, [], {}, []
+        pieces.append([])
+        values, lengths = _flatten(pieces + [_message_ids(tokenizer, m) for m in messages])
+        return Pool(values, _starts(lengths), lengths, np.full(len(messages), len(pieces) - 1, dtype=np.int64),
+                    np.arange(len(pieces), len(pieces) + len(messages), dtype=np.int64))
+    heads, head_of, texts, text_of = {}, [], {}, []
     for m in messages:
+        head_of.append(heads.setdefault((m.role, m.metadata), len(pieces) + len(heads)))
         text_of.append(texts.setdefault(message_text(m.role, m.content, m.tools), len(texts)))
-        head_of.append(heads.setdefault((m.role, m.metadata), len(heads)))
+    pieces += [tokenizer.build_single_message(role, metadata, "") for role, metadata in heads]
     texts = list(texts)
-    encoded = [_flatten(tokenizer.sp_model.encode(texts[at:at + CHUNK_TEXTS], num_threads=threads))
-               for at in range(0, len(texts), CHUNK_TEXTS)]
-    text_values = np.concatenate([values for values, _ in encoded] or [np.empty(0, np.int32)])
-    text_lengths = np.concatenate([lengths for _, lengths in encoded] or [np.empty(0, np.int64)])
-    head_values, head_lengths = _flatten([tokenizer.build_single_message(role, metadata, "")
-                                          for role, metadata in heads])
-    text_of, head_of = np.asarray(text_of, dtype=np.int64), np.asarray(head_of, dtype=np.int64)
-    # source = heads then texts; segments alternate: message i's head, message i's text
-    starts = np.empty(2 * len(messages), dtype=np.int64)
-    lengths = np.empty(2 * len(messages), dtype=np.int64)
-    starts[0::2] = _starts(head_lengths)[head_of]
-    lengths[0::2] = head_lengths[head_of]
-    starts[1::2] = len(head_values) + _starts(text_lengths)[text_of]
-    lengths[1::2] = text_lengths[text_of]
-    values = _gather(np.concatenate([head_values, text_values]), starts, lengths)
-    return values, lengths[0::2] + lengths[1::2]
+    parts = [_flatten(pieces)] + [_flatten(tokenizer.sp_model.encode(texts[at:at + CHUNK_TEXTS],
+                                                                     num_threads=threads))
+                                  for at in range(0, len(texts), CHUNK_TEXTS)]
+    values = np.concatenate([values for values, _ in parts])
+    lengths = np.concatenate([lengths for _, lengths in parts])
+    return Pool(values, _starts(lengths), lengths, np.asarray(head_of, dtype=np.int64),
+                len(pieces) + np.asarray(text_of, dtype=np.int64))
 
 
 def train_table(conversations: Sequence[Conversation], tokenizer, threads: int, max_input_length: int,
@@ -66,51 +80,42 @@ def train_table(conversations: Sequence[Conversation], tokenizer, threads: int, 
     """input_ids and labels of every conversation's training sample as an Arrow table, leaving out samples whose
     targets were all cut off (they would add nothing but a NaN-prone empty loss), and how many kept ones were
     truncated."""
-    prefix = np.asarray(tokenizer.get_prefix_tokens(), dtype=np.int64)
-    eos = int(tokenizer.eos_token_id)
     messages = [m for conversation in conversations for m in conversation.messages]
-    values, lengths = encode_flat(messages, tokenizer, threads)
+    pool = encode_pool(messages, tokenizer, threads)
     loss = np.fromiter((m.carries_loss for m in messages), dtype=bool, count=len(messages))
     counts = np.fromiter(map(len, (c.messages for c in conversations)), dtype=np.int64, count=len(conversations))
     del messages
-    # where each row's messages, and each message's ids, begin (one past the end appended)
-    first_message = np.concatenate([_starts(counts), [len(lengths)]])
-    first_value = np.concatenate([_starts(lengths), [len(values)]])
+    first_message = np.concatenate([_starts(counts), [len(loss)]])  # one past the end appended
     batches, truncated = [], 0
     for at in range(0, len(conversations), CHUNK_ROWS):
         end = min(at + CHUNK_ROWS, len(conversations))
-        m0, m1 = first_message[at], first_message[end]
-        ids, labels, sample_lengths, cut = _lay_out(
-            values[first_value[m0]:first_value[m1]], lengths[m0:m1], loss[m0:m1], counts[at:end], prefix, eos,
-            max_input_length + max_output_length + 1)
+        chunk = slice(first_message[at], first_message[end])
+        ids, labels, sample_lengths, cut = _lay_out(pool, pool.head_of[chunk], pool.text_of[chunk], loss[chunk],
+                                                    counts[at:end], max_input_length + max_output_length + 1)
         offsets = pa.array(np.concatenate([[0], np.cumsum(sample_lengths)]), type=pa.int32())
         # input_ids as int32, as `datasets` itself stores a column of that name; labels as the int64 it infers
         batches.append(pa.RecordBatch.from_arrays(
-            [pa.ListArray.from_arrays(offsets, pa.array(ids.astype(np.int32))),
-             pa.ListArray.from_arrays(offsets, pa.array(labels))], names=["input_ids", "labels"]))
+            [pa.ListArray.from_arrays(offsets, pa.array(ids)), pa.ListArray.from_arrays(offsets, pa.array(labels))],
+            names=["input_ids", "labels"]))
         truncated += cut
     return pa.Table.from_batches(batches), truncated
 
 
-def _lay_out(values, lengths, loss, counts, prefix, eos, limit):
+def _lay_out(pool, head_of, text_of, loss, counts, limit):
     """`[gMASK] sop` + every message + eos per conversation, cut to `limit` tokens; token i is a target iff token
-    i-1 belongs to a message that carries loss. Returns the kept samples' ids, labels and lengths (flat) and how
-    many kept samples were cut."""
-    rows, n_messages = len(counts), len(lengths)
-    # each conversation is a run of segments: prefix, its messages, eos; all point into one source buffer
-    source = np.concatenate([values, prefix, [eos]])  # int64, as the labels
-    first_segment = _starts(counts + 2)
-    first_message = _starts(counts)
-    message_segment = np.arange(n_messages) + np.repeat(first_segment + 1 - first_message, counts)
-    eos_segment = first_segment + counts + 1
-    starts = np.empty(n_messages + 2 * rows, dtype=np.int64)
-    seg_lengths = np.empty_like(starts)
-    seg_loss = np.zeros(len(starts), dtype=bool)
-    starts[first_segment], seg_lengths[first_segment] = len(values), len(prefix)
-    starts[eos_segment], seg_lengths[eos_segment] = len(values) + len(prefix), 1
-    starts[message_segment], seg_lengths[message_segment] = _starts(lengths), lengths
-    seg_loss[message_segment] = loss
-    ids = _gather(source, starts, seg_lengths)
+    i-1 belongs to a message that carries loss. Returns the kept samples' ids (int32), labels (int64) and lengths
+    (flat), and how many kept samples were cut."""
+    # each conversation is a run of pieces: prefix, then head and text of each message, then eos
+    first_segment = _starts(2 * counts + 2)
+    head_segment = 2 * np.arange(len(head_of)) + np.repeat(first_segment + 1 - 2 * _starts(counts), counts)
+    piece = np.empty(len(head_of) * 2 + 2 * len(counts), dtype=np.int64)
+    piece[first_segment] = PREFIX
+    piece[first_segment + 2 * counts + 1] = EOS
+    piece[head_segment], piece[head_segment + 1] = head_of, text_of
+    seg_loss = np.zeros(len(piece), dtype=bool)
+    seg_loss[head_segment] = seg_loss[head_segment + 1] = loss
+    seg_lengths = pool.lengths[piece]
+    ids = _gather(pool.values, pool.starts[piece], seg_lengths)
     target = np.zeros(len(ids), dtype=bool)
     target[1:] = np.repeat(seg_loss, seg_lengths)[:-1]  # a row's first token follows the eos before it: never one
     full = np.add.reduceat(seg_lengths, first_segment)
@@ -119,7 +124,7 @@ def _lay_out(values, lengths, loss, counts, prefix, eos, limit):
     has_target = np.add.reduceat(target & keep, row_start, dtype=np.int64) > 0
     keep &= np.repeat(has_target, full)
     sample_lengths = np.minimum(full, limit)[has_target]
-    labels = np.where(target, ids, IGNORE_INDEX)
+    labels = np.where(target, ids.astype(np.int64), IGNORE_INDEX)
     return ids[keep], labels[keep], sample_lengths, int(np.count_nonzero(full[has_target] > limit))
 
 

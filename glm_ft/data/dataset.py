@@ -23,14 +23,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from glm_ft.atomic import folder_atomic
 from glm_ft.data import columns as data_columns
 from glm_ft.data import formats as data_formats
 from glm_ft.data import rows as reading
 from glm_ft.errors import DataError
-from glm_ft.data.columns import encode_flat, train_table
+from glm_ft.data.columns import IGNORE_INDEX, encode_pool, train_table
 from glm_ft.data.rows import ROLES, Conversation, Message, ReadReport, read_conversations, read_rows
 
 # The reading side is re-exported: callers know it as glm_ft.data.
@@ -38,8 +36,6 @@ __all__ = ["IGNORE_INDEX", "ROLES", "Conversation", "DataBundle", "Message", "Re
            "build_train_sample", "load_datasets", "read_conversations", "read_rows", "tokenizer_fingerprint"]
 
 logger = logging.getLogger(__name__)
-
-IGNORE_INDEX = -100
 
 
 @dataclass
@@ -129,9 +125,8 @@ def _message_ids(tokenizer, message: Message) -> list[int]:
 
 def encode_messages(conversations: Sequence[Conversation], tokenizer, threads: int = 1) -> list[list[list[int]]]:
     """Every message's ids (as `build_single_message` gives them), per conversation, encoded together
-    (`columns.encode_flat`: one SentencePiece call on `threads` threads, no worker processes)."""
-    values, lengths = encode_flat([m for c in conversations for m in c.messages], tokenizer, threads)
-    flat = [part.tolist() for part in np.split(values, np.cumsum(lengths)[:-1])] if len(lengths) else []
+    (`columns.encode_pool`: large SentencePiece calls on `threads` threads, no worker processes)."""
+    flat = encode_pool([m for c in conversations for m in c.messages], tokenizer, threads).messages()
     out, at = [], 0
     for conversation in conversations:
         out.append(flat[at:at + len(conversation.messages)])
