@@ -66,32 +66,46 @@ def encode_pool(messages: Sequence, tokenizer, threads: int = 1) -> Pool:
         text_of.append(texts.setdefault(message_text(m.role, m.content, m.tools), len(texts)))
     pieces += [tokenizer.build_single_message(role, metadata, "") for role, metadata in heads]
     texts = list(texts)
-    parts = [_flatten(pieces)] + [_flatten(tokenizer.sp_model.encode(texts[at:at + CHUNK_TEXTS],
-                                                                     num_threads=threads))
-                                  for at in range(0, len(texts), CHUNK_TEXTS)]
+    # As bytes: handed a str, the binding leaves a UTF-8 copy cached inside it for as long as the row lives.
+    parts = [_flatten(pieces)] + [
+        _flatten(tokenizer.sp_model.encode([text.encode() for text in texts[at:at + CHUNK_TEXTS]],
+                                           num_threads=threads))
+        for at in range(0, len(texts), CHUNK_TEXTS)]
     values = np.concatenate([values for values, _ in parts])
     lengths = np.concatenate([lengths for _, lengths in parts])
     return Pool(values, _starts(lengths), lengths, np.asarray(head_of, dtype=np.int64),
                 len(pieces) + np.asarray(text_of, dtype=np.int64))
 
 
-def train_table(conversations: Sequence[Conversation], tokenizer, threads: int, max_input_length: int,
-                max_output_length: int) -> tuple[pa.Table, int]:
-    """input_ids and labels of every conversation's training sample as an Arrow table, leaving out samples whose
-    targets were all cut off (they would add nothing but a NaN-prone empty loss), and how many kept ones were
-    truncated."""
+@dataclass
+class EncodedRows:
+    """What the training samples are made of, without the rows themselves (which can then be let go)."""
+
+    pool: Pool
+    loss: np.ndarray  # per message: does it carry loss
+    counts: np.ndarray  # per row: how many messages
+
+
+def encode_rows(conversations: Sequence[Conversation], tokenizer, threads: int = 1) -> EncodedRows:
     messages = [m for conversation in conversations for m in conversation.messages]
-    pool = encode_pool(messages, tokenizer, threads)
-    loss = np.fromiter((m.carries_loss for m in messages), dtype=bool, count=len(messages))
-    counts = np.fromiter(map(len, (c.messages for c in conversations)), dtype=np.int64, count=len(conversations))
-    del messages
-    first_message = np.concatenate([_starts(counts), [len(loss)]])  # one past the end appended
+    return EncodedRows(
+        encode_pool(messages, tokenizer, threads),
+        np.fromiter((m.carries_loss for m in messages), dtype=bool, count=len(messages)),
+        np.fromiter(map(len, (c.messages for c in conversations)), dtype=np.int64, count=len(conversations)))
+
+
+def train_table(rows: EncodedRows, max_input_length: int, max_output_length: int) -> tuple[pa.Table, int]:
+    """input_ids and labels of every row's training sample as an Arrow table, leaving out samples whose targets
+    were all cut off (they would add nothing but a NaN-prone empty loss), and how many kept ones were truncated."""
+    pool, counts = rows.pool, rows.counts
+    first_message = np.concatenate([_starts(counts), [len(rows.loss)]])  # one past the end appended
     batches, truncated = [], 0
-    for at in range(0, len(conversations), CHUNK_ROWS):
-        end = min(at + CHUNK_ROWS, len(conversations))
+    for at in range(0, len(counts), CHUNK_ROWS):
+        end = min(at + CHUNK_ROWS, len(counts))
         chunk = slice(first_message[at], first_message[end])
-        ids, labels, sample_lengths, cut = _lay_out(pool, pool.head_of[chunk], pool.text_of[chunk], loss[chunk],
-                                                    counts[at:end], max_input_length + max_output_length + 1)
+        ids, labels, sample_lengths, cut = _lay_out(pool, pool.head_of[chunk], pool.text_of[chunk],
+                                                    rows.loss[chunk], counts[at:end],
+                                                    max_input_length + max_output_length + 1)
         offsets = pa.array(np.concatenate([[0], np.cumsum(sample_lengths)]), type=pa.int32())
         # input_ids as int32, as `datasets` itself stores a column of that name; labels as the int64 it infers
         batches.append(pa.RecordBatch.from_arrays(

@@ -28,7 +28,7 @@ from glm_ft.data import columns as data_columns
 from glm_ft.data import formats as data_formats
 from glm_ft.data import rows as reading
 from glm_ft.errors import DataError
-from glm_ft.data.columns import IGNORE_INDEX, encode_pool, train_table
+from glm_ft.data.columns import IGNORE_INDEX, encode_pool, encode_rows, train_table
 from glm_ft.data.rows import ROLES, Conversation, Message, ReadReport, read_conversations, read_rows
 
 # The reading side is re-exported: callers know it as glm_ft.data.
@@ -239,10 +239,14 @@ def _preprocess(path, kind, tokenizer, max_input_length, max_output_length, skip
         threads = max(1, min(num_proc, os.cpu_count() or 1))
         counts = {"rows_read": report.rows_read, "rows_skipped": len(report.skipped), "rows_used": len(rows)}
         if kind == "train":
-            table, truncated = train_table(rows, tokenizer, threads, max_input_length, max_output_length)
+            encoded = encode_rows(rows, tokenizer, threads)
+            del report, rows  # their ids are all in `encoded`: no need to hold both while the columns are built
+            table, truncated = train_table(encoded, max_input_length, max_output_length)
+            del encoded
             # the cache key names the content: hashing the whole table again for a fingerprint would be waste
             dataset = datasets.Dataset(table, fingerprint=target.name)
-            counts.update(samples=len(dataset), dropped_no_target=len(rows) - len(dataset), truncated=truncated)
+            counts.update(samples=len(dataset), dropped_no_target=counts["rows_used"] - len(dataset),
+                          truncated=truncated)
         else:
             columns = _eval_columns(rows, encode_messages(rows, tokenizer, threads), tokenizer, max_input_length,
                                     max_output_length)
@@ -250,7 +254,7 @@ def _preprocess(path, kind, tokenizer, max_input_length, max_output_length, skip
             counts.update(samples=len(dataset), inputs_truncated=sum(columns["input_truncated"]),
                           outputs_truncated=sum(columns["output_truncated"]))
             dataset = dataset.remove_columns(["input_truncated", "output_truncated"])
-        del report, rows
+            del report, rows
         _save_atomically(dataset, counts, target)
     return counts
 

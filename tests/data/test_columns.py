@@ -95,8 +95,8 @@ def test_train_table_equals_row_at_a_time(tokenizer, tmp_path, monkeypatch, chun
     limit = max_input_length + max_output_length + 1
     expected, expected_truncated = reference_samples(conversations, tokenizer, limit)
     for threads in (1, 2):
-        table, truncated = columns.train_table(conversations, tokenizer, threads, max_input_length,
-                                               max_output_length)
+        table, truncated = columns.train_table(columns.encode_rows(conversations, tokenizer, threads),
+                                               max_input_length, max_output_length)
         got = list(zip(table.column("input_ids").to_pylist(), table.column("labels").to_pylist()))
         assert got == expected and truncated == expected_truncated
     # and the per-row definition agrees, sample for sample
@@ -118,7 +118,7 @@ def test_another_tokenizer_class_goes_message_by_message(tiny, tmp_path):
 
     other = Subclass(vocab_file=str(tiny.vocab_file))
     conversations = read_conversations(_rows_file(tmp_path / "rows.jsonl"))
-    table, _ = columns.train_table(conversations, other, 1, 512, 512)
+    table, _ = columns.train_table(columns.encode_rows(conversations, other), 512, 512)
     assert Subclass.calls == sum(len(c.messages) for c in conversations)
     got = list(zip(table.column("input_ids").to_pylist(), table.column("labels").to_pylist()))
     assert got == reference_samples(conversations, tiny, 1025)[0]
