@@ -32,7 +32,7 @@ _SCAN = json.JSONDecoder().scan_once  # json.loads' own scanner, without the Pyt
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Message:
     role: str
     content: str
@@ -45,7 +45,7 @@ class Message:
         return self.loss if self.loss is not None else self.role == "assistant"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Conversation:
     messages: tuple[Message, ...]
     where: str  # "FILE:LINE" of the row
