@@ -135,8 +135,8 @@ def encode_messages(conversations: Sequence[Conversation], tokenizer, threads: i
 
 
 def _train_columns(conversations, parts, tokenizer, max_input_length, max_output_length):
-    """Row-at-a-time layout of the training samples: what `columns.train_table` must equal (its test), and the
-    layout step of bench/preprocessing.py's breakdown."""
+    """Row-at-a-time layout of the training samples, as glm-ft did before `columns.train_table`; only
+    bench/preprocessing.py's breakdown still calls it (to go when the bench times train_table's own steps)."""
     out = {"input_ids": [], "labels": [], "truncated": []}
     for conversation, message_parts in zip(conversations, parts):
         sample = build_train_sample(conversation.messages, tokenizer, max_input_length, max_output_length,
