@@ -239,7 +239,7 @@ def check_data_files(where: InputPaths, data: DictConfig) -> None:
 
 def check_data_rows(where: InputPaths, data: DictConfig, *, log_skips: bool = True) -> None:
     """Read and check every row of the configured files: FILE:LINE errors come before any model loads."""
-    from glm_ft.data.dataset import read_rows
+    from glm_ft.data.rows import read_rows  # not dataset.py, which brings numpy and pyarrow
 
     for path in where.data_files.values():
         if path is not None:

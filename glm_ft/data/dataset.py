@@ -10,7 +10,9 @@ Nothing is dropped silently: skipped rows, truncated samples and samples left wi
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import gc
 import hashlib
 import inspect
 import json
@@ -22,9 +24,11 @@ from pathlib import Path
 from typing import Any
 
 from glm_ft.atomic import folder_atomic
+from glm_ft.data import columns as data_columns
 from glm_ft.data import formats as data_formats
 from glm_ft.data import rows as reading
 from glm_ft.errors import DataError
+from glm_ft.data.columns import IGNORE_INDEX, encode_pool, encode_rows, train_table
 from glm_ft.data.rows import ROLES, Conversation, Message, ReadReport, read_conversations, read_rows
 
 # The reading side is re-exported: callers know it as glm_ft.data.
@@ -32,8 +36,6 @@ __all__ = ["IGNORE_INDEX", "ROLES", "Conversation", "DataBundle", "Message", "Re
            "build_train_sample", "load_datasets", "read_conversations", "read_rows", "tokenizer_fingerprint"]
 
 logger = logging.getLogger(__name__)
-
-IGNORE_INDEX = -100
 
 
 @dataclass
@@ -122,24 +124,9 @@ def _message_ids(tokenizer, message: Message) -> list[int]:
 
 
 def encode_messages(conversations: Sequence[Conversation], tokenizer, threads: int = 1) -> list[list[list[int]]]:
-    """Every message's ids (as `build_single_message` gives them), per conversation. ChatGLM3's own tokenizer
-    encodes all the texts in one SentencePiece call on `threads` threads (no per-message Python round trip, no
-    worker processes); any other tokenizer goes message by message."""
-    from glm_ft.chatglm3.tokenization import ChatGLMTokenizer, message_text
-
-    messages = [m for conversation in conversations for m in conversation.messages]
-    if isinstance(tokenizer, ChatGLMTokenizer) and \
-            type(tokenizer).build_single_message is ChatGLMTokenizer.build_single_message:
-        texts = [message_text(m.role, m.content, m.tools) for m in messages]
-        heads: dict[tuple[str, str], list[int]] = {}  # `<|role|>` + encode(metadata + "\n"): few distinct ones
-        flat = []
-        for m, ids in zip(messages, tokenizer.sp_model.encode(texts, num_threads=threads)):
-            head = heads.get((m.role, m.metadata))
-            if head is None:
-                head = heads[m.role, m.metadata] = tokenizer.build_single_message(m.role, m.metadata, "")
-            flat.append(head + ids)
-    else:
-        flat = [_message_ids(tokenizer, m) for m in messages]
+    """Every message's ids (as `build_single_message` gives them), per conversation, encoded together
+    (`columns.encode_pool`: large SentencePiece calls on `threads` threads, no worker processes)."""
+    flat = encode_pool([m for c in conversations for m in c.messages], tokenizer, threads).messages()
     out, at = [], 0
     for conversation in conversations:
         out.append(flat[at:at + len(conversation.messages)])
@@ -148,6 +135,8 @@ def encode_messages(conversations: Sequence[Conversation], tokenizer, threads: i
 
 
 def _train_columns(conversations, parts, tokenizer, max_input_length, max_output_length):
+    """Row-at-a-time layout of the training samples, as glm-ft did before `columns.train_table`; only
+    bench/preprocessing.py's breakdown still calls it (to go when the bench times train_table's own steps)."""
     out = {"input_ids": [], "labels": [], "truncated": []}
     for conversation, message_parts in zip(conversations, parts):
         sample = build_train_sample(conversation.messages, tokenizer, max_input_length, max_output_length,
@@ -193,8 +182,8 @@ def load_datasets(
     num_proc = int(data_config.get("num_proc") or 1)
     stats: dict[str, int] = {}
     splits: dict[str, Any] = {}
-    for split, key, build in (("train", "train_file", _train_columns), ("val", "val_file", _eval_columns),
-                              ("test", "test_file", _eval_columns)):
+    for split, key, kind in (("train", "train_file", "train"), ("val", "val_file", "eval"),
+                             ("test", "test_file", "eval")):
         name = data_config.get(key)
         if not name:
             logger.info("%s not set: no %s split", key, split)
@@ -204,7 +193,7 @@ def load_datasets(
         if not path.is_file():
             raise DataError(f"{path}: file not found ({key})")
         splits[split] = _load_split(
-            split, path, build, tokenizer, max_input_length, max_output_length,
+            split, path, kind, tokenizer, max_input_length, max_output_length,
             Path(cache_dir), skip_bad_rows, num_proc, stats,
         )
     if eval_subset is not None and splits["val"] is not None and len(splits["val"]) > eval_subset:
@@ -215,11 +204,11 @@ def load_datasets(
     return DataBundle(splits["train"], splits["val"], splits["test"], stats)
 
 
-def _load_split(split, path, build, tokenizer, max_input_length, max_output_length, cache_dir, skip_bad_rows,
+def _load_split(split, path, kind, tokenizer, max_input_length, max_output_length, cache_dir, skip_bad_rows,
                 num_proc, stats):
     import datasets
 
-    key = _cache_key(path, tokenizer, build.__name__, max_input_length, max_output_length, skip_bad_rows)
+    key = _cache_key(path, tokenizer, kind, max_input_length, max_output_length, skip_bad_rows)
     target = cache_dir / f"{split}-{key[:24]}"
     stats_file = target / "glm_ft_stats.json"
     if stats_file.is_file():
@@ -227,7 +216,7 @@ def _load_split(split, path, build, tokenizer, max_input_length, max_output_leng
         counts = json.loads(stats_file.read_text())
         cached = 1
     else:
-        counts = _preprocess(path, build, tokenizer, max_input_length, max_output_length, skip_bad_rows, num_proc,
+        counts = _preprocess(path, kind, tokenizer, max_input_length, max_output_length, skip_bad_rows, num_proc,
                              target)
         cached = 0
     _log_counts(split, counts, max_input_length, max_output_length)
@@ -236,28 +225,49 @@ def _load_split(split, path, build, tokenizer, max_input_length, max_output_leng
     return datasets.load_from_disk(str(target))
 
 
-def _preprocess(path, build, tokenizer, max_input_length, max_output_length, skip_bad_rows, num_proc, target):
+def _preprocess(path, kind, tokenizer, max_input_length, max_output_length, skip_bad_rows, num_proc, target):
     """Tokenize one file into `target` (a saved dataset plus its counts); returns the counts."""
     import datasets
 
     # One pass in this process: the rows are read and checked once, encoded together (SentencePiece's own threads
     # are cheaper than worker processes, which would each re-read or unpickle every row), and laid out as samples.
-    report = read_rows(path, skip_bad_rows=skip_bad_rows)
-    rows = report.conversations
-    parts = encode_messages(rows, tokenizer, threads=max(1, min(num_proc, os.cpu_count() or 1)))
-    columns = build(rows, parts, tokenizer, max_input_length, max_output_length)
-    dataset = datasets.Dataset.from_dict(columns)
-    counts = {"rows_read": report.rows_read, "rows_skipped": len(report.skipped), "rows_used": len(rows),
-              "samples": len(dataset)}
-    if build is _train_columns:
-        flags = {"truncated": "truncated"}
-        counts["dropped_no_target"] = len(rows) - len(dataset)
-    else:
-        flags = {"input_truncated": "inputs_truncated", "output_truncated": "outputs_truncated"}
-    for column, name in flags.items():
-        counts[name] = sum(columns[column])
-    _save_atomically(dataset.remove_columns(list(flags)), counts, target)
+    # The collector is paused: the pass allocates millions of objects that all live to its end, and each of its
+    # full collections would walk every row read so far, for nothing.
+    with _collector_paused():
+        report = read_rows(path, skip_bad_rows=skip_bad_rows)
+        rows = report.conversations
+        threads = max(1, min(num_proc, os.cpu_count() or 1))
+        counts = {"rows_read": report.rows_read, "rows_skipped": len(report.skipped), "rows_used": len(rows)}
+        if kind == "train":
+            encoded = encode_rows(rows, tokenizer, threads)
+            del report, rows  # their ids are all in `encoded`: no need to hold both while the columns are built
+            table, truncated = train_table(encoded, max_input_length, max_output_length)
+            del encoded
+            # the cache key names the content: hashing the whole table again for a fingerprint would be waste
+            dataset = datasets.Dataset(table, fingerprint=target.name)
+            counts.update(samples=len(dataset), dropped_no_target=counts["rows_used"] - len(dataset),
+                          truncated=truncated)
+        else:
+            columns = _eval_columns(rows, encode_messages(rows, tokenizer, threads), tokenizer, max_input_length,
+                                    max_output_length)
+            dataset = datasets.Dataset.from_dict(columns)
+            counts.update(samples=len(dataset), inputs_truncated=sum(columns["input_truncated"]),
+                          outputs_truncated=sum(columns["output_truncated"]))
+            dataset = dataset.remove_columns(["input_truncated", "output_truncated"])
+            del report, rows
+        _save_atomically(dataset, counts, target)
     return counts
+
+
+@contextlib.contextmanager
+def _collector_paused():
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def _log_counts(split: str, counts: dict[str, int], max_input_length: int, max_output_length: int) -> None:
@@ -314,6 +324,7 @@ def _code_fingerprint(tokenizer_class: type) -> str:
     digest = hashlib.sha256(Path(__file__).read_bytes())
     digest.update(Path(reading.__file__).read_bytes())
     digest.update(Path(data_formats.__file__).read_bytes())
+    digest.update(Path(data_columns.__file__).read_bytes())
     source = inspect.getsourcefile(tokenizer_class)
     if source:
         digest.update(Path(source).read_bytes())

@@ -13,6 +13,7 @@ import codecs
 import json
 import logging
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,9 +27,12 @@ logger = logging.getLogger(__name__)
 ROLES = ("system", "user", "assistant", "observation")
 _SHOWN_SKIPS = 5  # per file; the rest are only counted
 _TOO_DEEP = "JSON nested too deeply to read (a conversation row is a few levels deep)"
+_SCAN = json.JSONDecoder().scan_once  # json.loads' own scanner, without the Python wrapping it adds per call
+# Text decoded from UTF-8 holds no surrogates; only a JSON escape such as \ud800 can put one in a string.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Message:
     role: str
     content: str
@@ -41,7 +45,7 @@ class Message:
         return self.loss if self.loss is not None else self.role == "assistant"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Conversation:
     messages: tuple[Message, ...]
     where: str  # "FILE:LINE" of the row
@@ -75,11 +79,13 @@ def read_rows(path: str | os.PathLike, *, skip_bad_rows: bool = False, log_skips
     the first few unless not `log_skips`)."""
     path = Path(path)
     conversations, skipped, rows_read = [], [], 0
-    for line, row in _json_rows(path):
+    text = _file_text(path)
+    check_unicode = _SURROGATE_ESCAPE.search(text) is not None
+    for line, row in _json_rows(path, text):
         rows_read += 1
         where = f"{path}:{line}"
         try:
-            conversations.append(Conversation(_row_messages(row), where))
+            conversations.append(Conversation(_row_messages(row, check_unicode), where))
         except _BadRow as bad:
             if not skip_bad_rows:
                 raise DataError(f"{where}: {bad}") from None
@@ -93,7 +99,7 @@ def read_rows(path: str | os.PathLike, *, skip_bad_rows: bool = False, log_skips
     return ReadReport(conversations, rows_read, skipped)
 
 
-def _json_rows(path: Path) -> Iterator[tuple[int, Any]]:
+def _file_text(path: Path) -> str:
     if path.suffix not in (".json", ".jsonl"):
         raise DataError(f"{path}: unsupported file type {path.suffix or '(none)'}; use .json or .jsonl")
     try:
@@ -108,6 +114,10 @@ def _json_rows(path: Path) -> Iterator[tuple[int, Any]]:
     except UnicodeDecodeError as e:
         line = raw[: e.start].count(b"\n") + 1
         raise DataError(f"{path}:{line}: not UTF-8 text") from None
+    return text
+
+
+def _json_rows(path: Path, text: str) -> Iterator[tuple[int, Any]]:
     start = _skip_space(text, 0)
     if start == len(text):
         raise DataError(f"{path}:1: file is empty")
@@ -122,7 +132,12 @@ def _line_rows(path: Path, text: str) -> Iterator[tuple[int, Any]]:
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
+            try:
+                row, end = _SCAN(line, 0)
+                if line[end:].strip(" \t\r\n"):  # what json.loads allows after the value
+                    raise ValueError
+            except (StopIteration, ValueError):  # leading space, or bad JSON: json.loads reads or names it
+                row = json.loads(line)
         except RecursionError:
             raise DataError(f"{path}:{number}: {_TOO_DEEP}") from None
         except json.JSONDecodeError as e:
@@ -177,7 +192,7 @@ def _skip_space(text: str, pos: int) -> int:
     return pos
 
 
-def _row_messages(row: Any) -> tuple[Message, ...]:
+def _row_messages(row: Any, check_unicode: bool = True) -> tuple[Message, ...]:
     try:
         row = to_chatglm3(row)  # alpaca and sharegpt rows (glm_ft/data/formats.py)
     except FormatError as err:
@@ -190,12 +205,13 @@ def _row_messages(row: Any) -> tuple[Message, ...]:
         items = row["conversations"]
         if not isinstance(items, list) or not items:
             raise _BadRow("'conversations' must be a non-empty list of messages")
-        messages = tuple(_message(item, number) for number, item in enumerate(items, 1))
+        messages = tuple(_message(item, number, check_unicode) for number, item in enumerate(items, 1))
     elif "content" in row and "summary" in row:
         for key in ("content", "summary"):
             if not isinstance(row[key], str):
                 raise _BadRow(f"'{key}' is not a string")
-            _check_unicode(row[key], f"'{key}'")
+            if check_unicode:
+                _check_unicode(row[key], f"'{key}'")
         messages = (Message("user", row["content"]), Message("assistant", row["summary"]))
     else:
         raise _BadRow("row has neither 'conversations' nor 'content' and 'summary' (nor alpaca's 'instruction' and "
@@ -205,7 +221,7 @@ def _row_messages(row: Any) -> tuple[Message, ...]:
     return messages
 
 
-def _message(item: Any, number: int) -> Message:
+def _message(item: Any, number: int, check_unicode: bool = True) -> Message:
     if not isinstance(item, dict):
         raise _BadRow(f"message {number} is not a JSON object")
     role = item.get("role")
@@ -227,8 +243,9 @@ def _message(item: Any, number: int) -> Message:
     loss = item.get("loss")
     if loss is not None and not isinstance(loss, bool):
         raise _BadRow(f"'loss' of message {number} ({role}) must be true or false")
-    _check_unicode(item["content"], f"content of message {number} ({role})")
-    if metadata:
+    if check_unicode:
+        _check_unicode(item["content"], f"content of message {number} ({role})")
+    if metadata and check_unicode:
         _check_unicode(metadata, f"metadata of message {number} ({role})")
     return Message(role, item["content"], metadata or "", tools, loss)
 

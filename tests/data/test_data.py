@@ -212,6 +212,13 @@ BAD_FILES = [
      "expected ',' or ']'"),
     ("bad.json", "[\n" + json.dumps(GOOD) + ',\n{"conversations": [\n  {"role": "user",, }]}\n]', 4, "malformed JSON"),
     ("bad.json", "[]", 1, "the array holds no rows"),
+    # what json.loads refuses after a row, though the row itself reads
+    ("bad.jsonl", _jsonl([GOOD]) + json.dumps(GOOD) + " x\n", 2, r"malformed JSON \(Extra data"),
+    ("bad.jsonl", _jsonl([GOOD]) + json.dumps(GOOD) + "\x0b\n", 2, r"malformed JSON \(Extra data"),
+    # escapes that are no Unicode character, in any hex case, wherever a string is taken
+    ("bad.jsonl", _jsonl([GOOD]) + '{"content": "a", "summary": "b\\uDC00"}\n', 2, "'summary' holds"),
+    ("bad.jsonl", '{"conversations": [{"role": "user", "content": "x"}, {"role": "assistant", "metadata": '
+                  '"\\ud83d", "content": "y"}]}\n', 1, r"metadata of message 2 \(assistant\) holds"),
 ]
 
 
@@ -220,6 +227,16 @@ def test_bad_data_names_file_and_line(tmp_path, name, text, line, message):
     path = _write(tmp_path / name, text)
     with pytest.raises(DataError, match=rf"^{re.escape(str(path))}:{line}: .*{message}"):
         read_conversations(path)
+
+
+def test_rows_read_as_json_loads_reads_them(tmp_path):
+    # space around a row, CRLF line ends, a surrogate pair escaped as JSON allows (one character, 😀)
+    text = "  " + json.dumps(GOOD) + " \t\r\n" + '{"content": "\\ud83d\\ude00", "summary": "\\u597d"}\r\n'
+    lines = text.split("\n")
+    rows = read_conversations(_write(tmp_path / "forms.jsonl", text))
+    assert [c.messages for c in rows] == [
+        tuple(Message(**m) for m in json.loads(lines[0])["conversations"]),
+        (Message("user", "\U0001f600"), Message("assistant", "好"))]
 
 
 def test_non_utf8_names_the_line(tmp_path):
