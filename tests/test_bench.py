@@ -10,7 +10,8 @@ import sys
 import pytest
 
 from bench import advertisegen
-from bench.run import RATIO_SOURCES, goal_values, interleave, max_rel_diff, summarize, table
+from bench.results import RATIO_SOURCES, goal_values, max_rel_diff, summarize, table
+from bench.run import interleave
 from bench.common import (
     attention_pairs, check_goal, combine_rounds, compute_ratios, forward_flops, matmul_params, results_name,
     run_measured, training_flops, useful_tokens, validate_results,
