@@ -20,13 +20,15 @@ SCHEMA = "glm-ft-bench/1"
 PACKAGES = ("torch", "transformers", "peft", "deepspeed", "accelerate", "datasets", "tokenizers", "sentencepiece",
             "hydra-core", "omegaconf", "mlflow", "numpy")
 
-# Goals of issue 8 (targets to work towards, never test assertions): name -> (comparison, target, what it is).
+# Goals of issues 8 and 16 (targets to work towards, never test assertions): name -> (comparison, target, what).
 GOALS: dict[str, tuple[str, float, str]] = {
     "training_tokens_per_s_ratio": (">=", 1.5, "training tokens/s, glm-ft / reference data path (mid size)"),
     "eval_generated_tokens_per_s_ratio": (">=", 3.0, "evaluation generated tokens/s, glm-ft / reference approach"),
     "preprocessing_rows_per_s_ratio": (">=", 2.0, "preprocessing rows/s, glm-ft / row-at-a-time encoding"),
     "dry_run_wall_s": ("<", 3.0, "wall time of `python train.py experiment=quickstart dry_run=true`, seconds"),
     "mid_training_mfu_fp32": (">=", 0.40, "model FLOP/s of training at mid size / measured fp32 matmul peak"),
+    "first_step_time_ratio": (">=", 1.0, "time to the first training step, reference script / glm-ft (tiny LoRA)"),
+    "first_step_memory_ratio": (">=", 1.0, "peak PSS of the process tree, reference script / glm-ft (tiny LoRA)"),
 }
 
 
@@ -100,10 +102,8 @@ def check_goal(value: float | None, op: str, target: float) -> dict[str, Any]:
 
 
 def check_goals(values: Mapping[str, float | None]) -> dict[str, dict[str, Any]]:
-    goals = {}
-    for name, (op, target, what) in GOALS.items():
-        goals[name] = {**check_goal(values.get(name), op, target), "what": what}
-    return goals
+    return {name: {**check_goal(values.get(name), op, target), "what": what}
+            for name, (op, target, what) in GOALS.items()}
 
 
 def goal_summary(name: str, goal: Mapping[str, Any]) -> str:
@@ -129,8 +129,7 @@ def combine_rounds(rounds: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     if not ok:
         return {"combined_from": 0}
     per_round = [sum(r["step_tokens"]) / sum(r["step_s"]) for r in ok]
-    same = len({r["batches_digest"] for r in ok}) == 1
-    if same:
+    if len({r["batches_digest"] for r in ok}) == 1:
         seconds = sum(min(steps) for steps in zip(*(r["step_s"] for r in ok)))
         base, how = ok[0], f"per-step minimum over {len(ok)} rounds"
     else:
@@ -141,7 +140,6 @@ def combine_rounds(rounds: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         "estimator": how,
         "timed_s": seconds,
         "tokens_per_s": sum(base["step_tokens"]) / seconds,
-        "samples_per_s": sum(base["step_samples"]) / seconds,
         "model_flops_per_s": sum(base["step_flops"]) / seconds,
         "tokens_per_s_each_round": [round(x, 1) for x in per_round],
     }
@@ -151,8 +149,6 @@ def combine_rounds(rounds: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
 
 REQUIRED_KEYS = ("schema", "name", "created", "command", "machine", "versions", "settings", "figures", "ratios",
                  "goals")
-REQUIRED_MACHINE = ("cpu_model", "cores", "ram_gib")
-SIDE_KEYS = ("peak_rss_mib",)
 
 
 def validate_results(results: Mapping[str, Any]) -> list[str]:
@@ -163,19 +159,15 @@ def validate_results(results: Mapping[str, Any]) -> list[str]:
         return problems
     if results["schema"] != SCHEMA:
         problems.append(f"schema is {results['schema']!r}, expected {SCHEMA!r}")
-    problems += [f"missing machine.{key}" for key in REQUIRED_MACHINE if key not in results["machine"]]
-    for figure, sides in results["figures"].items():
-        for side in sides.get("sides", {}):
-            for key in SIDE_KEYS:
-                if key not in sides["sides"][side]:
-                    problems.append(f"figures.{figure}.sides.{side}: missing {key}")
-    for name, spec in results.get("ratio_sources", {}).items():
-        figure, metric, num, den = spec
-        sides = results["figures"].get(figure, {}).get("sides", {})
-        expected = ratio(sides.get(num, {}).get(metric), sides.get(den, {}).get(metric))
+    problems += [f"missing machine.{key}" for key in ("cpu_model", "cores", "ram_gib") if key not in results["machine"]]
+    problems += [f"figures.{figure}.sides.{side}: missing peak_rss_mib"
+                 for figure, value in results["figures"].items() for side, v in value.get("sides", {}).items()
+                 if "peak_rss_mib" not in v]
+    expected = compute_ratios(results["figures"], results.get("ratio_sources", {}))
+    for name, want in expected.items():
         got = results["ratios"].get(name)
-        if (expected is None) != (got is None) or (expected is not None and abs(expected - got) > 1e-9 * expected):
-            problems.append(f"ratios.{name} is {got}, but {figure} {num}/{den} {metric} gives {expected}")
+        if (want is None) != (got is None) or (want is not None and abs(want - got) > 1e-9 * want):
+            problems.append(f"ratios.{name} is {got}, but its figures give {want}")
     return problems
 
 
@@ -189,40 +181,31 @@ def results_name(machine: Mapping[str, Any]) -> str:
 # --- machine --------------------------------------------------------------------------------------------------
 
 
+def _proc_field(path: str, key: str) -> str | None:
+    """The value after `key` in a /proc text file (cpuinfo, meminfo, status); None where /proc can't say."""
+    try:
+        return next((line.split(":", 1)[1].strip() for line in Path(path).read_text().splitlines()
+                     if line.startswith(key)), None)
+    except OSError:
+        return None
+
+
 def machine_info() -> dict[str, Any]:
-    cpu_model = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    ram_gib = None
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                ram_gib = round(int(line.split()[1]) / 2**20, 1)
-    except OSError:
-        pass
-    return {
-        "cpu_model": cpu_model,
-        "cores": os.cpu_count(),
-        "ram_gib": ram_gib,
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
-    }
+    ram_kib = _proc_field("/proc/meminfo", "MemTotal:")
+    return {"cpu_model": _proc_field("/proc/cpuinfo", "model name") or platform.processor() or "unknown",
+            "cores": os.cpu_count(), "ram_gib": round(int(ram_kib.split()[0]) / 2**20, 1) if ram_kib else None,
+            "platform": platform.platform(), "python": platform.python_version(),
+            "loadavg_at_start": [round(x, 2) for x in os.getloadavg()]}
 
 
 def package_versions(names: Sequence[str] = PACKAGES) -> dict[str, str | None]:
-    versions = {}
-    for name in names:
+    def version(name: str) -> str | None:
         try:
-            versions[name] = metadata.version(name)
+            return metadata.version(name)
         except metadata.PackageNotFoundError:
-            versions[name] = None
-    return versions
+            return None
+
+    return {name: version(name) for name in names}
 
 
 def now_iso() -> str:
@@ -232,35 +215,25 @@ def now_iso() -> str:
 # --- table ----------------------------------------------------------------------------------------------------
 
 
-def _fmt(value: Any, digits: int = 3) -> str:
+def _fmt(value: Any) -> str:
     if value is None:
         return "–"
     if isinstance(value, float):
-        if abs(value) >= 1000:
-            return f"{value:,.0f}"
-        return f"{value:.{digits}g}"
+        return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.3g}"
     return str(value)
 
 
-def table_rows(results: Mapping[str, Any]) -> list[tuple[str, str, str, str, str]]:
-    """(figure, baseline, glm-ft, ratio, unit) rows for the latest-results table."""
-    rows = []
-    for row in results.get("table", []):
-        rows.append((row["figure"], _fmt(row.get("baseline")), _fmt(row.get("glm_ft")), _fmt(row.get("ratio")),
-                     row.get("unit", "")))
-    return rows
-
-
 def format_table(results: Mapping[str, Any], markdown: bool = False) -> str:
-    header = ("figure", "baseline", "glm-ft", "speed-up", "unit")
-    rows = table_rows(results)
+    """The results' table (figure, baseline, glm-ft, ratio in glm-ft's favour, unit), plain or markdown."""
+    rows = [("figure", "baseline", "glm-ft", "glm-ft gain", "unit")]
+    rows += [(r["figure"], _fmt(r.get("baseline")), _fmt(r.get("glm_ft")), _fmt(r.get("ratio")), r.get("unit", ""))
+             for r in results.get("table", [])]
     if markdown:
-        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        lines += ["| " + " | ".join(row) + " |" for row in rows]
-        return "\n".join(lines)
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    fmt = "  ".join(f"{{:{'<' if i == 0 else '>'}{w}}}" for i, w in enumerate(widths))
-    return "\n".join(fmt.format(*r) for r in [header, *rows])
+        return "\n".join(["| " + " | ".join(rows[0]) + " |", "|" + "---|" * 5]
+                         + ["| " + " | ".join(row) + " |" for row in rows[1:]])
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    return "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+                     for r in rows)
 
 
 def compute_ratios(figures: Mapping[str, Any], sources: Mapping[str, Sequence[str]]) -> dict[str, float | None]:
@@ -277,13 +250,8 @@ def compute_ratios(figures: Mapping[str, Any], sources: Mapping[str, Sequence[st
 
 def vm_hwm_mib(pid: int | str = "self") -> float | None:
     """Peak resident memory of a live process's address space (VmHWM), in MiB; None where /proc can't say."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return round(int(line.split()[1]) / 1024, 1)
-    except (OSError, ValueError):
-        pass
-    return None
+    hwm = _proc_field(f"/proc/{pid}/status", "VmHWM:")
+    return round(int(hwm.split()[0]) / 1024, 1) if hwm else None
 
 
 def process_tree(pid: int) -> list[int]:
@@ -323,7 +291,7 @@ def tree_pss_mib(pid: int) -> tuple[float, int]:
 
 
 def run_measured(cmd: Sequence[str], *, cwd: Path | None = None, env: Mapping[str, str] | None = None,
-                 timeout: float | None = None, tree: bool = False) -> dict[str, Any]:
+                 timeout: float | None = None, tree: bool = False, watch: bytes | None = None) -> dict[str, Any]:
     """Run `cmd` and return its exit code, output, wall time and peak resident memory (MiB).
 
     The peak is the child's own VmHWM, sampled every 5 ms while it runs. The rusage figures are no
@@ -333,6 +301,9 @@ def run_measured(cmd: Sequence[str], *, cwd: Path | None = None, env: Mapping[st
 
     With `tree`, the summed PSS of the child and its own children (worker processes) is sampled too, every 100 ms
     (scanning /proc costs a little CPU, so only figures that start workers ask for it).
+
+    With `watch`, stdout and stderr are read as one stream while the child runs, and `watch_s` is the time from
+    the start to the first read holding `watch` (an event in the child's own output, not a polled guess).
     """
     import subprocess
     import tempfile
@@ -341,8 +312,22 @@ def run_measured(cmd: Sequence[str], *, cwd: Path | None = None, env: Mapping[st
 
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         start = time.perf_counter()
-        proc = subprocess.Popen(list(cmd), cwd=cwd, env=dict(env) if env is not None else None, stdout=out,
-                                stderr=err)
+        proc = subprocess.Popen(list(cmd), cwd=cwd, env=dict(env) if env is not None else None,
+                                stdout=subprocess.PIPE if watch else out,
+                                stderr=subprocess.STDOUT if watch else err)
+        seen: list[float] = []
+
+        def read() -> None:
+            tail = b""
+            for chunk in iter(lambda: os.read(proc.stdout.fileno(), 65536), b""):
+                if not seen and watch in tail + chunk:
+                    seen.append(time.perf_counter() - start)
+                tail = (tail + chunk)[-len(watch):]
+                out.write(chunk)
+
+        reader = threading.Thread(target=read, daemon=True)
+        if watch:
+            reader.start()
         done = threading.Event()
         killed = threading.Event()
         peaks: list[float] = []
@@ -377,6 +362,9 @@ def run_measured(cmd: Sequence[str], *, cwd: Path | None = None, env: Mapping[st
         wall = time.perf_counter() - start
         done.set()
         sampler.join()
+        if watch:
+            reader.join()
+            proc.stdout.close()
         proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here, so Popen must not wait again
         out.seek(0)
         err.seek(0)
@@ -393,6 +381,7 @@ def run_measured(cmd: Sequence[str], *, cwd: Path | None = None, env: Mapping[st
         "peak_rss_mib_rusage": rusage_mib,
         "peak_tree_pss_mib": max((p for p, _ in tree_peaks), default=None) if tree else None,
         "max_processes": max((n for _, n in tree_peaks), default=None) if tree else None,
+        "watch_s": seen[0] if seen else None,
     }
 
 

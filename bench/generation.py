@@ -1,18 +1,7 @@
-"""Evaluation generation, one side per process: glm-ft's batched evaluation or the reference demo's approach.
-
-- glm_ft: the Trainer path glm-ft evaluates and predicts with: its trainer class's `predict` over the test split,
-  `Collator` batches in file order (glm-ft's evaluation sampler is sequential whatever `group_by_length` says, so
-  the batches are the baseline's), glm-ft's greedy decoding in which finished rows leave the batch and KV cache
-  (glm_ft/train/generation.py; `model.generate`'s ids) with glm-ft's generation config (stop on eos, <|user|> or
-  <|observation|>), the configured attention (SDPA by default); its rows come back in file order, one per prompt;
-- baseline: the reference demo's approach (finetune_hf.py): batches in file order padded by
-  `DataCollatorForSeq2Seq(padding="longest")`, greedy `generate` with the stop set it configured (eos, <|user|>,
-  <|observation|>), so every batch decodes until its longest row ends; eager attention, a plain loop.
-
-Both use the same fine-tuned model (trained once by `train_eval_model`, so that rows end at different lengths as
-they do after real fine-tuning), the same prompts and batch size. Generated tokens are the tokens a reader gets
-(see `bench.common.useful_tokens`); the decoded outputs and their ROUGE/BLEU are compared after timing.
-"""
+"""Evaluation generation, one side per process (bench/README.md, "Evaluation generation"): glm-ft's evaluation path
+(its trainer's `predict`, finished rows leaving the batch) or the reference demo's (`generate` over batches in file
+order). Both use the same fine-tuned model (`train_eval_model`), prompts and batch size; the decoded outputs are
+compared after timing."""
 
 from __future__ import annotations
 
@@ -92,7 +81,7 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     from glm_ft.model import load_base_model, load_for_training, load_tokenizer
     from glm_ft.train.trainer_args import build_training_arguments
 
-    side = "glm_ft" if spec["side"].startswith("glm_ft") else spec["side"]
+    side = spec["side"]
     if side not in SIDES:
         raise ValueError(f"unknown side {side!r}")
     cfg = glm_ft_config(overrides(spec))
@@ -120,16 +109,14 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
         model.eval()
 
         def generate_all():
-            rows, slots = [], 0
+            rows = []
             with torch.no_grad():
                 for first in range(0, len(test), batch_size):
                     batch = collate([{"input_ids": ids} for ids in test[first:first + batch_size]["input_ids"]])
                     out = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                          generation_config=gen)
-                    generated = out[:, batch["input_ids"].shape[1]:]
-                    slots += generated.numel()
-                    rows += generated.tolist()
-            return rows, slots
+                    rows += out[:, batch["input_ids"].shape[1]:].tolist()
+            return rows
     else:
         gen = generation_config_for(cfg, tokenizer)
         args = build_training_arguments(cfg, work / "run-eval-glm_ft", None, has_eval=True, generation_config=gen)
@@ -139,13 +126,13 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
         def generate_all():
             output = trainer.predict(test, metric_key_prefix="test")
             # the Trainer pads rows across batches; its decode steps are not visible from here
-            return [list(map(int, row)) for row in output.predictions], None
+            return [list(map(int, row)) for row in output.predictions]
 
     # Greedy decoding gives the same rows every time; the fastest pass is the least disturbed one.
     passes = []
     for _ in range(spec.get("repeats", 2)):
         start = time.perf_counter()
-        rows, decode_slots = generate_all()
+        rows = generate_all()
         passes.append(time.perf_counter() - start)
     seconds = min(passes)
 
@@ -164,8 +151,6 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
         "generate_s_each_pass": [round(x, 3) for x in passes],
         "generated_tokens": generated,
         "generated_tokens_per_s": generated / seconds,
-        # rows × decode steps the baseline's batches ran; generated / decode_slots is the useful share
-        "decode_slots": decode_slots,
         "rows_that_stopped": sum(any(t in stops for t in row) for row in rows),
         "metrics": compute_metrics(predictions, references),
         "predictions": predictions,

@@ -117,18 +117,10 @@ def run_variant(config: dict[str, Any], method: str, checkpointing: bool, args, 
         length = args.prompt_len + args.reply_len + 1
         prefix = method_config(method).num_virtual_tokens if method == "ptuning_v2" else 0
         flops = training_flops(config, [length] * rows, all_weights_train=False, prefix_len=prefix)
-        out = {
-            "method": method,
-            "gradient_checkpointing": checkpointing,
-            **counts,
-            "first_step_s": step_end[0] - start,
-            "timed_steps": args.steps,
-            "timed_s": seconds,
-            "tokens_per_s": rows * length / seconds,
-            "samples_per_s": rows / seconds,
-            "model_flops_per_s": flops / seconds,
-            "loss_first_last": [losses[0], losses[-1]],
-        }
+        out = {"method": method, "gradient_checkpointing": checkpointing, **counts,
+               "first_step_s": step_end[0] - start, "timed_steps": args.steps, "timed_s": seconds,
+               "tokens_per_s": rows * length / seconds, "model_flops_per_s": flops / seconds,
+               "loss_first_last": [losses[0], losses[-1]]}
         if cuda:
             out["peak_allocated_mib"] = round(torch.cuda.max_memory_allocated() / 2**20)
             out["peak_reserved_mib"] = round(torch.cuda.max_memory_reserved() / 2**20)
@@ -180,22 +172,18 @@ def main(argv: list[str] | None = None) -> int:
 
     started = time.perf_counter()
     results: dict[str, Any] = {
-        "schema": SCHEMA,
-        "created": now_iso(),
+        "schema": SCHEMA, "created": now_iso(),
         "command": "python bench/gpu.py" + (" " + " ".join(sys.argv[1:]) if argv is None and sys.argv[1:] else ""),
-        "machine": machine_info(),
-        "versions": {**package_versions(), "cuda": torch.version.cuda},
+        "machine": machine_info(), "versions": {**package_versions(), "cuda": torch.version.cuda},
         "settings": {k: v for k, v in vars(args).items() if k != "out_dir"},
         "model": {"config": config, "matmul_params": matmul_params(config)},
-        "published_mib": PUBLISHED_MIB,
-        "published_note": PUBLISHED_NOTE,
+        "published_mib": PUBLISHED_MIB, "published_note": PUBLISHED_NOTE,
     }
     if device == "cuda":
         props = torch.cuda.get_device_properties(0)
         results["machine"]["gpu"] = {"name": props.name, "memory_mib": props.total_memory // 2**20,
                                      "count": torch.cuda.device_count()}
-    smoke = {"seconds": 0.1, "size": 256}
-    size, seconds = (smoke["size"], smoke["seconds"]) if args.cpu_smoke else (8192, 3.0)
+    size, seconds = (256, 0.1) if args.cpu_smoke else (8192, 3.0)
     results["matmul_peak"] = {dtype: peak(dtype, size, seconds, device) for dtype in (args.dtype, "float32")}
     peak_flops = results["matmul_peak"][args.dtype]["gflops"] * 1e9
 
@@ -226,14 +214,11 @@ def main(argv: list[str] | None = None) -> int:
               f"{v['mfu']:>6.1%}")
     print(f"matmul peak {args.dtype}: {peak_flops / 1e12:.1f} TFLOP/s; wall {results['wall_s']:.0f} s")
     if args.cpu_smoke:
-        failed = [v for v in variants if "error" in v]
-        return 1 if failed else 0
+        return 1 if any("error" in v for v in variants) else 0
     name = "gpu-" + re.sub(r"[^a-z0-9]+", "-", results["machine"]["gpu"]["name"].lower()).strip("-")
     args.out_dir.mkdir(parents=True, exist_ok=True)
     path = args.out_dir / f"{name}.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(results, indent=1) + "\n")
-    tmp.replace(path)
+    path.write_text(json.dumps(results, indent=1) + "\n")
     print(f"wrote {path}")
     return 0
 

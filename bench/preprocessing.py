@@ -1,20 +1,10 @@
-"""Preprocessing throughput, one side per process: glm-ft's `load_datasets` or row-at-a-time encoding.
-
-- glm_ft: `glm_ft.data.dataset.load_datasets` on a fresh cache folder, one pass in one process: read and check every row,
-  encode every message text in one SentencePiece call on `num_proc` threads (the advertise_gen config's 16, which
-  glm-ft caps at the CPU count), lay out the samples, save the cache; then the same call again, which finds the
-  cache (`glm_ft_warm`);
-- baseline: what the reference demo did per row: `datasets.load_dataset("json")`, then `Dataset.map` without
-  batching, one process, calling the tokenizer per message of each row as its `process_batch` did.
-
-Same work: both sides must produce the same input_ids and labels for every row, in order (a hash of all of them is
-compared). Rows/s counts input rows.
-"""
+"""Preprocessing throughput, one side per process (bench/README.md, "Preprocessing rows/s"): glm-ft's
+`load_datasets` into a fresh cache, or the reference demo's row-at-a-time `Dataset.map`. Same work: a hash of every
+row's input_ids and labels, in order."""
 
 from __future__ import annotations
 
 import hashlib
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -45,23 +35,6 @@ def samples_digest(dataset) -> str:
     return digest.hexdigest()[:16]
 
 
-def breakdown(path: Path, tokenizer, max_input_length: int, max_output_length: int,
-              threads: int) -> dict[str, float]:
-    """Where glm-ft's time goes (measured after the timed call, the same steps again): reading and checking the
-    file, encoding the messages, laying out the samples. The rest of its time is Arrow and the cache write."""
-    from glm_ft.data.dataset import _train_columns, encode_messages, read_rows
-
-    start = time.perf_counter()
-    report = read_rows(path)
-    read_s = time.perf_counter() - start
-    start = time.perf_counter()
-    parts = encode_messages(report.conversations, tokenizer, threads)
-    encode_s = time.perf_counter() - start
-    start = time.perf_counter()
-    _train_columns(report.conversations, parts, tokenizer, max_input_length, max_output_length)
-    return {"read_and_check": read_s, "encode": encode_s, "lay_out_samples": time.perf_counter() - start}
-
-
 def run(spec: dict[str, Any]) -> dict[str, Any]:
     import datasets
 
@@ -90,16 +63,9 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
         start = time.perf_counter()
         bundle = load_datasets(config, tokenizer, max_in, max_out, cache_dir=work / "cache")
         seconds = time.perf_counter() - start
-        start = time.perf_counter()
-        warm = load_datasets(config, tokenizer, max_in, max_out, cache_dir=work / "cache")
-        warm_seconds = time.perf_counter() - start
-        if warm.stats.get("data.train.cached") != 1:
-            raise RuntimeError("the second load_datasets call did not reuse its cache")
         out = bundle.train
         rows = bundle.stats["data.train.rows_read"]
         result = {"rows": rows, "seconds": seconds, "rows_per_s": rows / seconds, "num_proc": spec["num_proc"],
-                  "warm_seconds": warm_seconds, "warm_rows_per_s": rows / warm_seconds, "stats": bundle.stats,
-                  "breakdown_s": breakdown(path, tokenizer, max_in, max_out,
-                                                                              max(1, min(spec["num_proc"], os.cpu_count() or 1)))}
+                  "stats": bundle.stats}
     result.update(samples=len(out), samples_sha256_16=samples_digest(out))
     return result

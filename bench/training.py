@@ -1,23 +1,8 @@
-"""Training throughput, one side per process: glm-ft's training path or the reference demo's data path.
-
-Both sides train one epoch over the same samples from the same weights, through the HF Trainer:
-- baseline: the reference's data path: `DataCollatorForSeq2Seq(padding="longest")` batches in file order
-  (`train_sampling_strategy="sequential"`), eager attention, a plain `Seq2SeqTrainer`;
-- glm_ft: `glm_ft.model.load_for_training` (the configured attention, SDPA by default), `glm_ft.data`, the
-  `Collator`, the Seq2SeqTrainingArguments that `glm_ft.train.trainer_args` builds and glm-ft's own trainer class,
-  with glm-ft's configured sampler (random order unless `training_args.group_by_length=true`);
-- glm_ft_grouped: the same with `training_args.group_by_length=true`;
-- glm_ft_grouped_bf16: and `training_args.bf16=true` too (bf16 autocast; fp32 weights and optimizer, as
-  `torch_dtype: auto` keeps them for full fine-tuning). A switch the reference's Trainer had as well, shown for
-  what this CPU's bf16 matmuls give; its losses differ from the fp32 sides by bf16 rounding;
-- glm_ft_packed: glm-ft's default path with `data.packing=true` (glm_ft/data/packing.py): the same samples, packed
-  several to a row up to max_input_length + max_output_length + 1 tokens, so one epoch is fewer, fuller steps.
-
-Same work is shown twice: the loss of the untrained model over the whole set, summed over every target token with
-each side's own batching and attention (order and padding must not change it), and the token-weighted mean training
-loss of the epoch. Tokens are the non-pad tokens of the timed steps; the first `warmup` steps are not timed.
-MLflow tracking is left out on both sides (glm-ft logs to it every `logging_steps`, here every step).
-"""
+"""Training throughput, one side per process (bench/README.md, "Training tokens/s"): the reference demo's data path
+(`baseline`), glm-ft's own path with its defaults (`glm_ft`), and with `bf16=true` or `data.packing=true`.
+Same work: each side's loss over the whole set, and each sample's own loss, from the same starting weights.
+With `full_logits` (the mid-size memory figure) the model's chunked loss is swapped for the full-logits one in
+this process only."""
 
 from __future__ import annotations
 
@@ -27,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-SIDES = ("baseline", "glm_ft", "glm_ft_grouped", "glm_ft_grouped_bf16", "glm_ft_packed")
+SIDES = ("baseline", "glm_ft", "glm_ft_bf16", "glm_ft_packed")
 
 
 class RecordingCollator:
@@ -45,7 +30,6 @@ class RecordingCollator:
             "slots": int(mask.numel()),
             "targets": int((batch["labels"][:, 1:] != -100).sum()),
             # a packed row's samples count one by one (their attention is per sample)
-            "samples": sum(len(f.get("lengths", [0])) for f in features),
             "lengths": [n for f in features for n in f.get("lengths", [len(f["input_ids"])])],
         })
         return batch
@@ -74,13 +58,16 @@ def overrides(spec: dict[str, Any], side: str) -> list[str]:
         "training_args.disable_tqdm=true",
         "tracking.enabled=false",
     ]
-    if side.startswith("glm_ft_grouped"):
-        out.append("training_args.group_by_length=true")
-    if side.endswith("_bf16"):
-        out.append("training_args.bf16=true")
-    if side == "glm_ft_packed":
-        out.append("data.packing=true")
-    return out + list(spec.get("extra_overrides", []))
+    return out + {"glm_ft_bf16": ["training_args.bf16=true"], "glm_ft_packed": ["data.packing=true"]}.get(side, [])
+
+
+def full_logits_loss(hidden_states, output_layer, labels, num_items_in_batch=None):
+    """The training loss as it was before chunking: the batch's full-vocabulary logits, which transformers'
+    causal-LM loss upcasts to fp32 (the 'before' side of the memory figure)."""
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    logits = output_layer(hidden_states)
+    return ForCausalLMLoss(logits, labels, vocab_size=logits.shape[-1], num_items_in_batch=num_items_in_batch)
 
 
 def _loss_over_set(model, dataset, order: list[int], batch_size: int, collate, bf16: bool):
@@ -137,6 +124,10 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     side = spec["side"]
     if side not in SIDES:
         raise ValueError(f"unknown side {side!r}")
+    if spec.get("full_logits"):
+        from glm_ft.chatglm3 import modeling
+
+        modeling.chunked_causal_lm_loss = full_logits_loss  # looked up at call time by the model's forward
     cfg = glm_ft_config(overrides(spec, side))
     validate(cfg)
     set_seed(cfg.seed)
@@ -185,24 +176,26 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
                              gen_config=None)
 
     # The same-work check walks the set in this side's own order; RNG states are put back so training is unaffected.
-    py_state, np_state = random.getstate(), np.random.get_state()
-    with torch.random.fork_rng(devices=[]):
-        set_seed(cfg.seed)
-        sampler = trainer._get_train_sampler()
-        order = list(sampler) if sampler is not None else list(range(len(train)))
-        initial_loss, targets, per_sample_loss = _loss_over_set(model, train, order, spec["batch_size"], collate, args.bf16)
-    random.setstate(py_state)
-    np.random.set_state(np_state)
+    # Skipped by the memory figure: its eval-mode pass would make full logits on both sides and set the peak.
+    initial_loss = per_sample_loss = None
+    if spec.get("loss_over_set", True):
+        py_state, np_state = random.getstate(), np.random.get_state()
+        with torch.random.fork_rng(devices=[]):
+            set_seed(cfg.seed)
+            sampler = trainer._get_train_sampler()
+            order = list(sampler) if sampler is not None else list(range(len(train)))
+            initial_loss, _, per_sample_loss = _loss_over_set(model, train, order, spec["batch_size"], collate,
+                                                              args.bf16)
+        random.setstate(py_state)
+        np.random.set_state(np_state)
 
     class Clock(TrainerCallback):
         def __init__(self):
             self.step_end: list[float] = []
-            self.cpu_end: list[float] = []
             self.losses: list[float] = []
 
         def on_step_end(self, args, state, control, **kwargs):
             self.step_end.append(time.perf_counter())
-            self.cpu_end.append(time.process_time())
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if logs and "loss" in logs:
@@ -216,11 +209,6 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     if len(clock.step_end) != steps or len(clock.losses) != steps:
         raise RuntimeError(f"expected {steps} steps and losses, got {len(clock.step_end)} and {len(clock.losses)}")
     timed = batches[warmup:]
-    seconds = clock.step_end[-1] - clock.step_end[warmup - 1]
-    tokens = sum(b["tokens"] for b in timed)
-    samples = sum(b["samples"] for b in timed)
-    lengths = [n for b in timed for n in b["lengths"]]
-    flops = training_flops(model_config(spec["size"]), lengths, all_weights_train=cfg.method.name == "sft")
     weighted = sum(loss * b["targets"] for loss, b in zip(clock.losses, batches))
     order_digest = hashlib.sha256(json.dumps([b["lengths"] for b in batches]).encode()).hexdigest()[:16]
     return {
@@ -229,25 +217,14 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
         "sampler": args.train_sampling_strategy,
         "weights_sha256_16": checksum,
         "initial_loss_over_set": initial_loss,
-        "target_tokens": targets,
         "per_sample_loss": per_sample_loss,
+        "train_losses": clock.losses,
         "train_loss_token_weighted": weighted / sum(b["targets"] for b in batches),
-        "timed_steps": steps - warmup,
-        "timed_s": seconds,
-        # CPU seconds of this process (all threads) over the same steps: less sensitive to a busy machine than
-        # wall time, though threads that spin-wait for a descheduled sibling still inflate it
-        "timed_cpu_s": clock.cpu_end[-1] - clock.cpu_end[warmup - 1],
-        "tokens_per_s": tokens / seconds,
-        "samples_per_s": samples / seconds,
-        "steps_per_s": (steps - warmup) / seconds,
         "padding_fraction": 1 - sum(b["tokens"] for b in batches) / sum(b["slots"] for b in batches),
-        "model_flops_per_s": flops / seconds,
-        "first_batch_order": order[: spec["batch_size"]],
         # per timed step, for combining rounds (bench.common.combine_rounds); the digest shows the rounds
         # trained the same batches in the same order
         "step_s": [b - a for a, b in zip(clock.step_end[warmup - 1:], clock.step_end[warmup:])],
         "step_tokens": [b["tokens"] for b in timed],
-        "step_samples": [b["samples"] for b in timed],
         "step_flops": [training_flops(model_config(spec["size"]), b["lengths"],
                                       all_weights_train=cfg.method.name == "sft") for b in timed],
         "batches_digest": order_digest,

@@ -7,6 +7,7 @@ SPEC.json holds {"figure": ..., ...the figure's settings}; OUT.json receives the
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import os
@@ -14,13 +15,9 @@ import sys
 import warnings
 from pathlib import Path
 
-FIGURES = {
-    "matmul": ("bench.matmul", "run"),
-    "training": ("bench.training", "run"),
-    "eval_model": ("bench.generation", "train_eval_model"),
-    "generation": ("bench.generation", "run"),
-    "preprocessing": ("bench.preprocessing", "run"),
-}
+FIGURES = {"matmul": ("bench.matmul", "run"), "training": ("bench.training", "run"),
+           "eval_model": ("bench.generation", "train_eval_model"), "generation": ("bench.generation", "run"),
+           "preprocessing": ("bench.preprocessing", "run")}
 
 
 def main(argv: list[str]) -> int:
@@ -32,8 +29,6 @@ def main(argv: list[str]) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logging.basicConfig(level=logging.WARNING)
     warnings.filterwarnings("ignore")
-    import importlib
-
     from bench.common import vm_hwm_mib
 
     result = getattr(importlib.import_module(module_name), function)(spec)

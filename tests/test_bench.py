@@ -1,5 +1,6 @@
 """The bench harness's own arithmetic and bookkeeping, never its timings: FLOP counts, ratios and goals, the
-results schema, per-child peak memory, the generated data and the reference-sample baseline."""
+results schema and table, per-child and per-tree peak memory, the output event the first-step figure waits for, the
+generated data, the reference-sample baseline, the memory figure's full-logits loss and the GPU script's CPU check."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import sys
 import pytest
 
 from bench import advertisegen
+from bench.results import RATIO_SOURCES, goal_values, max_rel_diff, summarize, table
+from bench.run import interleave
 from bench.common import (
     attention_pairs, check_goal, combine_rounds, compute_ratios, forward_flops, matmul_params, results_name,
     run_measured, training_flops, useful_tokens, validate_results,
@@ -109,14 +112,13 @@ def test_results_name_is_stable_per_machine_kind():
 
 
 def _round(step_s, digest="same"):
-    return {"step_s": step_s, "step_tokens": [100, 300], "step_samples": [4, 4], "step_flops": [1e9, 3e9],
-            "batches_digest": digest}
+    return {"step_s": step_s, "step_tokens": [100, 300], "step_flops": [1e9, 3e9], "batches_digest": digest}
 
 
 def test_rounds_of_the_same_steps_combine_through_per_step_minima():
     combined = combine_rounds([_round([1.0, 9.0]), _round([5.0, 3.0])])
     assert combined["timed_s"] == 4.0  # 1.0 from the first round, 3.0 from the second
-    assert combined["tokens_per_s"] == 100.0 and combined["samples_per_s"] == 2.0
+    assert combined["tokens_per_s"] == 100.0
     assert combined["model_flops_per_s"] == 1e9
     assert combined["tokens_per_s_each_round"] == [40.0, 50.0]
 
@@ -185,3 +187,97 @@ def test_tree_memory_counts_worker_processes():
     assert run["peak_rss_mib"] < 100  # the parent alone allocated nothing
     assert run["max_processes"] == 3 and run["peak_tree_pss_mib"] >= 200
     assert run_measured([sys.executable, "-c", "pass"])["peak_tree_pss_mib"] is None
+
+
+def test_every_ratio_in_the_table_is_in_glm_fts_favour_above_one():
+    # rates: glm-ft / baseline; times and memory peaks: baseline / glm-ft
+    figures = {
+        "training_mid": {"sides": {"baseline": {"tokens_per_s": 100.0, "peak_rss_mib": 900.0, "mfu_float32": 0.4},
+                                   "glm_ft": {"tokens_per_s": 150.0, "peak_rss_mib": 1800.0, "mfu_float32": 0.5}}},
+        "first_step": {"sides": {"baseline": {"first_step_s": 10.0, "peak_tree_pss_mib": 1000.0},
+                                 "glm_ft": {"first_step_s": 4.0, "peak_tree_pss_mib": 1250.0}}},
+        "memory_mid": {"sides": {"full_logits": {"peak_rss_mib": 3000.0}, "glm_ft": {"peak_rss_mib": 1500.0}}},
+    }
+    ratios = compute_ratios(figures, RATIO_SOURCES)
+    rows = {row["figure"]: row for row in table(figures, ratios)}
+    assert rows["training tokens/s, mid"]["ratio"] == 1.5
+    assert rows["peak RSS, training mid"]["ratio"] == 0.5
+    assert rows["s to the first training step, tiny LoRA (baseline: reference script)"]["ratio"] == 2.5
+    assert rows["peak PSS of the process tree, those jobs"]["ratio"] == 0.8
+    memory = next(r for label, r in rows.items() if label.startswith("peak RSS, LoRA training mid, 65,024 vocab"))
+    assert (memory["baseline"], memory["glm_ft"], memory["ratio"]) == (3000.0, 1500.0, 2.0)
+    assert rows["model FLOP/s / fp32 matmul peak, mid"]["ratio"] is None  # shown, not a ratio
+    assert not any(label.startswith("eval") for label in rows)  # figures not run leave no rows
+    goals = goal_values(figures, ratios)
+    assert goals["first_step_time_ratio"] == 2.5 and goals["first_step_memory_ratio"] == 0.8
+    assert goals["training_tokens_per_s_ratio"] == 1.5 and goals["mid_training_mfu_fp32"] == 0.5
+
+
+def test_sides_alternate_their_order_each_round():
+    calls = []
+    out = interleave(["baseline", "glm_ft"], 3, lambda name: calls.append(name) or len(calls))
+    assert calls == ["baseline", "glm_ft", "glm_ft", "baseline", "baseline", "glm_ft"]
+    assert out == {"baseline": [1, 4, 5], "glm_ft": [2, 3, 6]}
+
+
+def test_repeated_runs_give_medians_and_the_highest_peak_and_count_failures():
+    runs = [{"returncode": 0, "wall_s": 3.0, "peak_rss_mib": 10.0, "peak_tree_pss_mib": 30.0},
+            {"returncode": 0, "wall_s": 1.0, "peak_rss_mib": 20.0, "peak_tree_pss_mib": 25.0},
+            {"returncode": 0, "wall_s": 2.0, "peak_rss_mib": 15.0, "peak_tree_pss_mib": 40.0},
+            {"returncode": 1, "wall_s": 0.1, "peak_rss_mib": 99.0, "peak_tree_pss_mib": 99.0}]
+    out = summarize(runs, {"wall_s": "wall_s", "peak_tree_pss_mib": "peak_tree_pss_mib"})
+    assert out["wall_s"] == 2.0 and out["wall_s_each"] == [3.0, 1.0, 2.0]
+    assert out["peak_rss_mib"] == 20.0 and out["peak_tree_pss_mib"] == 40.0 and out["failures"] == 1
+
+
+def test_loss_differences_are_relative_and_catch_different_samples():
+    assert max_rel_diff({"a": 2.0, "b": 4.0}, {"a": 2.0, "b": 4.4}) == pytest.approx(0.1)
+    assert max_rel_diff([8.0, 4.0], [8.0, 4.0]) == 0.0
+    assert max_rel_diff({"a": 1.0}, {"b": 1.0}) == float("inf")
+    assert max_rel_diff([1.0, 2.0], [1.0]) == float("inf")
+    assert max_rel_diff(None, [1.0]) is None
+
+
+def test_the_watched_output_event_is_timed_on_stdout_or_stderr():
+    # the marker comes after a 0.3 s sleep in the child, so its time can't be earlier, however fast the machine
+    child = ("import sys, time; print('starting', flush=True); time.sleep(0.3); "
+             "print(\"{'loss': '8.0'}\", file=sys.stderr, flush=True)")
+    run = run_measured([sys.executable, "-c", child], watch=b"'loss'")
+    assert run["returncode"] == 0 and 0.3 <= run["watch_s"] <= run["wall_s"]
+    assert "starting" in run["stdout"] and "'loss'" in run["stdout"]  # one stream, both kept
+    assert run_measured([sys.executable, "-c", "print('no marker')"], watch=b"'loss'")["watch_s"] is None
+
+
+def test_the_full_logits_loss_equals_the_models_chunked_loss_with_its_gradients():
+    # The memory figure's 'before' side must do the same work as glm-ft's chunked loss.
+    torch = pytest.importorskip("torch")
+    from bench.training import full_logits_loss
+    from glm_ft.chatglm3.modeling import chunked_causal_lm_loss
+
+    torch.manual_seed(0)
+    hidden = torch.randn(2, 7, 16, requires_grad=True)
+    layer = torch.nn.Linear(16, 50, bias=False)
+    labels = torch.randint(0, 50, (2, 7))
+    labels[:, :3] = -100
+    results = []
+    for loss_fn in (full_logits_loss, lambda *a: chunked_causal_lm_loss(*a, chunk=3)):
+        hidden.grad, layer.weight.grad = None, None
+        loss = loss_fn(hidden, layer, labels, torch.tensor(8))
+        loss.backward()
+        results.append((loss.detach(), hidden.grad.clone(), layer.weight.grad.clone()))
+    for full, chunked in zip(*results):
+        torch.testing.assert_close(full, chunked)
+
+
+def test_the_gpu_script_refuses_without_cuda_in_one_line_and_runs_its_cpu_check():
+    torch = pytest.importorskip("torch")
+    import subprocess
+
+    if not torch.cuda.is_available():
+        refused = subprocess.run([sys.executable, "bench/gpu.py"], capture_output=True, text=True, timeout=600)
+        assert refused.returncode == 2 and refused.stderr.startswith("error: bench/gpu.py needs a CUDA GPU")
+    smoke = subprocess.run([sys.executable, "bench/gpu.py", "--cpu-smoke"], capture_output=True, text=True,
+                           timeout=600)
+    assert smoke.returncode == 0, smoke.stderr[-2000:]
+    lines = smoke.stdout.splitlines()
+    assert lines[0].split()[:2] == ["method", "ckpt"] and len(lines) == 6  # header, 2 methods x 2, the peak line
