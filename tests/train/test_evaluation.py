@@ -58,6 +58,55 @@ def test_the_collator_carries_each_sample_index():
     assert batch["labels"].tolist() == [[9, 9], [8, -100]]
 
 
+LENGTHS = [5, 40, 12, 3, 40, 27, 8, 19, 33, 2, 11, 6, 25]
+
+
+def test_generation_batches_stay_within_the_budget_longest_first():
+    from glm_ft.train.evaluation import generation_batches, generation_budget
+
+    new = 10
+    budget = generation_budget(LENGTHS, 2, new, batch_tokens=300)
+    assert budget == 300  # over the floor of 2 rows of the longest prompt: 2 * (40 + 10) = 100
+    batches = generation_batches(LENGTHS, budget, new)
+    assert sorted(i for b in batches for i in b) == list(range(len(LENGTHS)))  # each sample once
+    flat = [LENGTHS[i] for b in batches for i in b]
+    assert flat == sorted(LENGTHS, reverse=True)
+    for batch in batches:
+        assert len(batch) * (max(LENGTHS[i] for i in batch) + new) <= budget
+    assert len({len(b) for b in batches}) > 1, "shorter prompts should give larger batches"
+    # No token budget: at least 2 rows of the longest prompt, and never more tokens than such a batch
+    floor = generation_budget(LENGTHS, 2, new, batch_tokens=None)
+    assert floor == 100 and all(len(b) >= 2 for b in generation_batches(LENGTHS, floor, new)[:-1])
+    # Beam search keeps `beams` copies of each row: the budget is shared by them
+    assert generation_budget(LENGTHS, 2, new, batch_tokens=300, beams=2) == 150
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_generation_batches_under_several_processes_as_accelerate_shards_them(world_size):
+    """Each rank gets whole batches round-robin (accelerate's own BatchSamplerShard, as the Trainer prepares the
+    loader): every rank runs the same number of generate calls, each step's batches have the same row count (they
+    are gathered), and together they hold every sample; repeats only fill the last step."""
+    from accelerate.data_loader import BatchSamplerShard
+
+    from glm_ft.train.evaluation import generation_batches
+
+    new, budget = 10, 150
+    batches = generation_batches(LENGTHS, budget, new, world_size)
+    shards = [list(BatchSamplerShard(batches, num_processes=world_size, process_index=rank))
+              for rank in range(world_size)]
+    assert len({len(s) for s in shards}) == 1
+    steps = list(zip(*shards))
+    assert len(steps) > 1
+    for step in steps:
+        assert len({len(b) for b in step}) == 1, step
+        for batch in step:
+            assert len(batch) * (max(LENGTHS[i] for i in batch) + new) <= budget
+    seen = [i for step in steps for batch in step for i in batch]
+    assert sorted(set(seen)) == list(range(len(LENGTHS)))
+    first_of_last_step = sum(len(b) for step in steps[:-1] for b in step)
+    assert len(set(seen[:first_of_last_step])) == first_of_last_step  # repeats only in the last step
+
+
 # --- whole runs -----------------------------------------------------------------------------------------------
 
 def read_jsonl(path: Path) -> list[dict]:
