@@ -2,9 +2,11 @@
 order, and what is logged is the score of what is written.
 
 The runs use the default configuration (the quickstart, `training_args.group_by_length=true`, the quickstart's eval
-batch size of 20), where transformers 5.24 evaluates in a length-grouped shuffled order and two processes pad the
-42 test samples to 80 rows. Every check holds a run's output against an independent way of getting it: a rescore of
-its own file, the data file itself, and `glm_ft.infer.predict` on the same checkpoint.
+batch size of 20), where evaluation batches by tokens, longest prompts first; the two-process run batches by
+`per_device_eval_batch_size=4` rows of the longest prompt (`eval_batch_tokens=null`), so that its ranks run several
+steps of different row counts (4, 7, then 3 or 2 rows each). Every check holds a run's output against
+an independent way of getting it: a rescore of its own file, the data file itself, and `glm_ft.infer.predict` on
+the same checkpoint (batched differently again).
 """
 
 from __future__ import annotations
@@ -169,6 +171,7 @@ def distributed(single, tmp_path_factory) -> dict:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(ROOT / "train.py"), *DEFAULT_RUN, "training_args.max_steps=2", "training_args.eval_steps=2",
            "training_args.save_steps=2", "training_args.learning_rate=1e-9", "deepspeed=zero3",
+           "training_args.per_device_eval_batch_size=4", "eval_batch_tokens=null",
            f"model.path={single['run_dir'] / 'final'}", "model.build_if_missing=false", f"hydra.run.dir={run_dir}"]
     # Its own session, so that torchrun's workers end with it whatever happens.
     result = run_process(cmd, cwd=ROOT, env=env)
