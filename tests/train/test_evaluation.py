@@ -129,12 +129,13 @@ def assistant_turns(path: Path) -> list[tuple[str, str]]:
 
 
 def predict_with_glm_ft(checkpoint: Path, data_file: Path, out: Path, batch_size: int) -> list[dict]:
-    """`python -m glm_ft predict` on the run's own checkpoint, batched differently from the run's evaluation."""
+    """`python -m glm_ft predict` on the run's own checkpoint, batched differently from the run's evaluation:
+    `batch_size` rows of the longest prompt, no larger token budget (--batch-tokens 1)."""
     from glm_ft.infer.predict import main
 
     with contextlib.redirect_stdout(io.StringIO()):
         assert main([str(checkpoint), str(data_file), "--out", str(out), "--batch-size", str(batch_size),
-                     "--max-new-tokens", str(MAX_NEW_TOKENS)]) == 0
+                     "--batch-tokens", "1", "--max-new-tokens", str(MAX_NEW_TOKENS)]) == 0
     return read_jsonl(out)
 
 
