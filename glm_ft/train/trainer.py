@@ -74,9 +74,9 @@ class GlmTrainer(Seq2SeqTrainer):
         lengths = prompt_lengths(dataset)
         budget = generation_budget(lengths, self.args.eval_batch_size, new_tokens, self.eval_batch_tokens,
                                    self.gen_config.num_beams or 1)
-        args = self.args
+        args, ranks = self.args, self.accelerator.num_processes
         loader = DataLoader(
-            Indexed(dataset), batch_sampler=generation_batches(lengths, budget, new_tokens, args.world_size),
+            Indexed(dataset), batch_sampler=generation_batches(lengths, budget, new_tokens, ranks),
             collate_fn=self._get_collator_with_removed_columns(self.data_collator, description=description),
             num_workers=args.dataloader_num_workers, pin_memory=args.dataloader_pin_memory,
             persistent_workers=args.dataloader_persistent_workers and args.dataloader_num_workers > 0,
