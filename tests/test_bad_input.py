@@ -71,6 +71,7 @@ BAD_VALUES = {
     "training_args.adam_epsilon": [["0"]],
     "tracking.experiment_name": [[""], ["'  '"]],
     "data.pack_max_length": [["16"], ["0"]],
+    "eval_batch_tokens": [["0"], ["-1"]],
     # glm_ft/methods/: the LoRA variants' and freeze tuning's values
     "method.init_lora_weights": [["pisa", "method=lora"], ["eva", "method=lora"], ["pissa_niter_x", "method=lora"],
                                  ["pissa", "method=lora", "method.use_dora=true"], ["olora", "method=lora", "deepspeed=zero3"]],

@@ -21,6 +21,9 @@ PROJECT_ROOT = Path(__file__).resolve().parents[2]
 TINY_MODEL_DIR = PROJECT_ROOT / ".cache" / "tiny-chatglm3"
 # model=tiny_demo: the tiny model trained a little (glm_ft/train/demo_base.py), built the same way at its own place
 DEMO_MODEL_DIR = PROJECT_ROOT / ".cache" / "tiny-chatglm3-demo"
+# Tokens one evaluation/prediction batch may hold, rows x (longest prompt + max_new_tokens): 32768 is ~0.9 GB of
+# bf16 KV cache at chatglm3-6b's shape, and lets a small model decode many short rows per step (glm_ft/train/evaluation.py).
+EVAL_BATCH_TOKENS = 32768
 
 
 # --- method group: one dataclass per method, each in its own module (glm_ft/methods/) ----------------------------
@@ -145,6 +148,9 @@ class Config:
     seed: int = 42
     # Evaluate during training on the first N validation samples (the reference used 50); null = all.
     eval_subset: Optional[int] = 50
+    # Evaluation and prediction batches: up to this many tokens, at least per_device_eval_batch_size rows of the
+    # longest prompt; null = that floor only.
+    eval_batch_tokens: Optional[int] = EVAL_BATCH_TOKENS
     dry_run: bool = False
     # null: start fresh; "auto": newest checkpoint of the run folder; otherwise a checkpoint path.
     resume: Optional[str] = None

@@ -93,6 +93,9 @@ def _check_lengths(cfg: DictConfig) -> None:
             raise ConfigError(f"{key}: must be > 0, got {cfg[key]}")
     if cfg.eval_subset is not None and cfg.eval_subset <= 0:
         raise ConfigError(f"eval_subset: must be > 0 or null (all), got {cfg.eval_subset}")
+    if cfg.eval_batch_tokens is not None and cfg.eval_batch_tokens <= 0:
+        raise ConfigError(f"eval_batch_tokens: must be > 0 or null (batches of per_device_eval_batch_size rows), "
+                          f"got {cfg.eval_batch_tokens}")
     longest = cfg.max_input_length + cfg.max_output_length + 1
     if cfg.data.pack_max_length is not None and cfg.data.pack_max_length < longest:
         raise ConfigError(f"data.pack_max_length: must be >= max_input_length + max_output_length + 1 = {longest} "

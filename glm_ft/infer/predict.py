@@ -1,11 +1,12 @@
 """Batch prediction over a data file with what a run trained, scored as in evaluation.
 
-    python -m glm_ft predict RUN_OR_CHECKPOINT data/test.jsonl --out predictions.jsonl --batch-size 16
+    python -m glm_ft predict RUN_OR_CHECKPOINT data/test.jsonl --out predictions.jsonl --batch-size 16 --batch-tokens 32768
 
 The file may be in any format glm_ft.data reads (`.jsonl` / `.json`, conversations or AdvertiseGen rows); every
 assistant turn is one sample (its context as the prompt, its text as the reference), built by the same code as the
-evaluation during training. Prompts are batched with left padding, sorted by length so that a batch wastes little
-on padding; rows are written in file order. Writes OUT (prompt, reference, prediction per sample) and, beside it,
+evaluation during training. Prompts are batched as evaluation batches them (glm_ft.train.evaluation.generation_batches:
+longest first, as many rows as fit --batch-tokens, at least --batch-size rows of the longest prompt), left-padded;
+rows are written in file order. Writes OUT (prompt, reference, prediction per sample) and, beside it,
 `test_metrics.json`; the metrics (test_rouge-1, test_rouge-2, test_rouge-l, test_bleu-4, test_samples — the names
 of a run's final test prediction) are also printed on stdout as JSON.
 """
@@ -20,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from glm_ft.config.schema import EVAL_BATCH_TOKENS
 from glm_ft.methods import DTYPE_NAMES
 from glm_ft.errors import GlmFtError
 
@@ -41,31 +43,34 @@ def build_samples(conversations, tokenizer, max_input_length: int, max_output_le
     return samples
 
 
-def generate_all(model, tokenizer, samples: list[dict[str, Any]], generation_config,
-                 batch_size: int) -> list[list[int]]:
-    """Generated ids (prompt removed) for every sample, in the samples' order."""
+def generate_all(model, tokenizer, samples: list[dict[str, Any]], generation_config, batch_size: int,
+                 batch_tokens: int | None = EVAL_BATCH_TOKENS) -> list[list[int]]:
+    """Generated ids (prompt removed) for every sample, in the samples' order, batched as evaluation is."""
     import torch
 
-    from glm_ft.train.evaluation import Collator
+    from glm_ft.train.evaluation import Collator, generation_batches, generation_budget, prompt_lengths
     from glm_ft.train.generation import generate
 
     collate = Collator(tokenizer.pad_token_id)
-    order = sorted(range(len(samples)), key=lambda i: len(samples[i]["input_ids"]))
+    new_tokens = generation_config.max_new_tokens
+    lengths = prompt_lengths(samples)
+    budget = generation_budget(lengths, batch_size, new_tokens, batch_tokens, generation_config.num_beams or 1)
     outputs: list[list[int]] = [[] for _ in samples]
-    for start in range(0, len(order), batch_size):
-        chunk = order[start:start + batch_size]
+    done = 0
+    for chunk in generation_batches(lengths, budget, new_tokens):
         batch = collate([samples[i] for i in chunk])
         input_ids = batch["input_ids"].to(model.device)
         with torch.no_grad():
             generated = generate(model, input_ids, batch["attention_mask"].to(model.device), generation_config)
         for i, row in zip(chunk, generated.tolist()):
             outputs[i] = row
-        log.info("generated %d of %d", min(start + batch_size, len(order)), len(order))
+        done += len(chunk)
+        log.info("generated %d of %d", done, len(samples))
     return outputs
 
 
 def predict(checkpoint, data_file: str | Path, out: str | Path, *, base_model: str | Path | None = None,
-            batch_size: int = 16, max_input_length: int | None = None, max_output_length: int | None = None,
+            batch_size: int = 16, batch_tokens: int | None = EVAL_BATCH_TOKENS, max_input_length: int | None = None, max_output_length: int | None = None,
             max_new_tokens: int | None = None, dtype: str | None = None) -> dict[str, float]:
     """Write predictions to `out` and the metrics beside it; returns the metrics. `checkpoint` is a path or what
     glm_ft.infer.checkpoint.find_checkpoint returned."""
@@ -89,7 +94,7 @@ def predict(checkpoint, data_file: str | Path, out: str | Path, *, base_model: s
     gen = generation_config(tokenizer, max_new_tokens or max_output_length)
 
     started = time.perf_counter()
-    generated = generate_all(loaded.model, tokenizer, samples, gen, batch_size)
+    generated = generate_all(loaded.model, tokenizer, samples, gen, batch_size, batch_tokens)
     stop_ids = stop_token_ids(tokenizer)
     predictions = decode_rows(tokenizer, generated, stop_ids)
     references = decode_rows(tokenizer, [s["output_ids"] for s in samples], stop_ids)
@@ -108,13 +113,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("data_file", help=".jsonl or .json file of conversations or AdvertiseGen rows")
     parser.add_argument("--out", default="predictions.jsonl", help="predictions file; test_metrics.json goes beside it")
     parser.add_argument("--base-model", help="base model folder (default: the one recorded at training time)")
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, default=16, help="rows of the longest prompt a batch always takes")
+    parser.add_argument("--batch-tokens", type=int, default=EVAL_BATCH_TOKENS,
+                        help="tokens a batch may hold, rows x (longest prompt + new tokens); more rows of shorter "
+                             "prompts (default: %(default)s, training's eval_batch_tokens)")
     parser.add_argument("--max-input-length", type=int, help="default: the run's, else 256")
     parser.add_argument("--max-output-length", type=int, help="reference length; default: the run's, else 512")
     parser.add_argument("--max-new-tokens", type=int, help="default: --max-output-length")
     parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPE_NAMES])
     args = parser.parse_args(argv)
-    for name in ("batch_size", "max_new_tokens", "max_output_length"):
+    for name in ("batch_size", "batch_tokens", "max_new_tokens", "max_output_length"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.max_input_length is not None and args.max_input_length < 3:
@@ -130,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         ckpt = find_checkpoint(args.checkpoint, args.base_model)
         quiet_transformers()
         metrics = predict(ckpt, args.data_file, args.out,
-                          batch_size=args.batch_size, max_input_length=args.max_input_length,
+                          batch_size=args.batch_size, batch_tokens=args.batch_tokens, max_input_length=args.max_input_length,
                           max_output_length=args.max_output_length, max_new_tokens=args.max_new_tokens,
                           dtype=args.dtype)
     except GlmFtError as err:

@@ -1,6 +1,7 @@
 """Evaluation with generation: batching, decoding, metrics and predictions.jsonl.
 
-The same pieces serve evaluation during training, the final test prediction and batch inference.
+The same pieces serve evaluation during training, the final test prediction and batch inference. Samples are
+batched by a token budget, longest prompts first (`generation_batches`), not in file order.
 
 Every evaluation sample carries its index through the batches (`Indexed`, `SAMPLE_INDEX`): whatever order the
 batches ran in and however the processes padded their shards, `in_sample_order` puts the outputs back in the
@@ -54,6 +55,46 @@ def in_sample_order(indices, count: int, *arrays):
                            f"(missing: {missing[:10]}); refusing to score or write a partial set")
     rows = np.array([first[i] for i in range(count)], dtype=np.int64)
     return tuple(np.asarray(a)[rows] for a in arrays)
+
+
+def prompt_lengths(dataset) -> list[int]:
+    """The prompt length of every sample (a datasets.Dataset's column, or a list of samples)."""
+    column = dataset["input_ids"] if hasattr(dataset, "column_names") else [s["input_ids"] for s in dataset]
+    return [len(ids) for ids in column]
+
+
+def generation_budget(lengths: Sequence[int], batch_size: int, new_tokens: int, batch_tokens: int | None,
+                      beams: int = 1) -> int:
+    """Tokens one generation batch may hold (rows x (its longest prompt + new_tokens)): `batch_tokens` shared by the
+    `beams` copies of each row, but never less than `batch_size` rows of the longest prompt, the most a batch of
+    `batch_size` rows in file order could hold."""
+    floor = batch_size * (max(lengths, default=0) + new_tokens)
+    return max(floor, (batch_tokens or 0) // max(beams, 1))
+
+
+def generation_batches(lengths: Sequence[int], budget: int, new_tokens: int, world_size: int = 1) -> list[list[int]]:
+    """Sample indices in batches for generation, sized by tokens rather than rows.
+
+    Longest prompts first, so that running out of memory shows in the first batch; a batch padded to its first
+    (longest) prompt L takes as many rows r as keep r x (L + new_tokens) within `budget`, at least one. Sorting
+    also puts replies of like length together, so fewer steps are spent on rows that stopped.
+
+    With several processes accelerate hands whole batches to the ranks round-robin and gathers at every step, so
+    the batches come in groups of `world_size` with equal row counts: each rank runs the same number of generate
+    calls (ZeRO-3's synced steps wait for all) with tensors that gather. The last group is topped up with repeats of
+    its own rows (no longer than its first), which `in_sample_order` drops again.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    batches: list[list[int]] = []
+    start = 0
+    while start < len(order):
+        rows = max(1, budget // (lengths[order[start]] + new_tokens))
+        group = order[start:start + rows * world_size]
+        start += len(group)
+        rows = -(-len(group) // world_size)
+        group += [group[i % len(group)] for i in range(rows * world_size - len(group))]
+        batches += [group[rank * rows:(rank + 1) * rows] for rank in range(world_size)]
+    return batches
 
 
 def stop_token_ids(tokenizer) -> list[int]:

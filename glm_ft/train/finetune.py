@@ -116,7 +116,7 @@ def _train(cfg: DictConfig, run_dir: Path, paths: dict[str, Path], where: InputP
         model=model, args=args, train_dataset=data.train, eval_dataset=data.val if has_eval else None,
         data_collator=collator, processing_class=tokenizer,
         compute_metrics=metrics_fn(tokenizer, stop_ids), method=cfg.method, gen_config=gen_config,
-        eval_predictions=run_dir / EVAL_PREDICTIONS, callbacks=callbacks,
+        eval_predictions=run_dir / EVAL_PREDICTIONS, eval_batch_tokens=cfg.eval_batch_tokens, callbacks=callbacks,
     )
 
     trained_step = finished_training_step(cfg, run_dir)

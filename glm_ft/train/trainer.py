@@ -15,15 +15,18 @@ import shutil
 from pathlib import Path
 
 import torch
-from torch.utils.data import SequentialSampler
+from torch.utils.data import DataLoader
 from transformers import Seq2SeqTrainer, TrainerCallback
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from transformers.trainer_utils import EvalLoopOutput, EvalPrediction
 
 from glm_ft import dist, methods
 from glm_ft.errors import CheckpointError, GlmFtError
+from glm_ft.config.schema import EVAL_BATCH_TOKENS
 from glm_ft.runs import checkpoint_dir, last_complete_checkpoint, mark_complete
-from glm_ft.train.evaluation import SAMPLE_INDEX, Indexed, in_sample_order, write_predictions
+from glm_ft.train.evaluation import (
+    SAMPLE_INDEX, Indexed, generation_batches, generation_budget, in_sample_order, prompt_lengths, write_predictions,
+)
 from glm_ft.train.generation import generate
 from glm_ft.train.metrics import prefix_metrics
 
@@ -37,31 +40,48 @@ class TrainingDiverged(GlmFtError):
 class GlmTrainer(Seq2SeqTrainer):
     """Generation-based evaluation for a decoder-only model, and method-aware checkpoints.
 
-    Evaluation and prediction return every sample once, in the dataset's order, and score exactly those
-    rows. transformers 5.24 would not: under `train_sampling_strategy="group_by_length"` its eval sampler is a
-    seeded LengthGroupedSampler (outputs come back shuffled), and with several processes the last batches are
-    padded with repeated samples that Seq2SeqTrainer's plain `gather` keeps. Here the sampler is sequential
-    and each row carries its sample index, so order and uniqueness hold by construction (`in_sample_order`).
+    Evaluation and prediction batch by a token budget, longest prompts first (`generation_batches`: at least
+    `per_device_eval_batch_size` rows of the longest prompt, more rows of shorter ones up to `eval_batch_tokens`),
+    and return every sample once, in the dataset's order, scoring exactly those rows: each row carries its sample
+    index, so order and uniqueness hold by construction (`in_sample_order`), whatever order the batches ran in and
+    whatever repeats filled a distributed run's last batches (Seq2SeqTrainer's plain `gather` would keep those).
     """
 
-    def __init__(self, *args, method, gen_config, eval_predictions: Path | None = None, **kwargs):
+    def __init__(self, *args, method, gen_config, eval_predictions: Path | None = None,
+                 eval_batch_tokens: int | None = EVAL_BATCH_TOKENS, **kwargs):
         super().__init__(*args, **kwargs)
         self.method = method  # the method's config (cfg.method); its module saves, loads, builds the optimizer
         self.gen_config = gen_config
+        self.eval_batch_tokens = eval_batch_tokens
         # Where the last evaluation's outputs are written (rank 0), so what was scored can be read.
         self.eval_predictions = eval_predictions
-
-    def _get_eval_sampler(self, eval_dataset):
-        return SequentialSampler(eval_dataset)
 
     def get_eval_dataloader(self, eval_dataset=None):
         if isinstance(eval_dataset, str):
             eval_dataset = self.eval_dataset[eval_dataset]
         eval_dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
-        return super().get_eval_dataloader(Indexed(eval_dataset) if eval_dataset is not None else None)
+        if eval_dataset is None:
+            raise ValueError("Trainer: evaluation requires an eval_dataset.")
+        return self._generation_dataloader(eval_dataset, "Evaluation")
 
     def get_test_dataloader(self, test_dataset):
-        return super().get_test_dataloader(Indexed(test_dataset))
+        return self._generation_dataloader(test_dataset, "test")
+
+    def _generation_dataloader(self, dataset, description: str) -> DataLoader:
+        # The batch list has no batch_size: accelerate then hands its batches to the ranks round-robin as they are
+        # and truncates nothing at the end (generation_batches makes each step's batches the same size).
+        new_tokens = self.gen_config.max_new_tokens or 0
+        lengths = prompt_lengths(dataset)
+        budget = generation_budget(lengths, self.args.eval_batch_size, new_tokens, self.eval_batch_tokens,
+                                   self.gen_config.num_beams or 1)
+        args, ranks = self.args, self.accelerator.num_processes
+        loader = DataLoader(
+            Indexed(dataset), batch_sampler=generation_batches(lengths, budget, new_tokens, ranks),
+            collate_fn=self._get_collator_with_removed_columns(self.data_collator, description=description),
+            num_workers=args.dataloader_num_workers, pin_memory=args.dataloader_pin_memory,
+            persistent_workers=args.dataloader_persistent_workers and args.dataloader_num_workers > 0,
+            prefetch_factor=args.dataloader_prefetch_factor)
+        return self.accelerator.prepare(loader)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None, **gen_kwargs):
         inputs = self._prepare_inputs(inputs)

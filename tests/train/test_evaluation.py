@@ -2,9 +2,11 @@
 order, and what is logged is the score of what is written.
 
 The runs use the default configuration (the quickstart, `training_args.group_by_length=true`, the quickstart's eval
-batch size of 20), where transformers 5.24 evaluates in a length-grouped shuffled order and two processes pad the
-42 test samples to 80 rows. Every check holds a run's output against an independent way of getting it: a rescore of
-its own file, the data file itself, and `glm_ft.infer.predict` on the same checkpoint.
+batch size of 20), where evaluation batches by tokens, longest prompts first; the two-process run batches by
+`per_device_eval_batch_size=4` rows of the longest prompt (`eval_batch_tokens=null`), so that its ranks run several
+steps of different row counts (4, 7, then 3 or 2 rows each). Every check holds a run's output against
+an independent way of getting it: a rescore of its own file, the data file itself, and `glm_ft.infer.predict` on
+the same checkpoint (batched differently again).
 """
 
 from __future__ import annotations
@@ -58,6 +60,55 @@ def test_the_collator_carries_each_sample_index():
     assert batch["labels"].tolist() == [[9, 9], [8, -100]]
 
 
+LENGTHS = [5, 40, 12, 3, 40, 27, 8, 19, 33, 2, 11, 6, 25]
+
+
+def test_generation_batches_stay_within_the_budget_longest_first():
+    from glm_ft.train.evaluation import generation_batches, generation_budget
+
+    new = 10
+    budget = generation_budget(LENGTHS, 2, new, batch_tokens=300)
+    assert budget == 300  # over the floor of 2 rows of the longest prompt: 2 * (40 + 10) = 100
+    batches = generation_batches(LENGTHS, budget, new)
+    assert sorted(i for b in batches for i in b) == list(range(len(LENGTHS)))  # each sample once
+    flat = [LENGTHS[i] for b in batches for i in b]
+    assert flat == sorted(LENGTHS, reverse=True)
+    for batch in batches:
+        assert len(batch) * (max(LENGTHS[i] for i in batch) + new) <= budget
+    assert len({len(b) for b in batches}) > 1, "shorter prompts should give larger batches"
+    # No token budget: at least 2 rows of the longest prompt, and never more tokens than such a batch
+    floor = generation_budget(LENGTHS, 2, new, batch_tokens=None)
+    assert floor == 100 and all(len(b) >= 2 for b in generation_batches(LENGTHS, floor, new)[:-1])
+    # Beam search keeps `beams` copies of each row: the budget is shared by them
+    assert generation_budget(LENGTHS, 2, new, batch_tokens=300, beams=2) == 150
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_generation_batches_under_several_processes_as_accelerate_shards_them(world_size):
+    """Each rank gets whole batches round-robin (accelerate's own BatchSamplerShard, as the Trainer prepares the
+    loader): every rank runs the same number of generate calls, each step's batches have the same row count (they
+    are gathered), and together they hold every sample; repeats only fill the last step."""
+    from accelerate.data_loader import BatchSamplerShard
+
+    from glm_ft.train.evaluation import generation_batches
+
+    new, budget = 10, 150
+    batches = generation_batches(LENGTHS, budget, new, world_size)
+    shards = [list(BatchSamplerShard(batches, num_processes=world_size, process_index=rank))
+              for rank in range(world_size)]
+    assert len({len(s) for s in shards}) == 1
+    steps = list(zip(*shards))
+    assert len(steps) > 1
+    for step in steps:
+        assert len({len(b) for b in step}) == 1, step
+        for batch in step:
+            assert len(batch) * (max(LENGTHS[i] for i in batch) + new) <= budget
+    seen = [i for step in steps for batch in step for i in batch]
+    assert sorted(set(seen)) == list(range(len(LENGTHS)))
+    first_of_last_step = sum(len(b) for step in steps[:-1] for b in step)
+    assert len(set(seen[:first_of_last_step])) == first_of_last_step  # repeats only in the last step
+
+
 # --- whole runs -----------------------------------------------------------------------------------------------
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -78,12 +129,13 @@ def assistant_turns(path: Path) -> list[tuple[str, str]]:
 
 
 def predict_with_glm_ft(checkpoint: Path, data_file: Path, out: Path, batch_size: int) -> list[dict]:
-    """`python -m glm_ft predict` on the run's own checkpoint, batched differently from the run's evaluation."""
+    """`python -m glm_ft predict` on the run's own checkpoint, batched differently from the run's evaluation:
+    `batch_size` rows of the longest prompt, no larger token budget (--batch-tokens 1)."""
     from glm_ft.infer.predict import main
 
     with contextlib.redirect_stdout(io.StringIO()):
         assert main([str(checkpoint), str(data_file), "--out", str(out), "--batch-size", str(batch_size),
-                     "--max-new-tokens", str(MAX_NEW_TOKENS)]) == 0
+                     "--batch-tokens", "1", "--max-new-tokens", str(MAX_NEW_TOKENS)]) == 0
     return read_jsonl(out)
 
 
@@ -120,6 +172,7 @@ def distributed(single, tmp_path_factory) -> dict:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(ROOT / "train.py"), *DEFAULT_RUN, "training_args.max_steps=2", "training_args.eval_steps=2",
            "training_args.save_steps=2", "training_args.learning_rate=1e-9", "deepspeed=zero3",
+           "training_args.per_device_eval_batch_size=4", "eval_batch_tokens=null",
            f"model.path={single['run_dir'] / 'final'}", "model.build_if_missing=false", f"hydra.run.dir={run_dir}"]
     # Its own session, so that torchrun's workers end with it whatever happens.
     result = run_process(cmd, cwd=ROOT, env=env)
