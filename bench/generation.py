@@ -1,7 +1,7 @@
 """Evaluation generation, one side per process (bench/README.md, "Evaluation generation"): glm-ft's evaluation path
-(its trainer's `predict`, finished rows leaving the batch) or the reference demo's (`generate` over batches in file
-order). Both use the same fine-tuned model (`train_eval_model`), prompts and batch size; the decoded outputs are
-compared after timing."""
+with its defaults (its trainer's `predict`: token-budget batches, longest prompts first, finished rows leaving the
+batch) or the reference demo's (`generate` over batches of 16 in file order). Both use the same fine-tuned model
+(`train_eval_model`) and prompts; the decoded outputs are compared, in file order, after timing."""
 
 from __future__ import annotations
 

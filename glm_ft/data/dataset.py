@@ -134,20 +134,6 @@ def encode_messages(conversations: Sequence[Conversation], tokenizer, threads: i
     return out
 
 
-def _train_columns(conversations, parts, tokenizer, max_input_length, max_output_length):
-    """Row-at-a-time layout of the training samples, as glm-ft did before `columns.train_table`; only
-    bench/preprocessing.py's breakdown still calls it (to go when the bench times train_table's own steps)."""
-    out = {"input_ids": [], "labels": [], "truncated": []}
-    for conversation, message_parts in zip(conversations, parts):
-        sample = build_train_sample(conversation.messages, tokenizer, max_input_length, max_output_length,
-                                    message_parts)
-        # A sample whose targets were all cut off would add nothing but a NaN-prone empty loss.
-        if sample["labels"].count(IGNORE_INDEX) != len(sample["labels"]):
-            for key in out:
-                out[key].append(sample[key])
-    return out
-
-
 def _eval_columns(conversations, parts, tokenizer, max_input_length, max_output_length):
     out = {"input_ids": [], "output_ids": [], "input_truncated": [], "output_truncated": []}
     for conversation, message_parts in zip(conversations, parts):
