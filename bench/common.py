@@ -195,7 +195,14 @@ def machine_info() -> dict[str, Any]:
     return {"cpu_model": _proc_field("/proc/cpuinfo", "model name") or platform.processor() or "unknown",
             "cores": os.cpu_count(), "ram_gib": round(int(ram_kib.split()[0]) / 2**20, 1) if ram_kib else None,
             "platform": platform.platform(), "python": platform.python_version(),
-            "loadavg_at_start": [round(x, 2) for x in os.getloadavg()]}
+            "loadavg_at_start": [round(x, 2) for x in os.getloadavg()], "bf16_flags": cpu_bf16_flags()}
+
+
+def cpu_bf16_flags() -> list[str]:
+    """The CPU's native bf16 instructions. Without them torch emulates bf16 matmuls, tens of times slower than
+    fp32 (a 1024 square: 3 s against 0.05 s on an AVX2-only EPYC), and a bf16 training side would run for hours."""
+    flags = (_proc_field("/proc/cpuinfo", "flags") or "").split()
+    return sorted({"avx512_bf16", "amx_bf16"} & set(flags))
 
 
 def package_versions(names: Sequence[str] = PACKAGES) -> dict[str, str | None]:

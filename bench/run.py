@@ -27,7 +27,7 @@ if __package__ in (None, ""):  # run as `python bench/run.py`
 
 from bench import advertisegen  # noqa: E402
 from bench.common import (  # noqa: E402
-    RESULTS_DIR, ROOT, combine_rounds, format_table, machine_info, run_measured, validate_results,
+    RESULTS_DIR, ROOT, combine_rounds, cpu_bf16_flags, format_table, machine_info, run_measured, validate_results,
 )
 from bench.results import assemble, max_rel_diff, same_value, summarize  # noqa: E402
 
@@ -331,6 +331,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown figure(s) {', '.join(sorted(set(only) - set(FIGURES)))}; choose from "
                      f"{', '.join(FIGURES)}")
     sides = args.sides.split(",") if args.sides else list(TRAINING_SIDES)
+    if not args.sides and not cpu_bf16_flags():
+        sides.remove("glm_ft_bf16")  # emulated bf16 (bench.common.cpu_bf16_flags); --sides can still ask for it
     if "baseline" not in sides or set(sides) - set(TRAINING_SIDES):
         parser.error(f"--sides: a subset of {','.join(TRAINING_SIDES)} that includes baseline")
     settings = {**(_merge(SETTINGS, QUICK) if args.quick else SETTINGS), "quick": args.quick,
@@ -340,6 +342,8 @@ def main(argv: list[str] | None = None) -> int:
     machine = machine_info()
     work = Path(tempfile.mkdtemp(prefix="glm-ft-bench-"))
     log(f"scratch folder {work}; load average {machine['loadavg_at_start']}")
+    if "glm_ft_bf16" not in sides:
+        log("training: no bf16 side (this CPU has no avx512_bf16 / amx_bf16: torch would emulate bf16)")
     start = time.perf_counter()
     bench, figures = Bench(settings, work), {}
     try:
