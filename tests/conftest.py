@@ -22,6 +22,12 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+# A suite started in the background (`make test &` from a script) inherits SIGINT ignored, as POSIX has it for
+# asynchronous commands: the Ctrl-C tests would wait on a training that never stops. A Python handler here gives
+# every process the tests start the default SIGINT again (exec resets a handled signal, not an ignored one).
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
 
 @pytest.fixture(autouse=True)
 def environment_restored():
