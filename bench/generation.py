@@ -42,7 +42,7 @@ def train_eval_model(spec: dict[str, Any]) -> dict[str, Any]:
 
     from bench.prepare import data_config, glm_ft_config
     from glm_ft.data.dataset import load_datasets
-    from glm_ft.train.evaluation import Collator
+    from glm_ft.data.collate import Collator
     from glm_ft.train.finetune import generation_config_for
     from glm_ft.train.trainer import GlmTrainer
     from glm_ft.model import load_for_training
@@ -74,7 +74,7 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     from bench.common import useful_tokens
     from bench.prepare import data_config, glm_ft_config, weights_checksum
     from glm_ft.data.dataset import load_datasets
-    from glm_ft.train.evaluation import Collator, decode_rows, stop_token_ids
+    from glm_ft.data.collate import Collator, decode_rows, stop_token_ids
     from glm_ft.train.finetune import generation_config_for
     from glm_ft.train.trainer import GlmTrainer
     from glm_ft.train.metrics import compute_metrics

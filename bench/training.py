@@ -113,7 +113,7 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     from bench.common import training_flops
     from bench.prepare import data_config, glm_ft_config, model_config, weights_checksum
     from glm_ft.data.dataset import load_datasets
-    from glm_ft.train.evaluation import Collator
+    from glm_ft.data.collate import Collator
     from glm_ft.train.finetune import generation_config_for
     from glm_ft.train.trainer import GlmTrainer
     from glm_ft.model import apply_method, load_base_model, load_for_training, load_tokenizer

@@ -43,6 +43,14 @@ class Pool:
         return [pieces[h] + pieces[t] for h, t in zip(self.head_of.tolist(), self.text_of.tolist())]
 
 
+def message_ids(tokenizer, message) -> list[int]:
+    """One message's ids as the tokenizer's own `build_single_message` gives them (the row-at-a-time way)."""
+    from glm_ft.chatglm3.tokenization import message_text
+
+    text = message_text(message.role, message.content, message.tools)
+    return tokenizer.build_single_message(message.role, message.metadata, text)
+
+
 def encode_pool(messages: Sequence, tokenizer, threads: int = 1) -> Pool:
     """Every message's ids (as `build_single_message` gives them), as a Pool.
 
@@ -54,10 +62,8 @@ def encode_pool(messages: Sequence, tokenizer, threads: int = 1) -> Pool:
     pieces = [list(tokenizer.get_prefix_tokens()), [tokenizer.eos_token_id]]
     if not (isinstance(tokenizer, ChatGLMTokenizer)
             and type(tokenizer).build_single_message is ChatGLMTokenizer.build_single_message):
-        from glm_ft.data.dataset import _message_ids
-
         pieces.append([])
-        values, lengths = _flatten(pieces + [_message_ids(tokenizer, m) for m in messages])
+        values, lengths = _flatten(pieces + [message_ids(tokenizer, m) for m in messages])
         return Pool(values, _starts(lengths), lengths, np.full(len(messages), len(pieces) - 1, dtype=np.int64),
                     np.arange(len(pieces), len(pieces) + len(messages), dtype=np.int64))
     heads, head_of, texts, text_of = {}, [], {}, []

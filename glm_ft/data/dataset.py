@@ -28,7 +28,7 @@ from glm_ft.data import columns as data_columns
 from glm_ft.data import formats as data_formats
 from glm_ft.data import rows as reading
 from glm_ft.errors import DataError
-from glm_ft.data.columns import IGNORE_INDEX, encode_pool, encode_rows, train_table
+from glm_ft.data.columns import IGNORE_INDEX, encode_pool, encode_rows, message_ids, train_table
 from glm_ft.data.rows import ROLES, Conversation, Message, ReadReport, read_conversations, read_rows
 
 # The reading side is re-exported: callers know it as glm_ft.data.
@@ -62,7 +62,7 @@ def build_train_sample(
     ids = list(tokenizer.get_prefix_tokens())
     loss_spans = []  # [start, end) of each message that carries loss
     messages = list(map(_as_message, messages))
-    for message, part in zip(messages, parts or [_message_ids(tokenizer, m) for m in messages]):
+    for message, part in zip(messages, parts or [message_ids(tokenizer, m) for m in messages]):
         if message.carries_loss:
             loss_spans.append((len(ids), len(ids) + len(part)))
         ids += part
@@ -93,7 +93,7 @@ def build_eval_samples(
     context: list[int] = []
     samples = []
     messages = list(map(_as_message, messages))
-    for message, part in zip(messages, parts or [_message_ids(tokenizer, m) for m in messages]):
+    for message, part in zip(messages, parts or [message_ids(tokenizer, m) for m in messages]):
         if message.role == "assistant" and message.carries_loss:
             reply = part[1:]
             samples.append(
@@ -114,13 +114,6 @@ def _as_message(message: Message | Mapping[str, Any]) -> Message:
     return Message(
         message["role"], message["content"], message.get("metadata") or "", message.get("tools"), message.get("loss")
     )
-
-
-def _message_ids(tokenizer, message: Message) -> list[int]:
-    from glm_ft.chatglm3.tokenization import message_text
-
-    text = message_text(message.role, message.content, message.tools)
-    return tokenizer.build_single_message(message.role, message.metadata, text)
 
 
 def encode_messages(conversations: Sequence[Conversation], tokenizer, threads: int = 1) -> list[list[list[int]]]:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from glm_ft.data.dataset import IGNORE_INDEX
-from glm_ft.train.evaluation import Collator, _right_pad
+from glm_ft.data.collate import Collator, _right_pad
 
 LENGTHS = "lengths"  # the column of a packed row: its samples' lengths, in order
 

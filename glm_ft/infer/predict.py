@@ -48,7 +48,8 @@ def generate_all(model, tokenizer, samples: list[dict[str, Any]], generation_con
     """Generated ids (prompt removed) for every sample, in the samples' order, batched as evaluation is."""
     import torch
 
-    from glm_ft.train.evaluation import Collator, generation_batches, generation_budget, prompt_lengths
+    from glm_ft.data.collate import Collator
+    from glm_ft.train.evaluation import generation_batches, generation_budget, prompt_lengths
     from glm_ft.train.generation import generate
 
     collate = Collator(tokenizer.pad_token_id)

@@ -57,7 +57,7 @@ def _build(tiny: Path, out: Path) -> None:
     from glm_ft.chatglm3.modeling import ChatGLMForConditionalGeneration
     from glm_ft.chatglm3.tokenization import ChatGLMTokenizer
     from glm_ft.data.dataset import build_train_sample, read_conversations
-    from glm_ft.train.evaluation import Collator
+    from glm_ft.data.collate import Collator
 
     # The native classes directly (not glm_ft.model, which builds this base on demand): the tiny model is ours.
     tokenizer = ChatGLMTokenizer.from_pretrained(str(tiny))

@@ -11,19 +11,16 @@ dataset's order, each sample once, before anything is scored or written.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-import torch
 from transformers import GenerationConfig
 
 from glm_ft.atomic import write_text_atomic
-from glm_ft.data.dataset import IGNORE_INDEX
+from glm_ft.data.collate import SAMPLE_INDEX
 from glm_ft.train.metrics import compute_metrics
 
-SAMPLE_INDEX = "sample_index"
 
 
 class Indexed:
@@ -107,43 +104,6 @@ def generation_config(tokenizer, **settings: Any) -> GenerationConfig:
     transformers' default), stopping where ChatGLM3 ends a turn, padding with the tokenizer's pad id."""
     return GenerationConfig(**{k: v for k, v in settings.items() if v is not None},
                             eos_token_id=stop_token_ids(tokenizer), pad_token_id=tokenizer.pad_token_id)
-
-
-def _left_pad(rows: Sequence[Sequence[int]], value: int) -> list[list[int]]:
-    width = max(len(r) for r in rows)
-    return [[value] * (width - len(r)) + list(r) for r in rows]
-
-
-def _right_pad(rows: Sequence[Sequence[int]], value: int) -> list[list[int]]:
-    width = max(len(r) for r in rows)
-    return [list(r) + [value] * (width - len(r)) for r in rows]
-
-
-@dataclass
-class Collator:
-    """Pads prompts on the left (ChatGLM3's side) with their attention mask.
-
-    Training rows carry `labels` aligned with `input_ids` (left-padded with -100, so padding never carries loss);
-    evaluation rows carry the reference `output_ids`, which become right-padded labels for the metrics, and, through
-    `Indexed`, their position in the dataset (`SAMPLE_INDEX`).
-    """
-
-    pad_token_id: int
-
-    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
-        ids = [f["input_ids"] for f in features]
-        if "labels" in features[0]:
-            labels = _left_pad([f["labels"] for f in features], IGNORE_INDEX)
-        else:
-            labels = _right_pad([f["output_ids"] for f in features], IGNORE_INDEX)
-        batch = {
-            "input_ids": torch.tensor(_left_pad(ids, self.pad_token_id)),
-            "attention_mask": torch.tensor(_left_pad([[1] * len(r) for r in ids], 0)),
-            "labels": torch.tensor(labels),
-        }
-        if SAMPLE_INDEX in features[0]:
-            batch[SAMPLE_INDEX] = torch.tensor([f[SAMPLE_INDEX] for f in features])
-        return batch
 
 
 def decode_rows(tokenizer, rows, stop_ids: Sequence[int]) -> list[str]:

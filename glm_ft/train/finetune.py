@@ -33,7 +33,8 @@ from glm_ft.search.study import PRUNED_TAG, TRIAL_ENV, JobTrial, TrialPruned, pr
 from glm_ft.tracking.curves import run_log_history, write_training_curves
 from glm_ft.tracking.parent import hydra_config
 from glm_ft.tracking.tracker import settle_previous_run, start_run
-from glm_ft.train.evaluation import Collator, generation_config, metrics_fn, stop_token_ids, write_predictions
+from glm_ft.data.collate import Collator
+from glm_ft.train.evaluation import generation_config, metrics_fn, stop_token_ids, write_predictions
 from glm_ft.train.trainer import GlmTrainer, PruningCallback, TrackerCallback, Watchdog, disk_full_named
 from glm_ft.train.trainer_args import build_training_arguments
 

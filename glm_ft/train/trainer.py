@@ -24,8 +24,9 @@ from glm_ft import dist, methods
 from glm_ft.errors import CheckpointError, GlmFtError
 from glm_ft.config.schema import EVAL_BATCH_TOKENS
 from glm_ft.runs import checkpoint_dir, last_complete_checkpoint, mark_complete
+from glm_ft.data.collate import SAMPLE_INDEX
 from glm_ft.train.evaluation import (
-    SAMPLE_INDEX, Indexed, generation_batches, generation_budget, in_sample_order, prompt_lengths, write_predictions,
+    Indexed, generation_batches, generation_budget, in_sample_order, prompt_lengths, write_predictions,
 )
 from glm_ft.train.generation import generate
 from glm_ft.train.metrics import prefix_metrics

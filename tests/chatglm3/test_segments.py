@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from glm_ft.data.dataset import load_datasets
-from glm_ft.train.evaluation import IGNORE_INDEX, Collator
+from glm_ft.data.collate import IGNORE_INDEX, Collator
 from glm_ft.model import load_for_training
 from glm_ft.data.packing import PackedCollator, pack_dataset
 from glm_ft.config.validate import resolve_path

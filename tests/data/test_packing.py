@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from glm_ft.train.evaluation import IGNORE_INDEX
+from glm_ft.data.collate import IGNORE_INDEX
 from glm_ft.data.packing import LENGTHS, PackedCollator, pack_dataset, plan_rows
 from tests.conftest import run_train
 

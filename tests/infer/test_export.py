@@ -46,7 +46,7 @@ def published_names(real_dir: Path, num_layers: int) -> set[str]:
 
 def prompts(tokenizer) -> dict[str, torch.Tensor]:
     """Two chat prompts of different lengths, left-padded, as in batched evaluation."""
-    from glm_ft.train.evaluation import Collator
+    from glm_ft.data.collate import Collator
 
     queries = ("类型#裙", "类型#上衣*颜色#白色*风格#简约")
     ids = [tokenizer.build_chat_input(q)["input_ids"][0].tolist() for q in queries]

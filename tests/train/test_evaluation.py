@@ -51,7 +51,8 @@ def test_in_sample_order_restores_the_order_and_drops_padded_repeats():
 
 
 def test_the_collator_carries_each_sample_index():
-    from glm_ft.train.evaluation import SAMPLE_INDEX, Collator, Indexed
+    from glm_ft.data.collate import SAMPLE_INDEX, Collator
+    from glm_ft.train.evaluation import Indexed
 
     data = Indexed([{"input_ids": [5, 6, 7], "output_ids": [8]}, {"input_ids": [5], "output_ids": [9, 9]}])
     batch = Collator(pad_token_id=0)([data[1], data[0]])

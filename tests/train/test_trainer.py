@@ -9,7 +9,7 @@ from transformers import GenerationConfig
 
 from conftest import compose
 from glm_ft.model import load_for_training
-from glm_ft.train.evaluation import Collator
+from glm_ft.data.collate import Collator
 from glm_ft.train.trainer import GlmTrainer
 from glm_ft.train.trainer_args import build_training_arguments
 
