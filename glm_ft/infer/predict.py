@@ -1,6 +1,7 @@
 """Batch prediction over a data file with what a run trained, scored as in evaluation.
 
-    python -m glm_ft predict RUN_OR_CHECKPOINT data/test.jsonl --out predictions.jsonl --batch-size 16 --batch-tokens 32768
+    python -m glm_ft predict RUN_OR_CHECKPOINT data/test.jsonl --out predictions.jsonl \\
+        --batch-size 16 --batch-tokens 32768
 
 The file may be in any format glm_ft.data reads (`.jsonl` / `.json`, conversations or AdvertiseGen rows); every
 assistant turn is one sample (its context as the prompt, its text as the reference), built by the same code as the
@@ -71,8 +72,8 @@ def generate_all(model, tokenizer, samples: list[dict[str, Any]], generation_con
 
 
 def predict(checkpoint, data_file: str | Path, out: str | Path, *, base_model: str | Path | None = None,
-            batch_size: int = 16, batch_tokens: int | None = EVAL_BATCH_TOKENS, max_input_length: int | None = None, max_output_length: int | None = None,
-            max_new_tokens: int | None = None, dtype: str | None = None) -> dict[str, float]:
+            batch_size: int = 16, batch_tokens: int | None = EVAL_BATCH_TOKENS, max_input_length: int | None = None,
+            max_output_length: int | None = None, max_new_tokens: int | None = None, dtype: str | None = None) -> dict[str, float]:
     """Write predictions to `out` and the metrics beside it; returns the metrics. `checkpoint` is a path or what
     glm_ft.infer.checkpoint.find_checkpoint returned."""
     from glm_ft.infer.checkpoint import Checkpoint, find_checkpoint
@@ -139,7 +140,8 @@ def main(argv: list[str] | None = None) -> int:
         ckpt = find_checkpoint(args.checkpoint, args.base_model)
         quiet_transformers()
         metrics = predict(ckpt, args.data_file, args.out,
-                          batch_size=args.batch_size, batch_tokens=args.batch_tokens, max_input_length=args.max_input_length,
+                          batch_size=args.batch_size, batch_tokens=args.batch_tokens,
+                          max_input_length=args.max_input_length,
                           max_output_length=args.max_output_length, max_new_tokens=args.max_new_tokens,
                           dtype=args.dtype)
     except GlmFtError as err:
