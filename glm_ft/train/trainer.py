@@ -12,8 +12,10 @@ import logging
 import math
 import os
 import shutil
+import sys
 from pathlib import Path
 
+import accelerate.utils.other
 import torch
 from torch.utils.data import DataLoader
 from transformers import Seq2SeqTrainer, TrainerCallback
@@ -32,6 +34,17 @@ from glm_ft.train.generation import generate
 from glm_ft.train.metrics import prefix_metrics
 
 log = logging.getLogger(__name__)
+
+
+def _deepspeed_in_use(available=accelerate.utils.other.is_deepspeed_available):
+    """accelerate's unwrap_model imports deepspeed, on every Trainer, only to ask whether the model is a
+    DeepSpeedEngine: 0.3 s and 15 MiB on a run without DeepSpeed, and deepspeed imports mlflow, 1.3 s and 47 MiB
+    more when tracking is off. No model is an engine until deepspeed has been imported (a DeepSpeed run imports it
+    before wrapping), so asking only then gives the same answer."""
+    return "deepspeed" in sys.modules and available()
+
+
+accelerate.utils.other.is_deepspeed_available = _deepspeed_in_use
 
 
 class TrainingDiverged(GlmFtError):

@@ -176,6 +176,23 @@ def test_switches(tmp_path, mlflow_env):
     assert [h["step"] for h in state["log_history"] if "eval_rouge-l" in h] == [2]
 
 
+def imported(stderr: str) -> set[str]:
+    """The modules `python -X importtime` (PYTHONPROFILEIMPORTTIME) reports loading."""
+    return {line.rpartition("|")[2].strip() for line in stderr.splitlines() if line.startswith("import time:")}
+
+
+def test_a_run_without_deepspeed_or_tracking_loads_neither(tmp_path):
+    """accelerate would import deepspeed on every Trainer (and deepspeed mlflow) just to check the model's type."""
+    result = run_train(["experiment=quickstart", "training_args.max_steps=1", "data.val_file=null",
+                        "data.test_file=null", "tracking.enabled=false", f"hydra.run.dir={tmp_path / 'run'}"],
+                       env={"PYTHONPROFILEIMPORTTIME": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "'train_loss'" in result.stdout + result.stderr
+    modules = imported(result.stderr)
+    assert {"torch", "transformers.trainer", "peft"} <= modules  # the import log is real
+    assert not {"deepspeed", "mlflow"} & modules
+
+
 # Records, for every forward of the real model, whether it ran in training or evaluation and under autocast.
 PRECISION_PROBE = """
 import json, sys, torch
