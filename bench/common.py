@@ -81,9 +81,7 @@ def training_flops(config: Mapping[str, Any], seq_lens: Sequence[int], *, all_we
 
 def ratio(numerator: float | None, denominator: float | None) -> float | None:
     """numerator / denominator, or None when either is missing or the denominator is not positive."""
-    if numerator is None or denominator is None or denominator <= 0:
-        return None
-    return numerator / denominator
+    return None if numerator is None or denominator is None or denominator <= 0 else numerator / denominator
 
 
 def check_goal(value: float | None, op: str, target: float) -> dict[str, Any]:
@@ -93,12 +91,9 @@ def check_goal(value: float | None, op: str, target: float) -> dict[str, Any]:
         raise ValueError(f"unknown comparison {op!r}")
     out: dict[str, Any] = {"value": value, "op": op, "target": target}
     if value is None or value <= 0:
-        out.update(met=False, gap=None)
-        return out
+        return {**out, "met": False, "gap": None}
     met = value >= target if op == ">=" else value < target
-    gap = target / value if op == ">=" else value / target
-    out.update(met=met, gap=round(gap, 3))
-    return out
+    return {**out, "met": met, "gap": round(target / value if op == ">=" else value / target, 3)}
 
 
 def check_goals(values: Mapping[str, float | None]) -> dict[str, dict[str, Any]]:
@@ -113,18 +108,13 @@ def goal_summary(name: str, goal: Mapping[str, Any]) -> str:
         return f"{name}: not measured"
     if goal["met"]:
         return f"{name}: met ({value:.3g} {op} {target:g})"
-    if op == ">=":
-        return f"{name}: missed ({value:.3g}, goal {op} {target:g}: needs {goal['gap']:.2f}x more)"
-    return f"{name}: missed ({value:.3g}, goal {op} {target:g}: {goal['gap']:.2f}x too high)"
+    how = "needs {:.2f}x more" if op == ">=" else "{:.2f}x too high"
+    return f"{name}: missed ({value:.3g}, goal {op} {target:g}: {how.format(goal['gap'])})"
 
 
 def combine_rounds(rounds: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """One side's figure from several runs of the same training steps.
-
-    When every round trained the same batches in the same order (equal `batches_digest`), step i did the same work
-    in each, so its fastest run is the one least disturbed by other load on the machine: rates are computed over
-    the sum of per-step minima. Otherwise the fastest round counts. Each round keeps its own rate too.
-    """
+    """One side's figure from several rounds of the same training steps: over the sum of per-step minima when
+    every round trained the same batches (equal `batches_digest`), else the fastest round."""
     ok = [r for r in rounds if "step_s" in r]
     if not ok:
         return {"combined_from": 0}
@@ -261,56 +251,34 @@ def vm_hwm_mib(pid: int | str = "self") -> float | None:
     return round(int(hwm.split()[0]) / 1024, 1) if hwm else None
 
 
-def process_tree(pid: int) -> list[int]:
-    """`pid` and all its descendants, from the parent ids in /proc/*/stat."""
+def tree_pss_mib(pid: int) -> tuple[float, int]:
+    """Summed PSS of `pid` and all its descendants (pages they share counted once), in MiB, and how many they are."""
     children: dict[int, list[int]] = {}
     for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
         try:
-            stat = Path(f"/proc/{entry.name}/stat").read_text()
+            stat = Path(f"/proc/{entry.name}/stat").read_text() if entry.name.isdigit() else None
         except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        children.setdefault(ppid, []).append(int(entry.name))
-    tree, stack = [], [pid]
+            stat = None
+        if stat:
+            children.setdefault(int(stat.rsplit(")", 1)[1].split()[1]), []).append(int(entry.name))
+    total, count, stack = 0, 0, [pid]
     while stack:
-        current = stack.pop()
-        tree.append(current)
-        stack += children.get(current, [])
-    return tree
-
-
-def tree_pss_mib(pid: int) -> tuple[float, int]:
-    """Proportional set size of a process tree (pages shared between its processes counted once), in MiB, and
-    how many processes it held."""
-    total, count = 0, 0
-    for member in process_tree(pid):
-        try:
-            for line in Path(f"/proc/{member}/smaps_rollup").read_text().splitlines():
-                if line.startswith("Pss:"):
-                    total += int(line.split()[1])
-                    count += 1
-                    break
-        except (OSError, ValueError):
-            continue
+        member = stack.pop()
+        stack += children.get(member, [])
+        pss = _proc_field(f"/proc/{member}/smaps_rollup", "Pss:")
+        if pss:
+            total, count = total + int(pss.split()[0]), count + 1
     return round(total / 1024, 1), count
 
 
 def run_measured(cmd: Sequence[str], *, cwd: Path | None = None, env: Mapping[str, str] | None = None,
                  timeout: float | None = None, tree: bool = False, watch: bytes | None = None) -> dict[str, Any]:
-    """Run `cmd` and return its exit code, output, wall time and peak resident memory (MiB).
+    """Run `cmd`: its exit code, output, wall time and peak memory (bench/README.md, "Peak memory").
 
-    The peak is the child's own VmHWM, sampled every 5 ms while it runs. The rusage figures are no
-    good for this: getrusage(RUSAGE_CHILDREN) keeps the maximum over every child ever waited for, and even the
-    wait4() figure of one child starts from its parent's size (Linux carries the forking process's high-water
-    mark across exec). `peak_rss_mib_rusage` keeps that figure as an upper bound.
-
-    With `tree`, the summed PSS of the child and its own children (worker processes) is sampled too, every 100 ms
-    (scanning /proc costs a little CPU, so only figures that start workers ask for it).
-
-    With `watch`, stdout and stderr are read as one stream while the child runs, and `watch_s` is the time from
-    the start to the first read holding `watch` (an event in the child's own output, not a polled guess).
+    The peak is the child's own VmHWM sampled every 5 ms: rusage's figure starts from the parent's size (Linux
+    carries the forking process's high-water mark across exec) and is kept only as `peak_rss_mib_rusage`. With
+    `tree`, the PSS of the child with its descendants is sampled every 100 ms. With `watch`, stdout and stderr are
+    read as one stream, and `watch_s` is the time to the first read holding `watch` (an event, not a polled guess).
     """
     import subprocess
     import tempfile
@@ -335,24 +303,18 @@ def run_measured(cmd: Sequence[str], *, cwd: Path | None = None, env: Mapping[st
         reader = threading.Thread(target=read, daemon=True)
         if watch:
             reader.start()
-        done = threading.Event()
-        killed = threading.Event()
+        done, killed = threading.Event(), threading.Event()
         peaks: list[float] = []
         tree_peaks: list[tuple[float, int]] = []
-
         argv = ("\0".join(cmd) + "\0").encode()
-
-        def exec_done() -> bool:
-            # Until exec, a vfork()ed child still shows its parent's address space.
-            try:
-                return Path(f"/proc/{proc.pid}/cmdline").read_bytes() == argv
-            except OSError:
-                return False
 
         def sample() -> None:
             started, tick = False, 0
             while not done.wait(0.005):
-                started = started or exec_done()
+                try:  # until exec, a vfork()ed child still shows its parent's address space
+                    started = started or Path(f"/proc/{proc.pid}/cmdline").read_bytes() == argv
+                except OSError:
+                    pass
                 hwm = vm_hwm_mib(proc.pid) if started else None
                 if hwm is not None:
                     peaks.append(hwm)
@@ -376,7 +338,6 @@ def run_measured(cmd: Sequence[str], *, cwd: Path | None = None, env: Mapping[st
         out.seek(0)
         err.seek(0)
         stdout, stderr = out.read().decode(errors="replace"), err.read().decode(errors="replace")
-    rusage_mib = round(usage.ru_maxrss / 1024, 1)  # Linux reports ru_maxrss in KiB
     return {
         "returncode": proc.returncode,
         "timed_out": killed.is_set(),
@@ -385,7 +346,7 @@ def run_measured(cmd: Sequence[str], *, cwd: Path | None = None, env: Mapping[st
         "wall_s": wall,
         # None when the child ended before the first sample (a few milliseconds)
         "peak_rss_mib": max(peaks) if peaks else None,
-        "peak_rss_mib_rusage": rusage_mib,
+        "peak_rss_mib_rusage": round(usage.ru_maxrss / 1024, 1),  # Linux reports ru_maxrss in KiB
         "peak_tree_pss_mib": max((p for p, _ in tree_peaks), default=None) if tree else None,
         "max_processes": max((n for _, n in tree_peaks), default=None) if tree else None,
         "watch_s": seen[0] if seen else None,
