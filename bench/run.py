@@ -30,10 +30,10 @@ from bench.common import (  # noqa: E402
     RESULTS_DIR, ROOT, combine_rounds, cpu_bf16_flags, format_table, machine_info, run_measured, validate_results,
 )
 from bench.results import assemble, max_rel_diff, same_value, summarize  # noqa: E402
+from bench.training import SIDES as TRAINING_SIDES  # noqa: E402
 
 FIGURES = ("matmul", "startup", "first_step", "preprocessing", "training_tiny", "training_mid", "memory_mid",
            "generation")
-TRAINING_SIDES = ("baseline", "glm_ft", "glm_ft_bf16", "glm_ft_packed")
 
 SETTINGS = {
     "seed": 42,
@@ -55,7 +55,7 @@ SETTINGS = {
     "matmul": {"sizes": [1024, 2048, 4096], "seconds": 1.5},
 }
 
-QUICK = {
+QUICK = {  # each entry replaces the whole of SETTINGS' one
     "training": {"tiny": {"steps": 12, "warmup_steps": 2}, "mid": {"steps": 8, "warmup_steps": 2}},
     "training_rounds": {"tiny": 1, "mid": 1},
     "memory_mid": {"steps": 3, "warmup_steps": 1},
@@ -293,13 +293,6 @@ def eval_model_cache(spec: dict[str, Any]) -> Path:
     return ROOT / ".cache" / "bench" / f"eval-model-{digest.hexdigest()[:16]}"
 
 
-def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in over.items():
-        out[key] = _merge(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
-    return out
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python bench/run.py", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes: checks the harness, not for quoting")
@@ -317,15 +310,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     only = args.only.split(",") if args.only else list(FIGURES)
     if set(only) - set(FIGURES):
-        parser.error(f"unknown figure(s) {', '.join(sorted(set(only) - set(FIGURES)))}; choose from "
-                     f"{', '.join(FIGURES)}")
+        parser.error(f"unknown figure(s) {', '.join(sorted(set(only) - set(FIGURES)))}; choose from {FIGURES}")
     sides = args.sides.split(",") if args.sides else list(TRAINING_SIDES)
     if not args.sides and not cpu_bf16_flags():
         sides.remove("glm_ft_bf16")  # emulated bf16 (bench.common.cpu_bf16_flags); --sides can still ask for it
     if "baseline" not in sides or set(sides) - set(TRAINING_SIDES):
         parser.error(f"--sides: a subset of {','.join(TRAINING_SIDES)} that includes baseline")
-    settings = {**(_merge(SETTINGS, QUICK) if args.quick else SETTINGS), "quick": args.quick,
-                "training_sides": sides}
+    settings = {**SETTINGS, **(QUICK if args.quick else {}), "quick": args.quick, "training_sides": sides}
     if args.rounds:
         settings["training_rounds"] = {size: args.rounds for size in settings["training_rounds"]}
     machine = machine_info()
