@@ -1,14 +1,11 @@
-"""Pure helpers of the bench: FLOP counting, ratios and goals, the results schema, the table, machine facts.
-
-No torch here: the orchestrator imports this module, and its own start-up must not weigh on what it measures.
-"""
+"""What the bench's processes share: FLOP counts, machine facts, and running a child with its peak memory measured.
+No torch here: the orchestrator imports this module, and its own start-up must not weigh on what it measures."""
 
 from __future__ import annotations
 
 import datetime as _dt
 import os
 import platform
-import re
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -19,18 +16,6 @@ SCHEMA = "glm-ft-bench/1"
 
 PACKAGES = ("torch", "transformers", "peft", "deepspeed", "accelerate", "datasets", "tokenizers", "sentencepiece",
             "hydra-core", "omegaconf", "mlflow", "numpy")
-
-# Goals of issues 8 and 16 (targets to work towards, never test assertions): name -> (comparison, target, what).
-GOALS: dict[str, tuple[str, float, str]] = {
-    "training_tokens_per_s_ratio": (">=", 1.5, "training tokens/s, glm-ft / reference data path (mid size)"),
-    "eval_generated_tokens_per_s_ratio": (">=", 3.0, "evaluation generated tokens/s, glm-ft / reference approach"),
-    "preprocessing_rows_per_s_ratio": (">=", 2.0, "preprocessing rows/s, glm-ft / row-at-a-time encoding"),
-    "dry_run_wall_s": ("<", 3.0, "wall time of `python train.py experiment=quickstart dry_run=true`, seconds"),
-    "mid_training_mfu_fp32": (">=", 0.40, "model FLOP/s of training at mid size / measured fp32 matmul peak"),
-    "first_step_time_ratio": (">=", 1.0, "time to the first training step, reference script / glm-ft (tiny LoRA)"),
-    "first_step_memory_ratio": (">=", 1.0, "peak PSS of the process tree, reference script / glm-ft (tiny LoRA)"),
-}
-
 
 # --- FLOPs ----------------------------------------------------------------------------------------------------
 
@@ -76,96 +61,9 @@ def training_flops(config: Mapping[str, Any], seq_lens: Sequence[int], *, all_we
     return (6 if all_weights_train else 4) * weights + 3 * attn
 
 
-# --- ratios and goals -----------------------------------------------------------------------------------------
-
-
 def ratio(numerator: float | None, denominator: float | None) -> float | None:
     """numerator / denominator, or None when either is missing or the denominator is not positive."""
     return None if numerator is None or denominator is None or denominator <= 0 else numerator / denominator
-
-
-def check_goal(value: float | None, op: str, target: float) -> dict[str, Any]:
-    """Whether `value op target` holds, and by how much it misses: `gap` is the factor still to gain
-    (target / value for >=, value / target for <); 1.0 or less means met."""
-    if op not in (">=", "<"):
-        raise ValueError(f"unknown comparison {op!r}")
-    out: dict[str, Any] = {"value": value, "op": op, "target": target}
-    if value is None or value <= 0:
-        return {**out, "met": False, "gap": None}
-    met = value >= target if op == ">=" else value < target
-    return {**out, "met": met, "gap": round(target / value if op == ">=" else value / target, 3)}
-
-
-def check_goals(values: Mapping[str, float | None]) -> dict[str, dict[str, Any]]:
-    return {name: {**check_goal(values.get(name), op, target), "what": what}
-            for name, (op, target, what) in GOALS.items()}
-
-
-def goal_summary(name: str, goal: Mapping[str, Any]) -> str:
-    """One line: met, or missed by how much."""
-    value, op, target = goal["value"], goal["op"], goal["target"]
-    if value is None:
-        return f"{name}: not measured"
-    if goal["met"]:
-        return f"{name}: met ({value:.3g} {op} {target:g})"
-    how = "needs {:.2f}x more" if op == ">=" else "{:.2f}x too high"
-    return f"{name}: missed ({value:.3g}, goal {op} {target:g}: {how.format(goal['gap'])})"
-
-
-def combine_rounds(rounds: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """One side's figure from several rounds of the same training steps: over the sum of per-step minima when
-    every round trained the same batches (equal `batches_digest`), else the fastest round."""
-    ok = [r for r in rounds if "step_s" in r]
-    if not ok:
-        return {"combined_from": 0}
-    per_round = [sum(r["step_tokens"]) / sum(r["step_s"]) for r in ok]
-    if len({r["batches_digest"] for r in ok}) == 1:
-        seconds = sum(min(steps) for steps in zip(*(r["step_s"] for r in ok)))
-        base, how = ok[0], f"per-step minimum over {len(ok)} rounds"
-    else:
-        base = max(ok, key=lambda r: sum(r["step_tokens"]) / sum(r["step_s"]))
-        seconds, how = sum(base["step_s"]), "fastest round (rounds trained different batches)"
-    return {
-        "combined_from": len(ok),
-        "estimator": how,
-        "timed_s": seconds,
-        "tokens_per_s": sum(base["step_tokens"]) / seconds,
-        "model_flops_per_s": sum(base["step_flops"]) / seconds,
-        "tokens_per_s_each_round": [round(x, 1) for x in per_round],
-    }
-
-
-# --- results --------------------------------------------------------------------------------------------------
-
-REQUIRED_KEYS = ("schema", "name", "created", "command", "machine", "versions", "settings", "figures", "ratios",
-                 "goals")
-
-
-def validate_results(results: Mapping[str, Any]) -> list[str]:
-    """Problems with a results document (empty when it is well-formed): missing keys, a side without its peak
-    memory, a ratio that does not follow from its figures."""
-    problems = [f"missing key '{key}'" for key in REQUIRED_KEYS if key not in results]
-    if problems:
-        return problems
-    if results["schema"] != SCHEMA:
-        problems.append(f"schema is {results['schema']!r}, expected {SCHEMA!r}")
-    problems += [f"missing machine.{key}" for key in ("cpu_model", "cores", "ram_gib") if key not in results["machine"]]
-    problems += [f"figures.{figure}.sides.{side}: missing peak_rss_mib"
-                 for figure, value in results["figures"].items() for side, v in value.get("sides", {}).items()
-                 if "peak_rss_mib" not in v]
-    expected = compute_ratios(results["figures"], results.get("ratio_sources", {}))
-    for name, want in expected.items():
-        got = results["ratios"].get(name)
-        if (want is None) != (got is None) or (want is not None and abs(want - got) > 1e-9 * want):
-            problems.append(f"ratios.{name} is {got}, but its figures give {want}")
-    return problems
-
-
-def results_name(machine: Mapping[str, Any]) -> str:
-    """A stable file name per machine kind, so a new run replaces the last one: cpu-<model>-<cores>c."""
-    model = re.sub(r"[^a-z0-9]+", "-", machine["cpu_model"].lower()).strip("-")
-    model = re.sub(r"-?(r|tm|processor|cpu)-", "-", f"-{model}-").strip("-")
-    return f"cpu-{model[:40].strip('-')}-{machine['cores']}c"
 
 
 # --- machine --------------------------------------------------------------------------------------------------
@@ -207,39 +105,6 @@ def package_versions(names: Sequence[str] = PACKAGES) -> dict[str, str | None]:
 
 def now_iso() -> str:
     return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
-
-
-# --- table ----------------------------------------------------------------------------------------------------
-
-
-def _fmt(value: Any) -> str:
-    if value is None:
-        return "–"
-    if isinstance(value, float):
-        return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.3g}"
-    return str(value)
-
-
-def format_table(results: Mapping[str, Any], markdown: bool = False) -> str:
-    """The results' table (figure, baseline, glm-ft, ratio in glm-ft's favour, unit), plain or markdown."""
-    rows = [("figure", "baseline", "glm-ft", "glm-ft gain", "unit")]
-    rows += [(r["figure"], _fmt(r.get("baseline")), _fmt(r.get("glm_ft")), _fmt(r.get("ratio")), r.get("unit", ""))
-             for r in results.get("table", [])]
-    if markdown:
-        return "\n".join(["| " + " | ".join(rows[0]) + " |", "|" + "---|" * 5]
-                         + ["| " + " | ".join(row) + " |" for row in rows[1:]])
-    widths = [max(len(r[i]) for r in rows) for i in range(5)]
-    return "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
-                     for r in rows)
-
-
-def compute_ratios(figures: Mapping[str, Any], sources: Mapping[str, Sequence[str]]) -> dict[str, float | None]:
-    """ratios[name] = figures[figure].sides[numerator][metric] / ...[denominator][metric] for each source."""
-    out = {}
-    for name, (figure, metric, num, den) in sources.items():
-        sides = figures.get(figure, {}).get("sides", {})
-        out[name] = ratio(sides.get(num, {}).get(metric), sides.get(den, {}).get(metric))
-    return out
 
 
 # --- child processes ------------------------------------------------------------------------------------------

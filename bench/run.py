@@ -26,10 +26,10 @@ if __package__ in (None, ""):  # run as `python bench/run.py`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import advertisegen  # noqa: E402
-from bench.common import (  # noqa: E402
-    RESULTS_DIR, ROOT, combine_rounds, cpu_bf16_flags, format_table, machine_info, run_measured, validate_results,
+from bench.common import RESULTS_DIR, ROOT, cpu_bf16_flags, machine_info, run_measured  # noqa: E402
+from bench.results import (  # noqa: E402
+    assemble, combine_rounds, format_table, max_rel_diff, same_value, summarize, validate_results,
 )
-from bench.results import assemble, max_rel_diff, same_value, summarize  # noqa: E402
 from bench.training import SIDES as TRAINING_SIDES  # noqa: E402
 
 FIGURES = ("matmul", "startup", "first_step", "preprocessing", "training_tiny", "training_mid", "memory_mid",

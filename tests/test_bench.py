@@ -10,12 +10,12 @@ import sys
 import pytest
 
 from bench import advertisegen
-from bench.results import RATIO_SOURCES, goal_values, max_rel_diff, summarize, table
-from bench.run import interleave
-from bench.common import (
-    attention_pairs, check_goal, combine_rounds, compute_ratios, forward_flops, matmul_params, results_name,
-    run_measured, training_flops, useful_tokens, validate_results,
+from bench.common import attention_pairs, forward_flops, matmul_params, run_measured, training_flops, useful_tokens
+from bench.results import (
+    RATIO_SOURCES, check_goal, combine_rounds, compute_ratios, goal_values, max_rel_diff, results_name, summarize,
+    table, validate_results,
 )
+from bench.run import interleave
 
 CHATGLM3_6B_SHAPE = {
     "hidden_size": 4096, "num_layers": 28, "ffn_hidden_size": 13696, "kv_channels": 128, "num_attention_heads": 32,
