@@ -1,12 +1,6 @@
-"""AdvertiseGen-shaped rows ({"content": "类型#裙*版型#宽松*...", "summary": "..."}), any number, deterministic.
-
-The vocabulary is that of scripts/make_sample_data.py (so the tiny tokenizer, trained on the sample data, knows
-it); the lengths are AdvertiseGen's, not the sample data's: prompts of 2-9 attributes (keys may repeat, as in the
-real set) and replies of a few to over a dozen clauses, so that padding to the longest row of a batch costs what
-it costs on the real data. As in the sample data, a reply is a function of its prompt (one phrase per attribute,
-worded after the value; a fixed run of extra clauses per category), so a small model fine-tuned on these rows
-learns where a reply ends, and its generations stop at different lengths the way a fine-tuned model's do.
-"""
+"""AdvertiseGen-shaped rows ({"content": "类型#裙*版型#宽松*...", "summary": "..."}), any number, deterministic:
+the sample data's vocabulary (scripts/make_sample_data.py, so the tiny tokenizer knows it) with AdvertiseGen's
+spread of lengths. A reply is a function of its prompt, so a model fine-tuned on them learns where replies end."""
 
 from __future__ import annotations
 

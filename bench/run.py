@@ -43,7 +43,7 @@ SETTINGS = {
     "batch_size": 4,
     "learning_rate": 1e-3,
     "training": {"tiny": {"steps": 100, "warmup_steps": 5}, "mid": {"steps": 30, "warmup_steps": 4}},
-    # each side runs this many times, alternating sides; see bench.common.combine_rounds
+    # each side runs this many times, alternating sides; see bench.results.combine_rounds
     "training_rounds": {"tiny": 3, "mid": 2},
     "memory_mid": {"steps": 6, "warmup_steps": 2},
     # eval_batch_size 16: the reference's per_device_eval_batch_size and glm-ft's default alike

@@ -179,7 +179,7 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
         "train_loss_token_weighted": sum(loss * b["targets"] for loss, b in zip(losses, batches))
         / sum(b["targets"] for b in batches),
         "padding_fraction": 1 - sum(b["tokens"] for b in batches) / sum(b["slots"] for b in batches),
-        # per timed step, for combining rounds (bench.common.combine_rounds); the digest shows the rounds
+        # per timed step, for combining rounds (bench.results.combine_rounds); the digest shows the rounds
         # trained the same batches in the same order
         "step_s": [b - a for a, b in zip(step_end[warmup - 1:], step_end[warmup:])],
         "step_tokens": [b["tokens"] for b in timed],
