@@ -141,7 +141,7 @@ def run_measured(cmd: Sequence[str], *, cwd: Path | None = None, env: Mapping[st
     """Run `cmd`: its exit code, output, wall time and peak memory (bench/README.md, "Peak memory").
 
     The peak is the child's own VmHWM sampled every 5 ms: rusage's figure starts from the parent's size (Linux
-    carries the forking process's high-water mark across exec) and is kept only as `peak_rss_mib_rusage`. With
+    carries the forking process's high-water mark across exec). With
     `tree`, the PSS of the child with its descendants is sampled every 100 ms. With `watch`, stdout and stderr are
     read as one stream, and `watch_s` is the time to the first read holding `watch` (an event, not a polled guess).
     """
@@ -192,7 +192,7 @@ def run_measured(cmd: Sequence[str], *, cwd: Path | None = None, env: Mapping[st
 
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
-        _, status, usage = os.wait4(proc.pid, 0)
+        _, status, _ = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - start
         done.set()
         sampler.join()
@@ -211,7 +211,6 @@ def run_measured(cmd: Sequence[str], *, cwd: Path | None = None, env: Mapping[st
         "wall_s": wall,
         # None when the child ended before the first sample (a few milliseconds)
         "peak_rss_mib": max(peaks) if peaks else None,
-        "peak_rss_mib_rusage": round(usage.ru_maxrss / 1024, 1),  # Linux reports ru_maxrss in KiB
         "peak_tree_pss_mib": max((p for p, _ in tree_peaks), default=None) if tree else None,
         "max_processes": max((n for _, n in tree_peaks), default=None) if tree else None,
         "watch_s": seen[0] if seen else None,

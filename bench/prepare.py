@@ -40,18 +40,24 @@ def model_dir(size: str, work: Path, seed: int = 0) -> Path:
     return out
 
 
+def overrides(model: str | Path, data: str | Path, settings: dict[str, Any]) -> list[str]:
+    """What every glm-ft side sets: the quickstart on the bench's model, data and lengths, with no checkpoints and
+    no evaluation during training."""
+    return ["experiment=quickstart", f"model.path={model}", f"data.data_dir={data}", "data.train_file=train.json",
+            "data.val_file=null", f"max_input_length={settings['max_input_length']}",
+            f"max_output_length={settings['max_output_length']}", "training_args.save_strategy=no",
+            "training_args.evaluation_strategy=no"]
+
+
 def glm_ft_config(spec: dict[str, Any], *extra: str):
     """The composed config exactly as `python train.py OVERRIDES` would see it, for a worker's spec."""
     import glm_ft.config.schema  # noqa: F401  (registers the schema)
     from hydra import compose, initialize_config_dir
 
-    overrides = ["experiment=quickstart", f"model.path={spec['model_dir']}", f"data.data_dir={spec['data_dir']}",
-                 "data.train_file=train.json", "data.val_file=null", f"max_input_length={spec['max_input_length']}",
-                 f"max_output_length={spec['max_output_length']}", f"seed={spec['seed']}",
-                 "training_args.save_strategy=no", "training_args.evaluation_strategy=no",
-                 "training_args.disable_tqdm=true", "tracking.enabled=false", *extra]
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose("config", overrides=overrides)
+        return compose("config", overrides=[*overrides(spec["model_dir"], spec["data_dir"], spec),
+                                            f"seed={spec['seed']}", "training_args.disable_tqdm=true",
+                                            "tracking.enabled=false", *extra])
 
 
 def load(cfg, spec: dict[str, Any], baseline: bool):

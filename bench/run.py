@@ -26,6 +26,7 @@ if __package__ in (None, ""):  # run as `python bench/run.py`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import advertisegen  # noqa: E402
+from bench.prepare import overrides  # noqa: E402
 from bench.common import RESULTS_DIR, ROOT, cpu_bf16_flags, machine_info, run_measured  # noqa: E402
 from bench.results import (  # noqa: E402
     assemble, combine_rounds, format_table, max_rel_diff, same_value, summarize, validate_results,
@@ -159,13 +160,9 @@ class Bench:
 
         def commands(i: int) -> dict[str, list[str]]:
             run = self.work / f"first-step-{i}"
-            glm_ft = [sys.executable, "train.py", "experiment=quickstart", "method=lora", "method.r=8",
-                      f"model.path={model}", f"data.data_dir={data}", "data.train_file=train.json",
-                      "data.val_file=null", "data.test_file=null", f"max_input_length={s['max_input_length']}",
-                      f"max_output_length={s['max_output_length']}",
-                      f"training_args.per_device_train_batch_size={s['batch_size']}",
+            glm_ft = [sys.executable, "train.py", *overrides(model, data, s), "method=lora", "method.r=8",
+                      "data.test_file=null", f"training_args.per_device_train_batch_size={s['batch_size']}",
                       f"training_args.max_steps={cfg['steps']}", "training_args.logging_steps=1",
-                      "training_args.save_strategy=no", "training_args.evaluation_strategy=no",
                       f"tracking.tracking_uri=sqlite:///{self.work / 'first-step-mlflow.db'}",
                       f"hydra.run.dir={run / 'glm'}"]
             return {"baseline": [sys.executable, "bench/reference_finetune.py", str(data), str(model),

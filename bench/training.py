@@ -151,19 +151,15 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
         np.random.set_state(np_state)
 
     step_end: list[float] = []
-    losses: list[float] = []
 
     class Clock(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
             step_end.append(time.perf_counter())
 
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if logs and "loss" in logs:
-                losses.append(float(logs["loss"]))
-
     trainer.add_callback(Clock())
     trainer.train()
 
+    losses = [float(log["loss"]) for log in trainer.state.log_history if "loss" in log]
     batches = recorder.batches[:steps]
     if len(step_end) != steps or len(losses) != steps:
         raise RuntimeError(f"expected {steps} steps and losses, got {len(step_end)} and {len(losses)}")
