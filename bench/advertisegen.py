@@ -46,12 +46,6 @@ def _attributes(rng: random.Random, gen) -> list[tuple[str, str]]:
     return [("类型", category)] + [(key, rng.choice(pool[key])) for key in keys]
 
 
-def _category_fillers(gen) -> dict[str, list[str]]:
-    # 0 to 4 extra clauses, always the same ones for a category
-    return {category: [FILLERS[(3 * i + j) % len(FILLERS)] for j in range(i % 5)]
-            for i, category in enumerate(sorted(gen.CATEGORIES))}
-
-
 def _summary(gen, attributes: list[tuple[str, str]]) -> str:
     category = attributes[0][1]
     measure, _, closing = gen.CATEGORIES[category]
@@ -60,7 +54,8 @@ def _summary(gen, attributes: list[tuple[str, str]]) -> str:
     for key, value in attributes[1:]:
         if key in gen.PHRASES:
             parts.append(gen._pick(gen.PHRASES[key], value).format(v=value))
-    parts += _category_fillers(gen)[category]
+    i = sorted(gen.CATEGORIES).index(category)  # 0 to 4 extra clauses, always the same ones for a category
+    parts += [FILLERS[(3 * i + j) % len(FILLERS)] for j in range(i % 5)]
     parts.append(closing)
     if "风格" in values:
         parts.append(gen._pick(gen.STYLE_CLOSINGS, values["风格"]).format(v=values["风格"]))
@@ -69,13 +64,11 @@ def _summary(gen, attributes: list[tuple[str, str]]) -> str:
 
 def rows(n: int, seed: int = 0) -> list[dict[str, str]]:
     """n AdvertiseGen rows; the same (n, seed) always gives the same rows."""
-    gen = _sample_generator()
-    rng = random.Random(seed)
-    out = []
+    gen, rng, out = _sample_generator(), random.Random(seed), []
     for _ in range(n):
         attributes = _attributes(rng, gen)
-        content = "*".join(f"{key}#{value}" for key, value in attributes)
-        out.append({"content": content, "summary": _summary(gen, attributes)})
+        out.append({"content": "*".join(f"{key}#{value}" for key, value in attributes),
+                    "summary": _summary(gen, attributes)})
     return out
 
 
