@@ -191,12 +191,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'method':<11} {'ckpt':<5} {'peak alloc MiB':>14} {'published MiB':>13} {'tokens/s':>9} "
           f"{'TFLOP/s':>8} {'MFU':>6}")
     for v in variants:
-        if "error" in v:
-            print(f"{v['method']:<11} {str(v['gradient_checkpointing']):<5} {v['error'][:60]}")
-            continue
-        print(f"{v['method']:<11} {str(v['gradient_checkpointing']):<5} {v.get('peak_allocated_mib', '-'):>14} "
-              f"{PUBLISHED_MIB[v['method']]:>13,} {v['tokens_per_s']:>9,.0f} {v['model_flops_per_s'] / 1e12:>8.1f} "
-              f"{v['mfu']:>6.1%}")
+        row = v["error"][:60] if "error" in v else (
+            f"{v.get('peak_allocated_mib', '-'):>14} {PUBLISHED_MIB[v['method']]:>13,} {v['tokens_per_s']:>9,.0f} "
+            f"{v['model_flops_per_s'] / 1e12:>8.1f} {v['mfu']:>6.1%}")
+        print(f"{v['method']:<11} {str(v['gradient_checkpointing']):<5} {row}")
     print(f"matmul peak {args.dtype}: {peak_flops / 1e12:.1f} TFLOP/s; wall {results['wall_s']:.0f} s")
     if args.cpu_smoke:
         return 1 if any("error" in v for v in variants) else 0

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -125,17 +126,16 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     args = build_training_arguments(cfg, Path(spec["work_dir"]) / f"run-{spec['size']}-{side}", None, has_eval=False,
                                     generation_config=generation_config_for(cfg, tokenizer))
     args.max_steps = steps
-    if side == "baseline":
+    if side == "baseline":  # the reference demo's data path
         args.train_sampling_strategy = "sequential"
         collate = DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=-100, return_tensors="pt")
-        recorder = RecordingCollator(collate)
-        trainer = Seq2SeqTrainer(model=model, args=args, train_dataset=train, data_collator=recorder,
-                                 processing_class=tokenizer)
+        make_trainer = Seq2SeqTrainer
     else:
         collate = (PackedCollator if cfg.data.packing else Collator)(tokenizer.pad_token_id)
-        recorder = RecordingCollator(collate)
-        trainer = GlmTrainer(model=model, args=args, train_dataset=train, data_collator=recorder,
-                             processing_class=tokenizer, method=cfg.method, gen_config=None)
+        make_trainer = partial(GlmTrainer, method=cfg.method, gen_config=None)
+    recorder = RecordingCollator(collate)
+    trainer = make_trainer(model=model, args=args, train_dataset=train, data_collator=recorder,
+                           processing_class=tokenizer)
 
     # The same-work check walks the set in this side's own order; RNG states are put back so training is unaffected.
     # Skipped by the memory figure: its eval-mode pass would make full logits on both sides and set the peak.
