@@ -32,12 +32,9 @@ def trainer(cfg, model, tokenizer, run_dir: Path, has_eval: bool, **kwargs):
 
 def train_eval_model(spec: dict[str, Any]) -> dict[str, Any]:
     """Fine-tune the tiny model through glm-ft (the quickstart's settings) and save it for both sides to load."""
-    from transformers import set_seed
-
     from bench.prepare import load
 
     cfg = config(spec)
-    set_seed(cfg.seed)
     tokenizer, model, data = load(cfg, spec, baseline=False)
     fine_tune = trainer(cfg, model, tokenizer, Path(spec["work_dir"]) / "run-eval-model", False,
                         train_dataset=data.train)
@@ -51,7 +48,7 @@ def train_eval_model(spec: dict[str, Any]) -> dict[str, Any]:
 
 def run(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
-    from transformers import DataCollatorForSeq2Seq, GenerationConfig, set_seed
+    from transformers import DataCollatorForSeq2Seq, GenerationConfig
 
     from bench.common import useful_tokens
     from bench.prepare import load, weights_checksum
@@ -60,7 +57,6 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
 
     side = spec["side"]
     cfg = config(spec)
-    set_seed(cfg.seed)
     batch_size, max_new = spec["eval_batch_size"], spec["max_new_tokens"]
     tokenizer, model, data = load(cfg, spec, baseline=side == "baseline")
     checksum = weights_checksum(model)

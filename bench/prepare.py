@@ -61,14 +61,17 @@ def glm_ft_config(spec: dict[str, Any], *extra: str):
 
 
 def load(cfg, spec: dict[str, Any], baseline: bool):
-    """Tokenizer, model and datasets of one side. The baseline loads the base model as the reference demo does
-    (fp32, eager attention); glm-ft through its own `load_for_training`. Every side reads the same cached datasets."""
+    """Tokenizer, model and datasets of one side, from the config's seed. The baseline loads the base model as the
+    reference demo does (fp32, eager attention); glm-ft through its own `load_for_training`. Every side reads the
+    same cached datasets."""
     import torch
+    from transformers import set_seed
 
     from glm_ft.data.dataset import load_datasets
     from glm_ft.model import load_base_model, load_for_training, load_tokenizer
     from omegaconf import OmegaConf
 
+    set_seed(cfg.seed)
     if baseline:
         tokenizer = load_tokenizer(Path(spec["model_dir"]))
         model = load_base_model(Path(spec["model_dir"]), torch.float32, attn_implementation="eager")

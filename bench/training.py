@@ -107,7 +107,6 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
                         f"training_args.learning_rate={spec['learning_rate']}", "training_args.warmup_steps=0",
                         "training_args.logging_steps=1", *SIDE_OVERRIDES.get(side, []))
     validate(cfg)
-    set_seed(cfg.seed)
     tokenizer, model, data = load(cfg, spec, baseline=side == "baseline")
     if side == "baseline":
         model.config.use_cache = False
