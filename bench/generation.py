@@ -52,7 +52,7 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
 
     from bench.common import useful_tokens
     from bench.prepare import load, weights_checksum
-    from glm_ft.data.collate import decode_rows, stop_token_ids
+    from glm_ft.train.evaluation import decode_rows, stop_token_ids
     from glm_ft.train.metrics import compute_metrics
 
     side = spec["side"]
