@@ -136,18 +136,18 @@ def combine_rounds(rounds: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     }
 
 
-def summarize(done: list[dict[str, Any]], keys: dict[str, str]) -> dict[str, Any]:
+def summarize(done: list[dict[str, Any]], keys: Sequence[str]) -> dict[str, Any]:
     """Medians of repeated command runs (and every value), peak memory the highest; failures are counted."""
     ok = [r for r in done if r["returncode"] == 0]
     out: dict[str, Any] = {"failures": len(done) - len(ok),
                            "peak_rss_mib": max((r["peak_rss_mib"] or 0 for r in ok), default=None)}
-    for name, key in keys.items():
+    for key in keys:
         values = [r[key] for r in ok if r.get(key) is not None]
         if key.startswith("peak"):
-            out[name] = max(values, default=None)
+            out[key] = max(values, default=None)
         else:
-            out[name] = statistics.median(values) if values else None
-            out[f"{name}_each"] = [round(v, 3) for v in values]
+            out[key] = statistics.median(values) if values else None
+            out[f"{key}_each"] = [round(v, 3) for v in values]
     return out
 
 

@@ -151,7 +151,7 @@ class Bench:
                                 f"hydra.run.dir={self.work / 'dry-run'}"]}
         runs = interleave(list(commands), self.settings["startup"]["repeats"],
                           lambda name: self.command(commands[name]))
-        return {"sides": {name: summarize(done, {"wall_s": "wall_s"}) for name, done in runs.items()}}
+        return {"sides": {name: summarize(done, ["wall_s"]) for name, done in runs.items()}}
 
     def first_step(self) -> dict[str, Any]:
         cfg, s = self.settings["first_step"], self.settings
@@ -186,7 +186,7 @@ class Bench:
         count = iter(range(1, 1000))  # each run its own folders
         runs = interleave(["baseline", "glm_ft", "glm_ft_untracked"], cfg["repeats"],
                           lambda name: measure(commands(next(count))[name]))
-        keys = {"first_step_s": "first_step_s", "wall_s": "wall_s", "peak_tree_pss_mib": "peak_tree_pss_mib"}
+        keys = ["first_step_s", "wall_s", "peak_tree_pss_mib"]
         sides = {name: {**summarize(done, keys), "losses": [r["losses"] for r in done]} for name, done in runs.items()}
         return {"sides": sides, "steps": cfg["steps"]}
 

@@ -225,7 +225,7 @@ def test_repeated_runs_give_medians_and_the_highest_peak_and_count_failures():
             {"returncode": 0, "wall_s": 1.0, "peak_rss_mib": 20.0, "peak_tree_pss_mib": 25.0},
             {"returncode": 0, "wall_s": 2.0, "peak_rss_mib": 15.0, "peak_tree_pss_mib": 40.0},
             {"returncode": 1, "wall_s": 0.1, "peak_rss_mib": 99.0, "peak_tree_pss_mib": 99.0}]
-    out = summarize(runs, {"wall_s": "wall_s", "peak_tree_pss_mib": "peak_tree_pss_mib"})
+    out = summarize(runs, ["wall_s", "peak_tree_pss_mib"])
     assert out["wall_s"] == 2.0 and out["wall_s_each"] == [3.0, 1.0, 2.0]
     assert out["peak_rss_mib"] == 20.0 and out["peak_tree_pss_mib"] == 40.0 and out["failures"] == 1
 
