@@ -92,8 +92,7 @@ class Bench:
         self.runs += 1
         spec_path, out_path = self.work / f"spec-{self.runs}.json", self.work / f"out-{self.runs}.json"
         spec_path.write_text(json.dumps(spec))
-        run = run_measured([sys.executable, "-m", "bench.worker", str(spec_path), str(out_path)], cwd=ROOT,
-                           env=self.env, timeout=1800, tree=tree)
+        run = self.command([sys.executable, "-m", "bench.worker", str(spec_path), str(out_path)], 1800, tree=tree)
         if run["returncode"] != 0 or not out_path.is_file():
             tail = "\n".join((run["stderr"] or run["stdout"]).strip().splitlines()[-15:])
             log(f"{spec['figure']} {spec.get('side', '')} failed (exit {run['returncode']}):\n{tail}")
@@ -125,13 +124,13 @@ class Bench:
         if not out.is_file():
             code = (f"from pathlib import Path; from bench.prepare import model_dir; "
                     f"Path({str(out)!r}).write_text(str(model_dir({size!r}, Path({str(self.work)!r}))))")
-            run = run_measured([sys.executable, "-c", code], cwd=ROOT, env=self.env, timeout=600)
+            run = self.command([sys.executable, "-c", code], 600)
             if run["returncode"] != 0:
                 raise RuntimeError(f"building the {size} model failed:\n{run['stderr'][-2000:]}")
         return Path(out.read_text())
 
-    def command(self, cmd: list[str], **kwargs: Any) -> dict[str, Any]:
-        return run_measured(cmd, cwd=ROOT, env=self.env, timeout=900, **kwargs)
+    def command(self, cmd: list[str], timeout: float = 900, **kwargs: Any) -> dict[str, Any]:
+        return run_measured(cmd, cwd=ROOT, env=self.env, timeout=timeout, **kwargs)
 
     # --- figures (bench/README.md, "What each figure compares") ------------------------------------------------
 
@@ -150,7 +149,7 @@ class Bench:
                     "dry_run": [py, "train.py", "experiment=quickstart", "dry_run=true",
                                 f"hydra.run.dir={self.work / 'dry-run'}"]}
         runs = interleave(list(commands), self.settings["startup"]["repeats"],
-                          lambda name: self.command(commands[name]))
+                          lambda name: self.command(commands[name], 300))
         return {"sides": {name: summarize(done, ["wall_s"]) for name, done in runs.items()}}
 
     def first_step(self) -> dict[str, Any]:
