@@ -1,12 +1,6 @@
-"""AdvertiseGen-shaped rows ({"content": "类型#裙*版型#宽松*...", "summary": "..."}), any number, deterministic.
-
-The vocabulary is that of scripts/make_sample_data.py (so the tiny tokenizer, trained on the sample data, knows
-it); the lengths are AdvertiseGen's, not the sample data's: prompts of 2-9 attributes (keys may repeat, as in the
-real set) and replies of a few to over a dozen clauses, so that padding to the longest row of a batch costs what
-it costs on the real data. As in the sample data, a reply is a function of its prompt (one phrase per attribute,
-worded after the value; a fixed run of extra clauses per category), so a small model fine-tuned on these rows
-learns where a reply ends, and its generations stop at different lengths the way a fine-tuned model's do.
-"""
+"""AdvertiseGen-shaped rows ({"content": "类型#裙*版型#宽松*...", "summary": "..."}), any number, deterministic:
+the sample data's vocabulary (scripts/make_sample_data.py, so the tiny tokenizer knows it) with AdvertiseGen's
+spread of lengths. A reply is a function of its prompt, so a model fine-tuned on them learns where replies end."""
 
 from __future__ import annotations
 
@@ -52,12 +46,6 @@ def _attributes(rng: random.Random, gen) -> list[tuple[str, str]]:
     return [("类型", category)] + [(key, rng.choice(pool[key])) for key in keys]
 
 
-def _category_fillers(gen) -> dict[str, list[str]]:
-    # 0 to 4 extra clauses, always the same ones for a category
-    return {category: [FILLERS[(3 * i + j) % len(FILLERS)] for j in range(i % 5)]
-            for i, category in enumerate(sorted(gen.CATEGORIES))}
-
-
 def _summary(gen, attributes: list[tuple[str, str]]) -> str:
     category = attributes[0][1]
     measure, _, closing = gen.CATEGORIES[category]
@@ -66,7 +54,8 @@ def _summary(gen, attributes: list[tuple[str, str]]) -> str:
     for key, value in attributes[1:]:
         if key in gen.PHRASES:
             parts.append(gen._pick(gen.PHRASES[key], value).format(v=value))
-    parts += _category_fillers(gen)[category]
+    i = sorted(gen.CATEGORIES).index(category)  # 0 to 4 extra clauses, always the same ones for a category
+    parts += [FILLERS[(3 * i + j) % len(FILLERS)] for j in range(i % 5)]
     parts.append(closing)
     if "风格" in values:
         parts.append(gen._pick(gen.STYLE_CLOSINGS, values["风格"]).format(v=values["风格"]))
@@ -75,13 +64,11 @@ def _summary(gen, attributes: list[tuple[str, str]]) -> str:
 
 def rows(n: int, seed: int = 0) -> list[dict[str, str]]:
     """n AdvertiseGen rows; the same (n, seed) always gives the same rows."""
-    gen = _sample_generator()
-    rng = random.Random(seed)
-    out = []
+    gen, rng, out = _sample_generator(), random.Random(seed), []
     for _ in range(n):
         attributes = _attributes(rng, gen)
-        content = "*".join(f"{key}#{value}" for key, value in attributes)
-        out.append({"content": content, "summary": _summary(gen, attributes)})
+        out.append({"content": "*".join(f"{key}#{value}" for key, value in attributes),
+                    "summary": _summary(gen, attributes)})
     return out
 
 

@@ -1,14 +1,11 @@
-"""Pure helpers of the bench: FLOP counting, ratios and goals, the results schema, the table, machine facts.
-
-No torch here: the orchestrator imports this module, and its own start-up must not weigh on what it measures.
-"""
+"""What the bench's processes share: FLOP counts, machine facts, and running a child with its peak memory measured.
+No torch here: the orchestrator imports this module, and its own start-up must not weigh on what it measures."""
 
 from __future__ import annotations
 
 import datetime as _dt
 import os
 import platform
-import re
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -19,18 +16,6 @@ SCHEMA = "glm-ft-bench/1"
 
 PACKAGES = ("torch", "transformers", "peft", "deepspeed", "accelerate", "datasets", "tokenizers", "sentencepiece",
             "hydra-core", "omegaconf", "mlflow", "numpy")
-
-# Goals of issues 8 and 16 (targets to work towards, never test assertions): name -> (comparison, target, what).
-GOALS: dict[str, tuple[str, float, str]] = {
-    "training_tokens_per_s_ratio": (">=", 1.5, "training tokens/s, glm-ft / reference data path (mid size)"),
-    "eval_generated_tokens_per_s_ratio": (">=", 3.0, "evaluation generated tokens/s, glm-ft / reference approach"),
-    "preprocessing_rows_per_s_ratio": (">=", 2.0, "preprocessing rows/s, glm-ft / row-at-a-time encoding"),
-    "dry_run_wall_s": ("<", 3.0, "wall time of `python train.py experiment=quickstart dry_run=true`, seconds"),
-    "mid_training_mfu_fp32": (">=", 0.40, "model FLOP/s of training at mid size / measured fp32 matmul peak"),
-    "first_step_time_ratio": (">=", 1.0, "time to the first training step, reference script / glm-ft (tiny LoRA)"),
-    "first_step_memory_ratio": (">=", 1.0, "peak PSS of the process tree, reference script / glm-ft (tiny LoRA)"),
-}
-
 
 # --- FLOPs ----------------------------------------------------------------------------------------------------
 
@@ -76,106 +61,9 @@ def training_flops(config: Mapping[str, Any], seq_lens: Sequence[int], *, all_we
     return (6 if all_weights_train else 4) * weights + 3 * attn
 
 
-# --- ratios and goals -----------------------------------------------------------------------------------------
-
-
 def ratio(numerator: float | None, denominator: float | None) -> float | None:
     """numerator / denominator, or None when either is missing or the denominator is not positive."""
-    if numerator is None or denominator is None or denominator <= 0:
-        return None
-    return numerator / denominator
-
-
-def check_goal(value: float | None, op: str, target: float) -> dict[str, Any]:
-    """Whether `value op target` holds, and by how much it misses: `gap` is the factor still to gain
-    (target / value for >=, value / target for <); 1.0 or less means met."""
-    if op not in (">=", "<"):
-        raise ValueError(f"unknown comparison {op!r}")
-    out: dict[str, Any] = {"value": value, "op": op, "target": target}
-    if value is None or value <= 0:
-        out.update(met=False, gap=None)
-        return out
-    met = value >= target if op == ">=" else value < target
-    gap = target / value if op == ">=" else value / target
-    out.update(met=met, gap=round(gap, 3))
-    return out
-
-
-def check_goals(values: Mapping[str, float | None]) -> dict[str, dict[str, Any]]:
-    return {name: {**check_goal(values.get(name), op, target), "what": what}
-            for name, (op, target, what) in GOALS.items()}
-
-
-def goal_summary(name: str, goal: Mapping[str, Any]) -> str:
-    """One line: met, or missed by how much."""
-    value, op, target = goal["value"], goal["op"], goal["target"]
-    if value is None:
-        return f"{name}: not measured"
-    if goal["met"]:
-        return f"{name}: met ({value:.3g} {op} {target:g})"
-    if op == ">=":
-        return f"{name}: missed ({value:.3g}, goal {op} {target:g}: needs {goal['gap']:.2f}x more)"
-    return f"{name}: missed ({value:.3g}, goal {op} {target:g}: {goal['gap']:.2f}x too high)"
-
-
-def combine_rounds(rounds: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """One side's figure from several runs of the same training steps.
-
-    When every round trained the same batches in the same order (equal `batches_digest`), step i did the same work
-    in each, so its fastest run is the one least disturbed by other load on the machine: rates are computed over
-    the sum of per-step minima. Otherwise the fastest round counts. Each round keeps its own rate too.
-    """
-    ok = [r for r in rounds if "step_s" in r]
-    if not ok:
-        return {"combined_from": 0}
-    per_round = [sum(r["step_tokens"]) / sum(r["step_s"]) for r in ok]
-    if len({r["batches_digest"] for r in ok}) == 1:
-        seconds = sum(min(steps) for steps in zip(*(r["step_s"] for r in ok)))
-        base, how = ok[0], f"per-step minimum over {len(ok)} rounds"
-    else:
-        base = max(ok, key=lambda r: sum(r["step_tokens"]) / sum(r["step_s"]))
-        seconds, how = sum(base["step_s"]), "fastest round (rounds trained different batches)"
-    return {
-        "combined_from": len(ok),
-        "estimator": how,
-        "timed_s": seconds,
-        "tokens_per_s": sum(base["step_tokens"]) / seconds,
-        "model_flops_per_s": sum(base["step_flops"]) / seconds,
-        "tokens_per_s_each_round": [round(x, 1) for x in per_round],
-    }
-
-
-# --- results --------------------------------------------------------------------------------------------------
-
-REQUIRED_KEYS = ("schema", "name", "created", "command", "machine", "versions", "settings", "figures", "ratios",
-                 "goals")
-
-
-def validate_results(results: Mapping[str, Any]) -> list[str]:
-    """Problems with a results document (empty when it is well-formed): missing keys, a side without its peak
-    memory, a ratio that does not follow from its figures."""
-    problems = [f"missing key '{key}'" for key in REQUIRED_KEYS if key not in results]
-    if problems:
-        return problems
-    if results["schema"] != SCHEMA:
-        problems.append(f"schema is {results['schema']!r}, expected {SCHEMA!r}")
-    problems += [f"missing machine.{key}" for key in ("cpu_model", "cores", "ram_gib") if key not in results["machine"]]
-    problems += [f"figures.{figure}.sides.{side}: missing peak_rss_mib"
-                 for figure, value in results["figures"].items() for side, v in value.get("sides", {}).items()
-                 if "peak_rss_mib" not in v]
-    expected = compute_ratios(results["figures"], results.get("ratio_sources", {}))
-    for name, want in expected.items():
-        got = results["ratios"].get(name)
-        if (want is None) != (got is None) or (want is not None and abs(want - got) > 1e-9 * want):
-            problems.append(f"ratios.{name} is {got}, but its figures give {want}")
-    return problems
-
-
-def results_name(machine: Mapping[str, Any]) -> str:
-    """A stable file name per machine kind, so a new run replaces the last one: cpu-<model>-<cores>c."""
-    model = re.sub(r"[^a-z0-9]+", "-", machine["cpu_model"].lower()).strip("-")
-    model = re.sub(r"-?(r|tm|processor|cpu)-", "-", f"-{model}-").strip("-")
-    return f"cpu-{model[:40].strip('-')}-{machine['cores']}c"
+    return None if numerator is None or denominator is None or denominator <= 0 else numerator / denominator
 
 
 # --- machine --------------------------------------------------------------------------------------------------
@@ -219,39 +107,6 @@ def now_iso() -> str:
     return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
 
 
-# --- table ----------------------------------------------------------------------------------------------------
-
-
-def _fmt(value: Any) -> str:
-    if value is None:
-        return "–"
-    if isinstance(value, float):
-        return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.3g}"
-    return str(value)
-
-
-def format_table(results: Mapping[str, Any], markdown: bool = False) -> str:
-    """The results' table (figure, baseline, glm-ft, ratio in glm-ft's favour, unit), plain or markdown."""
-    rows = [("figure", "baseline", "glm-ft", "glm-ft gain", "unit")]
-    rows += [(r["figure"], _fmt(r.get("baseline")), _fmt(r.get("glm_ft")), _fmt(r.get("ratio")), r.get("unit", ""))
-             for r in results.get("table", [])]
-    if markdown:
-        return "\n".join(["| " + " | ".join(rows[0]) + " |", "|" + "---|" * 5]
-                         + ["| " + " | ".join(row) + " |" for row in rows[1:]])
-    widths = [max(len(r[i]) for r in rows) for i in range(5)]
-    return "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
-                     for r in rows)
-
-
-def compute_ratios(figures: Mapping[str, Any], sources: Mapping[str, Sequence[str]]) -> dict[str, float | None]:
-    """ratios[name] = figures[figure].sides[numerator][metric] / ...[denominator][metric] for each source."""
-    out = {}
-    for name, (figure, metric, num, den) in sources.items():
-        sides = figures.get(figure, {}).get("sides", {})
-        out[name] = ratio(sides.get(num, {}).get(metric), sides.get(den, {}).get(metric))
-    return out
-
-
 # --- child processes ------------------------------------------------------------------------------------------
 
 
@@ -261,56 +116,34 @@ def vm_hwm_mib(pid: int | str = "self") -> float | None:
     return round(int(hwm.split()[0]) / 1024, 1) if hwm else None
 
 
-def process_tree(pid: int) -> list[int]:
-    """`pid` and all its descendants, from the parent ids in /proc/*/stat."""
+def tree_pss_mib(pid: int) -> tuple[float, int]:
+    """Summed PSS of `pid` and all its descendants (pages they share counted once), in MiB, and how many they are."""
     children: dict[int, list[int]] = {}
     for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
         try:
-            stat = Path(f"/proc/{entry.name}/stat").read_text()
+            stat = Path(f"/proc/{entry.name}/stat").read_text() if entry.name.isdigit() else None
         except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        children.setdefault(ppid, []).append(int(entry.name))
-    tree, stack = [], [pid]
+            stat = None
+        if stat:
+            children.setdefault(int(stat.rsplit(")", 1)[1].split()[1]), []).append(int(entry.name))
+    total, count, stack = 0, 0, [pid]
     while stack:
-        current = stack.pop()
-        tree.append(current)
-        stack += children.get(current, [])
-    return tree
-
-
-def tree_pss_mib(pid: int) -> tuple[float, int]:
-    """Proportional set size of a process tree (pages shared between its processes counted once), in MiB, and
-    how many processes it held."""
-    total, count = 0, 0
-    for member in process_tree(pid):
-        try:
-            for line in Path(f"/proc/{member}/smaps_rollup").read_text().splitlines():
-                if line.startswith("Pss:"):
-                    total += int(line.split()[1])
-                    count += 1
-                    break
-        except (OSError, ValueError):
-            continue
+        member = stack.pop()
+        stack += children.get(member, [])
+        pss = _proc_field(f"/proc/{member}/smaps_rollup", "Pss:")
+        if pss:
+            total, count = total + int(pss.split()[0]), count + 1
     return round(total / 1024, 1), count
 
 
 def run_measured(cmd: Sequence[str], *, cwd: Path | None = None, env: Mapping[str, str] | None = None,
                  timeout: float | None = None, tree: bool = False, watch: bytes | None = None) -> dict[str, Any]:
-    """Run `cmd` and return its exit code, output, wall time and peak resident memory (MiB).
+    """Run `cmd`: its exit code, output, wall time and peak memory (bench/README.md, "Peak memory").
 
-    The peak is the child's own VmHWM, sampled every 5 ms while it runs. The rusage figures are no
-    good for this: getrusage(RUSAGE_CHILDREN) keeps the maximum over every child ever waited for, and even the
-    wait4() figure of one child starts from its parent's size (Linux carries the forking process's high-water
-    mark across exec). `peak_rss_mib_rusage` keeps that figure as an upper bound.
-
-    With `tree`, the summed PSS of the child and its own children (worker processes) is sampled too, every 100 ms
-    (scanning /proc costs a little CPU, so only figures that start workers ask for it).
-
-    With `watch`, stdout and stderr are read as one stream while the child runs, and `watch_s` is the time from
-    the start to the first read holding `watch` (an event in the child's own output, not a polled guess).
+    The peak is the child's own VmHWM sampled every 5 ms: rusage's figure starts from the parent's size (Linux
+    carries the forking process's high-water mark across exec). With
+    `tree`, the PSS of the child with its descendants is sampled every 100 ms. With `watch`, stdout and stderr are
+    read as one stream, and `watch_s` is the time to the first read holding `watch` (an event, not a polled guess).
     """
     import subprocess
     import tempfile
@@ -335,24 +168,18 @@ def run_measured(cmd: Sequence[str], *, cwd: Path | None = None, env: Mapping[st
         reader = threading.Thread(target=read, daemon=True)
         if watch:
             reader.start()
-        done = threading.Event()
-        killed = threading.Event()
+        done, killed = threading.Event(), threading.Event()
         peaks: list[float] = []
         tree_peaks: list[tuple[float, int]] = []
-
         argv = ("\0".join(cmd) + "\0").encode()
-
-        def exec_done() -> bool:
-            # Until exec, a vfork()ed child still shows its parent's address space.
-            try:
-                return Path(f"/proc/{proc.pid}/cmdline").read_bytes() == argv
-            except OSError:
-                return False
 
         def sample() -> None:
             started, tick = False, 0
             while not done.wait(0.005):
-                started = started or exec_done()
+                try:  # until exec, a vfork()ed child still shows its parent's address space
+                    started = started or Path(f"/proc/{proc.pid}/cmdline").read_bytes() == argv
+                except OSError:
+                    pass
                 hwm = vm_hwm_mib(proc.pid) if started else None
                 if hwm is not None:
                     peaks.append(hwm)
@@ -365,7 +192,7 @@ def run_measured(cmd: Sequence[str], *, cwd: Path | None = None, env: Mapping[st
 
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
-        _, status, usage = os.wait4(proc.pid, 0)
+        _, status, _ = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - start
         done.set()
         sampler.join()
@@ -376,7 +203,6 @@ def run_measured(cmd: Sequence[str], *, cwd: Path | None = None, env: Mapping[st
         out.seek(0)
         err.seek(0)
         stdout, stderr = out.read().decode(errors="replace"), err.read().decode(errors="replace")
-    rusage_mib = round(usage.ru_maxrss / 1024, 1)  # Linux reports ru_maxrss in KiB
     return {
         "returncode": proc.returncode,
         "timed_out": killed.is_set(),
@@ -385,7 +211,6 @@ def run_measured(cmd: Sequence[str], *, cwd: Path | None = None, env: Mapping[st
         "wall_s": wall,
         # None when the child ended before the first sample (a few milliseconds)
         "peak_rss_mib": max(peaks) if peaks else None,
-        "peak_rss_mib_rusage": rusage_mib,
         "peak_tree_pss_mib": max((p for p, _ in tree_peaks), default=None) if tree else None,
         "max_processes": max((n for _, n in tree_peaks), default=None) if tree else None,
         "watch_s": seen[0] if seen else None,

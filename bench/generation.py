@@ -1,7 +1,5 @@
-"""Evaluation generation, one side per process (bench/README.md, "Evaluation generation"): glm-ft's evaluation path
-with its defaults (its trainer's `predict`: token-budget batches, longest prompts first, finished rows leaving the
-batch) or the reference demo's (`generate` over batches of 16 in file order). Both use the same fine-tuned model
-(`train_eval_model`) and prompts; the decoded outputs are compared, in file order, after timing."""
+"""Evaluation generation, one side per process (bench/README.md, "Evaluation generation"), from the same
+fine-tuned model (`train_eval_model`) and prompts; outputs are compared in file order after timing."""
 
 from __future__ import annotations
 
@@ -9,99 +7,63 @@ import time
 from pathlib import Path
 from typing import Any
 
-SIDES = ("baseline", "glm_ft")
+
+def config(spec: dict[str, Any]):
+    from bench.prepare import glm_ft_config
+
+    return glm_ft_config(spec, "method=sft", "model.build_if_missing=false", "data.test_file=test.json",
+                         f"training_args.per_device_eval_batch_size={spec['eval_batch_size']}",
+                         f"training_args.generation_config.max_new_tokens={spec['max_new_tokens']}",
+                         f"training_args.max_steps={spec.get('train_steps', 1)}",
+                         f"training_args.per_device_train_batch_size={spec.get('train_batch_size', 8)}")
 
 
-def overrides(spec: dict[str, Any]) -> list[str]:
-    return [
-        "experiment=quickstart",
-        "method=sft",
-        f"model.path={spec['model_dir']}",
-        "model.build_if_missing=false",
-        f"data.data_dir={spec['data_dir']}",
-        f"data.train_file={spec.get('train_file', 'train.json')}",
-        "data.val_file=null",
-        "data.test_file=test.json",
-        f"max_input_length={spec['max_input_length']}",
-        f"max_output_length={spec['max_output_length']}",
-        f"seed={spec['seed']}",
-        f"training_args.per_device_eval_batch_size={spec['eval_batch_size']}",
-        f"training_args.generation_config.max_new_tokens={spec['max_new_tokens']}",
-        f"training_args.max_steps={spec.get('train_steps', 1)}",
-        f"training_args.per_device_train_batch_size={spec.get('train_batch_size', 8)}",
-        "training_args.save_strategy=no",
-        "training_args.evaluation_strategy=no",
-        "training_args.disable_tqdm=true",
-        "tracking.enabled=false",
-    ]
+def trainer(cfg, model, tokenizer, run_dir: Path, has_eval: bool, **kwargs):
+    from glm_ft.data.collate import Collator
+    from glm_ft.train.finetune import generation_config_for
+    from glm_ft.train.trainer import GlmTrainer
+    from glm_ft.train.trainer_args import build_training_arguments
+
+    gen = generation_config_for(cfg, tokenizer)
+    args = build_training_arguments(cfg, run_dir, None, has_eval=has_eval, generation_config=gen)
+    return GlmTrainer(model=model, args=args, data_collator=Collator(tokenizer.pad_token_id),
+                      processing_class=tokenizer, method=cfg.method, gen_config=gen, **kwargs)
 
 
 def train_eval_model(spec: dict[str, Any]) -> dict[str, Any]:
     """Fine-tune the tiny model through glm-ft (the quickstart's settings) and save it for both sides to load."""
-    from transformers import set_seed
+    from bench.prepare import load
 
-    from bench.prepare import data_config, glm_ft_config
-    from glm_ft.data.dataset import load_datasets
-    from glm_ft.data.collate import Collator
-    from glm_ft.train.finetune import generation_config_for
-    from glm_ft.train.trainer import GlmTrainer
-    from glm_ft.model import load_for_training
-    from glm_ft.train.trainer_args import build_training_arguments
-
-    cfg = glm_ft_config(overrides(spec))
-    set_seed(cfg.seed)
-    work = Path(spec["work_dir"])
-    tokenizer, model, _ = load_for_training(cfg)
-    data = load_datasets(data_config(cfg), tokenizer, cfg.max_input_length, cfg.max_output_length,
-                         cache_dir=work / "datasets")
-    gen = generation_config_for(cfg, tokenizer)
-    args = build_training_arguments(cfg, work / "run-eval-model", None, has_eval=False, generation_config=gen)
-    trainer = GlmTrainer(model=model, args=args, train_dataset=data.train,
-                         data_collator=Collator(tokenizer.pad_token_id), processing_class=tokenizer,
-                         method=cfg.method, gen_config=gen)
+    cfg = config(spec)
+    tokenizer, model, data = load(cfg, spec, baseline=False)
+    fine_tune = trainer(cfg, model, tokenizer, Path(spec["work_dir"]) / "run-eval-model", False,
+                        train_dataset=data.train)
     start = time.perf_counter()
-    result = trainer.train()
+    result = fine_tune.train()
     seconds = time.perf_counter() - start
-    trainer.save_model(spec["out_dir"])
+    fine_tune.save_model(spec["out_dir"])
     return {"train_steps": cfg.training_args.max_steps, "train_loss": result.training_loss, "train_s": seconds,
             "out_dir": spec["out_dir"]}
 
 
 def run(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
-    from transformers import DataCollatorForSeq2Seq, GenerationConfig, set_seed
+    from transformers import DataCollatorForSeq2Seq, GenerationConfig
 
     from bench.common import useful_tokens
-    from bench.prepare import data_config, glm_ft_config, weights_checksum
-    from glm_ft.data.dataset import load_datasets
-    from glm_ft.data.collate import Collator, decode_rows, stop_token_ids
-    from glm_ft.train.finetune import generation_config_for
-    from glm_ft.train.trainer import GlmTrainer
+    from bench.prepare import load, weights_checksum
+    from glm_ft.train.evaluation import decode_rows, stop_token_ids
     from glm_ft.train.metrics import compute_metrics
-    from glm_ft.model import load_base_model, load_for_training, load_tokenizer
-    from glm_ft.train.trainer_args import build_training_arguments
 
     side = spec["side"]
-    if side not in SIDES:
-        raise ValueError(f"unknown side {side!r}")
-    cfg = glm_ft_config(overrides(spec))
-    set_seed(cfg.seed)
-    work = Path(spec["work_dir"])
-    model_dir = Path(spec["model_dir"])
+    cfg = config(spec)
     batch_size, max_new = spec["eval_batch_size"], spec["max_new_tokens"]
-
-    if side == "baseline":
-        tokenizer = load_tokenizer(model_dir)
-        model = load_base_model(model_dir, torch.float32, attn_implementation="eager")
-    else:
-        tokenizer, model, _ = load_for_training(cfg)
+    tokenizer, model, data = load(cfg, spec, baseline=side == "baseline")
     checksum = weights_checksum(model)
     stops = stop_token_ids(tokenizer)
-    data = load_datasets(data_config(cfg), tokenizer, cfg.max_input_length, cfg.max_output_length,
-                         cache_dir=work / "datasets")
     test = data.test
 
-    if side == "baseline":
+    if side == "baseline":  # the reference's approach: `generate` over batches in file order
         collate = DataCollatorForSeq2Seq(tokenizer, padding="longest", return_tensors="pt")
         # finetune_hf.py set exactly these stop ids on its generation config
         gen = GenerationConfig(max_new_tokens=max_new, do_sample=False, num_beams=1, eos_token_id=stops,
@@ -117,14 +79,11 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
                                          generation_config=gen)
                     rows += out[:, batch["input_ids"].shape[1]:].tolist()
             return rows
-    else:
-        gen = generation_config_for(cfg, tokenizer)
-        args = build_training_arguments(cfg, work / "run-eval-glm_ft", None, has_eval=True, generation_config=gen)
-        trainer = GlmTrainer(model=model, args=args, data_collator=Collator(tokenizer.pad_token_id),
-                             processing_class=tokenizer, method=cfg.method, gen_config=gen)
+    else:  # glm-ft's evaluation path with its defaults: its trainer's `predict`
+        evaluator = trainer(cfg, model, tokenizer, Path(spec["work_dir"]) / "run-eval-glm_ft", True)
 
         def generate_all():
-            output = trainer.predict(test, metric_key_prefix="test")
+            output = evaluator.predict(test, metric_key_prefix="test")
             # the Trainer pads rows across batches; its decode steps are not visible from here
             return [list(map(int, row)) for row in output.predictions]
 
@@ -136,11 +95,10 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
         passes.append(time.perf_counter() - start)
     seconds = min(passes)
 
-    if len(rows) != len(test):  # compared row by row with the baseline below: a missing or extra row is a bug
+    if len(rows) != len(test):  # compared row by row with the baseline: a missing or extra row is a bug
         raise RuntimeError(f"{side}: {len(rows)} generated rows for {len(test)} prompts")
     generated = sum(useful_tokens(row, stops) for row in rows)
     predictions = decode_rows(tokenizer, rows, stops)
-    references = decode_rows(tokenizer, test["output_ids"], stops)
     return {
         "attn_implementation": model.config._attn_implementation,
         "eval_batch_size": batch_size,
@@ -152,6 +110,6 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
         "generated_tokens": generated,
         "generated_tokens_per_s": generated / seconds,
         "rows_that_stopped": sum(any(t in stops for t in row) for row in rows),
-        "metrics": compute_metrics(predictions, references),
+        "metrics": compute_metrics(predictions, decode_rows(tokenizer, test["output_ids"], stops)),
         "predictions": predictions,
     }

@@ -1,20 +1,9 @@
-"""GPU bench: LoRA and P-Tuning v2 on a chatglm3-6b-shaped model with random bf16 weights (~2-4 min on one H100).
+"""GPU bench: LoRA and P-Tuning v2 on a chatglm3-6b-shaped model with random bf16 weights (bench/README.md,
+"GPU mode"): peak GPU memory, tokens/s and model FLOP/s against the measured matmul peak.
 
     python bench/gpu.py                                # what `make bench-gpu` runs; needs CUDA
     python bench/gpu.py --methods lora --steps 20
     python bench/gpu.py --cpu-smoke                    # checks this script on the CPU with the tiny shape
-
-For each method, with and without gradient checkpointing: peak GPU memory (torch.cuda.max_memory_allocated, and
-reserved), training tokens/s and model FLOP/s, at batch 4 and rows of max_input_length 256 + max_output_length 512
-(+1, the reference's sample limit) tokens, every row full length: the worst case a run at these settings meets.
-Beside it: the reference demo's published memory (LoRA 14,082 MiB, P-Tuning v2 18,426 MiB, measured by the demo at
-its own, older and smaller settings and read from nvidia-smi, which also counts the CUDA context: a comparison of
-orders of magnitude, not a like-for-like one).
-
-The path is glm-ft's own model and method code (glm_ft.chatglm3 + glm_ft.model.apply_method, SDPA attention,
-bf16 autocast as the Trainer uses with training_args.bf16=true) in a plain optimizer loop: no Hydra, MLflow or
-Trainer. Nothing is read from outside the repository: the chatglm3-6b shape is embedded below.
-Writes bench/results/gpu-<device>.json.
 """
 
 from __future__ import annotations
@@ -42,7 +31,7 @@ PUBLISHED_NOTE = ("ChatGLM3 finetune_demo README, older and smaller settings tha
 
 
 def build_model(config: dict[str, Any], device: str, dtype_name: str):
-    """Random weights, created directly on `device` in `dtype` (a 6B model never passes through host memory)."""
+    """Random weights, created directly on `device` (a 6B model never passes through host memory)."""
     import torch
 
     import glm_ft.chatglm3 as chatglm3
@@ -58,8 +47,7 @@ def build_model(config: dict[str, Any], device: str, dtype_name: str):
 
 
 def method_config(name: str):
-    """The method group's schema defaults, as `method=lora|ptuning_v2` composes them (r 8, alpha 32, dropout 0.1
-    on query_key_value; 128 virtual tokens)."""
+    """The method group's schema defaults, as `method=lora|ptuning_v2` composes them."""
     from omegaconf import OmegaConf
 
     from glm_ft.config.schema import METHOD_SCHEMAS
@@ -67,19 +55,20 @@ def method_config(name: str):
     return OmegaConf.structured(METHOD_SCHEMAS[name])
 
 
-def batch(config: dict[str, Any], batch_size: int, prompt_len: int, reply_len: int, device: str, seed: int):
+def batch(config: dict[str, Any], args, device: str):
     """Full-length rows of random token ids; the prompt part carries no loss, as in glm-ft's samples."""
     import torch
 
-    g = torch.Generator().manual_seed(seed)
-    length = prompt_len + reply_len + 1
-    ids = torch.randint(3, config["padded_vocab_size"] - 16, (batch_size, length), generator=g)
+    g = torch.Generator().manual_seed(args.seed)
+    ids = torch.randint(3, config["padded_vocab_size"] - 16, (args.batch_size, args.prompt_len + args.reply_len + 1),
+                        generator=g)
     labels = ids.clone()
-    labels[:, :prompt_len] = -100
+    labels[:, :args.prompt_len] = -100
     return {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device), "labels": labels.to(device)}
 
 
-def run_variant(config: dict[str, Any], method: str, checkpointing: bool, args, device: str) -> dict[str, Any]:
+def run_variant(config: dict[str, Any], method: str, checkpointing: bool, args, device: str,
+                peak_flops: float) -> dict[str, Any]:
     import torch
 
     from glm_ft.model import apply_method, parameter_counts
@@ -100,7 +89,7 @@ def run_variant(config: dict[str, Any], method: str, checkpointing: bool, args, 
         counts = parameter_counts(model)
         trainable = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(trainable, lr=5e-5)
-        inputs = batch(config, args.batch_size, args.prompt_len, args.reply_len, device, args.seed)
+        inputs = batch(config, args, device)
         losses, step_end = [], []
         sync()
         start = time.perf_counter()
@@ -120,10 +109,11 @@ def run_variant(config: dict[str, Any], method: str, checkpointing: bool, args, 
         out = {"method": method, "gradient_checkpointing": checkpointing, **counts,
                "first_step_s": step_end[0] - start, "timed_steps": args.steps, "timed_s": seconds,
                "tokens_per_s": rows * length / seconds, "model_flops_per_s": flops / seconds,
-               "loss_first_last": [losses[0], losses[-1]]}
+               "loss_first_last": [losses[0], losses[-1]], "mfu": flops / seconds / peak_flops}
         if cuda:
             out["peak_allocated_mib"] = round(torch.cuda.max_memory_allocated() / 2**20)
             out["peak_reserved_mib"] = round(torch.cuda.max_memory_reserved() / 2**20)
+            out["peak_allocated_vs_published"] = ratio(out["peak_allocated_mib"], PUBLISHED_MIB[method])
         return out
     except torch.OutOfMemoryError as err:
         return {"method": method, "gradient_checkpointing": checkpointing, "error": f"out of memory: {err}"[:400]}
@@ -194,24 +184,17 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unknown method {method!r} (lora, ptuning_v2)")
         for gc_on in checkpointing:
             print(f"[bench-gpu] {method} gradient_checkpointing={gc_on} ...", file=sys.stderr, flush=True)
-            v = run_variant(config, method, gc_on, args, device)
-            if "model_flops_per_s" in v:
-                v["mfu"] = v["model_flops_per_s"] / peak_flops
-            if "peak_allocated_mib" in v:
-                v["peak_allocated_vs_published"] = ratio(v["peak_allocated_mib"], PUBLISHED_MIB[method])
-            variants.append(v)
+            variants.append(run_variant(config, method, gc_on, args, device, peak_flops))
     results["variants"] = variants
     results["wall_s"] = round(time.perf_counter() - started, 1)
 
     print(f"{'method':<11} {'ckpt':<5} {'peak alloc MiB':>14} {'published MiB':>13} {'tokens/s':>9} "
           f"{'TFLOP/s':>8} {'MFU':>6}")
     for v in variants:
-        if "error" in v:
-            print(f"{v['method']:<11} {str(v['gradient_checkpointing']):<5} {v['error'][:60]}")
-            continue
-        print(f"{v['method']:<11} {str(v['gradient_checkpointing']):<5} {v.get('peak_allocated_mib', '-'):>14} "
-              f"{PUBLISHED_MIB[v['method']]:>13,} {v['tokens_per_s']:>9,.0f} {v['model_flops_per_s'] / 1e12:>8.1f} "
-              f"{v['mfu']:>6.1%}")
+        row = v["error"][:60] if "error" in v else (
+            f"{v.get('peak_allocated_mib', '-'):>14} {PUBLISHED_MIB[v['method']]:>13,} {v['tokens_per_s']:>9,.0f} "
+            f"{v['model_flops_per_s'] / 1e12:>8.1f} {v['mfu']:>6.1%}")
+        print(f"{v['method']:<11} {str(v['gradient_checkpointing']):<5} {row}")
     print(f"matmul peak {args.dtype}: {peak_flops / 1e12:.1f} TFLOP/s; wall {results['wall_s']:.0f} s")
     if args.cpu_smoke:
         return 1 if any("error" in v for v in variants) else 0

@@ -1,8 +1,5 @@
-"""This machine's matmul peak: torch.matmul of large squares, fp32 and bf16, best of repeated runs.
-
-The best single multiply over a few seconds is taken, not the mean: the figure is a ceiling to compare training
-against, and on a shared machine the mean mostly measures the neighbours.
-"""
+"""This machine's matmul peak: torch.matmul of large squares, fp32 and bf16. The best single multiply over a few
+seconds counts, not the mean: the figure is a ceiling, and on a shared machine the mean measures the neighbours."""
 
 from __future__ import annotations
 

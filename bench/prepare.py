@@ -1,26 +1,16 @@
-"""What the figures share: the models (the project's tiny one, a mid-size one), the glm-ft config, the data.
-
-Both sides of a figure load these same folders, so "same model, data and seed" holds by construction; the workers
-record a checksum of the weights they loaded to show it.
-"""
+"""What both sides of a figure share: the models (the project's tiny one, a mid-size one), the glm-ft config, the
+data. Both load these same folders, and record a checksum of the weights they loaded to show it."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from bench.common import ROOT
 
 # The mid-size ChatGLM3 of issue 8: hidden 512, 4 layers, on the tiny tokenizer's vocabulary.
-MID_OVERRIDES = {
-    "_name_or_path": "glm-ft/bench-mid-chatglm3",
-    "hidden_size": 512,
-    "num_layers": 4,
-    "ffn_hidden_size": 1536,
-    "num_attention_heads": 8,
-    "kv_channels": 64,
-    "multi_query_group_num": 2,
-}
+MID_OVERRIDES = {"_name_or_path": "glm-ft/bench-mid-chatglm3", "hidden_size": 512, "num_layers": 4,
+                 "ffn_hidden_size": 1536, "num_attention_heads": 8, "kv_channels": 64, "multi_query_group_num": 2}
 TINY_DIR = ROOT / ".cache" / "tiny-chatglm3"  # where model=tiny builds it (conf/model/tiny.yaml)
 
 
@@ -50,19 +40,46 @@ def model_dir(size: str, work: Path, seed: int = 0) -> Path:
     return out
 
 
-def glm_ft_config(overrides: Sequence[str]):
-    """The composed config exactly as `python train.py OVERRIDES` would see it."""
+def overrides(model: str | Path, data: str | Path, settings: dict[str, Any]) -> list[str]:
+    """What every glm-ft side sets: the quickstart on the bench's model, data and lengths, with no checkpoints and
+    no evaluation during training."""
+    return ["experiment=quickstart", f"model.path={model}", f"data.data_dir={data}", "data.train_file=train.json",
+            "data.val_file=null", f"max_input_length={settings['max_input_length']}",
+            f"max_output_length={settings['max_output_length']}", "training_args.save_strategy=no",
+            "training_args.evaluation_strategy=no"]
+
+
+def glm_ft_config(spec: dict[str, Any], *extra: str):
+    """The composed config exactly as `python train.py OVERRIDES` would see it, for a worker's spec."""
     import glm_ft.config.schema  # noqa: F401  (registers the schema)
     from hydra import compose, initialize_config_dir
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose("config", overrides=list(overrides))
+        return compose("config", overrides=[*overrides(spec["model_dir"], spec["data_dir"], spec),
+                                            f"seed={spec['seed']}", "training_args.disable_tqdm=true",
+                                            "tracking.enabled=false", *extra])
 
 
-def data_config(cfg) -> dict[str, Any]:
+def load(cfg, spec: dict[str, Any], baseline: bool):
+    """Tokenizer, model and datasets of one side, from the config's seed. The baseline loads the base model as the
+    reference demo does (fp32, eager attention); glm-ft through its own `load_for_training`. Every side reads the
+    same cached datasets."""
+    import torch
+    from transformers import set_seed
+
+    from glm_ft.data.dataset import load_datasets
+    from glm_ft.model import load_base_model, load_for_training, load_tokenizer
     from omegaconf import OmegaConf
 
-    return OmegaConf.to_container(cfg.data, resolve=True)
+    set_seed(cfg.seed)
+    if baseline:
+        tokenizer = load_tokenizer(Path(spec["model_dir"]))
+        model = load_base_model(Path(spec["model_dir"]), torch.float32, attn_implementation="eager")
+    else:
+        tokenizer, model, _ = load_for_training(cfg)
+    data = load_datasets(OmegaConf.to_container(cfg.data, resolve=True), tokenizer, cfg.max_input_length,
+                         cfg.max_output_length, cache_dir=Path(spec["work_dir"]) / "datasets")
+    return tokenizer, model, data
 
 
 def weights_checksum(model) -> str:

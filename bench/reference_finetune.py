@@ -1,15 +1,8 @@
-"""The baseline of the first-step and memory figures: what the reference demo's finetune_hf.py does for a LoRA run,
-on this project's installed stack.
+"""The baseline of the first-step figure: what the reference demo's finetune_hf.py does for a LoRA run, on this
+project's installed stack (bench/README.md, "Time to the first training step"). Logs every step, so the first
+"'loss'" line marks the end of the first optimizer step.
 
     python bench/reference_finetune.py DATA_DIR MODEL_DIR OUT_DIR --max-steps N
-
-Its imports (torch, transformers' Seq2SeqTrainer and DataCollatorForSeq2Seq, peft's LoRA, datasets, jieba and nltk's
-BLEU for its metrics; rouge_chinese is not installed here), `load_dataset("json")` + `Dataset.map` with the datasets
-cache, LoRA r 8 / alpha 32 / dropout 0.1 on query_key_value, gradient checkpointing with input grads on, the demo's
-sample layout, `DataCollatorForSeq2Seq(padding="longest")`, a plain `Seq2SeqTrainer`. The model is the glm-ft tiny
-folder loaded through the native ChatGLM3 classes (registered with the Auto classes: the demo's remote code is
-never run) with eager attention, as bench/training.py's baseline loads it. Logs every step, so the first "'loss'"
-line marks the end of the first optimizer step for the bench.
 """
 
 from __future__ import annotations

@@ -1,15 +1,14 @@
-"""A run's results from its figures: the table and the ratios it shows (every ratio in glm-ft's favour above 1),
-the goals, and the small summaries the figures share (medians of repeats, loss agreement)."""
+"""A run's results document from its figures: the table and the ratios it shows (every ratio in glm-ft's favour
+above 1), the goals, the summaries the figures share (rounds, medians of repeats, loss agreement), its checks."""
 
 from __future__ import annotations
 
 import os
+import re
 import statistics
-from typing import Any
+from typing import Any, Mapping, Sequence
 
-from bench.common import (
-    SCHEMA, check_goals, compute_ratios, goal_summary, now_iso, package_versions, results_name,
-)
+from bench.common import SCHEMA, now_iso, package_versions, ratio
 
 # The table, and the ratios it shows: (label, unit, figure, metric, baseline side, glm-ft side, better).
 # `better` says which way glm-ft gains: "higher" gives glm-ft / baseline, "lower" baseline / glm-ft (a time or a
@@ -54,18 +53,101 @@ RATIO_SOURCES = {f"{fig}.{metric}.{glm}": (fig, metric, glm, base) if better == 
                  for _, _, fig, metric, base, glm, better in ROWS if better}
 
 
-def summarize(done: list[dict[str, Any]], keys: dict[str, str]) -> dict[str, Any]:
+# Goals of issues 8 and 16 (targets to work towards, never test assertions): name -> (comparison, target, source,
+# what). The source is a ratio's name, or (figure, side, metric).
+GOALS: dict[str, tuple[str, float, str | tuple[str, str, str], str]] = {
+    "training_tokens_per_s_ratio": (">=", 1.5, "training_mid.tokens_per_s.glm_ft",
+                                    "training tokens/s, glm-ft / reference data path (mid size)"),
+    "eval_generated_tokens_per_s_ratio": (">=", 3.0, "generation.generated_tokens_per_s.glm_ft",
+                                          "evaluation generated tokens/s, glm-ft / reference approach"),
+    "preprocessing_rows_per_s_ratio": (">=", 2.0, "preprocessing.rows_per_s.glm_ft",
+                                       "preprocessing rows/s, glm-ft / row-at-a-time encoding"),
+    "dry_run_wall_s": ("<", 3.0, ("startup", "dry_run", "wall_s"),
+                       "wall time of `python train.py experiment=quickstart dry_run=true`, seconds"),
+    "mid_training_mfu_fp32": (">=", 0.40, ("training_mid", "glm_ft", "mfu_float32"),
+                              "model FLOP/s of training at mid size / measured fp32 matmul peak"),
+    "first_step_time_ratio": (">=", 1.0, "first_step.first_step_s.glm_ft",
+                              "time to the first training step, reference script / glm-ft (tiny LoRA)"),
+    "first_step_memory_ratio": (">=", 1.0, "first_step.peak_tree_pss_mib.glm_ft",
+                                "peak PSS of the process tree, reference script / glm-ft (tiny LoRA)"),
+}
+REQUIRED_KEYS = ("schema", "name", "created", "command", "machine", "versions", "settings", "figures", "ratios",
+                 "goals")
+
+
+def side_value(figures: Mapping[str, Any], figure: str, side: str, metric: str) -> Any:
+    return figures.get(figure, {}).get("sides", {}).get(side, {}).get(metric)
+
+
+def compute_ratios(figures: Mapping[str, Any], sources: Mapping[str, Sequence[str]]) -> dict[str, float | None]:
+    """ratios[name] = figures[figure].sides[numerator][metric] / ...[denominator][metric] for each source."""
+    return {name: ratio(side_value(figures, figure, num, metric), side_value(figures, figure, den, metric))
+            for name, (figure, metric, num, den) in sources.items()}
+
+
+def goal_values(figures: Mapping[str, Any], ratios: Mapping[str, Any]) -> dict[str, float | None]:
+    return {name: ratios.get(source) if isinstance(source, str) else side_value(figures, *source)
+            for name, (_, _, source, _) in GOALS.items()}
+
+
+def check_goal(value: float | None, op: str, target: float) -> dict[str, Any]:
+    """Whether `value op target` holds, and by how much it misses: `gap` is the factor still to gain
+    (target / value for >=, value / target for <); 1.0 or less means met."""
+    if op not in (">=", "<"):
+        raise ValueError(f"unknown comparison {op!r}")
+    out: dict[str, Any] = {"value": value, "op": op, "target": target}
+    if value is None or value <= 0:
+        return {**out, "met": False, "gap": None}
+    met = value >= target if op == ">=" else value < target
+    return {**out, "met": met, "gap": round(target / value if op == ">=" else value / target, 3)}
+
+
+def goal_summary(name: str, goal: Mapping[str, Any]) -> str:
+    """One line: met, or missed by how much."""
+    value, op, target = goal["value"], goal["op"], goal["target"]
+    if value is None:
+        return f"{name}: not measured"
+    if goal["met"]:
+        return f"{name}: met ({value:.3g} {op} {target:g})"
+    how = "needs {:.2f}x more" if op == ">=" else "{:.2f}x too high"
+    return f"{name}: missed ({value:.3g}, goal {op} {target:g}: {how.format(goal['gap'])})"
+
+
+def combine_rounds(rounds: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """One side's figure from several rounds of the same training steps: over the sum of per-step minima when
+    every round trained the same batches (equal `batches_digest`), else the fastest round."""
+    ok = [r for r in rounds if "step_s" in r]
+    if not ok:
+        return {"combined_from": 0}
+    per_round = [sum(r["step_tokens"]) / sum(r["step_s"]) for r in ok]
+    if len({r["batches_digest"] for r in ok}) == 1:
+        seconds = sum(min(steps) for steps in zip(*(r["step_s"] for r in ok)))
+        base, how = ok[0], f"per-step minimum over {len(ok)} rounds"
+    else:
+        base = max(ok, key=lambda r: sum(r["step_tokens"]) / sum(r["step_s"]))
+        seconds, how = sum(base["step_s"]), "fastest round (rounds trained different batches)"
+    return {
+        "combined_from": len(ok),
+        "estimator": how,
+        "timed_s": seconds,
+        "tokens_per_s": sum(base["step_tokens"]) / seconds,
+        "model_flops_per_s": sum(base["step_flops"]) / seconds,
+        "tokens_per_s_each_round": [round(x, 1) for x in per_round],
+    }
+
+
+def summarize(done: list[dict[str, Any]], keys: Sequence[str]) -> dict[str, Any]:
     """Medians of repeated command runs (and every value), peak memory the highest; failures are counted."""
     ok = [r for r in done if r["returncode"] == 0]
     out: dict[str, Any] = {"failures": len(done) - len(ok),
                            "peak_rss_mib": max((r["peak_rss_mib"] or 0 for r in ok), default=None)}
-    for name, key in keys.items():
+    for key in keys:
         values = [r[key] for r in ok if r.get(key) is not None]
         if key.startswith("peak"):
-            out[name] = max(values, default=None)
+            out[key] = max(values, default=None)
         else:
-            out[name] = statistics.median(values) if values else None
-            out[f"{name}_each"] = [round(v, 3) for v in values]
+            out[key] = statistics.median(values) if values else None
+            out[f"{key}_each"] = [round(v, 3) for v in values]
     return out
 
 
@@ -97,31 +179,65 @@ def add_mfu(figures: dict[str, Any]) -> None:
 
 
 def table(figures: dict[str, Any], ratios: dict[str, Any]) -> list[dict[str, Any]]:
-    def get(figure, side, metric):
-        return figures.get(figure, {}).get("sides", {}).get(side, {}).get(metric)
-
-    return [{"figure": label, "unit": unit, "baseline": get(fig, base, metric), "glm_ft": get(fig, glm, metric),
-             "ratio": ratios.get(f"{fig}.{metric}.{glm}")}
+    return [{"figure": label, "unit": unit, "baseline": side_value(figures, fig, base, metric),
+             "glm_ft": side_value(figures, fig, glm, metric), "ratio": ratios.get(f"{fig}.{metric}.{glm}")}
             for label, unit, fig, metric, base, glm, _ in ROWS if fig in figures]
 
 
-def goal_values(figures: dict[str, Any], ratios: dict[str, Any]) -> dict[str, float | None]:
-    return {
-        "training_tokens_per_s_ratio": ratios.get("training_mid.tokens_per_s.glm_ft"),
-        "eval_generated_tokens_per_s_ratio": ratios.get("generation.generated_tokens_per_s.glm_ft"),
-        "preprocessing_rows_per_s_ratio": ratios.get("preprocessing.rows_per_s.glm_ft"),
-        "dry_run_wall_s": figures.get("startup", {}).get("sides", {}).get("dry_run", {}).get("wall_s"),
-        "mid_training_mfu_fp32": figures.get("training_mid", {}).get("sides", {}).get("glm_ft", {}).get("mfu_float32"),
-        "first_step_time_ratio": ratios.get("first_step.first_step_s.glm_ft"),
-        "first_step_memory_ratio": ratios.get("first_step.peak_tree_pss_mib.glm_ft"),
-    }
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.3g}"
+    return str(value)
+
+
+def format_table(results: Mapping[str, Any], markdown: bool = False) -> str:
+    """The results' table (figure, baseline, glm-ft, ratio in glm-ft's favour, unit), plain or markdown."""
+    rows = [("figure", "baseline", "glm-ft", "glm-ft gain", "unit")]
+    rows += [(r["figure"], _fmt(r.get("baseline")), _fmt(r.get("glm_ft")), _fmt(r.get("ratio")), r.get("unit", ""))
+             for r in results.get("table", [])]
+    if markdown:
+        return "\n".join(["| " + " | ".join(rows[0]) + " |", "|" + "---|" * 5]
+                         + ["| " + " | ".join(row) + " |" for row in rows[1:]])
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    return "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+                     for r in rows)
+
+
+def validate_results(results: Mapping[str, Any]) -> list[str]:
+    """Problems with a results document (empty when it is well-formed): missing keys, a side without its peak
+    memory, a ratio that does not follow from its figures."""
+    problems = [f"missing key '{key}'" for key in REQUIRED_KEYS if key not in results]
+    if problems:
+        return problems
+    if results["schema"] != SCHEMA:
+        problems.append(f"schema is {results['schema']!r}, expected {SCHEMA!r}")
+    problems += [f"missing machine.{key}" for key in ("cpu_model", "cores", "ram_gib") if key not in results["machine"]]
+    problems += [f"figures.{figure}.sides.{side}: missing peak_rss_mib"
+                 for figure, value in results["figures"].items() for side, v in value.get("sides", {}).items()
+                 if "peak_rss_mib" not in v]
+    expected = compute_ratios(results["figures"], results.get("ratio_sources", {}))
+    for name, want in expected.items():
+        got = results["ratios"].get(name)
+        if (want is None) != (got is None) or (want is not None and abs(want - got) > 1e-9 * want):
+            problems.append(f"ratios.{name} is {got}, but its figures give {want}")
+    return problems
+
+
+def results_name(machine: Mapping[str, Any]) -> str:
+    """A stable file name per machine kind, so a new run replaces the last one: cpu-<model>-<cores>c."""
+    model = re.sub(r"[^a-z0-9]+", "-", machine["cpu_model"].lower()).strip("-")
+    model = re.sub(r"-?(r|tm|processor|cpu)-", "-", f"-{model}-").strip("-")
+    return f"cpu-{model[:40].strip('-')}-{machine['cores']}c"
 
 
 def assemble(figures: dict[str, Any], settings: dict[str, Any], machine: dict[str, Any], command: str,
              wall_s: float) -> dict[str, Any]:
     add_mfu(figures)
     ratios = compute_ratios(figures, RATIO_SOURCES)
-    goals = check_goals(goal_values(figures, ratios))
+    goals = {name: {**check_goal(value, GOALS[name][0], GOALS[name][1]), "what": GOALS[name][3]}
+             for name, value in goal_values(figures, ratios).items()}
     load = os.getloadavg()
     return {
         "schema": SCHEMA, "name": results_name(machine), "created": now_iso(), "command": command,

@@ -26,14 +26,15 @@ if __package__ in (None, ""):  # run as `python bench/run.py`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import advertisegen  # noqa: E402
-from bench.common import (  # noqa: E402
-    RESULTS_DIR, ROOT, combine_rounds, cpu_bf16_flags, format_table, machine_info, run_measured, validate_results,
+from bench.prepare import overrides  # noqa: E402
+from bench.common import RESULTS_DIR, ROOT, cpu_bf16_flags, machine_info, run_measured  # noqa: E402
+from bench.results import (  # noqa: E402
+    assemble, combine_rounds, format_table, max_rel_diff, same_value, summarize, validate_results,
 )
-from bench.results import assemble, max_rel_diff, same_value, summarize  # noqa: E402
+from bench.training import SIDES as TRAINING_SIDES  # noqa: E402
 
 FIGURES = ("matmul", "startup", "first_step", "preprocessing", "training_tiny", "training_mid", "memory_mid",
            "generation")
-TRAINING_SIDES = ("baseline", "glm_ft", "glm_ft_bf16", "glm_ft_packed")
 
 SETTINGS = {
     "seed": 42,
@@ -43,7 +44,7 @@ SETTINGS = {
     "batch_size": 4,
     "learning_rate": 1e-3,
     "training": {"tiny": {"steps": 100, "warmup_steps": 5}, "mid": {"steps": 30, "warmup_steps": 4}},
-    # each side runs this many times, alternating sides; see bench.common.combine_rounds
+    # each side runs this many times, alternating sides; see bench.results.combine_rounds
     "training_rounds": {"tiny": 3, "mid": 2},
     "memory_mid": {"steps": 6, "warmup_steps": 2},
     # eval_batch_size 16: the reference's per_device_eval_batch_size and glm-ft's default alike
@@ -55,7 +56,7 @@ SETTINGS = {
     "matmul": {"sizes": [1024, 2048, 4096], "seconds": 1.5},
 }
 
-QUICK = {
+QUICK = {  # each entry replaces the whole of SETTINGS' one
     "training": {"tiny": {"steps": 12, "warmup_steps": 2}, "mid": {"steps": 8, "warmup_steps": 2}},
     "training_rounds": {"tiny": 1, "mid": 1},
     "memory_mid": {"steps": 3, "warmup_steps": 1},
@@ -70,6 +71,7 @@ QUICK = {
 CHILD_ENV = {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true", "TOKENIZERS_PARALLELISM": "false",
              "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
              "PYTHONWARNINGS": "ignore"}
+
 
 def log(message: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
@@ -90,8 +92,7 @@ class Bench:
         self.runs += 1
         spec_path, out_path = self.work / f"spec-{self.runs}.json", self.work / f"out-{self.runs}.json"
         spec_path.write_text(json.dumps(spec))
-        run = run_measured([sys.executable, "-m", "bench.worker", str(spec_path), str(out_path)], cwd=ROOT,
-                           env=self.env, timeout=1800, tree=tree)
+        run = self.command([sys.executable, "-m", "bench.worker", str(spec_path), str(out_path)], 1800, tree=tree)
         if run["returncode"] != 0 or not out_path.is_file():
             tail = "\n".join((run["stderr"] or run["stdout"]).strip().splitlines()[-15:])
             log(f"{spec['figure']} {spec.get('side', '')} failed (exit {run['returncode']}):\n{tail}")
@@ -109,18 +110,29 @@ class Bench:
         return {"figure": figure, "data_dir": str(data), "work_dir": str(self.work),
                 **{k: self.settings[k] for k in keys}, **extra}
 
+    def data(self, name: str, seed: int, rows: int, test_rows: int = 0) -> Path:
+        """A folder of generated AdvertiseGen rows: train.json, and test.json if asked for."""
+        folder = self.work / f"data-{name}"
+        advertisegen.write(folder / "train.json", rows, seed=seed)
+        if test_rows:
+            advertisegen.write(folder / "test.json", test_rows, seed=seed + 1)
+        return folder
+
     def model_dir(self, size: str) -> Path:
         # Built in a child process: the orchestrator itself never imports torch.
         out = self.work / f"{size}-model-path.txt"
         if not out.is_file():
             code = (f"from pathlib import Path; from bench.prepare import model_dir; "
                     f"Path({str(out)!r}).write_text(str(model_dir({size!r}, Path({str(self.work)!r}))))")
-            run = run_measured([sys.executable, "-c", code], cwd=ROOT, env=self.env, timeout=600)
+            run = self.command([sys.executable, "-c", code], 600)
             if run["returncode"] != 0:
                 raise RuntimeError(f"building the {size} model failed:\n{run['stderr'][-2000:]}")
         return Path(out.read_text())
 
-    # --- figures -----------------------------------------------------------------------------------------------
+    def command(self, cmd: list[str], timeout: float = 900, **kwargs: Any) -> dict[str, Any]:
+        return run_measured(cmd, cwd=ROOT, env=self.env, timeout=timeout, **kwargs)
+
+    # --- figures (bench/README.md, "What each figure compares") ------------------------------------------------
 
     def matmul(self) -> dict[str, Any]:
         """Run first and again last (a busy spell can hit either): the higher of the runs is the peak."""
@@ -137,77 +149,60 @@ class Bench:
                     "dry_run": [py, "train.py", "experiment=quickstart", "dry_run=true",
                                 f"hydra.run.dir={self.work / 'dry-run'}"]}
         runs = interleave(list(commands), self.settings["startup"]["repeats"],
-                          lambda name: run_measured(commands[name], cwd=ROOT, env=self.env, timeout=300))
-        return {"sides": {name: summarize(done, {"wall_s": "wall_s"}) for name, done in runs.items()}}
+                          lambda name: self.command(commands[name], 300))
+        return {"sides": {name: summarize(done, ["wall_s"]) for name, done in runs.items()}}
 
     def first_step(self) -> dict[str, Any]:
-        """Process start to the first training step's log line, preprocessing cache warm, and the peak memory of
-        the whole process tree over a few steps: the real `train.py` LoRA job (MLflow on, into one SQLite store that
-        the warm-up run created, as every run after a user's first finds it) against bench/reference_finetune.py on the same tiny model and data."""
         cfg, s = self.settings["first_step"], self.settings
-        data = self.work / "data-first-step"
-        advertisegen.write(data / "train.json", cfg["rows"], seed=5)
-        model = self.model_dir("tiny")
+        data, model = self.data("first-step", 5, cfg["rows"]), self.model_dir("tiny")
+        shape = [f"--max-steps={cfg['steps']}", f"--max-input-length={s['max_input_length']}",
+                 f"--max-output-length={s['max_output_length']}", f"--batch-size={s['batch_size']}"]
 
         def commands(i: int) -> dict[str, list[str]]:
             run = self.work / f"first-step-{i}"
-            sides = {
-                "baseline": [sys.executable, "bench/reference_finetune.py", str(data), str(model), str(run / "ref"),
-                             f"--max-steps={cfg['steps']}", f"--max-input-length={s['max_input_length']}",
-                             f"--max-output-length={s['max_output_length']}", f"--batch-size={s['batch_size']}"],
-                "glm_ft": [sys.executable, "train.py", "experiment=quickstart", "method=lora", "method.r=8",
-                           f"model.path={model}", f"data.data_dir={data}", "data.train_file=train.json",
-                           "data.val_file=null", "data.test_file=null", f"max_input_length={s['max_input_length']}",
-                           f"max_output_length={s['max_output_length']}",
-                           f"training_args.per_device_train_batch_size={s['batch_size']}",
-                           f"training_args.max_steps={cfg['steps']}", "training_args.logging_steps=1",
-                           "training_args.save_strategy=no", "training_args.evaluation_strategy=no",
-                           f"tracking.tracking_uri=sqlite:///{self.work / 'first-step-mlflow.db'}",
-                           f"hydra.run.dir={run / 'glm'}"],
-            }
-            # glm-ft's own path without MLflow's import and store (~94 MiB and a few seconds of the gap, if any)
-            sides["glm_ft_untracked"] = [*sides["glm_ft"], "tracking.enabled=false"]
-            return sides
+            glm_ft = [sys.executable, "train.py", *overrides(model, data, s), "method=lora", "method.r=8",
+                      "data.test_file=null", f"training_args.per_device_train_batch_size={s['batch_size']}",
+                      f"training_args.max_steps={cfg['steps']}", "training_args.logging_steps=1",
+                      f"tracking.tracking_uri=sqlite:///{self.work / 'first-step-mlflow.db'}",
+                      f"hydra.run.dir={run / 'glm'}"]
+            return {"baseline": [sys.executable, "bench/reference_finetune.py", str(data), str(model),
+                                 str(run / "ref"), *shape],
+                    "glm_ft": glm_ft, "glm_ft_untracked": [*glm_ft, "tracking.enabled=false"]}
 
         def measure(cmd: list[str]) -> dict[str, Any]:
-            measured = run_measured(cmd, cwd=ROOT, env=self.env, timeout=900, tree=True, watch=b"'loss'")
+            measured = self.command(cmd, tree=True, watch=b"'loss'")
             losses = re.findall(r"'loss': '?([0-9.]+)", measured["stdout"])
             log(f"    exit {measured['returncode']}, first step at {measured['watch_s']} s, wall "
                 f"{measured['wall_s']:.1f} s, peak PSS {measured['peak_tree_pss_mib']} MiB, losses {losses}")
             return {**measured, "first_step_s": measured["watch_s"], "losses": [float(x) for x in losses]}
 
-        # The first run of each side fills its preprocessing cache (glm-ft's .cache/datasets, datasets' cache), and
-        # glm-ft's creates the MLflow store (a new SQLite store runs MLflow's schema migrations once).
-        warm = {name: run_measured(cmd, cwd=ROOT, env=self.env, timeout=900) for name, cmd in commands(0).items()
-                if name != "glm_ft_untracked"}  # its caches are glm_ft's
-        for name, run in warm.items():
+        # Untimed first runs fill both preprocessing caches and create glm-ft's MLflow store (a new SQLite store
+        # runs MLflow's schema migrations once); glm_ft_untracked shares glm_ft's caches.
+        for name in ("baseline", "glm_ft"):
+            run = self.command(commands(0)[name])
             if run["returncode"] != 0:
                 log(f"first_step {name} (cache warm-up) failed:\n{(run['stderr'] or run['stdout'])[-2000:]}")
         count = iter(range(1, 1000))  # each run its own folders
         runs = interleave(["baseline", "glm_ft", "glm_ft_untracked"], cfg["repeats"],
                           lambda name: measure(commands(next(count))[name]))
-        keys = {"first_step_s": "first_step_s", "wall_s": "wall_s", "peak_tree_pss_mib": "peak_tree_pss_mib"}
+        keys = ["first_step_s", "wall_s", "peak_tree_pss_mib"]
         sides = {name: {**summarize(done, keys), "losses": [r["losses"] for r in done]} for name, done in runs.items()}
         return {"sides": sides, "steps": cfg["steps"]}
 
     def preprocessing(self) -> dict[str, Any]:
         cfg = self.settings["preprocessing"]
-        data = self.work / "data-prep"
-        advertisegen.write(data / "train.json", cfg["rows"], seed=4)
-        base = self.spec("preprocessing", data, num_proc=cfg["num_proc"])
+        base = self.spec("preprocessing", self.data("prep", 4, cfg["rows"]), num_proc=cfg["num_proc"])
         sides = {side: self.side({**base, "side": side}, tree=True) for side in ("baseline", "glm_ft")}
-        digests = {s: v.get("samples_sha256_16") for s, v in sides.items()}
-        return {"sides": sides, "rows": cfg["rows"], "same_samples": None not in digests.values()
-                and len(set(digests.values())) == 1}
+        digests = {v.get("samples_sha256_16") for v in sides.values()}
+        return {"sides": sides, "rows": cfg["rows"], "same_samples": None not in digests and len(digests) == 1}
 
     def training(self, size: str) -> dict[str, Any]:
         cfg = self.settings["training"][size]
         rows = cfg["steps"] * self.settings["batch_size"]
-        data = self.work / f"data-train-{size}"
-        advertisegen.write(data / "train.json", rows, seed=1)
-        base = self.spec("training", data, size=size, model_dir=str(self.model_dir(size)), **cfg)
-        order = self.settings["training_sides"]
-        runs = interleave(order, self.settings["training_rounds"][size], lambda side: self.side({**base, "side": side}))
+        base = self.spec("training", self.data(f"train-{size}", 1, rows), size=size,
+                         model_dir=str(self.model_dir(size)), **cfg)
+        runs = interleave(self.settings["training_sides"], self.settings["training_rounds"][size],
+                          lambda side: self.side({**base, "side": side}))
         sides = {}
         for side, done in runs.items():
             ok = [d for d in done if "step_s" in d]
@@ -230,11 +225,9 @@ class Bench:
         }
 
     def memory_mid(self) -> dict[str, Any]:
-        """Peak memory of glm-ft's LoRA training at mid size with the real 65,024 vocabulary: its chunked loss
-        against the loss over the batch's full fp32 logits (what the model did before), same steps and batches."""
+        """glm-ft's LoRA training at mid size with the real vocabulary: its chunked loss against the full logits."""
         cfg = self.settings["memory_mid"]
-        data = self.work / "data-memory-mid"
-        advertisegen.write(data / "train.json", cfg["steps"] * self.settings["batch_size"], seed=1)
+        data = self.data("memory-mid", 1, cfg["steps"] * self.settings["batch_size"])
         base = {**self.spec("training", data, size="mid_vocab", model_dir=str(self.model_dir("mid_vocab")), **cfg),
                 "method": "lora", "side": "glm_ft", "loss_over_set": False}
         sides = {"full_logits": self.side({**base, "full_logits": True}), "glm_ft": self.side(base)}
@@ -246,10 +239,8 @@ class Bench:
 
     def generation(self) -> dict[str, Any]:
         cfg = self.settings["eval"]
-        data = self.work / "data-eval"
-        advertisegen.write(data / "train.json", cfg["train_rows"], seed=2)
-        advertisegen.write(data / "test.json", cfg["prompts"], seed=3)
-        base = self.spec("generation", data, model_dir=str(self.model_dir("tiny")), train_rows=cfg["train_rows"],
+        base = self.spec("generation", self.data("eval", 2, cfg["train_rows"], cfg["prompts"]),
+                         model_dir=str(self.model_dir("tiny")), train_rows=cfg["train_rows"],
                          eval_batch_size=cfg["eval_batch_size"], max_new_tokens=cfg["max_new_tokens"],
                          train_steps=cfg["train_steps"], train_batch_size=cfg["train_batch_size"])
         out_dir = eval_model_cache(base)
@@ -275,9 +266,6 @@ class Bench:
         return {"sides": sides, "eval_model": trained, "outputs": cfg["prompts"], "outputs_equal": equal}
 
 
-# --- helpers ------------------------------------------------------------------------------------------------------
-
-
 def interleave(names: list[str], rounds: int, run) -> dict[str, list[dict[str, Any]]]:
     """run(name) for every side, `rounds` times, alternating the order each round so that a busy spell on the
     machine hits every side alike."""
@@ -290,25 +278,16 @@ def interleave(names: list[str], rounds: int, run) -> dict[str, list[dict[str, A
 
 
 def eval_model_cache(spec: dict[str, Any]) -> Path:
-    """Where the fine-tuned tiny model of the generation figure is kept between runs: keyed by everything that
-    decides its weights (settings, the data generator, the model, data and training code), so a change retrains."""
+    """Where the generation figure's fine-tuned model is kept between runs, keyed by all that decides its weights."""
     import hashlib
 
-    digest = hashlib.sha256(json.dumps({k: v for k, v in spec.items() if k not in ("work_dir", "data_dir",
-                                                                                   "model_dir")},
-                                       sort_keys=True).encode())
-    for path in ("bench/advertisegen.py", "bench/generation.py", "scripts/make_sample_data.py",
+    kept = {k: v for k, v in spec.items() if k not in ("work_dir", "data_dir", "model_dir")}
+    digest = hashlib.sha256(json.dumps(kept, sort_keys=True).encode())
+    for path in ("bench/advertisegen.py", "bench/generation.py", "bench/prepare.py", "scripts/make_sample_data.py",
                  "glm_ft/data/dataset.py", "glm_ft/model.py", "glm_ft/chatglm3/modeling.py", "glm_ft/chatglm3/tiny.py",
                  "glm_ft/chatglm3/assets/tiny_tokenizer.model"):
         digest.update((ROOT / path).read_bytes())
     return ROOT / ".cache" / "bench" / f"eval-model-{digest.hexdigest()[:16]}"
-
-
-def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in over.items():
-        out[key] = _merge(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
-    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -328,15 +307,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     only = args.only.split(",") if args.only else list(FIGURES)
     if set(only) - set(FIGURES):
-        parser.error(f"unknown figure(s) {', '.join(sorted(set(only) - set(FIGURES)))}; choose from "
-                     f"{', '.join(FIGURES)}")
+        parser.error(f"unknown figure(s) {', '.join(sorted(set(only) - set(FIGURES)))}; choose from {FIGURES}")
     sides = args.sides.split(",") if args.sides else list(TRAINING_SIDES)
     if not args.sides and not cpu_bf16_flags():
         sides.remove("glm_ft_bf16")  # emulated bf16 (bench.common.cpu_bf16_flags); --sides can still ask for it
     if "baseline" not in sides or set(sides) - set(TRAINING_SIDES):
         parser.error(f"--sides: a subset of {','.join(TRAINING_SIDES)} that includes baseline")
-    settings = {**(_merge(SETTINGS, QUICK) if args.quick else SETTINGS), "quick": args.quick,
-                "training_sides": sides}
+    settings = {**SETTINGS, **(QUICK if args.quick else {}), "quick": args.quick, "training_sides": sides}
     if args.rounds:
         settings["training_rounds"] = {size: args.rounds for size in settings["training_rounds"]}
     machine = machine_info()

@@ -1,18 +1,21 @@
-"""Training throughput, one side per process (bench/README.md, "Training tokens/s"): the reference demo's data path
-(`baseline`), glm-ft's own path with its defaults (`glm_ft`), and with `bf16=true` or `data.packing=true`.
-Same work: each side's loss over the whole set, and each sample's own loss, from the same starting weights.
-With `full_logits` (the mid-size memory figure) the model's chunked loss is swapped for the full-logits one in
-this process only."""
+"""Training throughput, one side per process (bench/README.md, "Training tokens/s"), and the memory figure's
+full-logits side."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 SIDES = ("baseline", "glm_ft", "glm_ft_bf16", "glm_ft_packed")
+SIDE_OVERRIDES = {"glm_ft_bf16": ["training_args.bf16=true"], "glm_ft_packed": ["data.packing=true"]}
+
+
+def digest(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value).encode()).hexdigest()[:16]
 
 
 class RecordingCollator:
@@ -35,32 +38,6 @@ class RecordingCollator:
         return batch
 
 
-def overrides(spec: dict[str, Any], side: str) -> list[str]:
-    out = [
-        "experiment=quickstart",
-        f"method={spec['method']}",
-        f"model.path={spec['model_dir']}",
-        f"model.build_if_missing={str(spec['size'] == 'tiny').lower()}",
-        f"data.data_dir={spec['data_dir']}",
-        "data.train_file=train.json",
-        "data.val_file=null",
-        "data.test_file=null",
-        f"max_input_length={spec['max_input_length']}",
-        f"max_output_length={spec['max_output_length']}",
-        f"seed={spec['seed']}",
-        f"training_args.per_device_train_batch_size={spec['batch_size']}",
-        f"training_args.max_steps={spec['steps']}",
-        f"training_args.learning_rate={spec['learning_rate']}",
-        "training_args.warmup_steps=0",
-        "training_args.logging_steps=1",
-        "training_args.save_strategy=no",
-        "training_args.evaluation_strategy=no",
-        "training_args.disable_tqdm=true",
-        "tracking.enabled=false",
-    ]
-    return out + {"glm_ft_bf16": ["training_args.bf16=true"], "glm_ft_packed": ["data.packing=true"]}.get(side, [])
-
-
 def full_logits_loss(hidden_states, output_layer, labels, num_items_in_batch=None):
     """The training loss as it was before chunking: the batch's full-vocabulary logits, which transformers'
     causal-LM loss upcasts to fp32 (the 'before' side of the memory figure)."""
@@ -71,9 +48,8 @@ def full_logits_loss(hidden_states, output_layer, labels, num_items_in_batch=Non
 
 
 def _loss_over_set(model, dataset, order: list[int], batch_size: int, collate, bf16: bool):
-    """Token-weighted mean loss of `model` over every sample, batched in `order` and computed in the side's
-    precision; the target-token count; and each sample's summed loss, keyed by a digest of its tokens (a packed
-    row's samples are told apart by its `lengths`)."""
+    """Token-weighted mean loss of `model` over every sample, batched in `order`, in the side's precision; and each
+    sample's summed loss, keyed by a digest of its tokens (a packed row's samples are told apart by `lengths`)."""
     import torch
     import torch.nn.functional as F
 
@@ -96,11 +72,10 @@ def _loss_over_set(model, dataset, order: list[int], batch_size: int, collate, b
                 # unpacked rows are left-padded, packed ones right-padded
                 offset = batch["input_ids"].shape[1] - len(ids) if "lengths" not in feature else 0
                 for length in lengths:
-                    digest = hashlib.sha256(json.dumps(ids[:length]).encode()).hexdigest()[:16]
-                    per_sample[digest] = float(token_loss[row, offset + 1:offset + length].sum())
+                    per_sample[digest(ids[:length])] = float(token_loss[row, offset + 1:offset + length].sum())
                     ids, offset = ids[length:], offset + length
     model.train()
-    return total / count, count, per_sample
+    return total / count, per_sample
 
 
 def run(spec: dict[str, Any]) -> dict[str, Any]:
@@ -111,69 +86,55 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     from transformers import DataCollatorForSeq2Seq, Seq2SeqTrainer, TrainerCallback, set_seed
 
     from bench.common import training_flops
-    from bench.prepare import data_config, glm_ft_config, model_config, weights_checksum
-    from glm_ft.data.dataset import load_datasets
+    from bench.prepare import glm_ft_config, load, model_config, weights_checksum
+    from glm_ft.config.validate import validate
     from glm_ft.data.collate import Collator
+    from glm_ft.data.packing import PackedCollator, pack_dataset, pack_max_length
+    from glm_ft.model import apply_method
     from glm_ft.train.finetune import generation_config_for
     from glm_ft.train.trainer import GlmTrainer
-    from glm_ft.model import apply_method, load_base_model, load_for_training, load_tokenizer
-    from glm_ft.data.packing import PackedCollator
     from glm_ft.train.trainer_args import build_training_arguments
-    from glm_ft.config.validate import validate
 
-    side = spec["side"]
-    if side not in SIDES:
-        raise ValueError(f"unknown side {side!r}")
+    side, batch_size = spec["side"], spec["batch_size"]
     if spec.get("full_logits"):
         from glm_ft.chatglm3 import modeling
 
         modeling.chunked_causal_lm_loss = full_logits_loss  # looked up at call time by the model's forward
-    cfg = glm_ft_config(overrides(spec, side))
+    cfg = glm_ft_config(spec, f"method={spec['method']}", "data.test_file=null",
+                        f"model.build_if_missing={str(spec['size'] == 'tiny').lower()}",
+                        f"training_args.per_device_train_batch_size={batch_size}",
+                        f"training_args.max_steps={spec['steps']}",
+                        f"training_args.learning_rate={spec['learning_rate']}", "training_args.warmup_steps=0",
+                        "training_args.logging_steps=1", *SIDE_OVERRIDES.get(side, []))
     validate(cfg)
-    set_seed(cfg.seed)
-    work = Path(spec["work_dir"])
-
+    tokenizer, model, data = load(cfg, spec, baseline=side == "baseline")
     if side == "baseline":
-        model_dir = Path(spec["model_dir"])
-        tokenizer = load_tokenizer(model_dir)
-        model = load_base_model(model_dir, torch.float32, attn_implementation="eager")
         model.config.use_cache = False
         model = apply_method(model, cfg.method, cfg.seed)
-    else:
-        tokenizer, model, _ = load_for_training(cfg)
     checksum = weights_checksum(model)
-    attn = model.config._attn_implementation
 
-    # Preprocessed once by the orchestrator; both sides read the same cached dataset.
-    data = load_datasets(data_config(cfg), tokenizer, cfg.max_input_length, cfg.max_output_length,
-                         cache_dir=work / "datasets")
     train = data.train
-    expected = spec["steps"] * spec["batch_size"]
-    if len(train) != expected:
-        raise RuntimeError(f"{len(train)} training samples, expected steps × batch = {expected}")
+    if len(train) != spec["steps"] * batch_size:
+        raise RuntimeError(f"{len(train)} training samples, expected steps × batch = {spec['steps'] * batch_size}")
     steps, warmup = spec["steps"], spec["warmup_steps"]
     if cfg.data.packing:
-        from glm_ft.data.packing import pack_dataset, pack_max_length
-
         train = pack_dataset(train, pack_max_length(cfg.data, cfg.max_input_length, cfg.max_output_length))
-        steps = -(-len(train) // spec["batch_size"])  # still one epoch over the same samples
+        steps = -(-len(train) // batch_size)  # still one epoch over the same samples
         warmup = max(1, round(warmup * steps / spec["steps"]))
 
-    args = build_training_arguments(cfg, work / f"run-{spec['size']}-{side}", None, has_eval=False,
+    args = build_training_arguments(cfg, Path(spec["work_dir"]) / f"run-{spec['size']}-{side}", None, has_eval=False,
                                     generation_config=generation_config_for(cfg, tokenizer))
     args.max_steps = steps
-    if side == "baseline":
+    if side == "baseline":  # the reference demo's data path
         args.train_sampling_strategy = "sequential"
         collate = DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=-100, return_tensors="pt")
-        recorder = RecordingCollator(collate)
-        trainer = Seq2SeqTrainer(model=model, args=args, train_dataset=train, data_collator=recorder,
-                                 processing_class=tokenizer)
+        make_trainer = Seq2SeqTrainer
     else:
         collate = (PackedCollator if cfg.data.packing else Collator)(tokenizer.pad_token_id)
-        recorder = RecordingCollator(collate)
-        trainer = GlmTrainer(model=model, args=args, train_dataset=train, data_collator=recorder,
-                             processing_class=tokenizer, method=cfg.method,
-                             gen_config=None)
+        make_trainer = partial(GlmTrainer, method=cfg.method, gen_config=None)
+    recorder = RecordingCollator(collate)
+    trainer = make_trainer(model=model, args=args, train_dataset=train, data_collator=recorder,
+                           processing_class=tokenizer)
 
     # The same-work check walks the set in this side's own order; RNG states are put back so training is unaffected.
     # Skipped by the memory figure: its eval-mode pass would make full logits on both sides and set the peak.
@@ -184,48 +145,40 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
             set_seed(cfg.seed)
             sampler = trainer._get_train_sampler()
             order = list(sampler) if sampler is not None else list(range(len(train)))
-            initial_loss, _, per_sample_loss = _loss_over_set(model, train, order, spec["batch_size"], collate,
-                                                              args.bf16)
+            initial_loss, per_sample_loss = _loss_over_set(model, train, order, batch_size, collate, args.bf16)
         random.setstate(py_state)
         np.random.set_state(np_state)
 
+    step_end: list[float] = []
+
     class Clock(TrainerCallback):
-        def __init__(self):
-            self.step_end: list[float] = []
-            self.losses: list[float] = []
-
         def on_step_end(self, args, state, control, **kwargs):
-            self.step_end.append(time.perf_counter())
+            step_end.append(time.perf_counter())
 
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if logs and "loss" in logs:
-                self.losses.append(float(logs["loss"]))
-
-    clock = Clock()
-    trainer.add_callback(clock)
+    trainer.add_callback(Clock())
     trainer.train()
 
+    losses = [float(log["loss"]) for log in trainer.state.log_history if "loss" in log]
     batches = recorder.batches[:steps]
-    if len(clock.step_end) != steps or len(clock.losses) != steps:
-        raise RuntimeError(f"expected {steps} steps and losses, got {len(clock.step_end)} and {len(clock.losses)}")
+    if len(step_end) != steps or len(losses) != steps:
+        raise RuntimeError(f"expected {steps} steps and losses, got {len(step_end)} and {len(losses)}")
     timed = batches[warmup:]
-    weighted = sum(loss * b["targets"] for loss, b in zip(clock.losses, batches))
-    order_digest = hashlib.sha256(json.dumps([b["lengths"] for b in batches]).encode()).hexdigest()[:16]
     return {
-        "attn_implementation": attn,
+        "attn_implementation": model.config._attn_implementation,
         "bf16": args.bf16,
         "sampler": args.train_sampling_strategy,
         "weights_sha256_16": checksum,
         "initial_loss_over_set": initial_loss,
         "per_sample_loss": per_sample_loss,
-        "train_losses": clock.losses,
-        "train_loss_token_weighted": weighted / sum(b["targets"] for b in batches),
+        "train_losses": losses,
+        "train_loss_token_weighted": sum(loss * b["targets"] for loss, b in zip(losses, batches))
+        / sum(b["targets"] for b in batches),
         "padding_fraction": 1 - sum(b["tokens"] for b in batches) / sum(b["slots"] for b in batches),
-        # per timed step, for combining rounds (bench.common.combine_rounds); the digest shows the rounds
+        # per timed step, for combining rounds (bench.results.combine_rounds); the digest shows the rounds
         # trained the same batches in the same order
-        "step_s": [b - a for a, b in zip(clock.step_end[warmup - 1:], clock.step_end[warmup:])],
+        "step_s": [b - a for a, b in zip(step_end[warmup - 1:], step_end[warmup:])],
         "step_tokens": [b["tokens"] for b in timed],
         "step_flops": [training_flops(model_config(spec["size"]), b["lengths"],
                                       all_weights_train=cfg.method.name == "sft") for b in timed],
-        "batches_digest": order_digest,
+        "batches_digest": digest([b["lengths"] for b in batches]),
     }

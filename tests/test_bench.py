@@ -10,12 +10,12 @@ import sys
 import pytest
 
 from bench import advertisegen
-from bench.results import RATIO_SOURCES, goal_values, max_rel_diff, summarize, table
-from bench.run import interleave
-from bench.common import (
-    attention_pairs, check_goal, combine_rounds, compute_ratios, forward_flops, matmul_params, results_name,
-    run_measured, training_flops, useful_tokens, validate_results,
+from bench.common import attention_pairs, forward_flops, matmul_params, run_measured, training_flops, useful_tokens
+from bench.results import (
+    RATIO_SOURCES, check_goal, combine_rounds, compute_ratios, goal_values, max_rel_diff, results_name, summarize,
+    table, validate_results,
 )
+from bench.run import interleave
 
 CHATGLM3_6B_SHAPE = {
     "hidden_size": 4096, "num_layers": 28, "ffn_hidden_size": 13696, "kv_channels": 128, "num_attention_heads": 32,
@@ -225,7 +225,7 @@ def test_repeated_runs_give_medians_and_the_highest_peak_and_count_failures():
             {"returncode": 0, "wall_s": 1.0, "peak_rss_mib": 20.0, "peak_tree_pss_mib": 25.0},
             {"returncode": 0, "wall_s": 2.0, "peak_rss_mib": 15.0, "peak_tree_pss_mib": 40.0},
             {"returncode": 1, "wall_s": 0.1, "peak_rss_mib": 99.0, "peak_tree_pss_mib": 99.0}]
-    out = summarize(runs, {"wall_s": "wall_s", "peak_tree_pss_mib": "peak_tree_pss_mib"})
+    out = summarize(runs, ["wall_s", "peak_tree_pss_mib"])
     assert out["wall_s"] == 2.0 and out["wall_s_each"] == [3.0, 1.0, 2.0]
     assert out["peak_rss_mib"] == 20.0 and out["peak_tree_pss_mib"] == 40.0 and out["failures"] == 1
 
