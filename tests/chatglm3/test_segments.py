@@ -1,5 +1,6 @@
 """Packed rows train each sample exactly as an unpacked row does: per-sample losses and the gradients of the summed
-loss agree within 1e-5 (fp32), for LoRA, P-Tuning v2 and SFT, on the tiny model and the bundled sample data."""
+loss agree within 1e-5 (fp32), for LoRA, P-Tuning v2 and SFT, with eager and SDPA attention, on the tiny model and
+the bundled sample data."""
 
 from __future__ import annotations
 
@@ -17,9 +18,9 @@ SAMPLES = 6
 BUDGET = 113  # max_input_length 48 + max_output_length 64 + 1: two or more sample-data samples per row
 
 
-def setup(method: str, tmp_path):
+def setup(method: str, tmp_path, attention: str = "eager"):
     cfg = compose(["experiment=quickstart", f"method={method}", "max_input_length=48", "max_output_length=64",
-                   "training_args.bf16=false"])
+                   "training_args.bf16=false", f"model.attn_implementation={attention}"])
     tokenizer, model, _ = load_for_training(cfg)
     config = {"data_dir": str(resolve_path(cfg.data.data_dir)), "train_file": cfg.data.train_file, "num_proc": 1}
     train = load_datasets(config, tokenizer, 48, 64, cache_dir=tmp_path / "cache").train.select(range(SAMPLES))
@@ -46,9 +47,11 @@ def gradients(model) -> dict[str, torch.Tensor]:
     return out
 
 
+@pytest.mark.parametrize("attention", ["eager", "sdpa"])  # the CPU preset's and the schema's default
 @pytest.mark.parametrize("method", ["lora", "ptuning_v2", "sft"])
-def test_packed_batch_gives_the_unpacked_losses_and_gradients(method, tmp_path):
-    tokenizer, model, train = setup(method, tmp_path)
+def test_packed_batch_gives_the_unpacked_losses_and_gradients(method, attention, tmp_path):
+    tokenizer, model, train = setup(method, tmp_path, attention)
+    assert model.config._attn_implementation == attention
     packed = pack_dataset(train, BUDGET)
     assert len(packed) < SAMPLES and max(len(r) for r in packed["lengths"]) > 1  # rows really hold several
     unpacked_batch = Collator(tokenizer.pad_token_id)([train[i] for i in range(SAMPLES)])
