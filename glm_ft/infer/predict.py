@@ -5,7 +5,7 @@
 
 The file may be in any format glm_ft.data reads (`.jsonl` / `.json`, conversations or AdvertiseGen rows); every
 assistant turn is one sample (its context as the prompt, its text as the reference), built by the same code as the
-evaluation during training. Prompts are batched as evaluation batches them (glm_ft.train.evaluation.generation_batches:
+evaluation during training. Prompts are batched as evaluation batches them (glm_ft.train.evaluation.plan_generation:
 longest first, as many rows as fit --batch-tokens, at least --batch-size rows of the longest prompt), left-padded;
 rows are written in file order. Writes OUT (prompt, reference, prediction per sample) and, beside it,
 `test_metrics.json`; the metrics (test_rouge-1, test_rouge-2, test_rouge-l, test_bleu-4, test_samples — the names
@@ -50,16 +50,13 @@ def generate_all(model, tokenizer, samples: list[dict[str, Any]], generation_con
     import torch
 
     from glm_ft.data.collate import Collator
-    from glm_ft.train.evaluation import generation_batches, generation_budget, prompt_lengths
+    from glm_ft.train.evaluation import plan_generation
     from glm_ft.train.generation import generate
 
     collate = Collator(tokenizer.pad_token_id)
-    new_tokens = generation_config.max_new_tokens
-    lengths = prompt_lengths(samples)
-    budget = generation_budget(lengths, batch_size, new_tokens, batch_tokens, generation_config.num_beams or 1)
     outputs: list[list[int]] = [[] for _ in samples]
     done = 0
-    for chunk in generation_batches(lengths, budget, new_tokens):
+    for chunk in plan_generation(samples, batch_size, generation_config, batch_tokens):
         batch = collate([samples[i] for i in chunk])
         input_ids = batch["input_ids"].to(model.device)
         with torch.no_grad():
@@ -73,7 +70,8 @@ def generate_all(model, tokenizer, samples: list[dict[str, Any]], generation_con
 
 def predict(checkpoint, data_file: str | Path, out: str | Path, *, base_model: str | Path | None = None,
             batch_size: int = 16, batch_tokens: int | None = EVAL_BATCH_TOKENS, max_input_length: int | None = None,
-            max_output_length: int | None = None, max_new_tokens: int | None = None, dtype: str | None = None) -> dict[str, float]:
+            max_output_length: int | None = None, max_new_tokens: int | None = None,
+            dtype: str | None = None) -> dict[str, float]:
     """Write predictions to `out` and the metrics beside it; returns the metrics. `checkpoint` is a path or what
     glm_ft.infer.checkpoint.find_checkpoint returned."""
     from glm_ft.infer.checkpoint import Checkpoint, find_checkpoint

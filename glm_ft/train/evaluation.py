@@ -22,7 +22,6 @@ from glm_ft.data.collate import SAMPLE_INDEX
 from glm_ft.train.metrics import compute_metrics
 
 
-
 class Indexed:
     """A map-style dataset whose rows also carry their position (`SAMPLE_INDEX`)."""
 
@@ -92,6 +91,16 @@ def generation_batches(lengths: Sequence[int], budget: int, new_tokens: int, wor
         group += [group[i % len(group)] for i in range(rows * world_size - len(group))]
         batches += [group[rank * rows:(rank + 1) * rows] for rank in range(world_size)]
     return batches
+
+
+def plan_generation(dataset, rows: int, gen_config: GenerationConfig, batch_tokens: int | None,
+                    world_size: int = 1) -> list[list[int]]:
+    """The batches (sample indices) that evaluation, test prediction and `predict` generate `dataset` in: at least
+    `rows` rows of the longest prompt, more of shorter ones up to `batch_tokens` (see the two functions above)."""
+    new_tokens = gen_config.max_new_tokens or 0
+    lengths = prompt_lengths(dataset)
+    budget = generation_budget(lengths, rows, new_tokens, batch_tokens, gen_config.num_beams or 1)
+    return generation_batches(lengths, budget, new_tokens, world_size)
 
 
 def stop_token_ids(tokenizer) -> list[int]:

@@ -27,9 +27,7 @@ from glm_ft.errors import CheckpointError, GlmFtError
 from glm_ft.config.schema import EVAL_BATCH_TOKENS
 from glm_ft.runs import checkpoint_dir, last_complete_checkpoint, mark_complete
 from glm_ft.data.collate import SAMPLE_INDEX
-from glm_ft.train.evaluation import (
-    Indexed, generation_batches, generation_budget, in_sample_order, prompt_lengths, write_predictions,
-)
+from glm_ft.train.evaluation import Indexed, in_sample_order, plan_generation, write_predictions
 from glm_ft.train.generation import generate
 from glm_ft.train.metrics import prefix_metrics
 
@@ -84,13 +82,11 @@ class GlmTrainer(Seq2SeqTrainer):
     def _generation_dataloader(self, dataset, description: str) -> DataLoader:
         # The batch list has no batch_size: accelerate then hands its batches to the ranks round-robin as they are
         # and truncates nothing at the end (generation_batches makes each step's batches the same size).
-        new_tokens = self.gen_config.max_new_tokens or 0
-        lengths = prompt_lengths(dataset)
-        budget = generation_budget(lengths, self.args.eval_batch_size, new_tokens, self.eval_batch_tokens,
-                                   self.gen_config.num_beams or 1)
-        args, ranks = self.args, self.accelerator.num_processes
+        args = self.args
+        batches = plan_generation(dataset, args.eval_batch_size, self.gen_config, self.eval_batch_tokens,
+                                  self.accelerator.num_processes)
         loader = DataLoader(
-            Indexed(dataset), batch_sampler=generation_batches(lengths, budget, new_tokens, ranks),
+            Indexed(dataset), batch_sampler=batches,
             collate_fn=self._get_collator_with_removed_columns(self.data_collator, description=description),
             num_workers=args.dataloader_num_workers, pin_memory=args.dataloader_pin_memory,
             persistent_workers=args.dataloader_persistent_workers and args.dataloader_num_workers > 0,
