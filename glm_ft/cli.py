@@ -60,9 +60,13 @@ def run(cfg: DictConfig) -> float | None:
             print(f"{name}: {path}")
         print("dry run: config is valid; nothing was loaded or trained")
         return None
-    from glm_ft.train.finetune import finetune
+    from glm_ft.heap import job_heap, long_lived
 
-    metrics = finetune(cfg, run_dir, paths, where)
+    with job_heap():  # the job's long-lived objects frozen out of collections (glm_ft/heap.py)
+        with long_lived():
+            from glm_ft.train.finetune import finetune
+
+        metrics = finetune(cfg, run_dir, paths, where)
     if cfg.optimized_metric is None:
         return None
     if cfg.optimized_metric not in metrics:

@@ -10,9 +10,7 @@ Nothing is dropped silently: skipped rows, truncated samples and samples left wi
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import gc
 import hashlib
 import inspect
 import json
@@ -28,6 +26,7 @@ from glm_ft.data import columns as data_columns
 from glm_ft.data import formats as data_formats
 from glm_ft.data import rows as reading
 from glm_ft.errors import DataError
+from glm_ft.heap import collector_paused
 from glm_ft.data.columns import IGNORE_INDEX, encode_pool, encode_rows, message_ids, train_table
 from glm_ft.data.rows import ROLES, Conversation, Message, ReadReport, read_conversations, read_rows
 
@@ -212,7 +211,7 @@ def _preprocess(path, kind, tokenizer, max_input_length, max_output_length, skip
     # are cheaper than worker processes, which would each re-read or unpickle every row), and laid out as samples.
     # The collector is paused: the pass allocates millions of objects that all live to its end, and each of its
     # full collections would walk every row read so far, for nothing.
-    with _collector_paused():
+    with collector_paused():
         report = read_rows(path, skip_bad_rows=skip_bad_rows)
         rows = report.conversations
         threads = max(1, min(num_proc, os.cpu_count() or 1))
@@ -236,17 +235,6 @@ def _preprocess(path, kind, tokenizer, max_input_length, max_output_length, skip
             del report, rows
         _save_atomically(dataset, counts, target)
     return counts
-
-
-@contextlib.contextmanager
-def _collector_paused():
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
 
 
 def _log_counts(split: str, counts: dict[str, int], max_input_length: int, max_output_length: int) -> None:

@@ -20,6 +20,7 @@ from typing import Iterator, Mapping
 
 from omegaconf import DictConfig
 
+from glm_ft.heap import long_lived
 from glm_ft.errors import ConfigError
 from glm_ft.tracking.params import fit_tags
 from glm_ft.tracking.redact import redact
@@ -116,11 +117,12 @@ class Store:
         uri, source = tracking_uri(tracking_cfg)
         check_reachable(uri, source)
         bound_http_calls()
-        import_mlflow()
         self.uri = uri
         self.shown_uri = redact(uri)  # for messages
-        with _first_use_lock(uri):
-            self._open(tracking_cfg)
+        with long_lived():  # MLflow's modules and client last as long as the job
+            import_mlflow()
+            with _first_use_lock(uri):
+                self._open(tracking_cfg)
 
     def _open(self, tracking_cfg: DictConfig) -> None:
         mlflow = import_mlflow()

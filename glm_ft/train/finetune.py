@@ -24,6 +24,7 @@ from glm_ft.config.paths import InputPaths, input_paths
 from glm_ft.config.schema import PROJECT_ROOT
 from glm_ft.data.dataset import load_datasets
 from glm_ft.errors import CheckpointError
+from glm_ft import heap
 from glm_ft.model import (base_model_dir, load_model_for_training, load_tokenizer, parameter_counts,
                           refused_weights_errors, refused_weights_reason)
 from glm_ft.runs import (CURVES_FILE, EVAL_PREDICTIONS, FINAL, PREDICTIONS, final_step, last_complete_checkpoint,
@@ -119,6 +120,7 @@ def _train(cfg: DictConfig, run_dir: Path, paths: dict[str, Path], where: InputP
         compute_metrics=metrics_fn(tokenizer, stop_ids), method=cfg.method, gen_config=gen_config,
         eval_predictions=run_dir / EVAL_PREDICTIONS, eval_batch_tokens=cfg.eval_batch_tokens, callbacks=callbacks,
     )
+    heap.freeze()  # start-up is done: what exists now lives until the job ends, no collection need walk it again
 
     trained_step = finished_training_step(cfg, run_dir)
     if trained_step is not None:
