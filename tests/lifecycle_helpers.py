@@ -69,8 +69,38 @@ def background(cmd: list[str], log: Path, env: dict | None = None, cwd: Path = R
             proc.wait()
 
 
-def train_cmd(args: list[str], run_dir: Path) -> list[str]:
-    return [sys.executable, str(ROOT / "train.py"), *args, f"hydra.run.dir={run_dir}"]
+def train_cmd(args: list[str], run_dir: Path, stop_after: str | None = None) -> list[str]:
+    """`python train.py ARGS`; with `stop_after` (a folder name: checkpoint-4, final), the job stops itself with
+    SIGSTOP once that folder is complete, so the test breaks things at that exact point however fast training is
+    (see `stopped`), then SIGKILLs it or sends SIGCONT."""
+    if stop_after is None:
+        return [sys.executable, str(ROOT / "train.py"), *args, f"hydra.run.dir={run_dir}"]
+    return [sys.executable, "-c", STOPPING_TRAIN, stop_after, *args, f"hydra.run.dir={run_dir}"]
+
+
+STOPPING_TRAIN = """
+import os, signal, sys
+sys.path.insert(0, os.getcwd())
+import glm_ft.runs as runs
+stop_after, mark_complete = sys.argv[1], runs.mark_complete
+def mark_then_stop(folder, step):
+    mark_complete(folder, step)
+    if folder.name == stop_after:
+        os.kill(os.getpid(), signal.SIGSTOP)
+runs.mark_complete = mark_then_stop  # before glm_ft.train imports it by name
+sys.argv = ["train.py", *sys.argv[2:]]
+from glm_ft.cli import main
+main()
+"""
+
+
+def stopped(proc: subprocess.Popen) -> bool:
+    """Whether the process is stopped by a signal (state T in /proc/PID/stat)."""
+    try:
+        stat = Path(f"/proc/{proc.pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rpartition(")")[2].split()[0] in ("T", "t")
 
 
 def wait_for(condition: Callable[[], object], what: str, proc: subprocess.Popen | None = None,

@@ -8,14 +8,15 @@ import hashlib
 import json
 import os
 import re
+import signal
 
 import pytest
 
 from conftest import ROOT, run_train
 from glm_ft.runs import CURVES_FILE
 from glm_ft.tracking.curves import read_series
-from lifecycle_helpers import (QUICK, background, complete, fill, kill_group, logged_losses, mlflow_run_id, tmpfs,
-                               train_cmd, trainer_losses, wait_for)
+from lifecycle_helpers import (QUICK, background, complete, fill, kill_group, logged_losses, mlflow_run_id, stopped,
+                               tmpfs, train_cmd, trainer_losses, wait_for)
 
 pytestmark = pytest.mark.slow
 
@@ -36,8 +37,8 @@ def runs_of(client, run_dir) -> list:
 def test_sigkill_then_resume_continues_the_same_mlflow_run(tmp_path, store):
     args = [*QUICK, "training_args.max_steps=8", "training_args.save_steps=2"]
     run_dir, log = tmp_path / "run", tmp_path / "train.log"
-    with background(train_cmd(args, run_dir), log, env=store["env"]) as proc:
-        wait_for(lambda: complete(run_dir, 4), "checkpoint-4", proc, log)
+    with background(train_cmd(args, run_dir, stop_after="checkpoint-4"), log, env=store["env"]) as proc:
+        wait_for(lambda: stopped(proc), "checkpoint-4 (the job stops there)", proc, log)
         kill_group(proc)
         proc.wait()
     assert not complete(run_dir, 8)
@@ -66,17 +67,16 @@ def file_digests(folder) -> dict[str, str]:
 
 
 def test_resume_of_a_finished_run_redoes_only_what_is_missing(tmp_path, store):
-    """Killed during the final test prediction: resume=auto predicts (same MLflow run) without training; once all
-    is done, resume=auto says so and changes nothing."""
+    """Killed once final/ is saved, before the test prediction: resume=auto predicts (same MLflow run) without
+    training; once all is done, resume=auto says so and changes nothing."""
     args = [*QUICK, "data.test_file=test.jsonl", "training_args.max_steps=4", "training_args.save_steps=2",
             "training_args.generation_config.max_new_tokens=16"]
     run_dir, log = tmp_path / "run", tmp_path / "train.log"
-    with background(train_cmd(args, run_dir), log, env=store["env"]) as proc:
-        wait_for(lambda: (run_dir / "final" / "glm_ft_complete").is_file(), "final/", proc, log)
+    with background(train_cmd(args, run_dir, stop_after="final"), log, env=store["env"]) as proc:
+        wait_for(lambda: stopped(proc), "final/ (the job stops there)", proc, log)
         kill_group(proc)
         proc.wait()
-    if (run_dir / "predictions.jsonl").exists():
-        pytest.fail("the kill came after the test prediction; this test needs it during")
+    assert (run_dir / "final" / "glm_ft_complete").is_file() and not (run_dir / "predictions.jsonl").exists()
     trained = file_digests(run_dir / "final")
     run_id = mlflow_run_id(run_dir)
 
@@ -114,9 +114,10 @@ def test_full_disk_while_saving_a_checkpoint(tmp_path, store):
     args = [*QUICK, "training_args.max_steps=8", "training_args.save_steps=2"]
     with tmpfs(tmp_path / "run", "8m") as run_dir:
         log = tmp_path / "train.log"
-        with background(train_cmd(args, run_dir), log, env=store["env"]) as proc:
-            wait_for(lambda: complete(run_dir, 2), "checkpoint-2", proc, log)
+        with background(train_cmd(args, run_dir, stop_after="checkpoint-2"), log, env=store["env"]) as proc:
+            wait_for(lambda: stopped(proc), "checkpoint-2 (the job stops there)", proc, log)
             filler = fill(run_dir, leave_bytes=64 << 10)
+            kill_group(proc, signal.SIGCONT)
             wait_for(lambda: proc.poll() is not None, "the failure", may_exit=True)
         text = log.read_text(errors="replace")
         assert proc.returncode == 1, text[-3000:]
