@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 
 def config(spec: dict[str, Any]):
@@ -50,7 +50,6 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
     from transformers import DataCollatorForSeq2Seq, GenerationConfig
 
-    from bench.common import useful_tokens
     from bench.prepare import load, weights_checksum
     from glm_ft.train.evaluation import decode_rows, stop_token_ids
     from glm_ft.train.metrics import compute_metrics
@@ -113,3 +112,15 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
         "metrics": compute_metrics(predictions, decode_rows(tokenizer, test["output_ids"], stops)),
         "predictions": predictions,
     }
+
+
+def useful_tokens(row: Sequence[int], stop_ids: Sequence[int], pad_label: int = -100) -> int:
+    """Generated tokens a reader gets from one output row: up to and including its first stop token; a row that
+    never stops counts until the padding the Trainer adds between batches (`pad_label`)."""
+    stops = set(stop_ids)
+    for i, tok in enumerate(row):
+        if tok in stops:
+            return i + 1
+        if tok == pad_label:
+            return i
+    return len(row)

@@ -94,7 +94,7 @@ class Bench:
         spec_path.write_text(json.dumps(spec))
         run = self.command([sys.executable, "-m", "bench.worker", str(spec_path), str(out_path)], 1800, tree=tree)
         if run["returncode"] != 0 or not out_path.is_file():
-            tail = "\n".join((run["stderr"] or run["stdout"]).strip().splitlines()[-15:])
+            tail = "\n".join(run["output"].strip().splitlines()[-15:])
             log(f"{spec['figure']} {spec.get('side', '')} failed (exit {run['returncode']}):\n{tail}")
             return {"error": tail, "peak_rss_mib": run["peak_rss_mib"]}
         result = json.loads(out_path.read_text())
@@ -126,7 +126,7 @@ class Bench:
                     f"Path({str(out)!r}).write_text(str(model_dir({size!r}, Path({str(self.work)!r}))))")
             run = self.command([sys.executable, "-c", code], 600)
             if run["returncode"] != 0:
-                raise RuntimeError(f"building the {size} model failed:\n{run['stderr'][-2000:]}")
+                raise RuntimeError(f"building the {size} model failed:\n{run['output'][-2000:]}")
         return Path(out.read_text())
 
     def command(self, cmd: list[str], timeout: float = 900, **kwargs: Any) -> dict[str, Any]:
@@ -171,7 +171,7 @@ class Bench:
 
         def measure(cmd: list[str]) -> dict[str, Any]:
             measured = self.command(cmd, tree=True, watch=b"'loss'")
-            losses = re.findall(r"'loss': '?([0-9.]+)", measured["stdout"])
+            losses = re.findall(r"'loss': '?([0-9.]+)", measured["output"])
             log(f"    exit {measured['returncode']}, first step at {measured['watch_s']} s, wall "
                 f"{measured['wall_s']:.1f} s, peak PSS {measured['peak_tree_pss_mib']} MiB, losses {losses}")
             return {**measured, "first_step_s": measured["watch_s"], "losses": [float(x) for x in losses]}
@@ -181,7 +181,7 @@ class Bench:
         for name in ("baseline", "glm_ft"):
             run = self.command(commands(0)[name])
             if run["returncode"] != 0:
-                log(f"first_step {name} (cache warm-up) failed:\n{(run['stderr'] or run['stdout'])[-2000:]}")
+                log(f"first_step {name} (cache warm-up) failed:\n{run['output'][-2000:]}")
         count = iter(range(1, 1000))  # each run its own folders
         runs = interleave(["baseline", "glm_ft", "glm_ft_untracked"], cfg["repeats"],
                           lambda name: measure(commands(next(count))[name]))
