@@ -14,8 +14,8 @@ def config(spec: dict[str, Any]):
     return glm_ft_config(spec, "method=sft", "model.build_if_missing=false", "data.test_file=test.json",
                          f"training_args.per_device_eval_batch_size={spec['eval_batch_size']}",
                          f"training_args.generation_config.max_new_tokens={spec['max_new_tokens']}",
-                         f"training_args.max_steps={spec.get('train_steps', 1)}",
-                         f"training_args.per_device_train_batch_size={spec.get('train_batch_size', 8)}")
+                         f"training_args.max_steps={spec['train_steps']}",
+                         f"training_args.per_device_train_batch_size={spec['train_batch_size']}")
 
 
 def trainer(cfg, model, tokenizer, run_dir: Path, has_eval: bool, **kwargs):
@@ -88,7 +88,7 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
 
     # Greedy decoding gives the same rows every time; the fastest pass is the least disturbed one.
     passes = []
-    for _ in range(spec.get("repeats", 2)):
+    for _ in range(2):
         start = time.perf_counter()
         rows = generate_all()
         passes.append(time.perf_counter() - start)
@@ -98,6 +98,7 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
         raise RuntimeError(f"{side}: {len(rows)} generated rows for {len(test)} prompts")
     generated = sum(useful_tokens(row, stops) for row in rows)
     predictions = decode_rows(tokenizer, rows, stops)
+    metrics = compute_metrics(predictions, decode_rows(tokenizer, test["output_ids"], stops))
     return {
         "attn_implementation": model.config._attn_implementation,
         "eval_batch_size": batch_size,
@@ -109,7 +110,8 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
         "generated_tokens": generated,
         "generated_tokens_per_s": generated / seconds,
         "rows_that_stopped": sum(any(t in stops for t in row) for row in rows),
-        "metrics": compute_metrics(predictions, decode_rows(tokenizer, test["output_ids"], stops)),
+        "metrics": metrics,
+        "rouge_l": metrics.get("rouge-l"),
         "predictions": predictions,
     }
 
