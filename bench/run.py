@@ -309,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if not args.keep_work:
             shutil.rmtree(work, ignore_errors=True)
-    command = "python bench/run.py" + (" " + " ".join(sys.argv[1:]) if argv is None and sys.argv[1:] else "")
+    command = " ".join(["python bench/run.py", *(sys.argv[1:] if argv is None else argv)])
     results = assemble(figures, settings, machine, command, time.perf_counter() - start)
     results["name"] = args.name or results["name"] + ("-quick" if args.quick else "")
     problems = validate_results(results)
