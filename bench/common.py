@@ -6,6 +6,10 @@ from __future__ import annotations
 import datetime as _dt
 import os
 import platform
+import subprocess
+import tempfile
+import threading
+import time
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -20,11 +24,6 @@ PACKAGES = ("torch", "transformers", "peft", "deepspeed", "accelerate", "dataset
 # --- FLOPs ----------------------------------------------------------------------------------------------------
 
 
-def _groups(config: Mapping[str, Any]) -> int:
-    heads = config["num_attention_heads"]
-    return config.get("multi_query_group_num", heads) if config.get("multi_query_attention", False) else heads
-
-
 def matmul_params(config: Mapping[str, Any]) -> int:
     """Weights every token multiplies through: all linear layers and the output layer of a ChatGLM3 config.
 
@@ -32,7 +31,8 @@ def matmul_params(config: Mapping[str, Any]) -> int:
     """
     h, ffn, kv = config["hidden_size"], config["ffn_hidden_size"], config["kv_channels"]
     heads = config["num_attention_heads"]
-    qkv = h * (heads + 2 * _groups(config)) * kv
+    groups = config.get("multi_query_group_num", heads) if config.get("multi_query_attention", False) else heads
+    qkv = h * (heads + 2 * groups) * kv
     dense = heads * kv * h
     mlp = h * 2 * ffn + ffn * h  # SwiGLU: dense_h_to_4h gives two halves, dense_4h_to_h maps one back
     return config["num_layers"] * (qkv + dense + mlp) + h * config["padded_vocab_size"]
@@ -43,22 +43,19 @@ def attention_pairs(seq_lens: Sequence[int], prefix_len: int = 0) -> int:
     return sum(n * (n + 1) // 2 + n * prefix_len for n in seq_lens)
 
 
-def forward_flops(config: Mapping[str, Any], seq_lens: Sequence[int], prefix_len: int = 0) -> int:
-    """2 FLOPs (multiply, add) per matmul weight per token, plus QKᵀ and PV: 2 · 2 · heads · kv_channels FLOPs per
-    scored (query, key) pair and layer. Padding is not counted: these are the model's FLOPs, not the machine's."""
-    attn = 4 * config["num_layers"] * config["num_attention_heads"] * config["kv_channels"]
-    return 2 * matmul_params(config) * sum(seq_lens) + attn * attention_pairs(seq_lens, prefix_len)
-
-
 def training_flops(config: Mapping[str, Any], seq_lens: Sequence[int], *, all_weights_train: bool = True,
                    prefix_len: int = 0) -> int:
-    """Forward plus backward. The backward pass computes activation gradients (2 FLOPs per weight per token) and,
-    for weights that train, weight gradients (2 more): 6·N per token for full fine-tuning, 4·N for a frozen base
-    (LoRA, P-Tuning v2, whose own weights add < 1 % and are left out). Attention has no weights; its backward is
-    counted as twice its forward, so attention contributes 3× its forward FLOPs either way."""
+    """Model FLOPs of forward plus backward; padding is not counted: these are the model's FLOPs, not the machine's.
+
+    The forward pass takes 2 FLOPs (multiply, add) per matmul weight per token, and 2 · 2 · heads · kv_channels per
+    scored (query, key) pair and layer (QKᵀ and PV). The backward pass computes activation gradients (2 FLOPs per
+    weight per token) and, for weights that train, weight gradients (2 more): 6·N per token for full fine-tuning,
+    4·N for a frozen base (LoRA, P-Tuning v2, whose own weights add < 1 % and are left out). Attention has no
+    weights; its backward is counted as twice its forward, so attention contributes 3× its forward FLOPs either way.
+    """
     weights = matmul_params(config) * sum(seq_lens)
-    attn = forward_flops(config, seq_lens, prefix_len) - 2 * weights
-    return (6 if all_weights_train else 4) * weights + 3 * attn
+    attn = 4 * config["num_layers"] * config["num_attention_heads"] * config["kv_channels"]
+    return (6 if all_weights_train else 4) * weights + 3 * attn * attention_pairs(seq_lens, prefix_len)
 
 
 def ratio(numerator: float | None, denominator: float | None) -> float | None:
@@ -93,14 +90,14 @@ def cpu_bf16_flags() -> list[str]:
     return sorted({"avx512_bf16", "amx_bf16"} & set(flags))
 
 
-def package_versions(names: Sequence[str] = PACKAGES) -> dict[str, str | None]:
+def package_versions() -> dict[str, str | None]:
     def version(name: str) -> str | None:
         try:
             return metadata.version(name)
         except metadata.PackageNotFoundError:
             return None
 
-    return {name: version(name) for name in names}
+    return {name: version(name) for name in PACKAGES}
 
 
 def now_iso() -> str:
@@ -138,23 +135,18 @@ def tree_pss_mib(pid: int) -> tuple[float, int]:
 
 def run_measured(cmd: Sequence[str], *, cwd: Path | None = None, env: Mapping[str, str] | None = None,
                  timeout: float | None = None, tree: bool = False, watch: bytes | None = None) -> dict[str, Any]:
-    """Run `cmd`: its exit code, output, wall time and peak memory (bench/README.md, "Peak memory").
+    """Run `cmd`: its exit code, output (stdout and stderr as one stream), wall time and peak memory
+    (bench/README.md, "Peak memory").
 
     The peak is the child's own VmHWM sampled every 5 ms: rusage's figure starts from the parent's size (Linux
-    carries the forking process's high-water mark across exec). With
-    `tree`, the PSS of the child with its descendants is sampled every 100 ms. With `watch`, stdout and stderr are
-    read as one stream, and `watch_s` is the time to the first read holding `watch` (an event, not a polled guess).
+    carries the forking process's high-water mark across exec). With `tree`, the PSS of the child with its
+    descendants is sampled every 100 ms. With `watch`, the output is read as it comes, and `watch_s` is the time to
+    the first read holding `watch` (an event, not a polled guess).
     """
-    import subprocess
-    import tempfile
-    import threading
-    import time
-
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+    with tempfile.TemporaryFile() as out:
         start = time.perf_counter()
-        proc = subprocess.Popen(list(cmd), cwd=cwd, env=dict(env) if env is not None else None,
-                                stdout=subprocess.PIPE if watch else out,
-                                stderr=subprocess.STDOUT if watch else err)
+        proc = subprocess.Popen(list(cmd), cwd=cwd, env=env, stdout=subprocess.PIPE if watch else out,
+                                stderr=subprocess.STDOUT)
         seen: list[float] = []
 
         def read() -> None:
@@ -201,13 +193,11 @@ def run_measured(cmd: Sequence[str], *, cwd: Path | None = None, env: Mapping[st
             proc.stdout.close()
         proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here, so Popen must not wait again
         out.seek(0)
-        err.seek(0)
-        stdout, stderr = out.read().decode(errors="replace"), err.read().decode(errors="replace")
+        output = out.read().decode(errors="replace")
     return {
         "returncode": proc.returncode,
         "timed_out": killed.is_set(),
-        "stdout": stdout,
-        "stderr": stderr,
+        "output": output,
         "wall_s": wall,
         # None when the child ended before the first sample (a few milliseconds)
         "peak_rss_mib": max(peaks) if peaks else None,
@@ -215,15 +205,3 @@ def run_measured(cmd: Sequence[str], *, cwd: Path | None = None, env: Mapping[st
         "max_processes": max((n for _, n in tree_peaks), default=None) if tree else None,
         "watch_s": seen[0] if seen else None,
     }
-
-
-def useful_tokens(row: Sequence[int], stop_ids: Sequence[int], pad_label: int = -100) -> int:
-    """Generated tokens a reader gets from one output row: up to and including its first stop token; a row that
-    never stops counts until the padding the Trainer adds between batches (`pad_label`)."""
-    stops = set(stop_ids)
-    for i, tok in enumerate(row):
-        if tok in stops:
-            return i + 1
-        if tok == pad_label:
-            return i
-    return len(row)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 
 def config(spec: dict[str, Any]):
@@ -14,8 +14,8 @@ def config(spec: dict[str, Any]):
     return glm_ft_config(spec, "method=sft", "model.build_if_missing=false", "data.test_file=test.json",
                          f"training_args.per_device_eval_batch_size={spec['eval_batch_size']}",
                          f"training_args.generation_config.max_new_tokens={spec['max_new_tokens']}",
-                         f"training_args.max_steps={spec.get('train_steps', 1)}",
-                         f"training_args.per_device_train_batch_size={spec.get('train_batch_size', 8)}")
+                         f"training_args.max_steps={spec['train_steps']}",
+                         f"training_args.per_device_train_batch_size={spec['train_batch_size']}")
 
 
 def trainer(cfg, model, tokenizer, run_dir: Path, has_eval: bool, **kwargs):
@@ -50,7 +50,6 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
     from transformers import DataCollatorForSeq2Seq, GenerationConfig
 
-    from bench.common import useful_tokens
     from bench.prepare import load, weights_checksum
     from glm_ft.train.evaluation import decode_rows, stop_token_ids
     from glm_ft.train.metrics import compute_metrics
@@ -89,7 +88,7 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
 
     # Greedy decoding gives the same rows every time; the fastest pass is the least disturbed one.
     passes = []
-    for _ in range(spec.get("repeats", 2)):
+    for _ in range(2):
         start = time.perf_counter()
         rows = generate_all()
         passes.append(time.perf_counter() - start)
@@ -99,6 +98,7 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
         raise RuntimeError(f"{side}: {len(rows)} generated rows for {len(test)} prompts")
     generated = sum(useful_tokens(row, stops) for row in rows)
     predictions = decode_rows(tokenizer, rows, stops)
+    metrics = compute_metrics(predictions, decode_rows(tokenizer, test["output_ids"], stops))
     return {
         "attn_implementation": model.config._attn_implementation,
         "eval_batch_size": batch_size,
@@ -110,6 +110,19 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
         "generated_tokens": generated,
         "generated_tokens_per_s": generated / seconds,
         "rows_that_stopped": sum(any(t in stops for t in row) for row in rows),
-        "metrics": compute_metrics(predictions, decode_rows(tokenizer, test["output_ids"], stops)),
+        "metrics": metrics,
+        "rouge_l": metrics.get("rouge-l"),
         "predictions": predictions,
     }
+
+
+def useful_tokens(row: Sequence[int], stop_ids: Sequence[int], pad_label: int = -100) -> int:
+    """Generated tokens a reader gets from one output row: up to and including its first stop token; a row that
+    never stops counts until the padding the Trainer adds between batches (`pad_label`)."""
+    stops = set(stop_ids)
+    for i, tok in enumerate(row):
+        if tok in stops:
+            return i + 1
+        if tok == pad_label:
+            return i
+    return len(row)

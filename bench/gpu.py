@@ -25,12 +25,13 @@ from bench.common import (  # noqa: E402
 )
 from glm_ft.chatglm3.tiny import CHATGLM3_6B_CONFIG  # noqa: E402  (light: no torch)
 
+SEED = 42
 PUBLISHED_MIB = {"lora": 14_082, "ptuning_v2": 18_426}
 PUBLISHED_NOTE = ("ChatGLM3 finetune_demo README, older and smaller settings than these; nvidia-smi figures "
                   "(CUDA context included)")
 
 
-def build_model(config: dict[str, Any], device: str, dtype_name: str):
+def build_model(config: dict[str, Any], device: str):
     """Random weights, created directly on `device` (a 6B model never passes through host memory)."""
     import torch
 
@@ -41,39 +42,21 @@ def build_model(config: dict[str, Any], device: str, dtype_name: str):
     chatglm3.register()
     with torch.device(device):
         model = ChatGLMForConditionalGeneration._from_config(
-            ChatGLMConfig.from_dict(config), dtype=getattr(torch, dtype_name), attn_implementation="sdpa")
+            ChatGLMConfig.from_dict(config), dtype=torch.bfloat16, attn_implementation="sdpa")
     model.config.use_cache = False
     return model
-
-
-def method_config(name: str):
-    """The method group's schema defaults, as `method=lora|ptuning_v2` composes them."""
-    from omegaconf import OmegaConf
-
-    from glm_ft.config.schema import METHOD_SCHEMAS
-
-    return OmegaConf.structured(METHOD_SCHEMAS[name])
-
-
-def batch(config: dict[str, Any], args, device: str):
-    """Full-length rows of random token ids; the prompt part carries no loss, as in glm-ft's samples."""
-    import torch
-
-    g = torch.Generator().manual_seed(args.seed)
-    ids = torch.randint(3, config["padded_vocab_size"] - 16, (args.batch_size, args.prompt_len + args.reply_len + 1),
-                        generator=g)
-    labels = ids.clone()
-    labels[:, :args.prompt_len] = -100
-    return {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device), "labels": labels.to(device)}
 
 
 def run_variant(config: dict[str, Any], method: str, checkpointing: bool, args, device: str,
                 peak_flops: float) -> dict[str, Any]:
     import torch
+    from omegaconf import OmegaConf
 
+    from glm_ft.config.schema import METHOD_SCHEMAS
     from glm_ft.model import apply_method, parameter_counts
 
     cuda = device.startswith("cuda")
+    length = args.prompt_len + args.reply_len + 1
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     if cuda:
         gc.collect()
@@ -81,20 +64,25 @@ def run_variant(config: dict[str, Any], method: str, checkpointing: bool, args, 
         torch.cuda.reset_peak_memory_stats()
     model = optimizer = None
     try:
-        model = build_model(config, device, args.dtype)
-        model = apply_method(model, method_config(method), args.seed)
+        method_cfg = OmegaConf.structured(METHOD_SCHEMAS[method])  # as `method=lora|ptuning_v2` composes it
+        model = apply_method(build_model(config, device), method_cfg, SEED)
         if checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.train()
         counts = parameter_counts(model)
         trainable = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(trainable, lr=5e-5)
-        inputs = batch(config, args, device)
+        # full-length rows of random token ids; the prompt part carries no loss, as in glm-ft's samples
+        ids = torch.randint(3, config["padded_vocab_size"] - 16, (args.batch_size, length),
+                            generator=torch.Generator().manual_seed(SEED))
+        labels = torch.where(torch.arange(length) < args.prompt_len, -100, ids)
+        inputs = {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device),
+                  "labels": labels.to(device)}
         losses, step_end = [], []
         sync()
         start = time.perf_counter()
         for _ in range(args.warmup + args.steps):
-            with torch.autocast(device_type="cuda" if cuda else "cpu", dtype=getattr(torch, args.dtype)):
+            with torch.autocast(device_type="cuda" if cuda else "cpu", dtype=torch.bfloat16):
                 loss = model(**inputs).loss
             loss.backward()
             optimizer.step()
@@ -103,8 +91,7 @@ def run_variant(config: dict[str, Any], method: str, checkpointing: bool, args, 
             step_end.append(time.perf_counter())
         seconds = step_end[-1] - step_end[args.warmup - 1]
         rows = args.batch_size * args.steps
-        length = args.prompt_len + args.reply_len + 1
-        prefix = method_config(method).num_virtual_tokens if method == "ptuning_v2" else 0
+        prefix = method_cfg.num_virtual_tokens if method == "ptuning_v2" else 0
         flops = training_flops(config, [length] * rows, all_weights_train=False, prefix_len=prefix)
         out = {"method": method, "gradient_checkpointing": checkpointing, **counts,
                "first_step_s": step_end[0] - start, "timed_steps": args.steps, "timed_s": seconds,
@@ -134,8 +121,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reply-len", type=int, default=512, help="max_output_length")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per variant")
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16"))
-    parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
     parser.add_argument("--cpu-smoke", action="store_true",
                         help="run the same code on the CPU with the tiny shape (checks the script; writes nothing)")
@@ -163,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     results: dict[str, Any] = {
         "schema": SCHEMA, "created": now_iso(),
-        "command": "python bench/gpu.py" + (" " + " ".join(sys.argv[1:]) if argv is None and sys.argv[1:] else ""),
+        "command": " ".join(["python bench/gpu.py", *(sys.argv[1:] if argv is None else argv)]),
         "machine": machine_info(), "versions": {**package_versions(), "cuda": torch.version.cuda},
         "settings": {k: v for k, v in vars(args).items() if k != "out_dir"},
         "model": {"config": config, "matmul_params": matmul_params(config)},
@@ -174,8 +159,8 @@ def main(argv: list[str] | None = None) -> int:
         results["machine"]["gpu"] = {"name": props.name, "memory_mib": props.total_memory // 2**20,
                                      "count": torch.cuda.device_count()}
     size, seconds = (256, 0.1) if args.cpu_smoke else (8192, 3.0)
-    results["matmul_peak"] = {dtype: peak(dtype, size, seconds, device) for dtype in (args.dtype, "float32")}
-    peak_flops = results["matmul_peak"][args.dtype]["gflops"] * 1e9
+    results["matmul_peak"] = {dtype: peak(dtype, size, seconds, device) for dtype in ("bfloat16", "float32")}
+    peak_flops = results["matmul_peak"]["bfloat16"]["gflops"] * 1e9
 
     variants = []
     checkpointing = {"off": [False], "on": [True], "both": [False, True]}[args.checkpointing]
@@ -195,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{v.get('peak_allocated_mib', '-'):>14} {PUBLISHED_MIB[v['method']]:>13,} {v['tokens_per_s']:>9,.0f} "
             f"{v['model_flops_per_s'] / 1e12:>8.1f} {v['mfu']:>6.1%}")
         print(f"{v['method']:<11} {str(v['gradient_checkpointing']):<5} {row}")
-    print(f"matmul peak {args.dtype}: {peak_flops / 1e12:.1f} TFLOP/s; wall {results['wall_s']:.0f} s")
+    print(f"matmul peak bfloat16: {peak_flops / 1e12:.1f} TFLOP/s; wall {results['wall_s']:.0f} s")
     if args.cpu_smoke:
         return 1 if any("error" in v for v in variants) else 0
     name = "gpu-" + re.sub(r"[^a-z0-9]+", "-", results["machine"]["gpu"]["name"].lower()).strip("-")

@@ -17,27 +17,21 @@ TINY_DIR = ROOT / ".cache" / "tiny-chatglm3"  # where model=tiny builds it (conf
 def model_config(size: str) -> dict[str, Any]:
     from glm_ft.chatglm3.tiny import TINY_CONFIG
 
-    if size == "tiny":
-        return dict(TINY_CONFIG)
-    if size == "mid":
-        return {**TINY_CONFIG, **MID_OVERRIDES}
-    if size == "mid_vocab":  # the memory figure: the real ChatGLM3 vocabulary (the tiny tokenizer's ids fit in it)
-        return {**TINY_CONFIG, **MID_OVERRIDES, "padded_vocab_size": 65024}
-    raise ValueError(f"unknown model size {size!r} (tiny, mid or mid_vocab)")
+    # mid_vocab, the memory figure's: the real ChatGLM3 vocabulary (the tiny tokenizer's ids fit in it)
+    sizes = {"tiny": {}, "mid": MID_OVERRIDES, "mid_vocab": {**MID_OVERRIDES, "padded_vocab_size": 65024}}
+    return {**TINY_CONFIG, **sizes[size]}
 
 
-def model_dir(size: str, work: Path, seed: int = 0) -> Path:
-    """The checkpoint folder of `size`: the project's own tiny model, or a mid-size one built under `work`."""
-    if size == "tiny":
-        from glm_ft.chatglm3.tiny import ensure_tiny_model
+def model_dir(spec: dict[str, Any]) -> dict[str, str]:
+    """Worker figure "model": the checkpoint folder of spec["size"], the project's own tiny model or a mid-size one
+    built in the work folder."""
+    from glm_ft.chatglm3.tiny import ensure_tiny_model, write_checkpoint
 
-        return ensure_tiny_model(TINY_DIR)
-    out = work / f"{size}-chatglm3"
-    if not (out / "model.safetensors").is_file():
-        from glm_ft.chatglm3.tiny import write_checkpoint
-
-        write_checkpoint(out, model_config(size), seed)
-    return out
+    if spec["size"] == "tiny":
+        return {"model_dir": str(ensure_tiny_model(TINY_DIR))}
+    out = Path(spec["work_dir"]) / f"{spec['size']}-chatglm3"
+    write_checkpoint(out, model_config(spec["size"]), seed=0)
+    return {"model_dir": str(out)}
 
 
 def overrides(model: str | Path, data: str | Path, settings: dict[str, Any]) -> list[str]:

@@ -6,51 +6,55 @@ from __future__ import annotations
 import os
 import re
 import statistics
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, NamedTuple, Sequence
 
 from bench.common import SCHEMA, now_iso, package_versions, ratio
 
-# The table, and the ratios it shows: (label, unit, figure, metric, baseline side, glm-ft side, better).
-# `better` says which way glm-ft gains: "higher" gives glm-ft / baseline, "lower" baseline / glm-ft (a time or a
-# memory peak), so every ratio above 1 is in glm-ft's favour; None shows both values without a ratio.
-ROWS: list[tuple[str, str, str, str, str, str, str | None]] = []
-for _size in ("tiny", "mid"):
-    _f = f"training_{_size}"
-    ROWS += [
-        (f"training tokens/s, {_size}", "tokens/s", _f, "tokens_per_s", "baseline", "glm_ft", "higher"),
-        (f"training tokens/s, {_size}, bf16=true", "tokens/s", _f, "tokens_per_s", "baseline", "glm_ft_bf16",
-         "higher"),
-        (f"training tokens/s, {_size}, data.packing=true", "tokens/s", _f, "tokens_per_s", "baseline",
-         "glm_ft_packed", "higher"),
-        (f"training loss over the set (same work), {_size}", "loss", _f, "initial_loss_over_set", "baseline",
-         "glm_ft", None),
-        (f"peak RSS, training {_size}", "MiB", _f, "peak_rss_mib", "baseline", "glm_ft", "lower"),
-    ]
-ROWS += [
-    ("model FLOP/s / fp32 matmul peak, mid", "fraction", "training_mid", "mfu_float32", "baseline", "glm_ft", None),
-    ("peak RSS, LoRA training mid, 65,024 vocab (baseline: full fp32 logits)", "MiB", "memory_mid", "peak_rss_mib",
-     "full_logits", "glm_ft", "lower"),
-    ("eval generated tokens/s, tiny", "tokens/s", "generation", "generated_tokens_per_s", "baseline", "glm_ft",
-     "higher"),
-    ("eval ROUGE-L (same outputs)", "score", "generation", "rouge_l", "baseline", "glm_ft", None),
-    ("peak RSS, eval generation", "MiB", "generation", "peak_rss_mib", "baseline", "glm_ft", "lower"),
-    ("preprocessing rows/s (fresh cache)", "rows/s", "preprocessing", "rows_per_s", "baseline", "glm_ft", "higher"),
-    ("peak PSS, preprocessing (with workers)", "MiB", "preprocessing", "peak_tree_pss_mib", "baseline", "glm_ft",
-     "lower"),
-    ("s to the first training step, tiny LoRA (baseline: reference script)", "s", "first_step", "first_step_s",
-     "baseline", "glm_ft", "lower"),
-    ("s to the first training step, tiny LoRA, tracking.enabled=false", "s", "first_step", "first_step_s",
-     "baseline", "glm_ft_untracked", "lower"),
-    ("peak PSS of the process tree, those jobs", "MiB", "first_step", "peak_tree_pss_mib", "baseline", "glm_ft",
-     "lower"),
-    ("peak PSS of the process tree, those jobs, tracking.enabled=false", "MiB", "first_step", "peak_tree_pss_mib",
-     "baseline", "glm_ft_untracked", "lower"),
-    ("wall s, train.py experiment=quickstart dry_run=true (baseline: import torch, transformers)", "s", "startup",
-     "wall_s", "import_torch_transformers", "dry_run", "lower"),
-    ("matmul peak fp32 / bf16 (torch.matmul, squares)", "GFLOP/s", "matmul", "gflops", "float32", "bfloat16", None),
+
+class Row(NamedTuple):
+    """A row of the table, and the ratio it shows. `better` says which way glm-ft gains: "higher" gives glm-ft /
+    baseline, "lower" baseline / glm-ft (a time or a memory peak), so every ratio above 1 is in glm-ft's favour;
+    None shows both values without a ratio."""
+
+    label: str
+    unit: str
+    figure: str
+    metric: str
+    better: str | None = "higher"
+    base: str = "baseline"
+    glm: str = "glm_ft"
+
+
+ROWS = [row for size, fig in (("tiny", "training_tiny"), ("mid", "training_mid")) for row in (
+    Row(f"training tokens/s, {size}", "tokens/s", fig, "tokens_per_s"),
+    Row(f"training tokens/s, {size}, bf16=true", "tokens/s", fig, "tokens_per_s", glm="glm_ft_bf16"),
+    Row(f"training tokens/s, {size}, data.packing=true", "tokens/s", fig, "tokens_per_s", glm="glm_ft_packed"),
+    Row(f"training loss over the set (same work), {size}", "loss", fig, "initial_loss_over_set", None),
+    Row(f"peak RSS, training {size}", "MiB", fig, "peak_rss_mib", "lower"),
+)] + [
+    Row("model FLOP/s / fp32 matmul peak, mid", "fraction", "training_mid", "mfu_float32", None),
+    Row("peak RSS, LoRA training mid, 65,024 vocab (baseline: full fp32 logits)", "MiB", "memory_mid", "peak_rss_mib",
+        "lower", base="full_logits"),
+    Row("eval generated tokens/s, tiny", "tokens/s", "generation", "generated_tokens_per_s"),
+    Row("eval ROUGE-L (same outputs)", "score", "generation", "rouge_l", None),
+    Row("peak RSS, eval generation", "MiB", "generation", "peak_rss_mib", "lower"),
+    Row("preprocessing rows/s (fresh cache)", "rows/s", "preprocessing", "rows_per_s"),
+    Row("peak PSS, preprocessing (with workers)", "MiB", "preprocessing", "peak_tree_pss_mib", "lower"),
+    Row("s to the first training step, tiny LoRA (baseline: reference script)", "s", "first_step", "first_step_s",
+        "lower"),
+    Row("s to the first training step, tiny LoRA, tracking.enabled=false", "s", "first_step", "first_step_s",
+        "lower", glm="glm_ft_untracked"),
+    Row("peak PSS of the process tree, those jobs", "MiB", "first_step", "peak_tree_pss_mib", "lower"),
+    Row("peak PSS of the process tree, those jobs, tracking.enabled=false", "MiB", "first_step", "peak_tree_pss_mib",
+        "lower", glm="glm_ft_untracked"),
+    Row("wall s, train.py experiment=quickstart dry_run=true (baseline: import torch, transformers)", "s", "startup",
+        "wall_s", "lower", base="import_torch_transformers", glm="dry_run"),
+    Row("matmul peak fp32 / bf16 (torch.matmul, squares)", "GFLOP/s", "matmul", "gflops", None, base="float32",
+        glm="bfloat16"),
 ]
-RATIO_SOURCES = {f"{fig}.{metric}.{glm}": (fig, metric, glm, base) if better == "higher" else (fig, metric, base, glm)
-                 for _, _, fig, metric, base, glm, better in ROWS if better}
+# ratio name "figure.metric.glm-ft side" -> (figure, metric, numerator side, denominator side)
+RATIO_SOURCES = {f"{r.figure}.{r.metric}.{r.glm}": (r.figure, r.metric, r.glm, r.base) if r.better == "higher"
+                 else (r.figure, r.metric, r.base, r.glm) for r in ROWS if r.better}
 
 
 # Goals of issues 8 and 16 (targets to work towards, never test assertions): name -> (comparison, target, source,
@@ -179,9 +183,9 @@ def add_mfu(figures: dict[str, Any]) -> None:
 
 
 def table(figures: dict[str, Any], ratios: dict[str, Any]) -> list[dict[str, Any]]:
-    return [{"figure": label, "unit": unit, "baseline": side_value(figures, fig, base, metric),
-             "glm_ft": side_value(figures, fig, glm, metric), "ratio": ratios.get(f"{fig}.{metric}.{glm}")}
-            for label, unit, fig, metric, base, glm, _ in ROWS if fig in figures]
+    return [{"figure": r.label, "unit": r.unit, "baseline": side_value(figures, r.figure, r.base, r.metric),
+             "glm_ft": side_value(figures, r.figure, r.glm, r.metric),
+             "ratio": ratios.get(f"{r.figure}.{r.metric}.{r.glm}")} for r in ROWS if r.figure in figures]
 
 
 def _fmt(value: Any) -> str:

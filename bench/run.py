@@ -85,6 +85,7 @@ class Bench:
         self.env.pop("HYDRA_FULL_ERROR", None)
         self.runs = 0
         self.matmul_runs: list[dict[str, Any]] = []
+        self.models: dict[str, str] = {}
 
     def side(self, spec: dict[str, Any], tree: bool = False) -> dict[str, Any]:
         """One side of a figure in its own process (bench/worker.py): its result plus its peak RSS (and, with
@@ -94,7 +95,7 @@ class Bench:
         spec_path.write_text(json.dumps(spec))
         run = self.command([sys.executable, "-m", "bench.worker", str(spec_path), str(out_path)], 1800, tree=tree)
         if run["returncode"] != 0 or not out_path.is_file():
-            tail = "\n".join((run["stderr"] or run["stdout"]).strip().splitlines()[-15:])
+            tail = "\n".join(run["output"].strip().splitlines()[-15:])
             log(f"{spec['figure']} {spec.get('side', '')} failed (exit {run['returncode']}):\n{tail}")
             return {"error": tail, "peak_rss_mib": run["peak_rss_mib"]}
         result = json.loads(out_path.read_text())
@@ -118,16 +119,15 @@ class Bench:
             advertisegen.write(folder / "test.json", test_rows, seed=seed + 1)
         return folder
 
-    def model_dir(self, size: str) -> Path:
-        # Built in a child process: the orchestrator itself never imports torch.
-        out = self.work / f"{size}-model-path.txt"
-        if not out.is_file():
-            code = (f"from pathlib import Path; from bench.prepare import model_dir; "
-                    f"Path({str(out)!r}).write_text(str(model_dir({size!r}, Path({str(self.work)!r}))))")
-            run = self.command([sys.executable, "-c", code], 600)
-            if run["returncode"] != 0:
-                raise RuntimeError(f"building the {size} model failed:\n{run['stderr'][-2000:]}")
-        return Path(out.read_text())
+    def model_dir(self, size: str) -> str:
+        """The model folder of `size`, built by a worker the first time: the orchestrator itself never imports
+        torch."""
+        if size not in self.models:
+            built = self.side({"figure": "model", "size": size, "work_dir": str(self.work)})
+            if "error" in built:
+                raise RuntimeError(f"building the {size} model failed")
+            self.models[size] = built["model_dir"]
+        return self.models[size]
 
     def command(self, cmd: list[str], timeout: float = 900, **kwargs: Any) -> dict[str, Any]:
         return run_measured(cmd, cwd=ROOT, env=self.env, timeout=timeout, **kwargs)
@@ -171,7 +171,7 @@ class Bench:
 
         def measure(cmd: list[str]) -> dict[str, Any]:
             measured = self.command(cmd, tree=True, watch=b"'loss'")
-            losses = re.findall(r"'loss': '?([0-9.]+)", measured["stdout"])
+            losses = re.findall(r"'loss': '?([0-9.]+)", measured["output"])
             log(f"    exit {measured['returncode']}, first step at {measured['watch_s']} s, wall "
                 f"{measured['wall_s']:.1f} s, peak PSS {measured['peak_tree_pss_mib']} MiB, losses {losses}")
             return {**measured, "first_step_s": measured["watch_s"], "losses": [float(x) for x in losses]}
@@ -181,7 +181,7 @@ class Bench:
         for name in ("baseline", "glm_ft"):
             run = self.command(commands(0)[name])
             if run["returncode"] != 0:
-                log(f"first_step {name} (cache warm-up) failed:\n{(run['stderr'] or run['stdout'])[-2000:]}")
+                log(f"first_step {name} (cache warm-up) failed:\n{run['output'][-2000:]}")
         count = iter(range(1, 1000))  # each run its own folders
         runs = interleave(["baseline", "glm_ft", "glm_ft_untracked"], cfg["repeats"],
                           lambda name: measure(commands(next(count))[name]))
@@ -199,8 +199,8 @@ class Bench:
     def training(self, size: str) -> dict[str, Any]:
         cfg = self.settings["training"][size]
         rows = cfg["steps"] * self.settings["batch_size"]
-        base = self.spec("training", self.data(f"train-{size}", 1, rows), size=size,
-                         model_dir=str(self.model_dir(size)), **cfg)
+        base = self.spec("training", self.data(f"train-{size}", 1, rows), size=size, model_dir=self.model_dir(size),
+                         **cfg)
         runs = interleave(self.settings["training_sides"], self.settings["training_rounds"][size],
                           lambda side: self.side({**base, "side": side}))
         sides = {}
@@ -228,39 +228,25 @@ class Bench:
         """glm-ft's LoRA training at mid size with the real vocabulary: its chunked loss against the full logits."""
         cfg = self.settings["memory_mid"]
         data = self.data("memory-mid", 1, cfg["steps"] * self.settings["batch_size"])
-        base = {**self.spec("training", data, size="mid_vocab", model_dir=str(self.model_dir("mid_vocab")), **cfg),
+        base = {**self.spec("training", data, size="mid_vocab", model_dir=self.model_dir("mid_vocab"), **cfg),
                 "method": "lora", "side": "glm_ft", "loss_over_set": False}
         sides = {"full_logits": self.side({**base, "full_logits": True}), "glm_ft": self.side(base)}
         log(f"  peak RSS: full logits {sides['full_logits']['peak_rss_mib']} MiB, chunked "
             f"{sides['glm_ft']['peak_rss_mib']} MiB")
         losses = [v.get("train_losses") for v in sides.values()]
-        return {"sides": sides, "same_train_losses_max_rel_diff": max_rel_diff(*losses) if None not in losses
-                else None}
+        return {"sides": sides, "same_train_losses_max_rel_diff": max_rel_diff(*losses)}
 
     def generation(self) -> dict[str, Any]:
         cfg = self.settings["eval"]
         base = self.spec("generation", self.data("eval", 2, cfg["train_rows"], cfg["prompts"]),
-                         model_dir=str(self.model_dir("tiny")), train_rows=cfg["train_rows"],
-                         eval_batch_size=cfg["eval_batch_size"], max_new_tokens=cfg["max_new_tokens"],
-                         train_steps=cfg["train_steps"], train_batch_size=cfg["train_batch_size"])
-        out_dir = eval_model_cache(base)
-        if (out_dir / "eval_model.json").is_file():
-            trained = {**json.loads((out_dir / "eval_model.json").read_text()), "cached": True}
-        else:
-            log("generation: fine-tuning the tiny model both sides will evaluate (cached for later runs)")
-            staging = self.work / "eval-model"
-            trained = self.side({**base, "figure": "eval_model", "out_dir": str(staging)})
-            if "error" in trained:
-                return {"sides": {}, "eval_model": trained}
-            (staging / "eval_model.json").write_text(json.dumps(trained, indent=1))
-            for stale in out_dir.parent.glob("eval-model-*"):  # models of older code or settings
-                shutil.rmtree(stale, ignore_errors=True)
-            out_dir.parent.mkdir(parents=True, exist_ok=True)
-            shutil.move(str(staging), str(out_dir))
-        sides = {side: self.side({**base, "model_dir": str(out_dir), "side": side}) for side in ("baseline", "glm_ft")}
+                         model_dir=self.model_dir("tiny"), **cfg)
+        log("generation: fine-tuning the tiny model both sides will evaluate")
+        trained = self.side({**base, "figure": "eval_model", "out_dir": str(self.work / "eval-model")})
+        if "error" in trained:
+            return {"sides": {}, "eval_model": trained}
+        sides = {side: self.side({**base, "model_dir": trained["out_dir"], "side": side})
+                 for side in ("baseline", "glm_ft")}
         predictions = {side: v.pop("predictions", None) for side, v in sides.items()}
-        for v in sides.values():
-            v["rouge_l"] = (v.get("metrics") or {}).get("rouge-l")
         equal = None if None in predictions.values() else sum(
             a == b for a, b in zip(predictions["baseline"], predictions["glm_ft"]))
         return {"sides": sides, "eval_model": trained, "outputs": cfg["prompts"], "outputs_equal": equal}
@@ -275,19 +261,6 @@ def interleave(names: list[str], rounds: int, run) -> dict[str, list[dict[str, A
             log(f"  {name} (round {r + 1} of {rounds})")
             out[name].append(run(name))
     return out
-
-
-def eval_model_cache(spec: dict[str, Any]) -> Path:
-    """Where the generation figure's fine-tuned model is kept between runs, keyed by all that decides its weights."""
-    import hashlib
-
-    kept = {k: v for k, v in spec.items() if k not in ("work_dir", "data_dir", "model_dir")}
-    digest = hashlib.sha256(json.dumps(kept, sort_keys=True).encode())
-    for path in ("bench/advertisegen.py", "bench/generation.py", "bench/prepare.py", "scripts/make_sample_data.py",
-                 "glm_ft/data/dataset.py", "glm_ft/model.py", "glm_ft/chatglm3/modeling.py", "glm_ft/chatglm3/tiny.py",
-                 "glm_ft/chatglm3/assets/tiny_tokenizer.model"):
-        digest.update((ROOT / path).read_bytes())
-    return ROOT / ".cache" / "bench" / f"eval-model-{digest.hexdigest()[:16]}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -336,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if not args.keep_work:
             shutil.rmtree(work, ignore_errors=True)
-    command = "python bench/run.py" + (" " + " ".join(sys.argv[1:]) if argv is None and sys.argv[1:] else "")
+    command = " ".join(["python bench/run.py", *(sys.argv[1:] if argv is None else argv)])
     results = assemble(figures, settings, machine, command, time.perf_counter() - start)
     results["name"] = args.name or results["name"] + ("-quick" if args.quick else "")
     problems = validate_results(results)

@@ -9,8 +9,9 @@ import sys
 import warnings
 from pathlib import Path
 
-FIGURES = {"matmul": "bench.matmul:run", "training": "bench.training:run", "preprocessing": "bench.preprocessing:run",
-           "eval_model": "bench.generation:train_eval_model", "generation": "bench.generation:run"}
+FIGURES = {"model": "bench.prepare:model_dir", "matmul": "bench.matmul:run", "training": "bench.training:run",
+           "preprocessing": "bench.preprocessing:run", "eval_model": "bench.generation:train_eval_model",
+           "generation": "bench.generation:run"}
 
 if __name__ == "__main__":
     from bench.common import vm_hwm_mib

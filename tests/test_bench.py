@@ -10,7 +10,8 @@ import sys
 import pytest
 
 from bench import advertisegen
-from bench.common import attention_pairs, forward_flops, matmul_params, run_measured, training_flops, useful_tokens
+from bench.common import attention_pairs, matmul_params, run_measured, training_flops
+from bench.generation import useful_tokens
 from bench.results import (
     RATIO_SOURCES, check_goal, combine_rounds, compute_ratios, goal_values, max_rel_diff, results_name, summarize,
     table, validate_results,
@@ -56,7 +57,6 @@ def test_training_flops_are_6n_for_full_training_and_4n_for_a_frozen_base_plus_3
     lens = [100, 50]
     n = matmul_params(cfg)
     attn = 4 * 28 * 32 * 128 * attention_pairs(lens)
-    assert forward_flops(cfg, lens) == 2 * n * 150 + attn
     assert training_flops(cfg, lens) == 6 * n * 150 + 3 * attn
     assert training_flops(cfg, lens, all_weights_train=False) == 4 * n * 150 + 3 * attn
     with_prefix = training_flops(cfg, lens, all_weights_train=False, prefix_len=128)
@@ -146,7 +146,7 @@ def test_peak_memory_is_measured_per_child():
     # its own peak: neither the maximum over all children so far nor this (torch-sized) test process's size
     assert small["peak_rss_mib"] is not None and small["peak_rss_mib"] < 100
     failing = run_measured([sys.executable, "-c", "import sys; print('out'); sys.exit(3)"])
-    assert failing["returncode"] == 3 and failing["stdout"].strip() == "out"
+    assert failing["returncode"] == 3 and failing["output"].strip() == "out"
     slow = run_measured([sys.executable, "-c", "import time; time.sleep(30)"], timeout=0.5)
     assert slow["timed_out"] and slow["returncode"] != 0
 
@@ -244,7 +244,7 @@ def test_the_watched_output_event_is_timed_on_stdout_or_stderr():
              "print(\"{'loss': '8.0'}\", file=sys.stderr, flush=True)")
     run = run_measured([sys.executable, "-c", child], watch=b"'loss'")
     assert run["returncode"] == 0 and 0.3 <= run["watch_s"] <= run["wall_s"]
-    assert "starting" in run["stdout"] and "'loss'" in run["stdout"]  # one stream, both kept
+    assert "starting" in run["output"] and "'loss'" in run["output"]  # one stream, both kept
     assert run_measured([sys.executable, "-c", "print('no marker')"], watch=b"'loss'")["watch_s"] is None
 
 
