@@ -26,10 +26,10 @@ import optuna
 from hydra.core.override_parser.types import IntervalSweep
 from hydra.utils import instantiate
 
+from glm_ft.search import TRIAL_ENV
 
 log = logging.getLogger(__name__)
 
-TRIAL_ENV = "GLM_FT_OPTUNA_TRIAL"
 STUDY_ENV = "GLM_FT_OPTUNA_STUDY"
 STORAGE_ENV = "GLM_FT_OPTUNA_STORAGE"
 JOURNAL_FILE = "optuna_journal.log"

@@ -30,7 +30,7 @@ from glm_ft.model import (base_model_dir, load_model_for_training, load_tokenize
 from glm_ft.runs import (CURVES_FILE, EVAL_PREDICTIONS, FINAL, PREDICTIONS, final_step, last_complete_checkpoint,
                          mark_complete, read_progress, record_progress, reset_progress, resume_checkpoint,
                          write_run_info)
-from glm_ft.search.study import PRUNED_TAG, TRIAL_ENV, JobTrial, TrialPruned, pruner_from_hydra
+from glm_ft.search import TRIAL_ENV
 from glm_ft.tracking.curves import run_log_history, write_training_curves
 from glm_ft.tracking.parent import hydra_config
 from glm_ft.tracking.tracker import settle_previous_run, start_run
@@ -197,6 +197,8 @@ def _train_and_save(cfg: DictConfig, run_dir: Path, trainer, tracker, job_trial)
         raise CheckpointError(f"resume: {resume_from}: {refused_weights_reason(err)}") from None
     tracker.log_metrics({k: v for k, v in result.metrics.items() if k.startswith("train")})
     if job_trial is not None and job_trial.pruned_at is not None:
+        from glm_ft.search.study import PRUNED_TAG, TrialPruned
+
         # Stopped by the study's pruner: the checkpoint at that step is saved; no final model, no test predictions.
         if dist.is_rank_zero():
             _write_curves(cfg, run_dir, trainer.state.log_history, trained=True)
@@ -234,7 +236,9 @@ def _search_trial(cfg: DictConfig, tracker, has_eval: bool, callbacks: list):
     """Inside an Optuna sweep (hydra/sweeper=optuna): this job's trial, tagged on its run, and a callback reporting
     `optimized_metric` at every evaluation so the study's pruner can stop it."""
     if TRIAL_ENV not in os.environ:
-        return None
+        return None  # not in a study: Optuna is not even imported
+    from glm_ft.search.study import JobTrial, pruner_from_hydra
+
     job_trial = JobTrial.from_env(pruner_from_hydra(hydra_config()))
     tracker.set_tags(job_trial.tags())
     if has_eval and cfg.optimized_metric:

@@ -191,6 +191,7 @@ def test_a_run_without_deepspeed_or_tracking_loads_neither(tmp_path):
     modules = imported(result.stderr)
     assert {"torch", "transformers.trainer", "peft"} <= modules  # the import log is real
     assert not {"deepspeed", "mlflow"} & modules
+    assert "optuna" not in modules  # a job outside an Optuna study has no use for it
 
 
 # Records, for every forward of the real model, whether it ran in training or evaluation and under autocast.
