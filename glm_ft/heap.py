@@ -5,16 +5,17 @@ full collection walks all of them: 0.1 s at first, 0.3-0.6 s once MLflow and the
 as Python starts it, a tiny LoRA job made ten full collections while it started, plus the one accelerate forces as
 training begins (`free_memory` → `gc.collect()`): about 1.5 s of a 9 s start, a sixth of the time to the first step.
 
-So, within `job_heap()` (one job, in `glm_ft.cli.run`):
-- `long_lived()` wraps loading that lasts as long as the job (the training modules, MLflow's modules and client):
-  no automatic collection while it runs, and what exists after it is frozen (`gc.freeze()`), so no later
-  collection walks it again;
-- `freeze()`, once everything training needs is built, freezes what exists then;
+So, within `job_heap()` (one training job in `glm_ft.cli.run`; one `chat`, `predict` or `serve` session):
+- `long_lived()` wraps loading that lasts as long as the job (the training modules, MLflow's modules and client,
+  an inference checkpoint with its modules): no automatic collection while it runs, and what exists after it is
+  frozen (`gc.freeze()`), so no later collection walks it again;
+- `freeze()`, once everything training (or the server) needs is built, freezes what exists then;
 - when the job ends everything is unfrozen, so garbage it left in cycles is collected as usual, and the next job of a
   sweep in the same process starts from an ordinary heap.
 
 The collector keeps running between these, so garbage made while the job starts is still collected; and refcounting
-frees frozen objects as before. Only garbage in reference cycles among frozen objects waits for the job's end.
+frees frozen objects as before. Only garbage in reference cycles among frozen objects waits for the job's end. A
+server gains most: a full collection in the middle of a request no longer walks the model and every module.
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
 """glm_ft/heap.py: a job's long-lived objects are frozen out of full collections while it runs, and given back when
-it ends; a real training job starts without walking its heap again and again."""
+it ends; a real training job starts without walking its heap again and again, and inference works with the loaded
+model frozen."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import pytest
 
 from conftest import ROOT, run_process
 from glm_ft import heap
+from inference_fixtures import base_dir, runs  # noqa: F401
 
 
 class Node:
@@ -119,3 +121,38 @@ def test_a_tracked_sweep_starts_each_job_without_walking_its_heap(tmp_path):
     assert before[-1] > 100_000, lines
     assert sum("'loss'" in line for line in lines) == 4  # two jobs, two steps each
     assert "jobs over: frozen=0 enabled=True" in result.stdout
+
+
+# Runs an inference command with `uvicorn.run` (serve) and `generate_all` (predict) replaced by a report of the
+# collector's state at the moment the command would start its real work.
+INFERENCE_PROBE = """
+import gc, sys
+import uvicorn
+import glm_ft.infer.predict as predict
+def report(*args, **kwargs):
+    print(f"working: frozen={gc.get_freeze_count()} enabled={gc.isenabled()}", flush=True)
+    return [[] for _ in args[2]] if len(args) > 2 else None
+uvicorn.run, predict.generate_all = report, report
+from glm_ft.command import main
+try:
+    main(sys.argv[1:])
+finally:
+    print(f"done: frozen={gc.get_freeze_count()} enabled={gc.isenabled()}", flush=True)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", ["serve", "predict"])
+def test_inference_works_with_the_loaded_model_frozen(command, runs, tmp_path):
+    script = tmp_path / "probe.py"
+    script.write_text(INFERENCE_PROBE)
+    args = {"serve": ["serve", str(runs["lora"])],
+            "predict": ["predict", str(runs["lora"]), str(ROOT / "data" / "sample" / "test.jsonl"),
+                        "--out", str(tmp_path / "predictions.jsonl")]}[command]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/m.db"}
+    result = run_process([sys.executable, str(script), *args], cwd=tmp_path, env=env)
+    working = re.search(r"working: frozen=(\d+) enabled=(\w+)", result.stdout)
+    assert working, result.stdout[-2000:] + result.stderr[-3000:]
+    # torch's, transformers' and the model's objects, frozen; the collector on for what the work makes
+    assert int(working[1]) > 100_000 and working[2] == "True"
+    assert "done: frozen=0 enabled=True" in result.stdout

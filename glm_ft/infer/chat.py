@@ -19,6 +19,7 @@ import argparse
 import sys
 from typing import Any, TextIO
 
+from glm_ft.heap import job_heap
 from glm_ft.methods import DTYPE_NAMES
 from glm_ft.errors import GlmFtError
 
@@ -93,7 +94,8 @@ def _interactive(session, loaded: Any, stdin: TextIO, stdout: TextIO) -> None:
 def main(argv: list[str] | None = None, stdin: TextIO | None = None, stdout: TextIO | None = None) -> int:
     args = parse_args(argv)
     try:
-        return run(args, stdin or sys.stdin, stdout or sys.stdout)
+        with job_heap():  # the loaded model frozen out of full collections while chatting (glm_ft/heap.py)
+            return run(args, stdin or sys.stdin, stdout or sys.stdout)
     except GlmFtError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

@@ -25,6 +25,7 @@ from typing import Any
 
 from glm_ft import methods
 from glm_ft.errors import CheckpointError
+from glm_ft.heap import long_lived
 from glm_ft.methods import freeze, lora, ptuning_v2, sft
 from glm_ft.methods.lora import ADAPTER_CONFIG
 from glm_ft.methods.ptuning_v2 import PREFIX_TENSOR
@@ -140,19 +141,20 @@ def load_checkpoint(path: str | Path | Checkpoint, base_model: str | Path | None
 
     A LoRA adapter stays a PeftModel unless `merge_lora`, which folds it into the base weights; other methods'
     weights are in the model as loaded."""
-    from glm_ft.model import load_base_model, load_tokenizer
-
     ckpt = path if isinstance(path, Checkpoint) else find_checkpoint(path, base_model)
-    device = device or default_device()
-    dtype = methods.torch_dtype(dtype, device=device)
-    tokenizer = load_tokenizer(ckpt.tokenizer_dir)
-    if ckpt.base_model is None:  # the folder is a whole model
-        _check_prefix_weights(ckpt.path)
-        model = load_base_model(ckpt.path, dtype)
-    else:
-        model = methods.by_kind(ckpt.kind).load_onto(load_base_model(ckpt.base_model, dtype), ckpt, merge_lora)
-    model.config.use_cache = True  # training switched it off, and an SFT checkpoint saved it that way
-    model.to(device).eval()
+    with long_lived():  # torch, transformers and the model stay for the whole session (glm_ft/heap.py)
+        from glm_ft.model import load_base_model, load_tokenizer
+
+        device = device or default_device()
+        dtype = methods.torch_dtype(dtype, device=device)
+        tokenizer = load_tokenizer(ckpt.tokenizer_dir)
+        if ckpt.base_model is None:  # the folder is a whole model
+            _check_prefix_weights(ckpt.path)
+            model = load_base_model(ckpt.path, dtype)
+        else:
+            model = methods.by_kind(ckpt.kind).load_onto(load_base_model(ckpt.base_model, dtype), ckpt, merge_lora)
+        model.config.use_cache = True  # training switched it off, and an SFT checkpoint saved it that way
+        model.to(device).eval()
     log.info("loaded %s", ckpt.describe())
     return Loaded(ckpt, tokenizer, model)
 

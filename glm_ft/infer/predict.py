@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from glm_ft.config.schema import EVAL_BATCH_TOKENS
+from glm_ft.heap import job_heap
 from glm_ft.methods import DTYPE_NAMES
 from glm_ft.errors import GlmFtError
 
@@ -137,11 +138,12 @@ def main(argv: list[str] | None = None) -> int:
 
         ckpt = find_checkpoint(args.checkpoint, args.base_model)
         quiet_transformers()
-        metrics = predict(ckpt, args.data_file, args.out,
-                          batch_size=args.batch_size, batch_tokens=args.batch_tokens,
-                          max_input_length=args.max_input_length,
-                          max_output_length=args.max_output_length, max_new_tokens=args.max_new_tokens,
-                          dtype=args.dtype)
+        with job_heap():  # what load_checkpoint loads is frozen out of full collections (glm_ft/heap.py)
+            metrics = predict(ckpt, args.data_file, args.out,
+                              batch_size=args.batch_size, batch_tokens=args.batch_tokens,
+                              max_input_length=args.max_input_length,
+                              max_output_length=args.max_output_length, max_new_tokens=args.max_new_tokens,
+                              dtype=args.dtype)
     except GlmFtError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

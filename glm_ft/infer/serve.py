@@ -22,6 +22,8 @@ import time
 import uuid
 from typing import Any
 
+from glm_ft import heap
+from glm_ft.heap import job_heap
 from glm_ft.methods import DTYPE_NAMES
 from glm_ft.errors import GlmFtError
 from glm_ft.runs import FINAL
@@ -240,6 +242,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    with job_heap():  # the model frozen out of full collections while it serves (glm_ft/heap.py)
+        return _serve(args)
+
+
+def _serve(args: argparse.Namespace) -> int:
     try:
         from glm_ft.infer.checkpoint import find_checkpoint
 
@@ -255,10 +262,10 @@ def main(argv: list[str] | None = None) -> int:
     except GlmFtError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    heap.freeze()  # uvicorn and the app too: a request's full collection then walks only what requests made
     print(f"serving {ckpt.describe()} as {name!r} on http://{args.host}:{args.port}/v1", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())
