@@ -44,6 +44,8 @@ RUN_FILES = ("finetune.yaml", "ds_config.json", "ds_config.resolved.json", PREDI
              CURVES_FILE)
 # The trained adapter, prefix or model that glm_ft.train.finetune saves; logged through Tracker.log_model.
 MODEL_DIR = FINAL
+# The most a checkpoint waits for points on their way to a store that is up (usually milliseconds).
+CHECKPOINT_FLUSH_S = 5.0
 
 
 class Tracker:
@@ -94,6 +96,13 @@ class Tracker:
         if batch:
             self.sender.submit(metrics=batch)
 
+    def settle(self) -> None:
+        """Before a checkpoint counts as complete: wait, briefly, until what was logged so far is in the store, so a
+        run killed after the checkpoint and resumed from it lacks none of its points. A store that is down is not
+        waited for: its points stay queued, and training goes on."""
+        if not self.sender.store_down:
+            self.sender.flush(CHECKPOINT_FLUSH_S)
+
     def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
         """A file, or a folder (logged under its own name unless artifact_path says otherwise)."""
         path = Path(path)
@@ -140,6 +149,9 @@ class NullTracker:
         pass
 
     def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
+        pass
+
+    def settle(self) -> None:
         pass
 
     def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:

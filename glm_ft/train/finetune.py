@@ -112,7 +112,7 @@ def _train(cfg: DictConfig, run_dir: Path, paths: dict[str, Path], where: InputP
     has_eval = data.val is not None and len(data.val) > 0
     args = build_training_arguments(cfg, run_dir, paths.get("ds_config"), has_eval=has_eval,
                                     generation_config=gen_config)
-    callbacks = [Watchdog(), TrackerCallback(tracker)]
+    callbacks = [TrackerCallback(tracker), Watchdog()]  # in this order: see TrackerCallback
     job_trial = _search_trial(cfg, tracker, has_eval, callbacks)
     trainer = GlmTrainer(
         model=model, args=args, train_dataset=data.train, eval_dataset=data.val if has_eval else None,

@@ -172,7 +172,8 @@ class Watchdog(TrainerCallback):
 
 class TrackerCallback(TrainerCallback):
     """Every Trainer log (loss, learning_rate, eval_*, runtime, throughput) becomes MLflow metrics at
-    step=state.global_step."""
+    step=state.global_step. Placed before Watchdog: a checkpoint is marked complete only once the points logged up
+    to it reached the store (Tracker.settle), since a resume from it never logs them again."""
 
     def __init__(self, tracker):
         self.tracker = tracker
@@ -180,6 +181,10 @@ class TrackerCallback(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and dist.is_rank_zero():
             self.tracker.log_metrics(logs, step=state.global_step)
+
+    def on_save(self, args, state, control, **kwargs):
+        if dist.is_rank_zero():
+            self.tracker.settle()
 
 
 class PruningCallback(TrainerCallback):
