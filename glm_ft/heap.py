@@ -29,7 +29,7 @@ _jobs = 0  # job_heap() contexts open in this process: freezing is only done ins
 
 @contextlib.contextmanager
 def job_heap() -> Iterator[None]:
-    """Around one job: whatever `long_lived` and `startup_done` froze is unfrozen when it ends."""
+    """Around one job: whatever `long_lived` and `freeze` froze is unfrozen when it ends."""
     global _jobs
     _jobs += 1
     try:

@@ -23,7 +23,6 @@ import uuid
 from typing import Any
 
 from glm_ft import heap
-from glm_ft.heap import job_heap
 from glm_ft.methods import DTYPE_NAMES
 from glm_ft.errors import GlmFtError
 from glm_ft.runs import FINAL
@@ -242,7 +241,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    with job_heap():  # the model frozen out of full collections while it serves (glm_ft/heap.py)
+    with heap.job_heap():  # the model frozen out of full collections while it serves (glm_ft/heap.py)
         return _serve(args)
 
 
