@@ -12,7 +12,7 @@ import pytest
 
 from conftest import free_port
 from lifecycle_helpers import (QUICK, background, fill, kill_group, log_has, logged_losses, mlflow_run_id,
-                               mlflow_server, tmpfs, train_cmd, trainer_losses, wait_for)
+                               mlflow_server, stopped, tmpfs, train_cmd, trainer_losses, wait_for)
 
 pytestmark = pytest.mark.slow
 
@@ -28,9 +28,19 @@ def complete_steps(run_dir) -> set[int]:
     return {int(p.parent.name.split("-")[1]) for p in run_dir.glob("checkpoint-*/glm_ft_complete")}
 
 
+def stopped_at_first_checkpoint(client, proc, log, run_dir) -> None:
+    """The job stops itself once checkpoint-SAVE is complete (train_cmd's stop_after), so the test breaks the store
+    at that exact point however fast training runs; the points up to it have reached the store by then."""
+    wait_for(lambda: stopped(proc), f"checkpoint-{SAVE} (the job stops there)", proc, log)
+    assert complete_steps(run_dir) == {SAVE}
+    assert sorted(logged_losses(client, mlflow_run_id(run_dir))) == list(range(1, SAVE + 1))
+
+
 def wait_for_training_during_outage(proc, log, run_dir) -> None:
-    """With the store broken, a new checkpoint is completed (training did not wait), and the outage is reported."""
+    """The job resumes with the store broken: a new checkpoint is completed (training did not wait), and the outage
+    is reported."""
     before = complete_steps(run_dir)
+    kill_group(proc, signal.SIGCONT)
     wait_for(lambda: complete_steps(run_dir) - before, "a checkpoint completed while the store is down", proc, log)
     wait_for(lambda: log_has(log, DOWN), "the outage warning", proc, log)
     assert not log_has(log, BACK)
@@ -64,9 +74,8 @@ def test_a_server_outage_costs_no_training(outage, tmp_path):
     with contextlib.ExitStack() as servers:
         server = servers.enter_context(mlflow_server(root, port))
         client = MlflowClient(uri)
-        with background(train_cmd(ARGS, run_dir), log, env={**ENV, "MLFLOW_TRACKING_URI": uri}) as proc:
-            wait_for(lambda: (run_dir / "mlflow_run.json").is_file() and
-                     client.get_metric_history(mlflow_run_id(run_dir), "loss"), "the first loss in MLflow", proc, log)
+        with background(train_cmd(ARGS, run_dir, stop_after=f"checkpoint-{SAVE}"), log, env={**ENV, "MLFLOW_TRACKING_URI": uri}) as proc:
+            stopped_at_first_checkpoint(client, proc, log, run_dir)
             if outage == "killed_and_restarted":
                 kill_group(server)
                 server.wait()
@@ -88,9 +97,8 @@ def test_a_full_sqlite_store_costs_no_training(tmp_path):
     with tmpfs(tmp_path / "store", "32m") as store:
         uri = f"sqlite:///{store / 'mlflow.db'}"
         client = MlflowClient(uri)
-        with background(train_cmd(ARGS, run_dir), log, env={**ENV, "MLFLOW_TRACKING_URI": uri}) as proc:
-            wait_for(lambda: (run_dir / "mlflow_run.json").is_file() and
-                     client.get_metric_history(mlflow_run_id(run_dir), "loss"), "the first loss in MLflow", proc, log)
+        with background(train_cmd(ARGS, run_dir, stop_after=f"checkpoint-{SAVE}"), log, env={**ENV, "MLFLOW_TRACKING_URI": uri}) as proc:
+            stopped_at_first_checkpoint(client, proc, log, run_dir)
             filler = fill(store)
             try:
                 wait_for_training_during_outage(proc, log, run_dir)
