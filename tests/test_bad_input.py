@@ -74,7 +74,8 @@ BAD_VALUES = {
     "eval_batch_tokens": [["0"], ["-1"]],
     # glm_ft/methods/: the LoRA variants' and freeze tuning's values
     "method.init_lora_weights": [["pisa", "method=lora"], ["eva", "method=lora"], ["pissa_niter_x", "method=lora"],
-                                 ["pissa", "method=lora", "method.use_dora=true"], ["olora", "method=lora", "deepspeed=zero3"]],
+                                 ["pissa", "method=lora", "method.use_dora=true"],
+                                 ["olora", "method=lora", "deepspeed=zero3"]],
     "method.loraplus_lr_ratio": [["0", "method=lora"], ["-1", "method=lora"], ["inf", "method=lora"],
                                  ["16", "method=lora", "deepspeed=zero3"]],
     "method.num_trainable_layers": [["-1", "method=freeze"], ["0", "method=freeze"]],
@@ -226,8 +227,8 @@ def test_resume_auto_needs_an_existing_run_folder(tmp_path):
 ])
 def test_misspelt_keys_get_the_closest_valid_ones(args, expect, tmp_path):
     flags = [a for a in args if a.startswith("-")]  # Hydra's flags come before the overrides
-    out = probe_train([*flags, *SHORT, *[a for a in args if a not in flags], f"hydra.run.dir={tmp_path / 'run'}", f"hydra.sweep.dir={tmp_path / 's'}"],
-                      tmp_path)
+    folders = [f"hydra.run.dir={tmp_path / 'run'}", f"hydra.sweep.dir={tmp_path / 's'}"]
+    out = probe_train([*flags, *SHORT, *[a for a in args if a not in flags], *folders], tmp_path)
     assert_refused_light(out, expect)
     assert "+" not in out.stderr  # not Hydra's "To append to your config use +..."
     assert not (tmp_path / "run").exists() and not (tmp_path / "s").exists()
@@ -237,7 +238,8 @@ def test_misspelt_keys_get_the_closest_valid_ones(args, expect, tmp_path):
                                   ["-m", "method.r=4,8", "--cfg", "job"], ["deepspeed=zero2", "--cfg", "job"],
                                   ["deepspeed=zero2", "deepspeed.zero_optimization.stage=2", "--cfg", "job"],
                                   ["hparams_search=lora_optuna", "--cfg", "job"],
-                                  ["-m", "method.use_dora=true,false", "--cfg", "job"], ["training_args.bf16=False", "--cfg", "job"]])
+                                  ["-m", "method.use_dora=true,false", "--cfg", "job"],
+                                  ["training_args.bf16=False", "--cfg", "job"]])
 def test_valid_command_lines_pass_the_key_check(args, tmp_path):
     flags = [a for a in args if a.startswith("-") or a == "job"]
     out = probe_train([*flags, "method=lora", *[a for a in args if a not in flags]], tmp_path)

@@ -62,7 +62,8 @@ def test_deepspeed_launcher_local_rank_argument_is_accepted(tmp_path):
     assert out.returncode == 0, out.stderr
 
 
-@pytest.mark.parametrize("flag, expect", [("--help", "method: freeze, lora, ptuning_v2, sft"), ("--cfg=job", "peft_type: LORA")])
+@pytest.mark.parametrize("flag, expect", [("--help", "method: freeze, lora, ptuning_v2, sft"),
+                                          ("--cfg=job", "peft_type: LORA")])
 def test_hydra_flags_keep_working(flag, expect):
     out = run_train([flag] if flag == "--help" else ["--cfg", "job"])
     assert out.returncode == 0, out.stderr

@@ -75,7 +75,8 @@ def test_collectives_stay_on_loopback_on_one_machine(monkeypatch, env, on_loopba
 
 def test_one_process_group_is_made_on_an_in_memory_store():
     code = ("import os, torch.distributed as d; from glm_ft import dist; dist.setup_single_process_group(); "
-            "print(d.is_initialized(), d.get_rank(), d.get_world_size(), os.environ['WORLD_SIZE'], dist.is_rank_zero());"
+            "print(d.is_initialized(), d.get_rank(), d.get_world_size(), os.environ['WORLD_SIZE'], "
+            "dist.is_rank_zero());"
             "dist.destroy_process_group(); print(d.is_initialized())")
     env = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)

@@ -93,7 +93,8 @@ def load_prefix(model, path: str | os.PathLike):
     if weight is None or weight.dim() != 2 or weight.shape[1] != kv_size:
         shape = None if weight is None else list(weight.shape)
         raise CheckpointError(
-            f"{path}: prefix_encoder.embedding.weight must be [num_virtual_tokens, {kv_size}] for this model, got {shape}"
+            f"{path}: prefix_encoder.embedding.weight must be [num_virtual_tokens, {kv_size}] for this model, "
+            f"got {shape}"
         )
     projection = any(name.startswith("trans.") for name in tensors)
     attach_prefix(model, weight.shape[0], projection)

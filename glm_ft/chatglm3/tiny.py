@@ -97,7 +97,8 @@ def ensure_tiny_model(path: str | os.PathLike, seed: int = 0) -> Path:
     if is_complete(path):
         return path
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
-        raise CheckpointError(f"{path}: exists but is not a complete tiny ChatGLM3 checkpoint; remove it or pick another path")
+        raise CheckpointError(f"{path}: exists but is not a complete tiny ChatGLM3 checkpoint; "
+                              "remove it or pick another path")
 
     with folder_atomic(path, done_by_another=is_complete) as staging:
         _build(staging, seed)

@@ -1,7 +1,8 @@
 """Config keys known to the schema, and the closest valid ones for a misspelt key ("did you mean method.r?").
 
 Used twice: on the command line before Hydra composes (Hydra's own answer to `method.rank=8` is a hint to append
-the key with `+`), and by glm_ft.config.validate for keys that reached the config through `+key=...`. Light: schema only.
+the key with `+`), and by glm_ft.config.validate for keys that reached the config through `+key=...`. Light:
+schema only.
 """
 
 from __future__ import annotations

@@ -81,7 +81,8 @@ def _training_fills(args: DictConfig) -> list[tuple[str, Any, str]]:
     """(deepspeed key, value from training_args, training_args key): HfTrainerDeepSpeedConfig's first stage."""
     batch = dist.world_size() * args.per_device_train_batch_size * args.gradient_accumulation_steps
     return [
-        ("train_micro_batch_size_per_gpu", args.per_device_train_batch_size, "training_args.per_device_train_batch_size"),
+        ("train_micro_batch_size_per_gpu", args.per_device_train_batch_size,
+         "training_args.per_device_train_batch_size"),
         ("gradient_accumulation_steps", args.gradient_accumulation_steps, "training_args.gradient_accumulation_steps"),
         ("train_batch_size", batch, "training_args.per_device_train_batch_size × gradient_accumulation_steps × "
                                     f"world size {dist.world_size()}"),

@@ -26,7 +26,8 @@ from glm_ft.errors import GlmFtError
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m glm_ft chat", description=__doc__.splitlines()[0])
-    parser.add_argument("checkpoint", help="run folder, checkpoint folder (LoRA, P-Tuning v2, freeze, SFT) or model folder")
+    parser.add_argument("checkpoint",
+                        help="run folder, checkpoint folder (LoRA, P-Tuning v2, freeze, SFT) or model folder")
     parser.add_argument("--base-model", help="base model folder (default: the one recorded at training time)")
     parser.add_argument("--system", help="system prompt")
     parser.add_argument("--prompt", help="answer this one message on stdout and exit")

@@ -11,8 +11,9 @@ What a folder holds decides how it opens:
 - a full model (`config.json` + weights): an SFT checkpoint, an exported model, the tiny model, or a whole-model
   P-Tuning v2 checkpoint of the reference demo (`pre_seq_len` in its config, the prefix among its weights).
 
-Each kind is a method's (glm_ft/methods/: `holds_checkpoint`, `load_onto`). The base model is the one recorded in the run's `glm_ft_run.json` (for a LoRA adapter outside a run: the adapter's
-`base_model_name_or_path`); `base_model=` overrides it. chat, predict and export all open checkpoints here.
+Each kind is a method's (glm_ft/methods/: `holds_checkpoint`, `load_onto`). The base model is the one recorded in
+the run's `glm_ft_run.json` (for a LoRA adapter outside a run: the adapter's `base_model_name_or_path`);
+`base_model=` overrides it. chat, predict and export all open checkpoints here.
 """
 
 from __future__ import annotations

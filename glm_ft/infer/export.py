@@ -163,7 +163,8 @@ def _save_tokenizer(tokenizer, out: Path) -> None:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m glm_ft export", description=__doc__.splitlines()[0])
-    parser.add_argument("checkpoint", help="run folder, checkpoint folder (LoRA, P-Tuning v2, freeze, SFT) or model folder")
+    parser.add_argument("checkpoint",
+                        help="run folder, checkpoint folder (LoRA, P-Tuning v2, freeze, SFT) or model folder")
     parser.add_argument("out_dir", help="new folder for the exported model")
     parser.add_argument("--base-model", help="base model folder (default: the one recorded at training time)")
     parser.add_argument("--max-shard-size", default="2GB", help="largest safetensors shard (default 2GB)")

@@ -110,7 +110,8 @@ def predict(checkpoint, data_file: str | Path, out: str | Path, *, base_model: s
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m glm_ft predict", description=__doc__.splitlines()[0])
-    parser.add_argument("checkpoint", help="run folder, checkpoint folder (LoRA, P-Tuning v2, freeze, SFT) or model folder")
+    parser.add_argument("checkpoint",
+                        help="run folder, checkpoint folder (LoRA, P-Tuning v2, freeze, SFT) or model folder")
     parser.add_argument("data_file", help=".jsonl or .json file of conversations or AdvertiseGen rows")
     parser.add_argument("--out", default="predictions.jsonl", help="predictions file; test_metrics.json goes beside it")
     parser.add_argument("--base-model", help="base model folder (default: the one recorded at training time)")

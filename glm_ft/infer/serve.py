@@ -224,7 +224,8 @@ async def _stream(engine: Engine, ids: list[int], gen, seed, completion_id: str,
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m glm_ft serve", description=__doc__.splitlines()[0])
-    parser.add_argument("checkpoint", help="run folder, checkpoint folder (LoRA, P-Tuning v2, freeze, SFT) or model folder")
+    parser.add_argument("checkpoint",
+                        help="run folder, checkpoint folder (LoRA, P-Tuning v2, freeze, SFT) or model folder")
     parser.add_argument("--base-model", help="base model folder (default: the one recorded at training time)")
     parser.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, default=8000)

@@ -103,8 +103,9 @@ def compare(sweep: str | None = None, metric: str | None = None, experiment: str
     swept = json.loads(tags.get(SWEPT_PARAMS_TAG, "[]")) or sorted(
         k for k in children[0].data.params if len({c.data.params.get(k) for c in children}) > 1)
 
-    columns = sorted({k for c in children for k in c.data.metrics
-                      if (k.startswith(("eval_", "test_")) or k == "train_loss") and not k.endswith(NOT_COMPARED)} - {metric})
+    scores = {k for c in children for k in c.data.metrics
+              if (k.startswith(("eval_", "test_")) or k == "train_loss") and not k.endswith(NOT_COMPARED)}
+    columns = sorted(scores - {metric})
     result = Comparison(parent.info.run_id, parent.info.run_name, metric, direction, swept, [metric] + columns)
     for child in children:
         # A trial stopped by its study's pruner ends KILLED with this tag (glm_ft.search.study).

@@ -1,6 +1,7 @@
-"""The life of a job's MLflow run around glm_ft.tracking.tracker.start_run: what the run folder's earlier run becomes (closed
-if its process died, continued on resume), and how a run is closed (the sender drained, the run files logged, what
-the store would not take kept for later). Objects come in from glm_ft.tracking.tracker; nothing is imported from it.
+"""The life of a job's MLflow run around glm_ft.tracking.tracker.start_run: what the run folder's earlier run becomes
+(closed if its process died, continued on resume), and how a run is closed (the sender drained, the run files logged,
+what the store would not take kept for later). Objects come in from glm_ft.tracking.tracker; nothing is imported from
+it.
 """
 
 from __future__ import annotations

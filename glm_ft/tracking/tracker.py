@@ -201,7 +201,8 @@ def start_run(cfg: DictConfig, run_dir: Path) -> Iterator[Tracker | NullTracker]
         status = "FINISHED" if exit_.code in (None, 0) else "FAILED"
         raise
     except BaseException as err:
-        # An exception may name its own end state: a trial stopped by its study's pruner is KILLED (glm_ft.search.study).
+        # An exception may name its own end state: a trial stopped by its study's pruner is KILLED
+        # (glm_ft.search.study).
         status = getattr(err, "mlflow_status", "FAILED")
         if status == "FAILED":
             with contextlib.suppress(Exception):

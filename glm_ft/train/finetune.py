@@ -5,8 +5,8 @@
     torchrun --nproc_per_node 2 train.py method=sft deepspeed=zero3 ... # several GPUs (or CPU processes, gloo)
 
 Checkpoints hold only what was trained (LoRA adapter, P-Tuning v2 prefix, freeze-tuned tensors, or the full model
-for SFT; each method's module in glm_ft/methods/ saves and reloads its own), as safetensors. A checkpoint counts once `glm_ft_complete` is written into it, so `resume=auto` never picks up one
-that a crash left half-written.
+for SFT; each method's module in glm_ft/methods/ saves and reloads its own), as safetensors. A checkpoint counts
+once `glm_ft_complete` is written into it, so `resume=auto` never picks up one that a crash left half-written.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
-"""`hydra/sweeper=basic` (Hydra's default; config.py replaces Hydra's entry of that name): Hydra's grid sweeper (`-m method.r=4,8,16`), except
-that running the same sweep again in the same `hydra.sweep.dir` skips the jobs that already finished there, so a
-sweep killed after two of three 6B jobs costs one more job, not three.
+"""`hydra/sweeper=basic` (Hydra's default; config.py replaces Hydra's entry of that name): Hydra's grid sweeper
+(`-m method.r=4,8,16`), except that running the same sweep again in the same `hydra.sweep.dir` skips the jobs that
+already finished there, so a sweep killed after two of three 6B jobs costs one more job, not three.
 
 A job counts as finished when glm_ft.sweep's callback recorded it COMPLETED (`<sweep dir>/.glm_ft_jobs/N.json`)
 with exactly the same overrides, and its folder is still there. The skipped jobs' results are the recorded ones.

@@ -31,7 +31,8 @@ def pair(**overrides) -> tuple[ChatGLMForConditionalGeneration, GlmForCausalLM]:
     return ours, oracle
 
 
-@pytest.fixture(scope="module", params=[{}, {"multi_query_group_num": 1, "rope_ratio": 50.0}], ids=["gqa2", "mqa-rope50"])
+@pytest.fixture(scope="module", params=[{}, {"multi_query_group_num": 1, "rope_ratio": 50.0}],
+                ids=["gqa2", "mqa-rope50"])
 def models(request):
     return pair(**request.param)
 

@@ -234,7 +234,8 @@ torch.manual_seed(0)
 model = enable_ptuning_v2(ChatGLMForConditionalGeneration(ChatGLMConfig.from_dict(TINY_CONFIG)), 4, seed=1)
 weight = model.transformer.prefix_encoder.embedding.weight
 trained = weight.detach().clone()
-config = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+config = {"train_micro_batch_size_per_gpu": 1,
+          "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
           "optimizer": {"type": "AdamW", "params": {"lr": 0.01, "torch_adam": True}}}
 deepspeed.initialize(model=model, model_parameters=[weight], config=config)
 assert weight.numel() == 0, "not partitioned: the test would prove nothing"

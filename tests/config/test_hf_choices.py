@@ -1,9 +1,9 @@
 """glm-ft's light checks of Trainer and generation values hold to what transformers itself does.
 
-Validation can't import transformers (a dry run loads nothing heavy), so the Trainer enums are read from
-transformers' source (glm_ft.config.hf_choices) and the generation ranges are written in glm_ft.config.validate. These tests
-import the real thing and hold both to it: the enums equal, and every generation value transformers' generate()
-refuses is refused by glm-ft, every value glm-ft accepts generates.
+Validation can't import transformers (a dry run loads nothing heavy), so the Trainer enums are read from transformers'
+source (glm_ft.config.hf_choices) and the generation ranges are written in glm_ft.config.validate. These tests import
+the real thing and hold both to it: the enums equal, and every generation value transformers' generate() refuses is
+refused by glm-ft, every value glm-ft accepts generates.
 """
 
 from __future__ import annotations

@@ -51,7 +51,8 @@ def test_packed_rows_concatenate_samples_and_mask_each_first_token():
     assert batch["attention_mask"].tolist() == [[1] * 6, [1, 1, 1, 0, 0, 0]]
     assert batch["labels"][1].tolist() == [IGNORE_INDEX, 6, 7, IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX]
     # evaluation rows (no packing record) keep the plain, left-padded layout
-    plain = PackedCollator(pad_token_id=0)([{"input_ids": [1, 2], "output_ids": [3]}, {"input_ids": [4], "output_ids": [5]}])
+    eval_rows = [{"input_ids": [1, 2], "output_ids": [3]}, {"input_ids": [4], "output_ids": [5]}]
+    plain = PackedCollator(pad_token_id=0)(eval_rows)
     assert "segment_ids" not in plain and plain["input_ids"].tolist() == [[1, 2], [0, 4]]
 
 

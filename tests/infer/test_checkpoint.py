@@ -1,6 +1,6 @@
-"""Opening what training left (glm_ft.infer.checkpoint): which folder a run resolves to, the base model and its override,
-a reference demo P-Tuning v2 checkpoint (chat and continued training), and the errors: a folder that holds no model,
-a base model that can't be found, an adapter or prefix trained for another model shape."""
+"""Opening what training left (glm_ft.infer.checkpoint): which folder a run resolves to, the base model and its
+override, a reference demo P-Tuning v2 checkpoint (chat and continued training), and the errors: a folder that holds no
+model, a base model that can't be found, an adapter or prefix trained for another model shape."""
 
 from __future__ import annotations
 

@@ -38,9 +38,10 @@ def test_every_saved_adapter_config_is_readable_by_peft_0_10(runs):
         written = json.loads((folder / "adapter_config.json").read_text())
         assert set(written) <= PEFT_0_10_LORA_FIELDS, set(written) - PEFT_0_10_LORA_FIELDS
         # what the run was configured with is all there (inference_tests' TRAIN_ARGS: method=lora defaults)
-        assert {k: written[k] for k in ("peft_type", "task_type", "r", "lora_alpha", "lora_dropout", "target_modules")} \
-            == {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 8, "lora_alpha": 32, "lora_dropout": 0.1,
-                "target_modules": ["query_key_value"]}
+        configured = ("peft_type", "task_type", "r", "lora_alpha", "lora_dropout", "target_modules")
+        assert {k: written[k] for k in configured} == {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 8,
+                                                      "lora_alpha": 32, "lora_dropout": 0.1,
+                                                      "target_modules": ["query_key_value"]}
 
 
 def test_todays_peft_rebuilds_the_same_adapter(runs, base_dir):

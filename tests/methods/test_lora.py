@@ -143,7 +143,8 @@ def test_chat_and_predict_answer_like_peft_greedy_generation(runs, tmp_path):
     tokenizer, model = load_by_hand(runs["pissa"], base_dir(runs["pissa"]))
     expected = greedy_reply(model, tokenizer, QUESTION, max_new_tokens=8)
     out = io.StringIO()
-    assert chat([str(runs["pissa"]), "--prompt", QUESTION, "--max-new-tokens", "8"], stdin=io.StringIO(), stdout=out) == 0
+    args = [str(runs["pissa"]), "--prompt", QUESTION, "--max-new-tokens", "8"]
+    assert chat(args, stdin=io.StringIO(), stdout=out) == 0
     assert out.getvalue().strip() == expected
     data = tmp_path / "rows.jsonl"
     data.write_text(json.dumps({"conversations": [{"role": "user", "content": QUESTION},

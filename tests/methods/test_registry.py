@@ -64,8 +64,9 @@ def test_a_bad_dtype_name_is_one_line():
 
 
 def test_checkpoint_kinds_are_recognised_by_their_files(tmp_path: Path):
-    for name, files in {"lora": ["adapter_config.json"], "ptuning_v2": ["prefix_encoder.safetensors"],
-                        "freeze": ["trained_weights.safetensors"], "full": ["config.json", "model.safetensors"]}.items():
+    kinds = {"lora": ["adapter_config.json"], "ptuning_v2": ["prefix_encoder.safetensors"],
+             "freeze": ["trained_weights.safetensors"], "full": ["config.json", "model.safetensors"]}
+    for name, files in kinds.items():
         folder = tmp_path / name
         folder.mkdir()
         for file in files:

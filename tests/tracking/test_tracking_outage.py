@@ -74,7 +74,8 @@ def test_a_server_outage_costs_no_training(outage, tmp_path):
     with contextlib.ExitStack() as servers:
         server = servers.enter_context(mlflow_server(root, port))
         client = MlflowClient(uri)
-        with background(train_cmd(ARGS, run_dir, stop_after=f"checkpoint-{SAVE}"), log, env={**ENV, "MLFLOW_TRACKING_URI": uri}) as proc:
+        cmd = train_cmd(ARGS, run_dir, stop_after=f"checkpoint-{SAVE}")
+        with background(cmd, log, env={**ENV, "MLFLOW_TRACKING_URI": uri}) as proc:
             stopped_at_first_checkpoint(client, proc, log, run_dir)
             if outage == "killed_and_restarted":
                 kill_group(server)
@@ -97,7 +98,8 @@ def test_a_full_sqlite_store_costs_no_training(tmp_path):
     with tmpfs(tmp_path / "store", "32m") as store:
         uri = f"sqlite:///{store / 'mlflow.db'}"
         client = MlflowClient(uri)
-        with background(train_cmd(ARGS, run_dir, stop_after=f"checkpoint-{SAVE}"), log, env={**ENV, "MLFLOW_TRACKING_URI": uri}) as proc:
+        cmd = train_cmd(ARGS, run_dir, stop_after=f"checkpoint-{SAVE}")
+        with background(cmd, log, env={**ENV, "MLFLOW_TRACKING_URI": uri}) as proc:
             stopped_at_first_checkpoint(client, proc, log, run_dir)
             filler = fill(store)
             try:
