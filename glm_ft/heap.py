@@ -11,7 +11,11 @@ So, within `job_heap()` (one training job in `glm_ft.cli.run`; one `chat`, `pred
   frozen (`gc.freeze()`), so no later collection walks it again;
 - `freeze()`, once everything training (or the server) needs is built, freezes what exists then;
 - when the job ends everything is unfrozen, so garbage it left in cycles is collected as usual, and the next job of a
-  sweep in the same process starts from an ordinary heap.
+  sweep in the same process starts from an ordinary heap;
+- at interpreter exit (an `atexit` handler, registered by the first job) everything is frozen again: finalization's
+  own collections would walk the whole heap once more, about 3 s of every job's exit on this CPU against 0.4 s.
+  Objects are still released as modules are cleared; only garbage in reference cycles is left to the OS, as Python
+  leaves whatever outlives finalization (every file glm-ft writes is closed before then).
 
 The collector keeps running between these, so garbage made while the job starts is still collected; and refcounting
 frees frozen objects as before. Only garbage in reference cycles among frozen objects waits for the job's end. A
@@ -20,17 +24,21 @@ server gains most: a full collection in the middle of a request no longer walks 
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import gc
 from typing import Iterator
 
 _jobs = 0  # job_heap() contexts open in this process: freezing is only done inside one, which will undo it
+_exit_frozen = False  # the atexit handler is registered (once per process)
 
 
 @contextlib.contextmanager
 def job_heap() -> Iterator[None]:
     """Around one job: whatever `long_lived` and `freeze` froze is unfrozen when it ends."""
     global _jobs
+    if not _exit_frozen:
+        _freeze_at_exit()
     _jobs += 1
     try:
         yield
@@ -65,3 +73,11 @@ def freeze() -> None:
     """Freeze every object alive now (in a job): later collections walk only what is made after this."""
     if _jobs:
         gc.freeze()
+
+
+def _freeze_at_exit() -> None:
+    # Every other exit handler (MLflow's, logging's flush) still runs: freezing changes only what the collections
+    # of finalization, which come after all of them, walk.
+    global _exit_frozen
+    _exit_frozen = True
+    atexit.register(gc.freeze)
