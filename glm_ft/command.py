@@ -15,6 +15,8 @@ import os
 import sys
 from pathlib import Path
 
+from glm_ft.heap import freeze_at_exit
+
 # subcommand -> (module whose main(argv) runs it, one-line help)
 SUBCOMMANDS = {
     "train": ("glm_ft.cli", "fine-tune: python train.py with Hydra overrides (-m sweeps, --config-dir DIR)"),
@@ -52,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["MLFLOW_TRACKING_URI"] = default_tracking_uri(Path.cwd())
     if name == "ui":
         return ui(rest)
+    freeze_at_exit()  # export and compare load torch or MLflow too: their exit need not walk it all (glm_ft/heap.py)
     module = importlib.import_module(SUBCOMMANDS[name][0])
     if name == "train":
         sys.argv = [f"glm-ft {name}", *rest]  # Hydra reads sys.argv

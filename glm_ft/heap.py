@@ -12,7 +12,7 @@ So, within `job_heap()` (one training job in `glm_ft.cli.run`; one `chat`, `pred
 - `freeze()`, once everything training (or the server) needs is built, freezes what exists then;
 - when the job ends everything is unfrozen, so garbage it left in cycles is collected as usual, and the next job of a
   sweep in the same process starts from an ordinary heap;
-- at interpreter exit (an `atexit` handler, registered by the first job) everything is frozen again: finalization's
+- at interpreter exit (`freeze_at_exit`, registered by the first job) everything is frozen again: finalization's
   own collections would walk the whole heap once more, about 3 s of every job's exit on this CPU against 0.4 s.
   Objects are still released as modules are cleared; only garbage in reference cycles is left to the OS, as Python
   leaves whatever outlives finalization (every file glm-ft writes is closed before then).
@@ -37,8 +37,7 @@ _exit_frozen = False  # the atexit handler is registered (once per process)
 def job_heap() -> Iterator[None]:
     """Around one job: whatever `long_lived` and `freeze` froze is unfrozen when it ends."""
     global _jobs
-    if not _exit_frozen:
-        _freeze_at_exit()
+    freeze_at_exit()
     _jobs += 1
     try:
         yield
@@ -75,9 +74,11 @@ def freeze() -> None:
         gc.freeze()
 
 
-def _freeze_at_exit() -> None:
-    # Every other exit handler (MLflow's, logging's flush) still runs: freezing changes only what the collections
-    # of finalization, which come after all of them, walk.
+def freeze_at_exit() -> None:
+    """Freeze the whole heap when the interpreter exits (once per process; every job does it, and the `glm-ft`
+    command for its other subcommands). Every other exit handler (MLflow's, logging's flush) still runs: freezing
+    changes only what the collections of finalization, which come after all of them, walk."""
     global _exit_frozen
-    _exit_frozen = True
-    atexit.register(gc.freeze)
+    if not _exit_frozen:
+        _exit_frozen = True
+        atexit.register(gc.freeze)

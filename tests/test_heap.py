@@ -93,6 +93,16 @@ atexit.register(lambda: print(f"at exit: frozen={gc.get_freeze_count()}", flush=
 """
 
 
+def test_the_glm_ft_command_exits_with_its_heap_frozen():
+    code = AT_EXIT + """
+from glm_ft.command import main
+main(["compare", "--help"])
+"""
+    result = run_process([sys.executable, "-c", code], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 0, result.stderr
+    assert int(re.search(r"at exit: frozen=(\d+)", result.stdout)[1]) > 1000
+
+
 @pytest.mark.parametrize("jobs", [0, 2])
 def test_a_process_that_ran_a_job_exits_with_its_heap_frozen(jobs):
     code = AT_EXIT + f"""
