@@ -273,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.table:
-        print(format_table(json.loads(args.table.read_text()), markdown=True))
+        print(format_table(json.loads(args.table.read_text())))
         return 0
     only = args.only.split(",") if args.only else list(FIGURES)
     if set(only) - set(FIGURES):
