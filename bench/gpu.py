@@ -19,10 +19,19 @@ from typing import Any
 if __package__ in (None, ""):  # run as `python bench/gpu.py`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import torch  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
+
+import glm_ft.chatglm3 as chatglm3  # noqa: E402
 from bench.common import (  # noqa: E402
     RESULTS_DIR, SCHEMA, machine_info, matmul_params, now_iso, package_versions, ratio, training_flops,
 )
-from glm_ft.chatglm3.tiny import CHATGLM3_6B_CONFIG, TINY_CONFIG  # noqa: E402  (light: no torch)
+from bench.matmul import peak  # noqa: E402
+from glm_ft.chatglm3.configuration import ChatGLMConfig  # noqa: E402
+from glm_ft.chatglm3.modeling import ChatGLMForConditionalGeneration  # noqa: E402
+from glm_ft.chatglm3.tiny import CHATGLM3_6B_CONFIG, TINY_CONFIG  # noqa: E402
+from glm_ft.config.schema import METHOD_SCHEMAS  # noqa: E402
+from glm_ft.model import apply_method, parameter_counts  # noqa: E402
 
 SEED = 42
 # batch 4 of full-length rows (prompt_len + reply_len + 1 tokens): the worst case these settings meet
@@ -36,12 +45,6 @@ PUBLISHED_NOTE = ("ChatGLM3 finetune_demo README, older and smaller settings tha
 
 def build_model(config: dict[str, Any], device: str):
     """Random weights, created directly on `device`: a 6B model never passes through host memory."""
-    import torch
-
-    import glm_ft.chatglm3 as chatglm3
-    from glm_ft.chatglm3.configuration import ChatGLMConfig
-    from glm_ft.chatglm3.modeling import ChatGLMForConditionalGeneration
-
     chatglm3.register()
     with torch.device(device):
         model = ChatGLMForConditionalGeneration._from_config(
@@ -52,12 +55,6 @@ def build_model(config: dict[str, Any], device: str):
 
 def run_variant(config: dict[str, Any], method: str, checkpointing: bool, s: dict[str, Any], device: str,
                 peak_flops: float) -> dict[str, Any]:
-    import torch
-    from omegaconf import OmegaConf
-
-    from glm_ft.config.schema import METHOD_SCHEMAS
-    from glm_ft.model import apply_method, parameter_counts
-
     cuda = device == "cuda"
     length = s["prompt_len"] + s["reply_len"] + 1
     if cuda:
@@ -119,11 +116,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cpu-smoke", action="store_true",
                         help="run the same code on the CPU with the tiny shape (checks the script; writes nothing)")
     args = parser.parse_args(argv)
-
-    import torch
-
-    from bench.matmul import peak
-
     if not args.cpu_smoke and not torch.cuda.is_available():
         print("error: bench/gpu.py needs a CUDA GPU and torch with CUDA "
               f"(torch {torch.__version__}, torch.cuda.is_available() is False). "
