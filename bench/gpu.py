@@ -20,18 +20,12 @@ if __package__ in (None, ""):  # run as `python bench/gpu.py`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
-from omegaconf import OmegaConf  # noqa: E402
 
-import glm_ft.chatglm3 as chatglm3  # noqa: E402
 from bench.common import (  # noqa: E402
     RESULTS_DIR, SCHEMA, machine_info, matmul_params, now_iso, package_versions, ratio, training_flops,
 )
 from bench.matmul import peak  # noqa: E402
-from glm_ft.chatglm3.configuration import ChatGLMConfig  # noqa: E402
-from glm_ft.chatglm3.modeling import ChatGLMForConditionalGeneration  # noqa: E402
-from glm_ft.chatglm3.tiny import CHATGLM3_6B_CONFIG, TINY_CONFIG  # noqa: E402
-from glm_ft.config.schema import METHOD_SCHEMAS  # noqa: E402
-from glm_ft.model import apply_method, parameter_counts  # noqa: E402
+from glm_ft.chatglm3.tiny import CHATGLM3_6B_CONFIG, TINY_CONFIG  # noqa: E402  (light: no torch)
 
 SEED = 42
 # batch 4 of full-length rows (prompt_len + reply_len + 1 tokens): the worst case these settings meet
@@ -45,6 +39,11 @@ PUBLISHED_NOTE = ("ChatGLM3 finetune_demo README, older and smaller settings tha
 
 def build_model(config: dict[str, Any], device: str):
     """Random weights, created directly on `device`: a 6B model never passes through host memory."""
+    # transformers, peft and glm-ft's model code are imported once past the CUDA check, which refuses at once
+    import glm_ft.chatglm3 as chatglm3
+    from glm_ft.chatglm3.configuration import ChatGLMConfig
+    from glm_ft.chatglm3.modeling import ChatGLMForConditionalGeneration
+
     chatglm3.register()
     with torch.device(device):
         model = ChatGLMForConditionalGeneration._from_config(
@@ -55,6 +54,11 @@ def build_model(config: dict[str, Any], device: str):
 
 def run_variant(config: dict[str, Any], method: str, checkpointing: bool, s: dict[str, Any], device: str,
                 peak_flops: float) -> dict[str, Any]:
+    from omegaconf import OmegaConf
+
+    from glm_ft.config.schema import METHOD_SCHEMAS
+    from glm_ft.model import apply_method, parameter_counts
+
     cuda = device == "cuda"
     length = s["prompt_len"] + s["reply_len"] + 1
     if cuda:
