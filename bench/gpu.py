@@ -1,5 +1,6 @@
-"""GPU bench: LoRA and P-Tuning v2 on a chatglm3-6b-shaped model with random bf16 weights (bench/README.md,
-"GPU mode"): peak GPU memory, tokens/s and model FLOP/s against the measured bf16 matmul peak.
+"""GPU bench: LoRA and P-Tuning v2 on a chatglm3-6b-shaped model with random bf16 weights.
+
+Peak GPU memory, tokens/s and model FLOP/s against the measured bf16 matmul peak (bench/README.md, "GPU mode").
 
     python bench/gpu.py                  # what `make bench-gpu` runs; needs CUDA
     python bench/gpu.py --cpu-smoke      # the same code on the CPU with the tiny shape: checks the script

@@ -1,5 +1,6 @@
-"""The CPU bench: every figure beside its baseline, in one run, each side in its own process. Usage, and what each
-side does and how it is counted: bench/README.md.
+"""The CPU bench: every figure beside its baseline, in one run, each side in its own process.
+
+Usage, what each side does and how it is counted: bench/README.md.
 
     python bench/run.py [--quick] [--only training_mid,generation] [--table bench/results/NAME.json]
 """
