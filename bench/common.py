@@ -1,5 +1,6 @@
-"""What the bench's processes share: FLOP counts, machine facts, and running a child with its peak memory measured.
-No torch here: the orchestrator imports this module, and its own start-up must not weigh on what it measures."""
+"""What the bench's processes share: FLOP counts, glm-ft's overrides, machine facts, and running a child with its
+peak memory measured. No torch here: the orchestrator imports this module, and its own start-up must not weigh on
+what it measures."""
 
 from __future__ import annotations
 
@@ -61,6 +62,15 @@ def training_flops(config: Mapping[str, Any], seq_lens: Sequence[int], *, all_we
 def ratio(numerator: float | None, denominator: float | None) -> float | None:
     """numerator / denominator, or None when either is missing or the denominator is not positive."""
     return None if numerator is None or denominator is None or denominator <= 0 else numerator / denominator
+
+
+def overrides(model: str | Path, data: str | Path, settings: Mapping[str, Any]) -> list[str]:
+    """What every glm-ft side sets: the quickstart on the bench's model, data and lengths, with no checkpoints and
+    no evaluation during training."""
+    return ["experiment=quickstart", f"model.path={model}", f"data.data_dir={data}", "data.train_file=train.json",
+            "data.val_file=null", f"max_input_length={settings['max_input_length']}",
+            f"max_output_length={settings['max_output_length']}", "training_args.save_strategy=no",
+            "training_args.evaluation_strategy=no"]
 
 
 # --- machine --------------------------------------------------------------------------------------------------
@@ -143,11 +153,16 @@ def run_measured(cmd: Sequence[str], *, cwd: Path | None = None, env: Mapping[st
     descendants is sampled every 100 ms. With `watch`, the output is read as it comes, and `watch_s` is the time to
     the first read holding `watch` (an event, not a polled guess).
     """
+    argv = ("\0".join(cmd) + "\0").encode()
+    peaks: list[float] = []
+    tree_peaks: list[tuple[float, int]] = []
+    seen: list[float] = []
+    done, killed = threading.Event(), threading.Event()
     with tempfile.TemporaryFile() as out:
         start = time.perf_counter()
+        # Only a watched run reads a pipe: a grandchild left holding it open would keep a reader waiting.
         proc = subprocess.Popen(list(cmd), cwd=cwd, env=env, stdout=subprocess.PIPE if watch else out,
                                 stderr=subprocess.STDOUT)
-        seen: list[float] = []
 
         def read() -> None:
             tail = b""
@@ -156,14 +171,6 @@ def run_measured(cmd: Sequence[str], *, cwd: Path | None = None, env: Mapping[st
                     seen.append(time.perf_counter() - start)
                 tail = (tail + chunk)[-len(watch):]
                 out.write(chunk)
-
-        reader = threading.Thread(target=read, daemon=True)
-        if watch:
-            reader.start()
-        done, killed = threading.Event(), threading.Event()
-        peaks: list[float] = []
-        tree_peaks: list[tuple[float, int]] = []
-        argv = ("\0".join(cmd) + "\0").encode()
 
         def sample() -> None:
             started, tick = False, 0
@@ -182,14 +189,15 @@ def run_measured(cmd: Sequence[str], *, cwd: Path | None = None, env: Mapping[st
                     killed.set()
                     proc.kill()
 
-        sampler = threading.Thread(target=sample, daemon=True)
-        sampler.start()
+        threads = [threading.Thread(target=f, daemon=True) for f in ([sample, read] if watch else [sample])]
+        for thread in threads:
+            thread.start()
         _, status, _ = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - start
         done.set()
-        sampler.join()
+        for thread in threads:
+            thread.join()
         if watch:
-            reader.join()
             proc.stdout.close()
         proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here, so Popen must not wait again
         out.seek(0)

@@ -7,10 +7,15 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+import torch
+from transformers import DataCollatorForSeq2Seq, GenerationConfig
+
+from bench.prepare import glm_ft_config, glm_trainer, load, training_arguments, weights_checksum
+from glm_ft.train.evaluation import decode_rows, stop_token_ids
+from glm_ft.train.metrics import compute_metrics
+
 
 def config(spec: dict[str, Any]):
-    from bench.prepare import glm_ft_config
-
     return glm_ft_config(spec, "method=sft", "model.build_if_missing=false", "data.test_file=test.json",
                          f"training_args.per_device_eval_batch_size={spec['eval_batch_size']}",
                          f"training_args.generation_config.max_new_tokens={spec['max_new_tokens']}",
@@ -18,26 +23,12 @@ def config(spec: dict[str, Any]):
                          f"training_args.per_device_train_batch_size={spec['train_batch_size']}")
 
 
-def trainer(cfg, model, tokenizer, run_dir: Path, has_eval: bool, **kwargs):
-    from glm_ft.data.collate import Collator
-    from glm_ft.train.finetune import generation_config_for
-    from glm_ft.train.trainer import GlmTrainer
-    from glm_ft.train.trainer_args import build_training_arguments
-
-    gen = generation_config_for(cfg, tokenizer)
-    args = build_training_arguments(cfg, run_dir, None, has_eval=has_eval, generation_config=gen)
-    return GlmTrainer(model=model, args=args, data_collator=Collator(tokenizer.pad_token_id),
-                      processing_class=tokenizer, method=cfg.method, gen_config=gen, **kwargs)
-
-
 def train_eval_model(spec: dict[str, Any]) -> dict[str, Any]:
     """Fine-tune the tiny model through glm-ft (the quickstart's settings) and save it for both sides to load."""
-    from bench.prepare import load
-
     cfg = config(spec)
     tokenizer, model, data = load(cfg, spec, baseline=False)
-    fine_tune = trainer(cfg, model, tokenizer, Path(spec["work_dir"]) / "run-eval-model", False,
-                        train_dataset=data.train)
+    args = training_arguments(cfg, tokenizer, Path(spec["work_dir"]) / "run-eval-model", has_eval=False)
+    fine_tune = glm_trainer(cfg, tokenizer, args, model=model, train_dataset=data.train)
     start = time.perf_counter()
     result = fine_tune.train()
     seconds = time.perf_counter() - start
@@ -47,20 +38,10 @@ def train_eval_model(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def run(spec: dict[str, Any]) -> dict[str, Any]:
-    import torch
-    from transformers import DataCollatorForSeq2Seq, GenerationConfig
-
-    from bench.prepare import load, weights_checksum
-    from glm_ft.train.evaluation import decode_rows, stop_token_ids
-    from glm_ft.train.metrics import compute_metrics
-
-    side = spec["side"]
-    cfg = config(spec)
+    side, cfg = spec["side"], config(spec)
     batch_size, max_new = spec["eval_batch_size"], spec["max_new_tokens"]
     tokenizer, model, data = load(cfg, spec, baseline=side == "baseline")
-    checksum = weights_checksum(model)
-    stops = stop_token_ids(tokenizer)
-    test = data.test
+    checksum, stops, test = weights_checksum(model), stop_token_ids(tokenizer), data.test
 
     if side == "baseline":  # the reference's approach: `generate` over batches in file order
         collate = DataCollatorForSeq2Seq(tokenizer, padding="longest", return_tensors="pt")
@@ -79,7 +60,8 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
                     rows += out[:, batch["input_ids"].shape[1]:].tolist()
             return rows
     else:  # glm-ft's evaluation path with its defaults: its trainer's `predict`
-        evaluator = trainer(cfg, model, tokenizer, Path(spec["work_dir"]) / "run-eval-glm_ft", True)
+        args = training_arguments(cfg, tokenizer, Path(spec["work_dir"]) / "run-eval-glm_ft", has_eval=True)
+        evaluator = glm_trainer(cfg, tokenizer, args, model=model)
 
         def generate_all():
             output = evaluator.predict(test, metric_key_prefix="test")

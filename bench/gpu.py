@@ -1,9 +1,9 @@
-"""GPU bench: LoRA and P-Tuning v2 on a chatglm3-6b-shaped model with random bf16 weights (bench/README.md,
-"GPU mode"): peak GPU memory, tokens/s and model FLOP/s against the measured matmul peak.
+"""GPU bench: LoRA and P-Tuning v2 on a chatglm3-6b-shaped model with random bf16 weights.
 
-    python bench/gpu.py                                # what `make bench-gpu` runs; needs CUDA
-    python bench/gpu.py --methods lora --steps 20
-    python bench/gpu.py --cpu-smoke                    # checks this script on the CPU with the tiny shape
+Peak GPU memory, tokens/s and model FLOP/s against the measured bf16 matmul peak (bench/README.md, "GPU mode").
+
+    python bench/gpu.py                  # what `make bench-gpu` runs; needs CUDA
+    python bench/gpu.py --cpu-smoke      # the same code on the CPU with the tiny shape: checks the script
 """
 
 from __future__ import annotations
@@ -20,21 +20,27 @@ from typing import Any
 if __package__ in (None, ""):  # run as `python bench/gpu.py`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import torch  # noqa: E402
+
 from bench.common import (  # noqa: E402
     RESULTS_DIR, SCHEMA, machine_info, matmul_params, now_iso, package_versions, ratio, training_flops,
 )
-from glm_ft.chatglm3.tiny import CHATGLM3_6B_CONFIG  # noqa: E402  (light: no torch)
+from bench.matmul import peak  # noqa: E402
+from glm_ft.chatglm3.tiny import CHATGLM3_6B_CONFIG, TINY_CONFIG  # noqa: E402  (light: no torch)
 
 SEED = 42
+# batch 4 of full-length rows (prompt_len + reply_len + 1 tokens): the worst case these settings meet
+SETTINGS = {"methods": ["lora", "ptuning_v2"], "checkpointing": [False, True], "batch_size": 4, "prompt_len": 256,
+            "reply_len": 512, "warmup": 3, "steps": 10}
+SMOKE = {"warmup": 1, "steps": 2, "prompt_len": 16, "reply_len": 16}
 PUBLISHED_MIB = {"lora": 14_082, "ptuning_v2": 18_426}
 PUBLISHED_NOTE = ("ChatGLM3 finetune_demo README, older and smaller settings than these; nvidia-smi figures "
                   "(CUDA context included)")
 
 
 def build_model(config: dict[str, Any], device: str):
-    """Random weights, created directly on `device` (a 6B model never passes through host memory)."""
-    import torch
-
+    """Random weights, created directly on `device`: a 6B model never passes through host memory."""
+    # transformers, peft and glm-ft's model code are imported once past the CUDA check, which refuses at once
     import glm_ft.chatglm3 as chatglm3
     from glm_ft.chatglm3.configuration import ChatGLMConfig
     from glm_ft.chatglm3.modeling import ChatGLMForConditionalGeneration
@@ -47,17 +53,15 @@ def build_model(config: dict[str, Any], device: str):
     return model
 
 
-def run_variant(config: dict[str, Any], method: str, checkpointing: bool, args, device: str,
+def run_variant(config: dict[str, Any], method: str, checkpointing: bool, s: dict[str, Any], device: str,
                 peak_flops: float) -> dict[str, Any]:
-    import torch
     from omegaconf import OmegaConf
 
     from glm_ft.config.schema import METHOD_SCHEMAS
     from glm_ft.model import apply_method, parameter_counts
 
-    cuda = device.startswith("cuda")
-    length = args.prompt_len + args.reply_len + 1
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    cuda = device == "cuda"
+    length = s["prompt_len"] + s["reply_len"] + 1
     if cuda:
         gc.collect()
         torch.cuda.empty_cache()
@@ -70,31 +74,31 @@ def run_variant(config: dict[str, Any], method: str, checkpointing: bool, args, 
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.train()
         counts = parameter_counts(model)
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(trainable, lr=5e-5)
-        # full-length rows of random token ids; the prompt part carries no loss, as in glm-ft's samples
-        ids = torch.randint(3, config["padded_vocab_size"] - 16, (args.batch_size, length),
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-5)
+        # random token ids; the prompt part carries no loss, as in glm-ft's samples
+        ids = torch.randint(3, config["padded_vocab_size"] - 16, (s["batch_size"], length),
                             generator=torch.Generator().manual_seed(SEED))
-        labels = torch.where(torch.arange(length) < args.prompt_len, -100, ids)
+        labels = torch.where(torch.arange(length) < s["prompt_len"], -100, ids)
         inputs = {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device),
                   "labels": labels.to(device)}
         losses, step_end = [], []
-        sync()
+        if cuda:
+            torch.cuda.synchronize()
         start = time.perf_counter()
-        for _ in range(args.warmup + args.steps):
-            with torch.autocast(device_type="cuda" if cuda else "cpu", dtype=torch.bfloat16):
+        for _ in range(s["warmup"] + s["steps"]):
+            with torch.autocast(device_type=device, dtype=torch.bfloat16):
                 loss = model(**inputs).loss
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             losses.append(loss.item())  # .item() syncs, so each step end is real
             step_end.append(time.perf_counter())
-        seconds = step_end[-1] - step_end[args.warmup - 1]
-        rows = args.batch_size * args.steps
+        seconds = step_end[-1] - step_end[s["warmup"] - 1]
+        rows = s["batch_size"] * s["steps"]
         prefix = method_cfg.num_virtual_tokens if method == "ptuning_v2" else 0
         flops = training_flops(config, [length] * rows, all_weights_train=False, prefix_len=prefix)
         out = {"method": method, "gradient_checkpointing": checkpointing, **counts,
-               "first_step_s": step_end[0] - start, "timed_steps": args.steps, "timed_s": seconds,
+               "first_step_s": step_end[0] - start, "timed_steps": s["steps"], "timed_s": seconds,
                "tokens_per_s": rows * length / seconds, "model_flops_per_s": flops / seconds,
                "loss_first_last": [losses[0], losses[-1]], "mfu": flops / seconds / peak_flops}
         if cuda:
@@ -113,45 +117,23 @@ def run_variant(config: dict[str, Any], method: str, checkpointing: bool, args, 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python bench/gpu.py", description=__doc__.splitlines()[0])
-    parser.add_argument("--methods", default="lora,ptuning_v2")
-    parser.add_argument("--checkpointing", choices=("off", "on", "both"), default="both",
-                        help="gradient checkpointing (glm-ft: training_args.gradient_checkpointing)")
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--prompt-len", type=int, default=256, help="max_input_length")
-    parser.add_argument("--reply-len", type=int, default=512, help="max_output_length")
-    parser.add_argument("--steps", type=int, default=10, help="timed steps per variant")
-    parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
     parser.add_argument("--cpu-smoke", action="store_true",
                         help="run the same code on the CPU with the tiny shape (checks the script; writes nothing)")
     args = parser.parse_args(argv)
-    if args.warmup < 1:
-        parser.error("--warmup must be at least 1")
-
-    import torch
-
-    if args.cpu_smoke:
-        from glm_ft.chatglm3.tiny import TINY_CONFIG
-
-        device, config = "cpu", dict(TINY_CONFIG)
-        args.steps, args.warmup, args.prompt_len, args.reply_len = 2, 1, 16, 16
-    elif not torch.cuda.is_available():
+    if not args.cpu_smoke and not torch.cuda.is_available():
         print("error: bench/gpu.py needs a CUDA GPU and torch with CUDA "
               f"(torch {torch.__version__}, torch.cuda.is_available() is False). "
               "Use `make bench` for the CPU bench, or --cpu-smoke to check this script.", file=sys.stderr)
         return 2
-    else:
-        device, config = "cuda", dict(CHATGLM3_6B_CONFIG)
-
-    from bench.matmul import peak
-
+    device, config = ("cpu", TINY_CONFIG) if args.cpu_smoke else ("cuda", CHATGLM3_6B_CONFIG)
+    settings = {**SETTINGS, **(SMOKE if args.cpu_smoke else {}), "cpu_smoke": args.cpu_smoke}
     started = time.perf_counter()
     results: dict[str, Any] = {
         "schema": SCHEMA, "created": now_iso(),
         "command": " ".join(["python bench/gpu.py", *(sys.argv[1:] if argv is None else argv)]),
         "machine": machine_info(), "versions": {**package_versions(), "cuda": torch.version.cuda},
-        "settings": {k: v for k, v in vars(args).items() if k != "out_dir"},
-        "model": {"config": config, "matmul_params": matmul_params(config)},
+        "settings": settings, "model": {"config": config, "matmul_params": matmul_params(config)},
         "published_mib": PUBLISHED_MIB, "published_note": PUBLISHED_NOTE,
     }
     if device == "cuda":
@@ -162,15 +144,11 @@ def main(argv: list[str] | None = None) -> int:
     results["matmul_peak"] = {dtype: peak(dtype, size, seconds, device) for dtype in ("bfloat16", "float32")}
     peak_flops = results["matmul_peak"]["bfloat16"]["gflops"] * 1e9
 
-    variants = []
-    checkpointing = {"off": [False], "on": [True], "both": [False, True]}[args.checkpointing]
-    for method in args.methods.split(","):
-        if method not in PUBLISHED_MIB:
-            parser.error(f"unknown method {method!r} (lora, ptuning_v2)")
-        for gc_on in checkpointing:
-            print(f"[bench-gpu] {method} gradient_checkpointing={gc_on} ...", file=sys.stderr, flush=True)
-            variants.append(run_variant(config, method, gc_on, args, device, peak_flops))
-    results["variants"] = variants
+    variants = results["variants"] = []
+    for method in settings["methods"]:
+        for checkpointing in settings["checkpointing"]:
+            print(f"[bench-gpu] {method} gradient_checkpointing={checkpointing} ...", file=sys.stderr, flush=True)
+            variants.append(run_variant(config, method, checkpointing, settings, device, peak_flops))
     results["wall_s"] = round(time.perf_counter() - started, 1)
 
     print(f"{'method':<11} {'ckpt':<5} {'peak alloc MiB':>14} {'published MiB':>13} {'tokens/s':>9} "

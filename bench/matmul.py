@@ -6,10 +6,10 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import torch
+
 
 def peak(dtype_name: str, size: int, seconds: float, device: str = "cpu") -> dict[str, Any]:
-    import torch
-
     dtype = getattr(torch, dtype_name)
     a = torch.randn(size, size, device=device).to(dtype)
     b = torch.randn(size, size, device=device).to(dtype)
@@ -28,8 +28,6 @@ def peak(dtype_name: str, size: int, seconds: float, device: str = "cpu") -> dic
 
 
 def run(spec: dict[str, Any]) -> dict[str, Any]:
-    import torch
-
     out: dict[str, Any] = {"threads": torch.get_num_threads()}
     for dtype in ("float32", "bfloat16"):
         results = []

@@ -12,9 +12,8 @@ from bench.common import SCHEMA, now_iso, package_versions, ratio
 
 
 class Row(NamedTuple):
-    """A row of the table, and the ratio it shows. `better` says which way glm-ft gains: "higher" gives glm-ft /
-    baseline, "lower" baseline / glm-ft (a time or a memory peak), so every ratio above 1 is in glm-ft's favour;
-    None shows both values without a ratio."""
+    """A row of the table and the ratio it shows: "higher" `better` gives glm-ft / baseline, "lower" baseline /
+    glm-ft (a time or a memory peak), so that every ratio above 1 is in glm-ft's favour; None gives no ratio."""
 
     label: str
     unit: str
@@ -189,24 +188,17 @@ def table(figures: dict[str, Any], ratios: dict[str, Any]) -> list[dict[str, Any
 
 
 def _fmt(value: Any) -> str:
-    if value is None:
-        return "–"
     if isinstance(value, float):
         return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.3g}"
-    return str(value)
+    return "–" if value is None else str(value)
 
 
-def format_table(results: Mapping[str, Any], markdown: bool = False) -> str:
-    """The results' table (figure, baseline, glm-ft, ratio in glm-ft's favour, unit), plain or markdown."""
-    rows = [("figure", "baseline", "glm-ft", "glm-ft gain", "unit")]
-    rows += [(r["figure"], _fmt(r.get("baseline")), _fmt(r.get("glm_ft")), _fmt(r.get("ratio")), r.get("unit", ""))
-             for r in results.get("table", [])]
-    if markdown:
-        return "\n".join(["| " + " | ".join(rows[0]) + " |", "|" + "---|" * 5]
-                         + ["| " + " | ".join(row) + " |" for row in rows[1:]])
-    widths = [max(len(r[i]) for r in rows) for i in range(5)]
-    return "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
-                     for r in rows)
+def format_table(results: Mapping[str, Any]) -> str:
+    """The results' table as markdown: figure, baseline, glm-ft, ratio in glm-ft's favour, unit."""
+    rows = [(r["figure"], _fmt(r.get("baseline")), _fmt(r.get("glm_ft")), _fmt(r.get("ratio")), r.get("unit", ""))
+            for r in results.get("table", [])]
+    header = ["| figure | baseline | glm-ft | glm-ft gain | unit |", "|" + "---|" * 5]
+    return "\n".join(header + ["| " + " | ".join(row) + " |" for row in rows])
 
 
 def validate_results(results: Mapping[str, Any]) -> list[str]:

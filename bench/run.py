@@ -1,12 +1,8 @@
 """The CPU bench: every figure beside its baseline, in one run, each side in its own process.
 
-    python bench/run.py                 # all figures; what `make bench` runs
-    python bench/run.py --quick         # small sizes, to check the harness; results not for quoting
-    python bench/run.py --only training_mid,generation
-    python bench/run.py --table bench/results/NAME.json      # the markdown table of a saved run
+Usage, what each side does and how it is counted: bench/README.md.
 
-Writes bench/results/<cpu-model>-<cores>c.json (machine, versions, settings, every figure, ratios, goals, table)
-and prints the table. What each side does and how figures are counted: bench/README.md.
+    python bench/run.py [--quick] [--only training_mid,generation] [--table bench/results/NAME.json]
 """
 
 from __future__ import annotations
@@ -26,15 +22,17 @@ if __package__ in (None, ""):  # run as `python bench/run.py`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import advertisegen  # noqa: E402
-from bench.prepare import overrides  # noqa: E402
-from bench.common import RESULTS_DIR, ROOT, cpu_bf16_flags, machine_info, run_measured  # noqa: E402
+from bench.common import RESULTS_DIR, ROOT, cpu_bf16_flags, machine_info, overrides, run_measured  # noqa: E402
 from bench.results import (  # noqa: E402
     assemble, combine_rounds, format_table, max_rel_diff, same_value, summarize, validate_results,
 )
-from bench.training import SIDES as TRAINING_SIDES  # noqa: E402
 
 FIGURES = ("matmul", "startup", "first_step", "preprocessing", "training_tiny", "training_mid", "memory_mid",
            "generation")
+SHARED = ("seed", "method", "max_input_length", "max_output_length", "batch_size", "learning_rate")
+# the training sides and what each sets on top of glm-ft's defaults (the baseline is the reference's data path)
+TRAINING_SIDES = {"baseline": [], "glm_ft": [], "glm_ft_bf16": ["training_args.bf16=true"],
+                  "glm_ft_packed": ["data.packing=true"]}
 
 SETTINGS = {
     "seed": 42,
@@ -77,19 +75,32 @@ def log(message: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
+def interleave(names: list[str], rounds: int, run) -> dict[str, list[dict[str, Any]]]:
+    """run(name) for every side, `rounds` times, reversing the order each round so that a busy spell on the
+    machine hits every side alike."""
+    out: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names if r % 2 == 0 else names[::-1]:
+            log(f"  {name} (round {r + 1} of {rounds})")
+            out[name].append(run(name))
+    return out
+
+
 class Bench:
     def __init__(self, settings: dict[str, Any], work: Path):
-        self.settings = settings
-        self.work = work
+        self.settings, self.work = settings, work
         self.env = {**os.environ, **CHILD_ENV, "HF_DATASETS_CACHE": str(work / "hf-datasets")}
         self.env.pop("HYDRA_FULL_ERROR", None)
         self.runs = 0
         self.matmul_runs: list[dict[str, Any]] = []
         self.models: dict[str, str] = {}
 
+    def command(self, cmd: list[str], timeout: float = 900, **kwargs: Any) -> dict[str, Any]:
+        return run_measured(cmd, cwd=ROOT, env=self.env, timeout=timeout, **kwargs)
+
     def side(self, spec: dict[str, Any], tree: bool = False) -> dict[str, Any]:
-        """One side of a figure in its own process (bench/worker.py): its result plus its peak RSS (and, with
-        `tree`, the peak PSS of the process with its workers)."""
+        """One side of a figure in its own process (bench/worker.py): its result and peak RSS (and, with `tree`,
+        the peak PSS of the process with its workers)."""
         self.runs += 1
         spec_path, out_path = self.work / f"spec-{self.runs}.json", self.work / f"out-{self.runs}.json"
         spec_path.write_text(json.dumps(spec))
@@ -100,16 +111,15 @@ class Bench:
             return {"error": tail, "peak_rss_mib": run["peak_rss_mib"]}
         result = json.loads(out_path.read_text())
         # The worker's own VmHWM, read as its last act, can't miss a late peak the way sampling can.
-        result["peak_rss_mib"] = max(filter(None, [result.pop("self_peak_rss_mib", None), run["peak_rss_mib"]]),
-                                     default=None)
+        peaks = [result.pop("self_peak_rss_mib", None), run["peak_rss_mib"]]
+        result["peak_rss_mib"] = max(filter(None, peaks), default=None)
         if tree:
             result["peak_tree_pss_mib"] = run["peak_tree_pss_mib"]
         return result
 
     def spec(self, figure: str, data: Path, **extra: Any) -> dict[str, Any]:
-        keys = ("seed", "method", "max_input_length", "max_output_length", "batch_size", "learning_rate")
-        return {"figure": figure, "data_dir": str(data), "work_dir": str(self.work),
-                **{k: self.settings[k] for k in keys}, **extra}
+        shared = {key: self.settings[key] for key in SHARED}
+        return {"figure": figure, "data_dir": str(data), "work_dir": str(self.work), **shared, **extra}
 
     def data(self, name: str, seed: int, rows: int, test_rows: int = 0) -> Path:
         """A folder of generated AdvertiseGen rows: train.json, and test.json if asked for."""
@@ -120,17 +130,13 @@ class Bench:
         return folder
 
     def model_dir(self, size: str) -> str:
-        """The model folder of `size`, built by a worker the first time: the orchestrator itself never imports
-        torch."""
+        """The model folder of `size`, built by a worker: the orchestrator never imports torch."""
         if size not in self.models:
             built = self.side({"figure": "model", "size": size, "work_dir": str(self.work)})
             if "error" in built:
                 raise RuntimeError(f"building the {size} model failed")
             self.models[size] = built["model_dir"]
         return self.models[size]
-
-    def command(self, cmd: list[str], timeout: float = 900, **kwargs: Any) -> dict[str, Any]:
-        return run_measured(cmd, cwd=ROOT, env=self.env, timeout=timeout, **kwargs)
 
     # --- figures (bench/README.md, "What each figure compares") ------------------------------------------------
 
@@ -144,9 +150,8 @@ class Bench:
         return {"sides": sides}
 
     def startup(self) -> dict[str, Any]:
-        py = sys.executable
-        commands = {"import_torch_transformers": [py, "-c", "import torch, transformers"],
-                    "dry_run": [py, "train.py", "experiment=quickstart", "dry_run=true",
+        commands = {"import_torch_transformers": [sys.executable, "-c", "import torch, transformers"],
+                    "dry_run": [sys.executable, "train.py", "experiment=quickstart", "dry_run=true",
                                 f"hydra.run.dir={self.work / 'dry-run'}"]}
         runs = interleave(list(commands), self.settings["startup"]["repeats"],
                           lambda name: self.command(commands[name], 300))
@@ -157,9 +162,10 @@ class Bench:
         data, model = self.data("first-step", 5, cfg["rows"]), self.model_dir("tiny")
         shape = [f"--max-steps={cfg['steps']}", f"--max-input-length={s['max_input_length']}",
                  f"--max-output-length={s['max_output_length']}", f"--batch-size={s['batch_size']}"]
+        runs = iter(range(1000))  # each run its own folders
 
-        def commands(i: int) -> dict[str, list[str]]:
-            run = self.work / f"first-step-{i}"
+        def commands() -> dict[str, list[str]]:
+            run = self.work / f"first-step-{next(runs)}"
             glm_ft = [sys.executable, "train.py", *overrides(model, data, s), "method=lora", "method.r=8",
                       "data.test_file=null", f"training_args.per_device_train_batch_size={s['batch_size']}",
                       f"training_args.max_steps={cfg['steps']}", "training_args.logging_steps=1",
@@ -169,8 +175,8 @@ class Bench:
                                  str(run / "ref"), *shape],
                     "glm_ft": glm_ft, "glm_ft_untracked": [*glm_ft, "tracking.enabled=false"]}
 
-        def measure(cmd: list[str]) -> dict[str, Any]:
-            measured = self.command(cmd, tree=True, watch=b"'loss'")
+        def measure(name: str) -> dict[str, Any]:
+            measured = self.command(commands()[name], tree=True, watch=b"'loss'")
             losses = re.findall(r"'loss': '?([0-9.]+)", measured["output"])
             log(f"    exit {measured['returncode']}, first step at {measured['watch_s']} s, wall "
                 f"{measured['wall_s']:.1f} s, peak PSS {measured['peak_tree_pss_mib']} MiB, losses {losses}")
@@ -178,15 +184,14 @@ class Bench:
 
         # Untimed first runs fill both preprocessing caches and create glm-ft's MLflow store (a new SQLite store
         # runs MLflow's schema migrations once); glm_ft_untracked shares glm_ft's caches.
+        warm_up = commands()
         for name in ("baseline", "glm_ft"):
-            run = self.command(commands(0)[name])
+            run = self.command(warm_up[name])
             if run["returncode"] != 0:
                 log(f"first_step {name} (cache warm-up) failed:\n{run['output'][-2000:]}")
-        count = iter(range(1, 1000))  # each run its own folders
-        runs = interleave(["baseline", "glm_ft", "glm_ft_untracked"], cfg["repeats"],
-                          lambda name: measure(commands(next(count))[name]))
+        done = interleave(["baseline", "glm_ft", "glm_ft_untracked"], cfg["repeats"], measure)
         keys = ["first_step_s", "wall_s", "peak_tree_pss_mib"]
-        sides = {name: {**summarize(done, keys), "losses": [r["losses"] for r in done]} for name, done in runs.items()}
+        sides = {name: {**summarize(runs, keys), "losses": [r["losses"] for r in runs]} for name, runs in done.items()}
         return {"sides": sides, "steps": cfg["steps"]}
 
     def preprocessing(self) -> dict[str, Any]:
@@ -202,7 +207,7 @@ class Bench:
         base = self.spec("training", self.data(f"train-{size}", 1, rows), size=size, model_dir=self.model_dir(size),
                          **cfg)
         runs = interleave(self.settings["training_sides"], self.settings["training_rounds"][size],
-                          lambda side: self.side({**base, "side": side}))
+                          lambda side: self.side({**base, "side": side, "overrides": TRAINING_SIDES[side]}))
         sides = {}
         for side, done in runs.items():
             ok = [d for d in done if "step_s" in d]
@@ -211,17 +216,16 @@ class Bench:
             sides[side] = {**first, **combine_rounds(ok), "peak_rss_mib": max(d["peak_rss_mib"] or 0 for d in done),
                            "errors": [d["error"] for d in done if "error" in d]}
         per_sample = {side: v.pop("per_sample_loss", None) for side, v in sides.items()}
-        fp32 = [v.get("initial_loss_over_set") for v in sides.values() if not v.get("bf16")]
+        fp32 = [side for side, v in sides.items() if not v.get("bf16")]
         return {
             "sides": sides,
             "samples": rows,
             "same_weights": len({v.get("weights_sha256_16") for v in sides.values()}) == 1,
             # fp32 sides must agree to rounding; bf16 autocast moves the loss by bf16's precision (~1e-3 relative)
-            "same_initial_loss": same_value(fp32, 1e-4),
+            "same_initial_loss": same_value([sides[side].get("initial_loss_over_set") for side in fp32], 1e-4),
             # each sample's own loss, packed or not, against the baseline's (the samples are keyed by their tokens)
-            "per_sample_loss_max_rel_diff": {
-                side: max_rel_diff(per_sample["baseline"], losses)
-                for side, losses in per_sample.items() if side != "baseline" and not sides[side].get("bf16")},
+            "per_sample_loss_max_rel_diff": {side: max_rel_diff(per_sample["baseline"], per_sample[side])
+                                             for side in fp32 if side != "baseline"},
         }
 
     def memory_mid(self) -> dict[str, Any]:
@@ -251,16 +255,10 @@ class Bench:
             a == b for a, b in zip(predictions["baseline"], predictions["glm_ft"]))
         return {"sides": sides, "eval_model": trained, "outputs": cfg["prompts"], "outputs_equal": equal}
 
-
-def interleave(names: list[str], rounds: int, run) -> dict[str, list[dict[str, Any]]]:
-    """run(name) for every side, `rounds` times, alternating the order each round so that a busy spell on the
-    machine hits every side alike."""
-    out: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
-    for r in range(rounds):
-        for name in names if r % 2 == 0 else names[::-1]:
-            log(f"  {name} (round {r + 1} of {rounds})")
-            out[name].append(run(name))
-    return out
+    def run(self, figure: str) -> dict[str, Any]:
+        if figure.startswith("training_"):
+            return self.training(figure.removeprefix("training_"))
+        return getattr(self, figure)()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -276,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.table:
-        print(format_table(json.loads(args.table.read_text()), markdown=True))
+        print(format_table(json.loads(args.table.read_text())))
         return 0
     only = args.only.split(",") if args.only else list(FIGURES)
     if set(only) - set(FIGURES):
@@ -284,6 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     sides = args.sides.split(",") if args.sides else list(TRAINING_SIDES)
     if not args.sides and not cpu_bf16_flags():
         sides.remove("glm_ft_bf16")  # emulated bf16 (bench.common.cpu_bf16_flags); --sides can still ask for it
+        log("training: no bf16 side (this CPU has no avx512_bf16 / amx_bf16: torch would emulate bf16)")
     if "baseline" not in sides or set(sides) - set(TRAINING_SIDES):
         parser.error(f"--sides: a subset of {','.join(TRAINING_SIDES)} that includes baseline")
     settings = {**SETTINGS, **(QUICK if args.quick else {}), "quick": args.quick, "training_sides": sides}
@@ -292,17 +291,13 @@ def main(argv: list[str] | None = None) -> int:
     machine = machine_info()
     work = Path(tempfile.mkdtemp(prefix="glm-ft-bench-"))
     log(f"scratch folder {work}; load average {machine['loadavg_at_start']}")
-    if "glm_ft_bf16" not in sides:
-        log("training: no bf16 side (this CPU has no avx512_bf16 / amx_bf16: torch would emulate bf16)")
     start = time.perf_counter()
     bench, figures = Bench(settings, work), {}
     try:
         for figure in (f for f in FIGURES if f in only):
             log(f"{figure} ...")
             t = time.perf_counter()
-            run = (lambda: bench.training(figure.split("_")[1])) if figure.startswith("training_") \
-                else getattr(bench, figure)
-            figures[figure] = {**run(), "figure_wall_s": round(time.perf_counter() - t, 1)}
+            figures[figure] = {**bench.run(figure), "figure_wall_s": round(time.perf_counter() - t, 1)}
         if "matmul" in figures and len(only) > 1:
             log("matmul again ...")
             figures["matmul"] = bench.matmul()

@@ -5,13 +5,24 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
 import time
-from functools import partial
 from pathlib import Path
 from typing import Any
 
-SIDES = ("baseline", "glm_ft", "glm_ft_bf16", "glm_ft_packed")
-SIDE_OVERRIDES = {"glm_ft_bf16": ["training_args.bf16=true"], "glm_ft_packed": ["data.packing=true"]}
+import numpy as np
+import torch
+import torch.nn.functional as F
+from transformers import DataCollatorForSeq2Seq, Seq2SeqTrainer, TrainerCallback, set_seed
+from transformers.loss.loss_utils import ForCausalLMLoss
+
+from bench.common import training_flops
+from bench.prepare import glm_ft_config, glm_trainer, load, model_config, training_arguments, weights_checksum
+from glm_ft.chatglm3 import modeling
+from glm_ft.config.validate import validate
+from glm_ft.data.collate import Collator
+from glm_ft.data.packing import PackedCollator, pack_dataset, pack_max_length
+from glm_ft.model import apply_method
 
 
 def digest(value: Any) -> str:
@@ -41,18 +52,13 @@ class RecordingCollator:
 def full_logits_loss(hidden_states, output_layer, labels, num_items_in_batch=None):
     """The training loss as it was before chunking: the batch's full-vocabulary logits, which transformers'
     causal-LM loss upcasts to fp32 (the 'before' side of the memory figure)."""
-    from transformers.loss.loss_utils import ForCausalLMLoss
-
     logits = output_layer(hidden_states)
     return ForCausalLMLoss(logits, labels, vocab_size=logits.shape[-1], num_items_in_batch=num_items_in_batch)
 
 
-def _loss_over_set(model, dataset, order: list[int], batch_size: int, collate, bf16: bool):
+def loss_over_set(model, dataset, order: list[int], batch_size: int, collate, bf16: bool):
     """Token-weighted mean loss of `model` over every sample, batched in `order`, in the side's precision; and each
     sample's summed loss, keyed by a digest of its tokens (a packed row's samples are told apart by `lengths`)."""
-    import torch
-    import torch.nn.functional as F
-
     total, count, per_sample = 0.0, 0, {}
     model.eval()
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
@@ -79,62 +85,42 @@ def _loss_over_set(model, dataset, order: list[int], batch_size: int, collate, b
 
 
 def run(spec: dict[str, Any]) -> dict[str, Any]:
-    import random
-
-    import numpy as np
-    import torch
-    from transformers import DataCollatorForSeq2Seq, Seq2SeqTrainer, TrainerCallback, set_seed
-
-    from bench.common import training_flops
-    from bench.prepare import glm_ft_config, load, model_config, weights_checksum
-    from glm_ft.config.validate import validate
-    from glm_ft.data.collate import Collator
-    from glm_ft.data.packing import PackedCollator, pack_dataset, pack_max_length
-    from glm_ft.model import apply_method
-    from glm_ft.train.finetune import generation_config_for
-    from glm_ft.train.trainer import GlmTrainer
-    from glm_ft.train.trainer_args import build_training_arguments
-
-    side, batch_size = spec["side"], spec["batch_size"]
+    side, batch_size, steps, warmup = spec["side"], spec["batch_size"], spec["steps"], spec["warmup_steps"]
+    baseline = side == "baseline"
     if spec.get("full_logits"):
-        from glm_ft.chatglm3 import modeling
-
         modeling.chunked_causal_lm_loss = full_logits_loss  # looked up at call time by the model's forward
     cfg = glm_ft_config(spec, f"method={spec['method']}", "data.test_file=null",
                         f"model.build_if_missing={str(spec['size'] == 'tiny').lower()}",
-                        f"training_args.per_device_train_batch_size={batch_size}",
-                        f"training_args.max_steps={spec['steps']}",
+                        f"training_args.per_device_train_batch_size={batch_size}", f"training_args.max_steps={steps}",
                         f"training_args.learning_rate={spec['learning_rate']}", "training_args.warmup_steps=0",
-                        "training_args.logging_steps=1", *SIDE_OVERRIDES.get(side, []))
+                        "training_args.logging_steps=1", *spec.get("overrides", []))
     validate(cfg)
-    tokenizer, model, data = load(cfg, spec, baseline=side == "baseline")
-    if side == "baseline":
+    tokenizer, model, data = load(cfg, spec, baseline=baseline)
+    if baseline:
         model.config.use_cache = False
         model = apply_method(model, cfg.method, cfg.seed)
     checksum = weights_checksum(model)
 
     train = data.train
-    if len(train) != spec["steps"] * batch_size:
-        raise RuntimeError(f"{len(train)} training samples, expected steps × batch = {spec['steps'] * batch_size}")
-    steps, warmup = spec["steps"], spec["warmup_steps"]
+    if len(train) != steps * batch_size:
+        raise RuntimeError(f"{len(train)} training samples, expected steps × batch = {steps * batch_size}")
     if cfg.data.packing:
         train = pack_dataset(train, pack_max_length(cfg.data, cfg.max_input_length, cfg.max_output_length))
         steps = -(-len(train) // batch_size)  # still one epoch over the same samples
         warmup = max(1, round(warmup * steps / spec["steps"]))
 
-    args = build_training_arguments(cfg, Path(spec["work_dir"]) / f"run-{spec['size']}-{side}", None, has_eval=False,
-                                    generation_config=generation_config_for(cfg, tokenizer))
+    args = training_arguments(cfg, tokenizer, Path(spec["work_dir"]) / f"run-{spec['size']}-{side}", has_eval=False)
     args.max_steps = steps
-    if side == "baseline":  # the reference demo's data path
+    if baseline:  # the reference demo's data path
         args.train_sampling_strategy = "sequential"
         collate = DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=-100, return_tensors="pt")
-        make_trainer = Seq2SeqTrainer
+        recorder = RecordingCollator(collate)
+        trainer = Seq2SeqTrainer(model=model, args=args, train_dataset=train, data_collator=recorder,
+                                 processing_class=tokenizer)
     else:
         collate = (PackedCollator if cfg.data.packing else Collator)(tokenizer.pad_token_id)
-        make_trainer = partial(GlmTrainer, method=cfg.method, gen_config=None)
-    recorder = RecordingCollator(collate)
-    trainer = make_trainer(model=model, args=args, train_dataset=train, data_collator=recorder,
-                           processing_class=tokenizer)
+        recorder = RecordingCollator(collate)
+        trainer = glm_trainer(cfg, tokenizer, args, model=model, train_dataset=train, data_collator=recorder)
 
     # The same-work check walks the set in this side's own order; RNG states are put back so training is unaffected.
     # Skipped by the memory figure: its eval-mode pass would make full logits on both sides and set the peak.
@@ -145,7 +131,7 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
             set_seed(cfg.seed)
             sampler = trainer._get_train_sampler()
             order = list(sampler) if sampler is not None else list(range(len(train)))
-            initial_loss, per_sample_loss = _loss_over_set(model, train, order, batch_size, collate, args.bf16)
+            initial_loss, per_sample_loss = loss_over_set(model, train, order, batch_size, collate, args.bf16)
         random.setstate(py_state)
         np.random.set_state(np_state)
 

@@ -1,21 +1,19 @@
 """`python -m bench.worker SPEC.json OUT.json`: one side of one figure in its own process, so that its peak memory
 is its own. SPEC.json holds {"figure": ..., ...its settings}; OUT.json receives the figure's result."""
 
-from __future__ import annotations
-
 import importlib
 import json
 import sys
 import warnings
 from pathlib import Path
 
+from bench.common import vm_hwm_mib
+
 FIGURES = {"model": "bench.prepare:model_dir", "matmul": "bench.matmul:run", "training": "bench.training:run",
            "preprocessing": "bench.preprocessing:run", "eval_model": "bench.generation:train_eval_model",
            "generation": "bench.generation:run"}
 
 if __name__ == "__main__":
-    from bench.common import vm_hwm_mib
-
     warnings.filterwarnings("ignore")
     spec = json.loads(Path(sys.argv[1]).read_text())
     module, function = FIGURES[spec["figure"]].split(":")
