@@ -43,6 +43,7 @@ ROWS = [row for size, fig in (("tiny", "training_tiny"), ("mid", "training_mid")
         "lower"),
     Row("s to the first training step, tiny LoRA, tracking.enabled=false", "s", "first_step", "first_step_s",
         "lower", glm="glm_ft_untracked"),
+    Row("wall s of those jobs, start to exit (5 steps, no evaluation)", "s", "first_step", "wall_s", "lower"),
     Row("peak PSS of the process tree, those jobs", "MiB", "first_step", "peak_tree_pss_mib", "lower"),
     Row("peak PSS of the process tree, those jobs, tracking.enabled=false", "MiB", "first_step", "peak_tree_pss_mib",
         "lower", glm="glm_ft_untracked"),
