@@ -300,7 +300,8 @@ def main(argv: list[str] | None = None) -> int:
             figures[figure] = {**bench.run(figure), "figure_wall_s": round(time.perf_counter() - t, 1)}
         if "matmul" in figures and len(only) > 1:
             log("matmul again ...")
-            figures["matmul"] = bench.matmul()
+            t, first_wall = time.perf_counter(), figures["matmul"]["figure_wall_s"]
+            figures["matmul"] = {**bench.matmul(), "figure_wall_s": round(first_wall + time.perf_counter() - t, 1)}
     finally:
         if not args.keep_work:
             shutil.rmtree(work, ignore_errors=True)
