@@ -103,6 +103,11 @@ def stopped(proc: subprocess.Popen) -> bool:
     return stat.rpartition(")")[2].split()[0] in ("T", "t")
 
 
+def wait_until_stopped(proc: subprocess.Popen, log: Path, folder: str) -> None:
+    """Wait for a job started with `train_cmd(..., stop_after=folder)` to stop itself there."""
+    wait_for(lambda: stopped(proc), f"{folder} (the job stops there)", proc, log)
+
+
 def wait_for(condition: Callable[[], object], what: str, proc: subprocess.Popen | None = None,
              log: Path | None = None, may_exit: bool = False) -> object:
     """Poll until condition() is truthy; fail at once if `proc` died first (with its log's tail)."""

@@ -15,8 +15,8 @@ import pytest
 from conftest import ROOT, run_train
 from glm_ft.runs import CURVES_FILE
 from glm_ft.tracking.curves import read_series
-from lifecycle_helpers import (QUICK, background, complete, fill, kill_group, logged_losses, mlflow_run_id, stopped,
-                               tmpfs, train_cmd, trainer_losses, wait_for)
+from lifecycle_helpers import (QUICK, background, complete, fill, kill_group, logged_losses, mlflow_run_id, tmpfs,
+                               train_cmd, trainer_losses, wait_for, wait_until_stopped)
 
 pytestmark = pytest.mark.slow
 
@@ -38,7 +38,7 @@ def test_sigkill_then_resume_continues_the_same_mlflow_run(tmp_path, store):
     args = [*QUICK, "training_args.max_steps=8", "training_args.save_steps=2"]
     run_dir, log = tmp_path / "run", tmp_path / "train.log"
     with background(train_cmd(args, run_dir, stop_after="checkpoint-4"), log, env=store["env"]) as proc:
-        wait_for(lambda: stopped(proc), "checkpoint-4 (the job stops there)", proc, log)
+        wait_until_stopped(proc, log, "checkpoint-4")
         kill_group(proc)
         proc.wait()
     assert not complete(run_dir, 8)
@@ -73,7 +73,7 @@ def test_resume_of_a_finished_run_redoes_only_what_is_missing(tmp_path, store):
             "training_args.generation_config.max_new_tokens=16"]
     run_dir, log = tmp_path / "run", tmp_path / "train.log"
     with background(train_cmd(args, run_dir, stop_after="final"), log, env=store["env"]) as proc:
-        wait_for(lambda: stopped(proc), "final/ (the job stops there)", proc, log)
+        wait_until_stopped(proc, log, "final/")
         kill_group(proc)
         proc.wait()
     assert (run_dir / "final" / "glm_ft_complete").is_file() and not (run_dir / "predictions.jsonl").exists()
@@ -115,7 +115,7 @@ def test_full_disk_while_saving_a_checkpoint(tmp_path, store):
     with tmpfs(tmp_path / "run", "8m") as run_dir:
         log = tmp_path / "train.log"
         with background(train_cmd(args, run_dir, stop_after="checkpoint-2"), log, env=store["env"]) as proc:
-            wait_for(lambda: stopped(proc), "checkpoint-2 (the job stops there)", proc, log)
+            wait_until_stopped(proc, log, "checkpoint-2")
             filler = fill(run_dir, leave_bytes=64 << 10)
             kill_group(proc, signal.SIGCONT)
             wait_for(lambda: proc.poll() is not None, "the failure", may_exit=True)

@@ -12,7 +12,8 @@ import pytest
 
 from conftest import free_port
 from lifecycle_helpers import (QUICK, background, fill, kill_group, log_has, logged_losses, mlflow_run_id,
-                               mlflow_server, stopped, tmpfs, train_cmd, trainer_losses, wait_for)
+                               mlflow_server, tmpfs, train_cmd, trainer_losses, wait_for,
+                               wait_until_stopped)
 
 pytestmark = pytest.mark.slow
 
@@ -31,7 +32,7 @@ def complete_steps(run_dir) -> set[int]:
 def stopped_at_first_checkpoint(client, proc, log, run_dir) -> None:
     """The job stops itself once checkpoint-SAVE is complete (train_cmd's stop_after), so the test breaks the store
     at that exact point however fast training runs; the points up to it have reached the store by then."""
-    wait_for(lambda: stopped(proc), f"checkpoint-{SAVE} (the job stops there)", proc, log)
+    wait_until_stopped(proc, log, f"checkpoint-{SAVE}")
     assert complete_steps(run_dir) == {SAVE}
     assert sorted(logged_losses(client, mlflow_run_id(run_dir))) == list(range(1, SAVE + 1))
 
