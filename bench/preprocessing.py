@@ -33,6 +33,7 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
 
     from glm_ft.chatglm3.tokenization import load_tiny_tokenizer
     from glm_ft.data.dataset import load_datasets
+    from glm_ft.data.rows import check_rows
 
     side, tokenizer = spec["side"], load_tiny_tokenizer()
     path = Path(spec["data_dir"]) / "train.json"
@@ -48,11 +49,19 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
                       remove_columns=raw.column_names)
         result = {"rows": len(raw), "num_proc": 1}
     else:
+        # what a job does with a file it has not seen: the pre-flight check before the model loads, then this
         config = {"data_dir": str(path.parent), "train_file": path.name, "num_proc": spec["num_proc"]}
+        check_rows(path, log_skips=False, records=work / "checked")
+        checked = time.perf_counter()
         bundle = load_datasets(config, tokenizer, max_in, max_out, cache_dir=work / "cache")
         out = bundle.train
-        result = {"rows": bundle.stats["data.train.rows_read"], "num_proc": spec["num_proc"], "stats": bundle.stats}
+        result = {"rows": bundle.stats["data.train.rows_read"], "num_proc": spec["num_proc"], "stats": bundle.stats,
+                  "check_s": checked - start}
     seconds = time.perf_counter() - start
+    if side != "baseline":  # the next job's check of the same file, from the record (not part of the rate)
+        again = time.perf_counter()
+        check_rows(path, log_skips=False, records=work / "checked")
+        result["recorded_check_s"] = time.perf_counter() - again
     digest = hashlib.sha256()  # row by row: one string of every row would weigh on the side's peak memory
     for ids, labels in zip(out["input_ids"], out["labels"]):
         digest.update(repr((ids, labels)).encode())

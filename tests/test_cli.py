@@ -10,6 +10,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from conftest import ROOT, run_process, run_train
+from glm_ft.config.schema import DATA_CACHE
 
 HEAVY = ("torch", "transformers", "peft", "deepspeed", "mlflow", "datasets")
 
@@ -47,6 +48,9 @@ def test_dry_run_renders_and_loads_nothing_heavy(tmp_path, fake_6b):
     assert resolved["zero_optimization"]["reduce_bucket_size"] == 4096 * 4096
     finetune = OmegaConf.load(run_dir / "finetune.yaml")
     assert finetune.training_args.output_dir == str(run_dir)
+    # The data files were checked, and recorded so that a later job on the same bytes skips reading them again
+    recorded = {r.read_text(encoding="utf-8") for r in (DATA_CACHE / "checked").iterdir()}
+    assert f"{fake_6b['data'] / 'train.json'}\n" in recorded
 
 
 def test_quickstart_dry_run(tmp_path):

@@ -21,6 +21,8 @@ PROJECT_ROOT = Path(__file__).resolve().parents[2]
 TINY_MODEL_DIR = PROJECT_ROOT / ".cache" / "tiny-chatglm3"
 # model=tiny_demo: the tiny model trained a little (glm_ft/train/demo_base.py), built the same way at its own place
 DEMO_MODEL_DIR = PROJECT_ROOT / ".cache" / "tiny-chatglm3-demo"
+# Preprocessed splits (glm_ft/data/dataset.py), and the records of data files already checked (glm_ft/data/rows.py)
+DATA_CACHE = PROJECT_ROOT / ".cache" / "datasets"
 # Tokens one evaluation/prediction batch may hold, rows x (longest prompt + max_new_tokens): 32768 is ~0.9 GB of
 # bf16 KV cache at chatglm3-6b's shape, and lets a small model decode many short rows per step
 # (glm_ft/train/evaluation.py).

@@ -20,7 +20,7 @@ from glm_ft.errors import ConfigError
 from glm_ft import methods
 from glm_ft.config.keys import closest, no_keys_message, unknown_key_message
 from glm_ft.config.paths import SPLIT_KEYS, InputPaths, input_paths, resolve_path
-from glm_ft.config.schema import TINY_MODEL_DIR
+from glm_ft.config.schema import DATA_CACHE, TINY_MODEL_DIR
 
 SEED_LIMIT = 2**32  # numpy's seed range (transformers' set_seed seeds numpy too)
 QUICKSTART_HINT = "or try the bundled tiny setup: python train.py experiment=quickstart"
@@ -241,12 +241,13 @@ def check_data_files(where: InputPaths, data: DictConfig) -> None:
 
 
 def check_data_rows(where: InputPaths, data: DictConfig, *, log_skips: bool = True) -> None:
-    """Read and check every row of the configured files: FILE:LINE errors come before any model loads."""
-    from glm_ft.data.rows import read_rows  # not dataset.py, which brings numpy and pyarrow
+    """Read and check every row of the configured files: FILE:LINE errors come before any model loads. A file whose
+    contents passed before is not read again (glm_ft/data/rows.py, `check_rows`), unless skips are to be logged."""
+    from glm_ft.data.rows import check_rows  # not dataset.py, which brings numpy and pyarrow
 
     for path in where.data_files.values():
         if path is not None:
-            read_rows(path, skip_bad_rows=data.skip_bad_rows, log_skips=log_skips)
+            check_rows(path, skip_bad_rows=data.skip_bad_rows, log_skips=log_skips, records=DATA_CACHE / "checked")
 
 
 def _file_kind(path: Path) -> str:

@@ -262,11 +262,7 @@ def _save_atomically(dataset, counts: dict[str, int], target: Path) -> None:
 
 def _cache_key(path: Path, tokenizer, kind: str, max_input_length: int, max_output_length: int,
                skip_bad_rows: bool) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    parts = [digest.hexdigest(), tokenizer_fingerprint(tokenizer), kind, str(max_input_length),
+    parts = [reading.file_digest(path), tokenizer_fingerprint(tokenizer), kind, str(max_input_length),
              str(max_output_length), str(skip_bad_rows), _code_fingerprint(type(tokenizer))]
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()
 

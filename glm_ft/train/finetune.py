@@ -21,7 +21,7 @@ from transformers import GenerationConfig, set_seed
 
 from glm_ft import dist
 from glm_ft.config.paths import InputPaths, input_paths
-from glm_ft.config.schema import PROJECT_ROOT
+from glm_ft.config.schema import DATA_CACHE
 from glm_ft.data.dataset import load_datasets
 from glm_ft.errors import CheckpointError
 from glm_ft import heap
@@ -40,8 +40,6 @@ from glm_ft.train.trainer import GlmTrainer, PruningCallback, TrackerCallback, W
 from glm_ft.train.trainer_args import build_training_arguments
 
 log = logging.getLogger("glm_ft")
-
-DATA_CACHE = PROJECT_ROOT / ".cache" / "datasets"
 
 
 class Interrupted(KeyboardInterrupt):

@@ -270,6 +270,85 @@ def test_skip_bad_rows_counts_and_logs(tmp_path, caplog):
         read_rows(_write(tmp_path / "none.jsonl", _jsonl(rows[1:2])), skip_bad_rows=True)
 
 
+def test_a_check_keeps_no_rows_and_gives_the_same_verdict(tmp_path):
+    rows = [GOOD, {"conversations": [{"role": "bot", "content": "x"}]}, GOOD]
+    path = _write(tmp_path / "mixed.jsonl", _jsonl(rows))
+    kept, checked = (read_rows(path, skip_bad_rows=True, keep=keep) for keep in (True, False))
+    assert len(kept.conversations) == 2 and checked.conversations == []
+    assert (checked.rows_read, checked.skipped) == (kept.rows_read, kept.skipped) == (3, [f"{path}:2: " + (
+        "message 1 has unknown role 'bot' (expected one of system, user, assistant, observation)")])
+    for keep in (True, False):
+        with pytest.raises(DataError, match=":2: .*unknown role"):
+            read_rows(path, keep=keep)
+        with pytest.raises(DataError, match="no usable rows"):
+            read_rows(_write(tmp_path / "none.jsonl", _jsonl(rows[1:2])), skip_bad_rows=True, keep=keep)
+
+
+@pytest.fixture
+def counted_reads(monkeypatch):
+    """Every read_rows call check_rows makes, by path (the real function still runs)."""
+    from glm_ft.data import rows as rows_module
+
+    calls, real_read = [], rows_module.read_rows
+
+    def read(path, **kwargs):
+        calls.append(Path(path))
+        return real_read(path, **kwargs)
+
+    monkeypatch.setattr(rows_module, "read_rows", read)
+    return calls
+
+
+def test_a_checked_file_is_not_read_again_until_its_bytes_change(tmp_path, counted_reads):
+    from glm_ft.data.rows import check_rows
+
+    records = tmp_path / "records"
+    path = _write(tmp_path / "train.jsonl", _jsonl([GOOD, GOOD]))
+    check_rows(path, records=records, log_skips=False)
+    check_rows(path, records=records, log_skips=False)
+    assert counted_reads == [path] and len(list(records.iterdir())) == 1
+    # The same bytes elsewhere are another file: a record names its path (and the suffix decides the verdict)
+    with pytest.raises(DataError, match=r"unsupported file type \.csv"):
+        check_rows(_write(tmp_path / "train.csv", path.read_bytes()), records=records, log_skips=False)
+    check_rows(path, records=records, log_skips=True)  # a dry run shows the skipped rows: it always reads
+    assert counted_reads == [path, tmp_path / "train.csv", path]
+    # One bad row, same size and same modification time: the record does not cover it, and it fails by FILE:LINE.
+    stat = path.stat()
+    _write(path, _jsonl([GOOD, {"conversations": [{"role": "bot", "content": "好的"}]}]))
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    with pytest.raises(DataError, match=rf"^{re.escape(str(path))}:2: .*unknown role"):
+        check_rows(path, records=records, log_skips=False)
+    with pytest.raises(DataError, match=":2: .*unknown role"):  # a failure is never recorded
+        check_rows(path, records=records, log_skips=False)
+    # skip_bad_rows is part of the verdict: the same bytes pass with it, and are recorded apart
+    check_rows(path, records=records, skip_bad_rows=True, log_skips=False)
+    check_rows(path, records=records, skip_bad_rows=True, log_skips=False)
+    assert len(counted_reads) == 6 and len(list(records.iterdir())) == 2
+    with pytest.raises(DataError, match=":2: .*unknown role"):
+        check_rows(path, records=records, log_skips=False)
+
+
+def test_a_record_from_other_reading_code_is_not_trusted(tmp_path, counted_reads, monkeypatch):
+    from glm_ft.data import rows as rows_module
+
+    path, records = _write(tmp_path / "train.jsonl", _jsonl([GOOD])), tmp_path / "records"
+    rows_module.check_rows(path, records=records, log_skips=False)
+    monkeypatch.setattr(rows_module, "_reading_code_digest", lambda: "an edited rows.py")
+    rows_module.check_rows(path, records=records, log_skips=False)
+    assert counted_reads == [path, path]
+
+
+def test_records_that_cannot_be_written_cost_only_the_next_read(tmp_path, counted_reads):
+    from glm_ft.data.rows import check_rows
+
+    path, records = _write(tmp_path / "train.jsonl", _jsonl([GOOD])), _write(tmp_path / "a-file", "")
+    check_rows(path, records=records, log_skips=False)
+    check_rows(path, records=records, log_skips=False)
+    assert counted_reads == [path, path]
+    with pytest.raises(DataError, match="file not found"):  # unreadable: read_rows names it
+        check_rows(tmp_path / "absent.jsonl", records=tmp_path / "records", log_skips=False)
+
+
 # --- datasets ---
 
 
