@@ -26,11 +26,10 @@ import optuna
 from hydra.core.override_parser.types import IntervalSweep
 from hydra.utils import instantiate
 
-from glm_ft.search import TRIAL_ENV
+from glm_ft.search import STUDY_ENV, TRIAL_ENV
 
 log = logging.getLogger(__name__)
 
-STUDY_ENV = "GLM_FT_OPTUNA_STUDY"
 STORAGE_ENV = "GLM_FT_OPTUNA_STORAGE"
 JOURNAL_FILE = "optuna_journal.log"
 # A trial that was RUNNING when its sweep died: marked FAIL with this system attribute, and not counted.
@@ -164,9 +163,6 @@ class JobTrial:
         if TRIAL_ENV not in os.environ:
             return None
         return cls(os.environ[STUDY_ENV], os.environ[STORAGE_ENV], int(os.environ[TRIAL_ENV]), pruner)
-
-    def tags(self) -> dict[str, str]:
-        return {"glm_ft.trial": str(self.number), "glm_ft.study": self.study_name}
 
     def report(self, value: float, step: int) -> bool:
         """Report the metric at `step`; True when the pruner stops this trial."""

@@ -165,8 +165,9 @@ class NullTracker:
 
 
 @contextlib.contextmanager
-def start_run(cfg: DictConfig, run_dir: Path) -> Iterator[Tracker | NullTracker]:
-    """One MLflow run around one training job; see the module docstring. Exceptions propagate unchanged.
+def start_run(cfg: DictConfig, run_dir: Path, tags: Mapping[str, str] | None = None) -> Iterator[Tracker | NullTracker]:
+    """One MLflow run around one training job; see the module docstring. Exceptions propagate unchanged. `tags`
+    are set when the run is created, beside glm-ft's own.
 
     With `resume` set, the run folder's MLflow run (mlflow_run.json) is continued rather than a new one started."""
     if not cfg.tracking.enabled or not dist.is_rank_zero():
@@ -178,7 +179,7 @@ def start_run(cfg: DictConfig, run_dir: Path) -> Iterator[Tracker | NullTracker]
     run_id, logged = previous_run(store, cfg, run_dir)
     if run_id is None:
         parent_id, swept = parent_for_job(store, hc)
-        tags = run_tags(cfg, run_dir, hc)
+        tags = {**run_tags(cfg, run_dir, hc), **(tags or {})}
         name = cfg.tracking.run_name
         if hc is not None and not name:
             name = child_run_name(hc, swept) if parent_id else (str(hc.job.override_dirname) or None)

@@ -30,7 +30,7 @@ from glm_ft.model import (base_model_dir, load_model_for_training, load_tokenize
 from glm_ft.runs import (CURVES_FILE, EVAL_PREDICTIONS, FINAL, PREDICTIONS, final_step, last_complete_checkpoint,
                          mark_complete, read_progress, record_progress, reset_progress, resume_checkpoint,
                          write_run_info)
-from glm_ft.search import TRIAL_ENV
+from glm_ft.search import TRIAL_ENV, trial_tags
 from glm_ft.tracking.curves import run_log_history, write_training_curves
 from glm_ft.tracking.parent import hydra_config
 from glm_ft.tracking.tracker import settle_previous_run, start_run
@@ -67,7 +67,7 @@ def finetune(cfg: DictConfig, run_dir: Path, paths: dict[str, Path],
     if cfg.deepspeed is not None:
         dist.setup_single_process_group()
     try:
-        with start_run(cfg, run_dir) as tracker:
+        with start_run(cfg, run_dir, tags=trial_tags()) as tracker:
             return _train(cfg, run_dir, paths, where or input_paths(cfg), tracker)
     finally:
         dist.destroy_process_group()
@@ -231,14 +231,14 @@ def completed_run(cfg: DictConfig, run_dir: Path) -> dict[str, float] | None:
 
 
 def _search_trial(cfg: DictConfig, tracker, has_eval: bool, callbacks: list):
-    """Inside an Optuna sweep (hydra/sweeper=optuna): this job's trial, tagged on its run, and a callback reporting
-    `optimized_metric` at every evaluation so the study's pruner can stop it."""
+    """Inside an Optuna sweep (hydra/sweeper=optuna): this job's trial (its run was created with its tags,
+    `trial_tags`), and a callback reporting `optimized_metric` at every evaluation so the study's pruner can stop
+    it."""
     if TRIAL_ENV not in os.environ:
         return None  # not in a study: Optuna is not even imported
     from glm_ft.search.study import JobTrial, pruner_from_hydra
 
     job_trial = JobTrial.from_env(pruner_from_hydra(hydra_config()))
-    tracker.set_tags(job_trial.tags())
     if has_eval and cfg.optimized_metric:
         callbacks.append(PruningCallback(job_trial, cfg.optimized_metric))
     return job_trial

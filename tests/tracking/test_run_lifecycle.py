@@ -14,6 +14,7 @@ import pytest
 
 from conftest import ROOT, run_train
 from glm_ft.runs import CURVES_FILE
+from glm_ft.search import STUDY_ENV, TRIAL_ENV
 from glm_ft.tracking.curves import read_series
 from lifecycle_helpers import (QUICK, background, complete, fill, kill_group, logged_losses, mlflow_run_id, tmpfs,
                                train_cmd, trainer_losses, wait_for, wait_until_stopped)
@@ -59,6 +60,20 @@ def test_sigkill_then_resume_continues_the_same_mlflow_run(tmp_path, store):
     assert logged_losses(store["client"], run_id) == trainer_losses(run_dir, 8)
     # training_curves.png, written when the resumed training ends, draws the whole training, not only its second half.
     assert dict(map(tuple, read_series(run_dir / CURVES_FILE)["loss"])) == trainer_losses(run_dir, 8)
+
+
+def test_a_trial_killed_while_its_model_loads_still_names_its_trial(tmp_path, store):
+    """A job of an Optuna sweep creates its MLflow run with its trial's tags: SIGKILLed as soon as the run exists,
+    its model still loading, the run still says which trial and study it belonged to. (The environment has no study
+    storage: a job that got further would fail opening its trial, and its run would have to be tagged by then.)"""
+    run_dir, log = tmp_path / "run", tmp_path / "train.log"
+    env = {**store["env"], TRIAL_ENV: "7", STUDY_ENV: "lora_optuna"}
+    with background(train_cmd(QUICK, run_dir), log, env=env) as proc:
+        wait_for(lambda: (run_dir / "mlflow_run.json").is_file(), "the job's MLflow run", proc, log)
+        kill_group(proc)
+        proc.wait()
+    tags = store["client"].get_run(mlflow_run_id(run_dir)).data.tags
+    assert (tags["glm_ft.trial"], tags["glm_ft.study"]) == ("7", "lora_optuna")
 
 
 def file_digests(folder) -> dict[str, str]:
