@@ -50,5 +50,7 @@ bench: install
 bench-gpu: install
 	$(BIN)/python bench/gpu.py $(ARGS)
 
+# Run folders and derived data (preprocessed splits, records of checked data files); keeps the MLflow store, the
+# tiny models and the virtual environment.
 clean:
-	rm -rf outputs multirun .cache/glm_ft_data
+	rm -rf outputs multirun .cache/datasets

@@ -1,4 +1,5 @@
-"""The README's make targets: install is idempotent, `make ui` serves the store on loopback only."""
+"""The README's make targets: install is idempotent, `make ui` serves the store on loopback only, `make clean` removes
+what runs derive and nothing else."""
 
 from __future__ import annotations
 
@@ -63,3 +64,20 @@ def test_make_ui_serves_the_store_on_loopback(installed, tmp_path):
         assert [(r.info.run_name, r.data.metrics["eval_rouge-l"]) for r in runs] == [("lora-r8", 41.5)]
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as page:
             assert page.status == 200 and b"MLflow" in page.read()
+
+
+def test_make_clean_removes_run_folders_and_derived_data_only(tmp_path):
+    """In a scratch folder (a checkout's own runs are never touched by the suite)."""
+    from glm_ft.config.schema import DATA_CACHE, PROJECT_ROOT, TINY_MODEL_DIR
+
+    removed = ["outputs/run/finetune.yaml", "multirun/sweep/multirun.yaml",
+               f"{DATA_CACHE.relative_to(PROJECT_ROOT)}/checked/record"]
+    kept = ["mlflow.db", f"{TINY_MODEL_DIR.relative_to(PROJECT_ROOT)}/config.json", "data/sample/train.jsonl"]
+    for name in removed + kept:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("x")
+    out = subprocess.run(["make", "-f", str(ROOT / "Makefile"), "clean"], cwd=tmp_path, capture_output=True,
+                         text=True)
+    assert out.returncode == 0, out.stderr
+    assert [name for name in removed if (tmp_path / name).exists()] == []
+    assert all((tmp_path / name).is_file() for name in kept)
