@@ -141,7 +141,8 @@ def combine_rounds(rounds: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
 
 
 def summarize(done: list[dict[str, Any]], keys: Sequence[str]) -> dict[str, Any]:
-    """Medians of repeated command runs (and every value), peak memory the highest; failures are counted."""
+    """Medians of repeated command runs, peak memory the highest (and every value of each: a peak's spread over
+    the repeats is its noise); failures are counted."""
     ok = [r for r in done if r["returncode"] == 0]
     out: dict[str, Any] = {"failures": len(done) - len(ok),
                            "peak_rss_mib": max((r["peak_rss_mib"] or 0 for r in ok), default=None)}
@@ -151,7 +152,7 @@ def summarize(done: list[dict[str, Any]], keys: Sequence[str]) -> dict[str, Any]
             out[key] = max(values, default=None)
         else:
             out[key] = statistics.median(values) if values else None
-            out[f"{key}_each"] = [round(v, 3) for v in values]
+        out[f"{key}_each"] = [round(v, 3) for v in values]
     return out
 
 

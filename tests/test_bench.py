@@ -228,6 +228,7 @@ def test_repeated_runs_give_medians_and_the_highest_peak_and_count_failures():
     out = summarize(runs, ["wall_s", "peak_tree_pss_mib"])
     assert out["wall_s"] == 2.0 and out["wall_s_each"] == [3.0, 1.0, 2.0]
     assert out["peak_rss_mib"] == 20.0 and out["peak_tree_pss_mib"] == 40.0 and out["failures"] == 1
+    assert out["peak_tree_pss_mib_each"] == [30.0, 25.0, 40.0]
 
 
 def test_loss_differences_are_relative_and_catch_different_samples():
