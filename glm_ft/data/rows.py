@@ -114,7 +114,7 @@ def check_rows(path: str | os.PathLike, *, skip_bad_rows: bool = False, log_skip
     """`read_rows`' verdict on a file (a DataError, or nothing), remembered in the folder `records`.
 
     Every job checks its data before its model loads; a rerun, or a sweep's next job, would read the same rows
-    again, about 2 s per 100,000 (measured on AdvertiseGen-shaped rows; hashing them takes 0.1 s). A file whose
+    again (1.3 s per 100,000 AdvertiseGen-shaped rows in `make bench`, against 0.04 s to hash them). A file whose
     exact bytes passed before, at the same path, with the same skip_bad_rows and this reading code, is not read
     again. A file that fails is never recorded, so it fails again, naming its FILE:LINE. With `log_skips` the file
     is always read: that caller wants the skipped rows shown.
