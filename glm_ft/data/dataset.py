@@ -23,7 +23,6 @@ from typing import Any
 
 from glm_ft.atomic import folder_atomic
 from glm_ft.data import columns as data_columns
-from glm_ft.data import formats as data_formats
 from glm_ft.data import rows as reading
 from glm_ft.errors import DataError
 from glm_ft.heap import collector_paused
@@ -285,8 +284,7 @@ def tokenizer_fingerprint(tokenizer) -> str:
 def _code_fingerprint(tokenizer_class: type) -> str:
     # Any edit to the code that lays out samples invalidates the cache, so a stale cache can't outlive a fix.
     digest = hashlib.sha256(Path(__file__).read_bytes())
-    digest.update(Path(reading.__file__).read_bytes())
-    digest.update(Path(data_formats.__file__).read_bytes())
+    digest.update(reading.reading_code_digest().encode())
     digest.update(Path(data_columns.__file__).read_bytes())
     source = inspect.getsourcefile(tokenizer_class)
     if source:

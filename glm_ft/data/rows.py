@@ -123,7 +123,7 @@ def check_rows(path: str | os.PathLike, *, skip_bad_rows: bool = False, log_skip
     if records is not None:
         try:
             # the path too: the verdict depends on its suffix, and the record then names one file
-            key = "\0".join((str(path.resolve()), file_digest(path), str(bool(skip_bad_rows)), _reading_code_digest()))
+            key = "\0".join((str(path.resolve()), file_digest(path), str(bool(skip_bad_rows)), reading_code_digest()))
             record = records / hashlib.sha256(key.encode()).hexdigest()[:32]
         except OSError:
             pass  # unreadable: read_rows names the problem
@@ -148,8 +148,9 @@ def file_digest(path: Path) -> str:
 
 
 @functools.cache
-def _reading_code_digest() -> str:
-    # An edit to what decides a row's verdict (this module, the row formats) makes every earlier record stale.
+def reading_code_digest() -> str:
+    """A digest of the code that reads rows (this module, the row formats): an edit to it makes every earlier
+    check record, and every preprocessed cache (glm_ft/data/dataset.py), stale."""
     digest = hashlib.sha256(Path(__file__).read_bytes())
     digest.update(Path(formats.__file__).read_bytes())
     return digest.hexdigest()

@@ -333,7 +333,7 @@ def test_a_record_from_other_reading_code_is_not_trusted(tmp_path, counted_reads
 
     path, records = _write(tmp_path / "train.jsonl", _jsonl([GOOD])), tmp_path / "records"
     rows_module.check_rows(path, records=records, log_skips=False)
-    monkeypatch.setattr(rows_module, "_reading_code_digest", lambda: "an edited rows.py")
+    monkeypatch.setattr(rows_module, "reading_code_digest", lambda: "an edited rows.py")
     rows_module.check_rows(path, records=records, log_skips=False)
     assert counted_reads == [path, path]
 
