@@ -7,9 +7,11 @@ The file may be in any format glm_ft.data reads (`.jsonl` / `.json`, conversatio
 assistant turn is one sample (its context as the prompt, its text as the reference), built by the same code as the
 evaluation during training. Prompts are batched as evaluation batches them (glm_ft.train.evaluation.plan_generation:
 longest first, as many rows as fit --batch-tokens, at least --batch-size rows of the longest prompt), left-padded;
-rows are written in file order. Writes OUT (prompt, reference, prediction per sample) and, beside it,
-`test_metrics.json`; the metrics (test_rouge-1, test_rouge-2, test_rouge-l, test_bleu-4, test_samples — the names
-of a run's final test prediction) are also printed on stdout as JSON.
+rows are written in file order. Generation takes the run's own settings (`training_args.generation_config`, as its
+evaluation and test prediction did), so each row equals the run's prediction for that prompt. Writes OUT (prompt,
+reference, prediction per sample) and, beside it, `test_metrics.json`; the metrics (test_rouge-1, test_rouge-2,
+test_rouge-l, test_bleu-4, test_samples — the names of a run's final test prediction) are also printed on stdout as
+JSON.
 """
 
 from __future__ import annotations
@@ -82,7 +84,7 @@ def predict(checkpoint, data_file: str | Path, out: str | Path, *, base_model: s
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else find_checkpoint(checkpoint, base_model)
     conversations = read_conversations(data_file)
 
-    from glm_ft.infer.checkpoint import generation_config, load_checkpoint
+    from glm_ft.infer.checkpoint import load_checkpoint
     from glm_ft.train.evaluation import decode_rows, stop_token_ids, write_predictions
     from glm_ft.train.metrics import compute_metrics, prefix_metrics
 
@@ -92,7 +94,7 @@ def predict(checkpoint, data_file: str | Path, out: str | Path, *, base_model: s
     max_input_length = max_input_length or run_info.get("max_input_length") or DEFAULT_MAX_INPUT_LENGTH
     max_output_length = max_output_length or run_info.get("max_output_length") or DEFAULT_MAX_OUTPUT_LENGTH
     samples = build_samples(conversations, tokenizer, max_input_length, max_output_length)
-    gen = generation_config(tokenizer, max_new_tokens or max_output_length)
+    gen = _generation(tokenizer, run_info, max_new_tokens or None, max_output_length)
 
     started = time.perf_counter()
     generated = generate_all(loaded.model, tokenizer, samples, gen, batch_size, batch_tokens)
@@ -108,6 +110,19 @@ def predict(checkpoint, data_file: str | Path, out: str | Path, *, base_model: s
     return metrics
 
 
+def _generation(tokenizer, run_info: dict[str, Any], max_new_tokens: int | None, max_output_length: int):
+    """The run's own evaluation settings (training_args.generation_config, recorded in glm_ft_run.json), so a row
+    equals the run's prediction for that prompt; `max_new_tokens` replaces only the length. A checkpoint outside a
+    run, or a run recorded before the settings were: greedy, up to `max_output_length` new tokens."""
+    from glm_ft.infer.checkpoint import generation_config
+    from glm_ft.train.evaluation import generation_config as build
+
+    recorded = run_info.get("generation_config")
+    if not recorded:
+        return generation_config(tokenizer, max_new_tokens or max_output_length)
+    return build(tokenizer, **{**recorded, **({"max_new_tokens": max_new_tokens} if max_new_tokens else {})})
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m glm_ft predict", description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint",
@@ -121,7 +136,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "prompts (default: %(default)s, training's eval_batch_tokens)")
     parser.add_argument("--max-input-length", type=int, help="default: the run's, else 256")
     parser.add_argument("--max-output-length", type=int, help="reference length; default: the run's, else 512")
-    parser.add_argument("--max-new-tokens", type=int, help="default: --max-output-length")
+    parser.add_argument("--max-new-tokens", type=int,
+                        help="default: the run's training_args.generation_config.max_new_tokens, else "
+                             "--max-output-length")
     parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPE_NAMES])
     args = parser.parse_args(argv)
     for name in ("batch_size", "batch_tokens", "max_new_tokens", "max_output_length"):

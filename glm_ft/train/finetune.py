@@ -245,10 +245,12 @@ def _search_trial(cfg: DictConfig, tracker, has_eval: bool, callbacks: list):
 
 
 def _write_run_info(run_dir: Path, cfg: DictConfig, model_dir: Path) -> None:
-    """What chat/export need to reopen this run: the base model and the method."""
+    """What chat/export/predict need to reopen this run: the base model, the method, and the lengths and generation
+    settings its evaluation used (so `predict` generates what the run's own test prediction did)."""
     if not dist.is_rank_zero():
         return
     info = {"base_model": str(model_dir), "method": OmegaConf.to_container(cfg.method, resolve=True),
-            "max_input_length": cfg.max_input_length, "max_output_length": cfg.max_output_length}
+            "max_input_length": cfg.max_input_length, "max_output_length": cfg.max_output_length,
+            "generation_config": OmegaConf.to_container(cfg.training_args.generation_config, resolve=True)}
     write_run_info(run_dir, info)
 

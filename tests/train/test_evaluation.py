@@ -24,7 +24,9 @@ import pytest
 from conftest import ROOT, run_process, run_train
 
 SAMPLE = ROOT / "data" / "sample"
-MAX_NEW_TOKENS = 24
+# Below the quickstart's max_output_length (64), and short enough to cut most replies of this run: predict must
+# take the run's own generation settings, not its lengths.
+MAX_NEW_TOKENS = 8
 # The quickstart as `make train` runs it, shortened: a high learning rate, so that 150 steps give replies that differ
 # from prompt to prompt (a shuffle of identical replies would go unnoticed), and one evaluation, at the last step.
 DEFAULT_RUN = ["experiment=quickstart", "training_args.max_steps=150", "training_args.learning_rate=4e-3",
@@ -129,14 +131,15 @@ def assistant_turns(path: Path) -> list[tuple[str, str]]:
     return turns
 
 
-def predict_with_glm_ft(checkpoint: Path, data_file: Path, out: Path, batch_size: int) -> list[dict]:
+def predict_with_glm_ft(checkpoint: Path, data_file: Path, out: Path, batch_size: int, *options: str) -> list[dict]:
     """`python -m glm_ft predict` on the run's own checkpoint, batched differently from the run's evaluation:
-    `batch_size` rows of the longest prompt, no larger token budget (--batch-tokens 1)."""
+    `batch_size` rows of the longest prompt, no larger token budget (--batch-tokens 1). No generation settings are
+    given unless in `options`: predict must take the run's own."""
     from glm_ft.infer.predict import main
 
     with contextlib.redirect_stdout(io.StringIO()):
         assert main([str(checkpoint), str(data_file), "--out", str(out), "--batch-size", str(batch_size),
-                     "--batch-tokens", "1", "--max-new-tokens", str(MAX_NEW_TOKENS)]) == 0
+                     "--batch-tokens", "1", *options]) == 0
     return read_jsonl(out)
 
 
@@ -239,6 +242,10 @@ def test_predictions_equal_glm_ft_predict_on_the_same_checkpoint(run):
     assert [r["prompt"] for r in predicted] == [r["prompt"] for r in rows]
     assert [r["reference"] for r in predicted] == [r["reference"] for r in rows]
     assert [r["prediction"] for r in predicted] == [r["prediction"] for r in rows]
+    # What makes this able to fail: the run's generation limit cuts replies that its max_output_length would not.
+    longer = predict_with_glm_ft(run["run_dir"], SAMPLE / "test.jsonl", run["work"] / "predict" / "test-64.jsonl",
+                                 5, "--max-new-tokens", "64")
+    assert [r["prediction"] for r in longer] != [r["prediction"] for r in rows]
 
 
 @pytest.mark.slow
