@@ -277,9 +277,10 @@ def reopen_parent(store: Store, sweep_dir: Path) -> str | None:
 
 
 def best_child(store: Store, parent_id: str, metric: str, direction: str):
-    """The child run with the best final value of `metric`, or None when no child has it."""
+    """The FINISHED child run with the best final value of `metric`, or None when none has it. A killed, failed or
+    pruned child's value is from part of its training (and a re-run sweep keeps the killed copy beside the new one)."""
     children = child_runs(store.client, store.experiment_id, parent_id)
-    scored = [run for run in children if metric in run.data.metrics]
+    scored = [run for run in children if metric in run.data.metrics and run.info.status == "FINISHED"]
     if not scored:
         return None
     pick = max if direction == "maximize" else min

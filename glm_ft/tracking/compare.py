@@ -114,8 +114,9 @@ def compare(sweep: str | None = None, metric: str | None = None, experiment: str
                             "params": {k: _param(child, k) for k in swept},
                             "metrics": {k: child.data.metrics.get(k) for k in result.columns}})
     sign = -1 if direction == "maximize" else 1
-    # Pruned trials after the finished ones: their last value is from part of the training.
-    result.rows.sort(key=lambda r: (r["metrics"][metric] is None, r["status"] == "PRUNED",
+    # Runs that did not finish (pruned, killed, failed) after the finished ones, whatever their score: their last
+    # value is from part of the training.
+    result.rows.sort(key=lambda r: (r["metrics"][metric] is None, r["status"] != "FINISHED",
                                     sign * (r["metrics"][metric] or 0.0)))
 
     if all(r["metrics"][metric] is None for r in result.rows):

@@ -223,3 +223,25 @@ def test_dry_run_sweep_records_nothing(tmp_path):
     assert out.returncode == 0, out.stderr
     assert (sweep_dir / "1" / "finetune.yaml").is_file()
     assert not db.exists() and not (sweep_dir / "mlflow_parent_run_id").exists()
+
+
+def test_the_best_child_is_a_finished_one(store, tmp_path):
+    """A killed, failed or pruned child's score is from part of its training, and a re-run sweep keeps the killed
+    copy of a job beside the finished one: the parent's best is picked among FINISHED children only."""
+    from types import SimpleNamespace
+
+    from glm_ft.search.sweep import best_child
+
+    uri, client = store
+    exp = client.create_experiment(f"best-{tmp_path.name}")
+    parent = client.create_run(exp).info.run_id
+    ids = {}
+    for name, score, status in [("done-low", 30.0, "FINISHED"), ("killed-high", 90.0, "KILLED"),
+                                ("done-high", 50.0, "FINISHED"), ("failed-higher", 95.0, "FAILED")]:
+        ids[name] = client.create_run(exp, run_name=name, tags={"mlflow.parentRunId": parent}).info.run_id
+        client.log_metric(ids[name], "eval_rouge-l", score, step=10)
+        client.set_terminated(ids[name], status)
+    found = SimpleNamespace(client=client, experiment_id=exp)
+    assert best_child(found, parent, "eval_rouge-l", "maximize").info.run_id == ids["done-high"]
+    assert best_child(found, parent, "eval_rouge-l", "minimize").info.run_id == ids["done-low"]
+    assert best_child(found, parent, "eval_bleu-4", "maximize") is None

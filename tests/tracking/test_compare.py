@@ -45,6 +45,8 @@ def store(tmp_path_factory):
                                                     "eval_samples": 40, "train_loss": 2.0}, "FINISHED"),
         ({"method.r": 8, "method.lora_alpha": 16}, {"eval_rouge-l": 50.0, "eval_bleu-4": 4.0}, "FINISHED"),
         ({"method.r": 32, "method.lora_alpha": 8}, {}, "FAILED"),
+        # killed part-way with a higher score than any finished run: still after them
+        ({"method.r": 64, "method.lora_alpha": 8}, {"eval_rouge-l": 90.0}, "KILLED"),
         ({"method.r": 16, "method.lora_alpha": 32}, {"eval_rouge-l": 40.0, "eval_bleu-4": 6.0}, "FINISHED"),
     ])
     methods = add_sweep(client, exp, root / "methods", 2000, ["method"], "eval_loss", "minimize", [
@@ -62,14 +64,16 @@ def test_table_is_best_first_with_failed_runs_last(store, capsys):
     result = compare(str(store["root"] / "lora"), tracking_uri=store["uri"])
     assert result.parent_id == store["lora"] and result.swept == ["method.r", "method.lora_alpha"]
     assert [r["name"] for r in result.rows] == ["method.r=8,method.lora_alpha=16", "method.r=16,method.lora_alpha=32",
-                                               "method.r=4,method.lora_alpha=16", "method.r=32,method.lora_alpha=8"]
+                                               "method.r=4,method.lora_alpha=16", "method.r=64,method.lora_alpha=8",
+                                               "method.r=32,method.lora_alpha=8"]
     assert result.columns == ["eval_rouge-l", "eval_bleu-4", "train_loss"]  # timings and sample counts left out
 
     lines = capsys.readouterr().out.splitlines()
     assert lines[1].split() == ["run", "method.r", "method.lora_alpha", "status", "eval_rouge-l", "eval_bleu-4",
                                 "train_loss"]
     assert lines[2].split() == ["method.r=8,method.lora_alpha=16", "8", "16", "FINISHED", "50", "4", "-"]
-    assert lines[5].split() == ["method.r=32,method.lora_alpha=8", "32", "8", "FAILED", "-", "-", "-"]
+    assert lines[5].split() == ["method.r=64,method.lora_alpha=8", "64", "8", "KILLED", "90", "-", "-"]
+    assert lines[6].split() == ["method.r=32,method.lora_alpha=8", "32", "8", "FAILED", "-", "-", "-"]
 
     png = store["root"] / "lora" / "compare_eval_rouge-l.png"
     assert result.plot == png and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
