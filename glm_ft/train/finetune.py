@@ -193,7 +193,7 @@ def _train_and_save(cfg: DictConfig, run_dir: Path, trainer, tracker, job_trial)
             raise
         # The checkpoint's own files (weights, optimizer.pt, rng_state.pth): refused in one line, never run.
         raise CheckpointError(f"resume: {resume_from}: {refused_weights_reason(err)}") from None
-    tracker.log_metrics({k: v for k, v in result.metrics.items() if k.startswith("train")})
+    tracker.log_metrics({k: v for k, v in result.metrics.items() if k.startswith("train")}, trainer.state.global_step)
     if job_trial is not None and job_trial.pruned_at is not None:
         from glm_ft.search.study import PRUNED_TAG, TrialPruned
 

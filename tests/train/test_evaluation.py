@@ -282,3 +282,22 @@ def test_eval_metrics_are_the_score_of_the_kept_eval_predictions(run):
     predicted = predict_with_glm_ft(run_dir, SAMPLE / "dev.jsonl", run["work"] / "predict" / "dev.jsonl",
                                     batch_size=3)
     assert [r["prediction"] for r in predicted[:len(rows)]] == [r["prediction"] for r in rows]
+
+
+@pytest.mark.slow
+def test_every_metric_point_is_at_a_step_the_trainer_logged(single):
+    """MLflow's history of each metric is at the global steps of the Trainer's log history, nothing at step 0:
+    the training summary (train_loss, train_runtime, ...) once, at the final step."""
+    client, run = mlflow_run(single["uri"], single["run_dir"])
+    state = json.loads((single["run_dir"] / "checkpoint-150" / "trainer_state.json").read_text(encoding="utf-8"))
+    logged = {(k, h["step"]) for h in state["log_history"] for k in h if k not in ("step", "epoch")}
+    final_step = state["global_step"]
+    for name in ("loss", "learning_rate", "eval_rouge-l", "eval_bleu-4"):
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, name)]
+        assert steps and all((name, s) in logged for s in steps), (name, steps)
+    # The summary comes after the last checkpoint was saved, so its trainer_state.json does not hold it.
+    for name in ("train_loss", "train_samples_per_second"):
+        assert [m.step for m in client.get_metric_history(run.info.run_id, name)] == [final_step], name
+    # train_runtime is also in every logging step's entry (with num_input_tokens_seen)
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "train_runtime")]
+    assert steps[-1] == final_step and all(("train_runtime", s) in logged for s in steps[:-1]), steps
