@@ -223,7 +223,10 @@ class MlflowSweepCallback(Callback):
 
     def _summarise(self, store: Store, parent_id: str, jobs: int, failed: int) -> None:
         """The best child by the sweep's metric, the job counts, and Optuna's own summary file."""
-        best = best_child(store, parent_id, self._metric, self._direction)
+        study = self._sweep_dir / STUDY_DIR
+        summary = json.loads((study / "summary.json").read_text(encoding="utf-8")) \
+            if (study / "summary.json").is_file() else {}
+        best = best_child(store, parent_id, self._metric, self._direction, summary.get("best_trial"))
         metrics = {"jobs": jobs, "jobs_failed": failed}
         tags = {}
         if best is not None:
@@ -237,9 +240,7 @@ class MlflowSweepCallback(Callback):
         optuna_results = self._sweep_dir / "optimization_results.yaml"
         if optuna_results.is_file():
             parent.log_artifact(optuna_results)
-        study = self._sweep_dir / STUDY_DIR
-        if (study / "summary.json").is_file():
-            summary = json.loads((study / "summary.json").read_text(encoding="utf-8"))
+        if summary:
             parent.log_metrics({f"trials_{state.lower()}": n for state, n in summary.get("trials", {}).items()})
             if "best_trial" in summary:
                 parent.set_tags({"glm_ft.best_trial": str(summary["best_trial"]),
@@ -276,11 +277,14 @@ def reopen_parent(store: Store, sweep_dir: Path) -> str | None:
     return parent_id
 
 
-def best_child(store: Store, parent_id: str, metric: str, direction: str):
+def best_child(store: Store, parent_id: str, metric: str, direction: str, trial: int | None = None):
     """The FINISHED child run with the best final value of `metric`, or None when none has it. A killed, failed or
-    pruned child's value is from part of its training (and a re-run sweep keeps the killed copy beside the new one)."""
+    pruned child's value is from part of its training (and a re-run sweep keeps the killed copy beside the new one).
+    In a study, the run of its best `trial`, so the parent's best run and best trial agree when trials tie."""
     children = child_runs(store.client, store.experiment_id, parent_id)
     scored = [run for run in children if metric in run.data.metrics and run.info.status == "FINISHED"]
+    of_trial = [run for run in scored if trial is not None and run.data.tags.get("glm_ft.trial") == str(trial)]
+    scored = of_trial or scored
     if not scored:
         return None
     pick = max if direction == "maximize" else min

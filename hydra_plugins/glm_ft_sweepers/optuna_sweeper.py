@@ -76,14 +76,14 @@ class OptunaSweeper(Sweeper):
             raise HydraException("hydra.sweeper.params: no search space (e.g. method.r: choice(4, 8, 16))")
         return space, list(fixed.values())
 
-    def _sampler(self, space: dict):
+    def _sampler(self, space: dict, seed: int | None = None):
         from hydra.utils import instantiate
 
         from glm_ft.search.study import grid_values
 
         kwargs = {}
-        if self.seed is not None:
-            kwargs["seed"] = self.seed
+        if seed is not None:
+            kwargs["seed"] = seed
         if str(self.sampler_cfg.get("_target_", "")).endswith("GridSampler"):
             try:
                 kwargs["search_space"] = {k: grid_values(k, d) for k, d in space.items()}
@@ -105,7 +105,7 @@ class OptunaSweeper(Sweeper):
         sweep_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
         metric = str(OmegaConf.select(self.config, "optimized_metric", default=None) or "objective")
-        sampler = self._sampler(space)
+        sampler = self._sampler(space, self.seed)
         n_trials = self.n_trials
         if isinstance(sampler, optuna.samplers.GridSampler):
             size = 1
@@ -127,6 +127,10 @@ class OptunaSweeper(Sweeper):
                 raise HydraException(f"hydra.sweeper.direction: the study in {sweep_dir} was made to "
                                      f"{study.direction.name.lower()}, not {self.direction}")
             retried = search.recover_stale_trials(study)
+            if study.trials and self.seed is not None:
+                # A continued study must not replay its start, which the same seed would: its random stream goes on
+                # from the seed and the study's length, so the same stopped study still continues the same way.
+                study.sampler = self._sampler(space, self.seed + len(study.trials))
             done = len(search.counted_trials(study))
             if done or retried:
                 log.info("Optuna: continuing study '%s' in %s: %d of %d trials done%s", self.study_name, sweep_dir,

@@ -102,6 +102,8 @@ def test_killed_search_continues_where_it_stopped(tmp_path, store):
     for n in (0, 1):  # finished trials were not re-run
         assert study.trials[n].params == before.trials[n].params and study.trials[n].value == before.trials[n].value
         assert (sweep_dir / ".glm_ft_jobs" / f"{n}.json").stat().st_mtime_ns == done_mtimes[n]
+    # The continued sampler does not replay the study's start (the same seed would give trial 0's point again).
+    assert study.trials[4].params not in [study.trials[n].params for n in (0, 1, 3)]
 
     parent, _ = sweep_runs(client, sweep_dir)
     assert parent.info.run_id == first_parent and parent.info.status == "FINISHED"
@@ -117,6 +119,7 @@ def test_killed_search_continues_where_it_stopped(tmp_path, store):
         assert child.data.metrics["eval_rouge-l"] == pytest.approx(study.trials[n].value)
     assert parent.data.metrics["trials_complete"] == 4 and parent.data.metrics["jobs"] == 4
     assert parent.data.metrics["best_eval_rouge-l"] == pytest.approx(study.best_value)
+    assert parent.data.tags["glm_ft.best_run_id"] == by_trial[study.best_trial.number][0].info.run_id
 
 
 @pytest.mark.slow

@@ -238,10 +238,14 @@ def test_the_best_child_is_a_finished_one(store, tmp_path):
     ids = {}
     for name, score, status in [("done-low", 30.0, "FINISHED"), ("killed-high", 90.0, "KILLED"),
                                 ("done-high", 50.0, "FINISHED"), ("failed-higher", 95.0, "FAILED")]:
-        ids[name] = client.create_run(exp, run_name=name, tags={"mlflow.parentRunId": parent}).info.run_id
+        tags = {"mlflow.parentRunId": parent, "glm_ft.trial": str(len(ids))}
+        ids[name] = client.create_run(exp, run_name=name, tags=tags).info.run_id
         client.log_metric(ids[name], "eval_rouge-l", score, step=10)
         client.set_terminated(ids[name], status)
     found = SimpleNamespace(client=client, experiment_id=exp)
     assert best_child(found, parent, "eval_rouge-l", "maximize").info.run_id == ids["done-high"]
     assert best_child(found, parent, "eval_rouge-l", "minimize").info.run_id == ids["done-low"]
     assert best_child(found, parent, "eval_bleu-4", "maximize") is None
+    # a study names its best trial (ties are broken its way): that trial's run, if it finished
+    assert best_child(found, parent, "eval_rouge-l", "maximize", trial=0).info.run_id == ids["done-low"]
+    assert best_child(found, parent, "eval_rouge-l", "maximize", trial=1).info.run_id == ids["done-high"]
