@@ -54,6 +54,13 @@ def sqlite_path(uri: str) -> Path | None:
     return Path(path) if path.startswith("/") else Path.cwd() / path
 
 
+def ui_hint(uri: str) -> str:
+    """How to browse a store: a server is its own UI; a database or folder needs `mlflow ui` on it."""
+    if uri.startswith(("http://", "https://")):
+        return f"open {uri}"
+    return f"browse it with `make ui UI_STORE={uri}` and open http://127.0.0.1:5000"
+
+
 def artifact_location(uri: str, tracking_cfg: DictConfig) -> str | None:
     """Where a new experiment keeps its artifacts; None lets the store decide (a server proxies them)."""
     if tracking_cfg.artifact_location:

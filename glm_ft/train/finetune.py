@@ -33,6 +33,7 @@ from glm_ft.runs import (CURVES_FILE, EVAL_PREDICTIONS, FINAL, PREDICTIONS, fina
 from glm_ft.search import TRIAL_ENV, trial_tags
 from glm_ft.tracking.curves import run_log_history, write_training_curves
 from glm_ft.tracking.parent import hydra_config
+from glm_ft.tracking.store import ui_hint
 from glm_ft.tracking.tracker import settle_previous_run, start_run
 from glm_ft.data.collate import Collator
 from glm_ft.train.evaluation import generation_config, metrics_fn, stop_token_ids, write_predictions
@@ -162,8 +163,8 @@ def _train(cfg: DictConfig, run_dir: Path, paths: dict[str, Path], where: InputP
         record_progress(run_dir, complete=True, step=trainer.state.global_step, metrics=final)
     log.info("run folder: %s", run_dir)
     if dist.is_rank_zero() and cfg.tracking.enabled:
-        log.info("MLflow: run `make ui` and open http://127.0.0.1:5000 (experiment '%s')",
-                 cfg.tracking.experiment_name)
+        log.info("MLflow: experiment '%s' in %s; %s", cfg.tracking.experiment_name, tracker.store.uri,
+                 ui_hint(tracker.store.uri))
     return final
 
 

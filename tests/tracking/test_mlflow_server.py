@@ -45,6 +45,9 @@ def test_three_job_training_sweep_over_http(server, tmp_path, capsys):
          "training_args.generation_config.max_new_tokens=4", f"hydra.sweep.dir={sweep_dir}"],
         cwd=ROOT, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
+    # Each job's closing line points at the server it logged to, not at the project's local store.
+    logs = [p.read_text(encoding="utf-8") for p in sorted(sweep_dir.glob("*/cli.log"))]
+    assert len(logs) == 3 and all(f"in {server['uri']}; open {server['uri']}" in text for text in logs)
 
     client = MlflowClient(server["uri"])
     parent = client.get_run((sweep_dir / "mlflow_parent_run_id").read_text().strip())

@@ -301,3 +301,8 @@ def test_every_metric_point_is_at_a_step_the_trainer_logged(single):
     # train_runtime is also in every logging step's entry (with num_input_tokens_seen)
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "train_runtime")]
     assert steps[-1] == final_step and all(("train_runtime", s) in logged for s in steps[:-1]), steps
+
+
+def test_the_closing_line_names_the_store_the_run_is_in(single):
+    uri = single["uri"]
+    assert f"MLflow: experiment 'glm-ft' in {uri}; browse it with `make ui UI_STORE={uri}`" in single["console"]
