@@ -224,6 +224,17 @@ def test_resume_auto_needs_an_existing_run_folder(tmp_path):
     (["data.train=x.jsonl"], "unknown key 'data.train' (did you mean data.train_file?)"),
     (["method=ptuning_v2", "method.r=4"], "method.r: method=ptuning_v2 has no key 'r' (it belongs to method=lora)"),
     (["-m", "method=lora,ptuning_v2", "method.r=4,8"], "method=ptuning_v2 has no key 'r'"),
+    # group options: one line, not Hydra's list of options and search path (or its traceback for null)
+    (["experiment=quickstrat"], "experiment=quickstrat: no such experiment; choose one of demo_sweep, quickstart"),
+    (["data=nope"], "data=nope: no such data; choose one of advertise_gen, sample"),
+    (["deepspeed=zero4"], "deepspeed=zero4: no such deepspeed; choose one of zero2, zero3"),
+    (["deepspeed=null"], "deepspeed=null: choose one of zero2, zero3, or drop the group with ~deepspeed"),
+    (["model=null"], "model=null: choose one of chatglm3_6b, tiny, tiny_demo"),
+    (["-m", "method=lora,lorra"], "method=lorra: no such method"),
+    # a DeepSpeed key with no DeepSpeed config composed (the quickstart drops sft's zero3)
+    (["method=lora", "deepspeed.zero_optimization.stage=2"],
+     "deepspeed.zero_optimization.stage: no DeepSpeed config is chosen; add deepspeed=zero2 or deepspeed=zero3"),
+    (["method=sft", "deepspeed.train_batch_size=8"], "deepspeed.train_batch_size: no DeepSpeed config is chosen"),
 ])
 def test_misspelt_keys_get_the_closest_valid_ones(args, expect, tmp_path):
     flags = [a for a in args if a.startswith("-")]  # Hydra's flags come before the overrides
@@ -239,7 +250,10 @@ def test_misspelt_keys_get_the_closest_valid_ones(args, expect, tmp_path):
                                   ["deepspeed=zero2", "deepspeed.zero_optimization.stage=2", "--cfg", "job"],
                                   ["hparams_search=lora_optuna", "--cfg", "job"],
                                   ["-m", "method.use_dora=true,false", "--cfg", "job"],
-                                  ["training_args.bf16=False", "--cfg", "job"]])
+                                  ["training_args.bf16=False", "--cfg", "job"],
+                                  ["experiment=demo_sweep", "deepspeed=zero3", "deepspeed.train_batch_size=8",
+                                   "--cfg", "job"],
+                                  ["~deepspeed", "experiment=demo_sweep", "--cfg", "job"]])
 def test_valid_command_lines_pass_the_key_check(args, tmp_path):
     flags = [a for a in args if a.startswith("-") or a == "job"]
     out = probe_train([*flags, "method=lora", *[a for a in args if a not in flags]], tmp_path)

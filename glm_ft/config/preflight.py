@@ -4,7 +4,9 @@
   instead of Hydra's hint to append the key with `+`;
 - a switch given anything but true or false (`method.use_dora=2`, `training_args.bf16=yes`): the typed config
   would take any number or word as true;
-- `method=NAME` with no conf/method/NAME.yaml;
+- `GROUP=NAME` with no conf/GROUP/NAME.yaml (method, data, model, deepspeed, experiment, hparams_search), and
+  `GROUP=null`, which Hydra refuses with a traceback (a group is dropped with `~GROUP`);
+- `deepspeed.KEY=...` when the command line composes no DeepSpeed config (Hydra fails on it with a traceback);
 - `resume=auto` with a `hydra.run.dir` that does not exist: there is nothing to resume, and Hydra would create the
   folder and start afresh;
 - a `hydra.run.dir` / `hydra.sweep.dir` that can't be created (`/proc/x`): Hydra would fail with a traceback.
@@ -37,8 +39,9 @@ def check_command_line(argv: list[str]) -> None:
             [a for a in argv if not a.startswith("-") and "=" in a])
     except OverrideParseException:
         return  # Hydra reports its own syntax errors
-    _check_method_options(overrides, argv)
+    _check_group_options(overrides, argv)
     methods = _chosen_methods(overrides)
+    _check_deepspeed_keys(overrides, methods)
     for override in overrides:
         if override.type == OverrideType.CHANGE and override.package is None:
             problem = check_key(override.key_or_group, methods)
@@ -60,18 +63,33 @@ def check_command_line(argv: list[str]) -> None:
         _check_creatable(key, folder)
 
 
-def _check_method_options(overrides: list[Override], argv: list[str]) -> None:
-    """`method=NAME` with no conf/method/NAME.yaml: one line (Hydra lists every option over a dozen lines)."""
-    if any(a.startswith(("--config-dir", "-cd", "--config-path", "-cp")) for a in argv):
-        return  # the user's own config folder may add options
-    options = sorted(p.stem for p in (CONF / "method").glob("*.yaml"))
+def _check_group_options(overrides: list[Override], argv: list[str]) -> None:
+    """`GROUP=NAME` with no conf/GROUP/NAME.yaml: one line (Hydra lists every option over a dozen lines); and
+    `GROUP=null`, which Hydra answers with a traceback."""
+    groups = {p.name for p in CONF.iterdir() if p.is_dir() and p.name != "hydra"}
+    own_configs = any(a.startswith(("--config-dir", "-cd", "--config-path", "-cp")) for a in argv)
     for override in overrides:
-        if override.key_or_group == "method" and override.type == OverrideType.CHANGE and override.package is None:
-            values = list(override.sweep_string_iterator()) if override.is_sweep_override() \
-                else [override.value()]
-            for value in values:
-                if isinstance(value, str) and "${" not in value and value not in options:
-                    raise ConfigError(f"method={value}: no such method; choose one of {', '.join(options)}")
+        group = override.key_or_group
+        if group not in groups or override.type != OverrideType.CHANGE or override.package is not None:
+            continue
+        values = list(override.sweep_string_iterator()) if override.is_sweep_override() else [override.value()]
+        options = sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+        if any(value is None for value in values):
+            optional = _override_in(CONF / "config.yaml", group, _UNSURE, prefix="") is None
+            raise ConfigError(f"{group}=null: choose one of {', '.join(options)}"
+                              + (f", or drop the group with ~{group}" if optional else ""))
+        if own_configs:
+            continue  # the user's own config folder may add options
+        for value in values:
+            if isinstance(value, str) and "${" not in value and value not in options:
+                raise ConfigError(f"{group}={value}: no such {group}; choose one of {', '.join(options)}")
+
+
+def _check_deepspeed_keys(overrides: list[Override], methods: tuple[str, ...] | None) -> None:
+    """`deepspeed.KEY=...` with no DeepSpeed config composed: Hydra fails on it with an AssertionError."""
+    keys = [o.key_or_group for o in overrides if o.key_or_group.startswith("deepspeed.") and o.package is None]
+    if keys and _chosen_deepspeed(overrides, methods) is None:
+        raise ConfigError(f"{keys[0]}: no DeepSpeed config is chosen; add deepspeed=zero2 or deepspeed=zero3")
 
 
 def _check_switch(override: Override, methods: tuple[str, ...] | None) -> None:
@@ -137,6 +155,45 @@ def _chosen_methods(overrides: list[Override]) -> tuple[str, ...] | None:
     if not chosen or any(m not in METHOD_SCHEMAS for m in chosen):
         return None
     return tuple(dict.fromkeys(chosen))
+
+
+_UNSURE = "unsure"
+
+
+def _chosen_deepspeed(overrides: list[Override], methods: tuple[str, ...] | None) -> str | None:
+    """The DeepSpeed option this command line composes, None for none, _UNSURE when it can't be told. In the
+    defaults' order, the later wins: conf/config.yaml (none), the method's, the experiment's, the search's, then
+    the command line."""
+    groups = {o.key_or_group: o for o in overrides if o.package is None}
+    given = groups.get("deepspeed")
+    if given is not None:
+        if given.type == OverrideType.DEL:
+            return None
+        return _UNSURE if given.is_sweep_override() else str(given.value())
+    if methods is None or len(methods) != 1:
+        return _UNSURE
+    chosen = _override_in(CONF / "method" / f"{methods[0]}.yaml", "deepspeed")
+    for group in ("experiment", "hparams_search"):
+        option = groups.get(group)
+        if option is not None:
+            if option.is_sweep_override():
+                return _UNSURE
+            chosen = _override_in(CONF / group / f"{option.value()}.yaml", "deepspeed", chosen)
+    return chosen
+
+
+def _override_in(path: Path, group: str, otherwise: str | None = None, prefix: str = "override /") -> str | None:
+    """The `override /GROUP: X` (with prefix "": `GROUP: X`) of a config file's defaults (X None for null), else
+    `otherwise`."""
+    try:
+        defaults = (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("defaults") or []
+    except (OSError, yaml.YAMLError):
+        return _UNSURE
+    for entry in defaults:
+        if isinstance(entry, dict) and f"{prefix}{group}" in entry:
+            value = entry[f"{prefix}{group}"]
+            return None if value is None else str(value)
+    return otherwise
 
 
 def _method_override_in(path: Path, default_list: bool = False) -> list[str]:
