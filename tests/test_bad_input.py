@@ -78,6 +78,8 @@ BAD_VALUES = {
                                  ["olora", "method=lora", "deepspeed=zero3"]],
     "method.loraplus_lr_ratio": [["0", "method=lora"], ["-1", "method=lora"], ["inf", "method=lora"],
                                  ["16", "method=lora", "deepspeed=zero3"]],
+    "method.target_modules": [["[nope]", "method=lora"], ["['']", "method=lora"],
+                              ["[query_key_value,qkv]", "method=lora"]],
     "method.num_trainable_layers": [["-1", "method=freeze"], ["0", "method=freeze"]],
     "method.trainable_modules": [["[' ']", "method=freeze"]],
     "deepspeed": [["zero3", "method=freeze"]],

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, List, Optional
 
-from glm_ft.errors import CheckpointError
+from glm_ft.errors import CheckpointError, ConfigError
 from glm_ft.methods.common import model_shape, changed_or_listed, check_fixed, defaults, require, zero_stage
 
 NAME = "lora"
@@ -43,6 +43,9 @@ PEFT_CONFIG_KEYS = ["peft_type", "task_type", "r", "lora_alpha", "lora_dropout"]
 # init_lora_weights values offered: PEFT's that need neither data (eva, corda) nor quantisation (loftq).
 INITS = (True, False, "gaussian", "pissa", "olora", "orthogonal")
 _PISSA_NITER = re.compile(r"pissa_niter_\d+")
+# ChatGLM3's modules a LoRA adapter can wrap (its Linear and Embedding layers), by the last part of their names:
+# checked before the model loads (tests/methods/test_lora.py holds this against the real model).
+MODULES = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h", "word_embeddings", "output_layer")
 # These move the adapter's initial value out of the base weights: saved converted to a plain LoRA.
 _MUTATES_BASE = ("pissa", "olora")
 
@@ -72,6 +75,10 @@ def validate(method, cfg) -> None:
     require(0 <= method.lora_dropout < 1, "lora_dropout", f"must be in [0, 1), got {method.lora_dropout}")
     require(len(method.target_modules) > 0, "target_modules",
             "must name at least one module (ChatGLM3: query_key_value)")
+    for name in method.target_modules:
+        # A dotted name (self_attention.dense) or PEFT's all-linear is matched on the loaded model (apply).
+        require(isinstance(name, str) and (name in MODULES or "." in name or name == "all-linear"),
+                "target_modules", f"{name!r} is not a ChatGLM3 module LoRA can wrap ({', '.join(MODULES)})")
     for key in ("use_dora", "use_rslora"):
         require(isinstance(method[key], bool), key, f"must be true or false, got {method[key]!r}")
     init = method.init_lora_weights
@@ -110,8 +117,13 @@ def lora_config(method):
 def apply(model, method, seed: int):
     from peft import get_peft_model
     from peft.utils import get_peft_model_state_dict
+    from peft.utils.error import NoMatchingPeftModuleError
 
-    model = get_peft_model(model, lora_config(method))
+    try:
+        model = get_peft_model(model, lora_config(method))
+    except NoMatchingPeftModuleError:
+        raise ConfigError(f"method.target_modules: {list(method.target_modules)} match no module of the model "
+                          f"(ChatGLM3's: {', '.join(MODULES)})") from None
     if mutates_base(method.init_lora_weights):
         # The initial adapter, needed to convert each checkpoint to a plain LoRA (the base no longer holds it).
         model.glm_ft_initial_adapter = {k: v.detach().to("cpu", copy=True)

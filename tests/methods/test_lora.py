@@ -180,3 +180,28 @@ def test_mlflow_params_hold_the_lora_options(runs):
     assert (params["method.use_dora"], params["method.use_rslora"]) == ("true", "true")
     assert params["method.init_lora_weights"] == "true" and float(params["method.loraplus_lr_ratio"]) == 16
     assert run.data.tags["glm_ft.method"] == "lora"
+
+
+def test_the_modules_lora_may_target_are_the_models_own():
+    """lora.MODULES (checked before the model loads) against the real ChatGLM3's Linear and Embedding layers; a
+    dotted target that matches nothing is refused in one line once the model is there."""
+    import torch
+    from omegaconf import OmegaConf
+
+    from glm_ft.chatglm3.configuration import ChatGLMConfig
+    from glm_ft.chatglm3.modeling import ChatGLMForConditionalGeneration
+    from glm_ft.chatglm3.tiny import TINY_CONFIG
+    from glm_ft.errors import ConfigError
+    from glm_ft.methods import lora
+
+    model = ChatGLMForConditionalGeneration(ChatGLMConfig.from_dict(TINY_CONFIG))
+    wrappable = {name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                 if isinstance(module, (torch.nn.Linear, torch.nn.Embedding))}
+    assert wrappable == set(lora.MODULES)
+    method = OmegaConf.structured(lora.Schema(target_modules=["self_attention.nope"]))
+    with pytest.raises(ConfigError, match=r"^method.target_modules: \['self_attention.nope'\] match no module"):
+        lora.apply(model, method, 42)
+    method = OmegaConf.structured(lora.Schema(target_modules=["self_attention.dense", "output_layer"]))
+    wrapped = lora.apply(model, method, 42)
+    assert {n.split(".lora_A")[0].rsplit(".", 1)[-1] for n, _ in wrapped.named_parameters() if "lora_A" in n} == \
+        {"dense", "output_layer"}
