@@ -325,6 +325,35 @@ def test_refused_pickle_and_damaged_safetensors_are_one_line(tiny_folder, tmp_pa
 
 
 @pytest.mark.slow
+def test_a_wrong_resume_folder_is_one_line_before_anything_loads(tmp_path):
+    """A run folder, another method's checkpoint, a folder that is no checkpoint: refused by the config check,
+    not after the model loaded (a traceback from the optimizer's state, for another method's checkpoint)."""
+    source = tmp_path / "source"
+    out = probe_train([*SHORT, "method=lora", "training_args.max_steps=1", "training_args.save_steps=1",
+                       "training_args.evaluation_strategy=no", "data.test_file=null", f"hydra.run.dir={source}"],
+                      tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    cases = [(["method=lora", f"resume={source}"], f"resume: '{source}' is a run folder, not one of its checkpoints; "
+              f"use resume=auto hydra.run.dir={source}, or resume={source}/checkpoint-N"),
+             (["method=sft", f"resume={source / 'checkpoint-1'}"],
+              f"resume: '{source / 'checkpoint-1'}' holds a checkpoint of method=lora (LoRA adapter); this run is "
+              "method=sft"),
+             (["method=lora", f"resume={empty}"], f"resume: '{empty}' is not a complete glm-ft checkpoint")]
+    for args, expect in cases:
+        run_dir = tmp_path / "run"
+        out = probe_train([*SHORT, *args, f"hydra.run.dir={run_dir}", "training_args.max_steps=3"], tmp_path)
+        assert_refused_light(out, expect)
+        assert not (run_dir / "finetune.yaml").exists()
+    # the right method's checkpoint passes the check (and trains on to step 3)
+    out = probe_train([*SHORT, "method=lora", f"resume={source / 'checkpoint-1'}", "training_args.max_steps=3",
+                       "training_args.evaluation_strategy=no", "data.test_file=null",
+                       f"hydra.run.dir={tmp_path / 'resumed'}"], tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+
+
+@pytest.mark.slow
 def test_refused_files_in_a_resume_checkpoint_are_one_line(tmp_path):
     import shutil
     import struct

@@ -48,7 +48,7 @@ def validate(cfg: DictConfig, *, check_paths: bool = True) -> InputPaths | None:
     where = input_paths(cfg)
     check_model_path(where, cfg.model)
     check_data_files(where, cfg.data)
-    _check_resume(cfg.resume)
+    _check_resume(cfg)
     return where
 
 
@@ -260,9 +260,24 @@ def _file_kind(path: Path) -> str:
     return "not a regular file"
 
 
-def _check_resume(resume: str | None) -> None:
+def _check_resume(cfg: DictConfig) -> None:
+    """resume=PATH: a complete checkpoint of this method, known before the model loads (glm_ft.runs reads it)."""
+    from glm_ft.runs import is_complete, is_run_folder
+
+    resume = cfg.resume
     if resume in (None, "auto"):
         return
-    if not resolve_path(resume).is_dir():
+    path = resolve_path(resume)
+    if not path.is_dir():
         raise ConfigError(f"resume: '{resume}' is not a checkpoint folder; use resume=auto with "
                           "hydra.run.dir=<run folder>, or resume=<run folder>/checkpoint-N")
+    if is_run_folder(path) or any(path.glob("checkpoint-*")):
+        raise ConfigError(f"resume: '{resume}' is a run folder, not one of its checkpoints; use resume=auto "
+                          f"hydra.run.dir={resume}, or resume={resume}/checkpoint-N")
+    if not is_complete(path) and not (path / "trainer_state.json").is_file():
+        raise ConfigError(f"resume: '{resume}' is not a complete glm-ft checkpoint (no trainer_state.json)")
+    kind, method = methods.kind_of(path), methods.get(cfg.method.name)
+    if kind is not None and kind != method.KIND:
+        other = methods.by_kind(kind)
+        raise ConfigError(f"resume: '{resume}' holds a checkpoint of method={other.NAME} ({other.DESCRIPTION}); "
+                          f"this run is method={method.NAME}")
