@@ -30,8 +30,8 @@ SHORT = ["experiment=quickstart", "training_args.max_steps=2", "training_args.ev
          "training_args.save_steps=2", "eval_subset=2"]
 
 
-def probe_train(args: list[str], tmp_path: Path, cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}
+def probe_train(args: list[str], tmp_path: Path, cwd: Path = ROOT, **env_set: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db", **env_set}
     env.pop("HYDRA_FULL_ERROR", None)
     return run_process([sys.executable, "-c", PROBE, *args], cwd=cwd, env=env)
 
@@ -178,6 +178,29 @@ def test_config_refusals_are_one_line(args, expect, tmp_path):
     out = probe_train([*SHORT, *args, *run_dir], tmp_path)
     assert_refused_light(out, expect)
     assert not Path("/proc/glm-ft-x").exists()
+
+
+@pytest.mark.parametrize("uri, expect", [
+    ("bogus://x", "'bogus://x' is not a tracking URI MLflow opens"),
+    ("notauri", "'notauri' is a folder store, which MLflow 3 refuses"),
+    ("file:///tmp/glm-ft-folder-store", "'file:///tmp/glm-ft-folder-store' is a folder store"),
+    ("sqlite:///", "'sqlite:///' names no database file"),
+    ("sqlite:///{tmp}/not-a-db.txt", "{tmp}/not-a-db.txt is not an SQLite database"),
+    ("sqlite:///{tmp}", "{tmp} is a folder, not an SQLite database file"),
+    ("http://127.0.0.1:1", "MLflow tracking server http://127.0.0.1:1 is unreachable"),
+])
+def test_a_bad_tracking_store_is_one_line_before_anything_loads(uri, expect, tmp_path):
+    """Through MLFLOW_TRACKING_URI (which wins over tracking.tracking_uri) and the key itself."""
+    (tmp_path / "not-a-db.txt").write_text("notes\n")
+    uri, expect = uri.format(tmp=tmp_path), expect.format(tmp=tmp_path)
+    run_dir = tmp_path / "run"
+    out = probe_train([*SHORT, f"hydra.run.dir={run_dir}"], tmp_path, MLFLOW_TRACKING_URI=uri)
+    assert_refused_light(out, f"error: MLFLOW_TRACKING_URI: {expect}")
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    out = run_process([sys.executable, "-c", PROBE, *SHORT, f"tracking.tracking_uri={uri}",
+                       f"hydra.run.dir={run_dir}"], cwd=ROOT, env={**env, "PYTHONPATH": str(ROOT)})
+    assert_refused_light(out, f"error: tracking.tracking_uri: {expect}")
+    assert not (run_dir / "finetune.yaml").exists() and not Path("/tmp/glm-ft-folder-store").exists()
 
 
 def test_a_failed_sweep_job_prints_its_line_not_a_traceback(tmp_path):

@@ -37,7 +37,7 @@ def validate(cfg: DictConfig, *, check_paths: bool = True) -> InputPaths | None:
         raise ConfigError(f"seed: must be in [0, 2**32), got {cfg.seed}")
     _check_training_args(cfg.training_args)
     _check_generation(cfg.training_args.generation_config)
-    _check_tracking(cfg.tracking)
+    _check_tracking(cfg.tracking, reach=not cfg.dry_run)
     if cfg.deepspeed is not None:
         from glm_ft.config.render import check_deepspeed
 
@@ -196,12 +196,22 @@ def _check_generation(gen: DictConfig) -> None:
             raise ConfigError(f"{key}.top_p: must be in [0, 1] with do_sample=true, got {gen.top_p}")
 
 
-def _check_tracking(tracking: DictConfig) -> None:
-    if tracking.enabled and not str(tracking.experiment_name).strip():
-        raise ConfigError("tracking.experiment_name: must not be empty (the MLflow experiment to log into, "
-                          "default glm-ft)")
+def _check_tracking(tracking: DictConfig, reach: bool) -> None:
+    """The store is judged with the config: a bad URI fails here in one line rather than in MLflow's traceback
+    after the model loaded. `reach`: contact it too (a server's health, an SQLite store's folder), for a real run."""
     if tracking.run_name is not None and not str(tracking.run_name).strip():
         raise ConfigError("tracking.run_name: must not be empty; leave it null for MLflow's own name")
+    if not tracking.enabled:
+        return
+    if not str(tracking.experiment_name).strip():
+        raise ConfigError("tracking.experiment_name: must not be empty (the MLflow experiment to log into, "
+                          "default glm-ft)")
+    from glm_ft.tracking.store import check_reachable, check_uri, tracking_uri
+
+    uri, source = tracking_uri(tracking)
+    check_uri(uri, source)
+    if reach:
+        check_reachable(uri, source)
 
 
 def cuda_available() -> bool:

@@ -69,6 +69,43 @@ def artifact_location(uri: str, tracking_cfg: DictConfig) -> str | None:
     return str(db.parent / "mlartifacts") if db is not None else None
 
 
+# URI schemes MLflow's client opens as a tracking store (SQLAlchemy dialects may carry a driver: postgresql+psycopg2).
+STORE_SCHEMES = ("sqlite", "http", "https", "postgresql", "mysql", "mssql", "databricks", "databricks-uc", "uc")
+_SQLITE_HEADER = b"SQLite format 3\x00"
+
+
+def check_uri(uri: str, source: str) -> None:
+    """What can be told of a tracking URI without contacting it: a scheme MLflow opens, a folder store (refused by
+    MLflow 3 unless allowed), an SQLite path that names a database file."""
+    scheme = urllib.parse.urlparse(uri).scheme.split("+")[0].lower()
+    if scheme in ("", "file"):
+        if os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() not in ("true", "1"):
+            raise ConfigError(f"{source}: '{uri}' is a folder store, which MLflow 3 refuses (maintenance mode); use "
+                              "sqlite:////abs/path/mlflow.db (`mlflow migrate-filestore` converts one), or set "
+                              "MLFLOW_ALLOW_FILE_STORE=true")
+        return
+    if scheme not in STORE_SCHEMES:
+        raise ConfigError(f"{source}: '{redact(uri)}' is not a tracking URI MLflow opens "
+                          "(sqlite:////abs/path/mlflow.db, http://HOST:PORT, postgresql://..., mysql://...)")
+    if scheme != "sqlite":
+        return
+    db = sqlite_path(uri)
+    if db is None or not uri[len("sqlite:///"):].strip():
+        raise ConfigError(f"{source}: '{uri}' names no database file (sqlite:////abs/path/mlflow.db, or "
+                          "sqlite:///relative/mlflow.db)")
+    if db.is_dir():
+        raise ConfigError(f"{source}: {db} is a folder, not an SQLite database file")
+    try:
+        with open(db, "rb") as f:
+            header = f.read(len(_SQLITE_HEADER))
+    except FileNotFoundError:
+        return  # MLflow creates it
+    except OSError as err:
+        raise ConfigError(f"{source}: cannot read the MLflow store {db} ({err.strerror or err})") from None
+    if header and header != _SQLITE_HEADER:
+        raise ConfigError(f"{source}: {db} is not an SQLite database (another file is in its place)")
+
+
 def check_reachable(uri: str, source: str) -> None:
     """Fail in seconds, naming the URI, instead of deep inside MLflow's retries after the model has loaded."""
     scheme = urllib.parse.urlparse(uri).scheme
@@ -122,6 +159,7 @@ class Store:
 
     def __init__(self, tracking_cfg: DictConfig):
         uri, source = tracking_uri(tracking_cfg)
+        check_uri(uri, source)
         check_reachable(uri, source)
         bound_http_calls()
         self.uri = uri
