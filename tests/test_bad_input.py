@@ -72,6 +72,9 @@ BAD_VALUES = {
     "tracking.experiment_name": [[""], ["'  '"]],
     "data.pack_max_length": [["16"], ["0"]],
     "eval_batch_tokens": [["0"], ["-1"]],
+    # a study's metric, misspelt or without the split it is scored on: refused before training, not after it
+    "optimized_metric": [["eval_rougeL"], ["loss"], ["eval_rouge-l", "data.val_file=null"],
+                         ["test_bleu-4", "data.test_file=null"]],
     # glm_ft/methods/: the LoRA variants' and freeze tuning's values
     "method.init_lora_weights": [["pisa", "method=lora"], ["eva", "method=lora"], ["pissa_niter_x", "method=lora"],
                                  ["pissa", "method=lora", "method.use_dora=true"],

@@ -38,6 +38,7 @@ def validate(cfg: DictConfig, *, check_paths: bool = True) -> InputPaths | None:
     _check_training_args(cfg.training_args)
     _check_generation(cfg.training_args.generation_config)
     _check_tracking(cfg.tracking, reach=not cfg.dry_run)
+    _check_optimized_metric(cfg)
     if cfg.deepspeed is not None:
         from glm_ft.config.render import check_deepspeed
 
@@ -194,6 +195,23 @@ def _check_generation(gen: DictConfig) -> None:
             raise ConfigError(f"{key}.temperature: must be > 0 with do_sample=true, got {gen.temperature}")
         if gen.top_p is not None and not 0 <= gen.top_p <= 1:
             raise ConfigError(f"{key}.top_p: must be in [0, 1] with do_sample=true, got {gen.top_p}")
+
+
+def _check_optimized_metric(cfg: DictConfig) -> None:
+    """A study optimises what the run reports: a misspelt name would only fail after the whole training."""
+    from glm_ft.train.metrics import METRIC_NAMES
+
+    name = cfg.optimized_metric
+    if name is None:
+        return
+    reported = [f"{split}_{metric}" for split in ("eval", "test") for metric in METRIC_NAMES]
+    if name not in reported:
+        guesses = closest(str(name), reported)
+        hint = f"did you mean {' or '.join(guesses)}?" if guesses else f"one of {', '.join(reported)}"
+        raise ConfigError(f"optimized_metric: '{name}' is not a metric a run reports ({hint})")
+    split_key = "val_file" if name.startswith("eval_") else "test_file"
+    if cfg.data[split_key] is None:
+        raise ConfigError(f"optimized_metric: {name} needs data.{split_key}, which is null")
 
 
 def _check_tracking(tracking: DictConfig, reach: bool) -> None:
