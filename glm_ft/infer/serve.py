@@ -16,6 +16,7 @@ The model loads before the port opens, so a connection that succeeds is served.
 
 import argparse
 import json
+import math
 import sys
 import threading
 import time
@@ -68,12 +69,14 @@ def conversation(body: dict) -> list[dict]:
     return out
 
 
-def _number(key: str, value, default, low: float, high: float | None = None):
+def _number(key: str, value, default, low: float, high: float | None = None, integer: bool = False):
+    """A request's number, or `default`. Python's JSON reader takes NaN and Infinity, which no bound refuses."""
     if value is None:
         return default
-    out_of_range = value < low or (high is not None and value > high) if isinstance(value, (int, float)) else True
-    if isinstance(value, bool) or out_of_range:
-        raise BadRequest(f"{key}: expected a number from {low}" + (f" to {high}" if high is not None else ""))
+    kind = "an integer" if integer else "a number"
+    wrong_type = isinstance(value, bool) or not isinstance(value, int if integer else (int, float))
+    if wrong_type or not math.isfinite(value) or value < low or (high is not None and value > high):
+        raise BadRequest(f"{key}: expected {kind} from {low}" + (f" to {high}" if high is not None else ""))
     return value
 
 
@@ -93,7 +96,7 @@ class Engine:
 
         ids = self.tokenizer.apply_chat_template(conversation(body), add_generation_prompt=True)
         limit = body.get("max_completion_tokens", body.get("max_tokens"))
-        max_new = int(_number("max_tokens", limit, self.max_new_tokens, 1))
+        max_new = _number("max_tokens", limit, self.max_new_tokens, 1, integer=True)
         temperature = _number("temperature", body.get("temperature"), 0.0, 0.0, 2.0)
         top_p = _number("top_p", body.get("top_p"), 1.0, 0.0, 1.0)
         if len(ids) + max_new > self.model.config.seq_length:

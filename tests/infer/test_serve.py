@@ -107,7 +107,13 @@ def test_chat_completions_over_http(method, runs, base_dir, tmp_path):
 
         for bad, key in (({"messages": []}, "messages"), ({"messages": [{"role": "robot", "content": "x"}]}, "role"),
                          ({"messages": [query], "max_tokens": 0}, "max_tokens"),
-                         ({"messages": [query], "temperature": -1}, "temperature")):
+                         ({"messages": [query], "temperature": -1}, "temperature"),
+                         # JSON's NaN and Infinity (json.dumps writes them), and a fraction of a token
+                         ({"messages": [query], "max_tokens": float("inf")}, "max_tokens: expected an integer"),
+                         ({"messages": [query], "max_tokens": float("nan")}, "max_tokens"),
+                         ({"messages": [query], "max_tokens": 2.5}, "max_tokens"),
+                         ({"messages": [query], "temperature": float("nan")}, "temperature"),
+                         ({"messages": [query], "top_p": float("nan")}, "top_p")):
             status, _, raw = post(port, bad)
             assert status == 400 and key in json.loads(raw)["error"]["message"]
 
