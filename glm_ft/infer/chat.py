@@ -42,6 +42,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--max-new-tokens must be at least 1")
     if not args.do_sample and (args.temperature is not None or args.top_p is not None):
         parser.error("--temperature and --top-p need --do-sample")
+    # What transformers' generate() refuses (with a traceback) or divides by: the bounds training's config has.
+    if args.temperature is not None and not args.temperature > 0:
+        parser.error("--temperature must be > 0 (greedy decoding: leave out --do-sample)")
+    if args.top_p is not None and not 0 <= args.top_p <= 1:
+        parser.error("--top-p must be in [0, 1]")
     return args
 
 
@@ -71,6 +76,8 @@ def run(args: argparse.Namespace, stdin: TextIO, stdout: TextIO) -> int:
 
 
 def _interactive(session, loaded: Any, stdin: TextIO, stdout: TextIO) -> None:
+    from glm_ft.infer.session import TooLong
+
     stdout.write(f"{loaded.checkpoint.describe()}\n'clear' starts over, 'exit' or 'quit' (or Ctrl-D) leaves.\n")
     while True:
         stdout.write("\nUser: ")
@@ -88,8 +95,13 @@ def _interactive(session, loaded: Any, stdin: TextIO, stdout: TextIO) -> None:
             continue
         if not query:
             continue
+        try:
+            ids = session.prompt_ids(query)
+        except TooLong as err:
+            stdout.write(f"(not sent: {err})\n")
+            continue
         stdout.write("Assistant: ")
-        session.ask(query, stdout)
+        session.ask(query, stdout, ids)
 
 
 def main(argv: list[str] | None = None, stdin: TextIO | None = None, stdout: TextIO | None = None) -> int:

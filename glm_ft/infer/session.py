@@ -9,7 +9,12 @@ from typing import TextIO
 import torch
 from transformers import TextStreamer
 
+from glm_ft.errors import GlmFtError
 from glm_ft.train.evaluation import decode_rows
+
+
+class TooLong(GlmFtError):
+    """The new message alone, with the new tokens, does not fit the model's context: refused, history kept."""
 
 
 class ChatSession:
@@ -25,23 +30,30 @@ class ChatSession:
     def clear(self) -> None:
         self.history = []
 
-    def messages(self, query: str) -> list[dict[str, str]]:
+    def messages(self, query: str, history: list[dict[str, str]] | None = None) -> list[dict[str, str]]:
         system = [{"role": "system", "content": self.system}] if self.system else []
-        return [*system, *self.history, {"role": "user", "content": query}]
+        return [*system, *(self.history if history is None else history), {"role": "user", "content": query}]
 
     def prompt_ids(self, query: str) -> list[int]:
         """The conversation + `query` + `<|assistant|>`; when over the model's context, the oldest turns go first
-        (the system prompt stays)."""
-        budget = self.model.config.seq_length - self.generation_config.max_new_tokens
-        ids = self.tokenizer.apply_chat_template(self.messages(query), add_generation_prompt=True)
-        while len(ids) > budget and self.history:
-            self.history = self.history[2:]
-            ids = self.tokenizer.apply_chat_template(self.messages(query), add_generation_prompt=True)
+        (the system prompt stays). TooLong, with the history as it was, when even the message alone does not fit
+        with the new tokens: generating anyway would run past the context the model was trained for."""
+        context, new = self.model.config.seq_length, self.generation_config.max_new_tokens
+        history = list(self.history)
+        ids = self.tokenizer.apply_chat_template(self.messages(query, history), add_generation_prompt=True)
+        while len(ids) + new > context and history:
+            history = history[2:]
+            ids = self.tokenizer.apply_chat_template(self.messages(query, history), add_generation_prompt=True)
+        if len(ids) + new > context:
+            raise TooLong(f"the message ({len(ids)} tokens in the chat format) plus --max-new-tokens ({new}) exceeds "
+                          f"the model's context of {context} tokens")
+        self.history = history
         return ids
 
-    def ask(self, query: str, out: TextIO | None = None) -> str:
-        """Reply to `query` (streamed to `out` when given), remember the turn and return the reply."""
-        ids = self.prompt_ids(query)
+    def ask(self, query: str, out: TextIO | None = None, ids: list[int] | None = None) -> str:
+        """Reply to `query` (streamed to `out` when given), remember the turn and return the reply. `ids`: its
+        prompt_ids, when already built."""
+        ids = self.prompt_ids(query) if ids is None else ids
         input_ids = torch.tensor([ids], device=self.model.device)
         streamer = ReplyStreamer(self.tokenizer, out) if out is not None else None
         with torch.no_grad():

@@ -86,3 +86,30 @@ def test_sampling_options_need_do_sample(runs, capsys):
         main([str(runs["lora"]), "--temperature", "0.5"])
     assert exit_info.value.code == 2
     assert "--do-sample" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, expect", [(["--do-sample", "--temperature", "0"], "--temperature must be > 0"),
+                                          (["--do-sample", "--temperature", "-1"], "--temperature must be > 0"),
+                                          (["--do-sample", "--top-p", "2"], "--top-p must be in [0, 1]")])
+def test_sampling_values_generate_refuses_are_usage_errors(runs, capsys, args, expect):
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(runs["lora"]), "--prompt", QUESTION, *args])
+    assert exit_info.value.code == 2 and expect in capsys.readouterr().err
+
+
+def test_a_message_that_does_not_fit_the_context_is_refused_and_the_history_kept(runs, by_hand, capsys):
+    """The tiny model's context is 1,024 tokens: a message of thousands is not sent (it used to be generated from
+    anyway, after the history was emptied), and the conversation goes on with its history."""
+    tokenizer, model = by_hand["lora"]
+    long = QUESTION * 300
+    code = main([str(runs["lora"]), "--prompt", long, "--max-new-tokens", "8"], stdout=io.StringIO())
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1
+    assert err[0].startswith("error: the message (") and "exceeds the model's context of 1024 tokens" in err[0]
+
+    first = greedy_reply(model, tokenizer, QUESTION, max_new_tokens=TOKENS)
+    history = [{"role": "user", "content": QUESTION}, {"role": "assistant", "content": first}]
+    second = greedy_reply(model, tokenizer, FOLLOW_UP, history, max_new_tokens=TOKENS)
+    code, out = chat([runs["lora"]], f"{QUESTION}\n{long}\n{FOLLOW_UP}\n")
+    assert code == 0 and "(not sent: the message (" in out
+    assert replies(out) == [first, second]
