@@ -12,6 +12,8 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Iterator
 
+from glm_ft.errors import GlmFtError
+
 
 def write_text_atomic(path: Path, text: str) -> None:
     write_bytes_atomic(path, text.encode("utf-8"))
@@ -51,3 +53,15 @@ def folder_atomic(target: Path, done_by_another: Callable[[Path], bool] | None =
     finally:
         shutil.rmtree(staging, ignore_errors=True)
         shutil.rmtree(old, ignore_errors=True)
+
+
+def check_writable(path: Path, what: str) -> None:
+    """Before the work whose result goes to `path` (a file or folder to be written): its folder exists (created if
+    need be) and takes files, so a bad output path fails at once rather than after minutes of generation."""
+    parent = Path(path).parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as err:
+        raise GlmFtError(f"{what}: cannot write into {parent} ({err.strerror or err})") from None

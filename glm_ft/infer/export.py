@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 
 from glm_ft import methods
-from glm_ft.atomic import folder_atomic
+from glm_ft.atomic import check_writable, folder_atomic
 # The published config.json (with tiny sizes) and tokenizer_config.json's auto_map (remote code never run here).
 from glm_ft.chatglm3.tiny import TINY_CONFIG, TOKENIZER_AUTO_MAP
 from glm_ft.infer.checkpoint import find_checkpoint, load_checkpoint
@@ -114,6 +114,7 @@ def export(checkpoint: str | Path, out_dir: str | Path, *, base_model: str | Pat
     out = Path(out_dir).expanduser().resolve()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise CheckpointError(f"{out}: exists and is not empty; export into a new folder")
+    check_writable(out, "OUT")
     try:
         shard_bytes = convert_file_size_to_int(max_shard_size)
     except ValueError as err:

@@ -27,7 +27,8 @@ from typing import Any
 from glm_ft.config.schema import EVAL_BATCH_TOKENS
 from glm_ft.heap import job_heap
 from glm_ft.methods import DTYPE_NAMES
-from glm_ft.errors import GlmFtError
+from glm_ft.atomic import check_writable
+from glm_ft.errors import ConfigError, GlmFtError
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +84,10 @@ def predict(checkpoint, data_file: str | Path, out: str | Path, *, base_model: s
     # A wrong path or a bad data file fails before the model loads.
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else find_checkpoint(checkpoint, base_model)
     conversations = read_conversations(data_file)
+    out = Path(out)
+    if out.is_dir():
+        raise ConfigError(f"--out: {out} is a folder; name the predictions file (e.g. {out / 'predictions.jsonl'})")
+    check_writable(out, "--out")  # before generation, not after it
 
     from glm_ft.infer.checkpoint import load_checkpoint
     from glm_ft.train.evaluation import decode_rows, stop_token_ids, write_predictions

@@ -158,3 +158,14 @@ def test_existing_folder_and_failed_export_leave_nothing_behind(runs, other_shap
     with pytest.raises(CheckpointError, match="another model shape"):
         export(runs["lora"], tmp_path / "wrong", base_model=other_shape_dir)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["occupied"]
+
+
+def test_an_output_folder_that_cannot_be_made_is_one_line_before_loading(runs, monkeypatch, capsys):
+    import glm_ft.infer.export as export_module
+
+    def never(*args, **kwargs):
+        raise AssertionError("the checkpoint was loaded before the output folder was checked")
+
+    monkeypatch.setattr(export_module, "load_checkpoint", never)
+    assert main([str(runs["lora"]), "/proc/glm-ft-x/out"]) == 1
+    assert capsys.readouterr().err.strip() == "error: OUT: cannot write into /proc/glm-ft-x (No such file or directory)"

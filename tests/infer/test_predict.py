@@ -99,3 +99,18 @@ def test_bad_data_file_fails_with_its_line_before_loading(runs, tmp_path, capsys
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"error: {bad}:2: ") and "robot" in err and "\n" not in err
     assert not (tmp_path / "p.jsonl").exists()
+
+
+def test_an_output_path_that_cannot_be_written_is_one_line_before_generating(runs, data_file, tmp_path,
+                                                                            monkeypatch, capsys):
+    import glm_ft.infer.checkpoint as checkpoint_module
+
+    def never(*args, **kwargs):
+        raise AssertionError("the checkpoint was loaded before --out was checked")
+
+    monkeypatch.setattr(checkpoint_module, "load_checkpoint", never)
+    assert main([str(runs["lora"]), str(data_file), "--out", "/proc/glm-ft-x/p.jsonl"]) == 1
+    assert capsys.readouterr().err.strip() == \
+        "error: --out: cannot write into /proc/glm-ft-x (No such file or directory)"
+    assert main([str(runs["lora"]), str(data_file), "--out", str(tmp_path)]) == 1
+    assert capsys.readouterr().err.strip().startswith(f"error: --out: {tmp_path} is a folder; name the predictions")
