@@ -263,6 +263,14 @@ def test_resume_auto_needs_an_existing_run_folder(tmp_path):
     (["method=lora", "deepspeed.zero_optimization.stage=2"],
      "deepspeed.zero_optimization.stage: no DeepSpeed config is chosen; add deepspeed=zero2 or deepspeed=zero3"),
     (["method=sft", "deepspeed.train_batch_size=8"], "deepspeed.train_batch_size: no DeepSpeed config is chosen"),
+    # wrong types: one line, not Hydra's merge error over half a dozen
+    (["method=lora", "method.r=abc"], "method.r: expected an integer, got 'abc'"),
+    (["seed=1e3"], "seed: expected an integer, got '1e3'"),
+    (["max_input_length=1.5"], "max_input_length: expected an integer, got '1.5'"),
+    (["training_args.learning_rate=fast"], "training_args.learning_rate: expected a number, got 'fast'"),
+    (["training_args=foo"], "training_args: is a section, not a value; set its keys (training_args.NAME=...)"),
+    (["model.path=null"], "model.path: may not be null"),
+    (["~training_args.max_steps"], "~training_args.max_steps: a schema key can't be removed"),
 ])
 def test_misspelt_keys_get_the_closest_valid_ones(args, expect, tmp_path):
     flags = [a for a in args if a.startswith("-")]  # Hydra's flags come before the overrides
@@ -281,7 +289,9 @@ def test_misspelt_keys_get_the_closest_valid_ones(args, expect, tmp_path):
                                   ["training_args.bf16=False", "--cfg", "job"],
                                   ["experiment=demo_sweep", "deepspeed=zero3", "deepspeed.train_batch_size=8",
                                    "--cfg", "job"],
-                                  ["~deepspeed", "experiment=demo_sweep", "--cfg", "job"]])
+                                  ["~deepspeed", "experiment=demo_sweep", "--cfg", "job"],
+                                  ["eval_subset=null", "training_args.learning_rate=1", "method.lora_dropout=0",
+                                   "seed=${max_input_length}", "--cfg", "job"]])
 def test_valid_command_lines_pass_the_key_check(args, tmp_path):
     flags = [a for a in args if a.startswith("-") or a == "job"]
     out = probe_train([*flags, "method=lora", *[a for a in args if a not in flags]], tmp_path)

@@ -85,6 +85,22 @@ def key_type(key: str, methods: tuple[str, ...] | None = None) -> Any:
     return node
 
 
+def key_allows_null(key: str, methods: tuple[str, ...] | None = None) -> bool:
+    """Whether the schema field at a known dotted key is Optional (True when unknown: Hydra and the validator
+    judge it)."""
+    parent, _, last = key.rpartition(".")
+    if parent == "method":
+        schemas = [METHOD_SCHEMAS[m] for m in (methods or tuple(METHOD_SCHEMAS))]
+    else:
+        node = key_type(parent, methods) if parent else Config
+        schemas = [node] if isinstance(node, type) and dataclasses.is_dataclass(node) else []
+    hints = [typing.get_type_hints(schema) for schema in schemas]
+    found = [h[last] for h in hints if last in h]
+    if not found:
+        return True
+    return any(typing.get_origin(t) is typing.Union and type(None) in typing.get_args(t) or t is Any for t in found)
+
+
 def _method_key_message(key: str, part: str, methods: tuple[str, ...]) -> str:
     owners = [m for m in METHOD_SCHEMAS if part in _fields(METHOD_SCHEMAS[m])]
     if len(methods) == 1 and list(_fields(METHOD_SCHEMAS[methods[0]])) == ["name"]:

@@ -16,6 +16,7 @@ Only what is certain is judged here; everything else is left to Hydra and glm_ft
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from hydra.core.override_parser.types import Override, OverrideType
 from hydra.errors import OverrideParseException
 
 from glm_ft.errors import ConfigError
-from glm_ft.config.keys import check_key, key_type
+from glm_ft.config.keys import check_key, key_allows_null, key_type
 from glm_ft.config.schema import METHOD_SCHEMAS, PROJECT_ROOT
 
 CONF = PROJECT_ROOT / "conf"
@@ -36,7 +37,7 @@ def check_command_line(argv: list[str]) -> None:
     # Hydra's flags (--cfg job, -m, --config-dir=...) start with '-'; their values never hold '='.
     try:
         overrides = OverridesParser.create().parse_overrides(
-            [a for a in argv if not a.startswith("-") and "=" in a])
+            [a for a in argv if not a.startswith("-") and ("=" in a or a.startswith("~"))])
     except OverrideParseException:
         return  # Hydra reports its own syntax errors
     _check_group_options(overrides, argv)
@@ -48,6 +49,11 @@ def check_command_line(argv: list[str]) -> None:
             if problem:
                 raise ConfigError(problem)
             _check_switch(override, methods)
+            _check_type(override, methods)
+        elif override.type == OverrideType.DEL and override.package is None and "." in override.key_or_group \
+                and key_type(override.key_or_group, methods) is not None:
+            raise ConfigError(f"~{override.key_or_group}: a schema key can't be removed; set it instead "
+                              f"({override.key_or_group}=...)")
     values = {o.key_or_group: o for o in overrides if o.type == OverrideType.CHANGE and not o.is_sweep_override()}
     # hparams_search configs set hydra.mode=MULTIRUN themselves.
     multirun = any(a in ("-m", "--multirun") for a in argv) or _value(values.get("hparams_search")) is not None
@@ -102,6 +108,32 @@ def _check_switch(override: Override, methods: tuple[str, ...] | None) -> None:
             continue  # what a sweep's value strings look like
         if not isinstance(value, bool) and not (isinstance(value, str) and "${" in value):
             raise ConfigError(f"{override.key_or_group}: must be true or false, got {value!r}")
+
+
+def _check_type(override: Override, methods: tuple[str, ...] | None) -> None:
+    """A value of the wrong type for its schema field (`method.r=abc`, `seed=1e3`, `training_args=foo`,
+    `model.path=null`): one line, not Hydra's merge error over half a dozen lines."""
+    key = override.key_or_group
+    expected = key_type(key, methods)
+    if expected is None or override.is_sweep_override():
+        return
+    value = override.value()
+    if isinstance(value, str) and "${" in value:
+        return  # an interpolation: resolved (and checked) later
+    if value is None:
+        if not key_allows_null(key, methods):
+            raise ConfigError(f"{key}: may not be null")
+        return
+    if isinstance(expected, type) and dataclasses.is_dataclass(expected):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: is a section, not a value; set its keys ({key}.NAME=...)")
+        return
+    wrong = {int: lambda v: isinstance(v, bool) or not isinstance(v, int),
+             float: lambda v: isinstance(v, bool) or not isinstance(v, (int, float))}.get(expected)
+    if wrong is not None and wrong(value):
+        kind = "an integer" if expected is int else "a number"
+        given = (override.input_line or "").partition("=")[2] or override.get_value_element_as_str()
+        raise ConfigError(f"{key}: expected {kind}, got {given!r}")
 
 
 def _value(override: Override | None):
