@@ -17,6 +17,7 @@ The model loads before the port opens, so a connection that succeeds is served.
 import argparse
 import json
 import math
+import socket
 import sys
 import threading
 import time
@@ -249,11 +250,30 @@ def main(argv: list[str] | None = None) -> int:
         return _serve(args)
 
 
+def bind(host: str, port: int) -> socket.socket:
+    """The server's socket, bound but not listening: an address in use or a bad --host fails in one line before the
+    model loads, and no connection is accepted until uvicorn listens on it, once the model is there."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+        sock = socket.socket(family, kind, proto)
+    except (OSError, UnicodeError) as err:
+        raise GlmFtError(f"--host {host}: {getattr(err, 'strerror', None) or err}") from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError as err:
+        sock.close()
+        raise GlmFtError(f"--host {host} --port {port}: cannot listen there ({err.strerror or err})") from None
+    return sock
+
+
 def _serve(args: argparse.Namespace) -> int:
     try:
         from glm_ft.infer.checkpoint import find_checkpoint
 
         ckpt = find_checkpoint(args.checkpoint, args.base_model)  # a wrong path fails before the heavy imports
+        sock = bind(args.host, args.port)
         import uvicorn
 
         from glm_ft.infer.checkpoint import load_checkpoint, quiet_transformers
@@ -265,9 +285,18 @@ def _serve(args: argparse.Namespace) -> int:
     except GlmFtError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    port = sock.getsockname()[1]  # the one the system chose for --port 0
+    host = f"[{args.host}]" if ":" in args.host else args.host
+
+    class Server(uvicorn.Server):
+        async def startup(self, sockets=None) -> None:
+            await super().startup(sockets)
+            if self.started:  # listening now: the line a script may wait for
+                print(f"serving {ckpt.describe()} as {name!r} on http://{host}:{port}/v1", flush=True)
+
     heap.freeze()  # uvicorn and the app too: a request's full collection then walks only what requests made
-    print(f"serving {ckpt.describe()} as {name!r} on http://{args.host}:{args.port}/v1", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    with sock:
+        Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
     return 0
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from __future__ import annotations
 import http.client
 import json
 import sys
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -125,3 +126,39 @@ def test_a_missing_run_fails_fast_with_one_line(tmp_path):
                          cwd=Path(__file__).resolve().parents[2])
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [f"error: {tmp_path / 'nope'}: not found"]
+
+
+def test_a_taken_port_is_one_line_before_loading_and_port_0_announces_the_real_one(runs, tmp_path):
+    """The socket is bound before the model loads (an address in use, a bad --host: one line naming them, not
+    uvicorn's error after the load) and the `serving ... on URL` line comes once it listens, with the port the
+    system chose for --port 0: a script may wait for the line and use its URL."""
+    import re
+    import socket
+    import subprocess
+
+    from conftest import end_process_group, run_process
+
+    root = Path(__file__).resolve().parents[2]
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_process([sys.executable, "-m", "glm_ft.infer.serve", str(runs["lora"]), "--port", str(port)],
+                             cwd=root)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        f"error: --host 127.0.0.1 --port {port}: cannot listen there (Address already in use)"]
+    assert "Loading" not in result.stdout + result.stderr
+
+    proc = subprocess.Popen([sys.executable, "-m", "glm_ft.infer.serve", str(runs["lora"]), "--port", "0"],
+                            cwd=root, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            start_new_session=True)
+    try:
+        line = proc.stdout.readline()  # the process's first line: it waits, however slow the machine
+        url = re.search(r"on (http://127\.0\.0\.1:(\d+)/v1)$", line.strip())
+        assert url and int(url.group(2)) != 0, line
+        with urllib.request.urlopen(url.group(1).removesuffix("/v1") + "/health") as response:
+            assert response.status == 200  # listening when the line came
+    finally:
+        end_process_group(proc)
+        proc.stdout.close()
