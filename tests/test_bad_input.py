@@ -170,6 +170,8 @@ def test_unreadable_directory_and_fifo_data_files(tmp_path):
 
 @pytest.mark.parametrize("args, expect", [
     (["hydra.run.dir=/proc/glm-ft-x"], "error: hydra.run.dir: cannot create '/proc/glm-ft-x' (No such file"),
+    # empty: Hydra would make the folder it was started from the run folder
+    (["hydra.run.dir="], "error: hydra.run.dir: empty; name a folder for the run"),
     (["seed=${nope}"], "error: seed: Interpolation key 'nope' not found"),
     (["training_args.max_steps=${training_args.eval_steps}", "training_args.eval_steps=${training_args.max_steps}"],
      "Recursive interpolation detected"),

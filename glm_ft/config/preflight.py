@@ -63,6 +63,10 @@ def check_command_line(argv: list[str]) -> None:
                           "nothing to resume; pass hydra.run.dir=<the folder of the run to continue>")
     if "--cfg" in argv or "-c" in argv or "--help" in argv or "--hydra-help" in argv:
         return  # Hydra creates no folder for these
+    for key in ("hydra.run.dir", "hydra.sweep.dir"):
+        if key in values and not str(_value(values[key]) or "").strip():
+            # Hydra would take the folder it was started from: run files and checkpoints among the user's own
+            raise ConfigError(f"{key}: empty; name a folder for the run (e.g. {key}=outputs/my-run)")
     key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
     folder = _literal_path(values.get(key))
     if folder is not None:
