@@ -362,15 +362,21 @@ def test_refused_pickle_and_damaged_safetensors_are_one_line(tiny_folder, tmp_pa
     assert len(runs) == 2 and {r.info.status for r in runs} == {"FAILED"}
 
 
-@pytest.mark.slow
-def test_a_wrong_resume_folder_is_one_line_before_anything_loads(tmp_path):
-    """A run folder, another method's checkpoint, a folder that is no checkpoint: refused by the config check,
-    not after the model loaded (a traceback from the optimizer's state, for another method's checkpoint)."""
+def lora_run_with_one_checkpoint(tmp_path: Path) -> Path:
+    """A real tiny LoRA run folder with its checkpoint-1 (one step, no evaluation)."""
     source = tmp_path / "source"
     out = probe_train([*SHORT, "method=lora", "training_args.max_steps=1", "training_args.save_steps=1",
                        "training_args.evaluation_strategy=no", "data.test_file=null", f"hydra.run.dir={source}"],
                       tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
+    return source
+
+
+@pytest.mark.slow
+def test_a_wrong_resume_folder_is_one_line_before_anything_loads(tmp_path):
+    """A run folder, another method's checkpoint, a folder that is no checkpoint: refused by the config check,
+    not after the model loaded (a traceback from the optimizer's state, for another method's checkpoint)."""
+    source = lora_run_with_one_checkpoint(tmp_path)
     empty = tmp_path / "empty"
     empty.mkdir()
     cases = [(["method=lora", f"resume={source}"], f"resume: '{source}' is a run folder, not one of its checkpoints; "
@@ -398,11 +404,7 @@ def test_refused_files_in_a_resume_checkpoint_are_one_line(tmp_path):
 
     import torch
 
-    source = tmp_path / "source"
-    out = probe_train([*SHORT, "method=lora", "training_args.max_steps=1", "training_args.save_steps=1",
-                       "training_args.evaluation_strategy=no", "data.test_file=null", f"hydra.run.dir={source}"],
-                      tmp_path)
-    assert out.returncode == 0, out.stderr[-3000:]
+    source = lora_run_with_one_checkpoint(tmp_path)
     marker = tmp_path / "payload-ran"
     pickled = shutil.copytree(source / "checkpoint-1", tmp_path / "pickled" / "checkpoint-1")
     torch.save({"state": _Payload(marker)}, pickled / "optimizer.pt")
