@@ -293,7 +293,8 @@ def test_misspelt_keys_get_the_closest_valid_ones(args, expect, tmp_path):
                                    "--cfg", "job"],
                                   ["~deepspeed", "experiment=demo_sweep", "--cfg", "job"],
                                   ["eval_subset=null", "training_args.learning_rate=1", "method.lora_dropout=0",
-                                   "seed=${max_input_length}", "--cfg", "job"]])
+                                   "seed=${max_input_length}", "--cfg", "job"],
+                                  ["data=sample", "model=tiny", "--cfg", "job"]])
 def test_valid_command_lines_pass_the_key_check(args, tmp_path):
     flags = [a for a in args if a.startswith("-") or a == "job"]
     out = probe_train([*flags, "method=lora", *[a for a in args if a not in flags]], tmp_path)

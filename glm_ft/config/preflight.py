@@ -119,8 +119,8 @@ def _check_type(override: Override, methods: tuple[str, ...] | None) -> None:
     `model.path=null`): one line, not Hydra's merge error over half a dozen lines."""
     key = override.key_or_group
     expected = key_type(key, methods)
-    if expected is None or override.is_sweep_override():
-        return
+    if expected is None or override.is_sweep_override() or (CONF / key).is_dir():
+        return  # unknown, swept, or a group choice (data=sample names a file, not the section's value)
     value = override.value()
     if isinstance(value, str) and "${" in value:
         return  # an interpolation: resolved (and checked) later
