@@ -159,7 +159,7 @@ def test_a_tracked_sweep_starts_each_job_without_walking_its_heap(tmp_path):
     assert int(re.search(r"at exit: frozen=(\d+)", result.stdout)[1]) > 100_000
 
 
-# Runs an inference command with `uvicorn.run` (serve) and `generate_all` (predict) replaced by a report of the
+# Runs an inference command with `uvicorn.Server.run` (serve) and `generate_all` (predict) replaced by a report of the
 # collector's state at the moment the command would start its real work.
 INFERENCE_PROBE = """
 import gc, sys
@@ -168,7 +168,7 @@ import glm_ft.infer.predict as predict
 def report(*args, **kwargs):
     print(f"working: frozen={gc.get_freeze_count()} enabled={gc.isenabled()}", flush=True)
     return [[] for _ in args[2]] if len(args) > 2 else None
-uvicorn.run, predict.generate_all = report, report
+uvicorn.Server.run, predict.generate_all = report, report
 from glm_ft.command import main
 try:
     main(sys.argv[1:])
@@ -182,7 +182,7 @@ finally:
 def test_inference_works_with_the_loaded_model_frozen(command, runs, tmp_path):
     script = tmp_path / "probe.py"
     script.write_text(INFERENCE_PROBE)
-    args = {"serve": ["serve", str(runs["lora"])],
+    args = {"serve": ["serve", str(runs["lora"]), "--port", "0"],
             "predict": ["predict", str(runs["lora"]), str(ROOT / "data" / "sample" / "test.jsonl"),
                         "--out", str(tmp_path / "predictions.jsonl")]}[command]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/m.db"}
