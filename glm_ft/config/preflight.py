@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import tempfile
 from pathlib import Path
 
 import yaml
@@ -154,24 +155,20 @@ def _literal_path(override: Override | None) -> Path | None:
 
 
 def _check_creatable(key: str, folder: Path) -> None:
-    """Create the missing part of `folder` and remove it again: only trying tells (root may write anywhere but in
-    /proc). Hydra creates it for real a moment later."""
-    missing, existing = [], folder
+    """Whether the missing part of `folder` can be created: only trying tells (root may write anywhere but in
+    /proc), so a folder of a unique name is made in its nearest existing parent and removed again. Not the folder
+    itself: the ranks of one torchrun job check the same path at once. Hydra creates it for real a moment later."""
+    existing = folder
     while not existing.exists() and existing != existing.parent:
-        missing.append(existing)
         existing = existing.parent
+    if existing == folder:
+        return
     if not existing.is_dir():
         raise ConfigError(f"{key}: cannot create '{folder}': '{existing}' is not a folder")
-    created = []
     try:
-        for path in reversed(missing):
-            path.mkdir()
-            created.append(path)
+        os.rmdir(tempfile.mkdtemp(prefix=".glm-ft-check-", dir=existing))
     except OSError as err:
         raise ConfigError(f"{key}: cannot create '{folder}' ({err.strerror or err})") from None
-    finally:
-        for path in reversed(created):
-            path.rmdir()
 
 
 def _chosen_methods(overrides: list[Override]) -> tuple[str, ...] | None:

@@ -163,8 +163,8 @@ def _train(cfg: DictConfig, run_dir: Path, paths: dict[str, Path], where: InputP
         record_progress(run_dir, complete=True, step=trainer.state.global_step, metrics=final)
     log.info("run folder: %s", run_dir)
     if dist.is_rank_zero() and cfg.tracking.enabled:
-        log.info("MLflow: experiment '%s' in %s; %s", cfg.tracking.experiment_name, tracker.store.uri,
-                 ui_hint(tracker.store.uri))
+        shown = tracker.store.shown_uri  # never a password in the log
+        log.info("MLflow: experiment '%s' in %s; %s", cfg.tracking.experiment_name, shown, ui_hint(shown))
     return final
 
 
