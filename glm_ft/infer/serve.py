@@ -27,6 +27,7 @@ from typing import Any
 from glm_ft import heap
 from glm_ft.methods import DTYPE_NAMES
 from glm_ft.errors import GlmFtError
+from glm_ft.infer.tool_calls import call_turn, reply_message
 from glm_ft.runs import FINAL
 
 # OpenAI role -> ChatGLM3 role
@@ -57,6 +58,11 @@ def conversation(body: dict) -> list[dict]:
         converted = {"role": ROLES[message["role"]], "content": content or ""}
         if message.get("name") and converted["role"] == "assistant":
             converted["metadata"] = str(message["name"])
+        if message.get("tool_calls") and converted["role"] == "assistant":
+            try:  # the call as ChatGLM3 wrote it in training, not an empty assistant turn
+                converted = call_turn(message["tool_calls"], f"messages[{i}]")
+            except ValueError as err:
+                raise BadRequest(str(err)) from None
         out.append(converted)
     tools = body.get("tools")
     if tools:
@@ -175,9 +181,9 @@ def create_app(engine: Engine):
             return StreamingResponse(_stream(engine, ids, gen, seed, completion_id, created),
                                      media_type="text/event-stream")
         new = await run_in_threadpool(engine.generate, ids, gen, None, seed)
+        message, finish = reply_message(engine.text(new), engine.finish_reason(new), bool(body.get("tools")))
         return {"id": completion_id, "object": "chat.completion", "created": created, "model": engine.name,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": engine.text(new)},
-                             "finish_reason": engine.finish_reason(new)}],
+                "choices": [{"index": 0, "message": message, "finish_reason": finish}],
                 "usage": engine.usage(ids, new)}
 
     return app

@@ -1,0 +1,77 @@
+"""OpenAI `tool_calls` <-> ChatGLM3's tool-call turn, for `serve`.
+
+ChatGLM3 calls a tool as an assistant turn whose metadata is the function's name and whose content is a Python
+call, as in its own data (data/sample):
+
+    <|assistant|>get_stock
+    ```python
+    tool_call(item="白色牛仔裤", size="L")
+    ```
+
+followed by an `<|observation|>` turn with the result. OpenAI sends the call as `tool_calls` on an assistant message
+(`function.arguments` a JSON string) and the result as a `tool` message; the reply comes back the same way. One call
+per turn, as ChatGLM3 makes them. The reply's call is read with `ast` (literal values only), never evaluated.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import re
+import uuid
+from typing import Any
+
+_CALL = re.compile(r"\A([A-Za-z_][\w.\-]*)\s*\n```python\n(tool_call\(.*\))\n```\s*\Z", re.DOTALL)
+
+
+def _literal(value: Any) -> str:
+    """A JSON value as a Python literal: strings in double quotes as in ChatGLM3's data, true/false/null as Python's."""
+    if isinstance(value, (bool, type(None))):
+        return repr(value)
+    if isinstance(value, (list, dict)):
+        return repr(value)
+    return json.dumps(value, ensure_ascii=False)
+
+
+def call_turn(tool_calls: Any, where: str) -> dict[str, str]:
+    """An OpenAI assistant message's `tool_calls` as ChatGLM3's assistant turn. ValueError names what is wrong."""
+    if not isinstance(tool_calls, list) or len(tool_calls) != 1:
+        raise ValueError(f"{where}.tool_calls: ChatGLM3 makes one tool call per assistant turn; send each call "
+                         "as its own assistant message, followed by its tool message")
+    function = tool_calls[0].get("function") if isinstance(tool_calls[0], dict) else None
+    name = function.get("name") if isinstance(function, dict) else None
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"{where}.tool_calls[0].function.name: expected a string")
+    try:
+        arguments = json.loads(function.get("arguments") or "{}")
+    except (TypeError, ValueError):
+        arguments = None
+    if not isinstance(arguments, dict):
+        raise ValueError(f"{where}.tool_calls[0].function.arguments: expected a JSON object in a string")
+    call = ", ".join(f"{key}={_literal(value)}" for key, value in arguments.items())
+    return {"role": "assistant", "metadata": name, "content": f"```python\ntool_call({call})\n```"}
+
+
+def parse_call(text: str) -> dict[str, Any] | None:
+    """A reply that is a ChatGLM3 tool call, as an OpenAI `tool_calls` entry; None for any other reply."""
+    match = _CALL.match(text.strip())
+    if match is None:
+        return None
+    try:
+        node = ast.parse(match.group(2), mode="eval").body
+        if not isinstance(node, ast.Call) or node.args:
+            return None
+        arguments = {kw.arg: ast.literal_eval(kw.value) for kw in node.keywords if kw.arg is not None}
+    except (SyntaxError, ValueError):
+        return None
+    return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+            "function": {"name": match.group(1), "arguments": json.dumps(arguments, ensure_ascii=False)}}
+
+
+def reply_message(text: str, finish_reason: str, tools_offered: bool) -> tuple[dict[str, Any], str]:
+    """The response's message and finish_reason: a finished reply in ChatGLM3's call form, when the request offered
+    tools, as OpenAI's `tool_calls`; any other reply as content."""
+    call = parse_call(text) if tools_offered and finish_reason == "stop" else None
+    if call is None:
+        return {"role": "assistant", "content": text}, finish_reason
+    return {"role": "assistant", "content": None, "tool_calls": [call]}, "tool_calls"
