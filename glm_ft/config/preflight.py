@@ -215,12 +215,19 @@ def _chosen_deepspeed(overrides: list[Override], methods: tuple[str, ...] | None
     return chosen
 
 
+def _defaults(path: Path) -> list | None:
+    """A config file's defaults list; None when it can't be read."""
+    try:
+        return (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("defaults") or []
+    except (OSError, yaml.YAMLError, AttributeError):
+        return None
+
+
 def _override_in(path: Path, group: str, otherwise: str | None = None, prefix: str = "override /") -> str | None:
     """The `override /GROUP: X` (with prefix "": `GROUP: X`) of a config file's defaults (X None for null), else
     `otherwise`."""
-    try:
-        defaults = (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("defaults") or []
-    except (OSError, yaml.YAMLError):
+    defaults = _defaults(path)
+    if defaults is None:
         return _UNSURE
     for entry in defaults:
         if isinstance(entry, dict) and f"{prefix}{group}" in entry:
@@ -230,9 +237,6 @@ def _override_in(path: Path, group: str, otherwise: str | None = None, prefix: s
 
 
 def _method_override_in(path: Path, default_list: bool = False) -> list[str]:
-    try:
-        defaults = (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("defaults") or []
-    except (OSError, yaml.YAMLError):
-        return []
+    defaults = _defaults(path) or []
     key = "method" if default_list else "override /method"
     return [str(entry[key]) for entry in defaults if isinstance(entry, dict) and entry.get(key) is not None]

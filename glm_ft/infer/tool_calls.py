@@ -26,11 +26,9 @@ _CALL = re.compile(r"\A([A-Za-z_][\w.\-]*)\s*\n```python\n(tool_call\(.*\))\n```
 
 def _literal(value: Any) -> str:
     """A JSON value as a Python literal: strings in double quotes as in ChatGLM3's data, true/false/null as Python's."""
-    if isinstance(value, (bool, type(None))):
-        return repr(value)
-    if isinstance(value, (list, dict)):
-        return repr(value)
-    return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)
+    return repr(value)  # numbers as written; True/False/None; lists and dicts with Python's literals inside
 
 
 def call_turn(tool_calls: Any, where: str) -> dict[str, str]:
