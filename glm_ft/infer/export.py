@@ -188,8 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     except GlmFtError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    merged = "" if methods.by_kind(ckpt.kind).WHOLE_MODEL else " (merged)"
-    print(f"exported {ckpt.describe()}{merged} → {out}")
+    made = methods.by_kind(ckpt.kind).EXPORTED
+    print(f"exported {ckpt.describe()}{f' ({made})' if made else ''} → {out}")
     return 0
 
 

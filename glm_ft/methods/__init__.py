@@ -8,7 +8,7 @@ A method module holds everything that differs between methods:
 - checkpoints: `save(model, dir)` / `load_for_resume(model, dir)` (False: the Trainer's own), `KIND`,
   `DESCRIPTION`, `holds_checkpoint(folder)`, `WHOLE_MODEL` (a checkpoint is a model folder, else it opens on the
   base), `recorded_base(folder, read_json)`, `load_onto(base_model, ckpt, merge)` (chat, predict, serve, export),
-  `hf_export_refusal(ckpt)`.
+  `hf_export_refusal(ckpt)`, `EXPORTED` (what export made of the trained part, said when it ends).
 Nothing outside this package compares a method name. Adding a method: a module here, listed in METHODS, its
 conf/method/NAME.yaml and tests/methods/test_NAME.py.
 

@@ -32,6 +32,7 @@ DESCRIPTION = "freeze-tuned weights"
 SUMMARY = "freeze tuning"
 FROZEN_BASE = False  # the trained layers are whole base layers: fp32 throughout
 WHOLE_MODEL = False  # a checkpoint opens on the base model
+EXPORTED = "trained layers in place of the base's"  # what `export` made of it
 PEFT_CONFIG_KEYS = None
 TRAINED_WEIGHTS = "trained_weights.safetensors"
 _LAYERS = "transformer.encoder.layers."

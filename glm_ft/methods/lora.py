@@ -39,6 +39,7 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 INITIAL_ADAPTER = "initial_adapter"
 # The documented lora.yaml's keys: always in finetune.yaml's peft_config; the others when changed.
 WHOLE_MODEL = False  # a checkpoint opens on the base model
+EXPORTED = "merged into the base weights"  # what `export` made of it
 PEFT_CONFIG_KEYS = ["peft_type", "task_type", "r", "lora_alpha", "lora_dropout"]
 # init_lora_weights values offered: PEFT's that need neither data (eva, corda) nor quantisation (loftq).
 INITS = (True, False, "gaussian", "pissa", "olora", "orthogonal")

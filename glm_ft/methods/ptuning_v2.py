@@ -27,6 +27,7 @@ FROZEN_BASE = True
 # finding a checkpoint (and failing on a wrong path) should take no time.
 PREFIX_TENSOR = "transformer.prefix_encoder.embedding.weight"
 WHOLE_MODEL = False  # a checkpoint opens on the base model
+EXPORTED = "prefix saved beside the base weights"  # what `export` made of it
 PEFT_CONFIG_KEYS = ["peft_type", "task_type", "num_virtual_tokens"]
 HF_EXPORT_REFUSAL = ("P-Tuning v2 cannot be exported with --format hf: transformers' GlmForCausalLM has no prefix "
                      "encoder; export it in the THUDM layout (the default, --format chatglm3) or serve it with "

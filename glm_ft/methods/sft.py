@@ -22,6 +22,7 @@ DESCRIPTION = "full model"
 SUMMARY = "full fine-tuning"
 FROZEN_BASE = False  # every weight trains: fp32 master weights
 WHOLE_MODEL = True  # a checkpoint is a whole model folder (gigabytes: MLflow gets a path tag)
+EXPORTED = None  # re-saved as it is
 PEFT_CONFIG_KEYS = None
 MODEL_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                  "pytorch_model.bin.index.json")

@@ -27,13 +27,19 @@ PREFIX = "transformer.prefix_encoder.embedding.weight"
 @pytest.fixture(scope="module")
 def exports(runs, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("exports")
-    printed = io.StringIO()
-    with contextlib.redirect_stdout(printed):
-        assert main([str(runs["lora"]), str(root / "lora"), "--max-shard-size", SHARD]) == 0
-    assert "(merged)" in printed.getvalue() and str(root / "lora") in printed.getvalue()
+    said = {}
+    for method in ("lora", "ptuning_v2"):
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            assert main([str(runs[method]), str(root / method), "--max-shard-size", SHARD]) == 0
+        said[method] = printed.getvalue()
+    # what the closing line says the export did with what was trained
+    assert "(merged into the base weights) → " + str(root / "lora") in said["lora"]
+    assert "(prefix saved beside the base weights) → " + str(root / "ptuning_v2") in said["ptuning_v2"]
+    assert "merged" not in said["ptuning_v2"]
     return {
         "lora": root / "lora",
-        "ptuning_v2": export(runs["ptuning_v2"], root / "ptuning_v2", max_shard_size=SHARD),
+        "ptuning_v2": root / "ptuning_v2",
         "sft": export(runs["sft"], root / "sft", max_shard_size=SHARD, dtype="bfloat16"),
     }
 

@@ -90,7 +90,7 @@ def cut(ids: list[int], stops: list[int]) -> list[int]:
 def test_stock_transformers_loads_the_merged_lora_export_and_matches_glm_ft(runs, tmp_path, capsys):
     out = tmp_path / "hf"
     assert main([str(runs["lora"]), str(out), "--format", "hf", "--max-shard-size", "500KB"]) == 0
-    assert "(merged)" in capsys.readouterr().out
+    assert "(merged into the base weights)" in capsys.readouterr().out
     names = {p.name for p in out.iterdir()}
     assert {"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
             "model.safetensors.index.json"} <= names and not any(n.endswith(".py") for n in names)
