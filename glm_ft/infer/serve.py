@@ -4,7 +4,8 @@
 
 Endpoints: `GET /health`, `GET /v1/models`, `POST /v1/chat/completions` (non-streaming, and server-sent events with
 `"stream": true`). Messages are system / user / assistant and `tool` (ChatGLM3's observation); `tools` in the OpenAI
-form are rendered into the system prompt as ChatGLM3 was trained. The prompt is built by glm-ft's tokenizer, so it
+form are rendered into the system prompt as ChatGLM3 was trained, and a reply that calls one comes back as
+`tool_calls`, streamed or not (glm_ft/infer/tool_calls.py). The prompt is built by glm-ft's tokenizer, so it
 holds exactly the ids training used; generation stops on eos, `<|user|>` and `<|observation|>` (finish_reason
 "stop"), or at max_tokens ("length"). Greedy unless the request sets a temperature above 0.
 
@@ -27,7 +28,7 @@ from typing import Any
 from glm_ft import heap
 from glm_ft.methods import DTYPE_NAMES
 from glm_ft.errors import GlmFtError
-from glm_ft.infer.tool_calls import call_turn, reply_message
+from glm_ft.infer.tool_calls import StreamedReply, call_turn, reply_message
 from glm_ft.runs import FINAL
 
 # OpenAI role -> ChatGLM3 role
@@ -178,7 +179,8 @@ def create_app(engine: Engine):
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())
         if body.get("stream"):
-            return StreamingResponse(_stream(engine, ids, gen, seed, completion_id, created),
+            reply = StreamedReply(tools_offered=bool(body.get("tools")))
+            return StreamingResponse(_stream(engine, ids, gen, seed, reply, completion_id, created),
                                      media_type="text/event-stream")
         new = await run_in_threadpool(engine.generate, ids, gen, None, seed)
         message, finish = reply_message(engine.text(new), engine.finish_reason(new), bool(body.get("tools")))
@@ -189,8 +191,9 @@ def create_app(engine: Engine):
     return app
 
 
-async def _stream(engine: Engine, ids: list[int], gen, seed, completion_id: str, created: int):
-    """Server-sent events: a role chunk, content chunks as text is decoded, a chunk with finish_reason, [DONE]."""
+async def _stream(engine: Engine, ids: list[int], gen, seed, reply: StreamedReply, completion_id: str, created: int):
+    """Server-sent events: a role chunk, content chunks as text is decoded (or a tool call once it is whole), a
+    chunk with finish_reason, [DONE]."""
     import asyncio
 
     from transformers import TextIteratorStreamer
@@ -213,22 +216,21 @@ async def _stream(engine: Engine, ids: list[int], gen, seed, completion_id: str,
     thread = threading.Thread(target=work, daemon=True)
     thread.start()
     yield chunk({"role": "assistant", "content": ""})
-    started = False
     loop = asyncio.get_running_loop()
     while True:
         text = await loop.run_in_executor(None, lambda: next(streamer, None))
         if text is None:
             break
-        if not started:  # ChatGLM3 replies begin with "\n"; the non-streaming text is stripped the same way
-            text = text.lstrip()
-            started = bool(text)
-        if text:
-            yield chunk({"content": text})
+        for delta in reply.feed(text):
+            yield chunk(delta)
     await loop.run_in_executor(None, thread.join)
     if "error" in result:
         yield f"data: {json.dumps({'error': {'message': str(result['error']), 'type': 'server_error'}})}\n\n"
     else:
-        yield chunk({}, engine.finish_reason(result["new"]))
+        deltas, finish_reason = reply.finish(engine.finish_reason(result["new"]))
+        for delta in deltas:
+            yield chunk(delta)
+        yield chunk({}, finish_reason)
     yield "data: [DONE]\n\n"
 
 

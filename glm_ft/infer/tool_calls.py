@@ -73,3 +73,45 @@ def reply_message(text: str, finish_reason: str, tools_offered: bool) -> tuple[d
     if call is None:
         return {"role": "assistant", "content": text}, finish_reason
     return {"role": "assistant", "content": None, "tool_calls": [call]}, "tool_calls"
+
+
+class StreamedReply:
+    """A streamed reply's text pieces, as they are decoded, as OpenAI stream deltas that add up to what the same
+    reply gives unstreamed (`reply_message`: the text stripped).
+
+    ChatGLM3 writes a reply's metadata on its first line: empty for an answer, which therefore starts with "\\n",
+    the tool's name for a call. So an answer streams as it comes; when tools were offered, a reply whose first line
+    is a name is held to its end, then sent as one `tool_calls` delta if it is a call, or as its text if not.
+    """
+
+    def __init__(self, tools_offered: bool):
+        self.tools_offered = tools_offered
+        self.streaming = not tools_offered  # else undecided until the first line is complete
+        self.held = ""
+        self.started = False
+        self.trailing = ""  # whitespace held back until more text follows: unstreamed text is stripped
+
+    def feed(self, text: str) -> list[dict[str, Any]]:
+        """The deltas to send now for the next decoded piece."""
+        if not self.streaming:
+            self.held += text
+            first_line, newline, _ = self.held.partition("\n")
+            if not newline or first_line.strip():
+                return []  # undecided, or a name: held to the end
+            self.streaming, text, self.held = True, self.held, ""
+        if not self.started:  # an answer begins with "\n"
+            text = text.lstrip()
+            self.started = bool(text)
+        text = self.trailing + text
+        body = text.rstrip()
+        self.trailing = text[len(body):]
+        return [{"content": body}] if body else []
+
+    def finish(self, finish_reason: str) -> tuple[list[dict[str, Any]], str]:
+        """The deltas left to send once the reply has ended, and the response's finish_reason."""
+        if self.streaming or not self.held.strip():
+            return [], finish_reason
+        message, finish_reason = reply_message(self.held.strip(), finish_reason, self.tools_offered)
+        if message["content"] is not None:
+            return [{"content": message["content"]}], finish_reason
+        return [{"tool_calls": [{"index": i, **call} for i, call in enumerate(message["tool_calls"])]}], finish_reason

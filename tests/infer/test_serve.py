@@ -105,6 +105,13 @@ def test_chat_completions_over_http(method, runs, base_dir, tmp_path):
         with_tools = [{"role": "system", "content": "", "tools": [tools[0]["function"]]}, query]
         assert json.loads(raw)["usage"]["prompt_tokens"] == len(tokenizer.apply_chat_template(
             with_tools, add_generation_prompt=True))
+        # streamed with tools offered, a reply adds up to the unstreamed one (glm_ft.infer.tool_calls.StreamedReply)
+        whole = json.loads(post(port, {"messages": [query], "tools": tools, "max_tokens": MAX_TOKENS})[2])
+        chunks = [json.loads(e) for e in sse_events(post(port, {"messages": [query], "tools": tools,
+                                                                "max_tokens": MAX_TOKENS, "stream": True})[2])[:-1]]
+        assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) \
+            == whole["choices"][0]["message"]["content"]
+        assert chunks[-1]["choices"][0]["finish_reason"] == whole["choices"][0]["finish_reason"]
 
         for bad, key in (({"messages": []}, "messages"), ({"messages": [{"role": "robot", "content": "x"}]}, "role"),
                          ({"messages": [query], "max_tokens": 0}, "max_tokens"),

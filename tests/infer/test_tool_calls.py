@@ -9,7 +9,7 @@ import pytest
 
 from conftest import ROOT
 from glm_ft.infer.serve import BadRequest, conversation
-from glm_ft.infer.tool_calls import call_turn, parse_call, reply_message
+from glm_ft.infer.tool_calls import StreamedReply, call_turn, parse_call, reply_message
 
 SAMPLE = ROOT / "data" / "sample" / "test.jsonl"
 
@@ -79,3 +79,69 @@ def test_a_finished_call_with_tools_offered_is_returned_as_tool_calls():
     assert reply_message(text, "length", tools_offered=True) == ({"role": "assistant", "content": text}, "length")
     answer = "白色牛仔裤L码还有8件库存。"
     assert reply_message(answer, "stop", True) == ({"role": "assistant", "content": answer}, "stop")
+
+
+def streamed(pieces, finish_reason: str, tools_offered: bool) -> tuple[dict, str, int]:
+    """The message a client assembles from the stream's deltas (OpenAI's rules), its finish_reason, and how many
+    deltas were sent before the reply ended."""
+    reply, deltas = StreamedReply(tools_offered), []
+    for piece in pieces:
+        deltas += reply.feed(piece)
+    early = len(deltas)
+    rest, finish = reply.finish(finish_reason)
+    message: dict = {"role": "assistant", "content": None}
+    for delta in deltas + rest:
+        if "content" in delta:
+            message["content"] = (message["content"] or "") + delta["content"]
+        for call in delta.get("tool_calls", []):
+            message.setdefault("tool_calls", []).append(call)
+    return message, finish, early
+
+
+def without_ids(message: dict) -> dict:
+    calls = [{k: v for k, v in c.items() if k not in ("id", "index")} for c in message.get("tool_calls", [])]
+    return {**message, **({"tool_calls": calls} if calls else {})}
+
+
+CALL = sample_tool_conversation()[2]
+REPLIES = [f"{CALL['metadata']}\n{CALL['content']}",  # a call
+           "\n白色牛仔裤L码还有8件库存。",  # an answer: empty metadata line first
+           "get_stock\n```python\ntool_call(item=\n",  # a name, but no call: its text
+           "无换行的回答", "\n\n  两行\n回答", ""]
+
+
+@pytest.mark.parametrize("text", REPLIES)
+@pytest.mark.parametrize("tools_offered", [True, False])
+def test_a_streamed_reply_adds_up_to_the_unstreamed_one_wherever_the_pieces_split(text, tools_offered):
+    expected, expected_finish = reply_message(text.strip(), "stop", tools_offered)
+    for cut in range(len(text) + 1):
+        message, finish, _ = streamed([text[:cut], text[cut:]], "stop", tools_offered)
+        if message["content"] is None and "tool_calls" not in message:
+            message["content"] = ""  # nothing was said: unstreamed, that is an empty content
+        assert (without_ids(message), finish) == (without_ids(expected), expected_finish), cut
+        assert all(c["index"] == i for i, c in enumerate(message.get("tool_calls", [])))
+
+
+def test_with_tools_offered_an_answer_still_streams_and_a_call_comes_whole_with_the_real_streamer(tmp_path):
+    """Pieces as serve gets them: the real tokenizer's ids through transformers' TextIteratorStreamer."""
+    import torch
+    from transformers import TextIteratorStreamer
+
+    from glm_ft.chatglm3.tiny import ensure_tiny_model
+    from glm_ft.model import load_tokenizer
+
+    tokenizer = load_tokenizer(ensure_tiny_model(tmp_path / "tiny"))
+
+    def pieces(text: str) -> list[str]:
+        streamer = TextIteratorStreamer(tokenizer, skip_special_tokens=True)
+        for token in tokenizer.encode(text, add_special_tokens=False) + [tokenizer.eos_token_id]:
+            streamer.put(torch.tensor([token]))
+        streamer.end()
+        return list(streamer)
+
+    call, answer = REPLIES[0], "\n" + "白色牛仔裤L码还有8件库存, 欢迎选购。" * 3
+    message, finish, early = streamed(pieces(call), "stop", tools_offered=True)
+    assert finish == "tool_calls" and early == 0
+    assert without_ids(message) == without_ids(reply_message(call, "stop", True)[0])
+    message, finish, early = streamed(pieces(answer), "stop", tools_offered=True)
+    assert finish == "stop" and message["content"] == answer.strip() and early > 0
