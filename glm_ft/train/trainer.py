@@ -19,10 +19,12 @@ import accelerate.utils.other
 import torch
 from torch.utils.data import DataLoader
 from transformers import Seq2SeqTrainer, TrainerCallback
+from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from transformers.trainer_utils import EvalLoopOutput, EvalPrediction
 
 from glm_ft import dist, methods
+from glm_ft.atomic import write_text_atomic
 from glm_ft.errors import CheckpointError, GlmFtError
 from glm_ft.config.schema import EVAL_BATCH_TOKENS
 from glm_ft.runs import checkpoint_dir, last_complete_checkpoint, mark_complete
@@ -32,6 +34,9 @@ from glm_ft.train.generation import generate
 from glm_ft.train.metrics import prefix_metrics
 
 log = logging.getLogger(__name__)
+# A checkpoint's record of the Trainer's arguments. The Trainer's own is a pickle of the arguments object
+# (training_args.bin), which only an unsafe load (weights_only=False) can read: glm-ft writes JSON instead.
+TRAINING_ARGS_JSON = "training_args.json"
 
 
 def _deepspeed_in_use(available=accelerate.utils.other.is_deepspeed_available):
@@ -138,9 +143,12 @@ class GlmTrainer(Seq2SeqTrainer):
         output_dir = output_dir or self.args.output_dir
         os.makedirs(output_dir, exist_ok=True)
         if not methods.get(self.method.name).save(self.accelerator.unwrap_model(self.model), output_dir):
-            return super()._save(output_dir, state_dict)
-        if self.processing_class is not None:
+            super()._save(output_dir, state_dict)
+            Path(output_dir, TRAINING_ARGS_NAME).unlink(missing_ok=True)
+        elif self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
+        if self.args.should_save:
+            write_text_atomic(Path(output_dir) / TRAINING_ARGS_JSON, self.args.to_json_string())
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         unwrapped = self.accelerator.unwrap_model(model or self.model)

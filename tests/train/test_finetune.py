@@ -108,10 +108,15 @@ def test_checkpoints_hold_only_what_was_trained(runs):
     sft = runs["sft_a"] / "checkpoint-6"
     assert (sft / "model.safetensors").is_file()
     for run in runs.values():
-        for ckpt in run.glob("checkpoint-*"):
+        saved = sorted(run.glob("checkpoint-*"))
+        assert len(saved) == 2
+        for ckpt in saved:
             assert (ckpt / "glm_ft_complete").is_file()
-            # (training_args.bin is the Trainer's own record of its arguments, not weights)
-            assert not list(ckpt.glob("*model*.bin")), "model weights must be safetensors"
+            # no pickle that only an unsafe load reads: weights are safetensors, the Trainer's arguments JSON
+            assert not list(ckpt.glob("*.bin")), list(ckpt.glob("*.bin"))
+        for folder in [*saved, run / "final"]:
+            args = json.loads((folder / "training_args.json").read_text())
+            assert (args["output_dir"], args["max_steps"], args["learning_rate"]) == (str(run), 6, 1e-3), folder
 
 
 @pytest.mark.parametrize("method", list(METHODS))
