@@ -20,6 +20,7 @@ import torch
 from torch.utils.data import DataLoader
 from transformers import Seq2SeqTrainer, TrainerCallback
 from transformers.trainer import TRAINING_ARGS_NAME
+from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from transformers.trainer_utils import EvalLoopOutput, EvalPrediction
 
@@ -48,6 +49,24 @@ def _deepspeed_in_use(available=accelerate.utils.other.is_deepspeed_available):
 
 
 accelerate.utils.other.is_deepspeed_available = _deepspeed_in_use
+
+
+class EpochSeededLengthGroupedSampler(LengthGroupedSampler):
+    """transformers' length-grouped order (`group_by_length`), drawn from `seed + epoch` instead of the global RNG.
+    The global RNG at an epoch's start depends on all that was drawn before it (dropout among others), which a run
+    resumed in a later epoch never drew, so that epoch came out in another order than uninterrupted. Seeded by the
+    epoch, as accelerate seeds the random order with `data_seed`, the order is the same however the run got there."""
+
+    def __init__(self, batch_size: int, lengths: list[int], seed: int):
+        super().__init__(batch_size, lengths=lengths)
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch: int) -> None:  # called by the Trainer's data loader before each epoch
+        self.epoch = epoch
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(get_length_grouped_indices(self.lengths, self.batch_size, generator=generator))
 
 
 class TrainingDiverged(GlmFtError):
@@ -133,6 +152,13 @@ class GlmTrainer(Seq2SeqTrainer):
                               {**metrics, "step": self.state.global_step}, metrics_name="eval_metrics.json")
         return EvalLoopOutput(predictions=predictions, label_ids=labels, metrics=metrics,
                               num_samples=output.num_samples)
+
+    def _get_train_sampler(self, train_dataset=None):
+        sampler = super()._get_train_sampler(train_dataset)
+        if type(sampler) is LengthGroupedSampler:
+            seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+            return EpochSeededLengthGroupedSampler(sampler.batch_size, sampler.lengths, seed)
+        return sampler
 
     def _save_checkpoint(self, model, trial):
         folder = checkpoint_dir(Path(self.args.output_dir), self.state.global_step)

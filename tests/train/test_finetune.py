@@ -157,6 +157,21 @@ def test_resume_after_sigkill_reaches_the_same_loss(tmp_path, mlflow_env, runs):
     assert sorted(p.name for p in run_dir.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-6"]
 
 
+def test_resume_in_a_later_epoch_reaches_the_same_losses(tmp_path, mlflow_env):
+    """Batches of 64 from 397 training samples: 7 steps an epoch, so checkpoint-9 is two steps into the second
+    epoch, whose length-grouped order (group_by_length, the default) must not depend on how the run got there."""
+    args = [*METHODS["lora"], "training_args.per_device_train_batch_size=64", "training_args.max_steps=12",
+            "training_args.save_steps=9", "training_args.eval_steps=100", "training_args.save_total_limit=null"]
+    whole = train(args, tmp_path / "whole", mlflow_env)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    resumed = train([*args, f"resume={tmp_path / 'whole' / 'checkpoint-9'}"], tmp_path / "resumed", mlflow_env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    uninterrupted, after = losses(tmp_path / "whole", "checkpoint-12"), losses(tmp_path / "resumed", "checkpoint-12")
+    assert len(uninterrupted) == 12 and len(set(uninterrupted.values())) > 1
+    assert {s: after[s] for s in (10, 11, 12)} == pytest.approx({s: uninterrupted[s] for s in (10, 11, 12)},
+                                                                rel=1e-5)
+
+
 def test_resume_from_named_checkpoint(tmp_path, mlflow_env, runs):
     source = runs["ptuning_v2_a"] / "checkpoint-3"
     result = train([*METHODS["ptuning_v2"], f"resume={source}"], tmp_path / "r", mlflow_env)
