@@ -265,6 +265,14 @@ def test_resume_auto_needs_an_existing_run_folder(tmp_path):
     (["method=lora", "deepspeed.zero_optimization.stage=2"],
      "deepspeed.zero_optimization.stage: no DeepSpeed config is chosen; add deepspeed=zero2 or deepspeed=zero3"),
     (["method=sft", "deepspeed.train_batch_size=8"], "deepspeed.train_batch_size: no DeepSpeed config is chosen"),
+    # a key the chosen DeepSpeed file lacks (Hydra's "+" hint would write a misspelt one into ds_config.json)
+    (["method=sft", "deepspeed=zero3", "deepspeed.zero_optimization.stage3_max_live_parameter=5e8"],
+     "deepspeed.zero_optimization.stage3_max_live_parameter: conf/deepspeed/zero3.yaml has no key "
+     "'stage3_max_live_parameter' under deepspeed.zero_optimization (did you mean "
+     "deepspeed.zero_optimization.stage3_max_live_parameters"),
+    (["method=sft", "deepspeed=zero3", "deepspeed.bf16.enable=true"],
+     "deepspeed.bf16.enable: conf/deepspeed/zero3.yaml has no key 'enable' under deepspeed.bf16 (did you mean "
+     "deepspeed.bf16.enabled?)"),
     # wrong types: one line, not Hydra's merge error over half a dozen
     (["method=lora", "method.r=abc"], "method.r: expected an integer, got 'abc'"),
     (["seed=1e3"], "seed: expected an integer, got '1e3'"),
@@ -289,8 +297,9 @@ def test_misspelt_keys_get_the_closest_valid_ones(args, expect, tmp_path):
                                   ["hparams_search=lora_optuna", "--cfg", "job"],
                                   ["-m", "method.use_dora=true,false", "--cfg", "job"],
                                   ["training_args.bf16=False", "--cfg", "job"],
-                                  ["experiment=demo_sweep", "deepspeed=zero3", "deepspeed.train_batch_size=8",
+                                  ["experiment=demo_sweep", "deepspeed=zero2", "deepspeed.train_batch_size=8",
                                    "--cfg", "job"],
+                                  ["deepspeed=zero3", "+deepspeed.gradient_clipping=1.0", "--cfg", "job"],
                                   ["~deepspeed", "experiment=demo_sweep", "--cfg", "job"],
                                   ["eval_subset=null", "training_args.learning_rate=1", "method.lora_dropout=0",
                                    "seed=${max_input_length}", "--cfg", "job"],
@@ -299,6 +308,34 @@ def test_valid_command_lines_pass_the_key_check(args, tmp_path):
     flags = [a for a in args if a.startswith("-") or a == "job"]
     out = probe_train([*flags, "method=lora", *[a for a in args if a not in flags]], tmp_path)
     assert "unknown key" not in out.stderr and "has no key" not in out.stderr, out.stderr[-2000:]
+
+
+def test_a_deepspeed_key_the_chosen_file_lacks_is_added_with_a_plus(tmp_path):
+    out = probe_train([*SHORT, "method=sft", "deepspeed=zero3", "deepspeed.gradient_clipping=0.5",
+                       f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
+    assert_refused_light(out, "deepspeed.gradient_clipping: conf/deepspeed/zero3.yaml has no key 'gradient_clipping' "
+                              "under deepspeed (a DeepSpeed key it does not set is added with "
+                              "+deepspeed.gradient_clipping=...)")
+
+
+@pytest.mark.parametrize("args, expect", [
+    (["+deepspeed.zero_optimization.stage3_max_live_parameter=5e8"],
+     "deepspeed.zero_optimization.stage3_max_live_parameter: DeepSpeed has no such ZeRO key (did you mean "
+     "deepspeed.zero_optimization.stage3_max_live_parameters"),
+    (["deepspeed.zero_optimization.overlap_comm=maybe"],
+     "deepspeed.zero_optimization.overlap_comm: Input should be a valid boolean"),
+    (["+deepspeed.zero_optimization.offload_optimizer.device=gpu"],
+     "deepspeed.zero_optimization.offload_optimizer.device: Input should be 'none', 'cpu' or 'nvme', got 'gpu'"),
+])
+def test_a_zero_section_deepspeed_would_refuse_is_one_line_before_the_model_loads(args, expect, tmp_path):
+    """DeepSpeed's own model of the section judges it (it refuses these inside deepspeed.initialize, after the
+    model loaded); that imports deepspeed and torch, but nothing loads, and no MLflow run is made."""
+    out = probe_train([*SHORT, "method=sft", "deepspeed=zero3", *args, f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
+    assert out.returncode == 1, out.stderr[-3000:]
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expect in lines[0], out.stderr[-3000:]
+    assert "'transformers'" not in out.stdout and "'datasets'" not in out.stdout, out.stdout[-2000:]
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "run" / "finetune.yaml").exists()
 
 
 # --- refused weights: the model folder's files, with a real (heavy) run ---------------------------------------

@@ -6,7 +6,8 @@
   would take any number or word as true;
 - `GROUP=NAME` with no conf/GROUP/NAME.yaml (method, data, model, deepspeed, experiment, hparams_search), and
   `GROUP=null`, which Hydra refuses with a traceback (a group is dropped with `~GROUP`);
-- `deepspeed.KEY=...` when the command line composes no DeepSpeed config (Hydra fails on it with a traceback);
+- `deepspeed.KEY=...` when the command line composes no DeepSpeed config (Hydra fails on it with a traceback), or
+  a KEY the chosen conf/deepspeed file lacks (misspelt, or a DeepSpeed key it does not set, added with `+`);
 - `resume=auto` with a `hydra.run.dir` that does not exist: there is nothing to resume, and Hydra would create the
   folder and start afresh;
 - a `hydra.run.dir` / `hydra.sweep.dir` that can't be created (`/proc/x`): Hydra would fail with a traceback.
@@ -27,7 +28,7 @@ from hydra.core.override_parser.types import Override, OverrideType
 from hydra.errors import OverrideParseException
 
 from glm_ft.errors import ConfigError
-from glm_ft.config.keys import check_key, key_allows_null, key_type
+from glm_ft.config.keys import check_key, closest, key_allows_null, key_type
 from glm_ft.config.schema import METHOD_SCHEMAS, PROJECT_ROOT
 
 CONF = PROJECT_ROOT / "conf"
@@ -97,10 +98,33 @@ def _check_group_options(overrides: list[Override], argv: list[str]) -> None:
 
 
 def _check_deepspeed_keys(overrides: list[Override], methods: tuple[str, ...] | None) -> None:
-    """`deepspeed.KEY=...` with no DeepSpeed config composed: Hydra fails on it with an AssertionError."""
+    """`deepspeed.KEY=...` with no DeepSpeed config composed (Hydra fails on it with an AssertionError), or with a
+    KEY the chosen file lacks (Hydra's hint to append it with `+` would also write a misspelt key into the JSON,
+    which DeepSpeed refuses only once the model has loaded)."""
     keys = [o.key_or_group for o in overrides if o.key_or_group.startswith("deepspeed.") and o.package is None]
-    if keys and _chosen_deepspeed(overrides, methods) is None:
+    if not keys:
+        return
+    chosen = _chosen_deepspeed(overrides, methods)
+    if chosen is None:
         raise ConfigError(f"{keys[0]}: no DeepSpeed config is chosen; add deepspeed=zero2 or deepspeed=zero3")
+    path = CONF / "deepspeed" / f"{chosen}.yaml"
+    try:
+        tree = yaml.safe_load(path.read_text(encoding="utf-8")) if chosen != _UNSURE else None
+    except (OSError, yaml.YAMLError):
+        tree = None
+    changed = {o.key_or_group for o in overrides if o.type == OverrideType.CHANGE}
+    for key in [k for k in keys if k in changed] if isinstance(tree, dict) else []:
+        node, parts = tree, key.split(".")[1:]
+        for depth, part in enumerate(parts):
+            if not isinstance(node, dict):
+                break  # below a value: Hydra judges it
+            if part not in node:
+                where = ".".join(["deepspeed", *parts[:depth]])
+                guesses = [f"{where}.{g}" for g in closest(part, [str(k) for k in node])]
+                hint = f"did you mean {' or '.join(guesses)}?" if guesses else \
+                    f"a DeepSpeed key it does not set is added with +{key}=..."
+                raise ConfigError(f"{key}: conf/deepspeed/{chosen}.yaml has no key '{part}' under {where} ({hint})")
+            node = node[part]
 
 
 def _check_switch(override: Override, methods: tuple[str, ...] | None) -> None:

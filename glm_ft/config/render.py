@@ -9,6 +9,7 @@ silently maps some "auto" values to its defaults, and transformers reports misma
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from glm_ft import dist, methods
 from glm_ft.atomic import write_text_atomic
 from glm_ft.methods.common import changed_or_listed, defaults
 from glm_ft.errors import ConfigError
+from glm_ft.config.keys import closest
 from glm_ft.config.schema import GenerationArgs, TrainingArgs
 
 # Keys of the documented training_args, in documented order; others appear only when changed from the default.
@@ -129,6 +131,40 @@ def check_deepspeed(cfg: DictConfig) -> None:
         value = _get(ds, key)
         if value is not None and value != "auto" and (isinstance(value, (str, bool)) or value <= 0):
             raise ConfigError(f"deepspeed.{key}: must be a positive number or \"auto\", got {value!r}")
+
+
+def _no_accelerator_notice(record: logging.LogRecord) -> bool:
+    return "Setting accelerator to CPU" not in record.getMessage()
+
+
+def check_zero_section(cfg: DictConfig) -> None:
+    """`zero_optimization` as DeepSpeed itself will read it: its model refuses unknown keys and wrong values, but only
+    inside deepspeed.initialize, once the model has loaded (minutes for 6B). Imports deepspeed, as the run does
+    anyway; so it is the last check."""
+    section = _get(OmegaConf.to_container(cfg.deepspeed, resolve=True), "zero_optimization")
+    if not isinstance(section, dict):
+        return
+    import pydantic
+
+    # Its import says once that it found no GPU ("Setting accelerator to CPU"), which would make a refusal two lines.
+    ds_log = logging.getLogger("DeepSpeed")
+    ds_log.addFilter(_no_accelerator_notice)
+    try:
+        from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+    finally:
+        ds_log.removeFilter(_no_accelerator_notice)
+    try:  # "auto" is filled later from the model and training_args (resolve_deepspeed)
+        DeepSpeedZeroConfig(**{k: v for k, v in section.items() if v != "auto"})
+    except pydantic.ValidationError as err:
+        error = err.errors()[0]
+        key = ".".join(["deepspeed.zero_optimization", *map(str, error["loc"])])
+        if error["type"] != "extra_forbidden":
+            raise ConfigError(f"{key}: {error['msg']}, got {error.get('input')!r} (DeepSpeed's check)") from None
+        names = [name for n, f in DeepSpeedZeroConfig.model_fields.items() for name in (n, f.alias) if name]
+        guesses = closest(str(error["loc"][0]), names)
+        hint = f"did you mean {' or '.join(f'deepspeed.zero_optimization.{g}' for g in guesses)}?" if guesses \
+            else "see https://www.deepspeed.ai/docs/config-json/#zero-optimizations-for-fp16-training"
+        raise ConfigError(f"{key}: DeepSpeed has no such ZeRO key ({hint})") from None
 
 
 def resolve_deepspeed(cfg: DictConfig, hidden_size: int, num_training_steps: int) -> dict[str, Any]:

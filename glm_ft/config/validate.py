@@ -44,12 +44,16 @@ def validate(cfg: DictConfig, *, check_paths: bool = True) -> InputPaths | None:
 
         check_deepspeed(cfg)
     _check_model(cfg.model)
-    if not check_paths:
-        return None
-    where = input_paths(cfg)
-    check_model_path(where, cfg.model)
-    check_data_files(where, cfg.data)
-    _check_resume(cfg)
+    where = None
+    if check_paths:
+        where = input_paths(cfg)
+        check_model_path(where, cfg.model)
+        check_data_files(where, cfg.data)
+        _check_resume(cfg)
+    if cfg.deepspeed is not None:
+        from glm_ft.config.render import check_zero_section
+
+        check_zero_section(cfg)  # last: it imports deepspeed
     return where
 
 
