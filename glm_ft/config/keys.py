@@ -13,7 +13,8 @@ import functools
 import typing
 from typing import Any
 
-from glm_ft.config.schema import METHOD_SCHEMAS, PROJECT_ROOT, Config
+from glm_ft.config.locations import config_dir
+from glm_ft.config.schema import METHOD_SCHEMAS, Config
 
 
 def _unwrap_optional(tp: Any) -> Any:
@@ -45,7 +46,7 @@ def _top_level() -> dict[str, Any]:
     fields = dict(_fields(Config))
     fields["method"] = "method"  # typed Any in the schema: one dataclass per method
     # Groups that only select config files (experiment=..., hparams_search=...) are keys too.
-    for group in sorted((PROJECT_ROOT / "conf").iterdir()):
+    for group in sorted(config_dir().iterdir()):
         if group.is_dir() and group.name not in fields and group.name != "hydra":
             fields[group.name] = None
     return fields

@@ -29,9 +29,10 @@ from hydra.errors import OverrideParseException
 
 from glm_ft.errors import ConfigError
 from glm_ft.config.keys import check_key, closest, key_allows_null, key_type
-from glm_ft.config.schema import METHOD_SCHEMAS, PROJECT_ROOT
+from glm_ft.config.locations import config_dir
+from glm_ft.config.schema import METHOD_SCHEMAS
 
-CONF = PROJECT_ROOT / "conf"
+CONF = config_dir()
 
 
 def check_command_line(argv: list[str]) -> None:
