@@ -22,7 +22,7 @@ import glm_ft.config.schema  # noqa: F401  (registers the schema with Hydra's Co
 from glm_ft.errors import ConfigError, GlmFtError
 from glm_ft.config.locations import config_dir
 from glm_ft.config.preflight import check_command_line
-from glm_ft.tracking.redact import redact_files
+from glm_ft.tracking.redact import redact_files, redact_log_records
 from glm_ft.config.render import render_run_files
 from glm_ft.config.paths import InputPaths
 from glm_ft.config.validate import check_data_rows, validate
@@ -44,9 +44,11 @@ def model_hidden_size(where: InputPaths) -> int | None:
 
 def run(cfg: DictConfig) -> float | None:
     """One job. Returns `optimized_metric` of the final metrics, which an Optuna sweep maximises."""
-    where = validate(cfg)  # the input paths, resolved here once for the whole job
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    redact_files(run_dir / ".hydra")  # Hydra wrote the overrides there, a tracking URI's password included
+    # Hydra wrote the overrides there, a tracking URI's password included: masked before any check can refuse
+    redact_files(run_dir / ".hydra")
+    redact_log_records()
+    where = validate(cfg)  # the input paths, resolved here once for the whole job
     if cfg.resume == "auto" and not (run_dir / "finetune.yaml").is_file():
         # Every glm-ft run writes finetune.yaml first: without it this folder was just made by Hydra.
         raise ConfigError(f"resume=auto: '{run_dir}' holds no earlier run (no finetune.yaml), so there is nothing "

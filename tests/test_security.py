@@ -135,3 +135,42 @@ def test_a_password_in_the_tracking_uri_is_written_nowhere(tmp_path):
     assert gone.returncode == 1
     assert f"http://glmuser:***@127.0.0.1:{port} is unreachable" in gone.stderr
     assert SECRET not in gone.stdout + gone.stderr
+    # the refused run's folder holds Hydra's record of the command line: masked there too
+    written = [p for p in (tmp_path / "r2").rglob("*") if p.is_file()]
+    assert any(p.name == "overrides.yaml" for p in written)
+    assert not [p for p in written if SECRET.encode() in p.read_bytes()]
+
+
+def test_a_password_in_the_tracking_uri_of_a_sweep_is_written_nowhere(tmp_path):
+    """Hydra writes a sweep's overrides with their colons escaped (`http\\://user\\:password@`), and into the sweep
+    folder's multirun.yaml and the launcher's log lines as well."""
+    from mlflow.tracking import MlflowClient
+
+    root = tmp_path / "server"
+    root.mkdir()
+    port = free_port()
+    uri = f"http://glmuser:{SECRET}@127.0.0.1:{port}"
+    sweep_dir = tmp_path / "sweep"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_TRACKING")}
+    with mlflow_server(root, port):
+        out = run_train(["-m", *QUICK, "method.r=2,4", "training_args.max_steps=1", "training_args.save_steps=1",
+                         f"tracking.tracking_uri={uri}", f"hydra.sweep.dir={sweep_dir}"], env=env)
+        assert out.returncode == 0, out.stderr[-3000:]
+        assert "#1 : " in out.stdout + out.stderr  # the launcher's line for each job was shown, masked
+        assert SECRET not in out.stdout + out.stderr
+        written = [p for p in sweep_dir.rglob("*") if p.is_file()]
+        assert any(p.name == "multirun.yaml" for p in written)
+        assert not [p for p in written if SECRET.encode() in p.read_bytes()]
+
+        client = MlflowClient(uri)
+        runs = client.search_runs([client.get_experiment_by_name("glm-ft").experiment_id])
+        assert len(runs) == 3  # the parent and its two jobs
+        for run in runs:
+            texts = [run.info.run_name or "", *run.data.params.values(), *run.data.tags.values()]
+            assert not [t for t in texts if SECRET in t], run.info.run_name
+            if "glm_ft.parent_run_id" not in run.data.tags and "mlflow.parentRunId" not in run.data.tags:
+                continue
+            local = Path(client.download_artifacts(run.info.run_id, "", str(tmp_path / run.info.run_id)))
+            files = [p for p in local.rglob("*") if p.is_file()]
+            assert any(p.name == "overrides.yaml" for p in files)
+            assert not [p for p in files if SECRET.encode() in p.read_bytes()]

@@ -31,6 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 from glm_ft import dist
 from glm_ft.tracking.lifecycle import end_run
 from glm_ft.tracking.params import git_commit, split_long_values
+from glm_ft.tracking.redact import redact, redact_files, redact_log_records
 from glm_ft.tracking.parent import PARENT_ENV, PARENT_FILE, SWEPT_PARAMS_TAG, parse_overrides
 from glm_ft.tracking.signals import SIGTERM_GUARD
 from glm_ft.tracking.store import Store
@@ -106,6 +107,7 @@ class MlflowSweepCallback(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         self._owner_pid = os.getpid()
+        redact_log_records()  # the launcher logs each job's overrides
         sweep_dir = Path(str(config.hydra.sweep.dir)).resolve()
         try:
             # Held for the sweep's life (released by the OS at exit): what an earlier sweep of this folder left
@@ -160,6 +162,7 @@ class MlflowSweepCallback(Callback):
     # --- the job's process ---------------------------------------------------------------------------------------
 
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
+        redact_files(Path(str(config.hydra.sweep.dir)))  # the sweeper wrote multirun.yaml after on_multirun_start
         launcher = str(OmegaConf.select(config, "hydra.launcher._target_", default="") or "")
         if "joblib" in launcher and self._owner_pid not in (None, os.getpid()):
             dist.pin_gpu_for_worker(Path(str(config.hydra.sweep.dir)))
@@ -174,10 +177,10 @@ class MlflowSweepCallback(Callback):
             return
         # Written with or without tracking: a re-run of this sweep folder skips the jobs recorded COMPLETED.
         outcome = {"num": int(config.hydra.job.num), "status": job_return.status.name,
-                   "overrides": list(config.hydra.overrides.task)}
+                   "overrides": [redact(o) for o in config.hydra.overrides.task]}
         if job_return.status == JobStatus.FAILED:
             error = job_return._return_value
-            outcome["error"] = f"{type(error).__name__}: {error}"
+            outcome["error"] = redact(f"{type(error).__name__}: {error}")
             if type(error).__name__ == "TrialPruned":  # glm_ft.search.study: stopped by the study's pruner
                 outcome["status"] = PRUNED
         elif isinstance(job_return._return_value, (int, float)):

@@ -7,12 +7,16 @@ MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD keep credentials out of the 
 
 from __future__ import annotations
 
+import logging
+import os
 import re
+import tempfile
 from pathlib import Path
 
 MASK = "***"
-# scheme://user:password@ — the password is anything up to the last '@' before the host part.
-_USERINFO = re.compile(r"(?P<head>\b[A-Za-z][A-Za-z0-9+.\-]*://[^\s/:@'\"]*:)(?P<password>[^\s/@'\"]*)@")
+# scheme://user:password@ — the password is anything up to the last '@' before the host part. Hydra writes a
+# sweep's overrides with their colons escaped (`http\://user\:password@host`): that form too.
+_USERINFO = re.compile(r"(?P<head>\b[A-Za-z][A-Za-z0-9+.\-]*\\?://[^\s/:@'\"\\]*\\?:)(?P<password>[^\s/@'\"]*)@")
 
 
 def redact(text: str) -> str:
@@ -32,7 +36,28 @@ def redact_files(folder: Path, names: tuple[str, ...] = ("config.yaml", "hydra.y
             continue
         text = path.read_text(encoding="utf-8")
         clean = redact(text)
-        if clean != text:
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text(clean, encoding="utf-8")
-            tmp.replace(path)
+        if clean != text:  # a uniquely named copy renamed over it: a sweep's jobs may rewrite multirun.yaml at once
+            fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=path.parent)
+            with os.fdopen(fd, "w", encoding="utf-8") as out:
+                out.write(clean)
+            os.replace(tmp, path)
+
+
+def redact_log_records() -> None:
+    """Mask passwords in every log record this process makes from now on (Hydra's launcher logs each job's
+    overrides). At the records' making, not on handlers: Hydra sets its handlers up anew for the launch and for
+    each job."""
+    make = logging.getLogRecordFactory()
+    if getattr(make, "redacts", False):
+        return
+
+    def redacting(*args, **kwargs) -> logging.LogRecord:
+        record = make(*args, **kwargs)
+        message = record.getMessage()
+        clean = redact(message)
+        if clean != message:
+            record.msg, record.args = clean, None
+        return record
+
+    redacting.redacts = True  # type: ignore[attr-defined]
+    logging.setLogRecordFactory(redacting)
