@@ -89,6 +89,14 @@ BAD_VALUES = {
     # a switch: the typed config would read any number or word as true
     "method.use_dora": [["2", "method=lora"], ["yes", "method=lora"]],
     "training_args.bf16": [["0"], ["on"]],
+    # documented keys glm-ft sets itself: another value was ignored, or broke the first evaluation
+    "training_args.output_dir": [["/tmp/elsewhere"]],
+    "training_args.deepspeed": [["/tmp/ds_zero_3.json"]],
+    "training_args.remove_unused_columns": [["true"]],
+    "training_args.predict_with_generate": [["false"]],
+    # too short to hold [gMASK] sop and a token: found when tokenizing, after the MLflow run started
+    "max_input_length": [["2"], ["0"]],
+    "max_output_length": [["0"]],
 }
 BAD_CASES = [(key, [f"{key}={value}", *extra]) for key, values in BAD_VALUES.items() for value, *extra in values]
 

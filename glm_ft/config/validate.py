@@ -20,7 +20,9 @@ from glm_ft.errors import ConfigError
 from glm_ft import methods
 from glm_ft.config.keys import closest, no_keys_message, unknown_key_message
 from glm_ft.config.paths import SPLIT_KEYS, InputPaths, input_paths, resolve_path
-from glm_ft.config.schema import DATA_CACHE, TINY_MODEL_DIR
+from glm_ft.config.schema import DATA_CACHE, TINY_MODEL_DIR, TrainingArgs
+
+TRAINING_ARGS_DEFAULTS = TrainingArgs()
 
 SEED_LIMIT = 2**32  # numpy's seed range (transformers' set_seed seeds numpy too)
 QUICKSTART_HINT = "or try the bundled tiny setup: python train.py experiment=quickstart"
@@ -93,9 +95,10 @@ def _check_model(model: DictConfig) -> None:
 
 
 def _check_lengths(cfg: DictConfig) -> None:
-    for key in ("max_input_length", "max_output_length"):
-        if cfg[key] <= 0:
-            raise ConfigError(f"{key}: must be > 0, got {cfg[key]}")
+    # a prompt keeps at least [gMASK] sop and one token of its own (glm_ft.data.dataset)
+    for key, least in (("max_input_length", 3), ("max_output_length", 1)):
+        if cfg[key] < least:
+            raise ConfigError(f"{key}: must be >= {least}, got {cfg[key]}")
     if cfg.eval_subset is not None and cfg.eval_subset <= 0:
         raise ConfigError(f"eval_subset: must be > 0 or null (all), got {cfg.eval_subset}")
     if cfg.eval_batch_tokens is not None and cfg.eval_batch_tokens <= 0:
@@ -105,6 +108,23 @@ def _check_lengths(cfg: DictConfig) -> None:
     if cfg.data.pack_max_length is not None and cfg.data.pack_max_length < longest:
         raise ConfigError(f"data.pack_max_length: must be >= max_input_length + max_output_length + 1 = {longest} "
                           f"(the longest sample), or null for that; got {cfg.data.pack_max_length}")
+
+
+def _check_set_by_glm_ft(args: DictConfig) -> None:
+    """Documented training_args that glm-ft sets itself: another value would be ignored, or break evaluation."""
+    if args.output_dir != TRAINING_ARGS_DEFAULTS.output_dir:
+        raise ConfigError(f"training_args.output_dir: the run folder is Hydra's, where glm-ft writes the checkpoints; "
+                          f"set hydra.run.dir={args.output_dir} instead")
+    if args.deepspeed is not None:
+        raise ConfigError("training_args.deepspeed: glm-ft sets it to the run's rendered ds_config.json; choose a "
+                          "DeepSpeed config with deepspeed=zero2 or deepspeed=zero3 and change its keys with "
+                          "deepspeed.KEY=VALUE")
+    if args.remove_unused_columns:
+        raise ConfigError("training_args.remove_unused_columns: must be false: glm-ft's batches carry what the model "
+                          "does not take (the reference reply for generation, each sample's index)")
+    if not args.predict_with_generate:
+        raise ConfigError("training_args.predict_with_generate: must be true: glm-ft evaluates and predicts by "
+                          "generating replies and scoring them (ROUGE, BLEU-4)")
 
 
 def _resolved(cfg: DictConfig) -> dict:
@@ -177,6 +197,7 @@ def _check_training_args(args: DictConfig) -> None:
     for key in ("adam_beta1", "adam_beta2"):
         if not 0 <= args[key] < 1:
             raise ConfigError(f"training_args.{key}: must be in [0, 1), got {args[key]}")
+    _check_set_by_glm_ft(args)
     if args.fp16 and args.bf16:
         raise ConfigError("training_args.fp16 and training_args.bf16 are both true: choose one")
     if args.fp16 and not cuda_available():

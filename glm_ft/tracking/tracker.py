@@ -68,7 +68,10 @@ class Tracker:
         so only new keys are logged and changed values are listed in tag glm_ft.resume_changed_params."""
         from mlflow.entities import Param
 
-        flat = {k: redact(v) for k, v in split_long_values(flatten_config(params)).items()}
+        flat = flatten_config(params)
+        # what the run used: its folder is the Trainer's output_dir; MLFLOW_TRACKING_URI wins over the key
+        flat.update({"training_args.output_dir": str(self.run_dir), "tracking.tracking_uri": self.store.uri})
+        flat = {k: redact(v) for k, v in split_long_values(flat).items()}
         if logged is not None:
             changed = {k: v for k, v in flat.items() if k in logged and logged[k] != v}
             flat = {k: v for k, v in flat.items() if k not in logged}

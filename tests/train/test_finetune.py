@@ -87,6 +87,9 @@ def test_the_run_is_complete_in_mlflow(runs, mlflow_env):
                if r.data.tags.get("glm_ft.run_dir") == str(run_dir))
     assert run.info.status == "FINISHED"
     assert run.data.params["method.r"] == "8" and run.data.tags["glm_ft.method"] == "lora"
+    # what the run used, not the config's defaults: its folder, and the store MLFLOW_TRACKING_URI chose
+    assert run.data.params["training_args.output_dir"] == str(run_dir)
+    assert run.data.params["tracking.tracking_uri"] == mlflow_env["MLFLOW_TRACKING_URI"]
     assert run.data.tags["data.val.samples_selected"] == "4"
     assert run.data.tags["data.train.rows_read"] == "400"
     client = MlflowClient(tracking_uri=mlflow_env["MLFLOW_TRACKING_URI"])
