@@ -197,6 +197,10 @@ def _load_split(split, path, kind, tokenizer, max_input_length, max_output_lengt
                              target)
         cached = 0
     _log_counts(split, counts, max_input_length, max_output_length)
+    if kind == "train" and counts["samples"] == 0:
+        raise DataError(f"{path}: no training sample left: truncation to max_input_length + max_output_length + 1 = "
+                        f"{max_input_length + max_output_length + 1} tokens left none of its {counts['rows_used']} "
+                        "usable rows a target token; raise max_input_length or max_output_length")
     stats.update({f"data.{split}.{name}": value for name, value in counts.items()})
     stats[f"data.{split}.cached"] = cached
     return datasets.load_from_disk(str(target))

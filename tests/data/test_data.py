@@ -404,6 +404,20 @@ def test_split_counts_skips_and_truncations(tiny, tmp_path, caplog):
     assert "train: 1 of 4 rows skipped" in caplog.text and "train: 1 of 2 samples cut to 33 tokens" in caplog.text
 
 
+def test_a_training_file_that_truncation_leaves_without_samples_is_one_error(tiny, tmp_path):
+    long_prompt = {"conversations": [{"role": "system", "content": "你是文案助手。" * 30},
+                                     {"role": "user", "content": "写"}, {"role": "assistant", "content": "好"}]}
+    _write(tmp_path / "train.jsonl", _jsonl([long_prompt] * 3))
+    for attempt in ("fresh", "cached"):  # the second load finds the (empty) preprocessed split in the cache
+        with pytest.raises(DataError, match=re.escape(
+                f"{tmp_path / 'train.jsonl'}: no training sample left: truncation to max_input_length + "
+                "max_output_length + 1 = 33 tokens left none of its 3 usable rows a target token")):
+            load_datasets(_config(tmp_path, train_file="train.jsonl"), tiny, 16, 16, cache_dir=tmp_path / "cache")
+    # long enough, the same file trains
+    assert len(load_datasets(_config(tmp_path, train_file="train.jsonl"), tiny, 128, 16,
+                             cache_dir=tmp_path / "cache").train) == 3
+
+
 def test_cache_is_reused_and_invalidated(tiny, real_or_none, tmp_path):
     train = _write(tmp_path / "train.jsonl", _jsonl([GOOD, {"conversations": MULTI_TURN}]))
     config = _config(tmp_path, train_file="train.jsonl")
