@@ -127,10 +127,10 @@ def compare(sweep: str | None = None, metric: str | None = None, experiment: str
         history = client.get_metric_history(row["run_id"], metric) if row["metrics"][metric] is not None else []
         result.curves[row["run_id"]] = sorted((m.step, m.value) for m in history)
     print(format_table(result))
-    scored = {r["metrics"][metric] for r in result.rows if r["metrics"][metric] is not None}
-    if len(scored) == 1 and len(result.rows) > 1:
+    scored = [r["metrics"][metric] for r in result.rows if r["metrics"][metric] is not None]
+    if len(scored) > 1 and len(set(scored)) == 1:
         # Nothing to choose: say so rather than star an arbitrary "best" run.
-        print(f"all scored runs tie at {metric}={scored.pop():.4g}: the swept values made no difference here")
+        print(f"all scored runs tie at {metric}={scored[0]:.4g}: the swept values made no difference here")
     result.plot = out or _plot_path(tags.get("glm_ft.sweep_dir"), parent.info.run_id, metric)
     plot(result, result.plot)
     client.log_artifact(parent.info.run_id, str(result.plot))

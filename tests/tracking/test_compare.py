@@ -57,7 +57,12 @@ def store(tmp_path_factory):
         ({"method.r": 4}, {"eval_rouge-l": 12.5}, "FINISHED"),
         ({"method.r": 8}, {"eval_rouge-l": 12.5}, "FINISHED"),
     ])
-    return {"uri": uri, "client": client, "root": root, "lora": lora, "methods": methods, "tied": tied}
+    alone = add_sweep(client, exp, root / "alone", 400, ["method.r"], "eval_rouge-l", "maximize", [
+        ({"method.r": 4}, {"eval_rouge-l": 12.5}, "FINISHED"),
+        ({"method.r": 8}, {}, "FAILED"),
+    ])
+    return {"uri": uri, "client": client, "root": root, "lora": lora, "methods": methods, "tied": tied,
+            "alone": alone}
 
 
 def test_table_is_best_first_with_failed_runs_last(store, capsys):
@@ -122,6 +127,9 @@ def test_a_sweep_whose_runs_all_tie_says_so(store, capsys):
     out = capsys.readouterr().out
     assert "all scored runs tie at eval_rouge-l=12.5: the swept values made no difference here" in out
     assert main(["--tracking-uri", store["uri"], "--sweep", store["lora"]]) == 0
+    assert "tie" not in capsys.readouterr().out
+    # one scored run beside a failed one ties with nobody
+    assert main(["--tracking-uri", store["uri"], "--sweep", store["alone"]]) == 0
     assert "tie" not in capsys.readouterr().out
 
 
