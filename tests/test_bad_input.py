@@ -261,6 +261,12 @@ def test_resume_auto_needs_an_existing_run_folder(tmp_path):
     ([f"{GEN}.num_beam=2"], f"unknown key '{GEN}.num_beam' (did you mean {GEN}.num_beams?)"),
     (["data.train=x.jsonl"], "unknown key 'data.train' (did you mean data.train_file?)"),
     (["method=ptuning_v2", "method.r=4"], "method.r: method=ptuning_v2 has no key 'r' (it belongs to method=lora)"),
+    # the reference demo's section names, and a misspelt section above a valid key
+    (["peft_config.r=4"], "unknown key 'peft_config.r': the documented peft_config is glm-ft's method (did you mean "
+                          "method.r?)"),
+    (["data_config.train_file=x.jsonl"], "(did you mean data.train_file?)"),
+    (["training_args.generation_configg.max_new_tokens=4"],
+     "unknown key 'training_args.generation_configg' (did you mean training_args.generation_config?)"),
     (["-m", "method=lora,ptuning_v2", "method.r=4,8"], "method=ptuning_v2 has no key 'r'"),
     # group options: one line, not Hydra's list of options and search path (or its traceback for null)
     (["experiment=quickstrat"], "experiment=quickstrat: no such experiment; choose one of demo_sweep, quickstart"),

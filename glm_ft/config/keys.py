@@ -42,6 +42,10 @@ def _children(node: Any, methods: tuple[str, ...]) -> dict[str, Any] | None:
     return None
 
 
+# The reference demo's section names (its finetune.yaml) → glm-ft's groups.
+DOCUMENTED_SECTIONS = {"peft_config": "method", "data_config": "data"}
+
+
 def _top_level() -> dict[str, Any]:
     fields = dict(_fields(Config))
     fields["method"] = "method"  # typed Any in the schema: one dataclass per method
@@ -68,7 +72,11 @@ def check_key(key: str, methods: tuple[str, ...] | None = None) -> str | None:
             if methods and not all(part in _fields(METHOD_SCHEMAS[m]) for m in methods):
                 return _method_key_message(key, part, methods)
         elif part not in children:
-            return unknown_key_message(key, list(children))
+            if depth == 0 and part in DOCUMENTED_SECTIONS and len(parts) > 1:
+                mapped = f"{DOCUMENTED_SECTIONS[part]}.{'.'.join(parts[1:])}"
+                return f"unknown key '{key}': the documented {part} is glm-ft's {DOCUMENTED_SECTIONS[part]} " \
+                       f"(did you mean {mapped}?)"
+            return unknown_key_message(".".join(parts[:depth + 1]), list(children))
         node = children[part]
         children = _children(node, methods or tuple(METHOD_SCHEMAS))
     return None
