@@ -20,6 +20,7 @@ from omegaconf import DictConfig
 from glm_ft import dist
 import glm_ft.config.schema  # noqa: F401  (registers the schema with Hydra's ConfigStore)
 from glm_ft.errors import ConfigError, GlmFtError
+from glm_ft.runs import check_resume_world_size
 from glm_ft.config.locations import config_dir
 from glm_ft.config.preflight import check_command_line
 from glm_ft.tracking.redact import redact_files, redact_log_records
@@ -56,6 +57,8 @@ def run(cfg: DictConfig) -> float | None:
     # Data before weights: every row is read and checked here (FILE:LINE errors) before anything heavy loads.
     # Skipped rows are logged when the data is tokenized; a dry run tokenizes nothing, so it logs them here.
     check_data_rows(where, cfg.data, log_skips=bool(cfg.dry_run))
+    if cfg.deepspeed is not None:
+        check_resume_world_size(cfg.resume, run_dir, dist.world_size())
     paths = render_run_files(cfg, run_dir, model_hidden_size(where))
     if cfg.dry_run:
         for name, path in paths.items():

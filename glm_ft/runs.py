@@ -87,6 +87,29 @@ def resume_checkpoint(resume: str | None, run_dir: Path) -> str | None:
     return str(path)
 
 
+def zero_world_size(checkpoint: Path) -> int | None:
+    """How many processes saved a DeepSpeed ZeRO checkpoint (one optimizer shard each, in the folder its `latest`
+    names); None for a checkpoint without ZeRO state."""
+    try:
+        tag = (Path(checkpoint) / "latest").read_text(encoding="utf-8").strip()
+    except OSError:
+        return None
+    return len(list((Path(checkpoint) / tag).glob("*zero_pp_rank_*_mp_rank_00_optim_states.pt"))) or None
+
+
+def check_resume_world_size(resume: str | None, run_dir: Path, world_size: int) -> None:
+    """ZeRO splits the optimizer state between the processes that saved it, and DeepSpeed loads it only into as many
+    (it says so once the model has loaded): refused before, in one line."""
+    if resume is None or resume == "auto" and is_complete(Path(run_dir) / FINAL):
+        return  # nothing to resume, or only final/ (whole weights) to reopen
+    checkpoint = last_complete_checkpoint(run_dir) if resume == "auto" else Path(resume).expanduser().resolve()
+    saved = zero_world_size(checkpoint) if checkpoint is not None else None
+    if saved is not None and saved != world_size:
+        raise CheckpointError(f"resume: {checkpoint} holds DeepSpeed ZeRO state saved by {saved} processes; resume "
+                              f"it with {saved} (e.g. python -m glm_ft.launch --nproc_per_node {saved} train.py ...), "
+                              f"not {world_size}")
+
+
 def final_step(run_dir: Path) -> int | None:
     """The step final/ was trained to, from its marker; None without a (readable) one."""
     try:

@@ -21,11 +21,11 @@ ARGS = ["experiment=quickstart", "training_args.max_steps=3", "training_args.sav
         "data.test_file=null"]
 
 
-def run(prefix: list[str], stage: int, run_dir: Path, tmp_path: Path) -> subprocess.CompletedProcess:
+def run(prefix: list[str], stage: int, run_dir: Path, tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
-    cmd = [*prefix, str(ROOT / "train.py"), *ARGS, f"deepspeed=zero{stage}", f"hydra.run.dir={run_dir}"]
+    cmd = [*prefix, str(ROOT / "train.py"), *ARGS, f"deepspeed=zero{stage}", f"hydra.run.dir={run_dir}", *extra]
     return run_process(cmd, cwd=ROOT, env=env)
 
 
@@ -64,6 +64,16 @@ def test_two_processes_under_torchrun(stage, tmp_path):
     result = run(prefix, stage, tmp_path / "run", tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     check_run(tmp_path / "run", stage, world_size=2, tmp_path=tmp_path)
+    # ZeRO split the optimizer state between the two: DeepSpeed loads it into two processes only, and said so in a
+    # traceback once the model had loaded
+    checkpoint = tmp_path / "run" / "checkpoint-3"
+    alone = run([sys.executable], stage, tmp_path / "alone", tmp_path, "training_args.max_steps=4",
+                f"resume={checkpoint}")
+    assert alone.returncode == 1 and "Traceback" not in alone.stderr, alone.stderr[-3000:]
+    assert alone.stderr.strip().splitlines()[-1] == (
+        f"error: resume: {checkpoint} holds DeepSpeed ZeRO state saved by 2 processes; resume it with 2 (e.g. "
+        "python -m glm_ft.launch --nproc_per_node 2 train.py ...), not 1")
+    assert not (tmp_path / "alone" / "finetune.yaml").exists()  # refused before anything was written or loaded
 
 
 def test_a_failed_run_still_tears_down_the_process_group(tmp_path, monkeypatch):
