@@ -10,6 +10,7 @@ beyond the machine. A multi-node job passes a routable --master_addr and keeps t
 
 from __future__ import annotations
 
+import signal
 import socket
 import sys
 
@@ -49,12 +50,29 @@ def install() -> None:
             module.TCPStore = patched
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
+    """torchrun; a failed rank or a signal to the launcher ends it with one line and the exit code, not torchrun's
+    own 30-line report: each rank has printed its own error above (glm-ft's one line, or its traceback)."""
     install()
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun
 
-    torchrun(argv if argv is not None else sys.argv[1:])
+    try:
+        torchrun(argv if argv is not None else sys.argv[1:])
+    except ChildFailedError as err:
+        rank, failure = min(err.failures.items())
+        code = failure.exitcode if failure.exitcode and failure.exitcode > 0 else 1
+        how = f"exit code {failure.exitcode}" if failure.exitcode >= 0 else f"signal {-failure.exitcode}"
+        more = f", and {len(err.failures) - 1} more" if len(err.failures) > 1 else ""
+        print(f"error: {err.name}: rank {rank} failed with {how}{more} (each rank's own error is above)",
+              file=sys.stderr)
+        return code
+    except SignalException as err:  # SIGTERM or SIGINT to the launcher: torchrun has stopped the ranks
+        print(f"glm_ft.launch: stopped by {signal.Signals(err.sigval).name}", file=sys.stderr)
+        return 128 + int(err.sigval)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -101,3 +101,41 @@ def test_a_failed_run_still_tears_down_the_process_group(tmp_path, monkeypatch):
     assert not dist.is_initialized()
     runs = mlflow.MlflowClient(uri).search_runs(mlflow.MlflowClient(uri).search_experiments()[0].experiment_id)
     assert [r.info.status for r in runs] == ["FAILED"]
+
+
+LAUNCH = [sys.executable, "-m", "glm_ft.launch", "--nproc_per_node", "2"]
+
+
+def test_a_failed_rank_under_glm_ft_launch_is_its_line_and_one_more(tmp_path):
+    """torchrun's own report of a failed rank is a 30-line traceback below the rank's error."""
+    result = run(LAUNCH, 3, tmp_path / "run", tmp_path, "method=freeze")  # freeze is refused under ZeRO-3
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    lines = result.stderr.strip().splitlines()
+    assert lines.count("error: deepspeed: method=freeze does not run under ZeRO-3 (sharded parameters); choose "
+                       "deepspeed=zero2 or none") == 2  # each rank's own
+    assert lines[-1].startswith(f"error: {ROOT / 'train.py'}: rank ") and "failed with exit code 1" in lines[-1]
+
+
+def test_sigterm_to_glm_ft_launch_stops_the_ranks_without_a_traceback(tmp_path):
+    import signal
+
+    from lifecycle_helpers import background, wait_for
+
+    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        os.environ.pop(key, None)  # (restored by conftest's environment_restored)
+    log = tmp_path / "launch.log"
+    cmd = [*LAUNCH, str(ROOT / "train.py"), *ARGS, "training_args.max_steps=100000", "deepspeed=zero2",
+           f"hydra.run.dir={tmp_path / 'run'}"]
+    with background(cmd, log, env=env) as proc:
+        wait_for(lambda: "'loss'" in log.read_text(errors="replace"), "the first logged loss", proc, log)
+        proc.send_signal(signal.SIGTERM)
+        wait_for(lambda: proc.poll() is not None, "the launcher's end", may_exit=True)
+    text = log.read_text(errors="replace")
+    assert proc.returncode == 128 + signal.SIGTERM, text[-3000:]
+    assert "glm_ft.launch: stopped by SIGTERM" in text and "Traceback" not in text, text[-3000:]
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    (killed,) = client.search_runs([client.get_experiment_by_name("glm-ft").experiment_id])
+    assert killed.info.status == "KILLED"
