@@ -42,8 +42,8 @@ def checkpoint_dir(run_dir: Path, step: int) -> Path:
     return Path(run_dir) / f"checkpoint-{step}"
 
 
-def mark_complete(folder: Path, step: int) -> None:
-    (Path(folder) / COMPLETE_MARKER).write_text(json.dumps({"step": step}) + "\n")
+def mark_complete(folder: Path, step: int, **facts: Any) -> None:
+    (Path(folder) / COMPLETE_MARKER).write_text(json.dumps({"step": step, **facts}) + "\n")
 
 
 def is_complete(folder: Path) -> bool:
@@ -110,11 +110,20 @@ def check_resume_world_size(resume: str | None, run_dir: Path, world_size: int) 
                               f"not {world_size}")
 
 
+def final_record(run_dir: Path) -> dict[str, Any]:
+    """final/'s marker: the step it was trained to, and how long the training was set to be; {} without one."""
+    try:
+        record = json.loads((Path(run_dir) / FINAL / COMPLETE_MARKER).read_text())
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
 def final_step(run_dir: Path) -> int | None:
     """The step final/ was trained to, from its marker; None without a (readable) one."""
     try:
-        step = int(json.loads((Path(run_dir) / FINAL / COMPLETE_MARKER).read_text()).get("step", -1))
-    except (OSError, ValueError, AttributeError):
+        step = int(final_record(run_dir).get("step", -1))
+    except (TypeError, ValueError):
         return None
     return step if step >= 0 else None
 

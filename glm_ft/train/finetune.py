@@ -27,8 +27,8 @@ from glm_ft.errors import CheckpointError
 from glm_ft import heap
 from glm_ft.model import (base_model_dir, load_model_for_training, load_tokenizer, parameter_counts,
                           refused_weights_errors, refused_weights_reason)
-from glm_ft.runs import (CURVES_FILE, EVAL_PREDICTIONS, FINAL, PREDICTIONS, final_step, last_complete_checkpoint,
-                         mark_complete, read_progress, record_progress, reset_progress, resume_checkpoint,
+from glm_ft.runs import (CURVES_FILE, EVAL_PREDICTIONS, FINAL, PREDICTIONS, final_record, final_step,
+                         last_complete_checkpoint, mark_complete, read_progress, record_progress, reset_progress, resume_checkpoint,
                          write_run_info)
 from glm_ft.search import TRIAL_ENV, trial_tags
 from glm_ft.tracking.curves import run_log_history, write_training_curves
@@ -208,7 +208,8 @@ def _train_and_save(cfg: DictConfig, run_dir: Path, trainer, tracker, job_trial)
     with disk_full_named(run_dir / FINAL, run_dir):
         trainer.save_model(str(run_dir / FINAL))
     if dist.is_rank_zero():
-        mark_complete(run_dir / FINAL, trainer.state.global_step)
+        # how long it was set to train: a later resume=auto with more epochs trains on
+        mark_complete(run_dir / FINAL, trainer.state.global_step, num_train_epochs=trainer.args.num_train_epochs)
         tracker.set_tags({"glm_ft.final_model": str(run_dir / FINAL)})
 
 
@@ -218,8 +219,12 @@ def finished_training_step(cfg: DictConfig, run_dir: Path) -> int | None:
     if step is None:
         return None
     max_steps = int(cfg.training_args.get("max_steps", -1) or -1)
-    # A larger max_steps than final/ was trained to means "train on": resume from the last checkpoint instead.
-    return step if max_steps <= 0 or step >= max_steps else None
+    # A larger max_steps than final/ was trained to, or more epochs (max_steps -1), means "train on": resume from
+    # the last checkpoint instead.
+    if max_steps > 0:
+        return step if step >= max_steps else None
+    trained = final_record(run_dir).get("num_train_epochs")
+    return step if trained is None or trained >= cfg.training_args.num_train_epochs else None
 
 
 def completed_run(cfg: DictConfig, run_dir: Path) -> dict[str, float] | None:

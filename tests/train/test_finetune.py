@@ -175,6 +175,23 @@ def test_resume_in_a_later_epoch_reaches_the_same_losses(tmp_path, mlflow_env):
                                                                 rel=1e-5)
 
 
+def test_resume_auto_with_more_epochs_trains_on(tmp_path, mlflow_env):
+    """max_steps=-1: the length is num_train_epochs. A finished run resumed with more of them is not complete."""
+    args = [*METHODS["lora"], "training_args.max_steps=-1", "training_args.per_device_train_batch_size=64",
+            "training_args.save_steps=100", "training_args.eval_steps=100", "data.test_file=null"]
+    run_dir = tmp_path / "run"
+    first = train([*args, "training_args.num_train_epochs=1"], run_dir, mlflow_env)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert json.loads((run_dir / "final" / "glm_ft_complete").read_text())["step"] == 7  # 397 samples / 64
+    again = train([*args, "training_args.num_train_epochs=2", "resume=auto"], run_dir, mlflow_env)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "nothing to train" not in again.stdout + again.stderr
+    assert json.loads((run_dir / "final" / "glm_ft_complete").read_text())["step"] == 14
+    # the same length again: complete, nothing trained
+    done = train([*args, "training_args.num_train_epochs=2", "resume=auto"], run_dir, mlflow_env)
+    assert done.returncode == 0 and "nothing to train" in done.stdout + done.stderr, done.stderr[-3000:]
+
+
 def test_resume_from_named_checkpoint(tmp_path, mlflow_env, runs):
     source = runs["ptuning_v2_a"] / "checkpoint-3"
     result = train([*METHODS["ptuning_v2"], f"resume={source}"], tmp_path / "r", mlflow_env)
