@@ -24,7 +24,7 @@ from glm_ft.runs import check_resume_world_size
 from glm_ft.config.locations import config_dir
 from glm_ft.config.preflight import check_command_line
 from glm_ft.tracking.redact import redact_files, redact_log_records
-from glm_ft.config.render import render_run_files
+from glm_ft.config.render import check_zero_values, render_run_files
 from glm_ft.config.paths import InputPaths
 from glm_ft.config.validate import check_data_rows, validate
 
@@ -59,6 +59,8 @@ def run(cfg: DictConfig) -> float | None:
     check_data_rows(where, cfg.data, log_skips=bool(cfg.dry_run))
     if cfg.deepspeed is not None:
         check_resume_world_size(cfg.resume, run_dir, dist.world_size())
+        if not cfg.dry_run:  # it imports deepspeed (and torch), which the run does next anyway; a dry run stays light
+            check_zero_values(cfg)
     paths = render_run_files(cfg, run_dir, model_hidden_size(where))
     if cfg.dry_run:
         for name, path in paths.items():

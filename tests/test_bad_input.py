@@ -332,18 +332,23 @@ def test_a_deepspeed_key_the_chosen_file_lacks_is_added_with_a_plus(tmp_path):
                               "+deepspeed.gradient_clipping=...)")
 
 
+def test_a_zero_key_deepspeed_does_not_have_is_one_line_before_anything_loads(tmp_path):
+    """Added with `+`, past the file's keys: held against DeepSpeed's own model, read from its source."""
+    out = probe_train([*SHORT, "method=sft", "deepspeed=zero3", "+deepspeed.zero_optimization.stage3_max_live_parameter=5e8",
+                       f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
+    assert_refused_light(out, "deepspeed.zero_optimization.stage3_max_live_parameter: DeepSpeed has no such ZeRO key "
+                              "(did you mean deepspeed.zero_optimization.stage3_max_live_parameters")
+
+
 @pytest.mark.parametrize("args, expect", [
-    (["+deepspeed.zero_optimization.stage3_max_live_parameter=5e8"],
-     "deepspeed.zero_optimization.stage3_max_live_parameter: DeepSpeed has no such ZeRO key (did you mean "
-     "deepspeed.zero_optimization.stage3_max_live_parameters"),
     (["deepspeed.zero_optimization.overlap_comm=maybe"],
      "deepspeed.zero_optimization.overlap_comm: Input should be a valid boolean"),
     (["+deepspeed.zero_optimization.offload_optimizer.device=gpu"],
      "deepspeed.zero_optimization.offload_optimizer.device: Input should be 'none', 'cpu' or 'nvme', got 'gpu'"),
 ])
-def test_a_zero_section_deepspeed_would_refuse_is_one_line_before_the_model_loads(args, expect, tmp_path):
-    """DeepSpeed's own model of the section judges it (it refuses these inside deepspeed.initialize, after the
-    model loaded); that imports deepspeed and torch, but nothing loads, and no MLflow run is made."""
+def test_a_zero_value_deepspeed_would_refuse_is_one_line_before_the_model_loads(args, expect, tmp_path):
+    """DeepSpeed's own model of the section judges it (it refused these inside deepspeed.initialize, after the
+    model loaded), where the run imports deepspeed: nothing loads, and no MLflow run is made."""
     out = probe_train([*SHORT, "method=sft", "deepspeed=zero3", *args, f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
     assert out.returncode == 1, out.stderr[-3000:]
     lines = out.stderr.strip().splitlines()

@@ -133,14 +133,28 @@ def check_deepspeed(cfg: DictConfig) -> None:
             raise ConfigError(f"deepspeed.{key}: must be a positive number or \"auto\", got {value!r}")
 
 
+def check_zero_keys(cfg: DictConfig) -> None:
+    """Every `zero_optimization` key one DeepSpeed takes (its model forbids others, but says so only inside
+    deepspeed.initialize, once the model has loaded): read from DeepSpeed's source, nothing imported."""
+    from glm_ft.config.hf_choices import zero_config_keys
+
+    section = _get(OmegaConf.to_container(cfg.deepspeed, resolve=True), "zero_optimization")
+    names = list(zero_config_keys())
+    for key in section if isinstance(section, dict) else ():
+        if key not in names:
+            guesses = closest(str(key), names)
+            hint = f"did you mean {' or '.join(f'deepspeed.zero_optimization.{g}' for g in guesses)}?" if guesses \
+                else "see https://www.deepspeed.ai/docs/config-json/#zero-optimizations-for-fp16-training"
+            raise ConfigError(f"deepspeed.zero_optimization.{key}: DeepSpeed has no such ZeRO key ({hint})")
+
+
 def _no_accelerator_notice(record: logging.LogRecord) -> bool:
     return "Setting accelerator to CPU" not in record.getMessage()
 
 
-def check_zero_section(cfg: DictConfig) -> None:
-    """`zero_optimization` as DeepSpeed itself will read it: its model refuses unknown keys and wrong values, but only
-    inside deepspeed.initialize, once the model has loaded (minutes for 6B). Imports deepspeed, as the run does
-    anyway; so it is the last check."""
+def check_zero_values(cfg: DictConfig) -> None:
+    """`zero_optimization`'s values as DeepSpeed's own model judges them (types, ranges, choices), before the model
+    loads rather than inside deepspeed.initialize. Imports deepspeed: called where the run imports it anyway."""
     section = _get(OmegaConf.to_container(cfg.deepspeed, resolve=True), "zero_optimization")
     if not isinstance(section, dict):
         return
@@ -158,13 +172,7 @@ def check_zero_section(cfg: DictConfig) -> None:
     except pydantic.ValidationError as err:
         error = err.errors()[0]
         key = ".".join(["deepspeed.zero_optimization", *map(str, error["loc"])])
-        if error["type"] != "extra_forbidden":
-            raise ConfigError(f"{key}: {error['msg']}, got {error.get('input')!r} (DeepSpeed's check)") from None
-        names = [name for n, f in DeepSpeedZeroConfig.model_fields.items() for name in (n, f.alias) if name]
-        guesses = closest(str(error["loc"][0]), names)
-        hint = f"did you mean {' or '.join(f'deepspeed.zero_optimization.{g}' for g in guesses)}?" if guesses \
-            else "see https://www.deepspeed.ai/docs/config-json/#zero-optimizations-for-fp16-training"
-        raise ConfigError(f"{key}: DeepSpeed has no such ZeRO key ({hint})") from None
+        raise ConfigError(f"{key}: {error['msg']}, got {error.get('input')!r} (DeepSpeed's check)") from None
 
 
 def resolve_deepspeed(cfg: DictConfig, hidden_size: int, num_training_steps: int) -> dict[str, Any]:

@@ -42,20 +42,17 @@ def validate(cfg: DictConfig, *, check_paths: bool = True) -> InputPaths | None:
     _check_tracking(cfg.tracking, reach=not cfg.dry_run)
     _check_optimized_metric(cfg)
     if cfg.deepspeed is not None:
-        from glm_ft.config.render import check_deepspeed
+        from glm_ft.config.render import check_deepspeed, check_zero_keys
 
         check_deepspeed(cfg)
+        check_zero_keys(cfg)
     _check_model(cfg.model)
-    where = None
-    if check_paths:
-        where = input_paths(cfg)
-        check_model_path(where, cfg.model)
-        check_data_files(where, cfg.data)
-        _check_resume(cfg)
-    if cfg.deepspeed is not None:
-        from glm_ft.config.render import check_zero_section
-
-        check_zero_section(cfg)  # last: it imports deepspeed
+    if not check_paths:
+        return None
+    where = input_paths(cfg)
+    check_model_path(where, cfg.model)
+    check_data_files(where, cfg.data)
+    _check_resume(cfg)
     return where
 
 

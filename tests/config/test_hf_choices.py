@@ -28,9 +28,10 @@ def test_enums_equal_transformers_own():
 
 
 def test_reading_the_enums_imports_nothing_heavy():
-    """hf_choices locates transformers without importing it (a dry run must stay light)."""
+    """hf_choices locates transformers and DeepSpeed without importing them (a dry run must stay light)."""
     code = ("import sys; from glm_ft.config import hf_choices; hf_choices.enum_values('OptimizerNames');"
-            "print('HEAVY', [m for m in ('torch', 'transformers') if m in sys.modules])")
+            "hf_choices.zero_config_keys();"
+            "print('HEAVY', [m for m in ('torch', 'transformers', 'deepspeed') if m in sys.modules])")
     out = run_process([sys.executable, "-c", code], cwd=ROOT)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "HEAVY []" in out.stdout
@@ -116,3 +117,12 @@ def test_numeric_trainer_bounds_where_transformers_has_its_own():
                                       "training_args.optim=adafactor", "training_args.log_level=passive"])
 def test_values_at_the_bounds_are_accepted(override):
     validate(compose(["experiment=quickstart", override]), check_paths=False)
+
+
+def test_the_zero_keys_read_from_deepspeeds_source_are_its_models_own():
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    from glm_ft.config.hf_choices import zero_config_keys
+
+    fields = DeepSpeedZeroConfig.model_fields
+    assert set(zero_config_keys()) == set(fields) | {f.alias for f in fields.values() if f.alias}
