@@ -83,8 +83,8 @@ import os, signal, sys
 sys.path.insert(0, os.getcwd())
 import glm_ft.runs as runs
 stop_after, mark_complete = sys.argv[1], runs.mark_complete
-def mark_then_stop(folder, step):
-    mark_complete(folder, step)
+def mark_then_stop(folder, step, **facts):
+    mark_complete(folder, step, **facts)
     if folder.name == stop_after:
         os.kill(os.getpid(), signal.SIGSTOP)
 runs.mark_complete = mark_then_stop  # before glm_ft.train imports it by name
