@@ -161,7 +161,8 @@ def _train(cfg: DictConfig, run_dir: Path, paths: dict[str, Path], where: InputP
     if dist.is_rank_zero():
         _write_curves(cfg, run_dir, trainer.state.log_history, trained=trained_step is None)
         record_progress(run_dir, complete=True, step=trainer.state.global_step, metrics=final)
-    log.info("run folder: %s", run_dir)
+    if dist.is_rank_zero():  # one closing line per job, not per process
+        log.info("run folder: %s", run_dir)
     if dist.is_rank_zero() and cfg.tracking.enabled:
         shown = tracker.store.shown_uri  # never a password in the log
         log.info("MLflow: experiment '%s' in %s; %s", cfg.tracking.experiment_name, shown, ui_hint(shown))
@@ -181,7 +182,8 @@ def _train_and_save(cfg: DictConfig, run_dir: Path, trainer, tracker, job_trial)
         reset_progress(run_dir)
     resume_from = resume_checkpoint(cfg.resume, run_dir)
     if resume_from:
-        log.info("resuming from %s", resume_from)
+        if dist.is_rank_zero():
+            log.info("resuming from %s", resume_from)
         tracker.set_tags({"glm_ft.resumed_from": resume_from})
     try:
         result = trainer.train(resume_from_checkpoint=resume_from)
