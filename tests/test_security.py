@@ -97,39 +97,50 @@ def test_torchrun_through_glm_ft_launch_listens_on_loopback_only(tmp_path):
 SECRET = "s3cr3t-Pa55word"
 
 
-def test_a_password_in_the_tracking_uri_is_written_nowhere(tmp_path):
-    from mlflow.tracking import MlflowClient
-
+@pytest.fixture
+def secret_server(tmp_path):
+    """A real MLflow server on loopback, its URI with a password in it, and an env without MLflow's variables."""
     root = tmp_path / "server"
     root.mkdir()
     port = free_port()
-    uri = f"http://glmuser:{SECRET}@127.0.0.1:{port}"
-    run_dir = tmp_path / "run"
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_TRACKING")}
     with mlflow_server(root, port):
-        out = run_train([*QUICK, "training_args.max_steps=2", "training_args.save_steps=2",
-                         f"tracking.tracking_uri={uri}", f"hydra.run.dir={run_dir}"], env=env)
-        assert out.returncode == 0, out.stderr[-3000:]
-        assert SECRET not in out.stdout + out.stderr
-        for path in run_dir.rglob("*"):
-            if path.is_file():
-                assert SECRET.encode() not in path.read_bytes(), path
-        assert "glmuser:***@" in (run_dir / ".hydra" / "overrides.yaml").read_text()  # masked, not dropped
+        yield f"http://glmuser:{SECRET}@127.0.0.1:{port}", port, env
 
-        client = MlflowClient(uri)  # the credentials still reach the server as basic auth
-        exp = client.get_experiment_by_name("glm-ft")
-        (run,) = client.search_runs([exp.experiment_id])
-        assert run.info.status == "FINISHED"
-        texts = [run.info.run_name or "", *run.data.params.values(), *run.data.tags.values()]
-        assert not [t for t in texts if SECRET in t]
-        assert run.data.params["tracking.tracking_uri"] == f"http://glmuser:***@127.0.0.1:{port}"
-        local = Path(client.download_artifacts(run.info.run_id, "", str(tmp_path / "artifacts")))
-        files = [p for p in local.rglob("*") if p.is_file()]
-        assert any(p.name == "overrides.yaml" for p in files)
-        for path in files:
+
+def test_a_password_in_the_tracking_uri_is_written_nowhere(tmp_path, secret_server):
+    from mlflow.tracking import MlflowClient
+
+    uri, port, env = secret_server
+    run_dir = tmp_path / "run"
+    out = run_train([*QUICK, "training_args.max_steps=2", "training_args.save_steps=2",
+                     f"tracking.tracking_uri={uri}", f"hydra.run.dir={run_dir}"], env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert SECRET not in out.stdout + out.stderr
+    for path in run_dir.rglob("*"):
+        if path.is_file():
             assert SECRET.encode() not in path.read_bytes(), path
+    assert "glmuser:***@" in (run_dir / ".hydra" / "overrides.yaml").read_text()  # masked, not dropped
 
-    # A server that can't be reached: the error names the URI, without the password.
+    client = MlflowClient(uri)  # the credentials still reach the server as basic auth
+    exp = client.get_experiment_by_name("glm-ft")
+    (run,) = client.search_runs([exp.experiment_id])
+    assert run.info.status == "FINISHED"
+    texts = [run.info.run_name or "", *run.data.params.values(), *run.data.tags.values()]
+    assert not [t for t in texts if SECRET in t]
+    assert run.data.params["tracking.tracking_uri"] == f"http://glmuser:***@127.0.0.1:{port}"
+    local = Path(client.download_artifacts(run.info.run_id, "", str(tmp_path / "artifacts")))
+    files = [p for p in local.rglob("*") if p.is_file()]
+    assert any(p.name == "overrides.yaml" for p in files)
+    for path in files:
+        assert SECRET.encode() not in path.read_bytes(), path
+
+
+def test_an_unreachable_tracking_server_is_named_without_its_password(tmp_path):
+    port = free_port()  # nothing listens there
+    uri = f"http://glmuser:{SECRET}@127.0.0.1:{port}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_TRACKING")}
+    # the error names the URI, without the password
     gone = run_train(["experiment=quickstart", f"tracking.tracking_uri={uri}", f"hydra.run.dir={tmp_path / 'r2'}"],
                      env=env)
     assert gone.returncode == 1
@@ -141,36 +152,31 @@ def test_a_password_in_the_tracking_uri_is_written_nowhere(tmp_path):
     assert not [p for p in written if SECRET.encode() in p.read_bytes()]
 
 
-def test_a_password_in_the_tracking_uri_of_a_sweep_is_written_nowhere(tmp_path):
+def test_a_password_in_the_tracking_uri_of_a_sweep_is_written_nowhere(tmp_path, secret_server):
     """Hydra writes a sweep's overrides with their colons escaped (`http\\://user\\:password@`), and into the sweep
     folder's multirun.yaml and the launcher's log lines as well."""
     from mlflow.tracking import MlflowClient
 
-    root = tmp_path / "server"
-    root.mkdir()
-    port = free_port()
-    uri = f"http://glmuser:{SECRET}@127.0.0.1:{port}"
+    uri, _, env = secret_server
     sweep_dir = tmp_path / "sweep"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_TRACKING")}
-    with mlflow_server(root, port):
-        out = run_train(["-m", *QUICK, "method.r=2,4", "training_args.max_steps=1", "training_args.save_steps=1",
-                         f"tracking.tracking_uri={uri}", f"hydra.sweep.dir={sweep_dir}"], env=env)
-        assert out.returncode == 0, out.stderr[-3000:]
-        assert "#1 : " in out.stdout + out.stderr  # the launcher's line for each job was shown, masked
-        assert SECRET not in out.stdout + out.stderr
-        written = [p for p in sweep_dir.rglob("*") if p.is_file()]
-        assert any(p.name == "multirun.yaml" for p in written)
-        assert not [p for p in written if SECRET.encode() in p.read_bytes()]
+    out = run_train(["-m", *QUICK, "method.r=2,4", "training_args.max_steps=1", "training_args.save_steps=1",
+                     f"tracking.tracking_uri={uri}", f"hydra.sweep.dir={sweep_dir}"], env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "#1 : " in out.stdout + out.stderr  # the launcher's line for each job was shown, masked
+    assert SECRET not in out.stdout + out.stderr
+    written = [p for p in sweep_dir.rglob("*") if p.is_file()]
+    assert any(p.name == "multirun.yaml" for p in written)
+    assert not [p for p in written if SECRET.encode() in p.read_bytes()]
 
-        client = MlflowClient(uri)
-        runs = client.search_runs([client.get_experiment_by_name("glm-ft").experiment_id])
-        assert len(runs) == 3  # the parent and its two jobs
-        for run in runs:
-            texts = [run.info.run_name or "", *run.data.params.values(), *run.data.tags.values()]
-            assert not [t for t in texts if SECRET in t], run.info.run_name
-            if "glm_ft.parent_run_id" not in run.data.tags and "mlflow.parentRunId" not in run.data.tags:
-                continue
-            local = Path(client.download_artifacts(run.info.run_id, "", str(tmp_path / run.info.run_id)))
-            files = [p for p in local.rglob("*") if p.is_file()]
-            assert any(p.name == "overrides.yaml" for p in files)
-            assert not [p for p in files if SECRET.encode() in p.read_bytes()]
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("glm-ft").experiment_id])
+    assert len(runs) == 3  # the parent and its two jobs
+    for run in runs:
+        texts = [run.info.run_name or "", *run.data.params.values(), *run.data.tags.values()]
+        assert not [t for t in texts if SECRET in t], run.info.run_name
+        if "glm_ft.parent_run_id" not in run.data.tags and "mlflow.parentRunId" not in run.data.tags:
+            continue
+        local = Path(client.download_artifacts(run.info.run_id, "", str(tmp_path / run.info.run_id)))
+        files = [p for p in local.rglob("*") if p.is_file()]
+        assert any(p.name == "overrides.yaml" for p in files)
+        assert not [p for p in files if SECRET.encode() in p.read_bytes()]
