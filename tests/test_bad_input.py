@@ -324,6 +324,36 @@ def test_valid_command_lines_pass_the_key_check(args, tmp_path):
     assert "unknown key" not in out.stderr and "has no key" not in out.stderr, out.stderr[-2000:]
 
 
+OWN_EXPERIMENTS = {  # a user's --config-dir: files as the README shows them
+    "base": "# @package _global_\ndefaults:\n  - quickstart\n  - override /method: ptuning_v2\n"
+            "method:\n  num_virtual_tokens: 4\n",
+    "extends": "# @package _global_\ndefaults:\n  - base\n\nmethod:\n  num_virtual_tokens: 8\n",  # inherits the method
+    "typo": "# @package _global_\ndefaults:\n  - quickstart\ntraining_args:\n  max_step: 10\n",
+    "other_method": "# @package _global_\ndefaults:\n  - quickstart\n  - override /method: ptuning_v2\n"
+                    "method:\n  r: 4\n",
+}
+
+
+@pytest.mark.parametrize("name, expect", [
+    ("typo", "experiment/typo.yaml:5: unknown key 'training_args.max_step' (did you mean training_args.max_steps?)"),
+    ("other_method", "experiment/other_method.yaml:6: method.r: method=ptuning_v2 has no key 'r' (it belongs to "
+                     "method=lora)"),
+])
+def test_a_misspelt_key_in_a_config_file_of_ones_own_is_one_line_naming_its_line(name, expect, tmp_path):
+    """Hydra refused these over half a dozen lines, naming neither the line nor the close names."""
+    own = tmp_path / "mine" / "experiment"
+    own.mkdir(parents=True)
+    for stem, text in OWN_EXPERIMENTS.items():
+        (own / f"{stem}.yaml").write_text(text)
+    out = probe_train(["--config-dir", str(tmp_path / "mine"), f"experiment={name}", "dry_run=true",
+                       f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
+    assert_refused_light(out, expect)
+    for good in ("base", "extends"):  # a file's own choice of method, or one it inherits, is not second-guessed
+        out = probe_train([f"--config-dir={tmp_path / 'mine'}", f"experiment={good}", "dry_run=true",
+                           f"hydra.run.dir={tmp_path / good}"], tmp_path)
+        assert out.returncode == 0 and "dry run: config is valid" in out.stdout, out.stderr[-3000:]
+
+
 def test_a_deepspeed_key_the_chosen_file_lacks_is_added_with_a_plus(tmp_path):
     out = probe_train([*SHORT, "method=sft", "deepspeed=zero3", "deepspeed.gradient_clipping=0.5",
                        f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)

@@ -1,7 +1,8 @@
 """What the command line alone can be judged on, before Hydra composes the config or creates a run folder.
 
 - a misspelt key (`method.rank=8`, `training_args.max_step=10`): glm-ft's one line with the closest valid keys,
-  instead of Hydra's hint to append the key with `+`;
+  instead of Hydra's hint to append the key with `+`; also in an experiment or search file of the user's own
+  (`--config-dir`), as FILE:LINE;
 - a switch given anything but true or false (`method.use_dora=2`, `training_args.bf16=yes`): the typed config
   would take any number or word as true;
 - `GROUP=NAME` with no conf/GROUP/NAME.yaml (method, data, model, deepspeed, experiment, hparams_search), and
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -44,8 +46,10 @@ def check_command_line(argv: list[str]) -> None:
     except OverrideParseException:
         return  # Hydra reports its own syntax errors
     _check_group_options(overrides, argv)
-    methods = _chosen_methods(overrides)
-    _check_deepspeed_keys(overrides, methods)
+    dirs = _config_dirs(argv)
+    methods = _chosen_methods(overrides, dirs)
+    _check_deepspeed_keys(overrides, methods, dirs)
+    _check_own_config_files(overrides, methods, dirs)
     for override in overrides:
         if override.type == OverrideType.CHANGE and override.package is None:
             problem = check_key(override.key_or_group, methods)
@@ -98,19 +102,19 @@ def _check_group_options(overrides: list[Override], argv: list[str]) -> None:
                 raise ConfigError(f"{group}={value}: no such {group}; choose one of {', '.join(options)}")
 
 
-def _check_deepspeed_keys(overrides: list[Override], methods: tuple[str, ...] | None) -> None:
+def _check_deepspeed_keys(overrides: list[Override], methods: tuple[str, ...] | None, dirs: list[Path]) -> None:
     """`deepspeed.KEY=...` with no DeepSpeed config composed (Hydra fails on it with an AssertionError), or with a
     KEY the chosen file lacks (Hydra's hint to append it with `+` would also write a misspelt key into the JSON,
     which DeepSpeed refuses only once the model has loaded)."""
     keys = [o.key_or_group for o in overrides if o.key_or_group.startswith("deepspeed.") and o.package is None]
     if not keys:
         return
-    chosen = _chosen_deepspeed(overrides, methods)
+    chosen = _chosen_deepspeed(overrides, methods, dirs)
     if chosen is None:
         raise ConfigError(f"{keys[0]}: no DeepSpeed config is chosen; add deepspeed=zero2 or deepspeed=zero3")
-    path = CONF / "deepspeed" / f"{chosen}.yaml"
+    path = _group_file("deepspeed", chosen, dirs) if chosen != _UNSURE else None
     try:
-        tree = yaml.safe_load(path.read_text(encoding="utf-8")) if chosen != _UNSURE else None
+        tree = yaml.safe_load(path.read_text(encoding="utf-8")) if path is not None else None
     except (OSError, yaml.YAMLError):
         tree = None
     changed = {o.key_or_group for o in overrides if o.type == OverrideType.CHANGE}
@@ -124,7 +128,8 @@ def _check_deepspeed_keys(overrides: list[Override], methods: tuple[str, ...] | 
                 guesses = [f"{where}.{g}" for g in closest(part, [str(k) for k in node])]
                 hint = f"did you mean {' or '.join(guesses)}?" if guesses else \
                     f"a DeepSpeed key it does not set is added with +{key}=..."
-                raise ConfigError(f"{key}: conf/deepspeed/{chosen}.yaml has no key '{part}' under {where} ({hint})")
+                shown = f"conf/deepspeed/{chosen}.yaml" if path.is_relative_to(CONF) else str(path)
+                raise ConfigError(f"{key}: {shown} has no key '{part}' under {where} ({hint})")
             node = node[part]
 
 
@@ -196,9 +201,26 @@ def _check_creatable(key: str, folder: Path) -> None:
         raise ConfigError(f"{key}: cannot create '{folder}' ({err.strerror or err})") from None
 
 
-def _chosen_methods(overrides: list[Override]) -> tuple[str, ...] | None:
+def _config_dirs(argv: list[str]) -> list[Path]:
+    """The user's config folders (--config-dir / -cd), then the shipped conf/."""
+    dirs = []
+    for i, arg in enumerate(argv):
+        for flag in ("--config-dir", "-cd"):
+            if arg == flag and i + 1 < len(argv):
+                dirs.append(Path(argv[i + 1]).expanduser())
+            elif arg.startswith(f"{flag}="):
+                dirs.append(Path(arg.partition("=")[2]).expanduser())
+    return [*dirs, CONF]
+
+
+def _group_file(group: str, name: str, dirs: list[Path]) -> Path | None:
+    return next((d / group / f"{name}.yaml" for d in dirs if (d / group / f"{name}.yaml").is_file()), None)
+
+
+def _chosen_methods(overrides: list[Override], dirs: list[Path]) -> tuple[str, ...] | None:
     """The method option(s) this command line composes: method=..., else the experiment's or search's choice,
-    else conf/config.yaml's default. None when unsure (then only keys no method has are refused)."""
+    else conf/config.yaml's default. None when unsure (then only keys no method has are refused): a file of the
+    user's own that chooses none may inherit a choice from its defaults."""
     groups = {o.key_or_group: o for o in overrides if o.type == OverrideType.CHANGE and o.package is None}
     chosen: list[str] = []
     if "method" in groups:
@@ -208,7 +230,11 @@ def _chosen_methods(overrides: list[Override]) -> tuple[str, ...] | None:
         for group in ("experiment", "hparams_search"):  # conf/config.yaml order: the later one wins
             option = groups.get(group)
             if option is not None and not option.is_sweep_override():
-                chosen = _method_override_in(CONF / group / f"{option.value()}.yaml") or chosen
+                path = _group_file(group, str(option.value()), dirs)
+                found = _method_override_in(path) if path is not None else []
+                if not found and (path is None or not path.is_relative_to(CONF)):
+                    return None
+                chosen = found or chosen
         chosen = chosen or _method_override_in(CONF / "config.yaml", default_list=True)
     if not chosen or any(m not in METHOD_SCHEMAS for m in chosen):
         return None
@@ -218,7 +244,7 @@ def _chosen_methods(overrides: list[Override]) -> tuple[str, ...] | None:
 _UNSURE = "unsure"
 
 
-def _chosen_deepspeed(overrides: list[Override], methods: tuple[str, ...] | None) -> str | None:
+def _chosen_deepspeed(overrides: list[Override], methods: tuple[str, ...] | None, dirs: list[Path]) -> str | None:
     """The DeepSpeed option this command line composes, None for none, _UNSURE when it can't be told. In the
     defaults' order, the later wins: conf/config.yaml (none), the method's, the experiment's, the search's, then
     the command line."""
@@ -236,8 +262,62 @@ def _chosen_deepspeed(overrides: list[Override], methods: tuple[str, ...] | None
         if option is not None:
             if option.is_sweep_override():
                 return _UNSURE
-            chosen = _override_in(CONF / group / f"{option.value()}.yaml", "deepspeed", chosen)
+            path = _group_file(group, str(option.value()), dirs)
+            if path is None:
+                return _UNSURE
+            chosen = _override_in(path, "deepspeed", chosen)
     return chosen
+
+
+def _check_own_config_files(overrides: list[Override], methods: tuple[str, ...] | None, dirs: list[Path]) -> None:
+    """The keys an experiment or search file of the user's own (`--config-dir`) sets, as the command line's are:
+    Hydra refuses a misspelt one over half a dozen lines, naming neither the file's line nor the close names.
+    The shipped files are held against the schema by the tests."""
+    for override in overrides:
+        group = override.key_or_group
+        if group not in ("experiment", "hparams_search") or override.type != OverrideType.CHANGE or \
+                override.package is not None or override.is_sweep_override():
+            continue
+        path = _group_file(group, str(override.value()), dirs)
+        if path is None or path.is_relative_to(CONF):
+            continue
+        for key, line in _global_keys(path):
+            problem = check_key(key, methods)
+            if problem:
+                raise ConfigError(f"{path}:{line}: {problem}")
+
+
+def _global_keys(path: Path) -> list[tuple[str, int]]:
+    """(dotted key, line) of every value a `# @package _global_` file sets, its defaults list aside; [] for a file
+    of another package, or one YAML can't read (Hydra says what is wrong with it)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+        root = yaml.compose(text)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return []
+    package = None
+    for line in text.splitlines():  # Hydra's header: the `# @KEY VALUE` lines the file starts with
+        if line.strip() and not re.match(r"\s*#\s*@", line):
+            break
+        words = line.lstrip().lstrip("#").split()
+        if len(words) == 2 and words[0] == "@package":
+            package = words[1]
+    if package != "_global_" or not isinstance(root, yaml.MappingNode):
+        return []
+    found: list[tuple[str, int]] = []
+
+    def walk(node: yaml.MappingNode, prefix: str) -> None:
+        for key_node, value in node.value:
+            key = f"{prefix}{key_node.value}"
+            if key in ("defaults", "hydra"):
+                continue
+            if isinstance(value, yaml.MappingNode) and value.value:
+                walk(value, f"{key}.")
+            else:
+                found.append((key, key_node.start_mark.line + 1))
+
+    walk(root, "")
+    return found
 
 
 def _defaults(path: Path) -> list | None:
