@@ -62,11 +62,12 @@ def pack_dataset(dataset, budget: int):
     return datasets.Dataset.from_dict(out)
 
 
-def packing_stats(samples: int, packed) -> dict[str, float]:
+def packing_stats(samples: int, packed, budget: int) -> dict[str, float]:
+    """The run's tags for its packing; `budget` is the row length used (the param shows null for the default)."""
     rows = len(packed)
     tokens = sum(sum(n) for n in packed[LENGTHS])
     return {"data.train.packed_rows": rows, "data.train.samples_per_packed_row": samples / max(rows, 1),
-            "data.train.packed_tokens": tokens}
+            "data.train.packed_tokens": tokens, "data.train.pack_max_length": budget}
 
 
 @dataclass

@@ -89,8 +89,9 @@ def _train(cfg: DictConfig, run_dir: Path, paths: dict[str, Path], where: InputP
         from glm_ft.data.packing import PackedCollator, pack_dataset, pack_max_length, packing_stats
 
         samples = len(data.train)
-        data.train = pack_dataset(data.train, pack_max_length(cfg.data, cfg.max_input_length, cfg.max_output_length))
-        data.stats.update(packing_stats(samples, data.train))
+        budget = pack_max_length(cfg.data, cfg.max_input_length, cfg.max_output_length)
+        data.train = pack_dataset(data.train, budget)
+        data.stats.update(packing_stats(samples, data.train, budget))
         log.info("packing: %d training samples in %d rows", samples, len(data.train))
         collator = PackedCollator(tokenizer.pad_token_id)
     # Counts describe the run, they are not curves: tags keep them off MLflow's metric columns and charts.

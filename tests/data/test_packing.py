@@ -87,3 +87,9 @@ def test_quickstart_trains_on_packed_rows(tmp_path):
     assert state["epoch"] == pytest.approx(12 / -(-rows // 8))
     assert any("eval_rouge-l" in h for h in state["log_history"])  # evaluation still runs on unpacked rows
     assert Path(run_dir / "final").is_dir()
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    (run,) = client.search_runs([client.get_experiment_by_name("glm-ft").experiment_id])
+    tags = run.data.tags
+    assert (int(tags["data.train.packed_rows"]), tags["data.train.pack_max_length"]) == (rows, "129")
