@@ -15,12 +15,12 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import CompactHydraException
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from glm_ft import dist
 import glm_ft.config.schema  # noqa: F401  (registers the schema with Hydra's ConfigStore)
 from glm_ft.errors import ConfigError, GlmFtError
-from glm_ft.runs import check_resume_world_size
+from glm_ft.runs import check_resume_world_size, finished_step
 from glm_ft.config.locations import config_dir
 from glm_ft.config.preflight import check_command_line
 from glm_ft.tracking.redact import redact_files, redact_log_records
@@ -58,9 +58,16 @@ def run(cfg: DictConfig) -> float | None:
     # Skipped rows are logged when the data is tokenized; a dry run tokenizes nothing, so it logs them here.
     check_data_rows(where, cfg.data, log_skips=bool(cfg.dry_run))
     if cfg.deepspeed is not None:
-        check_resume_world_size(cfg.resume, run_dir, dist.world_size())
+        finished = cfg.resume == "auto" and finished_step(run_dir, cfg.training_args.max_steps,
+                                                          cfg.training_args.num_train_epochs) is not None
+        # resume=auto that only reopens final/ loads no ZeRO state; a universal checkpoint takes any process count
+        if not finished and not OmegaConf.select(cfg, "deepspeed.checkpoint.load_universal", default=False):
+            check_resume_world_size(cfg.resume, run_dir, dist.world_size())
         if not cfg.dry_run:  # it imports deepspeed (and torch), which the run does next anyway; a dry run stays light
-            check_zero_values(cfg)
+            from glm_ft.heap import collector_paused
+
+            with collector_paused():
+                check_zero_values(cfg)
     paths = render_run_files(cfg, run_dir, model_hidden_size(where))
     if cfg.dry_run:
         for name, path in paths.items():

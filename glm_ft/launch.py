@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         torchrun(argv if argv is not None else sys.argv[1:])
     except ChildFailedError as err:
-        rank, failure = min(err.failures.items())
+        rank, failure = err.get_first_failure()
         code = failure.exitcode if failure.exitcode and failure.exitcode > 0 else 1
         how = f"exit code {failure.exitcode}" if failure.exitcode >= 0 else f"signal {-failure.exitcode}"
         more = f", and {len(err.failures) - 1} more" if len(err.failures) > 1 else ""

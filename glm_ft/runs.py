@@ -99,9 +99,10 @@ def zero_world_size(checkpoint: Path) -> int | None:
 
 def check_resume_world_size(resume: str | None, run_dir: Path, world_size: int) -> None:
     """ZeRO splits the optimizer state between the processes that saved it, and DeepSpeed loads it only into as many
-    (it says so once the model has loaded): refused before, in one line."""
-    if resume is None or resume == "auto" and is_complete(Path(run_dir) / FINAL):
-        return  # nothing to resume, or only final/ (whole weights) to reopen
+    (it says so once the model has loaded): refused before, in one line. The caller skips it when resume=auto will
+    only reopen final/ (whole weights; `finished_step`)."""
+    if resume is None:
+        return
     checkpoint = last_complete_checkpoint(run_dir) if resume == "auto" else Path(resume).expanduser().resolve()
     saved = zero_world_size(checkpoint) if checkpoint is not None else None
     if saved is not None and saved != world_size:
@@ -117,6 +118,19 @@ def final_record(run_dir: Path) -> dict[str, Any]:
     except (OSError, ValueError):
         return {}
     return record if isinstance(record, dict) else {}
+
+
+def finished_step(run_dir: Path, max_steps: int, num_train_epochs: float) -> int | None:
+    """The step final/ was trained to, if that is the whole training asked for now: `max_steps` when > 0, else
+    `num_train_epochs` (against the epochs final/ records); None when there is more to train (resume=auto trains
+    on from the newest checkpoint) or no final/."""
+    step = final_step(run_dir)
+    if step is None:
+        return None
+    if max_steps > 0:
+        return step if step >= max_steps else None
+    trained = final_record(run_dir).get("epoch")
+    return step if trained is None or trained + 1e-9 >= num_train_epochs else None
 
 
 def final_step(run_dir: Path) -> int | None:

@@ -262,9 +262,11 @@ def test_resume_auto_needs_an_existing_run_folder(tmp_path):
     (["data.train=x.jsonl"], "unknown key 'data.train' (did you mean data.train_file?)"),
     (["method=ptuning_v2", "method.r=4"], "method.r: method=ptuning_v2 has no key 'r' (it belongs to method=lora)"),
     # the reference demo's section names, and a misspelt section above a valid key
-    (["peft_config.r=4"], "unknown key 'peft_config.r': the documented peft_config is glm-ft's method (did you mean "
+    (["method=lora", "peft_config.r=4"], "unknown key 'peft_config.r': the documented peft_config is glm-ft's method (did you mean "
                           "method.r?)"),
     (["data_config.train_file=x.jsonl"], "(did you mean data.train_file?)"),
+    (["method=lora", "peft_config.rank=8"], "the documented peft_config is glm-ft's method, and unknown key "
+                                            "'method.rank' (did you mean method.r?)"),
     (["training_args.generation_configg.max_new_tokens=4"],
      "unknown key 'training_args.generation_configg' (did you mean training_args.generation_config?)"),
     (["-m", "method=lora,ptuning_v2", "method.r=4,8"], "method=ptuning_v2 has no key 'r'"),
@@ -348,9 +350,27 @@ def test_a_misspelt_key_in_a_config_file_of_ones_own_is_one_line_naming_its_line
     out = probe_train(["--config-dir", str(tmp_path / "mine"), f"experiment={name}", "dry_run=true",
                        f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
     assert_refused_light(out, expect)
-    for good in ("base", "extends"):  # a file's own choice of method, or one it inherits, is not second-guessed
+    (own / "quickstart.yaml").write_text(OWN_EXPERIMENTS["typo"])  # Hydra takes the shipped one of a name first
+    for good in ("base", "extends", "quickstart"):  # a file's own or inherited choice of method is not second-guessed
         out = probe_train([f"--config-dir={tmp_path / 'mine'}", f"experiment={good}", "dry_run=true",
                            f"hydra.run.dir={tmp_path / good}"], tmp_path)
+        assert out.returncode == 0 and "dry run: config is valid" in out.stdout, out.stderr[-3000:]
+
+
+def test_deepspeed_keys_from_a_files_defaults_or_an_experiment_are_not_refused(tmp_path):
+    """Only Hydra knows every key when the chosen DeepSpeed file takes others' or an experiment adds some."""
+    (tmp_path / "mine" / "deepspeed").mkdir(parents=True)
+    (tmp_path / "mine" / "experiment").mkdir()
+    (tmp_path / "mine" / "deepspeed" / "mine.yaml").write_text(
+        "defaults:\n  - zero3\n  - _self_\nzero_optimization:\n  stage3_max_live_parameters: 1e8\n")
+    (tmp_path / "mine" / "experiment" / "offload.yaml").write_text(
+        "# @package _global_\ndefaults:\n  - quickstart\n  - override /method: sft\n  - override /deepspeed: zero3\n"
+        "deepspeed:\n  zero_optimization:\n    offload_optimizer:\n      device: cpu\n")
+    for i, args in enumerate((["experiment=quickstart", "deepspeed=mine", "method=sft",
+                               "deepspeed.train_micro_batch_size_per_gpu=auto"],
+                              ["experiment=offload", "deepspeed.zero_optimization.offload_optimizer.device=none"])):
+        out = probe_train(["--config-dir", str(tmp_path / "mine"), *args, *SHORT[1:], "dry_run=true",
+                           f"hydra.run.dir={tmp_path / f'run{i}'}"], tmp_path)
         assert out.returncode == 0 and "dry run: config is valid" in out.stdout, out.stderr[-3000:]
 
 

@@ -55,3 +55,6 @@ def test_the_installed_package_checks_a_run_from_outside_the_checkout(wheel, tmp
     where = run_process([sys.executable, "-c", "import glm_ft.methods.lora as m; print(m.__file__)"], cwd=work,
                         env=env)
     assert where.stdout.strip().startswith(str(target)), where.stdout + where.stderr
+    conf = run_process([sys.executable, "-c", "from glm_ft.config.locations import config_dir; print(config_dir())"],
+                       cwd=work, env=env)
+    assert conf.stdout.strip() == str(target / "glm_ft" / "conf"), conf.stdout + conf.stderr

@@ -180,3 +180,11 @@ def test_a_password_in_the_tracking_uri_of_a_sweep_is_written_nowhere(tmp_path, 
         files = [p for p in local.rglob("*") if p.is_file()]
         assert any(p.name == "overrides.yaml" for p in files)
         assert not [p for p in files if SECRET.encode() in p.read_bytes()]
+
+    # run again: the jobs recorded finished are skipped (their records hold the masked overrides), and the sweeper's
+    # new multirun.yaml is masked although no job starts
+    again = run_train(["-m", *QUICK, "method.r=2,4", "training_args.max_steps=1", "training_args.save_steps=1",
+                       f"tracking.tracking_uri={uri}", f"hydra.sweep.dir={sweep_dir}"], env=env)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "Skipping 2 job(s)" in again.stdout + again.stderr and SECRET not in again.stdout + again.stderr
+    assert not [p for p in sweep_dir.rglob("*") if p.is_file() and SECRET.encode() in p.read_bytes()]

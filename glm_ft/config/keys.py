@@ -74,8 +74,9 @@ def check_key(key: str, methods: tuple[str, ...] | None = None) -> str | None:
         elif part not in children:
             if depth == 0 and part in DOCUMENTED_SECTIONS and len(parts) > 1:
                 mapped = f"{DOCUMENTED_SECTIONS[part]}.{'.'.join(parts[1:])}"
-                return f"unknown key '{key}': the documented {part} is glm-ft's {DOCUMENTED_SECTIONS[part]} " \
-                       f"(did you mean {mapped}?)"
+                said = f"unknown key '{key}': the documented {part} is glm-ft's {DOCUMENTED_SECTIONS[part]}"
+                problem = check_key(mapped, methods)
+                return f"{said}, and {problem}" if problem else f"{said} (did you mean {mapped}?)"
             return unknown_key_message(".".join(parts[:depth + 1]), list(children))
         node = children[part]
         children = _children(node, methods or tuple(METHOD_SCHEMAS))

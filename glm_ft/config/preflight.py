@@ -117,6 +117,10 @@ def _check_deepspeed_keys(overrides: list[Override], methods: tuple[str, ...] | 
         tree = yaml.safe_load(path.read_text(encoding="utf-8")) if path is not None else None
     except (OSError, yaml.YAMLError):
         tree = None
+    if any(entry != "_self_" for entry in _defaults(path) or []) if path is not None else False:
+        tree = None  # it takes keys from other files too: only Hydra knows them all
+    if _adds_deepspeed_keys(overrides, dirs):
+        tree = None
     changed = {o.key_or_group for o in overrides if o.type == OverrideType.CHANGE}
     for key in [k for k in keys if k in changed] if isinstance(tree, dict) else []:
         node, parts = tree, key.split(".")[1:]
@@ -202,7 +206,7 @@ def _check_creatable(key: str, folder: Path) -> None:
 
 
 def _config_dirs(argv: list[str]) -> list[Path]:
-    """The user's config folders (--config-dir / -cd), then the shipped conf/."""
+    """Where Hydra finds a group's file: the shipped conf/ first, then the user's folders (--config-dir / -cd)."""
     dirs = []
     for i, arg in enumerate(argv):
         for flag in ("--config-dir", "-cd"):
@@ -210,7 +214,7 @@ def _config_dirs(argv: list[str]) -> list[Path]:
                 dirs.append(Path(argv[i + 1]).expanduser())
             elif arg.startswith(f"{flag}="):
                 dirs.append(Path(arg.partition("=")[2]).expanduser())
-    return [*dirs, CONF]
+    return [CONF, *dirs]
 
 
 def _group_file(group: str, name: str, dirs: list[Path]) -> Path | None:
@@ -242,6 +246,25 @@ def _chosen_methods(overrides: list[Override], dirs: list[Path]) -> tuple[str, .
 
 
 _UNSURE = "unsure"
+
+
+def _adds_deepspeed_keys(overrides: list[Override], dirs: list[Path]) -> bool:
+    """Whether an experiment or search file this command line chooses sets keys of the DeepSpeed config (or may:
+    a swept choice, or a file that can't be read)."""
+    for override in overrides:
+        if override.key_or_group not in ("experiment", "hparams_search") or override.package is not None or \
+                override.type != OverrideType.CHANGE:
+            continue
+        if override.is_sweep_override():
+            return True
+        path = _group_file(override.key_or_group, str(override.value()), dirs)
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) if path is not None else None
+        except (OSError, yaml.YAMLError):
+            return True
+        if isinstance(data, dict) and isinstance(data.get("deepspeed"), dict):
+            return True
+    return False
 
 
 def _chosen_deepspeed(overrides: list[Override], methods: tuple[str, ...] | None, dirs: list[Path]) -> str | None:

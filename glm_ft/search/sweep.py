@@ -156,6 +156,7 @@ class MlflowSweepCallback(Callback):
         log.info("MLflow: sweep parent run %s in %s", self._parent_id, store.shown_uri)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        redact_files(Path(str(config.hydra.sweep.dir)))  # multirun.yaml, if no job started to mask it
         self._reached_end = True
         self._close()
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from glm_ft.tracking.params import metric_name
+from glm_ft.tracking.params import PER_RUN_PARAMS, metric_name
 from glm_ft.tracking.parent import PARENT_FILE, SWEPT_PARAMS_TAG
 from glm_ft.tracking import store
 from glm_ft.errors import ConfigError, GlmFtError
@@ -101,7 +101,8 @@ def compare(sweep: str | None = None, metric: str | None = None, experiment: str
     if not children:
         raise ConfigError(f"sweep {parent.info.run_name} ({parent.info.run_id}) has no child runs")
     swept = json.loads(tags.get(SWEPT_PARAMS_TAG, "[]")) or sorted(
-        k for k in children[0].data.params if len({c.data.params.get(k) for c in children}) > 1)
+        k for k in children[0].data.params if k not in PER_RUN_PARAMS
+        and len({c.data.params.get(k) for c in children}) > 1)
 
     scores = {k for c in children for k in c.data.metrics
               if (k.startswith(("eval_", "test_")) or k == "train_loss") and not k.endswith(NOT_COMPARED)}

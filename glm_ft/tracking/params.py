@@ -26,6 +26,9 @@ MAX_RUN_NAME = 250  # what the MLflow UI shows; MLflow itself does not cut run n
 _BAD_NAME_CHARS = re.compile(r"[^/\w.\- :]")
 
 
+# Params that differ between every run by design (each run's own folder), not settings a sweep varied.
+PER_RUN_PARAMS = ("training_args.output_dir",)
+
 def _scalar(value: Any) -> str:
     # YAML spellings, so a param can be pasted back as an override (training_args.bf16=false).
     if value is None:

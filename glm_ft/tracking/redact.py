@@ -53,7 +53,10 @@ def redact_log_records() -> None:
 
     def redacting(*args, **kwargs) -> logging.LogRecord:
         record = make(*args, **kwargs)
-        message = record.getMessage()
+        try:
+            message = record.getMessage()
+        except Exception:  # a malformed call: logging reports it when a handler formats the record, as before
+            return record
         clean = redact(message)
         if clean != message:
             record.msg, record.args = clean, None

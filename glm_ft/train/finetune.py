@@ -27,7 +27,7 @@ from glm_ft.errors import CheckpointError
 from glm_ft import heap
 from glm_ft.model import (base_model_dir, load_model_for_training, load_tokenizer, parameter_counts,
                           refused_weights_errors, refused_weights_reason)
-from glm_ft.runs import (CURVES_FILE, EVAL_PREDICTIONS, FINAL, PREDICTIONS, final_record, final_step,
+from glm_ft.runs import (CURVES_FILE, EVAL_PREDICTIONS, FINAL, PREDICTIONS, finished_step,
                          last_complete_checkpoint, mark_complete, read_progress, record_progress, reset_progress, resume_checkpoint,
                          write_run_info)
 from glm_ft.search import TRIAL_ENV, trial_tags
@@ -211,23 +211,17 @@ def _train_and_save(cfg: DictConfig, run_dir: Path, trainer, tracker, job_trial)
     with disk_full_named(run_dir / FINAL, run_dir):
         trainer.save_model(str(run_dir / FINAL))
     if dist.is_rank_zero():
-        # how long it was set to train: a later resume=auto with more epochs trains on
-        mark_complete(run_dir / FINAL, trainer.state.global_step, num_train_epochs=trainer.args.num_train_epochs)
+        # the epochs trained (fractional when max_steps ended it): a later resume=auto with more trains on
+        mark_complete(run_dir / FINAL, trainer.state.global_step, epoch=trainer.state.epoch)
         tracker.set_tags({"glm_ft.final_model": str(run_dir / FINAL)})
 
 
 def finished_training_step(cfg: DictConfig, run_dir: Path) -> int | None:
     """With resume=auto: the step training finished at, if final/ holds the model of the whole training."""
-    step = final_step(run_dir) if cfg.resume == "auto" else None
-    if step is None:
+    if cfg.resume != "auto":
         return None
-    max_steps = int(cfg.training_args.get("max_steps", -1) or -1)
-    # A larger max_steps than final/ was trained to, or more epochs (max_steps -1), means "train on": resume from
-    # the last checkpoint instead.
-    if max_steps > 0:
-        return step if step >= max_steps else None
-    trained = final_record(run_dir).get("num_train_epochs")
-    return step if trained is None or trained >= cfg.training_args.num_train_epochs else None
+    return finished_step(run_dir, int(cfg.training_args.get("max_steps", -1) or -1),
+                         float(cfg.training_args.num_train_epochs))
 
 
 def completed_run(cfg: DictConfig, run_dir: Path) -> dict[str, float] | None:

@@ -38,6 +38,7 @@ class SkippingLauncher:
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         from glm_ft.search.sweep import JOBS_DIR
+        from glm_ft.tracking.redact import redact
 
         results: list[JobReturn | None] = [None] * len(job_overrides)
         skipped = []
@@ -45,7 +46,8 @@ class SkippingLauncher:
             num = initial_job_idx + i
             outcome = _read(self.sweep_dir / JOBS_DIR / f"{num}.json")
             if (outcome and outcome.get("status") == JobStatus.COMPLETED.name
-                    and outcome.get("overrides") == list(overrides) and (self.sweep_dir / str(num)).is_dir()):
+                    and outcome.get("overrides") == [redact(o) for o in overrides]  # recorded masked
+                    and (self.sweep_dir / str(num)).is_dir()):
                 results[i] = JobReturn(overrides=list(overrides), status=JobStatus.COMPLETED,
                                        _return_value=outcome.get("return_value"),
                                        working_dir=str(self.sweep_dir / str(num)))

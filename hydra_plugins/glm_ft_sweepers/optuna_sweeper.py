@@ -24,6 +24,7 @@ from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf
 
 from glm_ft.search.lock import SweepLock, SweepLocked
+from glm_ft.tracking.redact import redact_files
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +105,7 @@ class OptunaSweeper(Sweeper):
         sweep_dir = Path(str(self.config.hydra.sweep.dir)).resolve()
         sweep_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
+        redact_files(sweep_dir)  # a tracking URI's password
         metric = str(OmegaConf.select(self.config, "optimized_metric", default=None) or "objective")
         sampler = self._sampler(space, self.seed)
         n_trials = self.n_trials

@@ -123,7 +123,8 @@ def test_a_streamed_reply_adds_up_to_the_unstreamed_one_wherever_the_pieces_spli
 
 
 def test_with_tools_offered_an_answer_still_streams_and_a_call_comes_whole_with_the_real_streamer(tmp_path):
-    """Pieces as serve gets them: the real tokenizer's ids through transformers' TextIteratorStreamer."""
+    """Pieces as serve gets them: glm-ft's tokenizer (the tiny one: ChatGLM3's code and special tokens, a small
+    SentencePiece model) through transformers' TextIteratorStreamer."""
     import torch
     from transformers import TextIteratorStreamer
 

@@ -32,5 +32,9 @@ def test_log_records_are_masked_whatever_handlers_are_set_up_later(caplog):
         with caplog.at_level(logging.INFO):
             logging.getLogger("hydra.launcher").info("\t#%d : %s", 0, "tracking.tracking_uri=http\\://u\\:pw@h")
         assert caplog.messages == [f"\t#0 : tracking.tracking_uri=http\\://u\\:{MASK}@h"]
+        # a malformed call still returns to its caller (logging reports it when a handler formats the record)
+        quiet = logging.getLogger("glm_ft.test.malformed")
+        quiet.propagate, quiet.handlers = False, [logging.NullHandler()]
+        quiet.warning("%d", "not a number")
     finally:
         logging.setLogRecordFactory(factory)

@@ -74,6 +74,9 @@ def test_two_processes_under_torchrun(stage, tmp_path):
         f"error: resume: {checkpoint} holds DeepSpeed ZeRO state saved by 2 processes; resume it with 2 (e.g. "
         "python -m glm_ft.launch --nproc_per_node 2 train.py ...), not 1")
     assert not (tmp_path / "alone" / "finetune.yaml").exists()  # refused before anything was written or loaded
+    # resume=auto on the finished run loads no ZeRO state: one process may say it is complete
+    done = run([sys.executable], stage, tmp_path / "run", tmp_path, "resume=auto")
+    assert done.returncode == 0 and "nothing to train" in done.stdout + done.stderr, done.stderr[-3000:]
 
 
 def test_a_failed_run_still_tears_down_the_process_group(tmp_path, monkeypatch):

@@ -180,13 +180,14 @@ def test_resume_auto_with_more_epochs_trains_on(tmp_path, mlflow_env):
     args = [*METHODS["lora"], "training_args.max_steps=-1", "training_args.per_device_train_batch_size=64",
             "training_args.save_steps=100", "training_args.eval_steps=100", "data.test_file=null"]
     run_dir = tmp_path / "run"
-    first = train([*args, "training_args.num_train_epochs=1"], run_dir, mlflow_env)
+    # ended by max_steps, a fraction of an epoch: one epoch asked for next is more
+    first = train([*args[:1], "training_args.max_steps=3", *args[2:]], run_dir, mlflow_env)
     assert first.returncode == 0, first.stderr[-3000:]
-    assert json.loads((run_dir / "final" / "glm_ft_complete").read_text())["step"] == 7  # 397 samples / 64
-    again = train([*args, "training_args.num_train_epochs=2", "resume=auto"], run_dir, mlflow_env)
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert "nothing to train" not in again.stdout + again.stderr
-    assert json.loads((run_dir / "final" / "glm_ft_complete").read_text())["step"] == 14
+    for epochs, step, resumed_from in ((1, 7, 3), (2, 14, 7)):  # 397 samples / 64 = 7 steps an epoch
+        again = train([*args, f"training_args.num_train_epochs={epochs}", "resume=auto"], run_dir, mlflow_env)
+        assert again.returncode == 0, again.stderr[-3000:]
+        assert f"resuming from {run_dir / f'checkpoint-{resumed_from}'}" in again.stdout + again.stderr
+        assert json.loads((run_dir / "final" / "glm_ft_complete").read_text())["step"] == step
     # the same length again: complete, nothing trained
     done = train([*args, "training_args.num_train_epochs=2", "resume=auto"], run_dir, mlflow_env)
     assert done.returncode == 0 and "nothing to train" in done.stdout + done.stderr, done.stderr[-3000:]
