@@ -24,7 +24,8 @@ from glm_ft.runs import check_resume_world_size, finished_step
 from glm_ft.config.locations import config_dir
 from glm_ft.config.preflight import check_command_line
 from glm_ft.tracking.redact import redact_files, redact_log_records
-from glm_ft.config.render import check_zero_values, render_run_files
+from glm_ft.config.ds_config import check_zero_values
+from glm_ft.config.render import render_run_files
 from glm_ft.config.paths import InputPaths
 from glm_ft.config.validate import check_data_rows, validate
 

@@ -42,7 +42,7 @@ def validate(cfg: DictConfig, *, check_paths: bool = True) -> InputPaths | None:
     _check_tracking(cfg.tracking, reach=not cfg.dry_run)
     _check_optimized_metric(cfg)
     if cfg.deepspeed is not None:
-        from glm_ft.config.render import check_deepspeed, check_zero_keys
+        from glm_ft.config.ds_config import check_deepspeed, check_zero_keys
 
         check_deepspeed(cfg)
         check_zero_keys(cfg)

@@ -10,7 +10,8 @@ from omegaconf import OmegaConf
 
 from conftest import ROOT, SEED_DOC, compose
 from glm_ft.errors import ConfigError
-from glm_ft.config.render import check_deepspeed, finetune_dict, render_run_files, resolve_deepspeed
+from glm_ft.config.ds_config import check_deepspeed, resolve_deepspeed
+from glm_ft.config.render import finetune_dict, render_run_files
 
 DOCUMENTED = ROOT / "tests" / "fixtures" / "documented"
 
