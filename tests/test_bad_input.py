@@ -351,6 +351,10 @@ def test_a_misspelt_key_in_a_config_file_of_ones_own_is_one_line_naming_its_line
                        f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
     assert_refused_light(out, expect)
     (own / "quickstart.yaml").write_text(OWN_EXPERIMENTS["typo"])  # Hydra takes the shipped one of a name first
+    # swept among others: each file is checked
+    out = probe_train(["-m", "--config-dir", str(tmp_path / "mine"), f"experiment=base,{name}", "dry_run=true",
+                       f"hydra.sweep.dir={tmp_path / 'sweep'}"], tmp_path)
+    assert_refused_light(out, expect if name == "typo" else f"experiment/{name}.yaml:6: ")
     for good in ("base", "extends", "quickstart"):  # a file's own or inherited choice of method is not second-guessed
         out = probe_train([f"--config-dir={tmp_path / 'mine'}", f"experiment={good}", "dry_run=true",
                            f"hydra.run.dir={tmp_path / good}"], tmp_path)

@@ -233,7 +233,9 @@ def _chosen_methods(overrides: list[Override], dirs: list[Path]) -> tuple[str, .
     else:
         for group in ("experiment", "hparams_search"):  # conf/config.yaml order: the later one wins
             option = groups.get(group)
-            if option is not None and not option.is_sweep_override():
+            if option is not None and option.is_sweep_override():
+                return None  # each job may choose another
+            if option is not None:
                 path = _group_file(group, str(option.value()), dirs)
                 found = _method_override_in(path) if path is not None else []
                 if not found and (path is None or not path.is_relative_to(CONF)):
@@ -299,15 +301,19 @@ def _check_own_config_files(overrides: list[Override], methods: tuple[str, ...] 
     for override in overrides:
         group = override.key_or_group
         if group not in ("experiment", "hparams_search") or override.type != OverrideType.CHANGE or \
-                override.package is not None or override.is_sweep_override():
+                override.package is not None:
             continue
-        path = _group_file(group, str(override.value()), dirs)
-        if path is None or path.is_relative_to(CONF):
-            continue
-        for key, line in _global_keys(path):
-            problem = check_key(key, methods)
-            if problem:
-                raise ConfigError(f"{path}:{line}: {problem}")
+        swept = override.is_sweep_override()
+        for name in override.sweep_string_iterator() if swept else [override.value()]:
+            path = _group_file(group, str(name), dirs)
+            if path is None or path.is_relative_to(CONF):
+                continue
+            # swept, each file's own choice of method counts (none chosen there: unsure)
+            own = tuple(m for m in _method_override_in(path) if m in METHOD_SCHEMAS)
+            for key, line in _global_keys(path):
+                problem = check_key(key, methods or own or None)
+                if problem:
+                    raise ConfigError(f"{path}:{line}: {problem}")
 
 
 def _global_keys(path: Path) -> list[tuple[str, int]]:
