@@ -114,8 +114,9 @@ def test_a_failed_rank_under_glm_ft_launch_is_its_line_and_one_more(tmp_path):
     result = run(LAUNCH, 3, tmp_path / "run", tmp_path, "method=freeze")  # freeze is refused under ZeRO-3
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
     lines = result.stderr.strip().splitlines()
+    # each rank's own: both, or one when torchrun stopped the other (SIGTERM) before it printed
     assert lines.count("error: deepspeed: method=freeze does not run under ZeRO-3 (sharded parameters); choose "
-                       "deepspeed=zero2 or none") == 2  # each rank's own
+                       "deepspeed=zero2 or none") in (1, 2)
     assert lines[-1].startswith(f"error: {ROOT / 'train.py'}: rank ") and "failed with exit code 1" in lines[-1]
 
 

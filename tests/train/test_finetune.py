@@ -175,6 +175,25 @@ def test_resume_in_a_later_epoch_reaches_the_same_losses(tmp_path, mlflow_env):
                                                                 rel=1e-5)
 
 
+def test_a_resumed_runs_train_loss_is_the_whole_runs_mean(tmp_path, mlflow_env, runs):
+    """The Trainer's train_loss averages the steps of one train() call. A run resumed from checkpoint-3 reports the
+    mean of all six step losses, as the uninterrupted run does; with logging_steps=4 the losses of steps 1-3 were not
+    yet logged when checkpoint-3 was saved."""
+    uninterrupted = losses(runs["lora_a"], "checkpoint-6")  # logged every step
+    whole_mean = sum(uninterrupted.values()) / 6
+    assert sorted(uninterrupted) == [1, 2, 3, 4, 5, 6]
+    args = [*METHODS["lora"], "training_args.logging_steps=4"]
+    assert train(args, tmp_path / "first", mlflow_env).returncode == 0
+    resumed = train([*args, f"resume={tmp_path / 'first' / 'checkpoint-3'}"], tmp_path / "resumed", mlflow_env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    reported = {r.data.tags["glm_ft.run_dir"]: r.data.metrics["train_loss"]
+                for r in _mlflow_runs(mlflow_env["MLFLOW_TRACKING_URI"]) if "train_loss" in r.data.metrics}
+    assert reported[str(runs["lora_a"])] == pytest.approx(whole_mean, rel=1e-5)
+    assert reported[str(tmp_path / "resumed")] == pytest.approx(whole_mean, rel=1e-5)
+    # the Trainer's own figure, the mean of steps 4-6, is another number
+    assert sum(uninterrupted[s] for s in (4, 5, 6)) / 3 != pytest.approx(whole_mean, rel=1e-5)
+
+
 def test_resume_auto_with_more_epochs_trains_on(tmp_path, mlflow_env):
     """max_steps=-1: the length is num_train_epochs. A finished run resumed with more of them is not complete."""
     args = [*METHODS["lora"], "training_args.max_steps=-1", "training_args.per_device_train_batch_size=64",
