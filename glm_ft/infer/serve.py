@@ -88,6 +88,19 @@ def _number(key: str, value, default, low: float, high: float | None = None, int
     return value
 
 
+# OpenAI request fields that would change what comes back and that serve does not implement: refused by name
+# rather than ignored (a client asking for three choices, or to stop at ".", must not get one unstopped reply).
+UNSUPPORTED = {"n": (None, 1), "stop": (None, [], ""), "logprobs": (None, False), "top_logprobs": (None, 0)}
+
+
+def _refuse_unsupported(body: dict) -> None:
+    for key, accepted in UNSUPPORTED.items():
+        value = body.get(key)
+        if not any(value == ok and type(value) is type(ok) for ok in accepted):
+            raise BadRequest(f"{key}: not supported by glm-ft serve (accepted: "
+                             f"{', '.join('null' if ok is None else json.dumps(ok) for ok in accepted)})")
+
+
 class Engine:
     """The loaded checkpoint; one generation at a time (a model is not safe to share between threads)."""
 
@@ -102,11 +115,13 @@ class Engine:
     def prepare(self, body: dict) -> tuple[list[int], Any]:
         from glm_ft.infer.checkpoint import generation_config
 
+        _refuse_unsupported(body)
         ids = self.tokenizer.apply_chat_template(conversation(body), add_generation_prompt=True)
         limit = body.get("max_completion_tokens", body.get("max_tokens"))
         max_new = _number("max_tokens", limit, self.max_new_tokens, 1, integer=True)
-        temperature = _number("temperature", body.get("temperature"), 0.0, 0.0, 2.0)
-        top_p = _number("top_p", body.get("top_p"), 1.0, 0.0, 1.0)
+        # floats: JSON's `2` is an int, which transformers' TemperatureLogitsWarper refuses (a 500 mid-request)
+        temperature = float(_number("temperature", body.get("temperature"), 0.0, 0.0, 2.0))
+        top_p = float(_number("top_p", body.get("top_p"), 1.0, 0.0, 1.0))
         if len(ids) + max_new > self.model.config.seq_length:
             raise BadRequest(f"the prompt ({len(ids)} tokens) plus max_tokens ({max_new}) exceeds the model's "
                              f"context of {self.model.config.seq_length} tokens")
@@ -114,17 +129,26 @@ class Engine:
                                 top_p=top_p)
         return ids, gen
 
-    def generate(self, ids: list[int], gen, streamer=None, seed: int | None = None) -> list[int]:
-        """The new ids up to and including the first stop token."""
+    def generate(self, ids: list[int], gen, streamer=None, seed: int | None = None,
+                 cancelled: threading.Event | None = None) -> list[int]:
+        """The new ids up to and including the first stop token; ends early once `cancelled` is set (the client of
+        a stream went away)."""
         import torch
-        from transformers import set_seed
+        from transformers import StoppingCriteria, StoppingCriteriaList, set_seed
+
+        class Cancelled(StoppingCriteria):
+            def __call__(self, input_ids, scores, **kwargs):
+                return torch.full((input_ids.shape[0],), cancelled.is_set(), dtype=torch.bool,
+                                  device=input_ids.device)
+
+        stopping = StoppingCriteriaList([Cancelled()]) if cancelled is not None else None
 
         with self.lock, torch.no_grad():
             if seed is not None:
                 set_seed(seed)
             input_ids = torch.tensor([ids], device=self.model.device)
             out = self.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                                      generation_config=gen, streamer=streamer)
+                                      generation_config=gen, streamer=streamer, stopping_criteria=stopping)
         new = out[0, len(ids):].tolist()
         end = next((i + 1 for i, tok in enumerate(new) if tok in self.stops), len(new))
         return new[:end]
@@ -205,24 +229,29 @@ async def _stream(engine: Engine, ids: list[int], gen, seed, reply: StreamedRepl
 
     streamer = TextIteratorStreamer(engine.tokenizer, skip_prompt=True, skip_special_tokens=True)
     result: dict[str, Any] = {}
+    cancelled = threading.Event()  # set when the client disconnects: the generation stops at its next token
 
     def work():
         try:
-            result["new"] = engine.generate(ids, gen, streamer, seed)
+            result["new"] = engine.generate(ids, gen, streamer, seed, cancelled)
         except BaseException as err:  # reported in the stream; the streamer must end either way
             result["error"] = err
             streamer.end()
 
     thread = threading.Thread(target=work, daemon=True)
     thread.start()
-    yield chunk({"role": "assistant", "content": ""})
-    loop = asyncio.get_running_loop()
-    while True:
-        text = await loop.run_in_executor(None, lambda: next(streamer, None))
-        if text is None:
-            break
-        for delta in reply.feed(text):
-            yield chunk(delta)
+    try:
+        yield chunk({"role": "assistant", "content": ""})
+        loop = asyncio.get_running_loop()
+        while True:
+            text = await loop.run_in_executor(None, lambda: next(streamer, None))
+            if text is None:
+                break
+            for delta in reply.feed(text):
+                yield chunk(delta)
+    except BaseException:  # the response was closed or cancelled mid-stream (client gone): free the model
+        cancelled.set()
+        raise
     await loop.run_in_executor(None, thread.join)
     if "error" in result:
         yield f"data: {json.dumps({'error': {'message': str(result['error']), 'type': 'server_error'}})}\n\n"

@@ -21,7 +21,9 @@ import re
 import uuid
 from typing import Any
 
-_CALL = re.compile(r"\A([A-Za-z_][\w.\-]*)\s*\n```python\n(tool_call\(.*\))\n```\s*\Z", re.DOTALL)
+# The content after the metadata line decodes with SentencePiece's leading space ("get_stock\n ```python\n..."):
+# ChatGLM3 encodes a message's content on its own, so its first piece carries the "▁" word-start marker.
+_CALL = re.compile(r"\A([A-Za-z_][\w.\-]*)[ \t]*\n[ \t]*```python\n(tool_call\(.*\))\n```\s*\Z", re.DOTALL)
 
 
 def _literal(value: Any) -> str:

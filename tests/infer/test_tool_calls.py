@@ -146,3 +146,20 @@ def test_with_tools_offered_an_answer_still_streams_and_a_call_comes_whole_with_
     assert without_ids(message) == without_ids(reply_message(call, "stop", True)[0])
     message, finish, early = streamed(pieces(answer), "stop", tools_offered=True)
     assert finish == "stop" and message["content"] == answer.strip() and early > 0
+
+
+def test_a_call_as_the_model_generates_it_is_read_as_a_call(tmp_path):
+    """The tokens after `<|assistant|>` of the sample's call turn, decoded as serve decodes a reply: the content is
+    encoded on its own, so it decodes with SentencePiece's leading space ("get_stock\\n ```python\\n...")."""
+    from glm_ft.chatglm3.tiny import ensure_tiny_model
+    from glm_ft.model import load_tokenizer
+
+    tokenizer = load_tokenizer(ensure_tiny_model(tmp_path / "tiny"))
+    data = sample_tool_conversation()
+    prompt = tokenizer.apply_chat_template(data[:2], add_generation_prompt=True)
+    turn = tokenizer.apply_chat_template(data[:3])[len(prompt):]
+    text = tokenizer.decode(turn, skip_special_tokens=True).strip()
+    message, finish = reply_message(text, "stop", tools_offered=True)
+    assert finish == "tool_calls", text
+    assert message["tool_calls"][0]["function"] == {"name": "get_stock",
+                                                    "arguments": '{"item": "白色牛仔裤", "size": "L"}'}
