@@ -95,8 +95,10 @@ def compare(sweep: str | None = None, metric: str | None = None, experiment: str
         raise ConfigError(f"--experiment: no experiment '{experiment}' in {uri}")
     parent = find_parent(client, exp.experiment_id, sweep)
     tags = parent.data.tags
-    metric = metric or tags.get("glm_ft.optimized_metric") or DEFAULT_METRIC
-    direction = tags.get("glm_ft.direction", "maximize")
+    sweep_metric = tags.get("glm_ft.optimized_metric") or DEFAULT_METRIC
+    metric = metric or sweep_metric
+    # The sweep's direction is its optimized metric's; another --metric goes its own way (a loss down, scores up).
+    direction = tags.get("glm_ft.direction", "maximize") if metric == sweep_metric else metric_direction(metric)
     children = child_runs(client, parent.info.experiment_id, parent.info.run_id)
     if not children:
         raise ConfigError(f"sweep {parent.info.run_name} ({parent.info.run_id}) has no child runs")
@@ -137,6 +139,11 @@ def compare(sweep: str | None = None, metric: str | None = None, experiment: str
     client.log_artifact(parent.info.run_id, str(result.plot))
     print(f"plot: {result.plot} (also logged to run {parent.info.run_id})")
     return result
+
+
+def metric_direction(metric: str) -> str:
+    """Which way is better for a metric compare shows: down for a loss (train_loss, eval_loss), up for the scores."""
+    return "minimize" if metric.endswith("loss") else "maximize"
 
 
 def format_table(result: Comparison) -> str:

@@ -11,6 +11,7 @@ once `glm_ft_complete` is written into it, so `resume=auto` never picks up one t
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import warnings
@@ -27,7 +28,7 @@ from glm_ft.errors import CheckpointError
 from glm_ft import heap
 from glm_ft.model import (base_model_dir, load_model_for_training, load_tokenizer, parameter_counts,
                           refused_weights_errors, refused_weights_reason)
-from glm_ft.runs import (CURVES_FILE, EVAL_PREDICTIONS, FINAL, PREDICTIONS, finished_step,
+from glm_ft.runs import (CURVES_FILE, EVAL_PREDICTIONS, FINAL, PREDICTIONS, final_record, finished_step,
                          last_complete_checkpoint, mark_complete, read_progress, record_progress, reset_progress, resume_checkpoint,
                          write_run_info)
 from glm_ft.search import TRIAL_ENV, trial_tags
@@ -129,7 +130,7 @@ def _train(cfg: DictConfig, run_dir: Path, paths: dict[str, Path], where: InputP
         log.info("resume=auto: training finished at step %d (%s); redoing only what is missing", trained_step,
                  run_dir / FINAL)
         trainer._load_from_checkpoint(str(run_dir / FINAL))
-        trainer.state.global_step = trained_step
+        _restore_final_state(trainer, run_dir, trained_step)
     else:
         _train_and_save(cfg, run_dir, trainer, tracker, job_trial)
     progress = read_progress(run_dir) if trained_step is not None else {}
@@ -212,8 +213,24 @@ def _train_and_save(cfg: DictConfig, run_dir: Path, trainer, tracker, job_trial)
         trainer.save_model(str(run_dir / FINAL))
     if dist.is_rank_zero():
         # the epochs trained (fractional when max_steps ended it): a later resume=auto with more trains on
-        mark_complete(run_dir / FINAL, trainer.state.global_step, epoch=trainer.state.epoch)
+        mark_complete(run_dir / FINAL, trainer.state.global_step, epoch=trainer.state.epoch,
+                      num_input_tokens_seen=trainer.state.num_input_tokens_seen)
         tracker.set_tags({"glm_ft.final_model": str(run_dir / FINAL)})
+
+
+def _restore_final_state(trainer, run_dir: Path, step: int) -> None:
+    """The counters the Trainer adds to every log (epoch, num_input_tokens_seen) as training left them: a fresh
+    state would log 0 for both at the final step, which MLflow then shows as the run's values."""
+    record = final_record(run_dir)
+    trainer.state.global_step = step
+    trainer.state.epoch = record.get("epoch", trainer.state.epoch)
+    tokens = record.get("num_input_tokens_seen")
+    if tokens is None:  # a final/ marked before the count was recorded: the checkpoint at that step has it
+        state_file = run_dir / f"checkpoint-{step}" / "trainer_state.json"
+        if state_file.is_file():
+            tokens = json.loads(state_file.read_text(encoding="utf-8")).get("num_input_tokens_seen")
+    if tokens is not None:
+        trainer.state.num_input_tokens_seen = tokens
 
 
 def finished_training_step(cfg: DictConfig, run_dir: Path) -> int | None:

@@ -112,6 +112,15 @@ class GlmTrainer(Seq2SeqTrainer):
             logs["train_loss"] = (self._loss_sum_before + self._total_loss_scalar) / max(self.state.global_step, 1)
         super().log(logs, start_time)
 
+    def _finalize_training(self, *args, **kwargs):
+        # The Trainer adds the losses of the steps since the last log as this process's own (`.item()`, no gather),
+        # so with several processes train_loss took rank 0's share for those steps. Averaged over the processes
+        # first, as a log (and _save_checkpoint below) averages them.
+        pending = nested_gather(self._tr_loss, self.args.parallel_mode).mean().item()
+        self._tr_loss -= self._tr_loss
+        self._total_loss_scalar += pending
+        return super()._finalize_training(*args, **kwargs)
+
     def get_eval_dataloader(self, eval_dataset=None):
         if isinstance(eval_dataset, str):
             eval_dataset = self.eval_dataset[eval_dataset]

@@ -105,6 +105,29 @@ def test_by_run_id_with_another_metric_and_output(store, tmp_path, capsys):
     assert out.read_bytes()[:4] == b"\x89PNG"
 
 
+def test_another_metric_goes_its_own_way_not_the_sweeps(tmp_path, capsys):
+    # A maximize sweep ranked by --metric train_loss: the lowest loss is best. A minimize sweep (eval_loss) ranked
+    # by a score: the highest is best. The sweep's direction belonged to its own optimized metric only.
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("glm-ft", artifact_location=str(tmp_path / "artifacts"))
+    up = add_sweep(client, exp, tmp_path / "up", 1000, ["method.r"], "eval_rouge-l", "maximize", [
+        ({"method.r": 2}, {"eval_rouge-l": 31.5, "train_loss": 1.166366}, "FINISHED"),
+        ({"method.r": 8}, {"eval_rouge-l": 34.2, "train_loss": 1.166126}, "FINISHED"),
+    ])
+    down = add_sweep(client, exp, tmp_path / "down", 2000, ["method.r"], "eval_loss", "minimize", [
+        ({"method.r": 2}, {"eval_loss": 1.5, "eval_rouge-l": 40.0}, "FINISHED"),
+        ({"method.r": 8}, {"eval_loss": 1.2, "eval_rouge-l": 30.0}, "FINISHED"),
+    ])
+    loss = compare(up, "train_loss", tracking_uri=uri, out=tmp_path / "loss.png")
+    assert loss.direction == "minimize" and [r["name"] for r in loss.rows] == ["method.r=8", "method.r=2"]
+    score = compare(down, "eval_rouge-l", tracking_uri=uri, out=tmp_path / "score.png")
+    assert score.direction == "maximize" and [r["name"] for r in score.rows] == ["method.r=2", "method.r=8"]
+    assert compare(down, None, tracking_uri=uri, out=tmp_path / "own.png").direction == "minimize"
+
+
 @pytest.mark.parametrize("args, message", [
     (["--metric", "eval_nope"], "no run of sweep"),
     (["--sweep", "/nowhere/sweep"], "--sweep: no sweep run for '/nowhere/sweep'"),

@@ -111,6 +111,11 @@ def test_resume_of_a_finished_run_redoes_only_what_is_missing(tmp_path, store):
         assert run.data.metrics[key] == pytest.approx(test_metrics[key])
         assert [m.step for m in store["client"].get_metric_history(run_id, key)] == [4]
     assert logged_losses(store["client"], run_id) == trainer_losses(run_dir, 4)
+    # The redone evaluation's log carries the Trainer's counters: as training left them, not a fresh state's zeros.
+    state = json.loads((run_dir / "checkpoint-4" / "trainer_state.json").read_text())
+    assert state["num_input_tokens_seen"] > 0 and state["epoch"] > 0
+    for key in ("num_input_tokens_seen", "epoch"):
+        assert run.data.metrics[key] == pytest.approx(state[key])
     # The redo trained nothing; its training_curves.png draws the training from checkpoint-4's trainer_state.json.
     assert dict(map(tuple, read_series(run_dir / CURVES_FILE)["loss"])) == trainer_losses(run_dir, 4)
 

@@ -194,6 +194,30 @@ def test_a_resumed_runs_train_loss_is_the_whole_runs_mean(tmp_path, mlflow_env, 
     assert sum(uninterrupted[s] for s in (4, 5, 6)) / 3 != pytest.approx(whole_mean, rel=1e-5)
 
 
+def test_two_processes_train_loss_averages_the_unlogged_steps_over_the_ranks(tmp_path, mlflow_env):
+    """With two processes, the steps after the last log (here step 5 with logging_steps=2) enter train_loss as the
+    mean over the ranks, as a logged loss does, not as rank 0's own share: the same figure as a run that logged
+    every step (whose train_loss is the mean of its logged, rank-averaged losses)."""
+    args = [*SMALL, "method=sft", "training_args.max_steps=5", "training_args.save_steps=100",
+            "training_args.eval_steps=100", "data.test_file=null"]
+    env = {**os.environ, **mlflow_env}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    reported = {}
+    for every in (1, 2):
+        run_dir = tmp_path / f"every{every}"
+        cmd = [sys.executable, "-m", "glm_ft.launch", "--nproc_per_node", "2", str(ROOT / "train.py"), *args,
+               f"training_args.logging_steps={every}", f"hydra.run.dir={run_dir}"]
+        result = run_process(cmd, env=env)
+        assert result.returncode == 0, result.stderr[-3000:]
+        reported[every] = next(r.data.metrics["train_loss"] for r in _mlflow_runs(mlflow_env["MLFLOW_TRACKING_URI"])
+                               if r.data.tags.get("glm_ft.run_dir") == str(run_dir))
+    each_step = losses(tmp_path / "every1", "checkpoint-5")
+    assert sorted(each_step) == [1, 2, 3, 4, 5]
+    assert reported[1] == pytest.approx(sum(each_step.values()) / 5, rel=1e-5)
+    assert reported[2] == pytest.approx(reported[1], rel=1e-5)
+
+
 def test_resume_auto_with_more_epochs_trains_on(tmp_path, mlflow_env):
     """max_steps=-1: the length is num_train_epochs. A finished run resumed with more of them is not complete."""
     args = [*METHODS["lora"], "training_args.max_steps=-1", "training_args.per_device_train_batch_size=64",
