@@ -146,10 +146,19 @@ def metric_direction(metric: str) -> str:
     return "minimize" if metric.endswith("loss") else "maximize"
 
 
+def significant_digits(values: list[float], least: int = 4) -> int:
+    """The fewest significant digits (at least `least`) that print different values differently: a sweep's runs
+    often differ in the fifth digit (train_loss 1.166366 against 1.166126), which 4 would show as equal."""
+    distinct = set(values)
+    return next((d for d in range(least, 18) if len({f"{v:.{d}g}" for v in distinct}) == len(distinct)), 17)
+
+
 def format_table(result: Comparison) -> str:
     header = ["run", *result.swept, "status", *result.columns]
+    digits = {k: significant_digits([r["metrics"][k] for r in result.rows if r["metrics"][k] is not None])
+              for k in result.columns}
     lines = [[r["name"], *(r["params"][k] for k in result.swept), r["status"],
-              *("-" if r["metrics"][k] is None else f"{r['metrics'][k]:.4g}" for k in result.columns)]
+              *("-" if r["metrics"][k] is None else f"{r['metrics'][k]:.{digits[k]}g}" for k in result.columns)]
              for r in result.rows]
     widths = [max(len(str(row[i])) for row in [header, *lines]) for i in range(len(header))]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)

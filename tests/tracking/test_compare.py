@@ -123,6 +123,9 @@ def test_another_metric_goes_its_own_way_not_the_sweeps(tmp_path, capsys):
     ])
     loss = compare(up, "train_loss", tracking_uri=uri, out=tmp_path / "loss.png")
     assert loss.direction == "minimize" and [r["name"] for r in loss.rows] == ["method.r=8", "method.r=2"]
+    # printed with the digits that tell them apart (4 significant digits would show 1.166 twice); others keep 4
+    table = capsys.readouterr().out
+    assert "1.1661 " in table and "1.1664 " in table and "34.2 " in table and "31.5 " in table
     score = compare(down, "eval_rouge-l", tracking_uri=uri, out=tmp_path / "score.png")
     assert score.direction == "maximize" and [r["name"] for r in score.rows] == ["method.r=2", "method.r=8"]
     assert compare(down, None, tracking_uri=uri, out=tmp_path / "own.png").direction == "minimize"
