@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import DataLoader
 from transformers import Seq2SeqTrainer, TrainerCallback
 from transformers.trainer import TRAINING_ARGS_NAME
-from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices, nested_gather
+from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from transformers.trainer_utils import EvalLoopOutput, EvalPrediction
 
@@ -33,14 +33,12 @@ from glm_ft.data.collate import SAMPLE_INDEX
 from glm_ft.train.evaluation import Indexed, in_sample_order, plan_generation, write_predictions
 from glm_ft.train.generation import generate
 from glm_ft.train.metrics import prefix_metrics
+from glm_ft.train.run_loss import WholeRunLoss
 
 log = logging.getLogger(__name__)
 # A checkpoint's record of the Trainer's arguments. The Trainer's own is a pickle of the arguments object
 # (training_args.bin), which only an unsafe load (weights_only=False) can read: glm-ft writes JSON instead.
 TRAINING_ARGS_JSON = "training_args.json"
-# The whole run's summed step losses up to a checkpoint, kept in its trainer_state.json (stateful_callbacks, which
-# the Trainer saves and loads as they are), so that a resumed run's train_loss is the whole run's mean.
-LOSS_SUM_STATE = "GlmFtLossSum"
 
 
 def _deepspeed_in_use(available=accelerate.utils.other.is_deepspeed_available):
@@ -76,7 +74,7 @@ class TrainingDiverged(GlmFtError):
     """The loss became NaN or infinite."""
 
 
-class GlmTrainer(Seq2SeqTrainer):
+class GlmTrainer(WholeRunLoss, Seq2SeqTrainer):
     """Generation-based evaluation for a decoder-only model, and method-aware checkpoints.
 
     Evaluation and prediction batch by a token budget, longest prompts first (`generation_batches`: at least
@@ -94,32 +92,6 @@ class GlmTrainer(Seq2SeqTrainer):
         self.eval_batch_tokens = eval_batch_tokens
         # Where the last evaluation's outputs are written (rank 0), so what was scored can be read.
         self.eval_predictions = eval_predictions
-        self._loss_sum_before: float | None = 0.0  # the summed losses of the steps before this train() call
-
-    def _init_training_state(self, *args, **kwargs):
-        out = super()._init_training_state(*args, **kwargs)
-        if self.state.global_step == 0:
-            self._loss_sum_before = 0.0
-        else:  # resumed; a checkpoint from before the record leaves the Trainer's mean of this call's steps
-            record = (self.state.stateful_callbacks or {}).get(LOSS_SUM_STATE) or {}
-            self._loss_sum_before = (record.get("attributes") or {}).get("loss_sum")
-        return out
-
-    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if "train_loss" in logs and self._loss_sum_before is not None:
-            # The Trainer's train_loss averages the steps of this train() call only: resumed, it would be the mean
-            # of the last stretch, not comparable with an uninterrupted run's. The whole run's mean instead.
-            logs["train_loss"] = (self._loss_sum_before + self._total_loss_scalar) / max(self.state.global_step, 1)
-        super().log(logs, start_time)
-
-    def _finalize_training(self, *args, **kwargs):
-        # The Trainer adds the losses of the steps since the last log as this process's own (`.item()`, no gather),
-        # so with several processes train_loss took rank 0's share for those steps. Averaged over the processes
-        # first, as a log (and _save_checkpoint below) averages them.
-        pending = nested_gather(self._tr_loss, self.args.parallel_mode).mean().item()
-        self._tr_loss -= self._tr_loss
-        self._total_loss_scalar += pending
-        return super()._finalize_training(*args, **kwargs)
 
     def get_eval_dataloader(self, eval_dataset=None):
         if isinstance(eval_dataset, str):
@@ -191,11 +163,6 @@ class GlmTrainer(Seq2SeqTrainer):
 
     def _save_checkpoint(self, model, trial):
         folder = checkpoint_dir(Path(self.args.output_dir), self.state.global_step)
-        # Every process saves, so the losses not yet logged can be averaged over the processes, as a log does.
-        pending = nested_gather(self._tr_loss, self.args.parallel_mode).mean().item()
-        if self._loss_sum_before is not None:
-            self.state.stateful_callbacks[LOSS_SUM_STATE] = {
-                "args": {}, "attributes": {"loss_sum": self._loss_sum_before + self._total_loss_scalar + pending}}
         with disk_full_named(folder, Path(self.args.output_dir)):
             return super()._save_checkpoint(model, trial)
 

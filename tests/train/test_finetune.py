@@ -192,6 +192,11 @@ def test_a_resumed_runs_train_loss_is_the_whole_runs_mean(tmp_path, mlflow_env, 
     assert reported[str(tmp_path / "resumed")] == pytest.approx(whole_mean, rel=1e-5)
     # the Trainer's own figure, the mean of steps 4-6, is another number
     assert sum(uninterrupted[s] for s in (4, 5, 6)) / 3 != pytest.approx(whole_mean, rel=1e-5)
+    # The loss logged at step 4 averages steps 1-4 in both runs (the resumed one restored the three steps its
+    # checkpoint had not logged yet; the Trainer alone would log step 4's loss by itself).
+    window = sum(uninterrupted[s] for s in (1, 2, 3, 4)) / 4
+    assert losses(tmp_path / "first", "checkpoint-6") == pytest.approx({4: window}, rel=1e-5)
+    assert losses(tmp_path / "resumed", "checkpoint-6") == pytest.approx({4: window}, rel=1e-5)
 
 
 def test_two_processes_train_loss_averages_the_unlogged_steps_over_the_ranks(tmp_path, mlflow_env):
