@@ -23,7 +23,7 @@ from glm_ft.errors import ConfigError, GlmFtError
 from glm_ft.runs import check_resume_world_size, finished_step
 from glm_ft.config.locations import config_dir
 from glm_ft.config.preflight import check_command_line
-from glm_ft.tracking.redact import redact_files, redact_log_records
+from glm_ft.tracking.redact import redact, redact_files, redact_log_records
 from glm_ft.config.ds_config import check_zero_values
 from glm_ft.config.render import render_run_files
 from glm_ft.config.paths import InputPaths
@@ -107,8 +107,14 @@ def _hydra_main(cfg: DictConfig) -> float | None:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt as err:
-        if HydraConfig.get().mode == RunMode.MULTIRUN:
-            raise
+        hc = HydraConfig.get()
+        if hc.mode == RunMode.MULTIRUN:
+            # Raised on, so Hydra launches no further job; main() says it in one line. A rerun of the sweep (not
+            # resume=auto in the job's folder) continues it, skipping the jobs that finished.
+            where = str(err).split(" (continue with", 1)[0] or "before it finished"  # its hint is for one run
+            job = redact(" ".join(hc.overrides.task))
+            raise KeyboardInterrupt(f"{where}: sweep job #{hc.job.num} ({job}); continue the sweep with the same "
+                                    f"command and hydra.sweep.dir={hc.sweep.dir}") from None
         # The MLflow run is already marked KILLED; say where to continue from.
         print(f"interrupted {err}".rstrip(), file=sys.stderr)
         sys.exit(130)
@@ -123,6 +129,13 @@ def main() -> None:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
-    _hydra_main()
+    try:
+        _hydra_main()
+    except KeyboardInterrupt as err:  # a sweep's (-m) Ctrl-C; a single run's exits 130 inside _hydra_main
+        from glm_ft.tracking.signals import SIGTERM_GUARD
+
+        SIGTERM_GUARD.interrupted = True  # the sweep's parent run ends KILLED (glm_ft.search.sweep, at exit)
+        print(f"interrupted {err}".rstrip(), file=sys.stderr)
+        sys.exit(130)
     if dist.is_multi_process():
         dist.exit_skipping_native_teardown()

@@ -205,6 +205,8 @@ class MlflowSweepCallback(Callback):
                 status = "FAILED"
             else:
                 status = "FINISHED"
+            if status != "FINISHED":
+                close_abandoned_children(store, parent_id)
             self._summarise(store, parent_id, len(outcomes), len(failed))
             end_run(store, parent_id, status)
             log.info("MLflow: sweep parent run %s %s (%d jobs, %d failed)", parent_id, status, len(outcomes),
@@ -272,13 +274,79 @@ def reopen_parent(store: Store, sweep_dir: Path) -> str | None:
                     sweep_dir, store.uri, err)
         return None
     for child in child_runs(store.client, store.experiment_id, parent_id):
-        if child.info.status == "RUNNING":
-            store.client.set_tag(child.info.run_id, "glm_ft.error", "its sweep stopped while it ran")
-            end_run(store, child.info.run_id, "KILLED")
+        settle_child(store, child)
     store.client.update_run(parent_id, status="RUNNING")
     store.client.set_tag(parent_id, "glm_ft.continued", "true")
     log.info("MLflow: continuing sweep parent run %s", parent_id)
     return parent_id
+
+
+def close_abandoned_children(store: Store, parent_id: str, wait_s: float = 5.0) -> None:
+    """A stopped sweep's children still RUNNING whose job process is gone (or dies within `wait_s`): KILLED.
+    SIGTERM reaches a joblib worker too, but joblib answers the sweep process's own Terminated by SIGKILLing its
+    workers (Parallel._abort), usually before they have closed their runs. Jobs on other hosts are left alone."""
+    import socket
+    import time
+
+    from glm_ft.tracking.run_record import mark_mlflow_run_ended, read_mlflow_run
+
+    pending = []
+    for child in child_runs(store.client, store.experiment_id, parent_id):
+        run_dir = child.data.params.get("training_args.output_dir")
+        record = read_mlflow_run(Path(run_dir)) if run_dir and child.info.status == "RUNNING" else None
+        owner = (record or {}).get("owner") or {}
+        if record and record.get("run_id") == child.info.run_id and owner.get("host") == socket.gethostname():
+            pending.append((child.info.run_id, Path(run_dir), owner))
+    deadline = time.monotonic() + wait_s
+    while pending:
+        for item in [item for item in pending if _process_ended(item[2])]:
+            pending.remove(item)
+            run_id, run_dir, _ = item
+            if store.client.get_run(run_id).info.status != "RUNNING":
+                continue  # it closed its run itself
+            store.client.set_tag(run_id, "glm_ft.error", "its sweep stopped while it ran")
+            closed = end_run(store, run_id, "KILLED")
+            with contextlib.suppress(OSError):
+                mark_mlflow_run_ended(run_dir, "KILLED", closed)
+        if not pending or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+
+
+def _process_ended(owner: dict) -> bool:
+    """The recorded process is gone, or a zombie its parent has not reaped yet."""
+    from glm_ft.tracking.run_record import process_gone
+
+    if process_gone(owner):
+        return True
+    try:
+        return Path(f"/proc/{owner['pid']}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except (OSError, IndexError, KeyError):
+        return True
+
+
+def settle_child(store: Store, child) -> None:
+    """A child of the dead sweep, as its own run folder tells it: a job that ended while only the store was down
+    (its status and unsent points kept in the folder) gets that status and those points, as a later start in the
+    folder would give them (a re-run sweep skips that job, so none comes); one the sweep left RUNNING is KILLED."""
+    from glm_ft.tracking.lifecycle import previous_run
+    from glm_ft.tracking.run_record import read_mlflow_run
+
+    run_dir = child.data.params.get("training_args.output_dir")
+    record = read_mlflow_run(Path(run_dir)) if run_dir else None
+    ours = bool(record) and record.get("run_id") == child.info.run_id
+    ended = (record.get("ended") or {}).get("status") if ours else None
+    if child.info.status == "RUNNING" and not ended:
+        store.client.set_tag(child.info.run_id, "glm_ft.error", "its sweep stopped while it ran")
+    if ours:
+        try:  # closes it with the status its process reached (else KILLED) and sends the points it kept
+            previous_run(store, OmegaConf.create({"resume": None}), Path(run_dir), reopen=False)
+        except Exception as err:
+            log.warning("MLflow: could not settle child run %s from %s: %s", child.info.run_id, run_dir,
+                        redact(str(err)))
+        child = store.client.get_run(child.info.run_id)
+    if child.info.status == "RUNNING":
+        end_run(store, child.info.run_id, ended or "KILLED")
 
 
 def best_child(store: Store, parent_id: str, metric: str, direction: str, trial: int | None = None):

@@ -1,0 +1,133 @@
+"""A sweep stopped from outside, and the sweep run after it: Ctrl-C ends in one line and exit 130; SIGTERM to a joblib
+sweep leaves no child run RUNNING (joblib SIGKILLs its workers as the sweep process stops); a re-run sweep settles
+the children its dead predecessor left RUNNING from their own run folders."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from omegaconf import OmegaConf
+
+from conftest import ROOT, end_process_group
+from test_sweep import APP, app_env, sweep_runs
+
+
+def test_ctrl_c_to_a_sweep_ends_in_one_line_and_its_runs_killed(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    sweep_dir = tmp_path / "sweep"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
+    env.pop("HYDRA_FULL_ERROR", None)
+    cmd = [sys.executable, str(ROOT / "train.py"), "-m", "experiment=quickstart", "method=lora", "method.r=4,8",
+           "training_args.max_steps=1000000", "training_args.save_steps=2", "training_args.eval_steps=1000000",
+           "eval_subset=4", "training_args.generation_config.max_new_tokens=8", f"hydra.sweep.dir={sweep_dir}"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        while not list((sweep_dir / "0").glob("checkpoint-*/glm_ft_complete")):
+            assert proc.poll() is None, proc.stderr.read()[-2000:]
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in the terminal does
+        _, stderr = proc.communicate()
+    finally:
+        end_process_group(proc)
+    assert proc.returncode == 130, stderr[-3000:]
+    assert "Traceback" not in stderr, stderr[-3000:]
+    assert "interrupted at step" in stderr, stderr[-3000:]
+    last = stderr[stderr.rindex("interrupted at step"):].splitlines()[0]  # after the progress bar's last \r
+    assert "sweep job #0" in last
+    assert f"hydra.sweep.dir={sweep_dir}" in last and "resume=auto" not in last
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    parent = client.get_run((sweep_dir / "mlflow_parent_run_id").read_text().strip())
+    children = client.search_runs([parent.info.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert parent.info.status == "KILLED"
+    assert [c.info.status for c in children] == ["KILLED"]
+    assert not (sweep_dir / "1").exists()  # no further job was launched
+
+
+def test_sigterm_to_a_joblib_sweep_leaves_no_child_running(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    sweep_dir = tmp_path / "term"
+    proc = subprocess.Popen([sys.executable, str(APP), "-m", "hydra/launcher=joblib_gpus", "hydra.launcher.n_jobs=2",
+                             "experiment=quickstart", "method=lora", "method.r=4,8", f"hydra.sweep.dir={sweep_dir}"],
+                            cwd=tmp_path, env=app_env(uri, FAKE_SLEEP_S="120"), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        while proc.poll() is None:
+            if (sweep_dir / "mlflow_parent_run_id").is_file():
+                children = sweep_runs(client, sweep_dir)[1]
+                if len(children) == 2 and all("test.pid" in c.data.tags for c in children.values()):
+                    break
+            time.sleep(0.3)
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        os.killpg(proc.pid, signal.SIGTERM)  # as a scheduler or `kill -TERM -- -PGID` stops the sweep
+        assert proc.wait() == 128 + signal.SIGTERM
+    finally:
+        end_process_group(proc)
+    parent, children = sweep_runs(client, sweep_dir)
+    assert parent.info.status == "KILLED"
+    assert {name: c.info.status for name, c in children.items()} == {"method.r=4": "KILLED", "method.r=8": "KILLED"}
+
+
+def test_rerun_sweep_closes_a_job_that_ended_during_an_outage_with_its_status_and_points(tmp_path):
+    """A job that finished while only the store was down recorded FINISHED and its unsent points in its folder; the
+    re-run sweep skips that job, so no later start in the folder sends them: reopening the parent must, instead of
+    closing the child KILLED ("its sweep stopped while it ran") without its final metrics."""
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    from mlflow.entities import Metric
+
+    from glm_ft.config.schema import TrackingConfig
+    from glm_ft.runs import write_json
+    from glm_ft.search.sweep import best_child, reopen_parent
+    from glm_ft.tracking.parent import PARENT_FILE
+    from glm_ft.tracking.run_record import MLFLOW_RUN_FILE, mark_mlflow_run_ended, read_mlflow_run, write_mlflow_run
+    from glm_ft.tracking.sender import UNSENT_FILE, save_unsent
+    from glm_ft.tracking.store import Store
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    (tmp_path / "mlflow.db").touch()
+    store = Store(OmegaConf.structured(TrackingConfig(tracking_uri=uri, experiment_name="settle")))
+    sweep_dir = tmp_path / "sweep"
+    parent = store.create_run("lora r=4,8", {"glm_ft.sweep": "true"})
+    (sweep_dir).mkdir()
+    (sweep_dir / PARENT_FILE).write_text(parent + "\n")
+
+    def child(num: int, ended: str | None) -> str:
+        run_dir = sweep_dir / str(num)
+        run_id = store.create_run(f"method.r={4 * (num + 1)}", {"glm_ft.job_num": str(num)}, parent)
+        store.client.log_param(run_id, "training_args.output_dir", str(run_dir))
+        store.client.log_metric(run_id, "eval_rouge-l", 10.0, step=100)
+        write_mlflow_run(run_dir, run_id, store.experiment_id, uri)
+        record = read_mlflow_run(run_dir)
+        record["owner"].update(pid=2**22 + 1, pid_start="0")  # the dead sweep's process
+        write_json(run_dir / MLFLOW_RUN_FILE, record)
+        if ended:
+            mark_mlflow_run_ended(run_dir, ended, closed=False)
+            now = int(time.time() * 1000)
+            save_unsent(run_dir, run_id, [("metric", Metric("eval_rouge-l", 30.0, now, 200)),
+                                          ("metric", Metric("test_rouge-l", 25.0, now, 200))])
+        return run_id
+
+    finished = child(0, "FINISHED")  # ended during the outage: its job is recorded COMPLETED and will be skipped
+    killed = child(1, None)  # the sweep died while it trained
+
+    assert reopen_parent(store, sweep_dir) == parent
+    done = store.client.get_run(finished)
+    assert done.info.status == "FINISHED"
+    assert "glm_ft.error" not in done.data.tags
+    assert done.data.metrics["eval_rouge-l"] == 30.0 and done.data.metrics["test_rouge-l"] == 25.0
+    assert not (sweep_dir / "0" / UNSENT_FILE).exists()
+    dead = store.client.get_run(killed)
+    assert dead.info.status == "KILLED" and dead.data.tags["glm_ft.error"] == "its sweep stopped while it ran"
+    assert best_child(store, parent, "eval_rouge-l", "maximize").info.run_id == finished
