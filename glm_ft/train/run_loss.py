@@ -40,12 +40,15 @@ class WholeRunLoss:
     def _run_epoch(self, *args, **kwargs):
         # The Trainer zeroes its log window after _init_training_state; the first epoch of a resumed call puts the
         # checkpoint's back, so the next logged loss averages the same steps as the uninterrupted run's.
+        self._restore_log_window()
+        return super()._run_epoch(*args, **kwargs)
+
+    def _restore_log_window(self) -> None:
         if self._restore_window is not None:
             pending, last_logged = self._restore_window
             self._restore_window = None
             self._tr_loss += pending
             self._globalstep_last_logged = last_logged
-        return super()._run_epoch(*args, **kwargs)
 
     def _pending_loss(self) -> float:
         """The losses since the last log, averaged over the processes as a log averages them (a collective: every
@@ -61,6 +64,8 @@ class WholeRunLoss:
         return super()._save_checkpoint(model, trial)
 
     def _finalize_training(self, *args, **kwargs):
+        # Resumed from the last step's checkpoint no epoch runs: its unlogged losses still count.
+        self._restore_log_window()
         # The Trainer would add the unlogged losses as this process's own (`.item()`, no gather).
         pending = self._pending_loss()
         self._tr_loss -= self._tr_loss

@@ -154,6 +154,14 @@ class GlmTrainer(WholeRunLoss, Seq2SeqTrainer):
         return EvalLoopOutput(predictions=predictions, label_ids=labels, metrics=metrics,
                               num_samples=output.num_samples)
 
+    def _run_epoch(self, *args, **kwargs):
+        if self.state.global_step >= self.state.max_steps:
+            # Resumed from the last step's checkpoint (killed while final/ was saved): nothing is left to train. The
+            # Trainer would train one step past max_steps before it looked, and final/ would hold another model.
+            self.control.should_training_stop = True
+            return None
+        return super()._run_epoch(*args, **kwargs)
+
     def _get_train_sampler(self, train_dataset=None):
         sampler = super()._get_train_sampler(train_dataset)
         if type(sampler) is LengthGroupedSampler:

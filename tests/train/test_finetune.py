@@ -186,10 +186,20 @@ def test_a_resumed_runs_train_loss_is_the_whole_runs_mean(tmp_path, mlflow_env, 
     assert train(args, tmp_path / "first", mlflow_env).returncode == 0
     resumed = train([*args, f"resume={tmp_path / 'first' / 'checkpoint-3'}"], tmp_path / "resumed", mlflow_env)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    # from the last step's checkpoint (steps 5-6 not logged there): no step is left to train, and they still count
+    at_end = train([*args, f"resume={tmp_path / 'first' / 'checkpoint-6'}"], tmp_path / "at_end", mlflow_env)
+    assert at_end.returncode == 0, at_end.stderr[-3000:]
     reported = {r.data.tags["glm_ft.run_dir"]: r.data.metrics["train_loss"]
                 for r in _mlflow_runs(mlflow_env["MLFLOW_TRACKING_URI"]) if "train_loss" in r.data.metrics}
     assert reported[str(runs["lora_a"])] == pytest.approx(whole_mean, rel=1e-5)
     assert reported[str(tmp_path / "resumed")] == pytest.approx(whole_mean, rel=1e-5)
+    assert reported[str(tmp_path / "at_end")] == pytest.approx(whole_mean, rel=1e-5)
+    # and it trained no step past max_steps: the same final model as the run it resumed
+    assert json.loads((tmp_path / "at_end" / "final" / "glm_ft_complete").read_text())["step"] == 6
+    assert not list((tmp_path / "at_end").glob("checkpoint-*"))
+    weights = sorted(p.name for p in (tmp_path / "first" / "final").glob("*.safetensors"))
+    assert weights and all((tmp_path / "at_end" / "final" / w).read_bytes() == (tmp_path / "first" / "final" / w)
+                           .read_bytes() for w in weights)
     # the Trainer's own figure, the mean of steps 4-6, is another number
     assert sum(uninterrupted[s] for s in (4, 5, 6)) / 3 != pytest.approx(whole_mean, rel=1e-5)
     # The loss logged at step 4 averages steps 1-4 in both runs (the resumed one restored the three steps its
