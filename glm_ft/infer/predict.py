@@ -75,7 +75,7 @@ def generate_all(model, tokenizer, samples: list[dict[str, Any]], generation_con
 def predict(checkpoint, data_file: str | Path, out: str | Path, *, base_model: str | Path | None = None,
             batch_size: int = 16, batch_tokens: int | None = EVAL_BATCH_TOKENS, max_input_length: int | None = None,
             max_output_length: int | None = None, max_new_tokens: int | None = None,
-            dtype: str | None = None) -> dict[str, float]:
+            dtype: str | None = None, skip_bad_rows: bool | None = None) -> dict[str, float]:
     """Write predictions to `out` and the metrics beside it; returns the metrics. `checkpoint` is a path or what
     glm_ft.infer.checkpoint.find_checkpoint returned."""
     from glm_ft.infer.checkpoint import Checkpoint, find_checkpoint
@@ -83,7 +83,10 @@ def predict(checkpoint, data_file: str | Path, out: str | Path, *, base_model: s
 
     # A wrong path or a bad data file fails before the model loads.
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else find_checkpoint(checkpoint, base_model)
-    conversations = read_conversations(data_file)
+    # The rows the run's own test prediction used: a run trained with data.skip_bad_rows=true skipped the same rows.
+    if skip_bad_rows is None:
+        skip_bad_rows = bool((ckpt.run_info or {}).get("skip_bad_rows", False))
+    conversations = read_conversations(data_file, skip_bad_rows=skip_bad_rows)
     out = Path(out)
     if out.is_dir():
         raise ConfigError(f"--out: {out} is a folder; name the predictions file (e.g. {out / 'predictions.jsonl'})")
@@ -145,6 +148,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="default: the run's training_args.generation_config.max_new_tokens, else "
                              "--max-output-length")
     parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPE_NAMES])
+    parser.add_argument("--skip-bad-rows", action=argparse.BooleanOptionalAction, default=None,
+                        help="skip well-formed but unusable rows (default: the run's data.skip_bad_rows, else no)")
     args = parser.parse_args(argv)
     for name in ("batch_size", "batch_tokens", "max_new_tokens", "max_output_length"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
@@ -166,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
                               batch_size=args.batch_size, batch_tokens=args.batch_tokens,
                               max_input_length=args.max_input_length,
                               max_output_length=args.max_output_length, max_new_tokens=args.max_new_tokens,
-                              dtype=args.dtype)
+                              dtype=args.dtype, skip_bad_rows=args.skip_bad_rows)
     except GlmFtError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

@@ -271,6 +271,7 @@ def _write_run_info(run_dir: Path, cfg: DictConfig, model_dir: Path) -> None:
         return
     info = {"base_model": str(model_dir), "method": OmegaConf.to_container(cfg.method, resolve=True),
             "max_input_length": cfg.max_input_length, "max_output_length": cfg.max_output_length,
+            "skip_bad_rows": bool(cfg.data.skip_bad_rows),
             "generation_config": OmegaConf.to_container(cfg.training_args.generation_config, resolve=True)}
     write_run_info(run_dir, info)
 

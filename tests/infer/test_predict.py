@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import shutil
 
 import pytest
 
@@ -114,3 +115,50 @@ def test_an_output_path_that_cannot_be_written_is_one_line_before_generating(run
         "error: --out: cannot write into /proc/glm-ft-x (No such file or directory)"
     assert main([str(runs["lora"]), str(data_file), "--out", str(tmp_path)]) == 1
     assert capsys.readouterr().err.strip().startswith(f"error: --out: {tmp_path} is a folder; name the predictions")
+
+
+# A run trained with data.skip_bad_rows=true wrote predictions.jsonl without its file's unusable rows: predict reads
+# the file as the run read its test file, not stopping at the first unusable row.
+GOOD = [
+    {"content": "类型#上衣", "summary": "一件上衣。"},
+    {"conversations": [{"role": "user", "content": "类型#裙"}, {"role": "assistant", "content": "一条裙子。"}]},
+]
+BAD = {"conversations": [{"role": "robot", "content": "x"}, {"role": "assistant", "content": "y"}]}
+
+
+@pytest.fixture(scope="module")
+def model_folder(tmp_path_factory):
+    from glm_ft.chatglm3.tiny import ensure_tiny_model
+
+    return ensure_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny-chatglm3")
+
+
+def _run(tmp_path, model_folder, **recorded):
+    """A run folder as training leaves it: glm_ft_run.json beside a complete full-model checkpoint."""
+    run = tmp_path / "run"
+    shutil.copytree(model_folder, run / "final")
+    (run / "final" / "glm_ft_complete").write_text("{}\n")
+    info = {"base_model": str(model_folder), "method": {"name": "sft"}, "max_input_length": 32,
+            "max_output_length": 8, "generation_config": {"max_new_tokens": 2, "do_sample": False}, **recorded}
+    (run / "glm_ft_run.json").write_text(json.dumps(info))
+    data = tmp_path / "test.jsonl"
+    data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in (GOOD[0], BAD, GOOD[1])),
+                    encoding="utf-8")
+    return run / "final", data
+
+
+def test_a_run_that_skipped_bad_rows_predicts_its_file_the_same_way(tmp_path, model_folder):
+    checkpoint, data = _run(tmp_path, model_folder, skip_bad_rows=True)
+    out = tmp_path / "p.jsonl"
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main([str(checkpoint), str(data), "--out", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    assert [r["reference"] for r in rows] == ["一件上衣。", "一条裙子。"]
+
+
+def test_without_skip_bad_rows_the_bad_row_is_still_named(tmp_path, model_folder, capsys):
+    checkpoint, data = _run(tmp_path, model_folder, skip_bad_rows=True)
+    assert main([str(checkpoint), str(data), "--out", str(tmp_path / "p.jsonl"), "--no-skip-bad-rows"]) == 1
+    assert capsys.readouterr().err.startswith(f"error: {data}:2: ")
+    checkpoint, data = _run(tmp_path / "old", model_folder)  # a run recorded before the setting was: as before
+    assert main([str(checkpoint), str(data), "--out", str(tmp_path / "p.jsonl")]) == 1
