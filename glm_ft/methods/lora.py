@@ -175,8 +175,11 @@ def create_optimizer(model, args, method):
 
     optimizer_cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
     kwargs = {k: v for k, v in kwargs.items() if k != "lr"}
+    # PEFT gives every group its own weight decay, `loraplus_weight_decay` (default 0.0), which overrides the
+    # optimizer's `weight_decay`: without it training_args.weight_decay would be silently dropped.
     return create_loraplus_optimizer(model, optimizer_cls, lr=args.learning_rate,
                                      loraplus_lr_ratio=float(method.loraplus_lr_ratio),
+                                     loraplus_weight_decay=args.weight_decay,
                                      weight_decay=args.weight_decay, **kwargs)
 
 
@@ -225,8 +228,32 @@ def check_adapter_fits(model, folder: Path, base: Path) -> None:
             if shape != expected:
                 raise CheckpointError(f"{what}: {key} is {shape} in the adapter but {expected} for this model "
                                       f"({model_shape(cfg)})")
-    if layers and len(layers) != cfg.num_layers:
-        raise CheckpointError(f"{what}: the adapter covers {len(layers)} layers, the base model has {cfg.num_layers}")
+    selected = _selected_layers(model, folder, cfg.num_layers)
+    if layers and layers != selected:
+        # An adapter whose target_modules name some layers only (a dotted name) covers just those: what must match
+        # is the layers its own target_modules select on this model, not all of them.
+        raise CheckpointError(f"{what}: the adapter covers {len(layers)} layers ({_listed(layers)}), its "
+                              f"target_modules select {len(selected)} of the base model's {cfg.num_layers} "
+                              f"({_listed(selected)})")
+
+
+def _selected_layers(model, folder: Path, num_layers: int) -> set[int]:
+    """The layers whose modules the adapter's own config (target_modules, layers_to_transform) selects on `model`,
+    matched as PEFT matches them when it loads the adapter; all layers when the config cannot be read (PEFT then
+    reports it)."""
+    from peft import PeftConfig
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    try:
+        config = PeftConfig.from_pretrained(str(folder))
+    except (OSError, ValueError, TypeError, KeyError):
+        return set(range(num_layers))
+    return {int(i) for name, _ in model.named_modules() if name and check_target_module_exists(config, name)
+            for i in _LAYER.findall(name)}
+
+
+def _listed(layers: set[int]) -> str:
+    return ", ".join(map(str, sorted(layers))) or "none"
 
 
 def load_onto(model, ckpt, merge: bool):

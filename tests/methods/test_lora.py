@@ -10,6 +10,7 @@ import json
 import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -205,3 +206,85 @@ def test_the_modules_lora_may_target_are_the_models_own():
     wrapped = lora.apply(model, method, 42)
     assert {n.split(".lora_A")[0].rsplit(".", 1)[-1] for n, _ in wrapped.named_parameters() if "lora_A" in n} == \
         {"dense", "output_layer"}
+
+
+# An adapter whose target_modules name some layers only opens as stock PEFT opens it (glm-ft's shape check refused
+# it); LoRA+ keeps training_args.weight_decay (PEFT's per-group loraplus_weight_decay, 0.0 by default, overrode it).
+# A tiny model built in the process, no training run.
+def _tiny(num_layers: int = 2):
+    import torch
+
+    from glm_ft.chatglm3.configuration import ChatGLMConfig
+    from glm_ft.chatglm3.modeling import ChatGLMForConditionalGeneration
+    from glm_ft.chatglm3.tiny import TINY_CONFIG
+
+    torch.manual_seed(0)
+    return ChatGLMForConditionalGeneration(ChatGLMConfig.from_dict({**TINY_CONFIG, "num_layers": num_layers}))
+
+
+def _adapter(tmp_path, target_modules, num_layers: int = 2):
+    import torch
+    from omegaconf import OmegaConf
+
+    from glm_ft.methods import lora
+
+    model = lora.apply(_tiny(num_layers), OmegaConf.structured(lora.Schema(target_modules=target_modules)), 0)
+    with torch.no_grad():  # B = 0 at init: give the adapter a delta to see
+        for name, param in model.named_parameters():
+            if ".lora_B." in name:
+                param.normal_(0, 0.1)
+    folder = tmp_path / "adapter"
+    model.save_pretrained(str(folder))
+    return model, folder
+
+
+def test_adapter_on_some_layers_only_opens_as_peft_opens_it(tmp_path):
+    import torch
+    from peft import PeftModel
+
+    from glm_ft.methods import lora
+
+    target = "encoder.layers.1.self_attention.query_key_value"
+    trained, folder = _adapter(tmp_path, [target])
+    ckpt = SimpleNamespace(path=folder, base_model=tmp_path / "base")
+    ours = lora.load_onto(_tiny(), ckpt, merge=True)  # was: CheckpointError "covers 1 layers, ... has 2"
+    reference = PeftModel.from_pretrained(_tiny(), str(folder)).merge_and_unload()  # stock PEFT
+    ids = torch.randint(3, 3000, (2, 7))
+    with torch.no_grad():
+        expected = reference.eval()(input_ids=ids).logits
+        assert torch.allclose(ours.eval()(input_ids=ids).logits, expected, atol=1e-6)
+        assert torch.allclose(trained.eval()(input_ids=ids).logits, expected, atol=1e-5)
+    # W + (alpha / r) B A on layer 1 only, by hand
+    base = _tiny().state_dict()
+    merged = ours.state_dict()
+    name = "transformer." + target
+    a, b = (trained.state_dict()[f"base_model.model.{name}.lora_{x}.default.weight"] for x in "AB")
+    assert torch.allclose(merged[name + ".weight"], base[name + ".weight"] + (32 / 8) * b @ a, atol=1e-6)
+    assert all(torch.equal(merged[k], base[k]) for k in base if k != name + ".weight")
+
+
+def test_adapter_trained_on_fewer_layers_is_still_refused(tmp_path):
+    from glm_ft.errors import CheckpointError
+    from glm_ft.methods import lora
+
+    _, folder = _adapter(tmp_path, ["query_key_value"], num_layers=2)
+    with pytest.raises(CheckpointError, match=r"another model shape.*covers 2 layers"):
+        lora.check_adapter_fits(_tiny(3), folder, tmp_path / "base")
+
+
+def test_loraplus_keeps_the_trainers_weight_decay():
+    from omegaconf import OmegaConf
+    from transformers import Seq2SeqTrainingArguments
+
+    from glm_ft.methods import lora
+
+    method = OmegaConf.structured(lora.Schema(loraplus_lr_ratio=16))
+    model = lora.apply(_tiny(), method, 0)
+    args = Seq2SeqTrainingArguments(output_dir="unused", learning_rate=1e-3, weight_decay=0.1, use_cpu=True,
+                                    report_to="none")
+    optimizer = lora.create_optimizer(model, args, method)
+    decay_of = {id(p): group["weight_decay"] for group in optimizer.param_groups for p in group["params"]}
+    names = {id(p): n for n, p in model.named_parameters() if p.requires_grad}
+    assert set(decay_of) == set(names)
+    # the Trainer's own optimizer (plain LoRA) decays every LoRA matrix by training_args.weight_decay
+    assert {names[pid]: decay for pid, decay in decay_of.items()} == {name: 0.1 for name in names.values()}
