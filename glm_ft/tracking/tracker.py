@@ -32,7 +32,7 @@ from glm_ft.tracking.lifecycle import close_run, end_run, previous_run
 from glm_ft.tracking.params import MAX_RUN_NAME, fit_tags, flatten_config, metric_name, run_tags, split_long_values
 from glm_ft.tracking.parent import child_run_name, hydra_config, parent_for_job
 from glm_ft.tracking.redact import redact
-from glm_ft.tracking.run_record import write_mlflow_run
+from glm_ft.tracking.run_record import read_mlflow_run, write_mlflow_run
 from glm_ft.tracking.sender import Sender
 from glm_ft.tracking.signals import SIGTERM_GUARD, Terminated
 from glm_ft.tracking.store import Store
@@ -232,3 +232,21 @@ def settle_previous_run(cfg: DictConfig, run_dir: Path) -> None:
         previous_run(Store(cfg.tracking), cfg, run_dir, reopen=False)
     except Exception as err:
         log.warning("MLflow: could not check this run folder's MLflow run: %s", redact(str(err)))
+
+
+def closing_interrupted(cfg: DictConfig, run_dir: Path) -> bool:
+    """Whether the run folder's MLflow run is still RUNNING with no end recorded in mlflow_run.json: the process
+    that had it died before closing it (for a complete run: while its run files were uploaded or its status set)."""
+    if not cfg.tracking.enabled or not dist.is_rank_zero():
+        return False
+    record = read_mlflow_run(run_dir)
+    if not record or record.get("ended") is not None:
+        return False
+    try:
+        store = Store(cfg.tracking)
+        if record.get("tracking_uri") != redact(store.uri) or record.get("experiment_id") != store.experiment_id:
+            return False
+        run = store.client.get_run(str(record.get("run_id")))
+    except Exception:  # the store can't say: settle_previous_run warns about it
+        return False
+    return run.info.lifecycle_stage == "active" and run.info.status == "RUNNING"

@@ -35,7 +35,7 @@ from glm_ft.search import TRIAL_ENV, trial_tags
 from glm_ft.tracking.curves import run_log_history, write_training_curves
 from glm_ft.tracking.parent import hydra_config
 from glm_ft.tracking.store import ui_hint
-from glm_ft.tracking.tracker import settle_previous_run, start_run
+from glm_ft.tracking.tracker import closing_interrupted, settle_previous_run, start_run
 from glm_ft.data.collate import Collator
 from glm_ft.train.evaluation import generation_config, metrics_fn, stop_token_ids, write_predictions
 from glm_ft.train.trainer import GlmTrainer, PruningCallback, TrackerCallback, Watchdog, disk_full_named
@@ -63,8 +63,14 @@ def finetune(cfg: DictConfig, run_dir: Path, paths: dict[str, Path],
     done = completed_run(cfg, run_dir)
     if done is not None:
         log.info("resume=auto: %s is complete (trained, evaluated and predicted); nothing to train", run_dir)
-        settle_previous_run(cfg, run_dir)
-        return done
+        if not closing_interrupted(cfg, run_dir):
+            settle_previous_run(cfg, run_dir)
+            return done
+        # Killed after its last stage, while its MLflow run was being closed (run files uploaded, status set):
+        # continue that run and close it as the uninterrupted job did, FINISHED with its run files.
+        log.info("resume=auto: the MLflow run of %s was not closed; closing it", run_dir)
+        with start_run(cfg, run_dir, tags=trial_tags()):
+            return done
     dist.keep_collectives_on_loopback()
     if cfg.deepspeed is not None:
         dist.setup_single_process_group()
@@ -146,6 +152,7 @@ def _train(cfg: DictConfig, run_dir: Path, paths: dict[str, Path], where: InputP
             final.update(trainer.evaluate())
             tracker.log_metrics(final, step=trainer.state.global_step)
         if dist.is_rank_zero():
+            tracker.settle()  # a resume skips a recorded stage: its points must be in the store first
             record_progress(run_dir, evaluated=final)
     if data.test is not None and len(data.test) > 0:
         if "predicted" in progress and (run_dir / PREDICTIONS).is_file():
@@ -157,6 +164,7 @@ def _train(cfg: DictConfig, run_dir: Path, paths: dict[str, Path], where: InputP
             if dist.is_rank_zero():
                 n = write_predictions(run_dir / PREDICTIONS, tokenizer, data.test, out.predictions,
                                       stop_ids, out.metrics)
+                tracker.settle()
                 record_progress(run_dir, predicted=out.metrics)
                 log.info("test: %d predictions → %s; %s", n, run_dir / PREDICTIONS,
                          ", ".join(f"{k}={v:.4g}" for k, v in out.metrics.items() if "rouge" in k or "bleu" in k))
@@ -212,6 +220,9 @@ def _train_and_save(cfg: DictConfig, run_dir: Path, trainer, tracker, job_trial)
     with disk_full_named(run_dir / FINAL, run_dir):
         trainer.save_model(str(run_dir / FINAL))
     if dist.is_rank_zero():
+        # A resume from final/ logs nothing of the training again (train_loss, runtime...): they must be in the store
+        # before final/ counts, as a checkpoint's points are before it does (TrackerCallback).
+        tracker.settle()
         # the epochs trained (fractional when max_steps ended it): a later resume=auto with more trains on
         mark_complete(run_dir / FINAL, trainer.state.global_step, epoch=trainer.state.epoch,
                       num_input_tokens_seen=trainer.state.num_input_tokens_seen)

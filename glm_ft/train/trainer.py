@@ -143,6 +143,10 @@ class GlmTrainer(WholeRunLoss, Seq2SeqTrainer):
         index, labels = output.label_ids
         predictions, labels = in_sample_order(index, output.num_samples, output.predictions, labels)
         metrics = dict(output.metrics)
+        # The Trainer adds how long it took to prepare a model it had not prepared yet: only a Trainer that has not
+        # trained (resume=auto redoing the final evaluation or prediction) reports it, so a resumed run's metrics,
+        # test_metrics.json and MLflow run would have a key the uninterrupted run's lack.
+        metrics.pop(f"{metric_key_prefix}_model_preparation_time", None)
         if compute is not None:
             scores = compute(EvalPrediction(predictions=predictions, label_ids=labels))
             metrics.update(prefix_metrics(scores, metric_key_prefix))

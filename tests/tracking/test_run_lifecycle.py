@@ -16,8 +16,8 @@ from conftest import ROOT, run_train
 from glm_ft.runs import CURVES_FILE
 from glm_ft.search import STUDY_ENV, TRIAL_ENV
 from glm_ft.tracking.curves import read_series
-from lifecycle_helpers import (QUICK, background, complete, fill, kill_group, logged_losses, mlflow_run_id, tmpfs,
-                               train_cmd, trainer_losses, wait_for, wait_until_stopped)
+from lifecycle_helpers import (QUICK, background, complete, fill, kill_group, logged_losses, mlflow_run_id, stopped,
+                               tmpfs, train_cmd, trainer_losses, wait_for, wait_until_stopped)
 
 pytestmark = pytest.mark.slow
 
@@ -160,3 +160,71 @@ def test_full_disk_while_saving_a_checkpoint(tmp_path, store):
         assert resumed.returncode == 0, resumed.stderr[-3000:]
         assert f"resuming from {last}" in resumed.stdout + resumed.stderr
         assert complete(run_dir, 8)
+
+
+# The job stops itself (SIGSTOP) once glm_ft_progress.json says the run is complete: after its last stage, before
+# its MLflow run is closed (run files uploaded, status set).
+STOP_WHEN_COMPLETE = """
+import os, signal, sys
+sys.path.insert(0, os.getcwd())
+import glm_ft.runs as runs
+record = runs.record_progress
+def record_then_stop(run_dir, **stages):
+    record(run_dir, **stages)
+    if stages.get("complete"):
+        os.kill(os.getpid(), signal.SIGSTOP)
+runs.record_progress = record_then_stop  # before glm_ft.train imports it by name
+sys.argv = ["train.py", *sys.argv[1:]]
+from glm_ft.cli import main
+main()
+"""
+
+
+def artifacts_of(client, run_id: str, path: str | None = None) -> set[str]:
+    found = set()
+    for item in client.list_artifacts(run_id, path):
+        found |= artifacts_of(client, run_id, item.path) if item.is_dir else {item.path}
+    return found
+
+
+def test_killed_while_closing_its_mlflow_run_a_complete_run_resumes_to_finished(tmp_path, store):
+    """SIGKILL after the last stage, while the MLflow run is being closed: resume=auto trains and predicts nothing,
+    and closes the same run as the uninterrupted job does, FINISHED with its run files, not KILLED without them."""
+    import sys
+
+    args = [*QUICK, "training_args.max_steps=2", "training_args.save_steps=2"]
+    run_dir, log = tmp_path / "run", tmp_path / "train.log"
+    cmd = [sys.executable, "-c", STOP_WHEN_COMPLETE, *args, f"hydra.run.dir={run_dir}"]
+    with background(cmd, log, env=store["env"]) as proc:
+        wait_for(lambda: stopped(proc), "the complete run (the job stops there)", proc, log)
+        kill_group(proc)
+        proc.wait()
+    run_id = mlflow_run_id(run_dir)
+    assert store["client"].get_run(run_id).info.status == "RUNNING"
+
+    again = run_train([*args, "resume=auto", f"hydra.run.dir={run_dir}"], env=store["env"])
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"resume=auto: {run_dir} is complete" in again.stdout + again.stderr
+    (run,) = runs_of(store["client"], run_dir)
+    assert run.info.run_id == run_id and run.info.status == "FINISHED"
+    assert {"finetune.yaml", CURVES_FILE, "model/adapter_model.safetensors"} <= artifacts_of(store["client"], run_id)
+
+
+def test_a_redone_prediction_reports_what_the_uninterrupted_run_reports(tmp_path, store):
+    """Killed once final/ is saved: the prediction resume=auto redoes (a Trainer that did not train) reports the same
+    metrics as the uninterrupted run's, not also the Trainer's `test_model_preparation_time`."""
+    args = [*QUICK, "data.test_file=test.jsonl", "training_args.max_steps=2", "training_args.save_steps=2"]
+    run_dir, log = tmp_path / "run", tmp_path / "train.log"
+    with background(train_cmd(args, run_dir, stop_after="final"), log, env=store["env"]) as proc:
+        wait_until_stopped(proc, log, "final/")
+        kill_group(proc)
+        proc.wait()
+    redo = run_train([*args, "resume=auto", f"hydra.run.dir={run_dir}"], env=store["env"])
+    assert redo.returncode == 0, redo.stderr[-3000:]
+    assert "resume=auto: training finished at step 2" in redo.stdout + redo.stderr
+    metrics = json.loads((run_dir / "test_metrics.json").read_text())
+    assert not [k for k in metrics if "model_preparation_time" in k]
+    logged = store["client"].get_run(mlflow_run_id(run_dir)).data.metrics
+    assert not [k for k in logged if "model_preparation_time" in k]
+    assert not [k for k in json.loads((run_dir / "glm_ft_progress.json").read_text())["metrics"]
+                if "model_preparation_time" in k]
