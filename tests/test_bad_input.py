@@ -110,6 +110,17 @@ def test_bad_value_fails_naming_the_key_before_anything_loads(key, args, tmp_pat
     assert not (run_dir / "finetune.yaml").exists()  # nothing rendered, nothing half-written
 
 
+@pytest.mark.parametrize("args", [["hparams_search=lora_optuna", "optimized_metric=eval_rougeL"],
+                                  ["-m", "method=lora", "method.r=4,8", "optimized_metric=eval_rouge-l", "data.val_file=null"]])
+def test_a_sweeps_metric_is_refused_before_the_sweep_starts(args, tmp_path):
+    """Each job of a sweep would refuse it only once the sweep had started (its MLflow parent run made, every trial
+    failing in turn, Hydra's report of failed trials): one line before anything."""
+    sweep_dir = tmp_path / "sweep"
+    out = probe_train([*SHORT, *args, f"hydra.sweep.dir={sweep_dir}"], tmp_path)
+    assert_refused_light(out, "optimized_metric")
+    assert not sweep_dir.exists() and not (tmp_path / "mlflow.db").exists()
+
+
 # --- item 5: data before weights --------------------------------------------------------------------------------
 
 CONVERSATION = {"conversations": [{"role": "user", "content": "你好"}, {"role": "assistant", "content": "好"}]}

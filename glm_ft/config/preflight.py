@@ -62,6 +62,12 @@ def check_command_line(argv: list[str]) -> None:
             raise ConfigError(f"~{override.key_or_group}: a schema key can't be removed; set it instead "
                               f"({override.key_or_group}=...)")
     values = {o.key_or_group: o for o in overrides if o.type == OverrideType.CHANGE and not o.is_sweep_override()}
+    if "optimized_metric" in values:  # a sweep's jobs would each find it, once the sweep had started
+        from glm_ft.config.validate import check_optimized_metric
+
+        check_optimized_metric(_value(values["optimized_metric"]),
+                               {k: _value(values[f"data.{k}"]) for k in ("val_file", "test_file")
+                                if f"data.{k}" in values})
     # hparams_search configs set hydra.mode=MULTIRUN themselves.
     multirun = any(a in ("-m", "--multirun") for a in argv) or _value(values.get("hparams_search")) is not None
     run_dir = _literal_path(values.get("hydra.run.dir"))

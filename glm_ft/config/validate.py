@@ -203,7 +203,7 @@ def _check_training_args(args: DictConfig) -> None:
 
 
 # What transformers' generate() refuses (its logits processors raise on these; num_beams=0 divides by zero at the
-# first evaluation): tests/test_validate_values.py generates with transformers under each boundary value.
+# first evaluation): tests/config/test_hf_choices.py generates with transformers under each boundary value.
 def _check_generation(gen: DictConfig) -> None:
     key = "training_args.generation_config"
     if gen.max_new_tokens <= 0:
@@ -221,9 +221,14 @@ def _check_generation(gen: DictConfig) -> None:
 
 def _check_optimized_metric(cfg: DictConfig) -> None:
     """A study optimises what the run reports: a misspelt name would only fail after the whole training."""
+    check_optimized_metric(cfg.optimized_metric, cfg.data)
+
+
+def check_optimized_metric(name: Any, data: Any) -> None:
+    """`name` one of the metrics a run reports, whose split `data` (a mapping of data.* keys; a key it lacks is
+    not judged) does not set to null. Also the command line's check (glm_ft.config.preflight), before a sweep."""
     from glm_ft.train.metrics import METRIC_NAMES
 
-    name = cfg.optimized_metric
     if name is None:
         return
     reported = [f"{split}_{metric}" for split in ("eval", "test") for metric in METRIC_NAMES]
@@ -232,7 +237,7 @@ def _check_optimized_metric(cfg: DictConfig) -> None:
         hint = f"did you mean {' or '.join(guesses)}?" if guesses else f"one of {', '.join(reported)}"
         raise ConfigError(f"optimized_metric: '{name}' is not a metric a run reports ({hint})")
     split_key = "val_file" if name.startswith("eval_") else "test_file"
-    if cfg.data[split_key] is None:
+    if split_key in data and data[split_key] is None:
         raise ConfigError(f"optimized_metric: {name} needs data.{split_key}, which is null")
 
 

@@ -93,7 +93,7 @@ def validate(method, cfg) -> None:
     require(ratio is None or (isinstance(ratio, (int, float)) and not isinstance(ratio, bool) and ratio > 0
                               and ratio != float("inf")), "loraplus_lr_ratio", f"must be > 0 or null, got {ratio!r}")
     require(ratio is None or cfg.deepspeed is None or "optimizer" not in cfg.deepspeed, "loraplus_lr_ratio",
-            "LoRA+ builds its own optimizer; the deepspeed config defines one (choose deepspeed=null or drop it)")
+            "LoRA+ builds its own optimizer; the deepspeed config defines one (drop it with ~deepspeed, or choose deepspeed=zero2)")
 
 
 def mutates_base(init: Any) -> bool:

@@ -51,14 +51,15 @@ DEFAULT_METRIC = "eval_rouge-l"
 
 
 def swept_params(config: DictConfig) -> dict[str, str]:
-    """key → what was swept over: command-line sweeps (method.r=4,8,16) and a sweeper's search space."""
-    out = {}
+    """key → what was swept over, merged as the sweepers merge it: a sweeper's search space (hydra.sweeper.params),
+    then the command line, which wins: a sweep there (method.r=4,8,16, 'method.r=choice(4,8)') replaces the key's
+    space, a plain value (method.lora_alpha=32) takes the key out of it."""
+    params = OmegaConf.select(config, "hydra.sweeper.params", default=None)
+    out = {str(k): str(v) for k, v in (OmegaConf.to_container(params) if params is not None else {}).items()}
     for override in parse_overrides(list(config.hydra.overrides.task)):
+        out.pop(override.key_or_group, None)
         if override.is_sweep_override():
             out[override.key_or_group] = override.get_value_string()
-    params = OmegaConf.select(config, "hydra.sweeper.params", default=None)
-    for key, spec in (OmegaConf.to_container(params) if params is not None else {}).items():
-        out[str(key)] = str(spec)
     return out
 
 
