@@ -143,7 +143,9 @@ def _train(cfg: DictConfig, run_dir: Path, paths: dict[str, Path], where: InputP
 
     final: dict[str, float] = {}
     if has_eval:
-        last = next((h for h in reversed(trainer.state.log_history) if "eval_rouge-l" in h), None)
+        # A redo (resume=auto after final/ was saved) did not train: what training evaluated is in the checkpoints.
+        history = run_log_history(trainer.state.log_history, run_dir, trained=trained_step is None)
+        last = next((h for h in reversed(history) if "eval_rouge-l" in h), None)
         if "evaluated" in progress:
             final.update(progress["evaluated"])
         elif last is not None and last["step"] == trainer.state.global_step:

@@ -85,7 +85,7 @@ def test_resume_of_a_finished_run_redoes_only_what_is_missing(tmp_path, store):
     """Killed once final/ is saved, before the test prediction: resume=auto predicts (same MLflow run) without
     training; once all is done, resume=auto says so and changes nothing."""
     args = [*QUICK, "data.test_file=test.jsonl", "training_args.max_steps=4", "training_args.save_steps=2",
-            "training_args.generation_config.max_new_tokens=16"]
+            "training_args.eval_steps=2", "training_args.generation_config.max_new_tokens=16"]
     run_dir, log = tmp_path / "run", tmp_path / "train.log"
     with background(train_cmd(args, run_dir, stop_after="final"), log, env=store["env"]) as proc:
         wait_until_stopped(proc, log, "final/")
@@ -111,7 +111,14 @@ def test_resume_of_a_finished_run_redoes_only_what_is_missing(tmp_path, store):
         assert run.data.metrics[key] == pytest.approx(test_metrics[key])
         assert [m.step for m in store["client"].get_metric_history(run_id, key)] == [4]
     assert logged_losses(store["client"], run_id) == trainer_losses(run_dir, 4)
-    # The redone evaluation's log carries the Trainer's counters: as training left them, not a fresh state's zeros.
+    # Training evaluated at its last step: the redo takes that evaluation (checkpoint-4's log), not evaluating twice.
+    evaluated = [h for h in json.loads((run_dir / "checkpoint-4" / "trainer_state.json").read_text())["log_history"]
+                 if "eval_rouge-l" in h]
+    assert [h["step"] for h in evaluated] == [2, 4]
+    assert [m.step for m in store["client"].get_metric_history(run_id, "eval_rouge-l")] == [2, 4]
+    assert json.loads((run_dir / "glm_ft_progress.json").read_text())["evaluated"] == {
+        k: v for k, v in evaluated[-1].items() if k.startswith("eval_")}
+    # The redone prediction's log carries the Trainer's counters: as training left them, not a fresh state's zeros.
     state = json.loads((run_dir / "checkpoint-4" / "trainer_state.json").read_text())
     assert state["num_input_tokens_seen"] > 0 and state["epoch"] > 0
     for key in ("num_input_tokens_seen", "epoch"):
