@@ -180,7 +180,7 @@ def test_median_pruning_with_joblib_workers_sharing_the_study(tmp_path, store):
 
 @pytest.mark.slow
 def test_grid_and_random_samplers_from_config(tmp_path, store):
-    uri, _ = store
+    uri, client = store
     # Grid: every value once, n_trials capped to the grid's size.
     grid_dir = tmp_path / "grid"
     out = run_app(["hparams_search=lora_optuna", "experiment=quickstart", "hydra/sweeper/sampler=grid",
@@ -191,6 +191,12 @@ def test_grid_and_random_samplers_from_config(tmp_path, store):
     assert sorted(t.params["method.r"] for t in grid.trials) == [4, 8, 16]
     assert all(set(t.params) == {"method.r"} for t in grid.trials)
     assert grid.best_value == pytest.approx(score(16, 32))
+    # The command line wins over hparams_search's space, as in the sweeper: the parent run says what the trials ran
+    # over (method.r from the command line; the keys it fixed are out), not the yaml's space.
+    parent, _ = sweep_runs(client, grid_dir)
+    assert parent.info.run_name == "lora optuna r"
+    assert json.loads(parent.data.tags["glm_ft.swept_params"]) == ["method.r"]
+    assert parent.data.params == {"sweep.method.r": "choice(4,8,16)"}
 
     # Random: the sweeper's seed makes the search repeatable.
     def params(seed: int, name: str):

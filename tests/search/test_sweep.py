@@ -89,23 +89,6 @@ def test_failed_job_fails_the_parent_and_the_others_still_run(tmp_path, store):
     assert children["method.r=8"].data.tags["glm_ft.error"] == "RuntimeError: fake failure at method.r=8"
 
 
-def test_the_parent_records_the_search_space_the_trials_ran_with_command_line_overrides(tmp_path, store):
-    """The command line wins over hparams_search's space, as in the sweeper: a sweep there replaces a key's space,
-    a plain value takes the key out of it. The parent run says what the trials ran over, not the yaml's space."""
-    uri, client = store
-    sweep_dir = tmp_path / "grid"
-    out = run_app(["hparams_search=lora_optuna", "experiment=quickstart", "hydra/sweeper/sampler=grid",
-                   "method.r=choice(4,8)", "method.lora_alpha=32", "method.lora_dropout=0.1",
-                   "training_args.learning_rate=2e-4", f"hydra.sweep.dir={sweep_dir}"], tmp_path, uri)
-    assert out.returncode == 0, out.stderr
-    parent, children = sweep_runs(client, sweep_dir)
-    assert sorted(c.data.params["method.r"] for c in children.values()) == ["4", "8"]
-    assert {c.data.params["method.lora_alpha"] for c in children.values()} == {"32"}
-    assert parent.info.run_name == "lora optuna r"
-    assert json.loads(parent.data.tags["glm_ft.swept_params"]) == ["method.r"]
-    assert parent.data.params == {"sweep.method.r": "choice(4,8)"}
-
-
 @pytest.mark.slow
 def test_optuna_search_maximises_the_metric_and_the_parent_holds_the_study(tmp_path, store):
     uri, client = store
