@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -43,21 +44,49 @@ def checkpoint_dir(run_dir: Path, step: int) -> Path:
 
 
 def mark_complete(folder: Path, step: int, **facts: Any) -> None:
-    (Path(folder) / COMPLETE_MARKER).write_text(json.dumps({"step": step, **facts}) + "\n")
+    write_text_atomic(Path(folder) / COMPLETE_MARKER, json.dumps({"step": step, **facts}) + "\n")
 
 
 def is_complete(folder: Path) -> bool:
     return (Path(folder) / COMPLETE_MARKER).is_file()
 
 
+def _checkpoints(run_dir: Path) -> list[Path]:
+    """The run's checkpoint-N folders, complete or not, by step."""
+    found = [p for p in Path(run_dir).glob("checkpoint-*") if p.name.split("-", 1)[1].isdigit()]
+    return sorted(found, key=_step)
+
+
+def _step(checkpoint: Path) -> int:
+    return int(checkpoint.name.split("-", 1)[1])
+
+
 def complete_checkpoints(run_dir: Path) -> list[Path]:
     """The run's complete checkpoint-N folders, oldest first."""
-    found = [p for p in Path(run_dir).glob("checkpoint-*") if is_complete(p)]
-    return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
+    return [p for p in _checkpoints(run_dir) if is_complete(p)]
 
 
 def last_complete_checkpoint(run_dir: Path) -> Path | None:
     return (complete_checkpoints(run_dir) or [None])[-1]
+
+
+def rotate_checkpoints(run_dir: Path, limit: int | None, keep: list[Path | str | None]) -> list[Path]:
+    """Delete complete checkpoints beyond the newest `limit` (never those in `keep`: the one just saved, the best),
+    and incomplete ones older than the newest complete one (saves a kill cut short). Called once the newest is
+    marked complete, so that a kill at any moment leaves one to resume from; transformers' own rotation ran before
+    the marker, and with save_total_limit=1 left none."""
+    if not limit:
+        return []
+    kept = {Path(k).resolve() for k in keep if k}
+    found = _checkpoints(run_dir)
+    complete = [p for p in found if is_complete(p)]
+    surplus = max(len(complete) - max(limit, len(kept)), 0)
+    doomed = [p for p in complete if p.resolve() not in kept][:surplus]
+    if complete:
+        doomed += [p for p in found if not is_complete(p) and _step(p) < _step(complete[-1])]
+    for path in doomed:
+        shutil.rmtree(path, ignore_errors=True)
+    return doomed
 
 
 def newest_complete(run_dir: Path) -> Path:

@@ -83,3 +83,18 @@ def test_inference_finds_checkpoints_without_importing_training_or_torch(tmp_pat
             "print(sorted(m for m in sys.modules if m.startswith(('glm_ft.train', 'torch', 'transformers'))))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.splitlines() == ["checkpoint-2 lora base", "[]"]
+
+
+def test_rotation_keeps_the_newest_complete_checkpoints_and_drops_older_half_written_ones(tmp_path):
+    # checkpoint-3 is a save a kill cut short; checkpoint-9 is being saved now (no marker yet); checkpoint-best is
+    # a user's folder, not a step
+    run = _run_folder(tmp_path, complete_steps=(2, 4, 6, 8), half_written_steps=(3, 9))
+    (run / "checkpoint-best").mkdir()
+    assert runs.rotate_checkpoints(run, None, keep=[run / "checkpoint-8"]) == []
+    # as transformers counts: the kept ones (the newest, the best) are within the limit
+    gone = runs.rotate_checkpoints(run, 2, keep=[run / "checkpoint-8", str(run / "checkpoint-2")])  # 2: the best
+    assert sorted(p.name for p in gone) == ["checkpoint-3", "checkpoint-4", "checkpoint-6"]
+    assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-8", "checkpoint-9",
+                                                               "checkpoint-best"]
+    runs.rotate_checkpoints(run, 1, keep=[run / "checkpoint-8"])
+    assert [p.name for p in runs.complete_checkpoints(run)] == ["checkpoint-8"]

@@ -28,7 +28,7 @@ from glm_ft import dist, methods
 from glm_ft.atomic import write_text_atomic
 from glm_ft.errors import CheckpointError, GlmFtError
 from glm_ft.config.schema import EVAL_BATCH_TOKENS
-from glm_ft.runs import checkpoint_dir, last_complete_checkpoint, mark_complete
+from glm_ft.runs import COMPLETE_MARKER, checkpoint_dir, last_complete_checkpoint, mark_complete, rotate_checkpoints
 from glm_ft.data.collate import SAMPLE_INDEX
 from glm_ft.train.evaluation import Indexed, in_sample_order, plan_generation, write_predictions
 from glm_ft.train.generation import generate
@@ -174,9 +174,22 @@ class GlmTrainer(WholeRunLoss, Seq2SeqTrainer):
         return sampler
 
     def _save_checkpoint(self, model, trial):
-        folder = checkpoint_dir(Path(self.args.output_dir), self.state.global_step)
-        with disk_full_named(folder, Path(self.args.output_dir)):
-            return super()._save_checkpoint(model, trial)
+        run_dir = Path(self.args.output_dir)
+        folder = checkpoint_dir(run_dir, self.state.global_step)
+        if dist.is_rank_zero():  # a folder saved over (a run resumed from an earlier step) is incomplete until marked
+            (folder / COMPLETE_MARKER).unlink(missing_ok=True)
+        # transformers deletes older checkpoints at the end of this call, before Watchdog marks this one complete:
+        # with save_total_limit=1 a kill in between left nothing to resume from. Watchdog rotates after the marker.
+        limit, self.args.save_total_limit = self.args.save_total_limit, None
+        try:
+            with disk_full_named(folder, run_dir):
+                super()._save_checkpoint(model, trial)
+        finally:
+            self.args.save_total_limit = limit
+        if self.args.should_save and (folder / TRAINING_ARGS_JSON).is_file():
+            write_text_atomic(folder / TRAINING_ARGS_JSON, self.args.to_json_string())  # with the limit restored
+        if dist.is_multi_process():
+            torch.distributed.barrier()  # every rank's files (RNG state, ZeRO shard) are on disk before the marker
 
     def _save(self, output_dir: str | None = None, state_dict=None):
         output_dir = output_dir or self.args.output_dir
@@ -202,12 +215,14 @@ class GlmTrainer(WholeRunLoss, Seq2SeqTrainer):
 
 
 class Watchdog(TrainerCallback):
-    """Marks finished checkpoints and stops on a NaN loss, naming the step."""
+    """Marks finished checkpoints complete, then deletes those past `save_total_limit`; stops on a NaN loss,
+    naming the step."""
 
     def on_save(self, args, state, control, **kwargs):
         ckpt = checkpoint_dir(Path(args.output_dir), state.global_step)
         if ckpt.is_dir() and dist.is_rank_zero():
             mark_complete(ckpt, state.global_step)
+            rotate_checkpoints(Path(args.output_dir), args.save_total_limit, keep=[ckpt, state.best_model_checkpoint])
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         loss = (logs or {}).get("loss")

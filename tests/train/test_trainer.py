@@ -4,13 +4,16 @@ prompt alone."""
 
 from __future__ import annotations
 
+import json
+
 import torch
-from transformers import GenerationConfig
+from transformers import GenerationConfig, TrainerCallback
 
 from conftest import compose
 from glm_ft.model import load_for_training
 from glm_ft.data.collate import Collator
-from glm_ft.train.trainer import GlmTrainer
+from glm_ft.runs import complete_checkpoints
+from glm_ft.train.trainer import TRAINING_ARGS_JSON, GlmTrainer, Watchdog
 from glm_ft.train.trainer_args import build_training_arguments
 
 LENGTHS = (3, 41, 9, 70, 5, 23, 12, 2, 55, 17, 30, 7)
@@ -66,3 +69,49 @@ def test_predict_batches_by_tokens_and_returns_generate_s_ids_in_data_order(tmp_
         assert set(got[len(expected):]) <= {tokenizer.pad_token_id}
         ended += len(expected) < NEW
     assert 0 < ended < len(data), "some rows should stop early and some run to max_new_tokens"
+
+
+class _CompleteAtSave(TrainerCallback):
+    """Placed before Watchdog: the complete checkpoints a kill would leave right after a save, before its marker."""
+
+    def __init__(self, run_dir):
+        self.run_dir, self.seen = run_dir, {}
+
+    def on_save(self, args, state, control, **kwargs):
+        self.seen[state.global_step] = [p.name for p in complete_checkpoints(self.run_dir)]
+
+
+def _train_saving_every_2_steps(tmp_path, run_dir, max_steps, *overrides, resume=None):
+    cfg = compose(["experiment=quickstart", "training_args.save_steps=2", f"training_args.max_steps={max_steps}",
+                   "training_args.per_device_train_batch_size=2", "training_args.logging_steps=1", *overrides])
+    tokenizer, model, _ = load_for_training(cfg)
+    rows = [{"input_ids": [30 + i, 40 + i, 100 + i, 200 + i, 300 + i], "labels": [-100, -100, -100, 200 + i, 300 + i]}
+            for i in range(16)]
+    args = build_training_arguments(cfg, run_dir, None, has_eval=False, generation_config=_greedy(tokenizer, [2]))
+    probe = _CompleteAtSave(run_dir)
+    trainer = GlmTrainer(model=model, args=args, train_dataset=rows, data_collator=Collator(tokenizer.pad_token_id),
+                         processing_class=tokenizer, method=cfg.method, gen_config=args.generation_config,
+                         callbacks=[probe, Watchdog()])
+    trainer.train(resume_from_checkpoint=resume)
+    return probe.seen
+
+
+def test_save_total_limit_1_leaves_a_complete_checkpoint_at_every_save(tmp_path):
+    """transformers deletes the older checkpoints while it saves a new one; with save_total_limit=1 a kill before the
+    new one was marked complete left nothing to resume from. The old one now goes once the new one is marked."""
+    run_dir = tmp_path / "run"
+    seen = _train_saving_every_2_steps(tmp_path, run_dir, 6, "training_args.save_total_limit=1")
+    assert seen == {2: [], 4: ["checkpoint-2"], 6: ["checkpoint-4"]}
+    assert [p.name for p in run_dir.glob("checkpoint-*")] == ["checkpoint-6"]
+    assert json.loads((run_dir / "checkpoint-6" / TRAINING_ARGS_JSON).read_text())["save_total_limit"] == 1
+
+
+def test_a_checkpoint_saved_over_is_incomplete_until_marked_again(tmp_path):
+    """Resumed from checkpoint-2 in the same folder, the run saves checkpoint-4 over the earlier run's: until the new
+    one is marked, resume and inference must not take the half-overwritten folder for complete."""
+    run_dir = tmp_path / "run"
+    _train_saving_every_2_steps(tmp_path, run_dir, 4, "training_args.save_total_limit=null")
+    seen = _train_saving_every_2_steps(tmp_path, run_dir, 4, "training_args.save_total_limit=null",
+                                       resume=str(run_dir / "checkpoint-2"))
+    assert seen == {4: ["checkpoint-2"]}
+    assert [p.name for p in complete_checkpoints(run_dir)] == ["checkpoint-2", "checkpoint-4"]
