@@ -89,6 +89,26 @@ def rotate_checkpoints(run_dir: Path, limit: int | None, keep: list[Path | str |
     return doomed
 
 
+def checkpoint_step(checkpoint: Path) -> int:
+    """The step a checkpoint was saved at: its trainer_state.json's, else its name's (0 if neither says)."""
+    try:
+        return int(json.loads((Path(checkpoint) / "trainer_state.json").read_text(encoding="utf-8"))["global_step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        tail = Path(checkpoint).name.rsplit("-", 1)[-1]
+        return int(tail) if tail.isdigit() else 0
+
+
+def disown_later(run_dir: Path, start_step: int) -> list[Path]:
+    """A training starting at `start_step` (0: from scratch) in a folder that holds checkpoints past it, or final/,
+    made them another training's: they stop counting as complete (their markers go; their files stay until this
+    training saves over them), so that neither resume=auto nor inference takes them for this training's."""
+    stale = [p for p in complete_checkpoints(run_dir) if _step(p) > start_step]
+    stale += [Path(run_dir) / FINAL] if is_complete(Path(run_dir) / FINAL) else []
+    for path in stale:
+        (path / COMPLETE_MARKER).unlink(missing_ok=True)
+    return stale
+
+
 def newest_complete(run_dir: Path) -> Path:
     """What inference opens in a run folder: final/, or else the newest complete checkpoint."""
     if is_complete(Path(run_dir) / FINAL):

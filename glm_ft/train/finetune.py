@@ -28,9 +28,9 @@ from glm_ft.errors import CheckpointError
 from glm_ft import heap
 from glm_ft.model import (base_model_dir, load_model_for_training, load_tokenizer, parameter_counts,
                           refused_weights_errors, refused_weights_reason)
-from glm_ft.runs import (CURVES_FILE, EVAL_PREDICTIONS, FINAL, PREDICTIONS, final_record, finished_step,
-                         last_complete_checkpoint, mark_complete, read_progress, record_progress, reset_progress, resume_checkpoint,
-                         write_run_info)
+from glm_ft.runs import (CURVES_FILE, EVAL_PREDICTIONS, FINAL, PREDICTIONS, checkpoint_step, disown_later,
+                         final_record, finished_step, last_complete_checkpoint, mark_complete, read_progress,
+                         record_progress, reset_progress, resume_checkpoint, write_run_info)
 from glm_ft.search import TRIAL_ENV, trial_tags
 from glm_ft.tracking.curves import run_log_history, write_training_curves
 from glm_ft.tracking.parent import hydra_config
@@ -190,9 +190,14 @@ def _write_curves(cfg: DictConfig, run_dir: Path, log_history: list[dict], train
 
 
 def _train_and_save(cfg: DictConfig, run_dir: Path, trainer, tracker, job_trial) -> None:
+    resume_from = resume_checkpoint(cfg.resume, run_dir)
     if dist.is_rank_zero():
         reset_progress(run_dir)
-    resume_from = resume_checkpoint(cfg.resume, run_dir)
+        start = checkpoint_step(Path(resume_from)) if resume_from else 0
+        stale = disown_later(run_dir, start)
+        if stale:
+            log.warning("%s held %s of another training (past step %d): they no longer count as complete; this "
+                        "training saves over them", run_dir, ", ".join(p.name for p in stale), start)
     if resume_from:
         if dist.is_rank_zero():
             log.info("resuming from %s", resume_from)

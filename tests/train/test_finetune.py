@@ -16,6 +16,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from conftest import ROOT, end_process_group, run_process, run_train
+from glm_ft.runs import complete_checkpoints
 
 pytestmark = pytest.mark.slow
 
@@ -249,6 +250,23 @@ def test_resume_auto_with_more_epochs_trains_on(tmp_path, mlflow_env):
     # the same length again: complete, nothing trained
     done = train([*args, "training_args.num_train_epochs=2", "resume=auto"], run_dir, mlflow_env)
     assert done.returncode == 0 and "nothing to train" in done.stdout + done.stderr, done.stderr[-3000:]
+
+
+def test_a_training_started_in_an_earlier_ones_folder_disowns_its_later_checkpoints(tmp_path, mlflow_env):
+    """The same hydra.run.dir again, from scratch: the earlier training's checkpoint-6 and final/ must not count
+    as this one's (resume=auto after a kill would have continued the other training, inference opened its model)."""
+    args = [*METHODS["lora"], "training_args.eval_steps=100", "data.test_file=null"]
+    run_dir = tmp_path / "run"
+    first = train(args, run_dir, mlflow_env)
+    assert first.returncode == 0, first.stderr[-3000:]
+    again = train([*args, "training_args.max_steps=3", "training_args.learning_rate=5e-4"], run_dir, mlflow_env)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "held checkpoint-3, checkpoint-6, final of another training (past step 0)" in again.stdout + again.stderr
+    assert [p.name for p in complete_checkpoints(run_dir)] == ["checkpoint-3"]
+    assert (run_dir / "checkpoint-6").is_dir()  # not deleted: its files were not this run's to remove
+    assert json.loads((run_dir / "final" / "glm_ft_complete").read_text())["step"] == 3
+    resumed = train([*args, "training_args.max_steps=3", "resume=auto"], run_dir, mlflow_env)
+    assert resumed.returncode == 0 and "nothing to train" in resumed.stdout + resumed.stderr, resumed.stderr[-3000:]
 
 
 def test_resume_from_named_checkpoint(tmp_path, mlflow_env, runs):
