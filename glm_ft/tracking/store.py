@@ -55,10 +55,16 @@ def sqlite_path(uri: str) -> Path | None:
 
 
 def ui_hint(uri: str) -> str:
-    """How to browse a store: a server is its own UI; a database or folder needs `mlflow ui` on it."""
+    """How to browse a store: a server is its own UI; a database or folder needs `mlflow ui` on it, through the
+    checkout's `make ui` when glm-ft runs from a checkout (from any folder), else the installed `glm-ft ui`."""
     if uri.startswith(("http://", "https://")):
         return f"open {uri}"
-    return f"browse it with `make ui UI_STORE={uri}` and open http://127.0.0.1:5000"
+    from glm_ft.config.locations import CHECKOUT_ROOT
+
+    if (CHECKOUT_ROOT / "Makefile").is_file():
+        make = "make" if Path.cwd().resolve() == CHECKOUT_ROOT else f"make -C {CHECKOUT_ROOT}"
+        return f"browse it with `{make} ui UI_STORE={uri}` and open http://127.0.0.1:5000"
+    return f"browse it with `MLFLOW_TRACKING_URI={uri} glm-ft ui` and open http://127.0.0.1:5000"
 
 
 def artifact_location(uri: str, tracking_cfg: DictConfig) -> str | None:

@@ -21,7 +21,7 @@ from glm_ft.errors import ConfigError
 from glm_ft.config.render import render_run_files
 from glm_ft.tracking.parent import PARENT_FILE, SWEPT_PARAMS_TAG
 from glm_ft.tracking.signals import Terminated
-from glm_ft.tracking.store import Store
+from glm_ft.tracking.store import Store, ui_hint
 from glm_ft.tracking.tracker import NullTracker, start_run
 
 
@@ -344,3 +344,18 @@ def test_import_is_light():
     out = run_process([sys.executable, "-c", code], cwd=ROOT)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_the_ui_hint_is_a_command_that_works_where_the_run_was_started(tmp_path, monkeypatch):
+    """From another folder `make ui` finds no Makefile: the hint names the checkout's (make -C), and `make -n`
+    shows it would serve that store."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.chdir(ROOT)
+    assert f"`make ui UI_STORE={uri}`" in ui_hint(uri)
+    monkeypatch.chdir(tmp_path)
+    hint = ui_hint(uri)
+    command = hint.split("`")[1]
+    assert command == f"make -C {ROOT} ui UI_STORE={uri}"
+    dry = run_process([*command.replace("make", "make -n", 1).split()], cwd=tmp_path)
+    assert dry.returncode == 0 and f'--backend-store-uri "{uri}"' in dry.stdout, dry.stdout + dry.stderr
+    assert ui_hint("http://127.0.0.1:5000") == "open http://127.0.0.1:5000"
