@@ -1,9 +1,12 @@
 """`hydra/sweeper=basic` (Hydra's default; config.py replaces Hydra's entry of that name): Hydra's grid sweeper
 (`-m method.r=4,8,16`), except that running the same sweep again in the same `hydra.sweep.dir` skips the jobs that
-already finished there, so a sweep killed after two of three 6B jobs costs one more job, not three.
+already finished there and resumes the one a kill cut short from its last complete checkpoint, so a sweep killed
+in the middle of its third 6B job costs the rest of that job, not three.
 
 A job counts as finished when glm_ft.sweep's callback recorded it COMPLETED (`<sweep dir>/.glm_ft_jobs/N.json`)
 with exactly the same overrides, and its folder is still there. The skipped jobs' results are the recorded ones.
+A job not finished is resumed (`resume=auto` added to its overrides) when its folder holds a complete checkpoint
+(or final/) of a job that ran exactly these overrides (its `.hydra/overrides.yaml`).
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ class SkippingLauncher:
             num = initial_job_idx + i
             outcome = _read(self.sweep_dir / JOBS_DIR / f"{num}.json")
             if (outcome and outcome.get("status") == JobStatus.COMPLETED.name
-                    and outcome.get("overrides") == [redact(o) for o in overrides]  # recorded masked
+                    and _without_resume(outcome.get("overrides")) == [redact(o) for o in overrides]  # recorded masked
                     and (self.sweep_dir / str(num)).is_dir()):
                 results[i] = JobReturn(overrides=list(overrides), status=JobStatus.COMPLETED,
                                        _return_value=outcome.get("return_value"),
@@ -55,6 +58,12 @@ class SkippingLauncher:
         if skipped:
             log.info("Skipping %d job(s) that finished in an earlier run of %s: %s", len(skipped), self.sweep_dir,
                      ", ".join(skipped))
+        job_overrides = [list(o) if done is not None or not self._resumable(initial_job_idx + i, o)
+                         else [*o, RESUME_AUTO] for i, (o, done) in enumerate(zip(job_overrides, results))]
+        resumed = [f"#{initial_job_idx + i}" for i, o in enumerate(job_overrides) if o[-1:] == [RESUME_AUTO]]
+        if resumed:
+            log.info("Resuming %s from the checkpoints an earlier run of %s left (resume=auto)", ", ".join(resumed),
+                     self.sweep_dir)
         # Launch the rest in runs of consecutive job numbers, so each keeps its number (and folder).
         start = 0
         while start < len(job_overrides):
@@ -68,6 +77,30 @@ class SkippingLauncher:
             results[start:end] = list(launched)
             start = end
         return results
+
+    def _resumable(self, num: int, overrides: Sequence[str]) -> bool:
+        """A job the earlier run left with a complete checkpoint, run with exactly these overrides."""
+        from omegaconf import OmegaConf
+
+        from glm_ft.runs import FINAL, is_complete, last_complete_checkpoint
+        from glm_ft.tracking.redact import redact
+
+        folder = self.sweep_dir / str(num)
+        if any(o.startswith("resume=") for o in overrides) or not (folder / ".hydra" / "overrides.yaml").is_file():
+            return False
+        try:
+            ran = [str(o) for o in OmegaConf.load(folder / ".hydra" / "overrides.yaml")]
+        except Exception:  # an unreadable record: run the job afresh, as before
+            return False
+        return (_without_resume(ran) == [redact(o) for o in overrides]  # written masked
+                and (last_complete_checkpoint(folder) is not None or is_complete(folder / FINAL)))
+
+
+RESUME_AUTO = "resume=auto"  # added by the launcher to a job it resumes; not part of what the user asked
+
+
+def _without_resume(overrides: Sequence[str] | None) -> list[str] | None:
+    return None if overrides is None else [o for o in overrides if o != RESUME_AUTO]
 
 
 def _read(path: Path) -> dict | None:

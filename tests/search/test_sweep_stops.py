@@ -4,15 +4,18 @@ the children its dead predecessor left RUNNING from their own run folders."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
 
+import pytest
 from omegaconf import OmegaConf
 
-from conftest import ROOT, end_process_group
+from conftest import ROOT, end_process_group, run_process
+from glm_ft.runs import last_complete_checkpoint
 from test_sweep import APP, app_env, sweep_runs
 
 
@@ -131,3 +134,57 @@ def test_rerun_sweep_closes_a_job_that_ended_during_an_outage_with_its_status_an
     dead = store.client.get_run(killed)
     assert dead.info.status == "KILLED" and dead.data.tags["glm_ft.error"] == "its sweep stopped while it ran"
     assert best_child(store, parent, "eval_rouge-l", "maximize").info.run_id == finished
+
+
+def test_a_killed_sweep_run_again_resumes_its_cut_short_job_from_its_checkpoint(tmp_path):
+    """SIGKILL to the whole sweep (a preempted node) in the middle of its job; the same command again resumes that
+    job from its last complete checkpoint, to the loss an uninterrupted run reaches, in the same MLflow run; a third
+    run finds the job finished and skips it."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    sweep_dir = tmp_path / "sweep"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
+    job = ["experiment=quickstart", "method=lora", "method.r=4", "training_args.max_steps=40",
+           "training_args.save_steps=4", "training_args.eval_steps=1000", "training_args.logging_steps=1",
+           "eval_subset=4", "training_args.generation_config.max_new_tokens=8", "data.test_file=null"]
+    cmd = [sys.executable, str(ROOT / "train.py"), "-m", *job, f"hydra.sweep.dir={sweep_dir}"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        while not list((sweep_dir / "0").glob("checkpoint-*/glm_ft_complete")):
+            assert proc.poll() is None, proc.stderr.read()[-2000:]
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    finally:
+        end_process_group(proc)
+    cut_at = last_complete_checkpoint(sweep_dir / "0")
+    assert not (sweep_dir / "0" / "final").exists()
+
+    again = run_process(cmd, env=env)
+    assert again.returncode == 0, again.stderr[-3000:]
+    log = again.stdout + again.stderr
+    assert f"Resuming #0 from the checkpoints an earlier run of {sweep_dir} left (resume=auto)" in log
+    assert f"resuming from {cut_at}" in log
+
+    whole = run_process([sys.executable, str(ROOT / "train.py"), *job, f"hydra.run.dir={tmp_path / 'whole'}",
+                         "tracking.enabled=false"], env=env)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+
+    def last_loss(run_dir):
+        history = json.loads((run_dir / "checkpoint-40" / "trainer_state.json").read_text())["log_history"]
+        return [h["loss"] for h in history if "loss" in h][-1]
+
+    assert last_loss(sweep_dir / "0") == pytest.approx(last_loss(tmp_path / "whole"), rel=1e-5)
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    parent = client.get_run((sweep_dir / "mlflow_parent_run_id").read_text().strip())
+    children = client.search_runs([parent.info.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert [(c.info.status, c.data.tags.get("glm_ft.resumes")) for c in children] == [("FINISHED", "1")]
+    assert parent.info.status == "FINISHED"
+
+    third = run_process(cmd, env=env)
+    assert third.returncode == 0, third.stderr[-3000:]
+    assert f"Skipping 1 job(s) that finished in an earlier run of {sweep_dir}" in third.stdout + third.stderr
