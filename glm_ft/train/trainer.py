@@ -159,6 +159,12 @@ class GlmTrainer(WholeRunLoss, Seq2SeqTrainer):
                               num_samples=output.num_samples)
 
     def _run_epoch(self, *args, **kwargs):
+        # The epoch's order, set on the sampler itself: a resumed multi-process run wraps it in accelerate's
+        # SkipBatchSampler > BatchSamplerShard > BatchSampler, and neither accelerate's set_epoch nor the Trainer's
+        # reach that deep, so the resumed epoch would be drawn from `seed + 0` (the first epoch's order).
+        sampler = getattr(self, "_epoch_sampler", None)
+        if sampler is not None and "epoch" in kwargs:
+            sampler.set_epoch(kwargs["epoch"])
         if self.state.global_step >= self.state.max_steps:
             # Resumed from the last step's checkpoint (killed while final/ was saved): nothing is left to train. The
             # Trainer would train one step past max_steps before it looked, and final/ would hold another model.
@@ -170,7 +176,8 @@ class GlmTrainer(WholeRunLoss, Seq2SeqTrainer):
         sampler = super()._get_train_sampler(train_dataset)
         if type(sampler) is LengthGroupedSampler:
             seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
-            return EpochSeededLengthGroupedSampler(sampler.batch_size, sampler.lengths, seed)
+            self._epoch_sampler = EpochSeededLengthGroupedSampler(sampler.batch_size, sampler.lengths, seed)
+            return self._epoch_sampler
         return sampler
 
     def _save_checkpoint(self, model, trial):

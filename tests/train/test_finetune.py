@@ -176,6 +176,35 @@ def test_resume_in_a_later_epoch_reaches_the_same_losses(tmp_path, mlflow_env):
                                                                 rel=1e-5)
 
 
+def test_two_processes_resumed_in_the_second_epoch_train_that_epoch_s_order(tmp_path, mlflow_env):
+    """As above with two processes, packed rows and accumulation: resumed inside epoch 2, accelerate wraps the
+    sampler one level deeper (SkipBatchSampler around its shard) and the epoch must still reach it; the resumed
+    steps train the uninterrupted run's rows (epoch 1's order before the fix), to its losses and token counts."""
+    args = ["experiment=quickstart", "data.packing=true", "training_args.max_steps=-1",
+            "training_args.num_train_epochs=2", "training_args.per_device_train_batch_size=8",
+            "training_args.gradient_accumulation_steps=2", "training_args.save_steps=3",
+            "training_args.logging_steps=1", "training_args.eval_steps=100", "data.val_file=null",
+            "data.test_file=null", "training_args.save_total_limit=null"]  # 123 packed rows: 4 steps an epoch on 2 ranks
+    env = {**os.environ, **mlflow_env}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+
+    def launch(name: str, *extra: str) -> dict[int, dict]:
+        cmd = [sys.executable, "-m", "glm_ft.launch", "--nproc_per_node", "2", str(ROOT / "train.py"), *args, *extra,
+               f"hydra.run.dir={tmp_path / name}"]
+        result = run_process(cmd, env=env)
+        assert result.returncode == 0, result.stderr[-3000:]
+        state = json.loads((tmp_path / name / "checkpoint-8" / "trainer_state.json").read_text())
+        return {h["step"]: h for h in state["log_history"] if "loss" in h}
+
+    expected = launch("whole")
+    got = launch("resumed", f"resume={tmp_path / 'whole' / 'checkpoint-6'}")
+    assert expected[6]["epoch"] == pytest.approx(1.5)  # checkpoint-6 is inside the second epoch
+    for step in (7, 8):
+        assert got[step]["num_input_tokens_seen"] == expected[step]["num_input_tokens_seen"], step
+        assert got[step]["loss"] == pytest.approx(expected[step]["loss"], rel=1e-6), step
+
+
 def test_a_resumed_runs_train_loss_is_the_whole_runs_mean(tmp_path, mlflow_env, runs):
     """The Trainer's train_loss averages the steps of one train() call. A run resumed from checkpoint-3 reports the
     mean of all six step losses, as the uninterrupted run does; with logging_steps=4 the losses of steps 1-3 were not
