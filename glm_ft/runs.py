@@ -32,6 +32,8 @@ PROGRESS_FILE = "glm_ft_progress.json"
 PREDICTIONS = "predictions.jsonl"
 EVAL_PREDICTIONS = "eval_predictions.jsonl"
 CURVES_FILE = "training_curves.png"
+# The Trainer's state (log_history among it) in each checkpoint-N/, and in final/ as training ended.
+TRAINER_STATE = "trainer_state.json"
 EVAL_METRICS = "eval_metrics.json"
 # A P-Tuning v2 checkpoint's files (glm_ft.chatglm3.prefix writes them): named here, where finding a checkpoint can
 # read them without importing torch.

@@ -28,9 +28,9 @@ from glm_ft.errors import CheckpointError
 from glm_ft import heap
 from glm_ft.model import (base_model_dir, load_model_for_training, load_tokenizer, parameter_counts,
                           refused_weights_errors, refused_weights_reason)
-from glm_ft.runs import (CURVES_FILE, EVAL_PREDICTIONS, FINAL, PREDICTIONS, checkpoint_step, disown_later,
-                         final_record, finished_step, last_complete_checkpoint, mark_complete, read_progress,
-                         record_progress, reset_progress, resume_checkpoint, write_run_info)
+from glm_ft.runs import (CURVES_FILE, EVAL_PREDICTIONS, FINAL, PREDICTIONS, TRAINER_STATE, checkpoint_step,
+                         disown_later, final_record, finished_step, last_complete_checkpoint, mark_complete,
+                         read_progress, record_progress, reset_progress, resume_checkpoint, write_run_info)
 from glm_ft.search import TRIAL_ENV, trial_tags
 from glm_ft.tracking.curves import run_log_history, write_training_curves
 from glm_ft.tracking.parent import hydra_config
@@ -226,6 +226,10 @@ def _train_and_save(cfg: DictConfig, run_dir: Path, trainer, tracker, job_trial)
     trainer.accelerator.unwrap_model(trainer.model).config.use_cache = True
     with disk_full_named(run_dir / FINAL, run_dir):
         trainer.save_model(str(run_dir / FINAL))
+        if dist.is_rank_zero():
+            # The whole training's log beside its model: a redo reads it there (a run with save_strategy=no has no
+            # checkpoint-N/trainer_state.json to read it from).
+            trainer.state.save_to_json(str(run_dir / FINAL / TRAINER_STATE))
     if dist.is_rank_zero():
         # A resume from final/ logs nothing of the training again (train_loss, runtime...): they must be in the store
         # before final/ counts, as a checkpoint's points are before it does (TrackerCallback).

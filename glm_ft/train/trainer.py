@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import logging
 import math
 import os
@@ -172,6 +173,16 @@ class GlmTrainer(WholeRunLoss, Seq2SeqTrainer):
             return None
         return super()._run_epoch(*args, **kwargs)
 
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        # The rate this step trains at, read before it: where DeepSpeed runs the optimizer of its config (ZeRO-3's),
+        # its engine steps the scheduler inside backward, and the Trainer's reading after that logged the next step's.
+        self._step_learning_rate = self.optimizer.param_groups[0]["lr"]
+        return super().training_step(model, inputs, num_items_in_batch)
+
+    def _get_learning_rate(self):
+        rate = getattr(self, "_step_learning_rate", None)
+        return super()._get_learning_rate() if rate is None else float(rate)
+
     def _get_train_sampler(self, train_dataset=None):
         sampler = super()._get_train_sampler(train_dataset)
         if type(sampler) is LengthGroupedSampler:
@@ -214,11 +225,47 @@ class GlmTrainer(WholeRunLoss, Seq2SeqTrainer):
         if not methods.get(self.method.name).load_for_resume(unwrapped, resume_from_checkpoint):
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
 
+    def _init_training_state(self, max_steps, *args, **kwargs):
+        out = super()._init_training_state(max_steps, *args, **kwargs)
+        # A resumed state comes with the checkpoint's logging, eval and save steps, which the Trainer then follows
+        # (it only warns that they differ); this run's training_args are what finetune.yaml and MLflow record.
+        self.state.compute_steps(self.args, max_steps)
+        return out
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        super()._load_optimizer_and_scheduler(checkpoint)
+        scheduler = self.lr_scheduler
+        if checkpoint is None or not isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+            return
+        # The scheduler's state also brings back the checkpoint's base rate: a resume with another
+        # training_args.learning_rate (what its finetune.yaml and MLflow's glm_ft.resume_changed_params say) scales
+        # every parameter group's by it (LoRA+'s lora_B group keeps its ratio).
+        saved = _saved_learning_rate(Path(checkpoint))
+        if saved and saved != self.args.learning_rate:
+            scheduler.base_lrs = [base * self.args.learning_rate / saved for base in scheduler.base_lrs]
+            for group, base in zip(scheduler.optimizer.param_groups, scheduler.base_lrs):
+                group["initial_lr"] = base
+        # The optimizer's state brings back the rate the checkpoint's schedule had reached, but the schedule is this
+        # run's (resume=auto with a larger max_steps or num_train_epochs stretches it): until the first
+        # scheduler.step() the resumed step would train at the old rate, 0 at the end of a linear or cosine schedule.
+        lrs = [base * fn(scheduler.last_epoch) for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+        for group, lr in zip(scheduler.optimizer.param_groups, lrs):
+            group["lr"] = lr
+        scheduler._last_lr = lrs
+
     def create_optimizer(self, model=None):
         if self.optimizer is None:  # the method's own optimizer (LoRA+), else the Trainer's
             self.optimizer = methods.get(self.method.name).create_optimizer(self.model if model is None else model,
                                                                            self.args, self.method)
         return super().create_optimizer(model) if self.optimizer is None else self.optimizer
+
+
+def _saved_learning_rate(checkpoint: Path) -> float | None:
+    """The training_args.learning_rate a checkpoint was trained with (its training_args.json); None if unknown."""
+    try:
+        return float(json.loads((checkpoint / TRAINING_ARGS_JSON).read_text(encoding="utf-8"))["learning_rate"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 class Watchdog(TrainerCallback):

@@ -235,3 +235,27 @@ def test_a_redone_prediction_reports_what_the_uninterrupted_run_reports(tmp_path
     assert not [k for k in logged if "model_preparation_time" in k]
     assert not [k for k in json.loads((run_dir / "glm_ft_progress.json").read_text())["metrics"]
                 if "model_preparation_time" in k]
+
+
+def test_a_redo_in_a_run_without_checkpoints_keeps_what_training_logged(tmp_path, store):
+    """save_strategy=no: final/ is the only saved state. Killed once final/ is saved, the redo's training_curves.png
+    still draws the loss and the evaluations training logged, and the evaluation training made at its last step is
+    taken, not made again (the training's log came only from a checkpoint's trainer_state.json: the picture drew
+    nothing, and eval_* got a second point at step 4)."""
+    args = [*QUICK, "training_args.max_steps=4", "training_args.save_strategy=no", "training_args.eval_steps=2"]
+    run_dir, log = tmp_path / "run", tmp_path / "train.log"
+    with background(train_cmd(args, run_dir, stop_after="final"), log, env=store["env"]) as proc:
+        wait_until_stopped(proc, log, "final/")
+        kill_group(proc)
+        proc.wait()
+    assert not list(run_dir.glob("checkpoint-*"))
+    run_id = mlflow_run_id(run_dir)
+    redo = run_train([*args, "resume=auto", f"hydra.run.dir={run_dir}"], env=store["env"])
+    assert redo.returncode == 0, redo.stderr[-3000:]
+    assert "resume=auto: training finished at step 4" in redo.stdout + redo.stderr
+    series = read_series(run_dir / CURVES_FILE)
+    losses = logged_losses(store["client"], run_id)
+    assert sorted(losses) == [1, 2, 3, 4]
+    assert dict(map(tuple, series.get("loss", []))) == losses
+    assert [step for step, _ in series.get("eval_rouge-l", [])] == [2, 4]
+    assert [m.step for m in store["client"].get_metric_history(run_id, "eval_rouge-l")] == [2, 4]

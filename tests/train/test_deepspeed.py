@@ -40,6 +40,10 @@ def check_run(run_dir: Path, stage: int, world_size: int, tmp_path: Path) -> Non
     assert state["global_step"] == 3
     losses = [h["loss"] for h in state["log_history"] if "loss" in h]
     assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
+    # the rate each step trained at, as logged without DeepSpeed: the quickstart's 2e-3 warming up over 20 steps
+    # from 0 (ZeRO-3, whose config brings DeepSpeed's optimizer, logged the next step's)
+    rates = [h["learning_rate"] for h in state["log_history"] if "loss" in h]
+    assert rates == pytest.approx([2e-3 * k / 20 for k in range(3)])
     assert (run_dir / "checkpoint-3" / "glm_ft_complete").is_file()
     assert (run_dir / "final" / "model.safetensors").is_file()  # SFT under ZeRO: full weights gathered on save
     resolved = json.loads((run_dir / "ds_config.resolved.json").read_text())

@@ -184,7 +184,7 @@ def test_two_processes_resumed_in_the_second_epoch_train_that_epoch_s_order(tmp_
             "training_args.num_train_epochs=2", "training_args.per_device_train_batch_size=8",
             "training_args.gradient_accumulation_steps=2", "training_args.save_steps=3",
             "training_args.logging_steps=1", "training_args.eval_steps=100", "data.val_file=null",
-            "data.test_file=null", "training_args.save_total_limit=null"]  # 123 packed rows: 4 steps an epoch on 2 ranks
+            "data.test_file=null", "training_args.save_total_limit=null"]  # 123 packed rows: 4 steps an epoch, 2 ranks
     env = {**os.environ, **mlflow_env}
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
@@ -296,6 +296,32 @@ def test_a_training_started_in_an_earlier_ones_folder_disowns_its_later_checkpoi
     assert json.loads((run_dir / "final" / "glm_ft_complete").read_text())["step"] == 3
     resumed = train([*args, "training_args.max_steps=3", "resume=auto"], run_dir, mlflow_env)
     assert resumed.returncode == 0 and "nothing to train" in resumed.stdout + resumed.stderr, resumed.stderr[-3000:]
+
+
+def test_a_resume_that_extends_a_run_follows_its_own_training_args(tmp_path, mlflow_env):
+    """A finished 4-step run extended to 8 steps with another learning rate and denser logging, evaluation and
+    checkpoints, as its finetune.yaml and MLflow's glm_ft.resume_changed_params then say. The resumed steps follow
+    the 8-step linear schedule from the new rate, starting at the first resumed step (the optimizer state brought
+    back the 4-step schedule's last rate, 0, for step 5; the scheduler state the old base rate), and log, evaluate
+    and save at the new steps (the checkpoint's trainer_state.json brought back the old ones)."""
+    args = ["method=sft", "training_args.warmup_steps=1", "training_args.save_total_limit=null", "data.test_file=null"]
+    run_dir = tmp_path / "run"
+    first = train([*args, "training_args.max_steps=4", "training_args.save_steps=4", "training_args.eval_steps=4",
+                   "training_args.logging_steps=2"], run_dir, mlflow_env)
+    assert first.returncode == 0, first.stderr[-3000:]
+    again = train([*args, "training_args.max_steps=8", "training_args.learning_rate=5e-4",
+                   "training_args.save_steps=2", "training_args.eval_steps=2", "training_args.logging_steps=1",
+                   "resume=auto"], run_dir, mlflow_env)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert OmegaConf.load(run_dir / "finetune.yaml").training_args.learning_rate == 5e-4
+    history = json.loads((run_dir / "checkpoint-8" / "trainer_state.json").read_text())["log_history"]
+    rates = {h["step"]: h["learning_rate"] for h in history if "learning_rate" in h}
+    # the rate step k trains at after the one warmup step: base x (max_steps - (k - 1)) / (max_steps - 1)
+    assert {k: rates[k] for k in (2, 4)} == pytest.approx({2: 1e-3, 4: 1e-3 / 3})  # SMALL's 1e-3
+    assert {k: rates[k] for k in (5, 6, 7, 8)} == pytest.approx({k: 5e-4 * (9 - k) / 7 for k in (5, 6, 7, 8)})
+    assert sorted(int(p.name.split("-")[1]) for p in run_dir.glob("checkpoint-*")) == [4, 6, 8]
+    assert [h["step"] for h in history if "eval_rouge-l" in h] == [4, 6, 8]
+    assert [h["step"] for h in history if "loss" in h] == [2, 4, 5, 6, 7, 8]
 
 
 def test_resume_from_named_checkpoint(tmp_path, mlflow_env, runs):
