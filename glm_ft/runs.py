@@ -32,8 +32,11 @@ PROGRESS_FILE = "glm_ft_progress.json"
 PREDICTIONS = "predictions.jsonl"
 EVAL_PREDICTIONS = "eval_predictions.jsonl"
 CURVES_FILE = "training_curves.png"
-# The Trainer's state (log_history among it) in each checkpoint-N/, and in final/ as training ended.
+# The Trainer's state (log_history among it) in each checkpoint-N/; in final/, as training ended, under another name:
+# a trainer_state.json there would make `resume=RUN/final` continue at that step without the optimizer and schedule
+# state, which final/ does not hold (it starts a new schedule from final/'s weights).
 TRAINER_STATE = "trainer_state.json"
+FINAL_LOG = "training_log.json"
 EVAL_METRICS = "eval_metrics.json"
 # A P-Tuning v2 checkpoint's files (glm_ft.chatglm3.prefix writes them): named here, where finding a checkpoint can
 # read them without importing torch.
@@ -133,9 +136,21 @@ def resume_checkpoint(resume: str | None, run_dir: Path) -> str | None:
             return None
         return str(found)
     path = Path(resume).expanduser().resolve()
-    if not is_complete(path) and not (path / "trainer_state.json").is_file():
-        raise CheckpointError(f"resume: '{path}' is not a complete glm-ft checkpoint (no trainer_state.json)")
+    problem = not_resumable(path, resume)
+    if problem:
+        raise CheckpointError(problem)
     return str(path)
+
+
+def not_resumable(path: Path, shown: str) -> str | None:
+    """Why the folder `path` (given as `shown`) is no checkpoint to resume from; None if it is one."""
+    if (path / TRAINER_STATE).is_file():
+        return None
+    if is_complete(path):  # final/: the model alone, which transformers' resume can't continue
+        return (f"resume: '{shown}' is a run's final model, not a checkpoint (no optimizer, schedule or trainer "
+                f"state); use resume=auto hydra.run.dir=<its run folder> (with a larger training_args.max_steps to "
+                f"train on), or resume=<run folder>/checkpoint-N")
+    return f"resume: '{shown}' is not a complete glm-ft checkpoint (no {TRAINER_STATE})"
 
 
 def zero_world_size(checkpoint: Path) -> int | None:

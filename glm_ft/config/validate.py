@@ -317,7 +317,7 @@ def _file_kind(path: Path) -> str:
 
 def _check_resume(cfg: DictConfig) -> None:
     """resume=PATH: a complete checkpoint of this method, known before the model loads (glm_ft.runs reads it)."""
-    from glm_ft.runs import is_complete, is_run_folder
+    from glm_ft.runs import is_run_folder, not_resumable
 
     resume = cfg.resume
     if resume in (None, "auto"):
@@ -329,8 +329,9 @@ def _check_resume(cfg: DictConfig) -> None:
     if is_run_folder(path) or any(path.glob("checkpoint-*")):
         raise ConfigError(f"resume: '{resume}' is a run folder, not one of its checkpoints; use resume=auto "
                           f"hydra.run.dir={resume}, or resume={resume}/checkpoint-N")
-    if not is_complete(path) and not (path / "trainer_state.json").is_file():
-        raise ConfigError(f"resume: '{resume}' is not a complete glm-ft checkpoint (no trainer_state.json)")
+    problem = not_resumable(path, resume)
+    if problem:
+        raise ConfigError(problem)
     kind, method = methods.kind_of(path), methods.get(cfg.method.name)
     if kind is not None and kind != method.KIND:
         other = methods.by_kind(kind)

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from glm_ft.atomic import write_bytes_atomic
-from glm_ft.runs import FINAL, TRAINER_STATE, complete_checkpoints
+from glm_ft.runs import FINAL, FINAL_LOG, TRAINER_STATE, complete_checkpoints
 
 SERIES_KEY = "glm_ft.series"
 # Timings and counts are not curves worth a panel: they are flat or say nothing about learning.
@@ -86,12 +86,12 @@ def read_series(path: Path) -> dict:
 def run_log_history(trainer_history: list[dict], run_dir: Path, trained: bool) -> list[dict]:
     """The whole training's log history. A job that only redid the final evaluation or prediction (resume=auto
     after final/ was saved) did not train (`trained` False), so its Trainer's history starts empty: final/'s
-    trainer_state.json (else the newest complete checkpoint's) holds what came before."""
+    training_log.json (else the newest complete checkpoint's trainer_state.json) holds what came before."""
     if trained:
         return list(trainer_history)
     # final/'s (written with it), else the newest checkpoint's (a final/ saved before glm-ft wrote it there)
-    found = [p / TRAINER_STATE for p in (Path(run_dir) / FINAL, *reversed(complete_checkpoints(Path(run_dir))))
-             if (p / TRAINER_STATE).is_file()]
+    found = [p for p in (Path(run_dir) / FINAL / FINAL_LOG,
+                         *(c / TRAINER_STATE for c in reversed(complete_checkpoints(Path(run_dir))))) if p.is_file()]
     if not found:
         return list(trainer_history)
     steps = {h.get("step") for h in trainer_history}

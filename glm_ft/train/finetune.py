@@ -28,7 +28,7 @@ from glm_ft.errors import CheckpointError
 from glm_ft import heap
 from glm_ft.model import (base_model_dir, load_model_for_training, load_tokenizer, parameter_counts,
                           refused_weights_errors, refused_weights_reason)
-from glm_ft.runs import (CURVES_FILE, EVAL_PREDICTIONS, FINAL, PREDICTIONS, TRAINER_STATE, checkpoint_step,
+from glm_ft.runs import (CURVES_FILE, EVAL_PREDICTIONS, FINAL, FINAL_LOG, PREDICTIONS, checkpoint_step,
                          disown_later, final_record, finished_step, last_complete_checkpoint, mark_complete,
                          read_progress, record_progress, reset_progress, resume_checkpoint, write_run_info)
 from glm_ft.search import TRIAL_ENV, trial_tags
@@ -193,7 +193,9 @@ def _train_and_save(cfg: DictConfig, run_dir: Path, trainer, tracker, job_trial)
     resume_from = resume_checkpoint(cfg.resume, run_dir)
     if dist.is_rank_zero():
         reset_progress(run_dir)
-        start = checkpoint_step(Path(resume_from)) if resume_from else 0
+        # A checkpoint of another folder shares no history with this one's: all of this folder's are another's.
+        own = resume_from is not None and Path(resume_from).resolve().parent == run_dir.resolve()
+        start = checkpoint_step(Path(resume_from)) if own else 0
         stale = disown_later(run_dir, start)
         if stale:
             log.warning("%s held %s of another training (past step %d): they no longer count as complete; this "
@@ -229,7 +231,7 @@ def _train_and_save(cfg: DictConfig, run_dir: Path, trainer, tracker, job_trial)
         if dist.is_rank_zero():
             # The whole training's log beside its model: a redo reads it there (a run with save_strategy=no has no
             # checkpoint-N/trainer_state.json to read it from).
-            trainer.state.save_to_json(str(run_dir / FINAL / TRAINER_STATE))
+            trainer.state.save_to_json(str(run_dir / FINAL / FINAL_LOG))
     if dist.is_rank_zero():
         # A resume from final/ logs nothing of the training again (train_loss, runtime...): they must be in the store
         # before final/ counts, as a checkpoint's points are before it does (TrackerCallback).

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import json
 import logging
 import math
 import os
@@ -234,13 +233,18 @@ class GlmTrainer(WholeRunLoss, Seq2SeqTrainer):
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         super()._load_optimizer_and_scheduler(checkpoint)
-        scheduler = self.lr_scheduler
+        # Under a DeepSpeed config that brings its own optimizer (ZeRO-3's), accelerate wraps the Trainer's schedule
+        # (a LambdaLR, which DeepSpeed's engine steps and restored in load_checkpoint) in DeepSpeedSchedulerWrapper.
+        scheduler = getattr(self.lr_scheduler, "scheduler", self.lr_scheduler)
         if checkpoint is None or not isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
             return
         # The scheduler's state also brings back the checkpoint's base rate: a resume with another
         # training_args.learning_rate (what its finetune.yaml and MLflow's glm_ft.resume_changed_params say) scales
-        # every parameter group's by it (LoRA+'s lora_B group keeps its ratio).
-        saved = _saved_learning_rate(Path(checkpoint))
+        # every parameter group's by it (LoRA+'s lora_B group keeps its ratio). The rate restored is the one to
+        # scale, whatever the checkpoint's training_args.json says: a checkpoint saved before glm-ft rescaled kept
+        # the first training's rate under a changed learning_rate, and a folder without the schedule's state
+        # (final/) restored nothing: the scheduler already has this run's rate, which must not be scaled again.
+        saved = scheduler.base_lrs[0] if scheduler.base_lrs else None
         if saved and saved != self.args.learning_rate:
             scheduler.base_lrs = [base * self.args.learning_rate / saved for base in scheduler.base_lrs]
             for group, base in zip(scheduler.optimizer.param_groups, scheduler.base_lrs):
@@ -258,14 +262,6 @@ class GlmTrainer(WholeRunLoss, Seq2SeqTrainer):
             self.optimizer = methods.get(self.method.name).create_optimizer(self.model if model is None else model,
                                                                            self.args, self.method)
         return super().create_optimizer(model) if self.optimizer is None else self.optimizer
-
-
-def _saved_learning_rate(checkpoint: Path) -> float | None:
-    """The training_args.learning_rate a checkpoint was trained with (its training_args.json); None if unknown."""
-    try:
-        return float(json.loads((checkpoint / TRAINING_ARGS_JSON).read_text(encoding="utf-8"))["learning_rate"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
 
 
 class Watchdog(TrainerCallback):

@@ -61,6 +61,12 @@ class SkippingLauncher:
         job_overrides = [list(o) if done is not None or not self._resumable(initial_job_idx + i, o)
                          else [*o, RESUME_AUTO] for i, (o, done) in enumerate(zip(job_overrides, results))]
         resumed = [f"#{initial_job_idx + i}" for i, o in enumerate(job_overrides) if o[-1:] == [RESUME_AUTO]]
+        for i, o in enumerate(job_overrides):
+            if results[i] is None and not any(x.startswith("resume=") for x in o):
+                # Trained from scratch: what its folder holds is another job's (other overrides). Disowned now, before
+                # Hydra records this job's overrides there: a kill before the job itself disowns them (while it
+                # loads data and model) left them looking like this job's, and the next run resumed from them.
+                _disown(self.sweep_dir / str(initial_job_idx + i))
         if resumed:
             log.info("Resuming %s from the checkpoints an earlier run of %s left (resume=auto)", ", ".join(resumed),
                      self.sweep_dir)
@@ -94,6 +100,15 @@ class SkippingLauncher:
             return False
         return (_without_resume(ran) == [redact(o) for o in overrides]  # written masked
                 and (last_complete_checkpoint(folder) is not None or is_complete(folder / FINAL)))
+
+
+def _disown(folder: Path) -> None:
+    from glm_ft.runs import disown_later
+
+    stale = disown_later(folder, 0) if folder.is_dir() else []
+    if stale:
+        log.info("%s held %s of a job with other overrides: they no longer count as complete", folder,
+                 ", ".join(p.name for p in stale))
 
 
 RESUME_AUTO = "resume=auto"  # added by the launcher to a job it resumes; not part of what the user asked

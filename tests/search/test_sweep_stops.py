@@ -188,3 +188,43 @@ def test_a_killed_sweep_run_again_resumes_its_cut_short_job_from_its_checkpoint(
     third = run_process(cmd, env=env)
     assert third.returncode == 0, third.stderr[-3000:]
     assert f"Skipping 1 job(s) that finished in an earlier run of {sweep_dir}" in third.stdout + third.stderr
+
+
+def test_a_job_killed_before_it_trains_does_not_leave_another_jobs_checkpoint_as_its_own(tmp_path):
+    """Job #0 of a sweep with learning_rate=0.001 is killed after its first checkpoint; the sweep dir is then run
+    with learning_rate=0.005, killed as soon as Hydra recorded job #0's overrides (while the job loads data and
+    model, before it trains), and run again: job #0 must train 0.005 from scratch, not resume=auto from the 0.001
+    job's checkpoint-2 (the folder's overrides.yaml then said 0.005, and the checkpoint was still complete)."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    sweep_dir = tmp_path / "sweep"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
+    job = ["experiment=quickstart", "training_args.max_steps=6", "training_args.save_steps=2",
+           "training_args.eval_steps=1000", "training_args.logging_steps=1", "eval_subset=2",
+           "training_args.per_device_train_batch_size=2", "training_args.generation_config.max_new_tokens=4",
+           "data.test_file=null", "training_args.save_total_limit=null"]
+
+    def cmd(rate: str) -> list[str]:
+        return [sys.executable, str(ROOT / "train.py"), "-m", *job, f"training_args.learning_rate={rate}",
+                f"hydra.sweep.dir={sweep_dir}"]
+
+    def killed_once(rate: str, ready) -> None:
+        proc = subprocess.Popen(cmd(rate), cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                text=True, start_new_session=True)
+        try:
+            while not ready():
+                assert proc.poll() is None, proc.stderr.read()[-2000:]
+                time.sleep(0.02)
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        finally:
+            end_process_group(proc)
+
+    killed_once("0.001", lambda: bool(list((sweep_dir / "0").glob("checkpoint-*/glm_ft_complete"))))
+    overrides = sweep_dir / "0" / ".hydra" / "overrides.yaml"
+    killed_once("0.005", lambda: overrides.is_file() and "learning_rate=0.005" in overrides.read_text())
+    again = run_process(cmd("0.005"), env=env)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resuming from" not in again.stdout + again.stderr
+    history = json.loads((sweep_dir / "0" / "checkpoint-6" / "trainer_state.json").read_text())["log_history"]
+    rates = {h["step"]: h["learning_rate"] for h in history if "loss" in h}
+    assert rates[2] == pytest.approx(0.005 / 20)  # the quickstart's 20 warmup steps, from 0.005 (not 0.001)

@@ -56,10 +56,19 @@ def check_run(run_dir: Path, stage: int, world_size: int, tmp_path: Path) -> Non
 
 @pytest.mark.parametrize("stage", [2, 3])
 def test_single_process(stage, tmp_path):
-    """A plain `python train.py ... deepspeed=zeroN`: glm-ft sets up the one-process group itself."""
+    """A plain `python train.py ... deepspeed=zeroN`: glm-ft sets up the one-process group itself; then resumed
+    with more steps and another learning rate."""
     result = run([sys.executable], stage, tmp_path / "run", tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     check_run(tmp_path / "run", stage, world_size=1, tmp_path=tmp_path)
+    # Extended with another learning rate: steps 4-6 follow the new schedule from its first step on (ZeRO-3's
+    # config brings DeepSpeed's optimizer, and the schedule, wrapped by accelerate, kept the checkpoint's rates)
+    again = run([sys.executable], stage, tmp_path / "run", tmp_path, "training_args.max_steps=6",
+                "training_args.save_steps=6", "training_args.learning_rate=1e-3", "resume=auto")
+    assert again.returncode == 0, again.stderr[-3000:]
+    state = json.loads((tmp_path / "run" / "checkpoint-6" / "trainer_state.json").read_text())
+    rates = {h["step"]: h["learning_rate"] for h in state["log_history"] if "loss" in h}
+    assert {k: rates[k] for k in (4, 5, 6)} == pytest.approx({k: 1e-3 * (k - 1) / 20 for k in (4, 5, 6)})
 
 
 @pytest.mark.parametrize("stage", [2, 3])

@@ -459,3 +459,53 @@ def test_quickstart_learns_the_sample_data(tmp_path, mlflow_env):
     assert rouge[-1] > rouge[0] + 20 and rouge[-1] > 50, rouge
     out = result.stdout + result.stderr
     assert f"run folder: {run_dir}" in out and "make ui" in out
+
+
+def test_a_training_resumed_from_another_folder_disowns_all_of_its_own_folders_checkpoints(tmp_path, mlflow_env):
+    """resume= a checkpoint of another run, into a folder an earlier training used: none of that folder's
+    checkpoints is this training's, those before the resumed step included (resume=auto after a kill before this
+    training's first save, or inference, took the earlier training's checkpoint-3 for this one's)."""
+    args = [*METHODS["lora"], "training_args.eval_steps=100", "data.test_file=null"]
+    source, run_dir = tmp_path / "source", tmp_path / "run"
+    assert train(args, source, mlflow_env).returncode == 0
+    first = train([*args, "training_args.learning_rate=5e-4"], run_dir, mlflow_env)
+    assert first.returncode == 0, first.stderr[-3000:]
+    again = train([*args, f"resume={source / 'checkpoint-3'}", "training_args.save_steps=100"], run_dir, mlflow_env)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "held checkpoint-3, checkpoint-6, final of another training" in again.stdout + again.stderr
+    assert [p.name for p in complete_checkpoints(run_dir)] == ["checkpoint-6"]  # this training's, saved at its end
+
+
+def test_a_resume_takes_the_new_learning_rate_once(tmp_path, mlflow_env):
+    """The new learning_rate is this run's base rate whatever the checkpoint: one saved before glm-ft rescaled
+    records the learning_rate of a resume in its training_args.json while its scheduler state kept the first
+    training's (training_args.json said nothing changed: the old rate stayed). final/ is no checkpoint to resume: it
+    holds no optimizer, schedule or trainer state (transformers failed on it with a traceback)."""
+    args = ["training_args.warmup_steps=1", "training_args.save_total_limit=null", "data.test_file=null",
+            "training_args.eval_steps=100", "training_args.learning_rate=2e-3"]
+    run_dir = tmp_path / "run"
+    first = train([*args, "training_args.max_steps=4", "training_args.save_steps=4"], run_dir, mlflow_env)
+    assert first.returncode == 0, first.stderr[-3000:]
+
+    def rates(folder: Path) -> dict[int, float]:
+        history = json.loads((folder / "trainer_state.json").read_text())["log_history"]
+        return {h["step"]: h["learning_rate"] for h in history if "loss" in h}
+
+    final = run_dir / "final"
+    refused = train([*args, "training_args.max_steps=8", f"resume={final}"], tmp_path / "f", mlflow_env)
+    assert refused.returncode == 1 and refused.stderr.strip().splitlines()[-1] == (
+        f"error: resume: '{final}' is a run's final model, not a checkpoint (no optimizer, schedule or trainer "
+        "state); use resume=auto hydra.run.dir=<its run folder> (with a larger training_args.max_steps to train "
+        "on), or resume=<run folder>/checkpoint-N"), refused.stderr[-3000:]
+    assert not (tmp_path / "f" / "finetune.yaml").exists()  # refused before anything was written or loaded
+
+    # checkpoint-4 as glm-ft saved it before it rescaled, after a resume with learning_rate=5e-4: the scheduler
+    # state's base rate is the first training's 2e-3, training_args.json says 5e-4
+    record = run_dir / "checkpoint-4" / "training_args.json"
+    record.write_text(json.dumps({**json.loads(record.read_text()), "learning_rate": 5e-4}))
+    resumed = train([*args, "training_args.max_steps=8", "training_args.save_steps=8",
+                     "training_args.learning_rate=5e-4", f"resume={run_dir / 'checkpoint-4'}"], tmp_path / "c",
+                    mlflow_env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    got = rates(tmp_path / "c" / "checkpoint-8")
+    assert {k: got[k] for k in (5, 6, 7, 8)} == pytest.approx({k: 5e-4 * (9 - k) / 7 for k in (5, 6, 7, 8)})
