@@ -108,6 +108,15 @@ def wait_until_stopped(proc: subprocess.Popen, log: Path, folder: str) -> None:
     wait_for(lambda: stopped(proc), f"{folder} (the job stops there)", proc, log)
 
 
+def killed_once_final_is_saved(args: list[str], run_dir: Path, env: dict) -> None:
+    """Run the job until it has marked final/ complete, then SIGKILL it there (before any later stage)."""
+    log = run_dir.parent / f"{run_dir.name}.log"
+    with background(train_cmd(args, run_dir, stop_after="final"), log, env=env) as proc:
+        wait_until_stopped(proc, log, "final/")
+        kill_group(proc)
+        proc.wait()
+
+
 def wait_for(condition: Callable[[], object], what: str, proc: subprocess.Popen | None = None,
              log: Path | None = None, may_exit: bool = False) -> object:
     """Poll until condition() is truthy; fail at once if `proc` died first (with its log's tail)."""

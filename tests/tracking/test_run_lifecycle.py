@@ -16,8 +16,8 @@ from conftest import ROOT, run_train
 from glm_ft.runs import CURVES_FILE
 from glm_ft.search import STUDY_ENV, TRIAL_ENV
 from glm_ft.tracking.curves import read_series
-from lifecycle_helpers import (QUICK, background, complete, fill, kill_group, logged_losses, mlflow_run_id, stopped,
-                               tmpfs, train_cmd, trainer_losses, wait_for, wait_until_stopped)
+from lifecycle_helpers import (QUICK, background, complete, fill, kill_group, killed_once_final_is_saved, logged_losses,
+                               mlflow_run_id, stopped, tmpfs, train_cmd, trainer_losses, wait_for, wait_until_stopped)
 
 pytestmark = pytest.mark.slow
 
@@ -86,11 +86,8 @@ def test_resume_of_a_finished_run_redoes_only_what_is_missing(tmp_path, store):
     training; once all is done, resume=auto says so and changes nothing."""
     args = [*QUICK, "data.test_file=test.jsonl", "training_args.max_steps=4", "training_args.save_steps=2",
             "training_args.eval_steps=2", "training_args.generation_config.max_new_tokens=16"]
-    run_dir, log = tmp_path / "run", tmp_path / "train.log"
-    with background(train_cmd(args, run_dir, stop_after="final"), log, env=store["env"]) as proc:
-        wait_until_stopped(proc, log, "final/")
-        kill_group(proc)
-        proc.wait()
+    run_dir = tmp_path / "run"
+    killed_once_final_is_saved(args, run_dir, store["env"])
     assert (run_dir / "final" / "glm_ft_complete").is_file() and not (run_dir / "predictions.jsonl").exists()
     trained = file_digests(run_dir / "final")
     run_id = mlflow_run_id(run_dir)
@@ -221,11 +218,8 @@ def test_a_redone_prediction_reports_what_the_uninterrupted_run_reports(tmp_path
     """Killed once final/ is saved: the prediction resume=auto redoes (a Trainer that did not train) reports the same
     metrics as the uninterrupted run's, not also the Trainer's `test_model_preparation_time`."""
     args = [*QUICK, "data.test_file=test.jsonl", "training_args.max_steps=2", "training_args.save_steps=2"]
-    run_dir, log = tmp_path / "run", tmp_path / "train.log"
-    with background(train_cmd(args, run_dir, stop_after="final"), log, env=store["env"]) as proc:
-        wait_until_stopped(proc, log, "final/")
-        kill_group(proc)
-        proc.wait()
+    run_dir = tmp_path / "run"
+    killed_once_final_is_saved(args, run_dir, store["env"])
     redo = run_train([*args, "resume=auto", f"hydra.run.dir={run_dir}"], env=store["env"])
     assert redo.returncode == 0, redo.stderr[-3000:]
     assert "resume=auto: training finished at step 2" in redo.stdout + redo.stderr
@@ -243,11 +237,8 @@ def test_a_redo_in_a_run_without_checkpoints_keeps_what_training_logged(tmp_path
     taken, not made again (the training's log came only from a checkpoint's trainer_state.json: the picture drew
     nothing, and eval_* got a second point at step 4)."""
     args = [*QUICK, "training_args.max_steps=4", "training_args.save_strategy=no", "training_args.eval_steps=2"]
-    run_dir, log = tmp_path / "run", tmp_path / "train.log"
-    with background(train_cmd(args, run_dir, stop_after="final"), log, env=store["env"]) as proc:
-        wait_until_stopped(proc, log, "final/")
-        kill_group(proc)
-        proc.wait()
+    run_dir = tmp_path / "run"
+    killed_once_final_is_saved(args, run_dir, store["env"])
     assert not list(run_dir.glob("checkpoint-*"))
     run_id = mlflow_run_id(run_dir)
     redo = run_train([*args, "resume=auto", f"hydra.run.dir={run_dir}"], env=store["env"])
