@@ -38,7 +38,8 @@ from glm_ft.tracking.store import ui_hint
 from glm_ft.tracking.tracker import closing_interrupted, settle_previous_run, start_run
 from glm_ft.data.collate import Collator
 from glm_ft.train.evaluation import generation_config, metrics_fn, stop_token_ids, write_predictions
-from glm_ft.train.trainer import GlmTrainer, PruningCallback, TrackerCallback, Watchdog, disk_full_named
+from glm_ft.train.trainer import (GlmTrainer, PruningCallback, TrackerCallback, Watchdog, changed_data_order,
+                                  disk_full_named)
 from glm_ft.train.trainer_args import build_training_arguments
 
 log = logging.getLogger("glm_ft")
@@ -203,6 +204,10 @@ def _train_and_save(cfg: DictConfig, run_dir: Path, trainer, tracker, job_trial)
     if resume_from:
         if dist.is_rank_zero():
             log.info("resuming from %s", resume_from)
+            changed = changed_data_order(Path(resume_from), trainer.args)
+            if changed:
+                log.warning("resume: %s since %s: the resumed steps do not continue its data order (an "
+                            "uninterrupted run would train other batches)", changed, resume_from)
         tracker.set_tags({"glm_ft.resumed_from": resume_from})
     try:
         result = trainer.train(resume_from_checkpoint=resume_from)

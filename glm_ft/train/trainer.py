@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import logging
 import math
 import os
@@ -262,6 +263,23 @@ class GlmTrainer(WholeRunLoss, Seq2SeqTrainer):
             self.optimizer = methods.get(self.method.name).create_optimizer(self.model if model is None else model,
                                                                            self.args, self.method)
         return super().create_optimizer(model) if self.optimizer is None else self.optimizer
+
+
+# What decides which rows each step trains: changed on resume, the resumed steps do not continue the checkpoint's order.
+DATA_ORDER_ARGS = ("per_device_train_batch_size", "gradient_accumulation_steps", "train_sampling_strategy", "seed",
+                   "data_seed")
+
+
+def changed_data_order(checkpoint: Path, args) -> str | None:
+    """The data-order arguments a resume changes from the checkpoint's (its training_args.json), as one phrase."""
+    try:
+        saved = json.loads((Path(checkpoint) / TRAINING_ARGS_JSON).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    now = args.to_dict()
+    changed = [f"training_args.{key} {saved[key]} -> {now[key]}" for key in DATA_ORDER_ARGS
+               if key in saved and key in now and saved[key] != now[key]]
+    return ", ".join(changed) or None
 
 
 class Watchdog(TrainerCallback):

@@ -329,6 +329,14 @@ def test_resume_from_named_checkpoint(tmp_path, mlflow_env, runs):
     result = train([*METHODS["ptuning_v2"], f"resume={source}"], tmp_path / "r", mlflow_env)
     assert result.returncode == 0, result.stderr[-3000:]
     assert losses(tmp_path / "r", "checkpoint-6")[6] == pytest.approx(losses(runs["ptuning_v2_a"])[6], rel=1e-5)
+    assert "data order" not in result.stdout + result.stderr
+    # another batch size: the resumed steps train other rows than the uninterrupted run's, and the log says so
+    other = train([*METHODS["ptuning_v2"], f"resume={source}", "training_args.per_device_train_batch_size=2",
+                   "training_args.max_steps=4", "training_args.eval_steps=100", "data.test_file=null"],
+                  tmp_path / "b", mlflow_env)
+    assert other.returncode == 0, other.stderr[-3000:]
+    assert (f"resume: training_args.per_device_train_batch_size 4 -> 2 since {source}: the resumed steps do not "
+            "continue its data order (an uninterrupted run would train other batches)") in other.stdout + other.stderr
 
 
 def test_switches(tmp_path, mlflow_env):
