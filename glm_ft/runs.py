@@ -97,10 +97,10 @@ def rotate_checkpoints(run_dir: Path, limit: int | None, keep: list[Path | str |
 def checkpoint_step(checkpoint: Path) -> int:
     """The step a checkpoint was saved at: its trainer_state.json's, else its name's (0 if neither says)."""
     try:
-        return int(json.loads((Path(checkpoint) / "trainer_state.json").read_text(encoding="utf-8"))["global_step"])
+        return int(json.loads((Path(checkpoint) / TRAINER_STATE).read_text(encoding="utf-8"))["global_step"])
     except (OSError, ValueError, KeyError, TypeError):
-        tail = Path(checkpoint).name.rsplit("-", 1)[-1]
-        return int(tail) if tail.isdigit() else 0
+        name = Path(checkpoint).name
+        return _step(Path(checkpoint)) if name.startswith("checkpoint-") and name[11:].isdigit() else 0
 
 
 def disown_later(run_dir: Path, start_step: int) -> list[Path]:

@@ -44,7 +44,7 @@ class SkippingLauncher:
         from glm_ft.tracking.redact import redact
 
         results: list[JobReturn | None] = [None] * len(job_overrides)
-        skipped = []
+        job_overrides, skipped, resumed = [list(o) for o in job_overrides], [], []
         for i, overrides in enumerate(job_overrides):
             num = initial_job_idx + i
             outcome = _read(self.sweep_dir / JOBS_DIR / f"{num}.json")
@@ -55,18 +55,19 @@ class SkippingLauncher:
                                        _return_value=outcome.get("return_value"),
                                        working_dir=str(self.sweep_dir / str(num)))
                 skipped.append(f"#{num} ({' '.join(overrides)})")
+            elif any(o.startswith("resume=") for o in overrides):
+                continue  # the user's own resume
+            elif self._resumable(num, overrides):
+                job_overrides[i] = [*overrides, RESUME_AUTO]
+                resumed.append(f"#{num}")
+            else:
+                # Trained from scratch: what its folder holds is a job's with other overrides. Disowned now, before
+                # Hydra records this job's overrides there: a kill before the job itself disowns them (while it
+                # loads data and model) left them looking like this job's, and the next run resumed from them.
+                _disown(self.sweep_dir / str(num))
         if skipped:
             log.info("Skipping %d job(s) that finished in an earlier run of %s: %s", len(skipped), self.sweep_dir,
                      ", ".join(skipped))
-        job_overrides = [list(o) if done is not None or not self._resumable(initial_job_idx + i, o)
-                         else [*o, RESUME_AUTO] for i, (o, done) in enumerate(zip(job_overrides, results))]
-        resumed = [f"#{initial_job_idx + i}" for i, o in enumerate(job_overrides) if o[-1:] == [RESUME_AUTO]]
-        for i, o in enumerate(job_overrides):
-            if results[i] is None and not any(x.startswith("resume=") for x in o):
-                # Trained from scratch: what its folder holds is another job's (other overrides). Disowned now, before
-                # Hydra records this job's overrides there: a kill before the job itself disowns them (while it
-                # loads data and model) left them looking like this job's, and the next run resumed from them.
-                _disown(self.sweep_dir / str(initial_job_idx + i))
         if resumed:
             log.info("Resuming %s from the checkpoints an earlier run of %s left (resume=auto)", ", ".join(resumed),
                      self.sweep_dir)
@@ -92,7 +93,7 @@ class SkippingLauncher:
         from glm_ft.tracking.redact import redact
 
         folder = self.sweep_dir / str(num)
-        if any(o.startswith("resume=") for o in overrides) or not (folder / ".hydra" / "overrides.yaml").is_file():
+        if not (folder / ".hydra" / "overrides.yaml").is_file():
             return False
         try:
             ran = [str(o) for o in OmegaConf.load(folder / ".hydra" / "overrides.yaml")]
