@@ -47,6 +47,7 @@ def model_hidden_size(where: InputPaths) -> int | None:
 def run(cfg: DictConfig) -> float | None:
     """One job. Returns `optimized_metric` of the final metrics, which an Optuna sweep maximises."""
     run_dir = Path(HydraConfig.get().runtime.output_dir)
+    dist.quiet_replicas()  # after Hydra's logging setup, which sets every logger's level again for each job
     # Hydra wrote the overrides there, a tracking URI's password included: masked before any check can refuse
     redact_files(run_dir / ".hydra")
     redact_log_records()

@@ -42,6 +42,16 @@ def is_rank_zero() -> bool:
     return not is_multi_process() or rank() == 0
 
 
+def quiet_replicas() -> None:
+    """Every rank loads the same data and model, so their accounts of it are one account: only rank 0 tells it.
+    The other ranks keep glm-ft's warnings and errors (as transformers' `log_level_replica` keeps its own), except
+    the data's, which are the same on every rank."""
+    if is_rank_zero():
+        return
+    logging.getLogger("glm_ft").setLevel(logging.WARNING)
+    logging.getLogger("glm_ft.data").setLevel(logging.ERROR)
+
+
 def is_loopback(host: str) -> bool:
     return host in LOOPBACK_HOSTS or host.startswith("127.")
 

@@ -255,6 +255,10 @@ def test_two_processes_train_loss_averages_the_unlogged_steps_over_the_ranks(tmp
                f"training_args.logging_steps={every}", f"hydra.run.dir={run_dir}"]
         result = run_process(cmd, env=env)
         assert result.returncode == 0, result.stderr[-3000:]
+        # Both ranks load the same data and model: their accounts of it appear once, rank 0's.
+        out = result.stdout + result.stderr
+        for line in ("train: 400 rows read", "method=sft: ", "run folder: "):
+            assert out.count(line) == 1, (line, out[-3000:])
         reported[every] = next(r.data.metrics["train_loss"] for r in _mlflow_runs(mlflow_env["MLFLOW_TRACKING_URI"])
                                if r.data.tags.get("glm_ft.run_dir") == str(run_dir))
     each_step = losses(tmp_path / "every1", "checkpoint-5")
