@@ -239,17 +239,14 @@ class GlmTrainer(WholeRunLoss, Seq2SeqTrainer):
         scheduler = getattr(self.lr_scheduler, "scheduler", self.lr_scheduler)
         if checkpoint is None or not isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
             return
-        # The scheduler's state also brings back the checkpoint's base rate: a resume with another
-        # training_args.learning_rate (what its finetune.yaml and MLflow's glm_ft.resume_changed_params say) scales
-        # every parameter group's by it (LoRA+'s lora_B group keeps its ratio). The rate restored is the one to
-        # scale, whatever the checkpoint's training_args.json says: a checkpoint saved before glm-ft rescaled kept
-        # the first training's rate under a changed learning_rate, and a folder without the schedule's state
-        # (final/) restored nothing: the scheduler already has this run's rate, which must not be scaled again.
-        saved = scheduler.base_lrs[0] if scheduler.base_lrs else None
-        if saved and saved != self.args.learning_rate:
-            scheduler.base_lrs = [base * self.args.learning_rate / saved for base in scheduler.base_lrs]
-            for group, base in zip(scheduler.optimizer.param_groups, scheduler.base_lrs):
-                group["initial_lr"] = base
+        # The scheduler's state also brings back the checkpoint's base rates: a resume with another
+        # training_args.learning_rate (or LoRA+ ratio), which its finetune.yaml and MLflow's
+        # glm_ft.resume_changed_params record, trains at this run's, group by group (LoRA+'s embedding group keeps its
+        # absolute loraplus_lr_embedding). Set, not scaled: what the checkpoint restored, or didn't (final/ holds no
+        # schedule), does not matter.
+        scheduler.base_lrs = self._base_learning_rates(len(scheduler.optimizer.param_groups))
+        for group, base in zip(scheduler.optimizer.param_groups, scheduler.base_lrs):
+            group["initial_lr"] = base
         # The optimizer's state brings back the rate the checkpoint's schedule had reached, but the schedule is this
         # run's (resume=auto with a larger max_steps or num_train_epochs stretches it): until the first
         # scheduler.step() the resumed step would train at the old rate, 0 at the end of a linear or cosine schedule.
@@ -257,6 +254,13 @@ class GlmTrainer(WholeRunLoss, Seq2SeqTrainer):
         for group, lr in zip(scheduler.optimizer.param_groups, lrs):
             group["lr"] = lr
         scheduler._last_lr = lrs
+
+    def _base_learning_rates(self, groups: int) -> list[float]:
+        """Each parameter group's base rate as this run's arguments build the optimizer: the method's own optimizer
+        (LoRA+) says per group, the Trainer's gives every group training_args.learning_rate."""
+        built = methods.get(self.method.name).create_optimizer(self.model, self.args, self.method)
+        rates = [group["lr"] for group in built.param_groups] if built is not None else []
+        return rates if len(rates) == groups else [self.args.learning_rate] * groups
 
     def create_optimizer(self, model=None):
         if self.optimizer is None:  # the method's own optimizer (LoRA+), else the Trainer's

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from transformers import GenerationConfig, TrainerCallback
 
@@ -81,7 +82,7 @@ class _CompleteAtSave(TrainerCallback):
         self.seen[state.global_step] = [p.name for p in complete_checkpoints(self.run_dir)]
 
 
-def _train_saving_every_2_steps(tmp_path, run_dir, max_steps, *overrides, resume=None):
+def _train_saving_every_2_steps(tmp_path, run_dir, max_steps, *overrides, resume=None, callbacks=()):
     cfg = compose(["experiment=quickstart", "training_args.save_steps=2", f"training_args.max_steps={max_steps}",
                    "training_args.per_device_train_batch_size=2", "training_args.logging_steps=1", *overrides])
     tokenizer, model, _ = load_for_training(cfg)
@@ -91,9 +92,39 @@ def _train_saving_every_2_steps(tmp_path, run_dir, max_steps, *overrides, resume
     probe = _CompleteAtSave(run_dir)
     trainer = GlmTrainer(model=model, args=args, train_dataset=rows, data_collator=Collator(tokenizer.pad_token_id),
                          processing_class=tokenizer, method=cfg.method, gen_config=args.generation_config,
-                         callbacks=[probe, Watchdog()])
+                         callbacks=[probe, Watchdog(), *callbacks])
     trainer.train(resume_from_checkpoint=resume)
     return probe.seen
+
+
+class _BaseRates(TrainerCallback):
+    """Each trainable parameter's base learning rate (its group's initial_lr) at the first step trained."""
+
+    def __init__(self):
+        self.by_name: dict[str, float] = {}
+
+    def on_step_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        if not self.by_name:
+            names = {id(p): n for n, p in model.named_parameters()}
+            self.by_name = {names[id(p)]: g["initial_lr"] for g in optimizer.param_groups for p in g["params"]}
+
+
+def test_a_resume_trains_each_loraplus_group_at_this_runs_rate(tmp_path):
+    """The checkpoint's schedule brings back its base rates; a resume with another learning_rate and LoRA+ ratio
+    trains lora_B at the new ratio of the new rate, and the embedding group at PEFT's absolute rate (1e-6), as a
+    fresh run of these arguments would, not at the old rates scaled by the change of learning_rate."""
+    lora = ["method=lora", "method.target_modules=[query_key_value,word_embeddings]"]
+    _train_saving_every_2_steps(tmp_path, tmp_path / "run", 2, *lora, "method.loraplus_lr_ratio=16",
+                                "training_args.learning_rate=1e-3")
+    rates = _BaseRates()
+    _train_saving_every_2_steps(tmp_path, tmp_path / "run", 4, *lora, "method.loraplus_lr_ratio=4",
+                                "training_args.learning_rate=5e-4", resume=str(tmp_path / "run" / "checkpoint-2"),
+                                callbacks=[rates])
+    trained = {name: rate for name, rate in rates.by_name.items() if ".lora_" in name}
+    assert any("lora_embedding_B" in n for n in trained) and any(".lora_B." in n for n in trained), trained
+    for name, rate in trained.items():
+        expected = 1e-6 if "lora_embedding" in name else 5e-4 * 4 if ".lora_B." in name else 5e-4
+        assert rate == pytest.approx(expected), name
 
 
 def test_save_total_limit_1_leaves_a_complete_checkpoint_at_every_save(tmp_path):
