@@ -3,6 +3,7 @@
     RUN_DIR/
       glm_ft_run.json          RUN_INFO: base model, method, lengths: what chat/predict/export need to reopen it
       checkpoint-N/            a Trainer checkpoint; counts once COMPLETE_MARKER is in it
+        glm_ft_data_order.json DATA_ORDER_RECORD: the data and layout its steps trained (changed_data_inputs)
       final/                   the trained model; COMPLETE_MARKER records the step training finished at
       glm_ft_progress.json     PROGRESS_FILE: the stages done (evaluated, predicted, complete), for resume=auto
       predictions.jsonl, eval_predictions.jsonl, eval_metrics.json
@@ -42,6 +43,9 @@ EVAL_METRICS = "eval_metrics.json"
 # read them without importing torch.
 PREFIX_WEIGHTS = "prefix_encoder.safetensors"
 PREFIX_CONFIG = "prefix_config.json"
+# What decides which rows a step trains beyond the Trainer's arguments (its training_args.json has those): the
+# training file's contents, the lengths samples are cut to, packing, the number of processes sharing the batches.
+DATA_ORDER_RECORD = "glm_ft_data_order.json"
 
 
 def checkpoint_dir(run_dir: Path, step: int) -> Path:
@@ -175,6 +179,32 @@ def check_resume_world_size(resume: str | None, run_dir: Path, world_size: int) 
         raise CheckpointError(f"resume: {checkpoint} holds DeepSpeed ZeRO state saved by {saved} processes; resume "
                               f"it with {saved} (e.g. python -m glm_ft.launch --nproc_per_node {saved} train.py ...), "
                               f"not {world_size}")
+
+
+def changed_data_inputs(checkpoint: Path, now: dict[str, Any]) -> list[str]:
+    """What a resume with the data inputs `now` changes from those its checkpoint recorded (DATA_ORDER_RECORD), one
+    phrase each. A checkpoint without the record (saved before glm-ft kept it) says nothing: nothing is known."""
+    saved = read_json(Path(checkpoint) / DATA_ORDER_RECORD) or {}
+
+    def differs(key: str) -> bool:
+        return key in saved and key in now and saved[key] != now[key]
+
+    changed = []
+    if differs("data.train_sha256"):  # the same bytes at another path are the same rows: only contents count
+        old, new = saved.get("data.train_file"), now.get("data.train_file")
+        changed.append(f"data.train_file {new} (other contents)" if old == new
+                       else f"data.train_file {old} -> {new} (other contents)")
+    keys = ["max_input_length", "max_output_length", "data.packing"]
+    if saved.get("data.packing") and now.get("data.packing"):
+        keys.append("data.pack_max_length")  # the budget the rows were packed to; unpacked, there is none
+    changed += [f"{key} {_shown(saved[key])} -> {_shown(now[key])}" for key in keys if differs(key)]
+    if differs("world_size"):
+        changed.append(f"number of processes {saved['world_size']} -> {now['world_size']}")
+    return changed
+
+
+def _shown(value: Any) -> str:
+    return json.dumps(value) if isinstance(value, bool) or value is None else str(value)  # as a config sets it
 
 
 def final_record(run_dir: Path) -> dict[str, Any]:

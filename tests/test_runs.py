@@ -98,3 +98,29 @@ def test_rotation_keeps_the_newest_complete_checkpoints_and_drops_older_half_wri
                                                                "checkpoint-best"]
     runs.rotate_checkpoints(run, 1, keep=[run / "checkpoint-8"])
     assert [p.name for p in runs.complete_checkpoints(run)] == ["checkpoint-8"]
+
+
+def test_a_resume_is_told_every_data_input_it_changes_that_its_checkpoint_recorded(tmp_path):
+    """The record a checkpoint keeps of what its steps trained beyond the Trainer's arguments, against a resume's.
+    The world size case here: the end-to-end two-process case is tests/train/test_finetune.py's."""
+    ckpt = _run_folder(tmp_path, complete_steps=(2,)) / "checkpoint-2"
+    saved = {"data.train_file": "/d/train.jsonl", "data.train_sha256": "aa", "max_input_length": 64,
+             "max_output_length": 64, "data.packing": True, "data.pack_max_length": 129, "world_size": 2}
+    assert runs.changed_data_inputs(ckpt, saved) == []  # no record (a checkpoint from before): nothing known
+    runs.write_json(ckpt / runs.DATA_ORDER_RECORD, saved)
+    assert runs.changed_data_inputs(ckpt, saved) == []
+    assert runs.changed_data_inputs(ckpt, {**saved, "world_size": 1}) == ["number of processes 2 -> 1"]
+    assert runs.changed_data_inputs(ckpt, {**saved, "data.train_file": "/e/train.jsonl"}) == []  # same bytes
+    assert runs.changed_data_inputs(ckpt, {**saved, "data.train_sha256": "bb"}) == [
+        "data.train_file /d/train.jsonl (other contents)"]  # edited in place
+    everything = {"data.train_file": "/e/t.json", "data.train_sha256": "bb", "max_input_length": 32,
+                  "max_output_length": 16, "data.packing": True, "data.pack_max_length": 256, "world_size": 4}
+    assert runs.changed_data_inputs(ckpt, everything) == [
+        "data.train_file /d/train.jsonl -> /e/t.json (other contents)", "max_input_length 64 -> 32",
+        "max_output_length 64 -> 16", "data.pack_max_length 129 -> 256", "number of processes 2 -> 4"]
+    # unpacked there is no budget to compare: packing itself is the change
+    assert runs.changed_data_inputs(ckpt, {**saved, "data.packing": False, "data.pack_max_length": None}) == [
+        "data.packing true -> false"]
+    # a key a record lacks (an older glm-ft kept fewer) is not compared
+    runs.write_json(ckpt / runs.DATA_ORDER_RECORD, {"max_input_length": 64})
+    assert runs.changed_data_inputs(ckpt, {**saved, "world_size": 1}) == []

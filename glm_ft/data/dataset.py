@@ -17,7 +17,7 @@ import json
 import logging
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,9 @@ class DataBundle:
     val: Any  # datasets.Dataset with input_ids, output_ids; None when no file is configured
     test: Any
     stats: dict[str, int]
+    # sha256 of each split's file, as the cache key hashed it: a checkpoint records the training file's, so a resume
+    # on other rows is told (glm_ft.runs.changed_data_inputs) without hashing the file again
+    digests: dict[str, str] = field(default_factory=dict)
 
 
 # --- samples ---
@@ -158,6 +161,7 @@ def load_datasets(
     data_dir = Path(data_config.get("data_dir") or ".")
     num_proc = int(data_config.get("num_proc") or 1)
     stats: dict[str, int] = {}
+    digests: dict[str, str] = {}
     splits: dict[str, Any] = {}
     for split, key, kind in (("train", "train_file", "train"), ("val", "val_file", "eval"),
                              ("test", "test_file", "eval")):
@@ -171,21 +175,22 @@ def load_datasets(
             raise DataError(f"{path}: file not found ({key})")
         splits[split] = _load_split(
             split, path, kind, tokenizer, max_input_length, max_output_length,
-            Path(cache_dir), skip_bad_rows, num_proc, stats,
+            Path(cache_dir), skip_bad_rows, num_proc, stats, digests,
         )
     if eval_subset is not None and splits["val"] is not None and len(splits["val"]) > eval_subset:
         splits["val"] = splits["val"].select(range(eval_subset))
         logger.info("val: evaluating the first %d of %d samples", eval_subset, stats["data.val.samples"])
     if splits["val"] is not None:
         stats["data.val.samples_selected"] = len(splits["val"])
-    return DataBundle(splits["train"], splits["val"], splits["test"], stats)
+    return DataBundle(splits["train"], splits["val"], splits["test"], stats, digests)
 
 
 def _load_split(split, path, kind, tokenizer, max_input_length, max_output_length, cache_dir, skip_bad_rows,
-                num_proc, stats):
+                num_proc, stats, digests):
     import datasets
 
-    key = _cache_key(path, tokenizer, kind, max_input_length, max_output_length, skip_bad_rows)
+    digests[split] = reading.file_digest(path)
+    key = _cache_key(digests[split], tokenizer, kind, max_input_length, max_output_length, skip_bad_rows)
     target = cache_dir / f"{split}-{key[:24]}"
     stats_file = target / "glm_ft_stats.json"
     if stats_file.is_file():
@@ -263,9 +268,9 @@ def _save_atomically(dataset, counts: dict[str, int], target: Path) -> None:
         (scratch / "glm_ft_stats.json").write_text(json.dumps(counts, indent=1))
 
 
-def _cache_key(path: Path, tokenizer, kind: str, max_input_length: int, max_output_length: int,
+def _cache_key(file_digest: str, tokenizer, kind: str, max_input_length: int, max_output_length: int,
                skip_bad_rows: bool) -> str:
-    parts = [reading.file_digest(path), tokenizer_fingerprint(tokenizer), kind, str(max_input_length),
+    parts = [file_digest, tokenizer_fingerprint(tokenizer), kind, str(max_input_length),
              str(max_output_length), str(skip_bad_rows), _code_fingerprint(type(tokenizer))]
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()
 

@@ -93,6 +93,7 @@ def _train(cfg: DictConfig, run_dir: Path, paths: dict[str, Path], where: InputP
     data = load_datasets(data_config, tokenizer, cfg.max_input_length, cfg.max_output_length,
                          cache_dir=DATA_CACHE, skip_bad_rows=cfg.data.skip_bad_rows, eval_subset=cfg.eval_subset)
     collator = Collator(tokenizer.pad_token_id)
+    budget = None
     if cfg.data.packing and data.train is not None:
         from glm_ft.data.packing import PackedCollator, pack_dataset, pack_max_length, packing_stats
 
@@ -127,6 +128,7 @@ def _train(cfg: DictConfig, run_dir: Path, paths: dict[str, Path], where: InputP
         data_collator=collator, processing_class=tokenizer,
         compute_metrics=metrics_fn(tokenizer, stop_ids), method=cfg.method, gen_config=gen_config,
         eval_predictions=run_dir / EVAL_PREDICTIONS, eval_batch_tokens=cfg.eval_batch_tokens, callbacks=callbacks,
+        data_inputs=_data_inputs(cfg, where, data.digests.get("train"), budget, args.world_size),
     )
     heap.freeze()  # start-up is done: what exists now lives until the job ends, no collection need walk it again
 
@@ -204,7 +206,7 @@ def _train_and_save(cfg: DictConfig, run_dir: Path, trainer, tracker, job_trial)
     if resume_from:
         if dist.is_rank_zero():
             log.info("resuming from %s", resume_from)
-            changed = changed_data_order(Path(resume_from), trainer.args)
+            changed = changed_data_order(Path(resume_from), trainer.args, trainer.data_inputs)
             if changed:
                 log.warning("resume: %s since %s: the resumed steps do not continue its data order (an "
                             "uninterrupted run would train other batches)", changed, resume_from)
@@ -245,6 +247,17 @@ def _train_and_save(cfg: DictConfig, run_dir: Path, trainer, tracker, job_trial)
         mark_complete(run_dir / FINAL, trainer.state.global_step, epoch=trainer.state.epoch,
                       num_input_tokens_seen=trainer.state.num_input_tokens_seen)
         tracker.set_tags({"glm_ft.final_model": str(run_dir / FINAL)})
+
+
+def _data_inputs(cfg: DictConfig, where: InputPaths, train_sha256: str | None, pack_budget: int | None,
+                 world_size: int) -> dict:
+    """What decides each step's rows besides the Trainer's arguments, as each checkpoint records it
+    (glm_ft.runs.DATA_ORDER_RECORD): the training file's contents (the digest the dataset cache already took), the
+    lengths every sample is cut to, packing and its budget, and how many processes share each step's batches."""
+    train_file = where.data_files.get("train")
+    return {"data.train_file": str(train_file) if train_file else None, "data.train_sha256": train_sha256,
+            "max_input_length": cfg.max_input_length, "max_output_length": cfg.max_output_length,
+            "data.packing": bool(cfg.data.packing), "data.pack_max_length": pack_budget, "world_size": world_size}
 
 
 def _restore_final_state(trainer, run_dir: Path, step: int) -> None:

@@ -29,7 +29,8 @@ from glm_ft import dist, methods
 from glm_ft.atomic import write_text_atomic
 from glm_ft.errors import CheckpointError, GlmFtError
 from glm_ft.config.schema import EVAL_BATCH_TOKENS
-from glm_ft.runs import COMPLETE_MARKER, checkpoint_dir, last_complete_checkpoint, mark_complete, rotate_checkpoints
+from glm_ft.runs import (COMPLETE_MARKER, DATA_ORDER_RECORD, changed_data_inputs, checkpoint_dir,
+                         last_complete_checkpoint, mark_complete, rotate_checkpoints, write_json)
 from glm_ft.data.collate import SAMPLE_INDEX
 from glm_ft.train.evaluation import Indexed, in_sample_order, plan_generation, write_predictions
 from glm_ft.train.generation import generate
@@ -86,8 +87,10 @@ class GlmTrainer(WholeRunLoss, Seq2SeqTrainer):
     """
 
     def __init__(self, *args, method, gen_config, eval_predictions: Path | None = None,
-                 eval_batch_tokens: int | None = EVAL_BATCH_TOKENS, **kwargs):
+                 eval_batch_tokens: int | None = EVAL_BATCH_TOKENS, data_inputs: dict | None = None, **kwargs):
         super().__init__(*args, **kwargs)
+        # What each checkpoint records of the data its steps trained (DATA_ORDER_RECORD), for a resume to compare.
+        self.data_inputs = data_inputs
         self.method = method  # the method's config (cfg.method); its module saves, loads, builds the optimizer
         self.gen_config = gen_config
         self.eval_batch_tokens = eval_batch_tokens
@@ -206,6 +209,8 @@ class GlmTrainer(WholeRunLoss, Seq2SeqTrainer):
             self.args.save_total_limit = limit
         if self.args.should_save and (folder / TRAINING_ARGS_JSON).is_file():
             write_text_atomic(folder / TRAINING_ARGS_JSON, self.args.to_json_string())  # with the limit restored
+        if self.args.should_save and self.data_inputs is not None and folder.is_dir():
+            write_json(folder / DATA_ORDER_RECORD, self.data_inputs)  # before Watchdog's marker, as all the rest
         if dist.is_multi_process():
             torch.distributed.barrier()  # every rank's files (RNG state, ZeRO shard) are on disk before the marker
 
@@ -274,15 +279,18 @@ DATA_ORDER_ARGS = ("per_device_train_batch_size", "gradient_accumulation_steps",
                    "data_seed")
 
 
-def changed_data_order(checkpoint: Path, args) -> str | None:
-    """The data-order arguments a resume changes from the checkpoint's (its training_args.json), as one phrase."""
+def changed_data_order(checkpoint: Path, args, data_inputs: dict | None = None) -> str | None:
+    """What a resume changes of what each step trains, as one phrase: the data-order arguments against the
+    checkpoint's training_args.json, and `data_inputs` (the data, lengths, packing, processes) against its
+    DATA_ORDER_RECORD. What a checkpoint did not record is not compared."""
     try:
         saved = json.loads((Path(checkpoint) / TRAINING_ARGS_JSON).read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return None
+        saved = {}
     now = args.to_dict()
     changed = [f"training_args.{key} {saved[key]} -> {now[key]}" for key in DATA_ORDER_ARGS
                if key in saved and key in now and saved[key] != now[key]]
+    changed += changed_data_inputs(checkpoint, data_inputs or {})
     return ", ".join(changed) or None
 
 

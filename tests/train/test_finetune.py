@@ -3,9 +3,11 @@ reproducibility, switches and failures. Each run is `python train.py ...` in a s
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -341,6 +343,95 @@ def test_resume_from_named_checkpoint(tmp_path, mlflow_env, runs):
     assert other.returncode == 0, other.stderr[-3000:]
     assert (f"resume: training_args.per_device_train_batch_size 4 -> 2 since {source}: the resumed steps do not "
             "continue its data order (an uninterrupted run would train other batches)") in other.stdout + other.stderr
+
+
+# A run saved at step 2 on its own copy of the sample training file; the resumes below train step 3 from there.
+ORDER = ["method=lora", "training_args.max_steps=2", "training_args.save_steps=2", "training_args.eval_steps=100",
+         "data.val_file=null", "data.test_file=null"]
+ORDER_WARNING = "since {}: the resumed steps do not continue its data order"
+
+
+def _train_file(folder: Path, rows: list[str]) -> Path:
+    folder.mkdir(parents=True)
+    (folder / "train.jsonl").write_text("".join(rows), encoding="utf-8")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def saved_at_step_2(tmp_path_factory, mlflow_env) -> tuple[Path, list[str]]:
+    root = tmp_path_factory.mktemp("order")
+    rows = (ROOT / "data" / "sample" / "train.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)
+    result = train([*ORDER, f"data.data_dir={_train_file(root / 'data', rows)}"], root / "run", mlflow_env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return root / "run" / "checkpoint-2", rows
+
+
+def _resume(checkpoint: Path, data_dir: Path, run_dir: Path, env: dict, *extra: str) -> str:
+    result = train([*ORDER, "training_args.max_steps=3", f"data.data_dir={data_dir}", f"resume={checkpoint}", *extra],
+                   run_dir, env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout + result.stderr
+    assert f"resuming from {checkpoint}" in out
+    return out
+
+
+@pytest.mark.parametrize("change, said", [
+    (["data.packing=true"], "data.packing false -> true"),
+    (["max_input_length=32"], "max_input_length 64 -> 32"),
+    (["max_output_length=32"], "max_output_length 64 -> 32"),
+    (["max_input_length=48", "training_args.per_device_train_batch_size=2"],
+     "training_args.per_device_train_batch_size 4 -> 2, max_input_length 64 -> 48"),
+    ("reversed rows", "data.train_file {old} -> {new} (other contents)"),
+])
+def test_a_resume_that_changes_what_each_step_trains_says_so_in_one_line(change, said, saved_at_step_2, tmp_path,
+                                                                         mlflow_env):
+    """Causes the Trainer's arguments do not hold: the training file's contents (other rows under the same step
+    numbers), the lengths every sample is cut to, packing. All named in the one warning line, beside those of the
+    training_args.json (per_device_train_batch_size...)."""
+    checkpoint, rows = saved_at_step_2
+    data_dir, extra = checkpoint.parent.parent / "data", change
+    if change == "reversed rows":
+        data_dir, extra = _train_file(tmp_path / "other", rows[::-1]), []
+        said = said.format(old=checkpoint.parent.parent / "data" / "train.jsonl", new=data_dir / "train.jsonl")
+    out = _resume(checkpoint, data_dir, tmp_path / "resumed", mlflow_env, *extra)
+    assert f"resume: {said} {ORDER_WARNING.format(checkpoint)}" in out
+
+
+def test_an_unchanged_resume_warns_nothing_even_from_a_moved_copy_of_the_data(saved_at_step_2, tmp_path,
+                                                                              mlflow_env):
+    checkpoint, rows = saved_at_step_2
+    record = json.loads((checkpoint / "glm_ft_data_order.json").read_text())
+    assert record["data.train_sha256"] == hashlib.sha256("".join(rows).encode()).hexdigest()
+    assert (record["max_input_length"], record["data.packing"], record["world_size"]) == (64, False, 1)
+    out = _resume(checkpoint, _train_file(tmp_path / "moved", rows), tmp_path / "resumed", mlflow_env)
+    assert "data order" not in out  # the same bytes elsewhere are the same rows
+
+
+def test_a_checkpoint_saved_before_the_record_resumes_as_before(saved_at_step_2, tmp_path, mlflow_env):
+    """No record: what it trained is unknown, so nothing is said of it; the resumed run's own checkpoints record."""
+    checkpoint = tmp_path / "old" / "checkpoint-2"
+    shutil.copytree(saved_at_step_2[0], checkpoint)
+    (checkpoint / "glm_ft_data_order.json").unlink(missing_ok=True)  # as one saved before the record was
+    out = _resume(checkpoint, saved_at_step_2[0].parent.parent / "data", tmp_path / "resumed", mlflow_env,
+                  "max_input_length=32", "data.packing=true", "training_args.max_steps=4")
+    assert "data order" not in out
+    record = json.loads((tmp_path / "resumed" / "checkpoint-4" / "glm_ft_data_order.json").read_text())
+    assert (record["max_input_length"], record["data.packing"], record["data.pack_max_length"]) == (32, True, 97)
+
+
+def test_a_resume_with_another_number_of_processes_says_so(saved_at_step_2, tmp_path, mlflow_env):
+    """Each rank trains its share of a step's batches: with another number of processes a step trains other rows."""
+    data_dir = saved_at_step_2[0].parent.parent / "data"
+    env = {**os.environ, **mlflow_env}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    cmd = [sys.executable, "-m", "glm_ft.launch", "--nproc_per_node", "2", str(ROOT / "train.py"), *SMALL, *ORDER,
+           f"data.data_dir={data_dir}", f"hydra.run.dir={tmp_path / 'two'}"]
+    two = run_process(cmd, env=env)
+    assert two.returncode == 0, two.stderr[-3000:]
+    checkpoint = tmp_path / "two" / "checkpoint-2"
+    out = _resume(checkpoint, data_dir, tmp_path / "one", mlflow_env)
+    assert f"resume: number of processes 2 -> 1 {ORDER_WARNING.format(checkpoint)}" in out
 
 
 def test_switches(tmp_path, mlflow_env):
