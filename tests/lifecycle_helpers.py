@@ -19,7 +19,7 @@ from typing import Callable, Iterator
 
 import pytest
 
-from conftest import ROOT, serving
+from conftest import ROOT, end_process_group, serving
 
 
 # Small training: no evaluation until the end, no test split, a checkpoint every few steps.
@@ -179,3 +179,17 @@ def fill(folder: Path, leave_bytes: int = 0) -> Path:
             except OSError:
                 break
     return filler
+
+
+def sigkill_once(cmd: list[str], env: dict, ready) -> None:
+    """Start the sweep `cmd` and SIGKILL its whole process group (a preempted node) as soon as `ready()`."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        while not ready():
+            assert proc.poll() is None, proc.stderr.read()[-2000:]
+            time.sleep(0.02)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    finally:
+        end_process_group(proc)

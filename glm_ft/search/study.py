@@ -20,7 +20,7 @@ import math
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import optuna
 from hydra.core.override_parser.types import IntervalSweep
@@ -122,20 +122,26 @@ def override_value(value: Any) -> str:
 # --- the study across restarts -----------------------------------------------------------------------------------
 
 
-def recover_stale_trials(study: optuna.Study) -> list[int]:
-    """Trials left RUNNING (or WAITING) by a sweep that died: the RUNNING ones are marked FAIL (tagged stale, so
-    they are not counted) and their parameters enqueued to be tried again. Only call this while holding the
-    sweep's lock: then no other process is running a trial of this study."""
+def recover_stale_trials(study: optuna.Study, resumable: Callable[[optuna.trial.FrozenTrial], bool]
+                         ) -> tuple[list[int], list[optuna.trial.Trial]]:
+    """Trials left RUNNING by a sweep that died: (retried, resumed). A `resumable` one (its job folder holds a
+    complete checkpoint of it) stays RUNNING, to be run again with resume=auto: the same trial, job folder, MLflow
+    run and intermediate values, so its hours of training and the pruner's history of it go on. The others are
+    marked FAIL (tagged stale, so they are not counted) and their parameters enqueued to be tried again from scratch.
+    Only call this while holding the sweep's lock: then no other process is running a trial of this study."""
     storage = study._storage
-    retried = []
+    retried, resumed = [], []
     for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        if trial.params and resumable(trial):
+            resumed.append(optuna.trial.Trial(study, trial._trial_id))
+            continue
         storage.set_trial_system_attr(trial._trial_id, STALE_ATTR, True)
         storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
         if trial.params:
             study.enqueue_trial(trial.params, user_attrs={"glm_ft_retry_of": trial.number},
                                 skip_if_exists=False)
         retried.append(trial.number)
-    return retried
+    return retried, resumed
 
 
 def counted_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
@@ -168,11 +174,27 @@ class JobTrial:
         """Report the metric at `step`; True when the pruner stops this trial."""
         if not math.isfinite(value):
             value = float("nan")
-        self.trial.report(float(value), step)
+        if step in self.study._storage.get_trial(self.trial._trial_id).intermediate_values:
+            # A trial resumed from a checkpoint evaluates again the steps between it and the kill: the study keeps
+            # the value reported then (the same training, so the same value), as Optuna would, without its warning.
+            log.info("trial %d: step %d was reported before the trial was resumed; its value stays", self.number, step)
+        else:
+            self.trial.report(float(value), step)
         if self.trial.should_prune():
             self.pruned_at = step
             return True
         return False
+
+    def pruned_by(self, step: int) -> bool:
+        """A trial resumed from its checkpoint at `step`: True (pruned at its last report) when the pruner stops it
+        on what it reported up to that step. Its job was stopped there and saved that checkpoint, but the sweep
+        was killed before it told the study; trained on, it would run past where the pruner stopped it."""
+        reported = self.study._storage.get_trial(self.trial._trial_id).intermediate_values
+        if not reported or max(reported) > step or not self.trial.should_prune():
+            return False
+        self.pruned_at = max(reported)
+        log.info("trial %d: pruned at step %d before it was resumed; not trained on", self.number, self.pruned_at)
+        return True
 
 
 def pruner_from_hydra(hydra_cfg) -> Any:

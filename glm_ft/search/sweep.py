@@ -263,7 +263,7 @@ class MlflowSweepCallback(Callback):
 
 def reopen_parent(store: Store, sweep_dir: Path) -> str | None:
     """A re-run of a sweep folder continues its parent run: RUNNING again, and the children the dead sweep left
-    RUNNING closed as KILLED (their jobs are re-run or, for a study, retried as new trials)."""
+    RUNNING closed as KILLED (their jobs are resumed from a checkpoint, which reopens the run, or run again)."""
     marker = sweep_dir / PARENT_FILE
     if not marker.is_file():
         return None

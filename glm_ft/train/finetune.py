@@ -211,6 +211,10 @@ def _train_and_save(cfg: DictConfig, run_dir: Path, trainer, tracker, job_trial)
                 log.warning("resume: %s since %s: the resumed steps do not continue its data order (an "
                             "uninterrupted run would train other batches)", changed, resume_from)
         tracker.set_tags({"glm_ft.resumed_from": resume_from})
+    if resume_from and job_trial is not None and job_trial.pruned_by(checkpoint_step(Path(resume_from))):
+        # A trial its pruner stopped, killed with its sweep after saving the checkpoint at that step and before the
+        # study was told: pruned again here, not trained on past where the pruner stopped it.
+        _pruned(cfg, run_dir, tracker, job_trial, None)
     try:
         result = trainer.train(resume_from_checkpoint=resume_from)
     except KeyboardInterrupt as err:
@@ -224,13 +228,7 @@ def _train_and_save(cfg: DictConfig, run_dir: Path, trainer, tracker, job_trial)
         raise CheckpointError(f"resume: {resume_from}: {refused_weights_reason(err)}") from None
     tracker.log_metrics({k: v for k, v in result.metrics.items() if k.startswith("train")}, trainer.state.global_step)
     if job_trial is not None and job_trial.pruned_at is not None:
-        from glm_ft.search.study import PRUNED_TAG, TrialPruned
-
-        # Stopped by the study's pruner: the checkpoint at that step is saved; no final model, no test predictions.
-        if dist.is_rank_zero():
-            _write_curves(cfg, run_dir, trainer.state.log_history, trained=True)
-        tracker.set_tags({PRUNED_TAG: "true", "glm_ft.pruned_at_step": str(job_trial.pruned_at)})
-        raise TrialPruned(f"trial {job_trial.number} pruned at step {job_trial.pruned_at}")
+        _pruned(cfg, run_dir, tracker, job_trial, trainer.state.log_history)
     # The final model is for inference: keep the KV cache on in its config (training turned it off).
     trainer.accelerator.unwrap_model(trainer.model).config.use_cache = True
     with disk_full_named(run_dir / FINAL, run_dir):
@@ -258,6 +256,17 @@ def _data_inputs(cfg: DictConfig, where: InputPaths, train_sha256: str | None, p
     return {"data.train_file": str(train_file) if train_file else None, "data.train_sha256": train_sha256,
             "max_input_length": cfg.max_input_length, "max_output_length": cfg.max_output_length,
             "data.packing": bool(cfg.data.packing), "data.pack_max_length": pack_budget, "world_size": world_size}
+
+
+def _pruned(cfg: DictConfig, run_dir: Path, tracker, job_trial, log_history: list[dict] | None) -> None:
+    """Stopped by the study's pruner: the checkpoint at that step is saved; no final model, no test predictions.
+    `log_history` None: nothing trained in this process (the checkpoint's log is the training's)."""
+    from glm_ft.search.study import PRUNED_TAG, TrialPruned
+
+    if dist.is_rank_zero():
+        _write_curves(cfg, run_dir, log_history or [], trained=log_history is not None)
+    tracker.set_tags({PRUNED_TAG: "true", "glm_ft.pruned_at_step": str(job_trial.pruned_at)})
+    raise TrialPruned(f"trial {job_trial.number} pruned at step {job_trial.pruned_at}")
 
 
 def _restore_final_state(trainer, run_dir: Path, step: int) -> None:

@@ -86,21 +86,25 @@ class SkippingLauncher:
         return results
 
     def _resumable(self, num: int, overrides: Sequence[str]) -> bool:
-        """A job the earlier run left with a complete checkpoint, run with exactly these overrides."""
-        from omegaconf import OmegaConf
+        return resumable_job(self.sweep_dir / str(num), overrides)
 
-        from glm_ft.runs import FINAL, is_complete, last_complete_checkpoint
-        from glm_ft.tracking.redact import redact
 
-        folder = self.sweep_dir / str(num)
-        if not (folder / ".hydra" / "overrides.yaml").is_file():
-            return False
-        try:
-            ran = [str(o) for o in OmegaConf.load(folder / ".hydra" / "overrides.yaml")]
-        except Exception:  # an unreadable record: run the job afresh, as before
-            return False
-        return (_without_resume(ran) == [redact(o) for o in overrides]  # written masked
-                and (last_complete_checkpoint(folder) is not None or is_complete(folder / FINAL)))
+def resumable_job(folder: Path, overrides: Sequence[str]) -> bool:
+    """A job folder an earlier run left with a complete checkpoint (or final/) of a job run with exactly these
+    overrides: `resume=auto` there continues it. Also the Optuna sweeper's test for a trial a kill cut short."""
+    from omegaconf import OmegaConf
+
+    from glm_ft.runs import FINAL, is_complete, last_complete_checkpoint
+    from glm_ft.tracking.redact import redact
+
+    if not (folder / ".hydra" / "overrides.yaml").is_file():
+        return False
+    try:
+        ran = [str(o) for o in OmegaConf.load(folder / ".hydra" / "overrides.yaml")]
+    except Exception:  # an unreadable record: run the job afresh, as before
+        return False
+    return (_without_resume(ran) == [redact(o) for o in overrides]  # written masked
+            and (last_complete_checkpoint(folder) is not None or is_complete(folder / FINAL)))
 
 
 def _disown(folder: Path) -> None:

@@ -3,8 +3,9 @@
 Each trial is one job of the configured launcher, launched in batches of `n_jobs`; job N's folder is trial N's.
 The study lives in `hydra.sweep.dir` (Optuna's journal file, see glm_ft/search/study.py), so running the same command
 with the same `hydra.sweep.dir` continues it: finished trials are kept, a trial that was running when the sweep
-died is marked failed and tried again, and `n_trials` counts every trial of the study. One sweep process owns a
-sweep folder at a time (a lock file), which is what makes "running when it died" knowable.
+died resumes in its job folder from its last complete checkpoint (resume=auto, as the basic sweeper resumes a job)
+or, without one, is marked failed and tried again from scratch, and `n_trials` counts every trial of the study. One
+sweep process owns a sweep folder at a time (a lock file), which is what makes "running when it died" knowable.
 
 Optuna is imported only once a sweep starts: Hydra imports this module on every train.py start.
 """
@@ -24,6 +25,7 @@ from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf
 
 from glm_ft.search.lock import SweepLock, SweepLocked
+from hydra_plugins.glm_ft_sweepers.basic_sweeper import RESUME_AUTO, resumable_job
 from glm_ft.tracking.redact import redact_files
 
 log = logging.getLogger(__name__)
@@ -128,16 +130,17 @@ class OptunaSweeper(Sweeper):
             if study.direction.name.lower() != self.direction:
                 raise HydraException(f"hydra.sweeper.direction: the study in {sweep_dir} was made to "
                                      f"{study.direction.name.lower()}, not {self.direction}")
-            retried = search.recover_stale_trials(study)
+            retried, resumed = search.recover_stale_trials(study, lambda t: self._resumable(sweep_dir, t, fixed))
             if study.trials and self.seed is not None:
                 # A continued study must not replay its start, which the same seed would: its random stream goes on
                 # from the seed and the study's length, so the same stopped study still continues the same way.
                 study.sampler = self._sampler(space, self.seed + len(study.trials))
             done = len(search.counted_trials(study))
-            if done or retried:
-                log.info("Optuna: continuing study '%s' in %s: %d of %d trials done%s", self.study_name, sweep_dir,
+            if done or retried or resumed:
+                log.info("Optuna: continuing study '%s' in %s: %d of %d trials done%s%s", self.study_name, sweep_dir,
                          done, n_trials, f"; trials {retried} were running when it stopped and are retried"
-                         if retried else "")
+                         if retried else "", f"; trials {[t.number for t in resumed]} were running when it "
+                         "stopped and resume from their last complete checkpoint (resume=auto)" if resumed else "")
             else:
                 log.info("Optuna: study '%s' in %s, %d trials, sampler %s, pruner %s", self.study_name, sweep_dir,
                          n_trials, type(sampler).__name__, type(study.pruner).__name__)
@@ -145,9 +148,12 @@ class OptunaSweeper(Sweeper):
                    search.STORAGE_ENV: search.storage_spec_for_job(self.storage_spec, sweep_dir)}
             failures: list[str] = []
             try:
-                while (remaining := n_trials - len(search.counted_trials(study))) > 0:
-                    trials = [study.ask(space) for _ in range(min(self.n_jobs, remaining))]
-                    failures += self._run_batch(study, trials, fixed, env)
+                pending = resumed  # first, before new trials: they are part of n_trials already
+                while pending or n_trials - len(search.counted_trials(study)) > 0:
+                    trials, pending = pending[:self.n_jobs], pending[self.n_jobs:]
+                    new = n_trials - len(search.counted_trials(study)) - len(trials) - len(pending)
+                    trials += [study.ask(space) for _ in range(max(min(self.n_jobs - len(trials), new), 0))]
+                    failures += self._run_batch(study, trials, fixed, env, {t.number for t in resumed})
             finally:
                 summary = _summarise(study, sweep_dir, metric)
         finally:
@@ -156,16 +162,29 @@ class OptunaSweeper(Sweeper):
             raise HydraException(f"{len(failures)} trial(s) failed: " + "; ".join(failures))
         return summary
 
-    def _run_batch(self, study, trials: list, fixed: list[str], env: dict) -> list[str]:
+    def _resumable(self, sweep_dir: Path, trial, fixed: list[str]) -> bool:
+        """A trial the dead sweep left running whose job folder (N for trial N) holds a complete checkpoint of
+        this very trial: its study and number in the folder's hydra.job.env_set, exactly these overrides."""
+        from glm_ft.search import STUDY_ENV, TRIAL_ENV
+
+        folder = sweep_dir / str(trial.number)
+        try:
+            env_set = OmegaConf.load(folder / ".hydra" / "hydra.yaml").hydra.job.env_set
+            ours = str(env_set.get(STUDY_ENV)) == self.study_name and str(env_set.get(TRIAL_ENV)) == str(trial.number)
+        except Exception:  # no record (killed before Hydra wrote it), or an unreadable one: from scratch
+            return False
+        return ours and resumable_job(folder, _job_overrides(trial, fixed))
+
+    def _run_batch(self, study, trials: list, fixed: list[str], env: dict, resumed: set[int]) -> list[str]:
         import optuna
 
         from glm_ft.search import study as search
 
         batch = []
         for trial in trials:
-            swept = [f"{k}={search.override_value(v)}" for k, v in trial.params.items()]
             env_set = [f"+hydra.job.env_set.{k}={v}" for k, v in {**env, search.TRIAL_ENV: trial.number}.items()]
-            batch.append(fixed + swept + env_set)
+            # A resumed trial's job continues in its own folder: its checkpoint, its MLflow run (resume=auto).
+            batch.append(_job_overrides(trial, fixed) + env_set + ([RESUME_AUTO] if trial.number in resumed else []))
         self.validate_batch_is_legal(batch)
         numbers = [t.number for t in trials]
         # Job N's folder is trial N's: launch together when the numbers run on (they do under the sweep lock).
@@ -196,6 +215,14 @@ class OptunaSweeper(Sweeper):
             study.tell(trial, float(value))
             log.info("trial %d: %s", trial.number, value)
         return failures
+
+
+def _job_overrides(trial, fixed: list[str]) -> list[str]:
+    """A trial's job's overrides (without the hydra.job.env_set ones, which Hydra keeps apart): the fixed ones,
+    then the trial's parameters."""
+    from glm_ft.search import study as search
+
+    return fixed + [f"{k}={search.override_value(v)}" for k, v in trial.params.items()]
 
 
 def _instantiate(node: Any) -> Any:

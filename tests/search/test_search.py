@@ -1,7 +1,8 @@
 """glm-ft's Optuna sweeper and the resumable grid sweeper (hydra_plugins/glm_ft_sweepers, glm_ft/search/study.py).
 
 Most sweeps run tests/fixtures/sweep_app.py (real conf/, callback, tracking and study; a made-up score reported at
-made-up evaluations). Pruning of a real training job runs train.py on the tiny model.
+made-up evaluations). Pruning of a real training job, and a killed study resuming its trial from a checkpoint, run
+train.py on the tiny model.
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_train
+from conftest import ROOT, run_train
 from test_sweep import APP, app_env, run_app, score, sweep_runs
+from lifecycle_helpers import sigkill_once
 
 
 @pytest.fixture(scope="module")
@@ -315,3 +317,98 @@ def test_real_training_trial_is_pruned_at_its_first_evaluation(tmp_path):
     assert series.get("loss", []) == [[h["step"], h["loss"]] for h in history if "loss" in h]
     assert series["eval_rouge-l"] == [[4, trial.intermediate_values[4]]]
     assert CURVES_FILE in {a.path for a in client.list_artifacts(child.info.run_id)}
+
+
+@pytest.mark.slow
+def test_killed_search_resumes_its_cut_short_trial_from_its_checkpoint(tmp_path):
+    """train.py on the tiny model, SIGKILL to the whole sweep once trial 0 has a complete checkpoint; the same command
+    again continues trial 0 itself in its folder from that checkpoint (not its parameters from step 0 as a new
+    trial): the loss and the intermediate values of an uninterrupted trial, one COMPLETE trial, and one MLflow run
+    for it, continued (glm_ft.resumes=1) and FINISHED."""
+    from glm_ft.runs import last_complete_checkpoint
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
+    env.pop("HYDRA_FULL_ERROR", None)
+    trial = ["hparams_search=lora_optuna", "experiment=quickstart", "hydra/sweeper/sampler=grid", "method.r=choice(4)",
+             "method.lora_alpha=32", "method.lora_dropout=0.1", "training_args.learning_rate=0.001",
+             "training_args.max_steps=8", "training_args.save_steps=2", "training_args.eval_steps=2",
+             "training_args.logging_steps=1", "eval_subset=4", "training_args.generation_config.max_new_tokens=8",
+             "data.test_file=null"]
+    sweep_dir = tmp_path / "search"
+    cmd = [sys.executable, str(ROOT / "train.py"), *trial, f"hydra.sweep.dir={sweep_dir}"]
+    sigkill_once(cmd, env, lambda: list((sweep_dir / "0").glob("checkpoint-*/glm_ft_complete")))
+    cut_at = last_complete_checkpoint(sweep_dir / "0")
+    assert [t.state.name for t in load_study(sweep_dir, "lora_optuna").trials] == ["RUNNING"]
+
+    again = run_train([*trial, f"hydra.sweep.dir={sweep_dir}"], env={"MLFLOW_TRACKING_URI": uri})
+    assert again.returncode == 0, again.stderr[-3000:]
+    log = again.stdout + again.stderr
+    assert "trials [0] were running when it stopped and resume from their last complete checkpoint" in log
+    assert f"resuming from {cut_at}" in log
+    assert "already reported" not in log
+
+    whole_dir = tmp_path / "whole"
+    whole = run_train([*trial, f"hydra.sweep.dir={whole_dir}", "tracking.enabled=false"])
+    assert whole.returncode == 0, whole.stderr[-3000:]
+
+    def history(run_dir: Path) -> list[dict]:
+        return json.loads((run_dir / "checkpoint-8" / "trainer_state.json").read_text())["log_history"]
+
+    resumed, uninterrupted = history(sweep_dir / "0"), history(whole_dir / "0")
+    assert [h["loss"] for h in resumed if "loss" in h][-1] == pytest.approx(
+        [h["loss"] for h in uninterrupted if "loss" in h][-1], rel=1e-5)
+    (study_trial,) = load_study(sweep_dir, "lora_optuna").trials
+    (whole_trial,) = load_study(whole_dir, "lora_optuna").trials
+    assert study_trial.state.name == "COMPLETE" and study_trial.value == pytest.approx(whole_trial.value)
+    assert study_trial.intermediate_values == pytest.approx(whole_trial.intermediate_values)
+    assert sorted(study_trial.intermediate_values) == [2, 4, 6, 8]
+    assert json.loads((sweep_dir / "study" / "summary.json").read_text())["trials"] == {"COMPLETE": 1}
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    parent, _ = sweep_runs(client, sweep_dir)
+    (child,) = all_children(client, parent)
+    assert (child.info.status, child.data.tags["glm_ft.resumes"], child.data.tags["glm_ft.trial"]) == (
+        "FINISHED", "1", "0")
+    assert child.data.tags["glm_ft.resumed_from"] == str(cut_at)
+    evals = {m.step: m.value for m in client.get_metric_history(child.info.run_id, "eval_rouge-l")}
+    assert {s: evals[s] for s in study_trial.intermediate_values} == pytest.approx(study_trial.intermediate_values)
+    assert parent.info.status == "FINISHED" and parent.data.metrics["trials_complete"] == 1
+
+
+@pytest.mark.slow
+def test_a_trial_pruned_just_before_the_kill_is_not_trained_on_when_resumed(tmp_path):
+    """The pruner stopped trial 0 at its first evaluation and its job saved checkpoint-4; SIGKILL to the sweep before
+    the study was told. The re-run resumes the trial and ends it PRUNED at step 4 at once, as the uninterrupted
+    sweep did, instead of training it on to its next evaluation."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
+    env.pop("HYDRA_FULL_ERROR", None)
+    sweep_dir = tmp_path / "sweep"
+    args = ["hparams_search=lora_optuna", "experiment=quickstart", "hydra.sweeper.n_trials=1",
+            "hydra/sweeper/pruner=threshold", "hydra.sweeper.pruner.lower=101", "training_args.max_steps=8",
+            "training_args.eval_steps=4", "training_args.save_steps=100", "eval_subset=4",
+            "training_args.generation_config.max_new_tokens=8", f"hydra.sweep.dir={sweep_dir}"]
+    sigkill_once([sys.executable, str(ROOT / "train.py"), *args], env,
+                  lambda: (sweep_dir / "0" / "checkpoint-4" / "glm_ft_complete").is_file())
+    (before,) = load_study(sweep_dir, "lora_optuna").trials
+    assert before.state.name == "RUNNING" and list(before.intermediate_values) == [4]
+
+    again = run_train(args, env={"MLFLOW_TRACKING_URI": uri})
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "trials [0] were running when it stopped and resume from their last complete checkpoint" in (
+        again.stdout + again.stderr)
+    (trial,) = load_study(sweep_dir, "lora_optuna").trials
+    assert trial.state.name == "PRUNED" and trial.intermediate_values == before.intermediate_values
+    assert not list((sweep_dir / "0").glob("checkpoint-[5-9]")) and not (sweep_dir / "0" / "final").exists()
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    parent, _ = sweep_runs(client, sweep_dir)
+    (child,) = all_children(client, parent)
+    assert child.info.status == "KILLED" and child.data.tags["glm_ft.pruned"] == "true"
+    assert child.data.tags["glm_ft.pruned_at_step"] == "4" and child.data.tags["glm_ft.resumes"] == "1"
+    assert parent.info.status == "FINISHED" and parent.data.metrics["trials_pruned"] == 1

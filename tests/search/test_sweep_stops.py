@@ -16,6 +16,7 @@ from omegaconf import OmegaConf
 
 from conftest import ROOT, end_process_group, run_process
 from glm_ft.runs import last_complete_checkpoint
+from lifecycle_helpers import sigkill_once
 from test_sweep import APP, app_env, sweep_runs
 
 
@@ -147,7 +148,7 @@ def test_a_killed_sweep_run_again_resumes_its_cut_short_job_from_its_checkpoint(
            "training_args.save_steps=4", "training_args.eval_steps=1000", "training_args.logging_steps=1",
            "eval_subset=4", "training_args.generation_config.max_new_tokens=8", "data.test_file=null"]
     cmd = [sys.executable, str(ROOT / "train.py"), "-m", *job, f"hydra.sweep.dir={sweep_dir}"]
-    _sigkill_once(cmd, env, lambda: list((sweep_dir / "0").glob("checkpoint-*/glm_ft_complete")))
+    sigkill_once(cmd, env, lambda: list((sweep_dir / "0").glob("checkpoint-*/glm_ft_complete")))
     cut_at = last_complete_checkpoint(sweep_dir / "0")
     assert not (sweep_dir / "0" / "final").exists()
 
@@ -198,26 +199,12 @@ def test_a_job_killed_before_it_trains_does_not_leave_another_jobs_checkpoint_as
         return [sys.executable, str(ROOT / "train.py"), "-m", *job, f"training_args.learning_rate={rate}",
                 f"hydra.sweep.dir={sweep_dir}"]
 
-    _sigkill_once(cmd("0.001"), env, lambda: list((sweep_dir / "0").glob("checkpoint-*/glm_ft_complete")))
+    sigkill_once(cmd("0.001"), env, lambda: list((sweep_dir / "0").glob("checkpoint-*/glm_ft_complete")))
     overrides = sweep_dir / "0" / ".hydra" / "overrides.yaml"
-    _sigkill_once(cmd("0.005"), env, lambda: overrides.is_file() and "learning_rate=0.005" in overrides.read_text())
+    sigkill_once(cmd("0.005"), env, lambda: overrides.is_file() and "learning_rate=0.005" in overrides.read_text())
     again = run_process(cmd("0.005"), env=env)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resuming from" not in again.stdout + again.stderr
     history = json.loads((sweep_dir / "0" / "checkpoint-6" / "trainer_state.json").read_text())["log_history"]
     rates = {h["step"]: h["learning_rate"] for h in history if "loss" in h}
     assert rates[2] == pytest.approx(0.005 / 20)  # the quickstart's 20 warmup steps, from 0.005 (not 0.001)
-
-
-def _sigkill_once(cmd: list[str], env: dict, ready) -> None:
-    """Start the sweep `cmd` and SIGKILL its whole process group (a preempted node) as soon as `ready()`."""
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        while not ready():
-            assert proc.poll() is None, proc.stderr.read()[-2000:]
-            time.sleep(0.02)
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    finally:
-        end_process_group(proc)
