@@ -163,7 +163,10 @@ def _tools_row(tools) -> str:
     ("train.json", "[" + json.dumps(CONVERSATION) + ",\n" + DEEP + "]", ":2: JSON nested too deeply"),
     ("train.jsonl", _tools_row(["get_weather"]) + "\n", ":1: tools of message 1 must be a list of objects"),
     ("train.jsonl", _tools_row({"name": "get_weather"}) + "\n", ":1: tools of message 1 must be a list of objects"),
-], ids=["surrogate", "deep-jsonl", "deep-json-array", "tools-strings", "tools-object"])
+    # read on, the row would train without its system prompt
+    ("train.jsonl", json.dumps({"system": "Be brief.", **CONVERSATION}) + "\n",
+     ":1: 'system' belongs in a system message (the first of 'conversations'), not on the row"),
+], ids=["surrogate", "deep-jsonl", "deep-json-array", "tools-strings", "tools-object", "row-system"])
 def test_refused_data_rows_are_one_line(name, text, expect, tmp_path):
     args = data_dir_with(tmp_path, name, text)
     out = probe_train([*SHORT, *args, f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)

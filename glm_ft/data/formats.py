@@ -1,7 +1,8 @@
 """The two formats other tools' data comes in, read as ChatGLM3 conversations (detected per row by its keys):
 
-- alpaca: `{"instruction", "input"?, "output", "system"?, "history"?: [[user, assistant], ...]}`; the user turn is
-  the instruction, then "\\n" and the input when there is one (as LLaMA-Factory joins them);
+- alpaca: `{"instruction", "input"?, "output", "system"?, "tools"?, "history"?: [[user, assistant], ...]}`; the
+  user turn is the instruction, then "\\n" and the input when there is one (as LLaMA-Factory joins them); `system`
+  and `tools` (as for sharegpt) make the system message;
 - sharegpt: `{"conversations": [{"from": "human|gpt|system|observation|function_call", "value"}], "system"?,
   "tools"?}`; `gpt` and `function_call` are assistant turns, `observation` (or `tool`) ChatGLM3's observation, row
   `tools` (a list, or that list as a JSON string) go on the system message.
@@ -57,9 +58,9 @@ def _text(row: dict, key: str, what: str, optional: bool = False) -> str:
 
 def _alpaca(row: dict) -> list[dict]:
     messages = []
-    system = _text(row, "system", "alpaca", optional=True)
-    if system:
-        messages.append({"role": "system", "content": system})
+    system, tools = _text(row, "system", "alpaca", optional=True), _tools(row.get("tools"), "alpaca")
+    if system or tools is not None:
+        messages.append({"role": "system", "content": system, **({"tools": tools} if tools is not None else {})})
     history = row.get("history") or []
     if not isinstance(history, list):
         raise FormatError("alpaca 'history' must be a list of [user, assistant] pairs")
@@ -84,7 +85,7 @@ def _sharegpt(row: dict) -> list[dict]:
         if not isinstance(item.get("value"), str):
             raise FormatError(f"sharegpt message {number} ({who}) has no string 'value'")
         messages.append({"role": SHAREGPT_ROLES[who], "content": item["value"]})
-    system, tools = _text(row, "system", "sharegpt", optional=True), _tools(row.get("tools"))
+    system, tools = _text(row, "system", "sharegpt", optional=True), _tools(row.get("tools"), "sharegpt")
     if system or tools is not None:
         if messages[0]["role"] == "system":
             if system:
@@ -98,14 +99,14 @@ def _sharegpt(row: dict) -> list[dict]:
     return messages
 
 
-def _tools(tools: Any) -> list | None:
+def _tools(tools: Any, kind: str) -> list | None:
     if isinstance(tools, str) and tools.strip():
         try:
             tools = json.loads(tools)
         except json.JSONDecodeError as err:
-            raise FormatError(f"sharegpt 'tools' is a string but not JSON ({err.msg})") from None
+            raise FormatError(f"{kind} 'tools' is a string but not JSON ({err.msg})") from None
     if tools in (None, "", []):
         return None
     if not isinstance(tools, list):
-        raise FormatError("sharegpt 'tools' must be a list (or that list as a JSON string)")
+        raise FormatError(f"{kind} 'tools' must be a list (or that list as a JSON string)")
     return tools

@@ -2,9 +2,10 @@
 
 Files are `.jsonl` or `.json` (JSON lines, or one JSON array of rows). A row is either
 `{"conversations": [{"role": ..., "content": ..., "metadata"?, "tools"?, "loss"?}, ...]}` with roles system, user,
-assistant and observation (`tools` only on a system message), or an AdvertiseGen row `{"content", "summary"}`,
-read as one user and one assistant message (alpaca and sharegpt rows too: glm_ft/data/formats.py). Problems are
-reported as `DataError("FILE:LINE: what is wrong")`. Turning conversations into samples is glm_ft/data/dataset.py.
+assistant and observation (`tools` only on a system message: a row-level `system` or `tools` is refused, not
+dropped), or an AdvertiseGen row `{"content", "summary"}`, read as one user and one assistant message (alpaca
+and sharegpt rows too: glm_ft/data/formats.py). Problems are reported as `DataError("FILE:LINE: what is wrong")`.
+Turning conversations into samples is glm_ft/data/dataset.py.
 """
 
 from __future__ import annotations
@@ -259,11 +260,17 @@ def _row_messages(row: Any, check_unicode: bool = True) -> tuple[Message, ...]:
     if "conversations" in row:
         if "tools" in row:
             raise _BadRow("'tools' belongs on the system message, not on the row")
+        if _carries(row, "system"):
+            raise _BadRow("'system' belongs in a system message (the first of 'conversations'), not on the row")
         items = row["conversations"]
         if not isinstance(items, list) or not items:
             raise _BadRow("'conversations' must be a non-empty list of messages")
         messages = tuple(_message(item, number, check_unicode) for number, item in enumerate(items, 1))
     elif "content" in row and "summary" in row:
+        for key in ("system", "tools"):
+            if _carries(row, key):
+                raise _BadRow(f"an AdvertiseGen row (content, summary) has no '{key}'; write the row as "
+                              "'conversations' with a system message")
         for key in ("content", "summary"):
             if not isinstance(row[key], str):
                 raise _BadRow(f"'{key}' is not a string")
@@ -276,6 +283,12 @@ def _row_messages(row: Any, check_unicode: bool = True) -> tuple[Message, ...]:
     if not any(m.role == "assistant" and m.carries_loss for m in messages):
         raise _BadRow("conversation has no assistant turn to learn from")
     return messages
+
+
+def _carries(row: dict, key: str) -> bool:
+    """A row-level key the format has no place for, holding something: read on, the row would train without its
+    system prompt or tools. An empty one (`"system": ""`, as exporters write) loses nothing."""
+    return row.get(key) not in (None, "", [])
 
 
 def _message(item: Any, number: int, check_unicode: bool = True) -> Message:

@@ -189,6 +189,39 @@ def _array_line_of_second_row(rows) -> int:
     return text[: text.index('{\n    "conversations"', 10)].count("\n") + 1
 
 
+SYSTEM = "你是广告文案助手，回答要简短。"
+# Rows that carry a system prompt (and tools) at row level, in each format, beside the conversation they stand for;
+# None where the format has no place for it.
+ROW_LEVEL = [
+    ({"system": SYSTEM, "conversations": GOOD["conversations"]}, None),
+    ({"content": "类型#裙", "summary": "一条裙子。", "system": SYSTEM}, None),
+    ({"content": "类型#裙", "summary": "一条裙子。", "tools": TOOLS}, None),
+    ({"system": "", "content": "类型#裙", "summary": "一条裙子。"},  # empty: nothing to lose, read as before
+     [{"role": "user", "content": "类型#裙"}, {"role": "assistant", "content": "一条裙子。"}]),
+    ({"system": None, "conversations": GOOD["conversations"]}, GOOD["conversations"]),
+    ({"instruction": "北京天气?", "output": "晴", "system": SYSTEM, "tools": json.dumps(TOOLS)},  # alpaca
+     [{"role": "system", "content": SYSTEM, "tools": TOOLS}, {"role": "user", "content": "北京天气?"},
+      {"role": "assistant", "content": "晴"}]),
+    ({"conversations": [{"from": "human", "value": "北京天气?"}, {"from": "gpt", "value": "晴"}],  # sharegpt
+      "system": SYSTEM, "tools": TOOLS},
+     [{"role": "system", "content": SYSTEM, "tools": TOOLS}, {"role": "user", "content": "北京天气?"},
+      {"role": "assistant", "content": "晴"}]),
+]
+
+
+def test_a_row_level_system_prompt_or_tools_is_trained_or_refused_never_dropped(tiny, tmp_path):
+    for number, (row, native) in enumerate(ROW_LEVEL):
+        path = _write(tmp_path / f"rows{number}.jsonl", _jsonl([GOOD, row]))
+        if native is None:
+            key = "system" if row.get("system") else "tools"
+            with pytest.raises(DataError, match=rf"^{re.escape(str(path))}:2: .*'{key}'"):
+                read_conversations(path)
+            continue
+        (_, conversation) = read_conversations(path)
+        sample = build_train_sample(conversation.messages, tiny, 512, 512)
+        assert (sample["input_ids"], sample["labels"]) == _expected(tiny, native), row
+
+
 def test_advertisegen_rows(tmp_path):
     path = _write(tmp_path / "train.json", _jsonl([{"content": "类型#裙*颜色#红色", "summary": "这条红裙很美。"}]))
     (conversation,) = read_conversations(path)

@@ -77,6 +77,7 @@ def test_rows_read_as_the_chatglm3_conversations_they_stand_for(rows, native, su
     ({"conversations": [{"from": "human", "value": "q"}, {"from": "gpt"}]}, "message 2 (gpt) has no string 'value'"),
     ({"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}], "tools": "{oops"},
      "'tools' is a string but not JSON"),
+    ({"instruction": "q", "output": "x", "tools": "{oops"}, "alpaca 'tools' is a string but not JSON"),
     ({"conversations": [{"from": "human", "value": "q"}]}, "no assistant turn"),
 ])
 def test_bad_rows_name_file_and_line(row, message, tmp_path):
