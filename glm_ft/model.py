@@ -79,7 +79,9 @@ def apply_method(model, method: DictConfig, seed: int):
     reproducible, which resume relies on."""
     set_seed(seed)
     model = methods.get(method.name).apply(model, method, seed)
-    # Trainable weights stay fp32 even when the frozen base is bf16/fp16: the optimizer needs the precision.
+    if not methods.trainable_in_fp32(method.name):
+        return model  # base weights train in the dtype model.torch_dtype chose (methods.check_training_dtype)
+    # An adapter or prefix stays fp32 over a bf16/fp16 frozen base: the optimizer needs the precision.
     for param in model.parameters():
         if param.requires_grad and param.dtype != torch.float32:
             param.data = param.data.float()
@@ -103,6 +105,9 @@ def load_model_for_training(cfg: DictConfig, model_dir: Path):
     """The base model of `model_dir` with the method applied (the weights: the slow part, minutes for 6B)."""
     args = cfg.training_args
     dtype = methods.torch_dtype(cfg.model.torch_dtype, method=cfg.method.name, bf16=args.bf16, fp16=args.fp16)
+    note = methods.training_dtype_note(cfg.model.torch_dtype, cfg.method.name, deepspeed=cfg.deepspeed is not None)
+    if note:
+        log.info(note)
     model = load_base_model(model_dir, dtype, cfg.model.attn_implementation)
     model.config.use_cache = False  # training; generate() turns the cache on by itself
     return apply_method(model, cfg.method, cfg.seed)

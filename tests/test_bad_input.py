@@ -400,6 +400,22 @@ def test_a_deepspeed_key_the_chosen_file_lacks_is_added_with_a_plus(tmp_path):
                               "+deepspeed.gradient_clipping=...)")
 
 
+@pytest.mark.parametrize("args, expect", [
+    (["method=sft", "model.torch_dtype=float16"],
+     "error: model.torch_dtype: float16 with method=sft trains the weights themselves in fp16, with no fp32 master"),
+    (["method=freeze", "model.torch_dtype=float16"], "error: model.torch_dtype: float16 with method=freeze"),
+    # refused on any machine: the fp16 check of training_args, which asks for a GPU, comes after it
+    (["method=sft", "model.torch_dtype=bfloat16", "training_args.fp16=true"],
+     "error: model.torch_dtype: bfloat16 with training_args.fp16=true: method=sft would train bf16 weights"),
+    (["method=sft", "deepspeed=zero3", "model.torch_dtype=bfloat16"],
+     "error: model.torch_dtype: bfloat16 under DeepSpeed needs training_args.bf16=true"),
+])
+def test_a_dtype_the_method_cannot_train_in_is_one_line_before_anything_loads(args, expect, tmp_path):
+    """Methods that train base weights: glm-ft upcast them to fp32 whatever model.torch_dtype said."""
+    out = probe_train([*SHORT, *args, f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
+    assert_refused_light(out, expect)
+
+
 def test_a_zero_key_deepspeed_does_not_have_is_one_line_before_anything_loads(tmp_path):
     """Added with `+`, past the file's keys: held against DeepSpeed's own model, read from its source."""
     out = probe_train([*SHORT, "method=sft", "deepspeed=zero3", "+deepspeed.zero_optimization.stage3_max_live_parameter=5e8",

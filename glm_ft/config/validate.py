@@ -34,6 +34,9 @@ def validate(cfg: DictConfig, *, check_paths: bool = True) -> InputPaths | None:
     _check_finite(_resolved(cfg))
     _check_unknown_keys(cfg)
     _check_method(cfg)
+    # Before training_args' checks: their fp16 one asks for a GPU; this refusal holds on any machine.
+    methods.check_training_dtype(cfg.model.torch_dtype, cfg.method.name, bf16=cfg.training_args.bf16,
+                                 fp16=cfg.training_args.fp16, deepspeed=cfg.deepspeed is not None)
     _check_lengths(cfg)
     if not 0 <= cfg.seed < SEED_LIMIT:
         raise ConfigError(f"seed: must be in [0, 2**32), got {cfg.seed}")

@@ -11,9 +11,10 @@ trained tensors, under their model names (`trained_weights.safetensors`, megabyt
 model); it opens on the base model recorded in the run's glm_ft_run.json, and export writes base + trained tensors
 as one full model.
 
-Limits: the whole model is held in fp32 ("auto" dtype; the frozen layers are not kept in bf16, so the trained
-layers see the precision they were trained in); DeepSpeed ZeRO-3 is refused (sharded parameters would need
-gathering to save only the trained ones).
+Limits: the whole model is held in one dtype, fp32 ("auto"; the frozen layers are not kept in bf16, so the trained
+layers see the precision they were trained in) or bf16 with model.torch_dtype=bfloat16 (pure bf16 training, as sft;
+fp16 is refused); DeepSpeed ZeRO-3 is refused (sharded parameters would need gathering to save only the trained
+ones).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ NAME = "freeze"
 KIND = "freeze"
 DESCRIPTION = "freeze-tuned weights"
 SUMMARY = "freeze tuning"
-FROZEN_BASE = False  # the trained layers are whole base layers: fp32 throughout
+FROZEN_BASE = False  # the trained layers are whole base layers: one dtype throughout (fp32 or pure bf16)
 WHOLE_MODEL = False  # a checkpoint opens on the base model
 EXPORTED = "trained layers in place of the base's"  # what `export` made of it
 PEFT_CONFIG_KEYS = None

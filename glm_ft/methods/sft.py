@@ -7,7 +7,8 @@ Checkpoints are whole model folders (config.json + model.safetensors), the Train
 folder (the published checkpoint, an export, a reference-demo P-Tuning v2 whole model) opens as this kind.
 
 Limits: fp32 master weights ("auto" dtype) and the optimizer state of every weight: for 6B, DeepSpeed ZeRO-3 on
-several GPUs; the checkpoint is logged to MLflow as a path tag unless tracking.log_full_model=true.
+several GPUs, or model.torch_dtype=bfloat16 (pure bf16, half the memory; fp16 is refused: glm_ft.methods'
+check_training_dtype); the checkpoint is logged to MLflow as a path tag unless tracking.log_full_model=true.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ NAME = "sft"
 KIND = "full"
 DESCRIPTION = "full model"
 SUMMARY = "full fine-tuning"
-FROZEN_BASE = False  # every weight trains: fp32 master weights
+FROZEN_BASE = False  # every weight trains, in the loaded dtype: fp32 ("auto") or pure bf16
 WHOLE_MODEL = True  # a checkpoint is a whole model folder (gigabytes: MLflow gets a path tag)
 EXPORTED = None  # re-saved as it is
 PEFT_CONFIG_KEYS = None

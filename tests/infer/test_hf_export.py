@@ -19,7 +19,8 @@ from glm_ft.chatglm3.tokenization import ChatGLMTokenizer, tiny_tokenizer_path
 from glm_ft.infer.checkpoint import load_checkpoint
 from glm_ft.errors import CheckpointError
 from glm_ft.infer.export import export, main
-from inference_fixtures import REFERENCE_PREFIX_TOKENS, base_dir, reference_ptuning_dir, runs  # noqa: F401
+from inference_fixtures import (METHODS, REFERENCE_PREFIX_TOKENS, base_dir, reference_ptuning_dir, runs,  # noqa: F401
+                                train)
 
 TOOLS = [{"name": "get_weather", "description": "查询天气", "parameters": {"city": {"type": "string"}}}]
 CONVERSATIONS = [
@@ -51,7 +52,8 @@ batch = tokenizer.apply_chat_template(conversations, add_generation_prompt=True,
 with torch.no_grad():
     out = model.generate(**batch, max_new_tokens=max_new, do_sample=False)
 new = out[:, batch["input_ids"].shape[1]:].tolist()
-print(json.dumps({"class": type(model).__module__ + "." + type(model).__name__, "ids": ids, "tools_ids": tools_ids,
+print(json.dumps({"class": type(model).__module__ + "." + type(model).__name__, "dtype": str(model.dtype),
+                  "ids": ids, "tools_ids": tools_ids,
                   "generated": new, "glm_ft_imported": any(m.startswith("glm_ft") for m in sys.modules)}))
 """
 
@@ -115,6 +117,19 @@ def test_stock_transformers_loads_the_merged_lora_export_and_matches_glm_ft(runs
     ours = glm_ft_greedy(loaded, CONVERSATIONS)
     assert [cut(g, stops) for g in stock["generated"]] == ours
     assert any(len(g) > 3 for g in ours)  # the tiny model really generates something to compare
+
+
+@pytest.mark.slow
+def test_an_sft_trained_in_bf16_exports_and_opens_in_bf16(tmp_path):
+    """model.torch_dtype=bfloat16 sft: the export keeps the dtype it was trained in (its default, the weights'),
+    and stock transformers opens it as bf16, as the run's config.json says."""
+    run = train(tmp_path / "run", *METHODS["sft"], "model.torch_dtype=bfloat16")
+    out = export(run, tmp_path / "hf", fmt="hf")
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    stock = stock_transformers(out, tmp_path)
+    assert stock["class"] == "transformers.models.glm.modeling_glm.GlmForCausalLM"
+    assert stock["dtype"] == "torch.bfloat16" and stock["glm_ft_imported"] is False
+    assert any(stock["generated"])
 
 
 @pytest.mark.slow

@@ -133,3 +133,19 @@ def test_a_selection_the_model_lacks_is_one_line(args, expect, tmp_path):
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
     assert lines[-1].startswith(expect) and "Traceback" not in result.stderr, result.stderr[-2000:]
+
+
+def test_an_explicit_bf16_dtype_trains_in_pure_bf16(tmp_path):
+    """model.torch_dtype=bfloat16: the trained layers stay bf16 like the frozen ones (upcast alone to fp32 they
+    met bf16 activations: the first forward failed on the dtype mismatch)."""
+    import torch
+    from safetensors.torch import load_file
+
+    run_dir = tmp_path / "run"
+    result = run_train([*TRAIN_ARGS, *FREEZE, "model.torch_dtype=bfloat16", f"hydra.run.dir={run_dir}"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "model.torch_dtype=bfloat16: method=freeze trains in pure bf16" in result.stdout + result.stderr
+    trained = load_file(run_dir / "final" / "trained_weights.safetensors")
+    assert {t.dtype for t in trained.values()} == {torch.bfloat16}
+    state = torch.load(run_dir / "checkpoint-2" / "optimizer.pt", weights_only=True)["state"]
+    assert {v.dtype for s in state.values() for k, v in s.items() if k != "step"} == {torch.bfloat16}

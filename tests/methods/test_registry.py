@@ -56,6 +56,21 @@ def test_one_dtype_policy(name, kwargs, expect):
     assert methods.torch_dtype(name, **kwargs) is getattr(torch, expect)
 
 
+@pytest.mark.parametrize("name, method, kwargs", [
+    ("bfloat16", "sft", {}),  # pure bf16
+    ("bfloat16", "freeze", {"bf16": True}),
+    ("bfloat16", "sft", {"bf16": True, "deepspeed": True}),  # DeepSpeed's bf16 mode
+    ("float32", "sft", {"fp16": True}),
+    ("auto", "freeze", {"fp16": True, "deepspeed": True}),
+    ("float16", "lora", {"fp16": True}),  # the frozen base only: the adapter stays fp32
+    ("bfloat16", "ptuning_v2", {"fp16": True, "deepspeed": True}),
+])
+def test_dtypes_a_method_can_train_in_pass(name, method, kwargs):
+    flags = {"bf16": False, "fp16": False, "deepspeed": False, **kwargs}
+    methods.check_training_dtype(name, method, **flags)
+    assert methods.trainable_in_fp32(method) is methods.get(method).FROZEN_BASE
+
+
 def test_a_bad_dtype_name_is_one_line():
     from glm_ft.errors import CheckpointError
 

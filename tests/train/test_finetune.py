@@ -434,6 +434,44 @@ def test_a_resume_with_another_number_of_processes_says_so(saved_at_step_2, tmp_
     assert f"resume: number of processes 2 -> 1 {ORDER_WARNING.format(checkpoint)}" in out
 
 
+def weight_dtypes(folder: Path) -> set:
+    """The dtypes of a checkpoint's weights (not the rotary buffer, which the model keeps in fp32)."""
+    from safetensors import safe_open
+
+    with safe_open(folder / "model.safetensors", framework="pt") as f:
+        return {f.get_slice(k).get_dtype() for k in f.keys() if not k.endswith("inv_freq")}
+
+
+def adam_state_dtypes(folder: Path) -> set:
+    import torch
+
+    state = torch.load(folder / "optimizer.pt", weights_only=True)["state"]
+    return {v.dtype for s in state.values() for k, v in s.items() if k != "step"}
+
+
+def test_sft_with_an_explicit_bf16_dtype_trains_and_resumes_in_pure_bf16(tmp_path, mlflow_env):
+    """model.torch_dtype=bfloat16 with sft is honoured, as the HF Trainer trains a bf16-loaded model: bf16 weights
+    and AdamW states (half of fp32's memory), said in one log line; glm-ft upcast every trainable weight to fp32."""
+    import torch
+
+    args = [*METHODS["sft"], "model.torch_dtype=bfloat16", "training_args.max_steps=4", "training_args.save_steps=2",
+            "training_args.eval_steps=100", "data.test_file=null"]
+    whole = train(args, tmp_path / "whole", mlflow_env)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    assert ("model.torch_dtype=bfloat16: method=sft trains in pure bf16 (weights, gradients and optimizer states in "
+            "bf16, no fp32 master copy)") in whole.stdout + whole.stderr
+    for folder in ("checkpoint-2", "checkpoint-4", "final"):
+        assert weight_dtypes(tmp_path / "whole" / folder) == {"BF16"}, folder
+        assert json.loads((tmp_path / "whole" / folder / "config.json").read_text())["dtype"] == "bfloat16"
+    assert adam_state_dtypes(tmp_path / "whole" / "checkpoint-2") == {torch.bfloat16}
+    resumed = train([*args, f"resume={tmp_path / 'whole' / 'checkpoint-2'}"], tmp_path / "resumed", mlflow_env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    uninterrupted, after = losses(tmp_path / "whole", "checkpoint-4"), losses(tmp_path / "resumed", "checkpoint-4")
+    assert {s: after[s] for s in (3, 4)} == {s: uninterrupted[s] for s in (3, 4)}
+    assert weight_dtypes(tmp_path / "resumed" / "final") == {"BF16"}
+    assert adam_state_dtypes(tmp_path / "resumed" / "checkpoint-4") == {torch.bfloat16}
+
+
 def test_switches(tmp_path, mlflow_env):
     """bf16, gradient checkpointing, accumulation and random order (not length-grouped) together."""
     run_dir = tmp_path / "switches"
