@@ -155,6 +155,13 @@ def _tools_row(tools) -> str:
         "conversations"]]})
 
 
+def _function_call_row(value: str) -> str:
+    """A sharegpt row (LLaMA-Factory's layout) whose tool call is `value`."""
+    return json.dumps({"conversations": [{"from": "human", "value": "北京天气?"},
+                                         {"from": "function_call", "value": value},
+                                         {"from": "observation", "value": "22"}, {"from": "gpt", "value": "22 度"}]})
+
+
 @pytest.mark.parametrize("name, text, expect", [
     ("train.jsonl", json.dumps(CONVERSATION) + "\n" + json.dumps(CONVERSATION, ensure_ascii=False).replace(
         '"好"', '"\\ud800"') + "\n",
@@ -166,7 +173,15 @@ def _tools_row(tools) -> str:
     # read on, the row would train without its system prompt
     ("train.jsonl", json.dumps({"system": "Be brief.", **CONVERSATION}) + "\n",
      ":1: 'system' belongs in a system message (the first of 'conversations'), not on the row"),
-], ids=["surrogate", "deep-jsonl", "deep-json-array", "tools-strings", "tools-object", "row-system"])
+    # read on, the model would learn to call tools in a form serve's tool-call parser never reads
+    ("train.json", "[\n" + _function_call_row("get_weather") + "\n]",
+     ":2: sharegpt message 2 (function_call) is not JSON"),
+    ("train.jsonl", _function_call_row('{"name": ["get_weather"], "arguments": {}}') + "\n",
+     ":1: sharegpt message 2 (function_call) has no string 'name'"),
+    ("train.jsonl", _function_call_row('{"name": "get_weather", "arguments": "city=北京"}') + "\n",
+     ":1: sharegpt message 2 (function_call): 'arguments' is not a JSON object (or one in a string)"),
+], ids=["surrogate", "deep-jsonl", "deep-json-array", "tools-strings", "tools-object", "row-system",
+        "call-not-json", "call-name", "call-arguments"])
 def test_refused_data_rows_are_one_line(name, text, expect, tmp_path):
     args = data_dir_with(tmp_path, name, text)
     out = probe_train([*SHORT, *args, f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)

@@ -1,7 +1,7 @@
 """Native ChatGLM3 for transformers: configuration, model, tokenizer, P-Tuning v2 prefix, tiny test model.
 
-Importing this package is light (glm_ft.chatglm3.tiny's TINY_CONFIG is read by dry runs); `register()` and the
-submodules other than tiny import transformers and torch.
+Importing this package is light (glm_ft.chatglm3.tiny's TINY_CONFIG is read by dry runs, tool_call by the data
+readers); `register()` and the submodules other than tiny and tool_call import transformers and torch.
 """
 
 _registered = False

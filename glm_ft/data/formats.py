@@ -2,10 +2,15 @@
 
 - alpaca: `{"instruction", "input"?, "output", "system"?, "tools"?, "history"?: [[user, assistant], ...]}`; the
   user turn is the instruction, then "\\n" and the input when there is one (as LLaMA-Factory joins them); `system`
-  and `tools` (as for sharegpt) make the system message;
+  and `tools` (as for sharegpt) make the system message. LLaMA-Factory's alpaca has no tool-call turn (`output` is
+  always a reply), so neither has this reader;
 - sharegpt: `{"conversations": [{"from": "human|gpt|system|observation|function_call", "value"}], "system"?,
-  "tools"?}`; `gpt` and `function_call` are assistant turns, `observation` (or `tool`) ChatGLM3's observation, row
-  `tools` (a list, or that list as a JSON string) go on the system message.
+  "tools"?}`; `gpt` is an assistant turn, `observation` (or `tool`) ChatGLM3's observation, row `tools` (a list,
+  or that list as a JSON string) go on the system message. A `function_call` value is LLaMA-Factory's JSON call,
+  `{"name": ..., "arguments": {...}}` (arguments may be that object as a JSON string; a list holding one call is
+  read too), and becomes ChatGLM3's own tool-call turn (metadata = the name, content = `tool_call(...)`), written
+  by the code `serve` uses (glm_ft/chatglm3/tool_call.py): trained on the JSON text, a model would call tools in a
+  form ChatGLM3's tool-call parser never reads.
 
 `to_chatglm3(row)` returns the row as a ChatGLM3 row (`{"conversations": [{"role", "content", ...}]}`), or the row
 unchanged when it is in neither format. Rows that look like one of them but are malformed raise FormatError with
@@ -16,6 +21,8 @@ from __future__ import annotations
 
 import json
 from typing import Any
+
+from glm_ft.chatglm3.tool_call import call_message
 
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "function_call": "assistant", "system": "system", "observation": "observation",
@@ -84,7 +91,10 @@ def _sharegpt(row: dict) -> list[dict]:
                               f"{', '.join(SHAREGPT_ROLES)})")
         if not isinstance(item.get("value"), str):
             raise FormatError(f"sharegpt message {number} ({who}) has no string 'value'")
-        messages.append({"role": SHAREGPT_ROLES[who], "content": item["value"]})
+        if who == "function_call":
+            messages.append(_function_call(item["value"], f"sharegpt message {number} (function_call)"))
+        else:
+            messages.append({"role": SHAREGPT_ROLES[who], "content": item["value"]})
     system, tools = _text(row, "system", "sharegpt", optional=True), _tools(row.get("tools"), "sharegpt")
     if system or tools is not None:
         if messages[0]["role"] == "system":
@@ -97,6 +107,36 @@ def _sharegpt(row: dict) -> list[dict]:
         if tools is not None:
             head["tools"] = tools
     return messages
+
+
+def _function_call(value: str, what: str) -> dict:
+    """LLaMA-Factory's JSON call as ChatGLM3's tool-call turn."""
+    layout = '; expected {"name": "...", "arguments": {...}}'
+    try:
+        call = json.loads(value)
+    except json.JSONDecodeError as err:
+        raise FormatError(f"{what} is not JSON ({err.msg}){layout}") from None
+    except RecursionError:
+        raise FormatError(f"{what}: JSON nested too deeply to read") from None
+    if isinstance(call, list):  # LLaMA-Factory's parallel calls
+        if len(call) != 1:
+            raise FormatError(f"{what} holds {len(call)} calls; ChatGLM3 makes one tool call per assistant turn: "
+                              "write each as its own function_call turn, followed by its observation")
+        call = call[0]
+    if not isinstance(call, dict) or not isinstance(call.get("name"), str):
+        raise FormatError(f"{what} has no string 'name'{layout}")
+    arguments = call.get("arguments")
+    if isinstance(arguments, str):  # OpenAI's layout: the object as a JSON string
+        try:
+            arguments = json.loads(arguments)
+        except (json.JSONDecodeError, RecursionError):
+            pass  # named below
+    if not isinstance(arguments, dict):
+        raise FormatError(f"{what}: 'arguments' is not a JSON object (or one in a string){layout}")
+    try:
+        return call_message(call["name"], arguments)
+    except ValueError as err:
+        raise FormatError(f"{what}: {err}") from None
 
 
 def _tools(tools: Any, kind: str) -> list | None:

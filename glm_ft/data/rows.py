@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from glm_ft.atomic import write_text_atomic
+from glm_ft.chatglm3 import tool_call
 from glm_ft.data import formats
 from glm_ft.data.formats import FormatError, to_chatglm3
 from glm_ft.errors import DataError
@@ -150,10 +151,11 @@ def file_digest(path: Path) -> str:
 
 @functools.cache
 def reading_code_digest() -> str:
-    """A digest of the code that reads rows (this module, the row formats): an edit to it makes every earlier
-    check record, and every preprocessed cache (glm_ft/data/dataset.py), stale."""
+    """A digest of the code that reads rows (this module, the row formats, the tool-call writer they use): an edit
+    to it makes every earlier check record, and every preprocessed cache (glm_ft/data/dataset.py), stale."""
     digest = hashlib.sha256(Path(__file__).read_bytes())
     digest.update(Path(formats.__file__).read_bytes())
+    digest.update(Path(tool_call.__file__).read_bytes())
     return digest.hexdigest()
 
 

@@ -1,36 +1,18 @@
 """OpenAI `tool_calls` <-> ChatGLM3's tool-call turn, for `serve`.
 
-ChatGLM3 calls a tool as an assistant turn whose metadata is the function's name and whose content is a Python
-call, as in its own data (data/sample):
-
-    <|assistant|>get_stock
-    ```python
-    tool_call(item="白色牛仔裤", size="L")
-    ```
-
-followed by an `<|observation|>` turn with the result. OpenAI sends the call as `tool_calls` on an assistant message
-(`function.arguments` a JSON string) and the result as a `tool` message; the reply comes back the same way. One call
-per turn, as ChatGLM3 makes them. The reply's call is read with `ast` (literal values only), never evaluated.
+OpenAI sends a call as `tool_calls` on an assistant message (`function.arguments` a JSON string) and the result as
+a `tool` message; the reply comes back the same way. ChatGLM3's side, an assistant turn whose metadata is the
+function's name and whose content is `tool_call(...)`, is written and read by glm_ft/chatglm3/tool_call.py, the
+same code that turns training data's calls into that turn. One call per turn, as ChatGLM3 makes them.
 """
 
 from __future__ import annotations
 
-import ast
 import json
-import re
 import uuid
 from typing import Any
 
-# The content after the metadata line decodes with SentencePiece's leading space ("get_stock\n ```python\n..."):
-# ChatGLM3 encodes a message's content on its own, so its first piece carries the "▁" word-start marker.
-_CALL = re.compile(r"\A([A-Za-z_][\w.\-]*)[ \t]*\n[ \t]*```python\n(tool_call\(.*\))\n```\s*\Z", re.DOTALL)
-
-
-def _literal(value: Any) -> str:
-    """A JSON value as a Python literal: strings in double quotes as in ChatGLM3's data, true/false/null as Python's."""
-    if isinstance(value, str):
-        return json.dumps(value, ensure_ascii=False)
-    return repr(value)  # numbers as written; True/False/None; lists and dicts with Python's literals inside
+from glm_ft.chatglm3.tool_call import call_message, read_call
 
 
 def call_turn(tool_calls: Any, where: str) -> dict[str, str]:
@@ -48,24 +30,20 @@ def call_turn(tool_calls: Any, where: str) -> dict[str, str]:
         arguments = None
     if not isinstance(arguments, dict):
         raise ValueError(f"{where}.tool_calls[0].function.arguments: expected a JSON object in a string")
-    call = ", ".join(f"{key}={_literal(value)}" for key, value in arguments.items())
-    return {"role": "assistant", "metadata": name, "content": f"```python\ntool_call({call})\n```"}
+    try:
+        return call_message(name, arguments)
+    except ValueError as err:
+        raise ValueError(f"{where}.tool_calls[0].function: {err}") from None
 
 
 def parse_call(text: str) -> dict[str, Any] | None:
     """A reply that is a ChatGLM3 tool call, as an OpenAI `tool_calls` entry; None for any other reply."""
-    match = _CALL.match(text.strip())
-    if match is None:
+    call = read_call(text)
+    if call is None:
         return None
-    try:
-        node = ast.parse(match.group(2), mode="eval").body
-        if not isinstance(node, ast.Call) or node.args:
-            return None
-        arguments = {kw.arg: ast.literal_eval(kw.value) for kw in node.keywords if kw.arg is not None}
-    except (SyntaxError, ValueError):
-        return None
+    name, arguments = call
     return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
-            "function": {"name": match.group(1), "arguments": json.dumps(arguments, ensure_ascii=False)}}
+            "function": {"name": name, "arguments": json.dumps(arguments, ensure_ascii=False)}}
 
 
 def reply_message(text: str, finish_reason: str, tools_offered: bool) -> tuple[dict[str, Any], str]:

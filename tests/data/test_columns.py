@@ -36,7 +36,8 @@ ROWS = [
      "history": [["hi", "hello!"]]},
     {"instruction": "类型#裙", "input": "", "output": "一条红裙。"},
     {"content": "类型#裙", "summary": "一条红裙。"},  # the same texts again: encoded once, used twice
-    {"conversations": [{"from": "human", "value": "北京天气?"}, {"from": "function_call", "value": "get_weather"},
+    {"conversations": [{"from": "human", "value": "北京天气?"}, {"from": "function_call", "value": json.dumps(
+                           {"name": "get_weather", "arguments": {"city": "北京"}}, ensure_ascii=False)},
                        {"from": "observation", "value": "22"}, {"from": "gpt", "value": "22 度"}],  # sharegpt
      "tools": json.dumps(TOOLS), "system": "你是助手"},
 ]

@@ -51,7 +51,8 @@ def test_a_call_written_as_chatglm3_writes_it_reads_back_the_same(arguments):
 @pytest.mark.parametrize("reply", ["白色牛仔裤L码还有8件库存。", "get_stock\n```python\nprint(1)\n```",
                                    "get_stock\n```python\ntool_call(item=__import__('os').getcwd())\n```",
                                    "get_stock\n```python\ntool_call('positional')\n```",
-                                   "get_stock\n```python\ntool_call(item=\n```"])
+                                   "get_stock\n```python\ntool_call(item=\n```",
+                                   "get_stock\n```python\ntool_call(item={[1]: 2})\n```"])  # unhashable key
 def test_other_replies_are_not_calls_and_nothing_is_evaluated(reply):
     assert parse_call(reply) is None
 
@@ -59,7 +60,11 @@ def test_other_replies_are_not_calls_and_nothing_is_evaluated(reply):
 @pytest.mark.parametrize("tool_calls, expect", [
     ([{"function": {"name": "a", "arguments": "{}"}}] * 2, "one tool call per assistant turn"),
     ([{"function": {"name": "a", "arguments": "[1]"}}], "arguments: expected a JSON object"),
-    ([{"function": {"arguments": "{}"}}], "function.name: expected a string")])
+    ([{"function": {"arguments": "{}"}}], "function.name: expected a string"),
+    # what ChatGLM3's call form could not give back: serve's parser would not read the model's own history
+    ([{"function": {"name": "get weather", "arguments": "{}"}}], "function: tool name 'get weather' is not a name"),
+    ([{"function": {"name": "a", "arguments": '{"first-name": 1}'}}], "argument name 'first-name' cannot be written"),
+    ([{"function": {"name": "a", "arguments": '{"x": NaN}'}}], "NaN or Infinity")])
 def test_tool_calls_chatglm3_cannot_take_are_a_bad_request(tool_calls, expect):
     request = {"messages": [{"role": "user", "content": "q"},
                             {"role": "assistant", "content": None, "tool_calls": tool_calls}]}
