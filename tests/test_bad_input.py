@@ -254,10 +254,12 @@ def test_a_failed_sweep_job_prints_its_line_not_a_traceback(tmp_path):
                        "data.val_file=null", "data.test_file=null", f"hydra.sweep.dir={tmp_path / 'sweep'}"],
                       tmp_path)
     assert out.returncode == 1, out.stderr[-3000:]
-    # Hydra frames it ("Error executing job with overrides: ..."), but the job's error is its one line.
+    # The sweep ends with a line per failed job (its swept value, its error) and the count, not a traceback.
     assert "Traceback" not in out.stderr and 'File "' not in out.stderr
-    assert f"error: {data / 'bad.jsonl'}:2: malformed JSON (Expecting property name enclosed in double quotes, " \
-        "column 2); expected one JSON object per line or one JSON array" in out.stderr.splitlines()
+    assert f"job #1 (data.train_file=bad.jsonl): {data / 'bad.jsonl'}:2: malformed JSON (Expecting property name " \
+        "enclosed in double quotes, column 2); expected one JSON object per line or one JSON array" \
+        in out.stderr.splitlines()
+    assert "error: 1 of 2 jobs failed" in out.stderr.splitlines()
     assert (tmp_path / "sweep" / "0" / "finetune.yaml").is_file()  # the good job ran
     assert not (tmp_path / "sweep" / "1" / "finetune.yaml").exists()
 

@@ -104,6 +104,17 @@ def grid_values(key: str, dist: optuna.distributions.BaseDistribution) -> list:
                      "continuous interval")
 
 
+def corner_points(space: Mapping[str, optuna.distributions.BaseDistribution]) -> list[dict]:
+    """Two points of the space that differ in every parameter with more than one value: each one's first choice
+    or low bound, then its last choice or high bound (a check that fails alike at both does not hang on them)."""
+    def ends(dist) -> tuple:
+        if isinstance(dist, optuna.distributions.CategoricalDistribution):
+            return dist.choices[0], dist.choices[-1]
+        return dist.low, dist.high  # Optuna moves a stepped high onto the step
+
+    return [{key: ends(dist)[i] for key, dist in space.items()} for i in (0, 1)]
+
+
 class AskTellGridSampler(optuna.samplers.GridSampler):
     """Optuna's grid sampler for a sweeper that asks and tells: Optuna's stops the study when the grid is used up,
     which only works inside study.optimize (elsewhere it raises); the sweeper caps n_trials to the grid instead."""

@@ -1,9 +1,10 @@
 """The Hydra callback behind `python train.py -m ...`: one MLflow parent run per sweep, and job placement.
 
 conf/config.yaml names it in `hydra.callbacks`. Where each hook runs matters:
-- on_multirun_start / on_multirun_end: the process that ran `train.py -m`. The parent run is created here, and its
-  id handed to the jobs twice: in `<sweep dir>/mlflow_parent_run_id` (jobs in other processes or on other nodes:
-  joblib, submitit) and in an environment variable (in-process and forked jobs).
+- on_multirun_start / on_multirun_end: the process that ran `train.py -m`. The sweep's config is judged first
+  (glm_ft/search/precheck.py); then the parent run is created, and its id handed to the jobs twice: in
+  `<sweep dir>/mlflow_parent_run_id` (jobs in other processes or on other nodes: joblib, submitit) and in an
+  environment variable (in-process and forked jobs).
 - on_job_start / on_job_end: the job's own process (the same one for the basic launcher, a worker otherwise).
   Each job writes its outcome to `<sweep dir>/.glm_ft_jobs/<num>.json`, so the parent knows about failures that
   happened in other processes.
@@ -39,6 +40,7 @@ from glm_ft.tracking.tracker import Tracker
 from glm_ft.atomic import write_text_atomic
 from glm_ft.errors import GlmFtError
 from glm_ft.search.lock import SweepLock, SweepLocked
+from glm_ft.search.precheck import check_sweep
 from glm_ft.tracking.lifecycle import FLUSH_TIMEOUT_S
 from glm_ft.tracking.sender import describe_unsent
 
@@ -110,6 +112,13 @@ class MlflowSweepCallback(Callback):
         self._owner_pid = os.getpid()
         redact_log_records()  # the launcher logs each job's overrides
         sweep_dir = Path(str(config.hydra.sweep.dir)).resolve()
+        try:
+            # Before anything is made (the sweep folder, the parent run, a study): a config every job would refuse
+            # fails here once, in the line a single run prints.
+            check_sweep(config)
+        except GlmFtError as err:
+            print(f"error: {err}", file=sys.stderr)
+            sys.exit(1)
         try:
             # Held for the sweep's life (released by the OS at exit): what an earlier sweep of this folder left
             # RUNNING died with it.

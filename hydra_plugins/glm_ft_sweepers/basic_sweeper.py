@@ -7,6 +7,9 @@ A job counts as finished when glm_ft.sweep's callback recorded it COMPLETED (`<s
 with exactly the same overrides, and its folder is still there. The skipped jobs' results are the recorded ones.
 A job not finished is resumed (`resume=auto` added to its overrides) when its folder holds a complete checkpoint
 (or final/) of a job that ran exactly these overrides (its `.hydra/overrides.yaml`).
+
+A failed job does not stop the sweep (Hydra's stops after the batch it is in): every job runs, and the sweep ends
+with one line per failed job and a count (SweepFailed), not the first failure's traceback.
 """
 
 from __future__ import annotations
@@ -14,12 +17,14 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, List, Sequence
 
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.utils import JobReturn, JobStatus
+from hydra.errors import CompactHydraException
 from hydra.types import HydraContext, TaskFunction
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +33,71 @@ class ResumableBasicSweeper(BasicSweeper):
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
         super().setup(hydra_context=hydra_context, task_function=task_function, config=config)
         self.launcher = SkippingLauncher(self.launcher, Path(str(config.hydra.sweep.dir)))
+
+    @staticmethod
+    def checked_jobs(config: DictConfig, config_loader) -> list[list[str]]:
+        """The overrides of the sweep's first and last jobs (every swept key at its first, then its last value):
+        glm_ft.search.precheck judges the sweep's config on them before any job starts."""
+        params = OmegaConf.select(config, "hydra.sweeper.params", default=None)
+        lines = [f"{k}={v}" for k, v in (OmegaConf.to_container(params, resolve=True) if params else {}).items()]
+        parsed = OverridesParser.create(config_loader=config_loader).parse_overrides(
+            lines + list(config.hydra.overrides.task))
+        jobs = BasicSweeper.split_arguments(parsed, None)[0]
+        return [jobs[0], jobs[-1]] if jobs else []
+
+    def sweep(self, arguments: List[str]) -> Any:
+        """Hydra's BasicSweeper.sweep, except for what a failed job does (see the module's docstring)."""
+        assert self.config is not None and self.launcher is not None and self.hydra_context is not None
+        parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
+        parsed = parser.parse_overrides(self._parse_config() + list(arguments))
+        swept = {o.get_key_element() for o in parsed if o.is_sweep_override()}
+        self.overrides = self.split_arguments(parsed, self.max_batch_size)
+        sweep_dir = Path(str(self.config.hydra.sweep.dir))
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
+        returns, failures, num = [], [], 0
+        while not self.is_done():
+            batch = self.get_job_batch()
+            self.validate_batch_is_legal(batch)
+            results = self.launcher.launch(batch, initial_job_idx=num)
+            for i, ret in enumerate(results):
+                if ret.status != JobStatus.COMPLETED:
+                    shown = [o for o in ret.overrides if o.split("=", 1)[0] in swept] or list(ret.overrides)
+                    failures.append(f"job #{num + i} ({' '.join(shown)}): {failure_text(ret._return_value)}")
+                    log_crash(f"job #{num + i} failed", ret._return_value)
+            num += len(batch)
+            returns.append(results)
+        if failures:
+            raise SweepFailed(failures, num, "jobs")
+        return returns
+
+
+class SweepFailed(CompactHydraException):
+    """The end of a sweep some of whose jobs failed: one line per failed job, then the count. Compact, so Hydra
+    prints the message alone: the sweeper's own traceback says nothing about the jobs."""
+
+    def __init__(self, lines: list[str], launched: int, what: str) -> None:
+        from glm_ft.tracking.redact import redact
+
+        # redacted: a job's overrides or error may hold a tracking URI's password
+        super().__init__(redact("\n".join([*lines, f"error: {len(lines)} of {launched} {what} failed"])))
+
+
+def failure_text(error: BaseException | None) -> str:
+    """A failed job's error in its line: a refusal's message as the job printed it (glm_ft.cli's JobFailed,
+    Hydra's own compact errors), anything else with its type."""
+    if isinstance(error, CompactHydraException):
+        return str(error).removeprefix("error: ")
+    return f"{type(error).__name__}: {error}"
+
+
+def log_crash(what: str, error: BaseException | None) -> bool:
+    """A crash (not a refusal) keeps its traceback, in the log (Hydra printed the first one's at the sweep's end).
+    Whether it was one."""
+    if not isinstance(error, BaseException) or isinstance(error, CompactHydraException):
+        return False
+    log.error("%s: %s", what, failure_text(error), exc_info=(type(error), error, error.__traceback__))
+    return True
 
 
 class SkippingLauncher:

@@ -6,6 +6,7 @@ with the same `hydra.sweep.dir` continues it: finished trials are kept, a trial 
 died resumes in its job folder from its last complete checkpoint (resume=auto, as the basic sweeper resumes a job)
 or, without one, is marked failed and tried again from scratch, and `n_trials` counts every trial of the study. One
 sweep process owns a sweep folder at a time (a lock file), which is what makes "running when it died" knowable.
+A search with failed trials ends with one line per failed trial and the count (basic_sweeper.SweepFailed).
 
 Optuna is imported only once a sweep starts: Hydra imports this module on every train.py start.
 """
@@ -25,7 +26,8 @@ from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf
 
 from glm_ft.search.lock import SweepLock, SweepLocked
-from hydra_plugins.glm_ft_sweepers.basic_sweeper import RESUME_AUTO, resumable_job
+from hydra_plugins.glm_ft_sweepers.basic_sweeper import (RESUME_AUTO, SweepFailed, failure_text, log_crash,
+                                                          resumable_job)
 from glm_ft.tracking.redact import redact_files
 
 log = logging.getLogger(__name__)
@@ -58,26 +60,19 @@ class OptunaSweeper(Sweeper):
     # --- the search space ------------------------------------------------------------------------------------
 
     def _space(self, arguments: List[str]) -> tuple[dict, list[str]]:
-        """(key → Optuna distribution, fixed overrides): hydra.sweeper.params, then the command line (which wins)."""
-        from glm_ft.search.study import distribution_for
+        return search_space(self.params, arguments, self.hydra_context.config_loader)
 
-        parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
-        space, fixed = {}, {}
-        lines = [f"{k}={v}" for k, v in self.params.items()] + list(arguments)
-        for override in parser.parse_overrides(lines):
-            key = override.get_key_element()
-            space.pop(key, None)
-            fixed.pop(key, None)
-            if override.is_sweep_override():
-                try:
-                    space[key] = distribution_for(override)
-                except ValueError as err:
-                    raise HydraException(f"hydra.sweeper.params: {err}") from None
-            else:
-                fixed[key] = f"{key}={override.get_value_element_as_str()}"
-        if not space:
-            raise HydraException("hydra.sweeper.params: no search space (e.g. method.r: choice(4, 8, 16))")
-        return space, list(fixed.values())
+    @staticmethod
+    def checked_jobs(config: DictConfig, config_loader) -> list[list[str]]:
+        """The overrides of two trials at opposite corners of the search space (each parameter's first choice or
+        low bound, then its last choice or high bound): glm_ft.search.precheck judges the sweep's config on them
+        before the study or any trial exists."""
+        from glm_ft.search.study import corner_points, override_value
+
+        params = OmegaConf.select(config, "hydra.sweeper.params", default=None)
+        space, fixed = search_space(OmegaConf.to_container(params, resolve=True) if params is not None else {},
+                                    list(config.hydra.overrides.task), config_loader)
+        return [fixed + [f"{k}={override_value(v)}" for k, v in point.items()] for point in corner_points(space)]
 
     def _sampler(self, space: dict, seed: int | None = None):
         from hydra.utils import instantiate
@@ -147,6 +142,7 @@ class OptunaSweeper(Sweeper):
             env = {search.STUDY_ENV: self.study_name,
                    search.STORAGE_ENV: search.storage_spec_for_job(self.storage_spec, sweep_dir)}
             failures: list[str] = []
+            launched = 0
             try:
                 pending = resumed  # first, before new trials: they are part of n_trials already
                 while pending or n_trials - len(search.counted_trials(study)) > 0:
@@ -154,12 +150,13 @@ class OptunaSweeper(Sweeper):
                     new = n_trials - len(search.counted_trials(study)) - len(trials) - len(pending)
                     trials += [study.ask(space) for _ in range(max(min(self.n_jobs - len(trials), new), 0))]
                     failures += self._run_batch(study, trials, fixed, env, {t.number for t in resumed})
+                    launched += len(trials)
             finally:
                 summary = _summarise(study, sweep_dir, metric)
         finally:
             lock.release()
         if failures:
-            raise HydraException(f"{len(failures)} trial(s) failed: " + "; ".join(failures))
+            raise SweepFailed(failures, launched, "trials")
         return summary
 
     def _resumable(self, sweep_dir: Path, trial, fixed: list[str]) -> bool:
@@ -205,8 +202,9 @@ class OptunaSweeper(Sweeper):
             if error is not None:
                 study.tell(trial, state=optuna.trial.TrialState.FAIL)
                 swept = " ".join(overrides[len(fixed):len(fixed) + len(trial.params)])
-                failures.append(f"trial {trial.number} ({swept}): {type(error).__name__}: {error}")
-                log.error("trial %d failed: %s: %s", trial.number, type(error).__name__, error)
+                failures.append(f"trial {trial.number} ({swept}): {failure_text(error)}")
+                if not log_crash(f"trial {trial.number} failed", error):
+                    log.error("trial %d failed: %s", trial.number, failure_text(error))
                 continue
             if value is None or not _finite(value):
                 study.tell(trial, state=optuna.trial.TrialState.FAIL)
@@ -215,6 +213,29 @@ class OptunaSweeper(Sweeper):
             study.tell(trial, float(value))
             log.info("trial %d: %s", trial.number, value)
         return failures
+
+
+def search_space(params: dict, arguments: List[str], config_loader) -> tuple[dict, list[str]]:
+    """(key → Optuna distribution, fixed overrides): hydra.sweeper.params, then the command line (which wins)."""
+    from glm_ft.search.study import distribution_for
+
+    parser = OverridesParser.create(config_loader=config_loader)
+    space, fixed = {}, {}
+    lines = [f"{k}={v}" for k, v in params.items()] + list(arguments)
+    for override in parser.parse_overrides(lines):
+        key = override.get_key_element()
+        space.pop(key, None)
+        fixed.pop(key, None)
+        if override.is_sweep_override():
+            try:
+                space[key] = distribution_for(override)
+            except ValueError as err:
+                raise HydraException(f"hydra.sweeper.params: {err}") from None
+        else:
+            fixed[key] = f"{key}={override.get_value_element_as_str()}"
+    if not space:
+        raise HydraException("hydra.sweeper.params: no search space (e.g. method.r: choice(4, 8, 16))")
+    return space, list(fixed.values())
 
 
 def _job_overrides(trial, fixed: list[str]) -> list[str]:

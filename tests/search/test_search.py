@@ -20,6 +20,7 @@ import pytest
 
 from conftest import ROOT, run_train
 from test_sweep import APP, app_env, run_app, score, sweep_runs
+from test_bad_input import SHORT, assert_refused_light, probe_train
 from lifecycle_helpers import sigkill_once
 
 
@@ -224,6 +225,41 @@ def test_bad_search_settings_fail_in_a_line(tmp_path, store):
     out = run_app(["hparams_search=lora_optuna", "experiment=quickstart", "hydra.sweeper.direction=upward",
                    f"hydra.sweep.dir={tmp_path / 'bad2'}", "tracking.enabled=false"], tmp_path, uri)
     assert out.returncode == 1 and "hydra.sweeper.direction: 'upward'" in out.stdout + out.stderr
+
+
+def test_a_value_every_trial_refuses_fails_the_search_once_before_the_study_exists(tmp_path):
+    """eval_rouge-l without a validation split: each of the trials refused it in turn, Optuna recorded them FAIL in
+    the journal (counted in n_trials, so a re-run of the fixed command ran fewer), and the sweep ended in a
+    traceback. It is refused in the one line a single run prints, with no study, sweep folder or MLflow store."""
+    sweep_dir = tmp_path / "sweep"
+    out = probe_train(["hparams_search=lora_optuna", *SHORT, "data.val_file=null", "hydra.sweeper.n_trials=3",
+                       f"hydra.sweep.dir={sweep_dir}"], tmp_path)
+    assert_refused_light(out, "error: optimized_metric: eval_rouge-l needs data.val_file, which is null")
+    assert not sweep_dir.exists() and not (tmp_path / "mlflow.db").exists()
+
+
+@pytest.mark.slow
+def test_a_search_space_reaching_a_refused_value_fails_only_those_trials(tmp_path):
+    """method.r=choice(0, 4) on the grid: the trial at r=0 is refused and FAIL in the study, the one at r=4 trains;
+    the search ends with one line per failed trial and the count, exit 1, no traceback, its parent run FAILED."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    sweep_dir = tmp_path / "sweep"
+    out = run_train(["hparams_search=lora_optuna", *SHORT, "hydra/sweeper/sampler=grid", "method.r=choice(0,4)",
+                     "method.lora_alpha=32", "method.lora_dropout=0.1", "training_args.learning_rate=1e-3",
+                     "training_args.generation_config.max_new_tokens=4", "data.test_file=null",
+                     f"hydra.sweep.dir={sweep_dir}"], env={"MLFLOW_TRACKING_URI": uri})
+    assert out.returncode == 1, out.stderr[-3000:]
+    assert "Traceback" not in out.stderr and 'File "' not in out.stderr
+    states = {t.params["method.r"]: t.state.name for t in load_study(sweep_dir, "lora_optuna").trials}
+    assert states == {0: "FAIL", 4: "COMPLETE"}
+    failed = next(t.number for t in load_study(sweep_dir, "lora_optuna").trials if t.params["method.r"] == 0)
+    end = [line for line in out.stderr.splitlines() if line.startswith(("trial ", "error: "))]
+    assert end == [f"trial {failed} (method.r=0): method.r: must be > 0, got 0", "error: 1 of 2 trials failed"]
+
+    from mlflow.tracking import MlflowClient
+
+    parent, _ = sweep_runs(MlflowClient(uri), sweep_dir)
+    assert parent.info.status == "FAILED" and parent.data.metrics["trials_complete"] == 1
 
 
 @pytest.mark.slow

@@ -19,6 +19,7 @@ import pytest
 import yaml
 
 from conftest import ROOT, compose, end_process_group, free_port, run_process, run_train
+from test_bad_input import SHORT, assert_refused_light, probe_train
 
 APP = ROOT / "tests" / "fixtures" / "sweep_app.py"
 
@@ -223,6 +224,31 @@ def test_dry_run_sweep_records_nothing(tmp_path):
     assert out.returncode == 0, out.stderr
     assert (sweep_dir / "1" / "finetune.yaml").is_file()
     assert not db.exists() and not (sweep_dir / "mlflow_parent_run_id").exists()
+
+
+def test_a_value_every_job_refuses_fails_the_sweep_once_before_anything_starts(tmp_path):
+    """A fixed value that glm-ft refuses: each job refused it in turn, after the sweep had made its folder and its
+    MLflow parent run. The sweep now refuses it in the one line a single run prints, before anything heavy loads,
+    with no sweep folder and no MLflow store made."""
+    sweep_dir = tmp_path / "sweep"
+    out = probe_train(["-m", *SHORT, "training_args.learning_rate=-1", "method=lora", "method.r=4,8",
+                       f"hydra.sweep.dir={sweep_dir}"], tmp_path)
+    assert_refused_light(out, "error: training_args.learning_rate: must be > 0, got -1.0")
+    assert not sweep_dir.exists() and not (tmp_path / "mlflow.db").exists()
+
+
+def test_a_swept_value_only_some_jobs_reach_fails_those_jobs_alone(tmp_path):
+    """method.r=0 is refused, method.r=4 is not: the sweep runs both (in batches of one, where Hydra stopped at the
+    first failed batch), job 0 fails in its line and job 1 runs; the sweep ends with one line per failed job and the
+    count, exit 1, no traceback."""
+    sweep_dir = tmp_path / "sweep"
+    out = run_train(["-m", *SHORT, "method=lora", "method.r=0,4", "dry_run=true", "hydra.sweeper.max_batch_size=1",
+                     f"hydra.sweep.dir={sweep_dir}"], env={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'db'}"})
+    assert out.returncode == 1, out.stderr[-3000:]
+    assert "Traceback" not in out.stderr and 'File "' not in out.stderr
+    assert out.stderr.strip().splitlines()[:2] == ["job #0 (method.r=0): method.r: must be > 0, got 0",
+                                                   "error: 1 of 2 jobs failed"], out.stderr[-3000:]
+    assert not (sweep_dir / "0" / "finetune.yaml").exists() and (sweep_dir / "1" / "finetune.yaml").is_file()
 
 
 def test_the_best_child_is_a_finished_one(store, tmp_path):

@@ -1,0 +1,61 @@
+"""A sweep's configuration, judged once before any job starts: the config its jobs would run, composed in the
+sweep's process and run through glm_ft.config.validate, as a single run's is.
+
+A refusal that holds whatever the swept values are (a fixed `training_args.learning_rate=-1`, an `optimized_metric`
+whose split is null) would fail every job alike, one after the other, after the sweep had made its MLflow parent
+run and its Optuna study (where the failed trials count toward n_trials). Such a sweep ends at once with the one
+line a single run prints. "Whatever the swept values are" is judged on two jobs that differ in every swept key
+(the sweeper's `checked_jobs`: the grid's first and last job, a search space's two opposite corners): refused at
+both with the same message, the refusal does not hang on them. Anything else (a value only some jobs reach) is
+left to the jobs it reaches, which fail alone as before.
+"""
+
+from __future__ import annotations
+
+from hydra.errors import HydraException
+from omegaconf import DictConfig, open_dict, read_write
+
+from glm_ft.errors import ConfigError, GlmFtError
+
+
+def check_sweep(config: DictConfig) -> None:
+    """Raise ConfigError when the sweep's jobs would all be refused with the same message (`config`: the
+    multirun's, as Hydra hands it to on_multirun_start)."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    loader = GlobalHydra.instance().config_loader()
+    jobs = _checked_jobs(config, loader)
+    if not jobs:
+        return
+    first = _refusal(loader, config, jobs[0])
+    if first is not None and all(_refusal(loader, config, job) == first for job in jobs[1:]):
+        raise ConfigError(first)
+
+
+def _checked_jobs(config: DictConfig, loader) -> list[list[str]]:
+    """The overrides of the jobs to judge, from the sweeper's `checked_jobs`; none for a sweeper without one, or a
+    search space it refuses (it says so itself when it starts, as before)."""
+    from hydra._internal.utils import _locate
+
+    try:
+        checked = getattr(_locate(str(config.hydra.sweeper._target_)), "checked_jobs", None)
+        return checked(config, loader) if checked is not None else []
+    except (HydraException, ImportError, ValueError):
+        return []
+
+
+def _refusal(loader, config: DictConfig, overrides: list[str]) -> str | None:
+    """glm-ft's message refusing the job of these overrides, or None."""
+    from glm_ft.config.validate import validate
+
+    try:
+        job = loader.load_sweep_config(config, list(overrides))
+    except HydraException:
+        return None  # Hydra's to report for the job, as it does before launching it
+    with read_write(job), open_dict(job):
+        del job["hydra"]  # the job's config as Hydra hands it to the job
+    try:
+        validate(job)
+    except GlmFtError as err:
+        return str(err)
+    return None
