@@ -17,6 +17,9 @@ from glm_ft.tracking.redact import redact
 from glm_ft.tracking.run_record import mark_mlflow_run_ended, process_gone, read_mlflow_run, this_process
 from glm_ft.tracking.sender import describe_unsent, resend_unsent, save_unsent
 
+# Why a run ended badly: set at a failure (tracker.start_run) or by a sweep closing a child its death left RUNNING.
+ERROR_TAG = "glm_ft.error"
+
 log = logging.getLogger("glm_ft.tracking.tracker")
 
 
@@ -56,6 +59,8 @@ def previous_run(store, cfg: DictConfig, run_dir: Path,
         return None, None
     store.client.update_run(run_id, status="RUNNING")
     store.client.set_tag(run_id, "glm_ft.resumes", str(int(run.data.tags.get("glm_ft.resumes", "0")) + 1))
+    if ERROR_TAG in run.data.tags:  # the earlier end's (a dead sweep's child, a failure): this end sets its own
+        store.client.delete_tag(run_id, ERROR_TAG)
     log.info("MLflow: continuing run %s", run_id)
     return run_id, dict(run.data.params)
 

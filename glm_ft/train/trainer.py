@@ -264,8 +264,17 @@ class GlmTrainer(WholeRunLoss, Seq2SeqTrainer):
         """Each parameter group's base rate as this run's arguments build the optimizer: the method's own optimizer
         (LoRA+) says per group, the Trainer's gives every group training_args.learning_rate."""
         built = methods.get(self.method.name).create_optimizer(self.model, self.args, self.method)
-        rates = [group["lr"] for group in built.param_groups] if built is not None else []
-        return rates if len(rates) == groups else [self.args.learning_rate] * groups
+        if built is None:
+            return [self.args.learning_rate] * groups
+        rates = [group["lr"] for group in built.param_groups]
+        # DeepSpeed removes the groups without parameters from the optimizer it is given (LoRA+'s embedding and
+        # no-decay groups, unless there are such adapters): the groups left are the built ones that hold parameters.
+        held = [group["lr"] for group in built.param_groups if group["params"]]
+        for candidate in (rates, held):
+            if len(candidate) == groups:
+                return candidate
+        raise GlmFtError(f"resume: the optimizer has {groups} parameter groups, method={self.method.name} builds "
+                         f"{len(rates)}; cannot tell each group's learning rate")
 
     def create_optimizer(self, model=None):
         if self.optimizer is None:  # the method's own optimizer (LoRA+), else the Trainer's

@@ -409,6 +409,7 @@ def test_killed_search_resumes_its_cut_short_trial_from_its_checkpoint(tmp_path)
     assert (child.info.status, child.data.tags["glm_ft.resumes"], child.data.tags["glm_ft.trial"]) == (
         "FINISHED", "1", "0")
     assert child.data.tags["glm_ft.resumed_from"] == str(cut_at)
+    assert "glm_ft.error" not in child.data.tags  # the re-run sweep closed the dead child with one; it finished
     evals = {m.step: m.value for m in client.get_metric_history(child.info.run_id, "eval_rouge-l")}
     assert {s: evals[s] for s in study_trial.intermediate_values} == pytest.approx(study_trial.intermediate_values)
     assert parent.info.status == "FINISHED" and parent.data.metrics["trials_complete"] == 1
@@ -447,4 +448,5 @@ def test_a_trial_pruned_just_before_the_kill_is_not_trained_on_when_resumed(tmp_
     (child,) = all_children(client, parent)
     assert child.info.status == "KILLED" and child.data.tags["glm_ft.pruned"] == "true"
     assert child.data.tags["glm_ft.pruned_at_step"] == "4" and child.data.tags["glm_ft.resumes"] == "1"
+    assert "glm_ft.error" not in child.data.tags  # pruned, not failed: the tag the dead sweep's closing set goes
     assert parent.info.status == "FINISHED" and parent.data.metrics["trials_pruned"] == 1

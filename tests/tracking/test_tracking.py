@@ -147,6 +147,25 @@ def test_exception_fails_the_run_and_propagates_unchanged(tmp_path, client):
     assert "finetune.yaml" in artifact_paths(client, run.info.run_id)  # a failed run keeps its files too
 
 
+def test_a_failed_run_resumed_to_its_end_keeps_no_error_tag(tmp_path, client):
+    """The resume continues the failed run (a full disk, a trial its dead sweep closed): FINISHED, without the tag
+    that said why the earlier end failed (an MLflow search for tags.glm_ft.error found finished runs)."""
+    run_dir = tmp_path / "run"
+    with hydra_job(["experiment=quickstart", "tracking.experiment_name=failed_then_resumed"], run_dir) as cfg:
+        render_run_files(cfg, run_dir, 64)
+        with pytest.raises(ValueError):
+            with start_run(cfg, run_dir):
+                raise ValueError("No space left on device")
+    assert only_run(client, "failed_then_resumed").data.tags["glm_ft.error"] == "ValueError: No space left on device"
+    overrides = ["experiment=quickstart", "tracking.experiment_name=failed_then_resumed", "resume=auto"]
+    with hydra_job(overrides, run_dir) as cfg:
+        with start_run(cfg, run_dir):
+            pass
+    run = only_run(client, "failed_then_resumed")
+    assert (run.info.status, run.data.tags["glm_ft.resumes"]) == ("FINISHED", "1")
+    assert "glm_ft.error" not in run.data.tags
+
+
 def test_ctrl_c_ends_the_run_killed(tmp_path, client):
     with hydra_job(["experiment=quickstart", "tracking.experiment_name=interrupted"], tmp_path) as cfg:
         with pytest.raises(KeyboardInterrupt):

@@ -71,6 +71,23 @@ def test_single_process(stage, tmp_path):
     assert {k: rates[k] for k in (4, 5, 6)} == pytest.approx({k: 1e-3 * (k - 1) / 20 for k in (4, 5, 6)})
 
 
+def test_a_loraplus_resume_under_zero2_keeps_each_groups_rate(tmp_path):
+    """DeepSpeed drops LoRA+'s empty groups (embedding, no-decay) from the optimizer it is given: a resume still
+    trains lora_B at this run's ratio of this run's rate (it fell back to training_args.learning_rate for every
+    group: lora_B learnt at 1/ratio of its rate after any resume=auto, the ratio unchanged too)."""
+    import torch
+
+    lora = ["method=lora", "training_args.max_steps=2", "training_args.save_steps=2"]
+    first = run([sys.executable], 2, tmp_path / "run", tmp_path, *lora, "method.loraplus_lr_ratio=16")
+    assert first.returncode == 0, first.stderr[-3000:]
+    again = run([sys.executable], 2, tmp_path / "run", tmp_path, *lora, "training_args.max_steps=4",
+                "method.loraplus_lr_ratio=4", "training_args.learning_rate=5e-4", "resume=auto")
+    assert again.returncode == 0, again.stderr[-3000:]
+    (states,) = (tmp_path / "run" / "checkpoint-4" / "global_step4").glob("*optim_states.pt")
+    groups = torch.load(states, weights_only=False)["optimizer_state_dict"]["base_optimizer_state"]["param_groups"]
+    assert [g["initial_lr"] for g in groups] == pytest.approx([5e-4, 5e-4 * 4])  # lora_A, lora_B
+
+
 @pytest.mark.parametrize("stage", [2, 3])
 def test_two_processes_under_torchrun(stage, tmp_path):
     prefix = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
