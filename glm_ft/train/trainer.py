@@ -238,7 +238,14 @@ class GlmTrainer(WholeRunLoss, Seq2SeqTrainer):
         return out
 
     def _load_optimizer_and_scheduler(self, checkpoint):
-        super()._load_optimizer_and_scheduler(checkpoint)
+        try:
+            super()._load_optimizer_and_scheduler(checkpoint)
+        except ValueError as err:  # torch's optimizer.load_state_dict, about an optimizer built another way
+            if "parameter group" not in str(err):
+                raise
+            raise CheckpointError(f"resume: {checkpoint}'s optimizer state does not fit this run's optimizer ({err}); "
+                                  "was it trained with another method.loraplus_lr_ratio (null or a number) or other "
+                                  "trainable weights?") from None
         # Under a DeepSpeed config that brings its own optimizer (ZeRO-3's), accelerate wraps the Trainer's schedule
         # (a LambdaLR, which DeepSpeed's engine steps and restored in load_checkpoint) in DeepSpeedSchedulerWrapper.
         scheduler = getattr(self.lr_scheduler, "scheduler", self.lr_scheduler)

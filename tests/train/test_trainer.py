@@ -146,3 +146,14 @@ def test_a_checkpoint_saved_over_is_incomplete_until_marked_again(tmp_path):
                                        resume=str(run_dir / "checkpoint-2"))
     assert seen == {4: ["checkpoint-2"]}
     assert [p.name for p in complete_checkpoints(run_dir)] == ["checkpoint-2", "checkpoint-4"]
+
+
+def test_a_resume_whose_optimizer_state_does_not_fit_is_one_error(tmp_path):
+    """A checkpoint trained without LoRA+ (2 parameter groups) resumed with it (PEFT builds 4): torch's
+    load_state_dict raised a ValueError traceback after the model had loaded; glm-ft names the checkpoint and why."""
+    from glm_ft.errors import CheckpointError
+
+    _train_saving_every_2_steps(tmp_path, tmp_path / "run", 2, "method=lora")
+    with pytest.raises(CheckpointError, match=r"checkpoint-2's optimizer state does not fit .*loraplus_lr_ratio"):
+        _train_saving_every_2_steps(tmp_path, tmp_path / "run", 4, "method=lora", "method.loraplus_lr_ratio=16",
+                                    resume=str(tmp_path / "run" / "checkpoint-2"))
