@@ -283,8 +283,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    with heap.job_heap():  # the model frozen out of full collections while it serves (glm_ft/heap.py)
-        return _serve(args)
+    try:
+        with heap.job_heap():  # the model frozen out of full collections while it serves (glm_ft/heap.py)
+            return _serve(args)
+    except KeyboardInterrupt:  # Ctrl-C: uvicorn shut down cleanly, then re-raised it; 130 as chat, no traceback
+        return 130
 
 
 def bind(host: str, port: int) -> socket.socket:

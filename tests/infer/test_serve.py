@@ -169,3 +169,27 @@ def test_a_taken_port_is_one_line_before_loading_and_port_0_announces_the_real_o
     finally:
         end_process_group(proc)
         proc.stdout.close()
+
+
+def test_ctrl_c_stops_the_server_with_exit_130_and_no_traceback(runs):
+    """Ctrl-C (SIGINT) is how a user stops `serve` in a terminal: uvicorn shuts down and re-raises it, which ended
+    the process with a KeyboardInterrupt traceback and exit 1."""
+    import os
+    import signal
+    import subprocess
+
+    from conftest import end_process_group
+
+    proc = subprocess.Popen([sys.executable, "-m", "glm_ft", "serve", str(runs["lora"]), "--port", "0"],
+                            cwd=Path(__file__).resolve().parents[2], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        assert proc.stdout.readline().startswith("serving ")  # listening: the line a script waits for
+        os.kill(proc.pid, signal.SIGINT)
+        _, stderr = proc.communicate()
+        assert proc.returncode == 130, stderr
+        assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr
+    finally:
+        end_process_group(proc)
+        proc.stdout.close()
+        proc.stderr.close()
