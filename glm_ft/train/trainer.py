@@ -12,11 +12,13 @@ import json
 import logging
 import math
 import os
+import random
 import shutil
 import sys
 from pathlib import Path
 
 import accelerate.utils.other
+import numpy as np
 import torch
 from torch.utils.data import DataLoader
 from transformers import Seq2SeqTrainer, TrainerCallback
@@ -72,6 +74,23 @@ class EpochSeededLengthGroupedSampler(LengthGroupedSampler):
         return iter(get_length_grouped_indices(self.lengths, self.batch_size, generator=generator))
 
 
+@contextlib.contextmanager
+def global_rng_kept(device: torch.device):
+    """Python's, numpy's, torch's CPU and `device`'s generators as they were before the block, after it: the states
+    the Trainer saves in each checkpoint's rng_state.pth and restores on resume."""
+    python, numpy = random.getstate(), np.random.get_state()
+    devices, kind = [], "cuda"  # fork_rng's default kind; no device forked on CPU
+    if device.type not in ("cpu", "meta"):
+        kind = device.type
+        devices = [device.index if device.index is not None else getattr(torch, kind).current_device()]
+    with torch.random.fork_rng(devices=devices, device_type=kind):
+        try:
+            yield
+        finally:
+            random.setstate(python)
+            np.random.set_state(numpy)
+
+
 class TrainingDiverged(GlmFtError):
     """The loss became NaN or infinite."""
 
@@ -96,6 +115,16 @@ class GlmTrainer(WholeRunLoss, Seq2SeqTrainer):
         self.eval_batch_tokens = eval_batch_tokens
         # Where the last evaluation's outputs are written (rank 0), so what was scored can be read.
         self.eval_predictions = eval_predictions
+
+    def evaluate(self, *args, **kwargs):
+        # An evaluation inside training leaves the global RNGs where it found them: torch's DataLoader draws each
+        # iterator's base seed from the global generator (_BaseDataLoaderIter.__init__), sampling generation draws
+        # more, and the dropout of every later step draws from what is left. The uninterrupted run and its resume do
+        # not evaluate at the same steps (the run extended past its max_steps evaluated there before saving the
+        # checkpoint, per DefaultFlowCallback; a resume's eval_steps are its own), so with dropout (LoRA's, the
+        # P-Tuning v2 prefix's) their steps drew other masks after the first evaluation one of them had alone.
+        with global_rng_kept(self.args.device):
+            return super().evaluate(*args, **kwargs)
 
     def get_eval_dataloader(self, eval_dataset=None):
         if isinstance(eval_dataset, str):

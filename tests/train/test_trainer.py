@@ -72,6 +72,28 @@ def test_predict_batches_by_tokens_and_returns_generate_s_ids_in_data_order(tmp_
     assert 0 < ended < len(data), "some rows should stop early and some run to max_new_tokens"
 
 
+def test_an_evaluation_leaves_the_rngs_that_training_draws_from_as_it_found_them(tmp_path):
+    """The dropout of the steps after an evaluation draws from the global RNGs: the evaluation, which the DataLoader
+    seeds from them and sampling generation draws from, must leave them as they were, or a run that evaluates at
+    other steps (a resume with its own eval_steps, a finished run extended) trains other masks after it."""
+    import random
+
+    import numpy as np
+
+    cfg = compose(["experiment=quickstart", "training_args.generation_config.max_new_tokens=4"])
+    tokenizer, model, _ = load_for_training(cfg)
+    gen = GenerationConfig(max_new_tokens=4, do_sample=True, pad_token_id=tokenizer.pad_token_id,
+                           eos_token_id=[tokenizer.eos_token_id])
+    args = build_training_arguments(cfg, tmp_path / "run", None, has_eval=True, generation_config=gen)
+    data = [{"input_ids": list(range(100, 100 + n)), "output_ids": [5, 6]} for n in (3, 9, 5)]
+    trainer = GlmTrainer(model=model, args=args, eval_dataset=data, data_collator=Collator(tokenizer.pad_token_id),
+                         processing_class=tokenizer, method=cfg.method, gen_config=gen)
+    before = torch.random.get_rng_state(), random.getstate(), np.random.get_state()[1].tolist()
+    assert trainer.evaluate()["eval_samples"] == 3
+    after = torch.random.get_rng_state(), random.getstate(), np.random.get_state()[1].tolist()
+    assert torch.equal(after[0], before[0]) and after[1:] == before[1:]
+
+
 class _CompleteAtSave(TrainerCallback):
     """Placed before Watchdog: the complete checkpoints a kill would leave right after a save, before its marker."""
 
