@@ -30,7 +30,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from glm_ft import dist
-from glm_ft.tracking.lifecycle import end_run
+from glm_ft.tracking.lifecycle import ERROR_TAG, end_run
 from glm_ft.tracking.params import git_commit, split_long_values
 from glm_ft.tracking.redact import redact, redact_files, redact_log_records
 from glm_ft.tracking.parent import PARENT_ENV, PARENT_FILE, SWEPT_PARAMS_TAG, parse_overrides
@@ -314,7 +314,7 @@ def close_abandoned_children(store: Store, parent_id: str, wait_s: float = 5.0) 
             run_id, run_dir, _ = item
             if store.client.get_run(run_id).info.status != "RUNNING":
                 continue  # it closed its run itself
-            store.client.set_tag(run_id, "glm_ft.error", "its sweep stopped while it ran")
+            store.client.set_tag(run_id, ERROR_TAG, "its sweep stopped while it ran")
             closed = end_run(store, run_id, "KILLED")
             with contextlib.suppress(OSError):
                 mark_mlflow_run_ended(run_dir, "KILLED", closed)
@@ -347,7 +347,7 @@ def settle_child(store: Store, child) -> None:
     ours = bool(record) and record.get("run_id") == child.info.run_id
     ended = (record.get("ended") or {}).get("status") if ours else None
     if child.info.status == "RUNNING" and not ended:
-        store.client.set_tag(child.info.run_id, "glm_ft.error", "its sweep stopped while it ran")
+        store.client.set_tag(child.info.run_id, ERROR_TAG, "its sweep stopped while it ran")
     if ours:
         try:  # closes it with the status its process reached (else KILLED) and sends the points it kept
             previous_run(store, OmegaConf.create({"resume": None}), Path(run_dir), reopen=False)

@@ -28,7 +28,7 @@ from omegaconf import DictConfig
 
 from glm_ft import dist, methods
 from glm_ft.runs import CURVES_FILE, EVAL_PREDICTIONS, FINAL, PREDICTIONS
-from glm_ft.tracking.lifecycle import close_run, end_run, previous_run
+from glm_ft.tracking.lifecycle import ERROR_TAG, close_run, end_run, previous_run
 from glm_ft.tracking.params import MAX_RUN_NAME, fit_tags, flatten_config, metric_name, run_tags, split_long_values
 from glm_ft.tracking.parent import child_run_name, hydra_config, parent_for_job
 from glm_ft.tracking.redact import redact
@@ -210,7 +210,7 @@ def start_run(cfg: DictConfig, run_dir: Path, tags: Mapping[str, str] | None = N
         status = getattr(err, "mlflow_status", "FAILED")
         if status == "FAILED":
             with contextlib.suppress(Exception):
-                tracker.set_tags({"glm_ft.error": f"{type(err).__name__}: {err}"})
+                tracker.set_tags({ERROR_TAG: f"{type(err).__name__}: {err}"})
         raise
     finally:
         try:
