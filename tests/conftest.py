@@ -58,6 +58,16 @@ def compose(overrides: list[str] | None = None):
         return hydra_compose("config", overrides=list(overrides or []), return_hydra_config=False)
 
 
+RANK_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def launcher_env(extra: dict | None = None) -> dict:
+    """This process's environment for a command that starts its own ranks (glm_ft.launch, torchrun): without any
+    rank variables a shell or an earlier test left behind, plus `extra`."""
+    env = {key: value for key, value in os.environ.items() if key not in RANK_VARIABLES}
+    return {**env, **(extra or {})}
+
+
 def run_process(cmd: list[str], *, cwd: Path | None = None, env: dict | None = None,
                 input: str | None = None) -> subprocess.CompletedProcess:
     """Run `cmd` to its end and capture its output, like subprocess.run, but with no wall-clock limit of its own

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, run_process
+from conftest import ROOT, launcher_env, run_process
 
 pytestmark = pytest.mark.slow
 
@@ -22,9 +22,7 @@ ARGS = ["experiment=quickstart", "training_args.max_steps=3", "training_args.sav
 
 
 def run(prefix: list[str], stage: int, run_dir: Path, tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
+    env = launcher_env({"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"})
     cmd = [*prefix, str(ROOT / "train.py"), *ARGS, f"deepspeed=zero{stage}", f"hydra.run.dir={run_dir}", *extra]
     return run_process(cmd, cwd=ROOT, env=env)
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from conftest import ROOT, end_process_group, run_process, run_train
+from conftest import ROOT, end_process_group, launcher_env, run_process, run_train
 from glm_ft.runs import complete_checkpoints
 
 pytestmark = pytest.mark.slow
@@ -221,9 +221,7 @@ def test_two_processes_resumed_in_the_second_epoch_train_that_epoch_s_order(tmp_
             "training_args.gradient_accumulation_steps=2", "training_args.save_steps=3",
             "training_args.logging_steps=1", "training_args.eval_steps=100", "data.val_file=null",
             "data.test_file=null", "training_args.save_total_limit=null"]  # 123 packed rows: 4 steps an epoch, 2 ranks
-    env = {**os.environ, **mlflow_env}
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
+    env = launcher_env(mlflow_env)
 
     def launch(name: str, *extra: str) -> dict[int, dict]:
         cmd = [sys.executable, "-m", "glm_ft.launch", "--nproc_per_node", "2", str(ROOT / "train.py"), *args, *extra,
@@ -281,9 +279,7 @@ def test_two_processes_train_loss_averages_the_unlogged_steps_over_the_ranks(tmp
     every step (whose train_loss is the mean of its logged, rank-averaged losses)."""
     args = [*SMALL, "method=sft", "training_args.max_steps=5", "training_args.save_steps=100",
             "training_args.eval_steps=100", "data.test_file=null"]
-    env = {**os.environ, **mlflow_env}
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
+    env = launcher_env(mlflow_env)
     reported = {}
     for every in (1, 2):
         run_dir = tmp_path / f"every{every}"
@@ -456,9 +452,7 @@ def test_a_checkpoint_saved_before_the_record_resumes_as_before(saved_at_step_2,
 def test_a_resume_with_another_number_of_processes_says_so(saved_at_step_2, tmp_path, mlflow_env):
     """Each rank trains its share of a step's batches: with another number of processes a step trains other rows."""
     data_dir = saved_at_step_2[0].parent.parent / "data"
-    env = {**os.environ, **mlflow_env}
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
+    env = launcher_env(mlflow_env)
     cmd = [sys.executable, "-m", "glm_ft.launch", "--nproc_per_node", "2", str(ROOT / "train.py"), *SMALL, *ORDER,
            f"data.data_dir={data_dir}", f"hydra.run.dir={tmp_path / 'two'}"]
     two = run_process(cmd, env=env)
