@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from glm_ft import dist
 import glm_ft.config.schema  # noqa: F401  (registers the schema with Hydra's ConfigStore)
-from glm_ft.errors import ConfigError, GlmFtError
+from glm_ft.errors import ConfigError, GlmFtError, to_stderr
 from glm_ft.runs import check_resume_world_size, finished_step
 from glm_ft.config.locations import config_dir
 from glm_ft.config.preflight import check_command_line
@@ -105,7 +105,7 @@ def _hydra_main(cfg: DictConfig) -> float | None:
             # Hydra ends the sweep with this one line, not a traceback.
             log.error("%s", err)
             raise JobFailed(f"error: {err}") from None
-        print(f"error: {err}", file=sys.stderr)
+        to_stderr(f"error: {err}")
         sys.exit(1)
     except KeyboardInterrupt as err:
         hc = HydraConfig.get()
@@ -117,7 +117,7 @@ def _hydra_main(cfg: DictConfig) -> float | None:
             raise KeyboardInterrupt(f"{where}: sweep job #{hc.job.num} ({job}); continue the sweep with the same "
                                     f"command and hydra.sweep.dir={hc.sweep.dir}") from None
         # The MLflow run is already marked KILLED; say where to continue from.
-        print(f"interrupted {err}".rstrip(), file=sys.stderr)
+        to_stderr(f"interrupted {err}".rstrip())
         sys.exit(130)
 
 
@@ -128,7 +128,7 @@ def main() -> None:
     try:
         check_command_line(sys.argv[1:])
     except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
+        to_stderr(f"error: {err}")
         sys.exit(1)
     try:
         _hydra_main()
@@ -136,7 +136,7 @@ def main() -> None:
         from glm_ft.tracking.signals import SIGTERM_GUARD
 
         SIGTERM_GUARD.interrupted = True  # the sweep's parent run ends KILLED (glm_ft.search.sweep, at exit)
-        print(f"interrupted {err}".rstrip(), file=sys.stderr)
+        to_stderr(f"interrupted {err}".rstrip())
         sys.exit(130)
     if dist.is_multi_process():
         dist.exit_skipping_native_teardown()

@@ -15,6 +15,7 @@ import socket
 import sys
 
 from glm_ft.dist import is_loopback
+from glm_ft.errors import to_stderr
 
 
 def loopback_store_class():
@@ -65,11 +66,10 @@ def main(argv: list[str] | None = None) -> int:
         code = failure.exitcode if failure.exitcode and failure.exitcode > 0 else 1
         how = f"exit code {failure.exitcode}" if failure.exitcode >= 0 else f"signal {-failure.exitcode}"
         more = f", and {len(err.failures) - 1} more" if len(err.failures) > 1 else ""
-        print(f"error: {err.name}: rank {rank} failed with {how}{more} (each rank's own error is above)",
-              file=sys.stderr)
+        to_stderr(f"error: {err.name}: rank {rank} failed with {how}{more} (each rank's own error is above)")
         return code
     except SignalException as err:  # SIGTERM or SIGINT to the launcher: torchrun has stopped the ranks
-        print(f"glm_ft.launch: stopped by {signal.Signals(err.sigval).name}", file=sys.stderr)
+        to_stderr(f"glm_ft.launch: stopped by {signal.Signals(err.sigval).name}")
         return 128 + int(err.sigval)
     return 0
 

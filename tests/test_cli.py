@@ -98,3 +98,34 @@ def test_errors_are_short_and_name_the_key(args, expect, tmp_path):
     assert "Traceback" not in out.stderr
     assert len(out.stderr.strip().splitlines()) <= 12
     assert not (tmp_path / "finetune.yaml").exists()  # nothing half-written
+
+
+def test_an_error_is_one_write_so_ranks_sharing_an_unbuffered_stderr_do_not_interleave(monkeypatch):
+    """Under PYTHONUNBUFFERED (CI sets it, so do many clusters) print writes the line and its newline apart, and two
+    ranks refusing the same config printed "error: Aerror: A" under glm_ft.launch."""
+    import io
+
+    from glm_ft.cli import main
+
+    class Writes(io.RawIOBase):
+        def __init__(self):
+            super().__init__()
+            self.seen: list[bytes] = []
+
+        def writable(self):
+            return True
+
+        def fileno(self):  # faulthandler.enable, at the start of main
+            return 2
+
+        def write(self, data):
+            self.seen.append(bytes(data))
+            return len(data)
+
+    raw = Writes()
+    monkeypatch.setattr(sys, "stderr", io.TextIOWrapper(raw, write_through=True))  # as Python's unbuffered stderr
+    monkeypatch.setattr(sys, "argv", ["train.py", "methd=lora"])
+    with pytest.raises(SystemExit) as exit_:
+        main()
+    assert exit_.value.code == 1
+    assert len(raw.seen) == 1 and raw.seen[0].startswith(b"error: ") and raw.seen[0].endswith(b"\n"), raw.seen

@@ -21,7 +21,7 @@ from typing import Any, TextIO
 
 from glm_ft.heap import job_heap
 from glm_ft.methods import DTYPE_NAMES
-from glm_ft.errors import GlmFtError
+from glm_ft.errors import GlmFtError, to_stderr
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None, stdin: TextIO | None = None, stdout: Tex
         with job_heap():  # the loaded model frozen out of full collections while chatting (glm_ft/heap.py)
             return run(args, stdin or sys.stdin, stdout or sys.stdout)
     except GlmFtError as err:
-        print(f"error: {err}", file=sys.stderr)
+        to_stderr(f"error: {err}")
         return 1
     except KeyboardInterrupt:
         return 130

@@ -31,7 +31,7 @@ from glm_ft.atomic import check_writable, folder_atomic
 from glm_ft.chatglm3.tiny import TINY_CONFIG, TOKENIZER_AUTO_MAP
 from glm_ft.infer.checkpoint import find_checkpoint, load_checkpoint
 from glm_ft.infer.weights import save_weights
-from glm_ft.errors import CheckpointError, GlmFtError
+from glm_ft.errors import CheckpointError, GlmFtError, to_stderr
 
 DTYPES = methods.DTYPE_NAMES
 FORMATS = ("chatglm3", "hf")
@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         out = export(ckpt.path, args.out_dir, base_model=args.base_model, max_shard_size=args.max_shard_size,
                      dtype=args.dtype, fmt=args.fmt)
     except GlmFtError as err:
-        print(f"error: {err}", file=sys.stderr)
+        to_stderr(f"error: {err}")
         return 1
     made = methods.by_kind(ckpt.kind).EXPORTED
     print(f"exported {ckpt.describe()}{f' ({made})' if made else ''} → {out}")

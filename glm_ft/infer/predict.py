@@ -28,7 +28,7 @@ from glm_ft.config.schema import EVAL_BATCH_TOKENS
 from glm_ft.heap import job_heap
 from glm_ft.methods import DTYPE_NAMES
 from glm_ft.atomic import check_writable
-from glm_ft.errors import ConfigError, GlmFtError
+from glm_ft.errors import ConfigError, GlmFtError, to_stderr
 
 log = logging.getLogger(__name__)
 
@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
                               max_output_length=args.max_output_length, max_new_tokens=args.max_new_tokens,
                               dtype=args.dtype, skip_bad_rows=args.skip_bad_rows)
     except GlmFtError as err:
-        print(f"error: {err}", file=sys.stderr)
+        to_stderr(f"error: {err}")
         return 1
     print(json.dumps(metrics, indent=2, ensure_ascii=False))
     return 0

@@ -27,7 +27,7 @@ from typing import Any
 
 from glm_ft import heap
 from glm_ft.methods import DTYPE_NAMES
-from glm_ft.errors import GlmFtError
+from glm_ft.errors import GlmFtError, to_stderr
 from glm_ft.infer.tool_calls import StreamedReply, call_turn, reply_message
 from glm_ft.runs import FINAL
 
@@ -323,7 +323,7 @@ def _serve(args: argparse.Namespace) -> int:
         name = args.model_name or (ckpt.path.parent.name if ckpt.path.name == FINAL else ckpt.path.name)
         app = create_app(Engine(loaded, name, args.max_new_tokens))
     except GlmFtError as err:
-        print(f"error: {err}", file=sys.stderr)
+        to_stderr(f"error: {err}")
         return 1
     port = sock.getsockname()[1]  # the one the system chose for --port 0
     host = f"[{args.host}]" if ":" in args.host else args.host

@@ -38,7 +38,7 @@ from glm_ft.tracking.signals import SIGTERM_GUARD
 from glm_ft.tracking.store import Store
 from glm_ft.tracking.tracker import Tracker
 from glm_ft.atomic import write_text_atomic
-from glm_ft.errors import GlmFtError
+from glm_ft.errors import GlmFtError, to_stderr
 from glm_ft.search.lock import SweepLock, SweepLocked
 from glm_ft.search.precheck import check_sweep
 from glm_ft.tracking.lifecycle import FLUSH_TIMEOUT_S
@@ -117,14 +117,14 @@ class MlflowSweepCallback(Callback):
             # fails here once, in the line a single run prints.
             check_sweep(config)
         except GlmFtError as err:
-            print(f"error: {err}", file=sys.stderr)
+            to_stderr(f"error: {err}")
             sys.exit(1)
         try:
             # Held for the sweep's life (released by the OS at exit): what an earlier sweep of this folder left
             # RUNNING died with it.
             SweepLock(sweep_dir).acquire()
         except SweepLocked as err:
-            print(f"error: {err}", file=sys.stderr)
+            to_stderr(f"error: {err}")
             sys.exit(1)
         if not config.tracking.enabled or config.get("dry_run") or not dist.is_rank_zero():
             return
@@ -132,7 +132,7 @@ class MlflowSweepCallback(Callback):
             store = Store(config.tracking)
         except GlmFtError as err:
             # Hydra turns a callback's exception into a warning and would start every job anyway.
-            print(f"error: {err}", file=sys.stderr)
+            to_stderr(f"error: {err}")
             sys.exit(1)
         swept = swept_params(config)
         self._metric, self._direction = sweep_objective(config)

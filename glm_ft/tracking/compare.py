@@ -21,7 +21,7 @@ from omegaconf import OmegaConf
 from glm_ft.tracking.params import PER_RUN_PARAMS, metric_name
 from glm_ft.tracking.parent import PARENT_FILE, SWEPT_PARAMS_TAG
 from glm_ft.tracking import store
-from glm_ft.errors import ConfigError, GlmFtError
+from glm_ft.errors import ConfigError, GlmFtError, to_stderr
 from glm_ft.config.schema import TrackingConfig
 from glm_ft.search.sweep import DEFAULT_METRIC, child_runs
 
@@ -252,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         compare(args.sweep, args.metric, args.experiment, args.tracking_uri, args.out)
     except GlmFtError as err:
-        print(f"error: {err}", file=sys.stderr)
+        to_stderr(f"error: {err}")
         return 1
     return 0
 
