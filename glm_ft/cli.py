@@ -24,6 +24,7 @@ from glm_ft.runs import check_resume_world_size, finished_step
 from glm_ft.config.locations import config_dir
 from glm_ft.config.preflight import check_command_line
 from glm_ft.tracking.redact import redact, redact_files, redact_log_records
+from glm_ft.tracking.signals import interrupt_behind
 from glm_ft.config.ds_config import check_zero_values
 from glm_ft.config.render import render_run_files
 from glm_ft.config.paths import InputPaths
@@ -82,7 +83,12 @@ def run(cfg: DictConfig) -> float | None:
         with long_lived():
             from glm_ft.train.finetune import finetune
 
-        metrics = finetune(cfg, run_dir, paths, where)
+        try:
+            metrics = finetune(cfg, run_dir, paths, where)
+        except Exception as err:
+            if isinstance(interrupt_behind(err), KeyboardInterrupt):  # a library's cleanup failed on the Ctrl-C
+                raise KeyboardInterrupt() from err
+            raise
     if cfg.optimized_metric is None:
         return None
     if cfg.optimized_metric not in metrics:

@@ -2,6 +2,7 @@
 
 - `signals_deferred`: Ctrl-C or SIGTERM arriving inside an MLflow write is held until the write returns.
 - `SIGTERM_GUARD`: SIGTERM ends the open runs KILLED (never left RUNNING), shared by the sweep parent and the job's run.
+- `interrupt_behind`: the Ctrl-C or SIGTERM that another exception was raised while unwinding from.
 """
 
 from __future__ import annotations
@@ -117,3 +118,20 @@ class _SigtermGuard:
 
 
 SIGTERM_GUARD = _SigtermGuard()
+
+
+def interrupt_behind(err: BaseException) -> BaseException | None:
+    """The KeyboardInterrupt or `Terminated` that `err` is, or that it was raised while handling.
+
+    A signal lands at any bytecode, also inside a library's own cleanup: Ctrl-C inside tqdm's write lock makes tqdm
+    raise "RuntimeError: cannot release un-acquired lock" as the interrupt unwinds. That RuntimeError is still the
+    user's Ctrl-C (the run is KILLED, its checkpoints kept), not a failure with a traceback.
+    """
+    seen: set[int] = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        if isinstance(current, (KeyboardInterrupt, Terminated)):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None

@@ -34,7 +34,7 @@ from glm_ft.tracking.parent import child_run_name, hydra_config, parent_for_job
 from glm_ft.tracking.redact import redact
 from glm_ft.tracking.run_record import read_mlflow_run, write_mlflow_run
 from glm_ft.tracking.sender import Sender
-from glm_ft.tracking.signals import SIGTERM_GUARD, Terminated
+from glm_ft.tracking.signals import SIGTERM_GUARD, Terminated, interrupt_behind
 from glm_ft.tracking.store import Store
 
 log = logging.getLogger(__name__)
@@ -205,6 +205,10 @@ def start_run(cfg: DictConfig, run_dir: Path, tags: Mapping[str, str] | None = N
         status = "FINISHED" if exit_.code in (None, 0) else "FAILED"
         raise
     except BaseException as err:
+        if interrupt_behind(err) is not None:  # raised by a library's cleanup as a Ctrl-C or SIGTERM unwound
+            status = "KILLED"
+            SIGTERM_GUARD.interrupted = True
+            raise
         # An exception may name its own end state: a trial stopped by its study's pruner is KILLED
         # (glm_ft.search.study).
         status = getattr(err, "mlflow_status", "FAILED")

@@ -34,6 +34,7 @@ from glm_ft.runs import (CURVES_FILE, EVAL_PREDICTIONS, FINAL, FINAL_LOG, PREDIC
 from glm_ft.search import TRIAL_ENV, trial_tags
 from glm_ft.tracking.curves import run_log_history, write_training_curves
 from glm_ft.tracking.parent import hydra_config
+from glm_ft.tracking.signals import Terminated, interrupt_behind
 from glm_ft.tracking.store import ui_hint
 from glm_ft.tracking.tracker import closing_interrupted, settle_previous_run, start_run
 from glm_ft.data.collate import Collator
@@ -217,15 +218,18 @@ def _train_and_save(cfg: DictConfig, run_dir: Path, trainer, tracker, job_trial)
         _pruned(cfg, run_dir, tracker, job_trial, None)
     try:
         result = trainer.train(resume_from_checkpoint=resume_from)
-    except KeyboardInterrupt as err:
-        last = last_complete_checkpoint(run_dir) or "none"
-        raise Interrupted(f"at step {trainer.state.global_step}; last complete checkpoint: {last} (continue with "
-                          f"resume=auto hydra.run.dir={run_dir})") from err
-    except refused_weights_errors() as err:
-        if not resume_from:
-            raise
-        # The checkpoint's own files (weights, optimizer.pt, rng_state.pth): refused in one line, never run.
-        raise CheckpointError(f"resume: {resume_from}: {refused_weights_reason(err)}") from None
+    except BaseException as err:
+        interrupt = interrupt_behind(err)
+        if isinstance(interrupt, KeyboardInterrupt):
+            last = last_complete_checkpoint(run_dir) or "none"
+            raise Interrupted(f"at step {trainer.state.global_step}; last complete checkpoint: {last} (continue "
+                              f"with resume=auto hydra.run.dir={run_dir})") from err
+        if interrupt is not None and interrupt is not err:  # SIGTERM, as a library's cleanup failed on it
+            raise Terminated() from err
+        if resume_from and interrupt is None and isinstance(err, refused_weights_errors()):
+            # The checkpoint's own files (weights, optimizer.pt, rng_state.pth): refused in one line, never run.
+            raise CheckpointError(f"resume: {resume_from}: {refused_weights_reason(err)}") from None
+        raise
     tracker.log_metrics({k: v for k, v in result.metrics.items() if k.startswith("train")}, trainer.state.global_step)
     if job_trial is not None and job_trial.pruned_at is not None:
         _pruned(cfg, run_dir, tracker, job_trial, trainer.state.log_history)

@@ -250,3 +250,27 @@ def test_a_redo_in_a_run_without_checkpoints_keeps_what_training_logged(tmp_path
     assert dict(map(tuple, series.get("loss", []))) == losses
     assert [step for step, _ in series.get("eval_rouge-l", [])] == [2, 4]
     assert [m.step for m in store["client"].get_metric_history(run_id, "eval_rouge-l")] == [2, 4]
+
+
+def test_the_interrupt_behind_an_error_is_found_through_its_chain():
+    """What a library's cleanup raises while a Ctrl-C or SIGTERM unwinds still counts as that signal; an error that
+    no signal caused does not, and an exception chain that loops ends the search."""
+    from glm_ft.tracking.signals import Terminated, interrupt_behind
+
+    def raised_while_handling(first: BaseException) -> BaseException:
+        try:
+            try:
+                raise first
+            finally:
+                raise RuntimeError("cannot release un-acquired lock")
+        except RuntimeError as err:
+            return err
+
+    sigterm = raised_while_handling(Terminated())
+    assert isinstance(interrupt_behind(sigterm), Terminated)
+    assert isinstance(interrupt_behind(raised_while_handling(KeyboardInterrupt())), KeyboardInterrupt)
+    assert interrupt_behind(raised_while_handling(ValueError("bad row"))) is None
+    looped = RuntimeError("a")
+    looped.__context__ = RuntimeError("b")
+    looped.__context__.__context__ = looped
+    assert interrupt_behind(looped) is None

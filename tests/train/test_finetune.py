@@ -615,6 +615,43 @@ def test_ctrl_c_keeps_the_last_checkpoint_and_marks_the_run_killed(tmp_path, mlf
     assert run.info.status == "KILLED"
 
 
+# train.py with a Ctrl-C (a real SIGINT) that lands inside a library's lock, as it did in tqdm's progress bar:
+# tqdm's cleanup then raises "RuntimeError: cannot release un-acquired lock" with the KeyboardInterrupt as context.
+CTRL_C_INSIDE_A_LOCK = """
+import signal, sys, threading
+from glm_ft.train.trainer import TrackerCallback
+
+logged = TrackerCallback.on_log
+
+def on_log(self, args, state, control, logs=None, **kwargs):
+    logged(self, args, state, control, logs=logs, **kwargs)
+    if state.global_step == 5:
+        lock = threading.Lock()
+        try:
+            signal.raise_signal(signal.SIGINT)
+        finally:
+            lock.release()  # not held: RuntimeError, raised while the KeyboardInterrupt unwinds
+
+TrackerCallback.on_log = on_log
+sys.argv = ["train.py", *sys.argv[1:]]
+from glm_ft.cli import main
+main()
+"""
+
+
+def test_ctrl_c_that_a_library_turns_into_its_own_error_is_still_ctrl_c(tmp_path, mlflow_env):
+    run_dir = tmp_path / "interrupted"
+    cmd = [sys.executable, "-c", CTRL_C_INSIDE_A_LOCK, *SMALL, "method=lora", "training_args.max_steps=100",
+           "training_args.save_steps=2", f"hydra.run.dir={run_dir}"]
+    result = run_process(cmd, env={**os.environ, **mlflow_env})
+    assert result.returncode == 130 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert (f"interrupted at step 5; last complete checkpoint: {run_dir / 'checkpoint-4'} (continue with "
+            f"resume=auto hydra.run.dir={run_dir})") in result.stderr
+    run = next(r for r in _mlflow_runs(mlflow_env["MLFLOW_TRACKING_URI"])
+               if r.data.tags.get("glm_ft.run_dir") == str(run_dir))
+    assert run.info.status == "KILLED" and "glm_ft.error" not in run.data.tags
+
+
 def test_quickstart_learns_the_sample_data(tmp_path, mlflow_env):
     """`make train` as shipped: the tiny model's eval ROUGE-L rises over the run (the sample data is learnable),
     and the run tells the user where its outputs went and how to open MLflow."""
