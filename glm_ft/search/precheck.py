@@ -33,15 +33,21 @@ def check_sweep(config: DictConfig) -> None:
 
 
 def _checked_jobs(config: DictConfig, loader) -> list[list[str]]:
-    """The overrides of the jobs to judge, from the sweeper's `checked_jobs`; none for a sweeper without one, or a
-    search space it refuses (it says so itself when it starts, as before)."""
+    """The overrides of the jobs to judge, from the sweeper's `checked_jobs` (none for a sweeper without one). The
+    sweeper's own settings or search space that it refuses are refused here, before the sweep's MLflow parent run
+    exists (Hydra makes the sweeper only after the callbacks' on_multirun_start)."""
     from hydra._internal.utils import _locate
 
     try:
         checked = getattr(_locate(str(config.hydra.sweeper._target_)), "checked_jobs", None)
-        return checked(config, loader) if checked is not None else []
-    except (HydraException, ImportError, ValueError):
+    except (ImportError, ValueError):
         return []
+    if checked is None:
+        return []
+    try:
+        return checked(config, loader)
+    except HydraException as err:  # the sweeper's own settings or search space, refused before anything exists
+        raise ConfigError(str(err)) from None
 
 
 def _refusal(loader, config: DictConfig, overrides: list[str]) -> str | None:

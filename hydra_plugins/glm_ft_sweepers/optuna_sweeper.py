@@ -41,10 +41,9 @@ class OptunaSweeper(Sweeper):
                  n_trials: int, n_jobs: int, seed: Optional[int], params: Optional[dict]) -> None:
         self.sampler_cfg, self.pruner_cfg = sampler, pruner
         self.direction = str(direction).lower()
-        if self.direction not in ("maximize", "minimize"):
-            raise HydraException(f"hydra.sweeper.direction: '{direction}' is not maximize or minimize")
-        if n_trials < 1 or n_jobs < 1:
-            raise HydraException("hydra.sweeper.n_trials and hydra.sweeper.n_jobs must be at least 1")
+        refused = settings_refusal(direction, n_trials, n_jobs)
+        if refused:
+            raise HydraException(refused)
         self.study_name, self.storage_spec = study_name, storage
         self.n_trials, self.n_jobs, self.seed = n_trials, n_jobs, seed
         self.params = dict(params or {})
@@ -69,9 +68,21 @@ class OptunaSweeper(Sweeper):
         before the study or any trial exists."""
         from glm_ft.search.study import corner_points, override_value
 
+        from glm_ft.search.study import grid_values
+
+        sweeper = config.hydra.sweeper
+        refused = settings_refusal(sweeper.direction, sweeper.n_trials, sweeper.n_jobs)
+        if refused:
+            raise HydraException(refused)
         params = OmegaConf.select(config, "hydra.sweeper.params", default=None)
         space, fixed = search_space(OmegaConf.to_container(params, resolve=True) if params is not None else {},
                                     list(config.hydra.overrides.task), config_loader)
+        if str(OmegaConf.select(sweeper, "sampler._target_", default="")).endswith("GridSampler"):
+            for key, dist in space.items():
+                try:
+                    grid_values(key, dist)
+                except ValueError as err:
+                    raise HydraException(str(err)) from None
         return [fixed + [f"{k}={override_value(v)}" for k, v in point.items()] for point in corner_points(space)]
 
     def _sampler(self, space: dict, seed: int | None = None):
@@ -213,6 +224,16 @@ class OptunaSweeper(Sweeper):
             study.tell(trial, float(value))
             log.info("trial %d: %s", trial.number, value)
         return failures
+
+
+def settings_refusal(direction: Any, n_trials: Any, n_jobs: Any) -> str | None:
+    """What is wrong with the sweeper's own settings, or None."""
+    if str(direction).lower() not in ("maximize", "minimize"):
+        return f"hydra.sweeper.direction: '{direction}' is not maximize or minimize"
+    for key, value in (("n_trials", n_trials), ("n_jobs", n_jobs)):
+        if not isinstance(value, int) or value < 1:
+            return f"hydra.sweeper.{key}: must be at least 1, got {value}"
+    return None
 
 
 def search_space(params: dict, arguments: List[str], config_loader) -> tuple[dict, list[str]]:

@@ -451,3 +451,18 @@ def test_a_trial_pruned_just_before_the_kill_is_not_trained_on_when_resumed(tmp_
     assert child.data.tags["glm_ft.pruned_at_step"] == "4" and child.data.tags["glm_ft.resumes"] == "1"
     assert "glm_ft.error" not in child.data.tags  # pruned, not failed: the tag the dead sweep's closing set goes
     assert parent.info.status == "FINISHED" and parent.data.metrics["trials_pruned"] == 1
+
+
+@pytest.mark.parametrize("setting, expect", [
+    ("hydra.sweeper.direction=upward", "error: hydra.sweeper.direction: 'upward' is not maximize or minimize"),
+    ("hydra.sweeper.n_trials=0", "error: hydra.sweeper.n_trials: must be at least 1, got 0"),
+    ("hydra/sweeper/sampler=grid", "error: hydra.sweeper.params.method.lora_dropout: the grid sampler needs "
+                                   "choice(...) or range(...), not a continuous interval"),
+])
+def test_bad_sweeper_settings_are_refused_before_the_parent_run_exists(setting, expect, tmp_path):
+    """Hydra makes the sweeper after the callbacks' on_multirun_start: its constructor's refusal came after the
+    sweep's MLflow parent run was made, and left it FAILED in the store."""
+    sweep_dir = tmp_path / "sweep"
+    out = probe_train(["hparams_search=lora_optuna", *SHORT, setting, f"hydra.sweep.dir={sweep_dir}"], tmp_path)
+    assert assert_refused_light(out, expect) == expect
+    assert not sweep_dir.exists() and not (tmp_path / "mlflow.db").exists()
