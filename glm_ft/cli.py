@@ -24,7 +24,7 @@ from glm_ft.runs import check_resume_world_size, finished_step
 from glm_ft.config.locations import config_dir
 from glm_ft.config.preflight import check_command_line
 from glm_ft.tracking.redact import redact, redact_files, redact_log_records
-from glm_ft.tracking.signals import interrupt_behind
+from glm_ft.tracking.signals import Terminated, interrupt_behind
 from glm_ft.config.ds_config import check_zero_values
 from glm_ft.config.render import render_run_files
 from glm_ft.config.paths import InputPaths
@@ -88,6 +88,8 @@ def run(cfg: DictConfig) -> float | None:
         except Exception as err:
             if isinstance(interrupt_behind(err), KeyboardInterrupt):  # a library's cleanup failed on the Ctrl-C
                 raise KeyboardInterrupt() from err
+            if dist.launcher_gone():  # stopped with its launcher (dist.stop_when_orphaned): exit as on SIGTERM
+                raise Terminated() from err
             raise
     if cfg.optimized_metric is None:
         return None
@@ -131,6 +133,7 @@ def main() -> None:
     # A crash in native code (CUDA, NCCL/gloo, a C++ abort) hours into a run should at least say where Python was.
     faulthandler.enable()
     sys.argv = dist.shared_run_dir(dist.take_launcher_args(sys.argv))
+    dist.stop_when_orphaned()
     try:
         check_command_line(sys.argv[1:])
     except ConfigError as err:

@@ -144,6 +144,41 @@ def destroy_process_group() -> None:
         dist.destroy_process_group()
 
 
+_launcher: int | None = None  # the pid of this rank's launcher, once stop_when_orphaned watches it
+
+
+def launcher_gone() -> bool:
+    """This rank's launcher has ended. What then fails (a collective whose peer rank already stopped, "Connection
+    closed by peer") is the job being stopped, not a failure of its own."""
+    return _launcher is not None and os.getppid() != _launcher
+
+
+def stop_when_orphaned(every_s: float = 2.0) -> None:
+    """Under torchrun (glm_ft.launch): SIGTERM to this rank once its launcher is gone.
+
+    A launcher killed outright (SIGKILL, the OOM killer) stops nothing: its ranks, which have sessions and process
+    groups of their own under a scheduler, trained on for hours, holding the GPUs and writing into the run folder.
+    PR_SET_PDEATHSIG would fire when the launcher's spawning *thread* ends, not the launcher; a watch on the parent
+    pid does not. SIGTERM is how a rank is stopped anyway: rank 0 ends its MLflow run KILLED.
+    """
+    global _launcher
+    if not is_multi_process() or "TORCHELASTIC_RUN_ID" not in os.environ:
+        return
+    import signal
+    import threading
+    import time
+
+    _launcher = os.getppid()
+
+    def watch() -> None:
+        while not launcher_gone():
+            time.sleep(every_s)
+        log.warning("rank %d: its launcher (pid %d) is gone; stopping", rank(), _launcher)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="glm-ft-launcher-watch", daemon=True).start()
+
+
 def exit_skipping_native_teardown() -> None:
     """A rank of a multi-process run that finished its work exits here, without interpreter finalization.
 

@@ -205,7 +205,9 @@ def start_run(cfg: DictConfig, run_dir: Path, tags: Mapping[str, str] | None = N
         status = "FINISHED" if exit_.code in (None, 0) else "FAILED"
         raise
     except BaseException as err:
-        if interrupt_behind(err) is not None:  # raised by a library's cleanup as a Ctrl-C or SIGTERM unwound
+        # raised by a library's cleanup as a Ctrl-C or SIGTERM unwound, or by a collective whose peer rank stopped
+        # with the launcher
+        if interrupt_behind(err) is not None or dist.launcher_gone():
             status = "KILLED"
             SIGTERM_GUARD.interrupted = True
             raise

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -146,6 +147,55 @@ def test_a_failed_rank_under_glm_ft_launch_is_its_line_and_one_more(tmp_path):
     assert lines.count("error: deepspeed: method=freeze does not run under ZeRO-3 (sharded parameters); choose "
                        "deepspeed=zero2 or none") in (1, 2)
     assert lines[-1].startswith(f"error: {ROOT / 'train.py'}: rank ") and "failed with exit code 1" in lines[-1]
+
+
+def _process_states() -> dict[int, tuple[int, str]]:
+    """pid -> (parent pid, state letter), from /proc."""
+    states = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            states[int(stat.parent.name)] = (int(fields[1]), fields[0])
+    return states
+
+
+def test_ranks_whose_launcher_was_sigkilled_stop_and_the_run_ends_killed(tmp_path):
+    """torchrun starts each rank in a session of its own: with the launcher SIGKILLed (the OOM killer, `kill -9`),
+    nothing stopped them and they trained on. Each rank now stops itself once its launcher is gone."""
+    import signal
+
+    from lifecycle_helpers import background, wait_for
+
+    env = launcher_env({"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"})
+    log = tmp_path / "launch.log"
+    cmd = [*LAUNCH, str(ROOT / "train.py"), *ARGS, "training_args.max_steps=100000", "deepspeed=zero2",
+           f"hydra.run.dir={tmp_path / 'run'}"]
+    ranks: list[int] = []
+    try:
+        with background(cmd, log, env=env) as proc:
+            wait_for(lambda: "'loss'" in log.read_text(errors="replace"), "the first logged loss", proc, log)
+            ranks = [pid for pid, (parent, _) in _process_states().items() if parent == proc.pid]
+            assert len(ranks) == 2
+            proc.kill()  # the launcher alone, not its ranks
+            proc.wait()
+
+        def ended() -> bool:
+            states = _process_states()
+            return all(pid not in states or states[pid][1] == "Z" for pid in ranks)
+
+        wait_for(ended, "both ranks' end after their launcher's")
+    finally:
+        for pid in ranks:  # still ours (not a pid reused since): its command line is the rank's
+            with contextlib.suppress(OSError):
+                if b"train.py" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    os.kill(pid, signal.SIGKILL)
+    text = log.read_text(errors="replace")
+    assert "its launcher (pid" in text and "is gone; stopping" in text and "Traceback" not in text, text[-3000:]
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    (killed,) = client.search_runs([client.get_experiment_by_name("glm-ft").experiment_id])
+    assert killed.info.status == "KILLED"
 
 
 def test_sigterm_to_glm_ft_launch_stops_the_ranks_without_a_traceback(tmp_path):
