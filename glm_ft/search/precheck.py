@@ -1,13 +1,13 @@
 """A sweep's configuration, judged once before any job starts: the config its jobs would run, composed in the
-sweep's process and run through glm_ft.config.validate, as a single run's is.
+sweep's process and run through glm_ft.config.validate and the data rows' check, as a single run's is.
 
 A refusal that holds whatever the swept values are (a fixed `training_args.learning_rate=-1`, an `optimized_metric`
-whose split is null) would fail every job alike, one after the other, after the sweep had made its MLflow parent
-run and its Optuna study (where the failed trials count toward n_trials). Such a sweep ends at once with the one
-line a single run prints. "Whatever the swept values are" is judged on two jobs that differ in every swept key
-(the sweeper's `checked_jobs`: the grid's first and last job, a search space's two opposite corners): refused at
-both with the same message, the refusal does not hang on them. Anything else (a value only some jobs reach) is
-left to the jobs it reaches, which fail alone as before.
+whose split is null, a malformed row in the training file) would fail every job alike, one after the other, after
+the sweep had made its MLflow parent run and its Optuna study (where the failed trials count toward n_trials). Such
+a sweep ends at once with the one line a single run prints. "Whatever the swept values are" is judged on two jobs
+that differ in every swept key (the sweeper's `checked_jobs`: the grid's first and last job, a search space's two
+opposite corners): refused at both with the same message, the refusal does not hang on them. Anything else (a value
+only some jobs reach) is left to the jobs it reaches, which fail alone as before.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ def _checked_jobs(config: DictConfig, loader) -> list[list[str]]:
 
 def _refusal(loader, config: DictConfig, overrides: list[str]) -> str | None:
     """glm-ft's message refusing the job of these overrides, or None."""
-    from glm_ft.config.validate import validate
+    from glm_ft.config.validate import check_data_rows, validate
 
     try:
         job = loader.load_sweep_config(config, list(overrides))
@@ -61,7 +61,9 @@ def _refusal(loader, config: DictConfig, overrides: list[str]) -> str | None:
     with read_write(job), open_dict(job):
         del job["hydra"]  # the job's config as Hydra hands it to the job
     try:
-        validate(job)
+        where = validate(job)
+        # Every row, as each job reads them before its model loads (a file that passed is not read again).
+        check_data_rows(where, job.data, log_skips=False)
     except GlmFtError as err:
         return str(err)
     return None

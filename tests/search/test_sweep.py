@@ -275,3 +275,15 @@ def test_the_best_child_is_a_finished_one(store, tmp_path):
     # a study names its best trial (ties are broken its way): that trial's run, if it finished
     assert best_child(found, parent, "eval_rouge-l", "maximize", trial=0).info.run_id == ids["done-low"]
     assert best_child(found, parent, "eval_rouge-l", "maximize", trial=1).info.run_id == ids["done-high"]
+
+
+def test_a_bad_data_row_fails_the_sweep_once_with_its_file_and_line(tmp_path):
+    """Each job read and refused the same row in turn, after the sweep had made its folder and its parent run."""
+    from test_bad_input import CONVERSATION, data_dir_with
+
+    good = json.dumps(CONVERSATION, ensure_ascii=False)
+    data = data_dir_with(tmp_path, "train.jsonl", f"{good}\n{good.replace('user', 'bot')}\n")
+    sweep_dir = tmp_path / "sweep"
+    out = probe_train(["-m", *SHORT, *data, "method=lora", "method.r=4,8", f"hydra.sweep.dir={sweep_dir}"], tmp_path)
+    assert_refused_light(out, f"error: {tmp_path / 'data' / 'train.jsonl'}:2: message 1 has unknown role 'bot'")
+    assert not sweep_dir.exists() and not (tmp_path / "mlflow.db").exists()
