@@ -7,7 +7,8 @@ Endpoints: `GET /health`, `GET /v1/models`, `POST /v1/chat/completions` (non-str
 form are rendered into the system prompt as ChatGLM3 was trained, and a reply that calls one comes back as
 `tool_calls`, streamed or not (glm_ft/infer/tool_calls.py). The prompt is built by glm-ft's tokenizer, so it
 holds exactly the ids training used; generation stops on eos, `<|user|>` and `<|observation|>` (finish_reason
-"stop"), or at max_tokens ("length"). Greedy unless the request sets a temperature above 0.
+"stop"), or at max_tokens ("length"; unset: --max-new-tokens or the rest of the context). Greedy unless the request
+sets a temperature above 0. `stream_options.include_usage` ends a stream with the usage chunk.
 
 Every kind of checkpoint serves (LoRA, P-Tuning v2, full, any ChatGLM3 folder). A `--format hf` export is served
 by stock tooling instead: `transformers serve OUT` (needs `transformers[serving]`) or vLLM.
@@ -101,6 +102,22 @@ def _refuse_unsupported(body: dict) -> None:
                              f"{', '.join('null' if ok is None else json.dumps(ok) for ok in accepted)})")
 
 
+def stream_usage(body: dict) -> bool:
+    """Whether a stream ends with OpenAI's usage chunk (`stream_options.include_usage`), the only place a streaming
+    client finds its token counts."""
+    options = body.get("stream_options")
+    if options is None:
+        return False
+    if not body.get("stream"):
+        raise BadRequest("stream_options: only allowed with \"stream\": true")
+    if not isinstance(options, dict):
+        raise BadRequest("stream_options: expected an object")
+    include = options.get("include_usage", False)
+    if not isinstance(include, bool):
+        raise BadRequest("stream_options.include_usage: expected true or false")
+    return include
+
+
 class Engine:
     """The loaded checkpoint; one generation at a time (a model is not safe to share between threads)."""
 
@@ -117,14 +134,21 @@ class Engine:
 
         _refuse_unsupported(body)
         ids = self.tokenizer.apply_chat_template(conversation(body), add_generation_prompt=True)
-        limit = body.get("max_completion_tokens", body.get("max_tokens"))
-        max_new = _number("max_tokens", limit, self.max_new_tokens, 1, integer=True)
+        key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+        limit = _number(key, body.get(key), None, 1, integer=True)
         # floats: JSON's `2` is an int, which transformers' TemperatureLogitsWarper refuses (a 500 mid-request)
         temperature = float(_number("temperature", body.get("temperature"), 0.0, 0.0, 2.0))
         top_p = float(_number("top_p", body.get("top_p"), 1.0, 0.0, 1.0))
-        if len(ids) + max_new > self.model.config.seq_length:
-            raise BadRequest(f"the prompt ({len(ids)} tokens) plus max_tokens ({max_new}) exceeds the model's "
-                             f"context of {self.model.config.seq_length} tokens")
+        context = self.model.config.seq_length
+        if len(ids) >= context:
+            raise BadRequest(f"messages: the prompt ({len(ids)} tokens) leaves no room in the model's context of "
+                             f"{context} tokens")
+        if limit is not None and len(ids) + limit > context:
+            raise BadRequest(f"{key}: the prompt ({len(ids)} tokens) plus {key} ({limit}) exceeds the model's "
+                             f"context of {context} tokens")
+        # A request that sets no limit gets --max-new-tokens or what is left of the context, as OpenAI's and vLLM's
+        # default is the rest of the context: refusing it would blame a max_tokens the client never sent.
+        max_new = limit if limit is not None else min(self.max_new_tokens, context - len(ids))
         gen = generation_config(self.tokenizer, max_new, do_sample=temperature > 0, temperature=temperature,
                                 top_p=top_p)
         return ids, gen
@@ -193,6 +217,7 @@ def create_app(engine: Engine):
             return error(400, "the request body must be a JSON object")
         try:
             ids, gen = engine.prepare(body)
+            include_usage = stream_usage(body)
             seed = body.get("seed")
             if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
                 raise BadRequest("seed: expected an integer")
@@ -204,7 +229,7 @@ def create_app(engine: Engine):
         created = int(time.time())
         if body.get("stream"):
             reply = StreamedReply(tools_offered=bool(body.get("tools")))
-            return StreamingResponse(_stream(engine, ids, gen, seed, reply, completion_id, created),
+            return StreamingResponse(_stream(engine, ids, gen, seed, reply, completion_id, created, include_usage),
                                      media_type="text/event-stream")
         new = await run_in_threadpool(engine.generate, ids, gen, None, seed)
         message, finish = reply_message(engine.text(new), engine.finish_reason(new), bool(body.get("tools")))
@@ -215,16 +240,19 @@ def create_app(engine: Engine):
     return app
 
 
-async def _stream(engine: Engine, ids: list[int], gen, seed, reply: StreamedReply, completion_id: str, created: int):
+async def _stream(engine: Engine, ids: list[int], gen, seed, reply: StreamedReply, completion_id: str, created: int,
+                  include_usage: bool = False):
     """Server-sent events: a role chunk, content chunks as text is decoded (or a tool call once it is whole), a
-    chunk with finish_reason, [DONE]."""
+    chunk with finish_reason, with `include_usage` OpenAI's usage chunk (no choices; the others carry
+    `"usage": null`), [DONE]."""
     import asyncio
 
     from transformers import TextIteratorStreamer
 
-    def chunk(delta: dict, finish_reason: str | None = None) -> str:
+    def chunk(delta: dict | None, finish_reason: str | None = None, usage: dict | None = None) -> str:
+        choices = [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish_reason}]
         data = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": engine.name,
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}]}
+                "choices": choices, **({"usage": usage} if include_usage else {})}
         return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
     streamer = TextIteratorStreamer(engine.tokenizer, skip_prompt=True, skip_special_tokens=True)
@@ -260,6 +288,8 @@ async def _stream(engine: Engine, ids: list[int], gen, seed, reply: StreamedRepl
         for delta in deltas:
             yield chunk(delta)
         yield chunk({}, finish_reason)
+        if include_usage:
+            yield chunk(None, usage=engine.usage(ids, result["new"]))
     yield "data: [DONE]\n\n"
 
 

@@ -19,6 +19,7 @@ import atexit
 import contextlib
 import json
 import logging
+import math
 import os
 import sys
 from pathlib import Path
@@ -362,15 +363,22 @@ def settle_child(store: Store, child) -> None:
 def best_child(store: Store, parent_id: str, metric: str, direction: str, trial: int | None = None):
     """The FINISHED child run with the best final value of `metric`, or None when none has it. A killed, failed or
     pruned child's value is from part of its training (and a re-run sweep keeps the killed copy beside the new one).
-    In a study, the run of its best `trial`, so the parent's best run and best trial agree when trials tie."""
+    A NaN (or infinite) value is no score: max and min keep a NaN met first (every comparison with it is false), so
+    the newest child's NaN won both ways; Optuna fails such a trial. In a study, the run of its best `trial`, so the
+    parent's best run and best trial agree when trials tie."""
     children = child_runs(store.client, store.experiment_id, parent_id)
-    scored = [run for run in children if metric in run.data.metrics and run.info.status == "FINISHED"]
+    scored = [run for run in children if run.info.status == "FINISHED" and is_score(run.data.metrics.get(metric))]
     of_trial = [run for run in scored if trial is not None and run.data.tags.get("glm_ft.trial") == str(trial)]
     scored = of_trial or scored
     if not scored:
         return None
     pick = max if direction == "maximize" else min
     return pick(scored, key=lambda run: run.data.metrics[metric])
+
+
+def is_score(value: float | None) -> bool:
+    """A final metric a run can be ranked by: present and a finite number."""
+    return value is not None and math.isfinite(value)
 
 
 def child_runs(client, experiment_id: str, parent_id: str) -> list:

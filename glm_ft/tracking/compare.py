@@ -23,7 +23,7 @@ from glm_ft.tracking.parent import PARENT_FILE, SWEPT_PARAMS_TAG
 from glm_ft.tracking import store
 from glm_ft.errors import ConfigError, GlmFtError, to_stderr
 from glm_ft.config.schema import TrackingConfig
-from glm_ft.search.sweep import DEFAULT_METRIC, child_runs
+from glm_ft.search.sweep import DEFAULT_METRIC, child_runs, is_score
 
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 # Final metrics worth a column: quality metrics and the training loss, not timings or sample counts (eval_samples,
@@ -118,9 +118,10 @@ def compare(sweep: str | None = None, metric: str | None = None, experiment: str
                             "metrics": {k: child.data.metrics.get(k) for k in result.columns}})
     sign = -1 if direction == "maximize" else 1
     # Runs that did not finish (pruned, killed, failed) after the finished ones, whatever their score: their last
-    # value is from part of the training.
-    result.rows.sort(key=lambda r: (r["metrics"][metric] is None, r["status"] != "FINISHED",
-                                    sign * (r["metrics"][metric] or 0.0)))
+    # value is from part of the training. A NaN is no score, with the runs that lack one: in the sort key it compares
+    # neither less nor more than anything, which scrambled the whole order.
+    result.rows.sort(key=lambda r: (not is_score(r["metrics"][metric]), r["status"] != "FINISHED",
+                                    sign * r["metrics"][metric] if is_score(r["metrics"][metric]) else 0.0))
 
     if all(r["metrics"][metric] is None for r in result.rows):
         present = sorted({k for c in children for k in c.data.metrics})
@@ -130,7 +131,10 @@ def compare(sweep: str | None = None, metric: str | None = None, experiment: str
         history = client.get_metric_history(row["run_id"], metric) if row["metrics"][metric] is not None else []
         result.curves[row["run_id"]] = sorted((m.step, m.value) for m in history)
     print(format_table(result))
-    scored = [r["metrics"][metric] for r in result.rows if r["metrics"][metric] is not None]
+    scored = [r["metrics"][metric] for r in result.rows if is_score(r["metrics"][metric])]
+    if not scored:
+        raise ConfigError(f"--metric: no run of sweep {parent.info.run_name} has a finite '{metric}' (only NaN or "
+                          "infinite values)")
     if len(scored) > 1 and len(set(scored)) == 1:
         # Nothing to choose: say so rather than star an arbitrary "best" run.
         print(f"all scored runs tie at {metric}={scored[0]:.4g}: the swept values made no difference here")
@@ -155,7 +159,8 @@ def significant_digits(values: list[float], least: int = 4) -> int:
 
 def format_table(result: Comparison) -> str:
     header = ["run", *result.swept, "status", *result.columns]
-    digits = {k: significant_digits([r["metrics"][k] for r in result.rows if r["metrics"][k] is not None])
+    # NaN left out: no two NaNs are equal, so they would never print as distinct and asked for all 17 digits.
+    digits = {k: significant_digits([r["metrics"][k] for r in result.rows if is_score(r["metrics"][k])])
               for k in result.columns}
     lines = [[r["name"], *(r["params"][k] for k in result.swept), r["status"],
               *("-" if r["metrics"][k] is None else f"{r['metrics'][k]:.{digits[k]}g}" for k in result.columns)]
@@ -199,7 +204,7 @@ def figure(result: Comparison):
     import matplotlib.pyplot as plt
 
     keys = result.swept or ["run"]
-    rows = [r for r in result.rows if r["metrics"][result.metric] is not None]
+    rows = [r for r in result.rows if is_score(r["metrics"][result.metric])]
     best = rows[0]
     # Constrained layout keeps the (wrapped) title, labels and legends inside the figure.
     fig, axes = plt.subplots(1, len(keys) + 1, figsize=(4.5 * (len(keys) + 1), 4.2), squeeze=False,

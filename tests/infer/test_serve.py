@@ -126,6 +126,56 @@ def test_chat_completions_over_http(method, runs, base_dir, tmp_path):
             assert status == 400 and key in json.loads(raw)["error"]["message"]
 
 
+def test_usage_streamed_and_the_default_length_near_the_end_of_the_context(tmp_path):
+    """A request without max_tokens whose prompt leaves less room than --max-new-tokens generates to the end of the
+    context, as OpenAI and vLLM do (it was a 400 blaming a max_tokens the client never sent); a stream that asks for
+    usage (stream_options.include_usage, where OpenAI's clients read a stream's token counts) ends with the
+    unstreamed reply's usage (it was silently left out)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from glm_ft.chatglm3.tiny import ensure_tiny_model
+
+    model_dir = ensure_tiny_model(tmp_path / "tiny")
+    port = free_port()
+    cmd = [sys.executable, "-m", "glm_ft.infer.serve", str(model_dir), "--port", str(port), "--dtype", "float32"]
+    with serving(cmd, f"http://127.0.0.1:{port}/health", tmp_path / "serve.log",
+                 cwd=Path(__file__).resolve().parents[2]):
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+        context = model.config.seq_length
+        stops = {tokenizer.eos_token_id, tokenizer.get_command("<|user|>"), tokenizer.get_command("<|observation|>")}
+        content = "类型#上衣*颜色#白色"
+        while len(tokenizer.apply_chat_template([{"role": "user", "content": content + "裙"}],
+                                                add_generation_prompt=True)) <= context - MAX_TOKENS:
+            content += "裙"  # room for MAX_TOKENS new tokens: less than --max-new-tokens' 512
+        messages = [{"role": "user", "content": content}]
+        prompt = len(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+        expected = by_hand(tokenizer, model, messages, context - prompt)
+        text = tokenizer.decode([t for t in expected if t not in stops], skip_special_tokens=True).strip()
+        usage = {"prompt_tokens": prompt, "completion_tokens": len(expected), "total_tokens": prompt + len(expected)}
+
+        status, _, raw = post(port, {"messages": messages})
+        assert status == 200, raw
+        reply = json.loads(raw)
+        assert reply["choices"][0]["message"]["content"] == text and reply["usage"] == usage
+        assert reply["choices"][0]["finish_reason"] == ("stop" if expected[-1] in stops else "length")
+
+        status, _, raw = post(port, {"messages": messages, "stream": True, "stream_options": {"include_usage": True}})
+        events = sse_events(raw)
+        assert status == 200 and events[-1] == "[DONE]"
+        *chunks, last = [json.loads(e) for e in events[:-1]]
+        assert last["choices"] == [] and last["usage"] == usage
+        assert all(c["usage"] is None for c in chunks)
+        assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == text
+        assert chunks[-1]["choices"][0]["finish_reason"] == reply["choices"][0]["finish_reason"]
+
+        for bad, message in (({"messages": messages, "max_tokens": context - prompt + 1}, "max_tokens: the prompt"),
+                             ({"messages": messages, "stream_options": {"include_usage": True}}, "stream_options"),
+                             ({"messages": [{"role": "user", "content": content * 2}]}, "messages: the prompt")):
+            status, _, raw = post(port, bad)
+            assert status == 400 and json.loads(raw)["error"]["message"].startswith(message), raw
+
+
 def test_a_missing_run_fails_fast_with_one_line(tmp_path):
     from conftest import run_process
 

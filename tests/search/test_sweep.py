@@ -7,6 +7,7 @@ instead of training, so each sweep costs seconds. The real training job runs a s
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import signal
@@ -37,8 +38,8 @@ def store(tmp_path_factory):
 def app_env(uri: str, **extra: str) -> dict:
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONPATH": str(ROOT), **extra}
     for key in ("HYDRA_FULL_ERROR", "CUDA_VISIBLE_DEVICES", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
-                "MASTER_PORT", "FAKE_FAIL_R", "FAKE_SLEEP_S", "FAKE_SLEEP_JOB", "FAKE_EVALS", "GLM_FT_OPTUNA_TRIAL",
-                "GLM_FT_OPTUNA_STUDY", "GLM_FT_OPTUNA_STORAGE"):
+                "MASTER_PORT", "FAKE_FAIL_R", "FAKE_NAN_R", "FAKE_SLEEP_S", "FAKE_SLEEP_JOB", "FAKE_EVALS",
+                "GLM_FT_OPTUNA_TRIAL", "GLM_FT_OPTUNA_STUDY", "GLM_FT_OPTUNA_STORAGE"):
         if key not in extra:
             env.pop(key, None)
     return env
@@ -61,8 +62,11 @@ def score(r: int, alpha: int = 32) -> float:  # sweep_app's made-up metric
 
 @pytest.mark.slow
 def test_failed_job_fails_the_parent_and_the_others_still_run(tmp_path, store):
+    """Also a job whose score is NaN, the last to start (the first child in the store's order): no score, so
+    neither the parent's best nor compare's first row."""
     uri, client = store
-    out = run_app(["-m", "experiment=quickstart", "method=lora", "method.r=4,8,16"], tmp_path, uri, FAKE_FAIL_R="8")
+    out = run_app(["-m", "experiment=quickstart", "method=lora", "method.r=4,8,16,32"], tmp_path, uri,
+                  FAKE_FAIL_R="8", FAKE_NAN_R="32")
     assert out.returncode == 1, out.stderr
     assert "fake failure at method.r=8" in out.stderr
 
@@ -72,16 +76,27 @@ def test_failed_job_fails_the_parent_and_the_others_still_run(tmp_path, store):
     parent, children = sweep_runs(client, sweep_dir)
 
     assert parent.info.status == "FAILED"
-    assert parent.info.run_name == "lora r=4,8,16"  # what was swept; the folder is a tag
+    assert parent.info.run_name == "lora r=4,8,16,32"  # what was swept; the folder is a tag
     assert parent.data.tags["glm_ft.sweep_dir"] == str(sweep_dir)
     assert json.loads(parent.data.tags["glm_ft.swept_params"]) == ["method.r"]
-    assert parent.data.params == {"sweep.method.r": "4,8,16"}
-    assert parent.data.metrics["jobs"] == 3 and parent.data.metrics["jobs_failed"] == 1
+    assert parent.data.params == {"sweep.method.r": "4,8,16,32"}
+    assert parent.data.metrics["jobs"] == 4 and parent.data.metrics["jobs_failed"] == 1
     assert parent.data.metrics["best_eval_rouge-l"] == pytest.approx(score(16))
     assert parent.data.tags["glm_ft.best_run_name"] == "method.r=16"
 
     assert {name: c.info.status for name, c in children.items()} == {
-        "method.r=4": "FINISHED", "method.r=8": "FAILED", "method.r=16": "FINISHED"}
+        "method.r=4": "FINISHED", "method.r=8": "FAILED", "method.r=16": "FINISHED", "method.r=32": "FINISHED"}
+    # the same best, read straight from the store: the highest finite value among the FINISHED children
+    newest_first = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert newest_first[0].info.run_name == "method.r=32" and math.isnan(newest_first[0].data.metrics["eval_rouge-l"])
+    finished = {c.info.run_id: c.data.metrics["eval_rouge-l"] for c in newest_first if c.info.status == "FINISHED"}
+    best = max((run_id for run_id, value in finished.items() if math.isfinite(value)), key=finished.get)
+    assert parent.data.tags["glm_ft.best_run_id"] == best
+    assert parent.data.metrics["best_eval_rouge-l"] == finished[best]
+    from glm_ft.tracking.compare import compare
+
+    table = compare(str(sweep_dir), tracking_uri=uri)
+    assert [r["name"] for r in table.rows] == ["method.r=16", "method.r=4", "method.r=32", "method.r=8"]
     for num, r in enumerate((4, 8, 16)):
         child = children[f"method.r={r}"]
         assert child.data.params["method.r"] == str(r)
@@ -253,7 +268,8 @@ def test_a_swept_value_only_some_jobs_reach_fails_those_jobs_alone(tmp_path):
 
 def test_the_best_child_is_a_finished_one(store, tmp_path):
     """A killed, failed or pruned child's score is from part of its training, and a re-run sweep keeps the killed
-    copy of a job beside the finished one: the parent's best is picked among FINISHED children only."""
+    copy of a job beside the finished one: the parent's best is picked among FINISHED children only, and a NaN is
+    no score."""
     from types import SimpleNamespace
 
     from glm_ft.search.sweep import best_child
@@ -262,10 +278,12 @@ def test_the_best_child_is_a_finished_one(store, tmp_path):
     exp = client.create_experiment(f"best-{tmp_path.name}")
     parent = client.create_run(exp).info.run_id
     ids = {}
+    # the newest child first in the store's order: max and min both kept its NaN, which compares false to all
     for name, score, status in [("done-low", 30.0, "FINISHED"), ("killed-high", 90.0, "KILLED"),
-                                ("done-high", 50.0, "FINISHED"), ("failed-higher", 95.0, "FAILED")]:
+                                ("done-high", 50.0, "FINISHED"), ("failed-higher", 95.0, "FAILED"),
+                                ("done-nan", float("nan"), "FINISHED")]:
         tags = {"mlflow.parentRunId": parent, "glm_ft.trial": str(len(ids))}
-        ids[name] = client.create_run(exp, run_name=name, tags=tags).info.run_id
+        ids[name] = client.create_run(exp, run_name=name, tags=tags, start_time=1000 + len(ids)).info.run_id
         client.log_metric(ids[name], "eval_rouge-l", score, step=10)
         client.set_terminated(ids[name], status)
     found = SimpleNamespace(client=client, experiment_id=exp)

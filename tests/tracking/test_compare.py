@@ -189,3 +189,32 @@ def test_each_runs_curve_is_its_metric_history_and_the_title_fits(store, tmp_pat
     title = fig._suptitle.get_window_extent()
     assert 0 <= title.x0 and title.x1 <= fig.bbox.width and title.y1 <= fig.bbox.height
     assert "tie" not in capsys.readouterr().out
+
+
+def test_a_run_whose_metric_is_nan_ranks_with_the_unscored_ones(tmp_path, capsys):
+    """A NaN compares neither less nor more than any number: in the sort key it scrambled the whole table (the worst
+    run first), and the digits that tell values apart never told two NaNs apart (all 17 shown for every value)."""
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("glm-ft", artifact_location=str(tmp_path / "artifacts"))
+    nan = float("nan")
+    runs = [(4, 0.04, "FINISHED"), (8, 0.08, "FINISHED"), (16, nan, "FINISHED"), (2, 0.02, "FINISHED"),
+            (64, 0.5, "KILLED"), (32, nan, "FINISHED")]
+    add_sweep(client, exp, tmp_path / "nan", 1000, ["method.r"], "eval_rouge-l", "maximize", [
+        ({"method.r": r}, {"eval_rouge-l": score, "eval_loss": 1 - score}, status) for r, score, status in runs])
+
+    for metric, order in [("eval_rouge-l", ["method.r=8", "method.r=4", "method.r=2"]),
+                          ("eval_loss", ["method.r=8", "method.r=4", "method.r=2"])]:
+        result = compare(str(tmp_path / "nan"), metric, tracking_uri=uri, out=tmp_path / f"{metric}.png")
+        names = [r["name"] for r in result.rows]
+        assert names[:4] == [*order, "method.r=64"] and set(names[4:]) == {"method.r=16", "method.r=32"}
+        lines = capsys.readouterr().out.splitlines()
+        assert lines[2].split()[:4] == ["method.r=8", "8", "FINISHED", "0.08" if metric == "eval_rouge-l" else "0.92"]
+        assert lines[6].split()[2:] == ["FINISHED", "nan", "nan"]
+
+    add_sweep(client, exp, tmp_path / "all_nan", 2000, ["method.r"], "eval_rouge-l", "maximize", [
+        ({"method.r": r}, {"eval_rouge-l": nan}, "FINISHED") for r in (4, 8)])
+    assert main(["--tracking-uri", uri, "--sweep", str(tmp_path / "all_nan")]) == 1
+    assert "has a finite 'eval_rouge-l' (only NaN or infinite values)" in capsys.readouterr().err
