@@ -54,7 +54,10 @@ def conversation(body: dict) -> list[dict]:
         if isinstance(content, list):  # content parts: only text has a place in ChatGLM3
             if any(not isinstance(p, dict) or p.get("type") != "text" for p in content):
                 raise BadRequest(f"messages[{i}].content: only text parts are supported")
-            content = "".join(p.get("text", "") for p in content)
+            for j, part in enumerate(content):
+                if not isinstance(part.get("text"), str):
+                    raise BadRequest(f"messages[{i}].content[{j}].text: expected a string")
+            content = "".join(p["text"] for p in content)
         if content is not None and not isinstance(content, str):
             raise BadRequest(f"messages[{i}].content: expected a string")
         converted = {"role": ROLES[message["role"]], "content": content or ""}
@@ -70,12 +73,21 @@ def conversation(body: dict) -> list[dict]:
     if tools:
         if not isinstance(tools, list):
             raise BadRequest("tools: expected a list")
-        functions = [t.get("function", t) if isinstance(t, dict) and t.get("type") == "function" else t for t in tools]
+        functions = [_function(j, tool) for j, tool in enumerate(tools)]
         if out[0]["role"] == "system":
             out[0]["tools"] = functions
         else:
             out.insert(0, {"role": "system", "content": "", "tools": functions})
     return out
+
+
+def _function(j: int, tool) -> dict:
+    """One offered tool as ChatGLM3's prompt lists it: OpenAI's {"type": "function", "function": {...}}, or the
+    function itself as ChatGLM3's own demos pass it. Anything else was rendered into the prompt as it came."""
+    function = tool.get("function") if isinstance(tool, dict) and tool.get("type") == "function" else tool
+    if not isinstance(function, dict) or not isinstance(function.get("name"), str) or not function["name"]:
+        raise BadRequest(f'tools[{j}]: expected {{"type": "function", "function": {{"name": ..., ...}}}}')
+    return function
 
 
 def _number(key: str, value, default, low: float, high: float | None = None, integer: bool = False):
@@ -105,6 +117,8 @@ def _refuse_unsupported(body: dict) -> None:
 def stream_usage(body: dict) -> bool:
     """Whether a stream ends with OpenAI's usage chunk (`stream_options.include_usage`), the only place a streaming
     client finds its token counts."""
+    if not isinstance(body.get("stream", False), bool):  # "stream": "no" would have streamed
+        raise BadRequest("stream: expected true or false")
     options = body.get("stream_options")
     if options is None:
         return False

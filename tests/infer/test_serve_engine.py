@@ -70,3 +70,31 @@ def test_openai_fields_serve_does_not_implement_are_refused_by_name(field, value
         engine.prepare({"messages": messages, field: value})
     # what OpenAI's clients send by default is accepted
     engine.prepare({"messages": messages, "n": 1, "stop": None, "logprobs": False, "top_logprobs": None})
+
+
+@pytest.mark.parametrize("body, message", [
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]},
+     "messages[0].content[0].text: expected a string"),  # was a 500 with a traceback
+    ({"messages": [{"role": "user", "content": "hi"}], "tools": [5]}, "tools[0]: expected"),
+    ({"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]}, "tools[0]: expected"),
+    ({"messages": [{"role": "user", "content": "hi"}], "stream": "no"}, "stream: expected true or false"),
+])
+def test_a_malformed_part_tool_or_stream_flag_is_a_bad_request_naming_it(body, message, tmp_path):
+    """Each was rendered into the prompt as it came, streamed on a truthy string, or failed with a 500."""
+    from glm_ft.chatglm3.tiny import ensure_tiny_model
+    from glm_ft.infer.checkpoint import load_checkpoint
+    from glm_ft.infer.serve import BadRequest, Engine, stream_usage
+
+    loaded = load_checkpoint(ensure_tiny_model(tmp_path / "tiny"), dtype="float32", device="cpu")
+    engine = Engine(SimpleNamespace(tokenizer=loaded.tokenizer, model=loaded.model), "tiny", 4)
+    with pytest.raises(BadRequest) as refused:
+        engine.prepare(body)
+        stream_usage(body)
+    assert str(refused.value).startswith(message)
+    # the forms that are served: text parts, OpenAI's tools and ChatGLM3's own function list
+    parts = [{"type": "text", "text": "h"}, {"type": "text", "text": "i"}]
+    for good in ({"messages": [{"role": "user", "content": parts}]},
+                 {"messages": [{"role": "user", "content": "hi"}], "stream": False,
+                  "tools": [{"type": "function", "function": {"name": "f"}}, {"name": "g", "parameters": {}}]}):
+        engine.prepare(good)
+        stream_usage(good)
