@@ -60,7 +60,11 @@ BAD_VALUES = {
     "seed": [["-1"], [str(2**32)], [str(2**40)]],
     "training_args.learning_rate": [["nan"], ["inf"], ["-1e-3"], ["0"]],
     "training_args.warmup_steps": [["-1"], ["-0.5"], ["nan"]],
-    "training_args.lr_scheduler_type": [["bogus"], ["Linear"]],
+    # transformers' own, but they step on eval_loss (not computed: the first evaluation failed) or need
+    # lr_scheduler_kwargs (not taken: training failed to start, after the model loaded)
+    "training_args.lr_scheduler_type": [["bogus"], ["Linear"], ["reduce_lr_on_plateau"], ["greedy"],
+                                        ["cosine_with_min_lr"], ["cosine_warmup_with_min_lr"],
+                                        ["warmup_stable_decay"]],
     "training_args.optim": [["bogus"], ["adamw"]],
     "training_args.log_level": [["loud"]],
     "training_args.evaluation_strategy": [["sometimes"]],

@@ -161,13 +161,34 @@ def _check_choice(key: str, value: str, choices: tuple[str, ...], source: str) -
     raise ConfigError(f"training_args.{key}: '{value}' is not one of {source} ({hint}{shown})")
 
 
+# transformers' schedulers that cannot run under glm-ft, refused here rather than where transformers fails on them.
+_ON_EVAL_LOSS = ("steps the rate on eval_loss, which glm-ft's evaluation (generation, scored by ROUGE/BLEU) does not "
+                 "compute: the first evaluation would fail")
+_NEEDS_KWARGS = "needs training_args.lr_scheduler_kwargs ({}), which glm-ft does not take: training would fail to start"
+UNRUNNABLE_SCHEDULERS = {
+    "reduce_lr_on_plateau": _ON_EVAL_LOSS,
+    "greedy": _ON_EVAL_LOSS,
+    "cosine_with_min_lr": _NEEDS_KWARGS.format("min_lr or min_lr_rate"),
+    "cosine_warmup_with_min_lr": _NEEDS_KWARGS.format("min_lr or min_lr_rate"),
+    "warmup_stable_decay": _NEEDS_KWARGS.format("num_decay_steps"),
+}
+
+
+def scheduler_choices() -> tuple[str, ...]:
+    """The installed transformers' SchedulerType values that glm-ft runs: a rate from the step alone."""
+    return tuple(name for name in hf_choices.enum_values("SchedulerType") if name not in UNRUNNABLE_SCHEDULERS)
+
+
 def _check_training_args(args: DictConfig) -> None:
     # Choices are transformers' own enums, read from the installed transformers (glm_ft.config.hf_choices).
     strategies = hf_choices.enum_values("IntervalStrategy")
     for key in ("evaluation_strategy", "save_strategy", "logging_strategy"):
         _check_choice(key, args[key], strategies, "transformers' IntervalStrategy")
-    _check_choice("lr_scheduler_type", args.lr_scheduler_type, hf_choices.enum_values("SchedulerType"),
-                  "transformers' SchedulerType")
+    reason = UNRUNNABLE_SCHEDULERS.get(args.lr_scheduler_type)
+    if reason is not None:
+        raise ConfigError(f"training_args.lr_scheduler_type: {args.lr_scheduler_type} {reason}; use one of "
+                          f"{', '.join(scheduler_choices())}")
+    _check_choice("lr_scheduler_type", args.lr_scheduler_type, scheduler_choices(), "transformers' SchedulerType")
     _check_choice("optim", args.optim, hf_choices.enum_values("OptimizerNames"), "transformers' OptimizerNames")
     _check_choice("log_level", args.log_level, hf_choices.log_levels(), "transformers' log levels")
     positive = ["per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",

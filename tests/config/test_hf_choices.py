@@ -113,10 +113,35 @@ def test_numeric_trainer_bounds_where_transformers_has_its_own():
 @pytest.mark.parametrize("override", ["seed=0", f"seed={2**32 - 1}", "training_args.warmup_steps=0",
                                       "training_args.warmup_steps=0.5", "training_args.save_total_limit=1",
                                       "training_args.save_total_limit=null", "training_args.max_grad_norm=0",
-                                      "training_args.lr_scheduler_type=cosine_with_min_lr",
+                                      "training_args.lr_scheduler_type=inverse_sqrt",
                                       "training_args.optim=adafactor", "training_args.log_level=passive"])
 def test_values_at_the_bounds_are_accepted(override):
     validate(compose(["experiment=quickstart", override]), check_paths=False)
+
+
+@pytest.mark.parametrize("name", hf_choices.enum_values("SchedulerType"))
+def test_a_scheduler_is_accepted_only_if_it_sets_the_rate_from_the_step_alone(name):
+    """The Trainer builds the schedule from lr_scheduler_type and lr_scheduler_kwargs, which glm-ft does not take (an
+    empty dict), and steps any but a LambdaLR on metric_for_best_model, eval_loss, which glm-ft's evaluation does not
+    compute. An accepted type builds into a LambdaLR; a refused one fails to build or is metric-stepped (refused
+    before anything loads instead of after the model loaded, or at the first evaluation)."""
+    import torch
+    from transformers.optimization import get_scheduler
+
+    def build():
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        return get_scheduler(name, optimizer, num_warmup_steps=1, num_training_steps=4, scheduler_specific_kwargs={})
+
+    try:
+        validate(compose(["experiment=quickstart", f"training_args.lr_scheduler_type={name}"]), check_paths=False)
+    except ConfigError as err:
+        assert str(err).startswith(f"training_args.lr_scheduler_type: {name} ")
+        try:
+            assert not isinstance(build(), torch.optim.lr_scheduler.LambdaLR)
+        except (TypeError, ValueError):
+            pass
+        return
+    assert isinstance(build(), torch.optim.lr_scheduler.LambdaLR)
 
 
 def test_the_zero_keys_read_from_deepspeeds_source_are_its_models_own():
