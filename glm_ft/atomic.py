@@ -23,8 +23,12 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
     # Per-process temp name: every rank of a distributed run may write the same file into the same folder.
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    except BaseException:  # a full disk keeps no half-written file, which would only hold on to the space
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 @contextlib.contextmanager

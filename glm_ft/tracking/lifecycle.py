@@ -67,31 +67,55 @@ def previous_run(store, cfg: DictConfig, run_dir: Path,
 
 # How long the end of a run waits for the sender to deliver what it holds before keeping it in a file.
 FLUSH_TIMEOUT_S = float(os.environ.get("GLM_FT_MLFLOW_FLUSH_TIMEOUT_S", "60"))
+# A job told to stop (Ctrl-C, SIGTERM) waits this long at most for a store that is up, and not at all for one that
+# is down: a scheduler's SIGKILL follows its SIGTERM within a grace period (30 s by default in Kubernetes and
+# SLURM), and what the store did not take must be in the run folder's file by then, not in the dying process.
+STOP_FLUSH_S = 5.0
+STOP_JOIN_S = 1.0
 
 
-def close_run(tracker, status: str) -> None:
+def close_run(tracker, status: str, stopping: bool = False) -> None:
+    """Drain the sender, log the run files, keep what the store did not take, set the status. `stopping`: the job
+    was told to stop (Ctrl-C, SIGTERM), which waits on no store that is down."""
     sender, store, run_id = tracker.sender, tracker.store, tracker.run_id
-    if sender.flush(FLUSH_TIMEOUT_S):
-        tracker._log_run_files()  # its tags go through the sender too
-    unsent = sender.close(FLUSH_TIMEOUT_S if not sender.store_down else 0)
-    if sender.dropped:
-        log.error("MLflow: %d metric points of run %s were lost (the queue overflowed during an outage)",
-                  sender.dropped, run_id)
-    if unsent:
-        try:
-            kept = f"they are kept in {save_unsent(tracker.run_dir, run_id, unsent)} and sent the next time " \
-                   "glm-ft starts in this run folder"
-        except OSError as err:
-            kept = f"they are lost (could not be kept in {tracker.run_dir}: {err})"
-        log.error("MLflow: the tracking store %s did not take %s of run %s; %s", store.shown_uri,
-                  describe_unsent(unsent), run_id, kept)
-        log.warning("MLflow: run files not logged as artifacts (the store is down); they stay in %s",
+    wait = (0.0 if sender.store_down else STOP_FLUSH_S) if stopping else FLUSH_TIMEOUT_S
+    if sender.store_down and wait and sender.pending:
+        log.warning("MLflow: waiting up to %.0f s for the tracking store %s to take the last %d points of run %s "
+                    "(Ctrl-C stops waiting; they are kept in %s)", wait, store.shown_uri, sender.pending, run_id,
                     tracker.run_dir)
+    unsent = None
+    try:
+        delivered = sender.flush(wait)
+        if delivered:
+            tracker._log_run_files()  # its tags go through the sender too
+        # Only the run files' tags are new since the flush: a store that did not take the rest is not waited on again.
+        unsent = sender.close(wait if delivered else 0, STOP_JOIN_S if stopping else None)
+    finally:  # also on a Ctrl-C or SIGTERM while waiting: what the store has not taken is kept, never dropped
+        if unsent is None:
+            unsent = sender.close(0, STOP_JOIN_S)
+        _keep_unsent(tracker, unsent)
     closed = end_run(store, run_id, status)
     try:
         mark_mlflow_run_ended(tracker.run_dir, status, closed)
     except OSError as err:  # a full disk must not replace the job's own outcome
         log.warning("MLflow: could not record the end of run %s in %s: %s", run_id, tracker.run_dir, err)
+
+
+def _keep_unsent(tracker, unsent: list) -> None:
+    sender, run_id = tracker.sender, tracker.run_id
+    if sender.dropped:
+        log.error("MLflow: %d metric points of run %s were lost (the queue overflowed during an outage)",
+                  sender.dropped, run_id)
+    if not unsent:
+        return
+    try:
+        kept = f"they are kept in {save_unsent(tracker.run_dir, run_id, unsent)} and sent the next time " \
+               "glm-ft starts in this run folder"
+    except OSError as err:
+        kept = f"they are lost (could not be kept in {tracker.run_dir}: {err})"
+    log.error("MLflow: the tracking store %s did not take %s of run %s; %s", tracker.store.shown_uri,
+              describe_unsent(unsent), run_id, kept)
+    log.warning("MLflow: run files not logged as artifacts (the store is down); they stay in %s", tracker.run_dir)
 
 
 def end_run(store, run_id: str, status: str) -> bool:

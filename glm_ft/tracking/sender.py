@@ -3,6 +3,7 @@
     sender = Sender(client, run_id, uri)
     sender.submit(metrics=[Metric(...)], tags=[RunTag(...)])   # returns at once, whatever the store does
     unsent = sender.close(timeout_s=60)                         # what could not be sent by then (usually [])
+    unsent = sender.close(timeout_s=0, join_s=1)                # a job told to stop: no wait on a call in flight
 
 A killed, frozen (SIGSTOP) or full store only delays the sending: the points wait in memory, in order, and go out
 when the store answers again. The outage is reported once when it starts and once when it ends. The queue is
@@ -51,7 +52,7 @@ class Sender:
         self.uri = redact(uri)
         self._queue: deque[tuple[str, Any]] = deque()  # ("metric", Metric) | ("tag", RunTag), in submit order
         self._cond = threading.Condition()
-        self._busy = False  # a batch is out of the queue and being sent
+        self._in_flight: list[tuple[str, Any]] = []  # the batch out of the queue, being sent
         self._stopping = False
         self._outage_since: float | None = None
         self.outages = 0
@@ -89,28 +90,38 @@ class Sender:
     def store_down(self) -> bool:
         return self._outage_since is not None
 
+    @property
+    def pending(self) -> int:
+        with self._cond:
+            return len(self._queue) + len(self._in_flight)
+
     def flush(self, timeout_s: float) -> bool:
         """Wait until everything submitted so far is sent, at most timeout_s; True when it was."""
         deadline = time.monotonic() + timeout_s
         with self._cond:
             self._cond.notify_all()  # wake a sender waiting out its retry pause: the caller wants it now
-            while self._queue or self._busy:
+            while self._queue or self._in_flight:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return False
                 self._cond.wait(min(left, 1.0))
         return True
 
-    def close(self, timeout_s: float) -> list[tuple[str, Any]]:
-        """Flush, stop the thread, and return what is still unsent (empty when the store took everything)."""
+    def close(self, timeout_s: float, join_s: float | None = None) -> list[tuple[str, Any]]:
+        """Flush, stop the thread, and return what is still unsent (empty when the store took everything).
+
+        A call in flight against a frozen server ends by MLflow's own HTTP timeout (bound_http_calls); `join_s`
+        waits less for it. Its batch counts as unsent unless the call ended in time: were it sent after all, its
+        points come again later with the same timestamps, which the store keeps once."""
         self.flush(timeout_s)
         with self._cond:
             self._stopping = True
             self._cond.notify_all()
-        # A call in flight against a frozen server ends by MLflow's own HTTP timeout (bound_http_calls).
-        self._thread.join(timeout=max(1.0, float(os.environ.get("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")) * 4))
+        if join_s is None:
+            join_s = max(1.0, float(os.environ.get("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")) * 4)
+        self._thread.join(timeout=join_s)
         with self._cond:
-            return list(self._queue)
+            return list(self._in_flight) + list(self._queue)
 
     # --- the sending thread --------------------------------------------------------------------------------------
 
@@ -128,16 +139,17 @@ class Sender:
             with self._cond:
                 while not self._queue and not self._stopping:
                     self._cond.wait()
-                if not self._queue:
+                # Stopping with the store down: what is left goes to the caller (a file), not into another try.
+                if not self._queue or self._stopping and self.store_down:
                     return
                 metrics, tags = self._take_batch()
-                self._busy = True
+                self._in_flight = [("metric", m) for m in metrics] + [("tag", t) for t in tags]
             try:
                 self.client.log_batch(self.run_id, metrics=metrics, tags=tags)
             except Exception as err:  # anything the store or the network throws: keep the batch, retry later
                 with self._cond:
-                    self._queue.extendleft(reversed([("metric", m) for m in metrics] + [("tag", t) for t in tags]))
-                    self._busy = False
+                    self._queue.extendleft(reversed(self._in_flight))
+                    self._in_flight = []
                     self._cond.notify_all()
                     if self._outage_since is None:
                         self._outage_since = time.monotonic()
@@ -151,7 +163,7 @@ class Sender:
                     pause = min(pause * 2, RETRY_MAX_S)
                 continue
             with self._cond:
-                self._busy = False
+                self._in_flight = []
                 self.sent += len(metrics)
                 pause = RETRY_MIN_S
                 if self._outage_since is not None:

@@ -193,12 +193,12 @@ def start_run(cfg: DictConfig, run_dir: Path, tags: Mapping[str, str] | None = N
     tracker = Tracker(store, run_id, cfg, run_dir)
     SIGTERM_GUARD.open_runs[run_id] = store
     SIGTERM_GUARD.acquire()
-    status = "FINISHED"
+    status, stopping = "FINISHED", False
     try:
         tracker.log_params(cfg, logged)
         yield tracker
     except (KeyboardInterrupt, Terminated):
-        status = "KILLED"
+        status, stopping = "KILLED", True
         SIGTERM_GUARD.interrupted = True
         raise
     except SystemExit as exit_:
@@ -208,7 +208,7 @@ def start_run(cfg: DictConfig, run_dir: Path, tags: Mapping[str, str] | None = N
         # raised by a library's cleanup as a Ctrl-C or SIGTERM unwound, or by a collective whose peer rank stopped
         # with the launcher
         if interrupt_behind(err) is not None or dist.launcher_gone():
-            status = "KILLED"
+            status, stopping = "KILLED", True
             SIGTERM_GUARD.interrupted = True
             raise
         # An exception may name its own end state: a trial stopped by its study's pruner is KILLED
@@ -220,7 +220,7 @@ def start_run(cfg: DictConfig, run_dir: Path, tags: Mapping[str, str] | None = N
         raise
     finally:
         try:
-            close_run(tracker, status)
+            close_run(tracker, status, stopping)
         except (KeyboardInterrupt, Terminated):  # a second Ctrl-C or SIGTERM while closing
             end_run(store, run_id, "KILLED")
             raise

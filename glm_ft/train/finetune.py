@@ -11,6 +11,8 @@ once `glm_ft_complete` is written into it, so `resume=auto` never picks up one t
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import os
@@ -77,7 +79,7 @@ def finetune(cfg: DictConfig, run_dir: Path, paths: dict[str, Path],
     if cfg.deepspeed is not None:
         dist.setup_single_process_group()
     try:
-        with start_run(cfg, run_dir, tags=trial_tags()) as tracker:
+        with start_run(cfg, run_dir, tags=trial_tags()) as tracker, _disk_full_named(cfg, run_dir):
             return _train(cfg, run_dir, paths, where or input_paths(cfg), tracker)
     finally:
         dist.destroy_process_group()
@@ -183,6 +185,27 @@ def _train(cfg: DictConfig, run_dir: Path, paths: dict[str, Path], where: InputP
         shown = tracker.store.shown_uri  # never a password in the log
         log.info("MLflow: experiment '%s' in %s; %s", cfg.tracking.experiment_name, shown, ui_hint(shown))
     return final
+
+
+@contextlib.contextmanager
+def _disk_full_named(cfg: DictConfig, run_dir: Path):
+    """A full disk outside a checkpoint's or final/'s own save (which disk_full_named words): while an evaluation's
+    or the test prediction's files or the run's records are written. One line, saying what resume=auto does next."""
+    try:
+        yield
+    except OSError as err:
+        if err.errno != errno.ENOSPC:
+            raise
+        where = err.filename or run_dir
+        if finished_step(run_dir, int(cfg.training_args.get("max_steps", -1) or -1),
+                         float(cfg.training_args.num_train_epochs)) is not None:
+            raise CheckpointError(f"No space left on device while writing into {where}; the trained model, "
+                                  f"{run_dir / FINAL}, is saved: free space, then resume=auto hydra.run.dir={run_dir} "
+                                  "redoes only the evaluation or prediction that is missing") from err
+        last = last_complete_checkpoint(run_dir)
+        keep = (f"the last complete checkpoint, {last}, stays the resume point: free space, then continue with "
+                f"resume=auto hydra.run.dir={run_dir}") if last else "there is no complete checkpoint yet"
+        raise CheckpointError(f"No space left on device while writing into {where}; {keep}") from err
 
 
 def _write_curves(cfg: DictConfig, run_dir: Path, log_history: list[dict], trained: bool) -> None:

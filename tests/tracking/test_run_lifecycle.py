@@ -4,6 +4,7 @@ is one line naming it, and the previous complete checkpoint stays the resume poi
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -164,6 +165,45 @@ def test_full_disk_while_saving_a_checkpoint(tmp_path, store):
         assert resumed.returncode == 0, resumed.stderr[-3000:]
         assert f"resuming from {last}" in resumed.stdout + resumed.stderr
         assert complete(run_dir, 8)
+
+
+def test_full_disk_once_the_final_model_is_saved(tmp_path, store):
+    """The disk fills after final/ is saved, while the test prediction and the run's records are written: one line
+    naming the run folder and saying that final/ is saved (a traceback ending in a bare `OSError: [Errno 28]` before),
+    no half-written temporary files left holding space, the run FAILED with the reason; resume=auto, space freed,
+    trains nothing and predicts."""
+    args = [*QUICK, "data.test_file=test.jsonl", "training_args.max_steps=4", "training_args.save_steps=2"]
+    with tmpfs(tmp_path / "run", "8m") as run_dir:
+        log = tmp_path / "train.log"
+        with background(train_cmd(args, run_dir, stop_after="final"), log, env=store["env"]) as proc:
+            wait_until_stopped(proc, log, "final/")
+            filler = fill(run_dir)
+            with contextlib.suppress(OSError), open(filler, "ab") as out:  # the last pages too: no write fits
+                while True:
+                    out.write(b"\0" * 4096)
+                    out.flush()
+            kill_group(proc, signal.SIGCONT)
+            wait_for(lambda: proc.poll() is not None, "the failure", may_exit=True)
+        text = log.read_text(errors="replace")
+        assert proc.returncode == 1, text[-3000:]
+        errors = [line for line in text.splitlines() if line.startswith("error:")]
+        assert errors == [f"error: No space left on device while writing into {run_dir}; the trained model, "
+                          f"{run_dir / 'final'}, is saved: free space, then resume=auto hydra.run.dir={run_dir} "
+                          "redoes only the evaluation or prediction that is missing"], text[-3000:]
+        assert "Traceback" not in text
+        assert (run_dir / "final" / "glm_ft_complete").is_file()
+        assert not list(run_dir.glob(".*.tmp"))
+        (run,) = runs_of(store["client"], run_dir)
+        assert run.info.status == "FAILED" and "No space left on device" in run.data.tags["glm_ft.error"]
+
+        filler.unlink()
+        resumed = run_train([*args, "resume=auto", f"hydra.run.dir={run_dir}"], env=store["env"])
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        assert "resume=auto: training finished at step 4" in resumed.stdout + resumed.stderr
+        assert (run_dir / "predictions.jsonl").is_file()
+        (run,) = runs_of(store["client"], run_dir)
+        assert run.info.status == "FINISHED"
+        assert logged_losses(store["client"], run.info.run_id) == trainer_losses(run_dir, 4)
 
 
 # The job stops itself (SIGSTOP) once glm_ft_progress.json says the run is complete: after its last stage, before

@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import subprocess
 
 import pytest
 
-from conftest import free_port
+from conftest import free_port, run_train
 from lifecycle_helpers import (QUICK, background, fill, kill_group, log_has, logged_losses, mlflow_run_id,
                                mlflow_server, tmpfs, train_cmd, trainer_losses, wait_for,
                                wait_until_stopped)
@@ -108,3 +109,67 @@ def test_a_full_sqlite_store_costs_no_training(tmp_path):
             finally:
                 filler.unlink()
             check_everything_arrived(client, proc, log, run_dir)
+
+
+# Between SIGTERM and SIGKILL: Kubernetes' default terminationGracePeriodSeconds, and SLURM's default KillWait.
+GRACE_S = 30
+
+
+def terminated_with_grace(proc) -> None:
+    """A scheduler stopping the job: SIGTERM, then SIGKILL if it is still there GRACE_S later."""
+    kill_group(proc, signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=GRACE_S)
+    kill_group(proc)
+    proc.wait()
+
+
+@pytest.mark.parametrize("outage", ["killed", "sigstop"])
+def test_sigterm_during_an_outage_keeps_the_points_within_a_schedulers_grace(outage, tmp_path):
+    """Stopped by its scheduler while the server is away, the job keeps the outage's points in the run folder at
+    once, rather than waiting GLM_FT_MLFLOW_FLUSH_TIMEOUT_S for a store known down (it was SIGKILLed first, and the
+    points were lost without a word); resume=auto, the server back, sends them: the curve has every step once."""
+    from mlflow.tracking import MlflowClient
+
+    args = [*QUICK, "training_args.max_steps=400", f"training_args.save_steps={SAVE}"]  # still training at SIGTERM
+    root = tmp_path / "server"
+    root.mkdir()
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"
+    run_dir, log = tmp_path / "run", tmp_path / "train.log"
+    with contextlib.ExitStack() as servers:
+        server = servers.enter_context(mlflow_server(root, port))
+        client = MlflowClient(uri)
+        cmd = train_cmd(args, run_dir, stop_after=f"checkpoint-{SAVE}")
+        with background(cmd, log, env={"MLFLOW_TRACKING_URI": uri}) as proc:
+            stopped_at_first_checkpoint(client, proc, log, run_dir)
+            if outage == "killed":
+                kill_group(server)
+                server.wait()
+                wait_for_training_during_outage(proc, log, run_dir)
+                terminated_with_grace(proc)
+                servers.enter_context(mlflow_server(root, port, "restarted"))
+            else:
+                kill_group(server, signal.SIGSTOP)
+                try:
+                    wait_for_training_during_outage(proc, log, run_dir)
+                    terminated_with_grace(proc)
+                finally:
+                    kill_group(server, signal.SIGCONT)
+        text = log.read_text(errors="replace")
+        assert "did not take" in text and (run_dir / "mlflow_unsent.jsonl").is_file(), text[-3000:]
+        if outage == "killed":
+            assert proc.returncode == 128 + signal.SIGTERM, text[-3000:]  # it ended by itself, within the grace
+        # resume=auto to the last complete checkpoint: nothing left to train, the kept points sent, the run closed.
+        last = max(complete_steps(run_dir))
+        resumed = run_train([*args, "resume=auto", f"training_args.max_steps={last}", f"hydra.run.dir={run_dir}"],
+                            env={"MLFLOW_TRACKING_URI": uri})
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        run_id = mlflow_run_id(run_dir)
+        assert client.get_run(run_id).info.status == "FINISHED"
+        assert not (run_dir / "mlflow_unsent.jsonl").exists()
+        steps = [m.step for m in client.get_metric_history(run_id, "loss")]
+        assert sorted(steps) == list(range(1, max(steps) + 1))  # every step logged before SIGTERM, once
+        assert max(steps) >= last
+        losses = logged_losses(client, run_id)
+        assert {step: loss for step, loss in losses.items() if step <= last} == trainer_losses(run_dir, last)
