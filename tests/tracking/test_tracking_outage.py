@@ -64,15 +64,19 @@ def check_everything_arrived(client, proc, log, run_dir) -> None:
     assert not (run_dir / "mlflow_unsent.jsonl").exists()
 
 
+def outage_setup(tmp_path):
+    """The server's folder, a free loopback port and its URI, the run folder and the job's log."""
+    root = tmp_path / "server"
+    root.mkdir()
+    port = free_port()
+    return root, port, f"http://127.0.0.1:{port}", tmp_path / "run", tmp_path / "train.log"
+
+
 @pytest.mark.parametrize("outage", ["killed_and_restarted", "sigstop_then_sigcont"])
 def test_a_server_outage_costs_no_training(outage, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    root = tmp_path / "server"
-    root.mkdir()
-    port = free_port()
-    uri = f"http://127.0.0.1:{port}"
-    run_dir, log = tmp_path / "run", tmp_path / "train.log"
+    root, port, uri, run_dir, log = outage_setup(tmp_path)
     with contextlib.ExitStack() as servers:
         server = servers.enter_context(mlflow_server(root, port))
         client = MlflowClient(uri)
@@ -132,11 +136,7 @@ def test_sigterm_during_an_outage_keeps_the_points_within_a_schedulers_grace(out
     from mlflow.tracking import MlflowClient
 
     args = [*QUICK, "training_args.max_steps=400", f"training_args.save_steps={SAVE}"]  # still training at SIGTERM
-    root = tmp_path / "server"
-    root.mkdir()
-    port = free_port()
-    uri = f"http://127.0.0.1:{port}"
-    run_dir, log = tmp_path / "run", tmp_path / "train.log"
+    root, port, uri, run_dir, log = outage_setup(tmp_path)
     with contextlib.ExitStack() as servers:
         server = servers.enter_context(mlflow_server(root, port))
         client = MlflowClient(uri)
