@@ -24,7 +24,7 @@ from glm_ft.runs import check_resume_world_size, finished_step
 from glm_ft.config.locations import config_dir
 from glm_ft.config.preflight import check_command_line
 from glm_ft.tracking.redact import redact, redact_files, redact_log_records
-from glm_ft.tracking.signals import Terminated, interrupt_behind
+from glm_ft.tracking.signals import Terminated, stop_behind
 from glm_ft.config.ds_config import check_zero_values
 from glm_ft.config.render import render_run_files
 from glm_ft.config.paths import InputPaths
@@ -85,12 +85,11 @@ def run(cfg: DictConfig) -> float | None:
 
         try:
             metrics = finetune(cfg, run_dir, paths, where)
-        except Exception as err:
-            if isinstance(interrupt_behind(err), KeyboardInterrupt):  # a library's cleanup failed on the Ctrl-C
-                raise KeyboardInterrupt() from err
-            if dist.launcher_gone():  # stopped with its launcher (dist.stop_when_orphaned): exit as on SIGTERM
-                raise Terminated() from err
-            raise
+        except Exception as err:  # a library's cleanup failed on a Ctrl-C or SIGTERM, or the launcher is gone
+            stop = stop_behind(err)
+            if stop is None:
+                raise
+            raise (KeyboardInterrupt() if isinstance(stop, KeyboardInterrupt) else Terminated()) from err
     if cfg.optimized_metric is None:
         return None
     if cfg.optimized_metric not in metrics:

@@ -2,7 +2,8 @@
 
 - `signals_deferred`: Ctrl-C or SIGTERM arriving inside an MLflow write is held until the write returns.
 - `SIGTERM_GUARD`: SIGTERM ends the open runs KILLED (never left RUNNING), shared by the sweep parent and the job's run.
-- `interrupt_behind`: the Ctrl-C or SIGTERM that another exception was raised while unwinding from.
+- `interrupt_behind`: the Ctrl-C or SIGTERM that another exception was raised while unwinding from;
+  `stop_behind`: that, or the launcher's end (glm_ft.dist.launcher_gone) behind a failed collective.
 """
 
 from __future__ import annotations
@@ -135,3 +136,14 @@ def interrupt_behind(err: BaseException) -> BaseException | None:
         seen.add(id(current))
         current = current.__cause__ or current.__context__
     return None
+
+
+def stop_behind(err: BaseException) -> BaseException | None:
+    """The stop that `err` stands for: the interrupt behind it, or a `Terminated` when this rank's launcher is gone
+    (what then fails, a collective whose peer already stopped, is the job being stopped, not a failure)."""
+    from glm_ft import dist
+
+    interrupt = interrupt_behind(err)
+    if interrupt is None and dist.launcher_gone():
+        return Terminated()
+    return interrupt

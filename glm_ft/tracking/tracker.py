@@ -34,7 +34,7 @@ from glm_ft.tracking.parent import child_run_name, hydra_config, parent_for_job
 from glm_ft.tracking.redact import redact
 from glm_ft.tracking.run_record import read_mlflow_run, write_mlflow_run
 from glm_ft.tracking.sender import Sender
-from glm_ft.tracking.signals import SIGTERM_GUARD, Terminated, interrupt_behind
+from glm_ft.tracking.signals import SIGTERM_GUARD, Terminated, stop_behind
 from glm_ft.tracking.store import Store
 
 log = logging.getLogger(__name__)
@@ -205,9 +205,7 @@ def start_run(cfg: DictConfig, run_dir: Path, tags: Mapping[str, str] | None = N
         status = "FINISHED" if exit_.code in (None, 0) else "FAILED"
         raise
     except BaseException as err:
-        # raised by a library's cleanup as a Ctrl-C or SIGTERM unwound, or by a collective whose peer rank stopped
-        # with the launcher
-        if interrupt_behind(err) is not None or dist.launcher_gone():
+        if stop_behind(err) is not None:  # a library's cleanup failed on the signal, or the launcher is gone
             status, stopping = "KILLED", True
             SIGTERM_GUARD.interrupted = True
             raise

@@ -42,7 +42,7 @@ from glm_ft.tracking.tracker import closing_interrupted, settle_previous_run, st
 from glm_ft.data.collate import Collator
 from glm_ft.train.evaluation import generation_config, metrics_fn, stop_token_ids, write_predictions
 from glm_ft.train.trainer import (GlmTrainer, PruningCallback, TrackerCallback, Watchdog, changed_data_order,
-                                  disk_full_named)
+                                  disk_full_named, resume_point)
 from glm_ft.train.trainer_args import build_training_arguments
 
 log = logging.getLogger("glm_ft")
@@ -202,10 +202,7 @@ def _disk_full_named(cfg: DictConfig, run_dir: Path):
             raise CheckpointError(f"No space left on device while writing into {where}; the trained model, "
                                   f"{run_dir / FINAL}, is saved: free space, then resume=auto hydra.run.dir={run_dir} "
                                   "redoes only the evaluation or prediction that is missing") from err
-        last = last_complete_checkpoint(run_dir)
-        keep = (f"the last complete checkpoint, {last}, stays the resume point: free space, then continue with "
-                f"resume=auto hydra.run.dir={run_dir}") if last else "there is no complete checkpoint yet"
-        raise CheckpointError(f"No space left on device while writing into {where}; {keep}") from err
+        raise CheckpointError(f"No space left on device while writing into {where}; {resume_point(run_dir)}") from err
 
 
 def _write_curves(cfg: DictConfig, run_dir: Path, log_history: list[dict], trained: bool) -> None:

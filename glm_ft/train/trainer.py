@@ -406,10 +406,14 @@ def disk_full_named(folder: Path, run_dir: Path):
     except (OSError, RuntimeError) as err:
         if not _is_disk_full(err, folder):
             raise
-        last = last_complete_checkpoint(run_dir)
-        keep = (f"the last complete checkpoint, {last}, stays the resume point: free space, then continue with "
-                f"resume=auto hydra.run.dir={run_dir}") if last else "there is no complete checkpoint yet"
-        raise CheckpointError(f"No space left on device while saving {folder}; {keep}") from err
+        raise CheckpointError(f"No space left on device while saving {folder}; {resume_point(run_dir)}") from err
+
+
+def resume_point(run_dir: Path) -> str:
+    """The end of a full disk's one line: what is left to resume from."""
+    last = last_complete_checkpoint(run_dir)
+    return (f"the last complete checkpoint, {last}, stays the resume point: free space, then continue with "
+            f"resume=auto hydra.run.dir={run_dir}") if last else "there is no complete checkpoint yet"
 
 
 DISK_FULL_BELOW_BYTES = 16 << 20
