@@ -1,24 +1,26 @@
 """Serve what a run trained behind an OpenAI-compatible chat-completions API (FastAPI + uvicorn, on loopback).
 
-    python -m glm_ft serve outputs/2026-11-27/12-00-00 [--port 8000] [--host 127.0.0.1] [--max-new-tokens 512]
+    python -m glm_ft serve outputs/2026-11-27/12-00-00 [--port 8000] [--host 127.0.0.1] [--served-model-name NAME]
 
-Endpoints: `GET /health`, `GET /v1/models`, `POST /v1/chat/completions` (non-streaming, and server-sent events with
-`"stream": true`). Messages are system / user / assistant and `tool` (ChatGLM3's observation); `tools` in the OpenAI
-form are rendered into the system prompt as ChatGLM3 was trained, and a reply that calls one comes back as
-`tool_calls`, streamed or not (glm_ft/infer/tool_calls.py). The prompt is built by glm-ft's tokenizer, so it
-holds exactly the ids training used; generation stops on eos, `<|user|>` and `<|observation|>` (finish_reason
-"stop"), or at max_tokens ("length"; unset: --max-new-tokens or the rest of the context). Greedy unless the request
-sets a temperature above 0. `stream_options.include_usage` ends a stream with the usage chunk.
+Endpoints: `GET /health`, `GET /metrics` (Prometheus text), `GET /v1/models`, `POST /v1/chat/completions`
+(non-streaming, and server-sent events with `"stream": true`). A request's `model` must be a served name (404
+`model_not_found` otherwise, as OpenAI and vLLM answer); absent, it is the first. Messages are system / user /
+assistant and `tool` (ChatGLM3's observation); `tools` in the OpenAI form are rendered into the system prompt as
+ChatGLM3 was trained, and a reply that calls one comes back as `tool_calls`, streamed or not
+(glm_ft/infer/tool_calls.py). The prompt is built by glm-ft's tokenizer, so it holds exactly the ids training used;
+generation stops on eos, `<|user|>` and `<|observation|>` (finish_reason "stop"), or at max_tokens ("length"; unset:
+--max-new-tokens or the rest of the context). Greedy unless the request sets a temperature above 0.
+`stream_options.include_usage` ends a stream with the usage chunk.
 
 Every kind of checkpoint serves (LoRA, P-Tuning v2, full, any ChatGLM3 folder). A `--format hf` export is served
 by stock tooling instead: `transformers serve OUT` (needs `transformers[serving]`) or vLLM.
-The model loads before the port opens, so a connection that succeeds is served.
+The model loads before the port opens, so a connection that succeeds is served. A request whose client goes away
+stops generating at its next token.
 """
 
 
 import argparse
 import json
-import math
 import socket
 import sys
 import threading
@@ -29,108 +31,10 @@ from typing import Any
 from glm_ft import heap
 from glm_ft.methods import DTYPE_NAMES
 from glm_ft.errors import GlmFtError, to_stderr
-from glm_ft.infer.tool_calls import StreamedReply, call_turn, reply_message
+from glm_ft.infer.openai_request import (BadRequest, ModelNotFound, conversation, number, refuse_unsupported,
+                                         requested_model, stream_usage)
+from glm_ft.infer.tool_calls import StreamedReply, reply_message
 from glm_ft.runs import FINAL
-
-# OpenAI role -> ChatGLM3 role
-ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "observation",
-         "observation": "observation"}
-
-
-class BadRequest(ValueError):
-    """A request the API answers with 400 and this message."""
-
-
-def conversation(body: dict) -> list[dict]:
-    """OpenAI messages (+ tools) -> ChatGLM3 messages."""
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise BadRequest("messages: expected a non-empty list")
-    out = []
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict) or message.get("role") not in ROLES:
-            raise BadRequest(f"messages[{i}].role: expected one of {', '.join(ROLES)}")
-        content = message.get("content")
-        if isinstance(content, list):  # content parts: only text has a place in ChatGLM3
-            if any(not isinstance(p, dict) or p.get("type") != "text" for p in content):
-                raise BadRequest(f"messages[{i}].content: only text parts are supported")
-            for j, part in enumerate(content):
-                if not isinstance(part.get("text"), str):
-                    raise BadRequest(f"messages[{i}].content[{j}].text: expected a string")
-            content = "".join(p["text"] for p in content)
-        if content is not None and not isinstance(content, str):
-            raise BadRequest(f"messages[{i}].content: expected a string")
-        converted = {"role": ROLES[message["role"]], "content": content or ""}
-        if message.get("name") and converted["role"] == "assistant":
-            converted["metadata"] = str(message["name"])
-        if message.get("tool_calls") and converted["role"] == "assistant":
-            try:  # the call as ChatGLM3 wrote it in training, not an empty assistant turn
-                converted = call_turn(message["tool_calls"], f"messages[{i}]")
-            except ValueError as err:
-                raise BadRequest(str(err)) from None
-        out.append(converted)
-    tools = body.get("tools")
-    if tools:
-        if not isinstance(tools, list):
-            raise BadRequest("tools: expected a list")
-        functions = [_function(j, tool) for j, tool in enumerate(tools)]
-        if out[0]["role"] == "system":
-            out[0]["tools"] = functions
-        else:
-            out.insert(0, {"role": "system", "content": "", "tools": functions})
-    return out
-
-
-def _function(j: int, tool) -> dict:
-    """One offered tool as ChatGLM3's prompt lists it: OpenAI's {"type": "function", "function": {...}}, or the
-    function itself as ChatGLM3's own demos pass it. Anything else was rendered into the prompt as it came."""
-    function = tool.get("function") if isinstance(tool, dict) and tool.get("type") == "function" else tool
-    if not isinstance(function, dict) or not isinstance(function.get("name"), str) or not function["name"]:
-        raise BadRequest(f'tools[{j}]: expected {{"type": "function", "function": {{"name": ..., ...}}}}')
-    return function
-
-
-def _number(key: str, value, default, low: float, high: float | None = None, integer: bool = False):
-    """A request's number, or `default`. Python's JSON reader takes NaN and Infinity, which no bound refuses."""
-    if value is None:
-        return default
-    kind = "an integer" if integer else "a number"
-    wrong_type = isinstance(value, bool) or not isinstance(value, int if integer else (int, float))
-    if wrong_type or not math.isfinite(value) or value < low or (high is not None and value > high):
-        raise BadRequest(f"{key}: expected {kind} from {low}" + (f" to {high}" if high is not None else ""))
-    return value
-
-
-# OpenAI request fields that would change what comes back and that serve does not implement: refused by name
-# rather than ignored (a client asking for three choices, or to stop at ".", must not get one unstopped reply).
-UNSUPPORTED = {"n": (None, 1), "stop": (None, [], ""), "logprobs": (None, False), "top_logprobs": (None, 0)}
-
-
-def _refuse_unsupported(body: dict) -> None:
-    for key, accepted in UNSUPPORTED.items():
-        value = body.get(key)
-        if not any(value == ok and type(value) is type(ok) for ok in accepted):
-            raise BadRequest(f"{key}: not supported by glm-ft serve (accepted: "
-                             f"{', '.join('null' if ok is None else json.dumps(ok) for ok in accepted)})")
-
-
-def stream_usage(body: dict) -> bool:
-    """Whether a stream ends with OpenAI's usage chunk (`stream_options.include_usage`), the only place a streaming
-    client finds its token counts."""
-    if not isinstance(body.get("stream", False), bool):  # "stream": "no" would have streamed
-        raise BadRequest("stream: expected true or false")
-    options = body.get("stream_options")
-    if options is None:
-        return False
-    if not body.get("stream"):
-        raise BadRequest("stream_options: only allowed with \"stream\": true")
-    if not isinstance(options, dict):
-        raise BadRequest("stream_options: expected an object")
-    include = options.get("include_usage", False)
-    if not isinstance(include, bool):
-        raise BadRequest("stream_options.include_usage: expected true or false")
-    return include
-
 
 class Engine:
     """The loaded checkpoint; one generation at a time (a model is not safe to share between threads)."""
@@ -142,17 +46,19 @@ class Engine:
         self.max_new_tokens = max_new_tokens
         self.stops = stop_token_ids(self.tokenizer)
         self.lock = threading.Lock()
+        self.tokens_generated = 0  # /metrics: a generation's progress shows while it runs
+        self.cancelled = 0  # generations stopped because their client went away
 
     def prepare(self, body: dict) -> tuple[list[int], Any]:
         from glm_ft.infer.checkpoint import generation_config
 
-        _refuse_unsupported(body)
+        refuse_unsupported(body)
         ids = self.tokenizer.apply_chat_template(conversation(body), add_generation_prompt=True)
         key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-        limit = _number(key, body.get(key), None, 1, integer=True)
+        limit = number(key, body.get(key), None, 1, integer=True)
         # floats: JSON's `2` is an int, which transformers' TemperatureLogitsWarper refuses (a 500 mid-request)
-        temperature = float(_number("temperature", body.get("temperature"), 0.0, 0.0, 2.0))
-        top_p = float(_number("top_p", body.get("top_p"), 1.0, 0.0, 1.0))
+        temperature = float(number("temperature", body.get("temperature"), 0.0, 0.0, 2.0))
+        top_p = float(number("top_p", body.get("top_p"), 1.0, 0.0, 1.0))
         context = self.model.config.seq_length
         if len(ids) >= context:
             raise BadRequest(f"messages: the prompt ({len(ids)} tokens) leaves no room in the model's context of "
@@ -169,24 +75,30 @@ class Engine:
 
     def generate(self, ids: list[int], gen, streamer=None, seed: int | None = None,
                  cancelled: threading.Event | None = None) -> list[int]:
-        """The new ids up to and including the first stop token; ends early once `cancelled` is set (the client of
-        a stream went away)."""
+        """The new ids up to and including the first stop token; ends early once `cancelled` is set (the request's
+        client went away)."""
         import torch
         from transformers import StoppingCriteria, StoppingCriteriaList, set_seed
 
-        class Cancelled(StoppingCriteria):
+        engine = self
+
+        class Progress(StoppingCriteria):  # called once per new token
+            fired = False  # True once it stopped the generation for its gone client
+
             def __call__(self, input_ids, scores, **kwargs):
-                return torch.full((input_ids.shape[0],), cancelled.is_set(), dtype=torch.bool,
-                                  device=input_ids.device)
+                engine.tokens_generated += input_ids.shape[0]
+                self.fired = self.fired or (cancelled is not None and cancelled.is_set())
+                return torch.full((input_ids.shape[0],), self.fired, dtype=torch.bool, device=input_ids.device)
 
-        stopping = StoppingCriteriaList([Cancelled()]) if cancelled is not None else None
-
+        progress = Progress()
         with self.lock, torch.no_grad():
             if seed is not None:
                 set_seed(seed)
             input_ids = torch.tensor([ids], device=self.model.device)
             out = self.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                                      generation_config=gen, streamer=streamer, stopping_criteria=stopping)
+                                      generation_config=gen, streamer=streamer,
+                                      stopping_criteria=StoppingCriteriaList([progress]))
+        self.cancelled += progress.fired
         new = out[0, len(ids):].tolist()
         end = next((i + 1 for i, tok in enumerate(new) if tok in self.stops), len(new))
         return new[:end]
@@ -202,22 +114,40 @@ class Engine:
         return {"prompt_tokens": len(ids), "completion_tokens": len(new), "total_tokens": len(ids) + len(new)}
 
 
-def create_app(engine: Engine):
-    from fastapi import FastAPI, Request
-    from fastapi.responses import JSONResponse, StreamingResponse
+# /metrics in Prometheus' text format, as vLLM and TGI expose theirs: tokens generated, counted as each is made, and
+# generations stopped early because their client went away
+METRICS = ("# TYPE glm_ft_generation_tokens_total counter\nglm_ft_generation_tokens_total {tokens}\n"
+           "# TYPE glm_ft_requests_cancelled_total counter\nglm_ft_requests_cancelled_total {cancelled}\n")
 
+
+def create_app(engine: Engine, names: list[str] | None = None):
+    """`names`: the served model names (default: the engine's); a request's `model` must be one of them."""
+    import asyncio
+
+    from fastapi import FastAPI, Request
+    from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+
+    names = names or [engine.name]
+    started = int(time.time())
     app = FastAPI(title="glm-ft", docs_url=None, redoc_url=None)
 
-    def error(status: int, message: str) -> JSONResponse:
-        return JSONResponse({"error": {"message": message, "type": "invalid_request_error"}}, status_code=status)
+    def error(status: int, message: str, code: str | None = None, param: str | None = None) -> JSONResponse:
+        return JSONResponse({"error": {"message": message, "type": "invalid_request_error", "param": param,
+                                       "code": code}}, status_code=status)
 
     @app.get("/health")
     def health():
         return {"status": "ok"}
 
+    @app.get("/metrics")
+    def metrics():
+        return PlainTextResponse(METRICS.format(tokens=engine.tokens_generated, cancelled=engine.cancelled),
+                                 media_type="text/plain; version=0.0.4")
+
     @app.get("/v1/models")
     def models():
-        return {"object": "list", "data": [{"id": engine.name, "object": "model", "owned_by": "glm-ft"}]}
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": started, "owned_by": "glm-ft"}
+                                           for name in names]}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -230,11 +160,14 @@ def create_app(engine: Engine):
         if not isinstance(body, dict):
             return error(400, "the request body must be a JSON object")
         try:
+            model = requested_model(body, names)
             ids, gen = engine.prepare(body)
             include_usage = stream_usage(body)
             seed = body.get("seed")
             if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
                 raise BadRequest("seed: expected an integer")
+        except ModelNotFound as err:
+            return error(404, str(err), code="model_not_found", param="model")
         except BadRequest as err:
             return error(400, str(err))
         except ValueError as err:  # the tokenizer's own checks (e.g. a non-string content)
@@ -243,19 +176,32 @@ def create_app(engine: Engine):
         created = int(time.time())
         if body.get("stream"):
             reply = StreamedReply(tools_offered=bool(body.get("tools")))
-            return StreamingResponse(_stream(engine, ids, gen, seed, reply, completion_id, created, include_usage),
-                                     media_type="text/event-stream")
-        new = await run_in_threadpool(engine.generate, ids, gen, None, seed)
+            return StreamingResponse(_stream(engine, ids, gen, seed, reply, completion_id, created, include_usage,
+                                             model), media_type="text/event-stream")
+        # The client may go away while it waits for the whole reply: watch for that as StreamingResponse does for a
+        # stream (once the body is read, `receive` returns only on a disconnect), and stop generating then.
+        cancelled = threading.Event()
+        watcher = asyncio.ensure_future(_until_disconnected(request.receive, cancelled))
+        try:
+            new = await run_in_threadpool(engine.generate, ids, gen, None, seed, cancelled)
+        finally:
+            watcher.cancel()
         message, finish = reply_message(engine.text(new), engine.finish_reason(new), bool(body.get("tools")))
-        return {"id": completion_id, "object": "chat.completion", "created": created, "model": engine.name,
+        return {"id": completion_id, "object": "chat.completion", "created": created, "model": model,
                 "choices": [{"index": 0, "message": message, "finish_reason": finish}],
                 "usage": engine.usage(ids, new)}
 
     return app
 
 
+async def _until_disconnected(receive, cancelled: threading.Event) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+    cancelled.set()
+
+
 async def _stream(engine: Engine, ids: list[int], gen, seed, reply: StreamedReply, completion_id: str, created: int,
-                  include_usage: bool = False):
+                  include_usage: bool = False, model: str | None = None):
     """Server-sent events: a role chunk, content chunks as text is decoded (or a tool call once it is whole), a
     chunk with finish_reason, with `include_usage` OpenAI's usage chunk (no choices; the others carry
     `"usage": null`), [DONE]."""
@@ -265,8 +211,8 @@ async def _stream(engine: Engine, ids: list[int], gen, seed, reply: StreamedRepl
 
     def chunk(delta: dict | None, finish_reason: str | None = None, usage: dict | None = None) -> str:
         choices = [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish_reason}]
-        data = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": engine.name,
-                "choices": choices, **({"usage": usage} if include_usage else {})}
+        data = {"id": completion_id, "object": "chat.completion.chunk", "created": created,
+                "model": model or engine.name, "choices": choices, **({"usage": usage} if include_usage else {})}
         return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
     streamer = TextIteratorStreamer(engine.tokenizer, skip_prompt=True, skip_special_tokens=True)
@@ -314,7 +260,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--base-model", help="base model folder (default: the one recorded at training time)")
     parser.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--model-name", help="the model id the API reports (default: the checkpoint folder's name)")
+    parser.add_argument("--served-model-name", "--model-name", nargs="+", metavar="NAME",
+                        help="the model names served, as vLLM's option: /v1/models lists them, a request must name "
+                             "one (or none: the first) (default: the checkpoint folder's name)")
     parser.add_argument("--max-new-tokens", type=int, default=512, help="default max_tokens of a request")
     parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPE_NAMES])
     args = parser.parse_args(argv)
@@ -322,6 +270,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--max-new-tokens must be at least 1")
     if not 0 <= args.port <= 65535:
         parser.error("--port must be from 0 to 65535")
+    if args.served_model_name and not all(args.served_model_name):
+        parser.error("--served-model-name: a name cannot be empty (a request without a model gets the first)")
     return args
 
 
@@ -364,8 +314,8 @@ def _serve(args: argparse.Namespace) -> int:
 
         quiet_transformers()
         loaded = load_checkpoint(ckpt, dtype=args.dtype)
-        name = args.model_name or (ckpt.path.parent.name if ckpt.path.name == FINAL else ckpt.path.name)
-        app = create_app(Engine(loaded, name, args.max_new_tokens))
+        names = args.served_model_name or [ckpt.path.parent.name if ckpt.path.name == FINAL else ckpt.path.name]
+        app = create_app(Engine(loaded, names[0], args.max_new_tokens), names)
     except GlmFtError as err:
         to_stderr(f"error: {err}")
         return 1
@@ -376,7 +326,8 @@ def _serve(args: argparse.Namespace) -> int:
         async def startup(self, sockets=None) -> None:
             await super().startup(sockets)
             if self.started:  # listening now: the line a script may wait for
-                print(f"serving {ckpt.describe()} as {name!r} on http://{host}:{port}/v1", flush=True)
+                served = ", ".join(map(repr, names))
+                print(f"serving {ckpt.describe()} as {served} on http://{host}:{port}/v1", flush=True)
 
     heap.freeze()  # uvicorn and the app too: a request's full collection then walks only what requests made
     with sock:

@@ -1,13 +1,16 @@
 """`python -m glm_ft serve RUN`: a real server process on loopback, spoken to over real HTTP (http.client): the
 replies equal glm-ft's own greedy generation for multi-turn conversations with a system prompt, streaming gives the
-same text as non-streaming, finish_reason and usage follow ChatGLM3's stop tokens, tools reach the prompt, and bad
-requests are answered 400. The server is always stopped (conftest.serving)."""
+same text as non-streaming, finish_reason and usage follow ChatGLM3's stop tokens, tools reach the prompt, bad
+requests are answered 400 and a model not served 404, and a client that goes away frees the model. The server is
+always stopped (conftest.serving)."""
 
 from __future__ import annotations
 
 import http.client
 import json
+import socket
 import sys
+import time
 import urllib.request
 from pathlib import Path
 
@@ -75,7 +78,7 @@ def test_chat_completions_over_http(method, runs, base_dir, tmp_path):
         history = [{"role": "user", "content": "类型#裙"}, {"role": "assistant", "content": "一条裙子。"}]
         query = {"role": "user", "content": "类型#上衣*颜色#白色"}
         for messages in ([query], [system, query], [system, *history, query]):
-            status, _, raw = post(port, {"model": "x", "messages": messages, "max_tokens": MAX_TOKENS})
+            status, _, raw = post(port, {"model": runs[method].name, "messages": messages, "max_tokens": MAX_TOKENS})
             assert status == 200, raw
             reply = json.loads(raw)
             expected = by_hand(tokenizer, model, messages, MAX_TOKENS)
@@ -174,6 +177,89 @@ def test_usage_streamed_and_the_default_length_near_the_end_of_the_context(tmp_p
                              ({"messages": [{"role": "user", "content": content * 2}]}, "messages: the prompt")):
             status, _, raw = post(port, bad)
             assert status == 400 and json.loads(raw)["error"]["message"].startswith(message), raw
+
+
+def tiny_server(tmp_path, *args: str):
+    """`serve` on a tiny ChatGLM3 (fp32): greedy, it runs to the end of its context without a stop token."""
+    from glm_ft.chatglm3.tiny import ensure_tiny_model
+
+    port = free_port()
+    cmd = [sys.executable, "-m", "glm_ft.infer.serve", str(ensure_tiny_model(tmp_path / "tiny")), "--port", str(port),
+           "--dtype", "float32", *args]
+    return port, serving(cmd, f"http://127.0.0.1:{port}/health", tmp_path / "serve.log",
+                         cwd=Path(__file__).resolve().parents[2])
+
+
+def metrics(port: int) -> dict[str, int]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics") as response:
+        return {line.split()[0]: int(line.split()[1]) for line in response.read().decode().splitlines()
+                if line and not line.startswith("#")}
+
+
+def test_a_model_not_served_is_404_and_v1_models_lists_the_served_names(tmp_path):
+    """A request naming another model was served by this one as if it were that model; OpenAI and vLLM answer 404
+    `model_not_found`. A request without `model` gets the first served name, as with vLLM."""
+    port, server = tiny_server(tmp_path, "--served-model-name", "glm-a", "glm-b")
+    with server:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models") as response:
+            assert [m["id"] for m in json.loads(response.read())["data"]] == ["glm-a", "glm-b"]
+        query = [{"role": "user", "content": "类型#裙"}]
+        for stream in (False, True):
+            status, _, raw = post(port, {"model": "gpt-4o", "messages": query, "max_tokens": 2, "stream": stream})
+            assert status == 404, raw
+            error = json.loads(raw)["error"]
+            assert error["type"] == "invalid_request_error" and error["code"] == "model_not_found"
+            assert error["param"] == "model" and "`gpt-4o`" in error["message"]
+        status, _, raw = post(port, {"model": 5, "messages": query, "max_tokens": 2})
+        assert status == 400 and json.loads(raw)["error"]["message"] == "model: expected a string"
+
+        for model, reported in (("glm-b", "glm-b"), ("glm-a", "glm-a"), (None, "glm-a")):
+            status, _, raw = post(port, {"model": model, "messages": query, "max_tokens": 2})
+            assert status == 200 and json.loads(raw)["model"] == reported, raw
+        status, _, raw = post(port, {"model": "glm-b", "messages": query, "max_tokens": 2, "stream": True})
+        assert status == 200 and {json.loads(e)["model"] for e in sse_events(raw)[:-1]} == {"glm-b"}
+
+
+def test_an_empty_served_model_name_is_refused_in_one_line(capsys):
+    from glm_ft.infer.serve import parse_args
+
+    with pytest.raises(SystemExit) as exited:
+        parse_args(["RUN", "--served-model-name", "glm", ""])
+    assert exited.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1].endswith("--served-model-name: a name cannot be empty "
+                                                             "(a request without a model gets the first)")
+    assert parse_args(["RUN", "--model-name", "glm"]).served_model_name == ["glm"]  # the option's former name
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_client_that_goes_away_stops_its_generation_and_the_next_request_is_served(stream, tmp_path):
+    """A request whose client disconnects (a real socket on loopback, closed once the server generates for it) stops
+    generating at once, as /metrics shows: unstreamed, it generated to its max_tokens, holding the one generation
+    slot; the next request was answered only then. That request's reply is the one an idle server gives."""
+    port, server = tiny_server(tmp_path)
+    with server as proc:
+        follow_up = {"messages": [{"role": "user", "content": "类型#上衣"}], "max_tokens": 8}
+        status, _, expected = post(port, follow_up)
+        assert status == 200
+        before = metrics(port)
+
+        body = json.dumps({"messages": [{"role": "user", "content": "类型#裙"}], "max_tokens": 1000,
+                           "stream": stream}).encode()
+        with socket.create_connection(("127.0.0.1", port)) as gone:
+            gone.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                         b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+            while metrics(port)["glm_ft_generation_tokens_total"] == before["glm_ft_generation_tokens_total"]:
+                assert proc.poll() is None, (tmp_path / "serve.log").read_text()
+                time.sleep(0.05)  # until the server generates for it
+        status, _, raw = post(port, follow_up)  # answered once the one generation slot is free
+        assert status == 200
+        reply, expected = json.loads(raw), json.loads(expected)
+        assert reply["choices"] == expected["choices"] and reply["usage"] == expected["usage"]
+
+        after = metrics(port)
+        assert after["glm_ft_requests_cancelled_total"] == before["glm_ft_requests_cancelled_total"] + 1
+        abandoned = after["glm_ft_generation_tokens_total"] - before["glm_ft_generation_tokens_total"] - 8
+        assert 1 <= abandoned < 1000
 
 
 def test_a_missing_run_fails_fast_with_one_line(tmp_path):

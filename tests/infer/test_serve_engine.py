@@ -61,7 +61,8 @@ def test_openai_fields_serve_does_not_implement_are_refused_by_name(field, value
     """Ignored, `n: 3` would return one choice and `stop` a reply running past it."""
     from glm_ft.chatglm3.tiny import ensure_tiny_model
     from glm_ft.infer.checkpoint import load_checkpoint
-    from glm_ft.infer.serve import BadRequest, Engine
+    from glm_ft.infer.openai_request import BadRequest
+    from glm_ft.infer.serve import Engine
 
     loaded = load_checkpoint(ensure_tiny_model(tmp_path / "tiny"), dtype="float32", device="cpu")
     engine = Engine(SimpleNamespace(tokenizer=loaded.tokenizer, model=loaded.model), "tiny", 4)
@@ -83,7 +84,8 @@ def test_a_malformed_part_tool_or_stream_flag_is_a_bad_request_naming_it(body, m
     """Each was rendered into the prompt as it came, streamed on a truthy string, or failed with a 500."""
     from glm_ft.chatglm3.tiny import ensure_tiny_model
     from glm_ft.infer.checkpoint import load_checkpoint
-    from glm_ft.infer.serve import BadRequest, Engine, stream_usage
+    from glm_ft.infer.openai_request import BadRequest, stream_usage
+    from glm_ft.infer.serve import Engine
 
     loaded = load_checkpoint(ensure_tiny_model(tmp_path / "tiny"), dtype="float32", device="cpu")
     engine = Engine(SimpleNamespace(tokenizer=loaded.tokenizer, model=loaded.model), "tiny", 4)

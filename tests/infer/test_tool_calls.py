@@ -8,7 +8,7 @@ import json
 import pytest
 
 from conftest import ROOT
-from glm_ft.infer.serve import BadRequest, conversation
+from glm_ft.infer.openai_request import BadRequest, conversation
 from glm_ft.infer.tool_calls import StreamedReply, call_turn, parse_call, reply_message
 
 SAMPLE = ROOT / "data" / "sample" / "test.jsonl"

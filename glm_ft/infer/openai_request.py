@@ -1,0 +1,126 @@
+"""An OpenAI chat-completions request, checked and turned into ChatGLM3's messages (glm_ft.infer.serve answers
+with it). Every refusal is a `BadRequest` (400) naming the field, or `ModelNotFound` (404) for a model not served."""
+
+from __future__ import annotations
+
+import json
+import math
+
+from glm_ft.infer.tool_calls import call_turn
+
+# OpenAI role -> ChatGLM3 role
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "observation",
+         "observation": "observation"}
+
+
+class BadRequest(ValueError):
+    """A request the API answers with 400 and this message."""
+
+
+class ModelNotFound(LookupError):
+    """A request for a model this server does not serve: 404, as OpenAI and vLLM answer it."""
+
+
+def requested_model(body: dict, names: list[str]) -> str:
+    """The served name a reply reports: the one the request names, or the first when it names none. OpenAI requires
+    `model`; vLLM, whose behaviour clients of self-hosted models are written against, takes its absence as the
+    served model, and so does glm-ft."""
+    model = body.get("model")
+    if model is None or model == "":
+        return names[0]
+    if not isinstance(model, str):
+        raise BadRequest("model: expected a string")
+    if model not in names:
+        raise ModelNotFound(f"The model `{model}` does not exist; served here: {', '.join(names)}")
+    return model
+
+
+def conversation(body: dict) -> list[dict]:
+    """OpenAI messages (+ tools) -> ChatGLM3 messages."""
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise BadRequest("messages: expected a non-empty list")
+    out = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or message.get("role") not in ROLES:
+            raise BadRequest(f"messages[{i}].role: expected one of {', '.join(ROLES)}")
+        content = message.get("content")
+        if isinstance(content, list):  # content parts: only text has a place in ChatGLM3
+            if any(not isinstance(p, dict) or p.get("type") != "text" for p in content):
+                raise BadRequest(f"messages[{i}].content: only text parts are supported")
+            for j, part in enumerate(content):
+                if not isinstance(part.get("text"), str):
+                    raise BadRequest(f"messages[{i}].content[{j}].text: expected a string")
+            content = "".join(p["text"] for p in content)
+        if content is not None and not isinstance(content, str):
+            raise BadRequest(f"messages[{i}].content: expected a string")
+        converted = {"role": ROLES[message["role"]], "content": content or ""}
+        if message.get("name") and converted["role"] == "assistant":
+            converted["metadata"] = str(message["name"])
+        if message.get("tool_calls") and converted["role"] == "assistant":
+            try:  # the call as ChatGLM3 wrote it in training, not an empty assistant turn
+                converted = call_turn(message["tool_calls"], f"messages[{i}]")
+            except ValueError as err:
+                raise BadRequest(str(err)) from None
+        out.append(converted)
+    tools = body.get("tools")
+    if tools:
+        if not isinstance(tools, list):
+            raise BadRequest("tools: expected a list")
+        functions = [_function(j, tool) for j, tool in enumerate(tools)]
+        if out[0]["role"] == "system":
+            out[0]["tools"] = functions
+        else:
+            out.insert(0, {"role": "system", "content": "", "tools": functions})
+    return out
+
+
+def _function(j: int, tool) -> dict:
+    """One offered tool as ChatGLM3's prompt lists it: OpenAI's {"type": "function", "function": {...}}, or the
+    function itself as ChatGLM3's own demos pass it. Anything else was rendered into the prompt as it came."""
+    function = tool.get("function") if isinstance(tool, dict) and tool.get("type") == "function" else tool
+    if not isinstance(function, dict) or not isinstance(function.get("name"), str) or not function["name"]:
+        raise BadRequest(f'tools[{j}]: expected {{"type": "function", "function": {{"name": ..., ...}}}}')
+    return function
+
+
+def number(key: str, value, default, low: float, high: float | None = None, integer: bool = False):
+    """A request's number, or `default`. Python's JSON reader takes NaN and Infinity, which no bound refuses."""
+    if value is None:
+        return default
+    kind = "an integer" if integer else "a number"
+    wrong_type = isinstance(value, bool) or not isinstance(value, int if integer else (int, float))
+    if wrong_type or not math.isfinite(value) or value < low or (high is not None and value > high):
+        raise BadRequest(f"{key}: expected {kind} from {low}" + (f" to {high}" if high is not None else ""))
+    return value
+
+
+# OpenAI request fields that would change what comes back and that serve does not implement: refused by name
+# rather than ignored (a client asking for three choices, or to stop at ".", must not get one unstopped reply).
+UNSUPPORTED = {"n": (None, 1), "stop": (None, [], ""), "logprobs": (None, False), "top_logprobs": (None, 0)}
+
+
+def refuse_unsupported(body: dict) -> None:
+    for key, accepted in UNSUPPORTED.items():
+        value = body.get(key)
+        if not any(value == ok and type(value) is type(ok) for ok in accepted):
+            raise BadRequest(f"{key}: not supported by glm-ft serve (accepted: "
+                             f"{', '.join('null' if ok is None else json.dumps(ok) for ok in accepted)})")
+
+
+def stream_usage(body: dict) -> bool:
+    """Whether a stream ends with OpenAI's usage chunk (`stream_options.include_usage`), the only place a streaming
+    client finds its token counts."""
+    if not isinstance(body.get("stream", False), bool):  # "stream": "no" would have streamed
+        raise BadRequest("stream: expected true or false")
+    options = body.get("stream_options")
+    if options is None:
+        return False
+    if not body.get("stream"):
+        raise BadRequest("stream_options: only allowed with \"stream\": true")
+    if not isinstance(options, dict):
+        raise BadRequest("stream_options: expected an object")
+    include = options.get("include_usage", False)
+    if not isinstance(include, bool):
+        raise BadRequest("stream_options.include_usage: expected true or false")
+    return include
