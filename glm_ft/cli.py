@@ -46,7 +46,8 @@ def model_hidden_size(where: InputPaths) -> int | None:
 
 
 def run(cfg: DictConfig) -> float | None:
-    """One job. Returns `optimized_metric` of the final metrics, which an Optuna sweep maximises."""
+    """One job. Returns `optimized_metric` of the final metrics, which an Optuna sweep maximises (in a sweep without
+    one, eval_rouge-l, which its parent ranks by)."""
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     dist.quiet_replicas()  # after Hydra's logging setup, which sets every logger's level again for each job
     # Hydra wrote the overrides there, a tracking URI's password included: masked before any check can refuse
@@ -91,7 +92,12 @@ def run(cfg: DictConfig) -> float | None:
                 raise
             raise (KeyboardInterrupt() if isinstance(stop, KeyboardInterrupt) else Terminated()) from err
     if cfg.optimized_metric is None:
-        return None
+        from glm_ft.search.sweep import DEFAULT_METRIC
+
+        # A grid sweep without one is still ranked by eval_rouge-l (its parent's best): returned, so that a NaN
+        # there fails the job as it fails an Optuna trial (glm_ft.search.sweep.no_score).
+        multirun = HydraConfig.get().mode == RunMode.MULTIRUN
+        return float(metrics[DEFAULT_METRIC]) if multirun and DEFAULT_METRIC in metrics else None
     if cfg.optimized_metric not in metrics:
         raise ConfigError(f"optimized_metric: '{cfg.optimized_metric}' was not produced by this run (it has: "
                           f"{', '.join(sorted(metrics)) or 'no metrics; is there a validation split?'})")

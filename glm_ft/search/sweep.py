@@ -197,6 +197,12 @@ class MlflowSweepCallback(Callback):
                 outcome["status"] = PRUNED
         elif isinstance(job_return._return_value, (int, float)):
             outcome["return_value"] = job_return._return_value
+            failure = no_score(sweep_objective(config)[0], job_return._return_value)
+            if failure is not None:
+                # Failed as the study fails the trial (both sweepers end listing it): the parent's jobs_failed, a
+                # re-run (which does not skip it) and its child run's status all say so.
+                outcome.update(status=JobStatus.FAILED.name, error=failure)
+                fail_child(config, failure)
         _write_json(sweep_dir / JOBS_DIR / f"{outcome['num']}.json", outcome)
 
     # --- closing the parent --------------------------------------------------------------------------------------
@@ -379,6 +385,36 @@ def best_child(store: Store, parent_id: str, metric: str, direction: str, trial:
 def is_score(value: float | None) -> bool:
     """A final metric a run can be ranked by: present and a finite number."""
     return value is not None and math.isfinite(value)
+
+
+def no_score(metric: str, value: Any) -> str | None:
+    """Why a job's returned objective is no score (NaN, infinite), or None when it is one or the job returned none
+    (a grid sweep without optimized_metric and no eval_rouge-l to return). Both sweepers and the job's outcome say
+    it in these words."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or is_score(value):
+        return None
+    return f"no score: {metric} is {value}; its training completed and its checkpoints are kept"
+
+
+def fail_child(config: DictConfig, failure: str) -> None:
+    """The job's own MLflow run, which its training closed FINISHED: FAILED, with `failure` as its glm_ft.error, as
+    Optuna's FAIL and the sweep's failed count have it. Its end time and run folder stay as they are."""
+    from glm_ft.tracking.run_record import mark_mlflow_run_ended, read_mlflow_run
+
+    run_dir = Path(str(config.hydra.runtime.output_dir))
+    record = read_mlflow_run(run_dir)
+    if not record or not config.tracking.enabled or not dist.is_rank_zero():
+        return
+    try:
+        store = Store(config.tracking)
+        run_id = str(record.get("run_id"))
+        if store.client.get_run(run_id).info.status != "FINISHED":
+            return  # already FAILED (a re-run of the sweep), or left for the next start to close
+        store.client.set_tag(run_id, ERROR_TAG, failure)
+        store.client.update_run(run_id, status="FAILED")
+        mark_mlflow_run_ended(run_dir, "FAILED", True)
+    except Exception as err:
+        log.error("MLflow: could not mark the run of %s FAILED (%s): %s", run_dir, failure, redact(str(err)))
 
 
 def child_runs(client, experiment_id: str, parent_id: str) -> list:

@@ -40,7 +40,7 @@ class Comparison:
     swept: list[str]
     columns: list[str]  # metric columns, the compared metric first
     rows: list[dict] = field(default_factory=list)  # best first: name, status, params{}, metrics{}
-    # run id -> [(step, value), ...] of the compared metric, as MLflow's metric history holds it
+    # run id -> [(step, value), ...] of the compared metric from MLflow's metric history, a step's last value
     curves: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
     plot: Path | None = None
 
@@ -129,7 +129,7 @@ def compare(sweep: str | None = None, metric: str | None = None, experiment: str
                           f"(its runs have: {', '.join(present) or 'no metrics'})")
     for row in result.rows:
         history = client.get_metric_history(row["run_id"], metric) if row["metrics"][metric] is not None else []
-        result.curves[row["run_id"]] = sorted((m.step, m.value) for m in history)
+        result.curves[row["run_id"]] = last_per_step(history)
     print(format_table(result))
     scored = [r["metrics"][metric] for r in result.rows if is_score(r["metrics"][metric])]
     if not scored:
@@ -143,6 +143,16 @@ def compare(sweep: str | None = None, metric: str | None = None, experiment: str
     client.log_artifact(parent.info.run_id, str(result.plot))
     print(f"plot: {result.plot} (also logged to run {parent.info.run_id})")
     return result
+
+
+def last_per_step(history) -> list[tuple[int, float]]:
+    """[(step, value)] by step, one point per step: the one logged last. A run killed and resumed (resume=auto)
+    logs the steps between its checkpoint and the kill again to the same run, and the resumed training's values are
+    the run's (as MLflow's latest value, the table's, has it)."""
+    latest = {}
+    for point in sorted(history, key=lambda m: m.timestamp):  # stable: points of one moment keep the store's order
+        latest[point.step] = point.value
+    return sorted(latest.items())
 
 
 def metric_direction(metric: str) -> str:

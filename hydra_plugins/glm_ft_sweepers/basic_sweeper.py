@@ -9,7 +9,8 @@ A job not finished is resumed (`resume=auto` added to its overrides) when its fo
 (or final/) of a job that ran exactly these overrides (its `.hydra/overrides.yaml`).
 
 A failed job does not stop the sweep (Hydra's stops after the batch it is in): every job runs, and the sweep ends
-with one line per failed job and a count (SweepFailed), not the first failure's traceback.
+with one line per failed job and a count (SweepFailed), not the first failure's traceback. A job whose returned
+score is NaN or infinite counts as failed, as the Optuna sweeper fails such a trial (glm_ft.search.sweep.no_score).
 """
 
 from __future__ import annotations
@@ -47,7 +48,10 @@ class ResumableBasicSweeper(BasicSweeper):
 
     def sweep(self, arguments: List[str]) -> Any:
         """Hydra's BasicSweeper.sweep, except for what a failed job does (see the module's docstring)."""
+        from glm_ft.search.sweep import no_score, sweep_objective
+
         assert self.config is not None and self.launcher is not None and self.hydra_context is not None
+        metric = sweep_objective(self.config)[0]
         parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
         parsed = parser.parse_overrides(self._parse_config() + list(arguments))
         swept = {o.get_key_element() for o in parsed if o.is_sweep_override()}
@@ -61,10 +65,12 @@ class ResumableBasicSweeper(BasicSweeper):
             self.validate_batch_is_legal(batch)
             results = self.launcher.launch(batch, initial_job_idx=num)
             for i, ret in enumerate(results):
+                shown = [o for o in ret.overrides if o.split("=", 1)[0] in swept] or list(ret.overrides)
                 if ret.status != JobStatus.COMPLETED:
-                    shown = [o for o in ret.overrides if o.split("=", 1)[0] in swept] or list(ret.overrides)
                     failures.append(f"job #{num + i} ({' '.join(shown)}): {failure_text(ret._return_value)}")
                     log_crash(f"job #{num + i} failed", ret._return_value)
+                elif no_score(metric, ret._return_value):  # a NaN objective: a failed trial, as Optuna has it
+                    failures.append(f"job #{num + i} ({' '.join(shown)}): {no_score(metric, ret._return_value)}")
             num += len(batch)
             returns.append(results)
         if failures:

@@ -187,6 +187,7 @@ class OptunaSweeper(Sweeper):
         import optuna
 
         from glm_ft.search import study as search
+        from glm_ft.search.sweep import no_score, sweep_objective
 
         batch = []
         for trial in trials:
@@ -219,7 +220,10 @@ class OptunaSweeper(Sweeper):
                 continue
             if value is None or not _finite(value):
                 study.tell(trial, state=optuna.trial.TrialState.FAIL)
-                failures.append(f"trial {trial.number} returned {value!r}, not a number (optimized_metric?)")
+                swept = " ".join(overrides[len(fixed):len(fixed) + len(trial.params)])
+                failures.append(f"trial {trial.number} ({swept}): "
+                                + (no_score(sweep_objective(self.config)[0], value)
+                                   or f"returned {value!r}, not a number (optimized_metric?)"))
                 continue
             study.tell(trial, float(value))
             log.info("trial %d: %s", trial.number, value)

@@ -8,6 +8,7 @@ train.py on the tiny model.
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import statistics
@@ -236,6 +237,45 @@ def test_a_value_every_trial_refuses_fails_the_search_once_before_the_study_exis
                        f"hydra.sweep.dir={sweep_dir}"], tmp_path)
     assert_refused_light(out, "error: optimized_metric: eval_rouge-l needs data.val_file, which is null")
     assert not sweep_dir.exists() and not (tmp_path / "mlflow.db").exists()
+
+
+@pytest.mark.slow
+def test_a_trial_whose_score_is_nan_is_failed_in_the_study_the_store_and_the_counts(tmp_path, store):
+    """A trial returning NaN is FAIL in the study; its MLflow child was FINISHED and the parent's jobs_failed did
+    not count it. Now the three agree (FAILED, with why), and its run folder stays as the job left it."""
+    uri, client = store
+    sweep_dir = tmp_path / "sweep"
+    out = run_app(["hparams_search=lora_optuna", "experiment=quickstart", "hydra/sweeper/sampler=grid",
+                   "method.r=choice(8,32)", "method.lora_alpha=32", "method.lora_dropout=0.1",
+                   "training_args.learning_rate=0.001", f"hydra.sweep.dir={sweep_dir}"], tmp_path, uri,
+                  FAKE_NAN_R="32")
+    assert out.returncode == 1, out.stderr
+    trials = load_study(sweep_dir, "lora_optuna").trials
+    assert {t.params["method.r"]: t.state.name for t in trials} == {8: "COMPLETE", 32: "FAIL"}
+    nan_trial = next(t.number for t in trials if t.params["method.r"] == 32)
+    why = "no score: eval_rouge-l is nan; its training completed and its checkpoints are kept"
+    end = [line for line in out.stderr.splitlines() if line.startswith(("trial ", "error: "))]
+    assert end == [f"trial {nan_trial} (method.r=32): {why}", "error: 1 of 2 trials failed"]
+
+    parent, children = sweep_runs(client, sweep_dir)
+    by_trial = {int(c.data.tags["glm_ft.trial"]): c for c in children.values()}
+    nan_run = by_trial[nan_trial]
+    assert nan_run.info.status == "FAILED" and nan_run.data.tags["glm_ft.error"] == why
+    assert math.isnan(nan_run.data.metrics["eval_rouge-l"]) and nan_run.info.end_time is not None
+    assert by_trial[1 - nan_trial].info.status == "FINISHED"
+    # Each count, against what the study, the store and the job records hold independently.
+    fail_in_study = sum(t.state.name == "FAIL" for t in trials)
+    failed_children = sum(c.info.status == "FAILED" for c in children.values())
+    outcomes = [json.loads(p.read_text()) for p in (sweep_dir / ".glm_ft_jobs").glob("*.json")]
+    assert parent.info.status == "FAILED"
+    assert parent.data.metrics["jobs"] == len(trials) == len(outcomes) == 2
+    assert parent.data.metrics["jobs_failed"] == parent.data.metrics["trials_fail"] == fail_in_study \
+        == failed_children == sum(o["status"] == "FAILED" for o in outcomes) == 1
+    assert parent.data.tags["glm_ft.best_trial"] == str(1 - nan_trial)
+    # The job's folder is as it left it, and its record says how its run ended.
+    job_dir = sweep_dir / str(nan_trial)
+    assert (job_dir / "predictions.jsonl").is_file()
+    assert json.loads((job_dir / "mlflow_run.json").read_text())["ended"]["status"] == "FAILED"
 
 
 @pytest.mark.slow

@@ -62,13 +62,18 @@ def score(r: int, alpha: int = 32) -> float:  # sweep_app's made-up metric
 
 @pytest.mark.slow
 def test_failed_job_fails_the_parent_and_the_others_still_run(tmp_path, store):
-    """Also a job whose score is NaN, the last to start (the first child in the store's order): no score, so
-    neither the parent's best nor compare's first row."""
+    """Also a job whose score is NaN, the last to start (the first child in the store's order): no score, so a
+    failed job (as an Optuna trial's NaN is FAIL), counted, listed and its run FAILED; neither the parent's best nor
+    compare's first row."""
     uri, client = store
     out = run_app(["-m", "experiment=quickstart", "method=lora", "method.r=4,8,16,32"], tmp_path, uri,
                   FAKE_FAIL_R="8", FAKE_NAN_R="32")
     assert out.returncode == 1, out.stderr
     assert "fake failure at method.r=8" in out.stderr
+    end = [line for line in out.stderr.splitlines() if line.startswith(("job #", "error: "))]
+    assert end == ["job #1 (method.r=8): RuntimeError: fake failure at method.r=8",
+                   "job #3 (method.r=32): no score: eval_rouge-l is nan; its training completed and its checkpoints "
+                   "are kept", "error: 2 of 4 jobs failed"]
 
     # Hydra's default layout: multirun/<date>/<time>/<job>, relative to where train.py was started.
     (sweep_dir,) = list(tmp_path.glob("multirun/*/*"))
@@ -80,16 +85,19 @@ def test_failed_job_fails_the_parent_and_the_others_still_run(tmp_path, store):
     assert parent.data.tags["glm_ft.sweep_dir"] == str(sweep_dir)
     assert json.loads(parent.data.tags["glm_ft.swept_params"]) == ["method.r"]
     assert parent.data.params == {"sweep.method.r": "4,8,16,32"}
-    assert parent.data.metrics["jobs"] == 4 and parent.data.metrics["jobs_failed"] == 1
+    assert parent.data.metrics["jobs"] == 4 and parent.data.metrics["jobs_failed"] == 2
     assert parent.data.metrics["best_eval_rouge-l"] == pytest.approx(score(16))
     assert parent.data.tags["glm_ft.best_run_name"] == "method.r=16"
 
     assert {name: c.info.status for name, c in children.items()} == {
-        "method.r=4": "FINISHED", "method.r=8": "FAILED", "method.r=16": "FINISHED", "method.r=32": "FINISHED"}
+        "method.r=4": "FINISHED", "method.r=8": "FAILED", "method.r=16": "FINISHED", "method.r=32": "FAILED"}
+    assert parent.data.metrics["jobs_failed"] == sum(c.info.status == "FAILED" for c in children.values())
+    assert children["method.r=32"].data.tags["glm_ft.error"].startswith("no score: eval_rouge-l is nan")
     # the same best, read straight from the store: the highest finite value among the FINISHED children
     newest_first = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     assert newest_first[0].info.run_name == "method.r=32" and math.isnan(newest_first[0].data.metrics["eval_rouge-l"])
     finished = {c.info.run_id: c.data.metrics["eval_rouge-l"] for c in newest_first if c.info.status == "FINISHED"}
+    assert all(math.isfinite(value) for value in finished.values())
     best = max((run_id for run_id, value in finished.items() if math.isfinite(value)), key=finished.get)
     assert parent.data.tags["glm_ft.best_run_id"] == best
     assert parent.data.metrics["best_eval_rouge-l"] == finished[best]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -218,3 +219,88 @@ def test_a_run_whose_metric_is_nan_ranks_with_the_unscored_ones(tmp_path, capsys
         ({"method.r": r}, {"eval_rouge-l": nan}, "FINISHED") for r in (4, 8)])
     assert main(["--tracking-uri", uri, "--sweep", str(tmp_path / "all_nan")]) == 1
     assert "has a finite 'eval_rouge-l' (only NaN or infinite values)" in capsys.readouterr().err
+
+
+def last_logged(client, run_id: str, metric: str) -> dict[int, float]:
+    """Each step's value as MLflow's history holds it, the one logged last winning (read without compare)."""
+    points = sorted(client.get_metric_history(run_id, metric), key=lambda m: (m.step, m.timestamp))
+    return {m.step: m.value for m in points}
+
+
+def test_a_step_logged_again_is_drawn_once_with_its_last_value(tmp_path, capsys):
+    """A resumed run logs the steps between its checkpoint and the kill again: the curve keeps the later value."""
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    from glm_ft.tracking.compare import figure
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("glm-ft", artifact_location=str(tmp_path / "artifacts"))
+    add_sweep(client, exp, tmp_path / "resumed", 1000, ["method.r"], "eval_rouge-l", "maximize",
+              [({"method.r": r}, {}, "FINISHED") for r in (4, 8)])
+    runs = {c.info.run_name: c.info.run_id for c in client.search_runs([exp])}
+    # killed after step 6, resumed from step 4: steps 5 and 6 again, later, with other values
+    first = [(2, 10.0), (4, 20.0), (6, 25.0), (5, 22.0)]
+    again = [(5, 23.0), (6, 30.0), (8, 35.0)]
+    for i, (step, value) in enumerate(first + again):
+        client.log_batch(runs["method.r=4"], metrics=[Metric("eval_rouge-l", value, 1_000 + i, step)])
+    for step in (2, 4):
+        client.log_metric(runs["method.r=8"], "eval_rouge-l", float(step), step=step)
+
+    result = compare(str(tmp_path / "resumed"), tracking_uri=uri, out=tmp_path / "c.png")
+    assert result.curves[runs["method.r=4"]] == [(2, 10.0), (4, 20.0), (5, 23.0), (6, 30.0), (8, 35.0)]
+    for run_id, points in result.curves.items():
+        assert points == sorted(last_logged(client, run_id, "eval_rouge-l").items())
+        assert points[-1][1] == client.get_run(run_id).data.metrics["eval_rouge-l"]  # the table's value
+    drawn = {line.get_label(): [tuple(p) for p in line.get_xydata().tolist()] for line in figure(result).axes[-1].lines}
+    assert drawn["method.r=4"] == result.curves[runs["method.r=4"]]
+
+
+@pytest.mark.slow
+def test_a_sweep_job_killed_and_resumed_has_one_point_per_step(tmp_path, capsys):
+    """A real kill: the sweep's job is SIGKILLed once steps 3-4 are in MLflow but checkpoint-4 is not yet complete
+    (its marker is what a kill mid-save lacks), so the re-run sweep resumes it from checkpoint-2 and logs steps 3 and
+    4 again to the same run. compare's curves and the run's training_curves.png hold each step once."""
+    import subprocess
+    import sys
+
+    from mlflow.tracking import MlflowClient
+
+    from conftest import ROOT, run_process
+    from glm_ft.runs import CURVES_FILE
+    from glm_ft.tracking.curves import read_series
+    from lifecycle_helpers import STOPPING_TRAIN, background, kill_group, mlflow_run_id, wait_until_stopped
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    sweep_dir, log = tmp_path / "sweep", tmp_path / "sweep.log"
+    args = ["-m", "experiment=quickstart", "method=lora", "method.r=4", "training_args.max_steps=6",
+            "training_args.save_steps=2", "training_args.eval_steps=2", "training_args.logging_steps=1",
+            "eval_subset=2", "training_args.per_device_train_batch_size=2", "data.test_file=null",
+            "training_args.generation_config.max_new_tokens=4", f"hydra.sweep.dir={sweep_dir}"]
+    env = {"MLFLOW_TRACKING_URI": uri}
+    with background([sys.executable, "-c", STOPPING_TRAIN, "checkpoint-4", *args], log, env=env) as proc:
+        wait_until_stopped(proc, log, "checkpoint-4")
+        kill_group(proc)
+        proc.wait()
+    job_dir = sweep_dir / "0"
+    (job_dir / "checkpoint-4" / "glm_ft_complete").unlink()
+    again = run_process([sys.executable, str(ROOT / "train.py"), *args], env={**os.environ, **env})
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "Resuming #0 from the checkpoints" in again.stdout + again.stderr
+
+    client, run_id = MlflowClient(uri), mlflow_run_id(job_dir)
+    for metric in ("loss", "eval_rouge-l"):
+        steps = [m.step for m in client.get_metric_history(run_id, metric)]
+        assert steps.count(4) == 2  # what the kill and resume logged: step 4 twice
+        result = compare(str(sweep_dir), metric, tracking_uri=uri, out=tmp_path / f"{metric}.png")
+        assert result.curves == {run_id: sorted(last_logged(client, run_id, metric).items())}
+        assert [s for s, _ in result.curves[run_id]] == sorted(set(steps))
+    # The run's own picture is drawn from the Trainer's history: each step once, as trainer_state.json has it.
+    history = json.loads((job_dir / "checkpoint-6" / "trainer_state.json").read_text())["log_history"]
+    assert read_series(job_dir / CURVES_FILE)["loss"] == [[h["step"], h["loss"]] for h in history if "loss" in h]
+    assert [s for s, _ in read_series(job_dir / CURVES_FILE)["loss"]] == list(range(1, 7))
+    # The job returned the sweep's metric (no optimized_metric: eval_rouge-l), as its outcome records it.
+    outcome = json.loads((sweep_dir / ".glm_ft_jobs" / "0.json").read_text())
+    assert outcome["status"] == "COMPLETED"
+    assert outcome["return_value"] == client.get_run(run_id).data.metrics["eval_rouge-l"]
