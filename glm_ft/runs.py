@@ -3,7 +3,8 @@
     RUN_DIR/
       glm_ft_run.json          RUN_INFO: base model, method, lengths: what chat/predict/export need to reopen it
       checkpoint-N/            a Trainer checkpoint; counts once COMPLETE_MARKER is in it
-        glm_ft_data_order.json DATA_ORDER_RECORD: the data and layout its steps trained (changed_data_inputs)
+        glm_ft_data_order.json DATA_ORDER_RECORD: the data and layout its steps trained (changed_data_inputs) and
+                               the dtype its weights loaded in (changed_precision_inputs)
       final/                   the trained model; COMPLETE_MARKER records the step training finished at
       glm_ft_progress.json     PROGRESS_FILE: the stages done (evaluated, predicted, complete), for resume=auto
       predictions.jsonl, eval_predictions.jsonl, eval_metrics.json
@@ -44,8 +45,11 @@ EVAL_METRICS = "eval_metrics.json"
 PREFIX_WEIGHTS = "prefix_encoder.safetensors"
 PREFIX_CONFIG = "prefix_config.json"
 # What decides which rows a step trains beyond the Trainer's arguments (its training_args.json has those): the
-# training file's contents, the lengths samples are cut to, packing, the number of processes sharing the batches.
+# training file's contents, the lengths samples are cut to, packing, the number of processes sharing the batches;
+# and beside them, the dtype the model's weights loaded in (PRECISION_KEYS).
 DATA_ORDER_RECORD = "glm_ft_data_order.json"
+# The record's keys that say in what precision the steps computed, not which rows they trained.
+PRECISION_KEYS = ("model.torch_dtype",)
 
 
 def checkpoint_dir(run_dir: Path, step: int) -> Path:
@@ -197,13 +201,21 @@ def changed_data_inputs(checkpoint: Path, now: dict[str, Any]) -> list[str]:
     keys = ["max_input_length", "max_output_length", "data.packing"]
     if saved.get("data.packing") and now.get("data.packing"):
         keys.append("data.pack_max_length")  # the budget the rows were packed to; unpacked, there is none
-    changed += [f"{key} {_shown(saved[key])} -> {_shown(now[key])}" for key in keys if differs(key)]
+    changed += [f"{key} {shown_value(saved[key])} -> {shown_value(now[key])}" for key in keys if differs(key)]
     if differs("world_size"):
         changed.append(f"number of processes {saved['world_size']} -> {now['world_size']}")
     return changed
 
 
-def _shown(value: Any) -> str:
+def changed_precision_inputs(checkpoint: Path, now: dict[str, Any]) -> list[str]:
+    """The PRECISION_KEYS a resume with `now` changes from its checkpoint's DATA_ORDER_RECORD, one phrase each
+    (nothing for a checkpoint saved before the record held them)."""
+    saved = read_json(Path(checkpoint) / DATA_ORDER_RECORD) or {}
+    return [f"{key} {saved[key]} -> {now[key]}" for key in PRECISION_KEYS
+            if key in saved and key in now and saved[key] != now[key]]
+
+
+def shown_value(value: Any) -> str:
     return json.dumps(value) if isinstance(value, bool) or value is None else str(value)  # as a config sets it
 
 

@@ -60,11 +60,17 @@ BAD_VALUES = {
     "seed": [["-1"], [str(2**32)], [str(2**40)]],
     "training_args.learning_rate": [["nan"], ["inf"], ["-1e-3"], ["0"]],
     "training_args.warmup_steps": [["-1"], ["-0.5"], ["nan"]],
-    # transformers' own, but they step on eval_loss (not computed: the first evaluation failed) or need
-    # lr_scheduler_kwargs (not taken: training failed to start, after the model loaded)
-    "training_args.lr_scheduler_type": [["bogus"], ["Linear"], ["reduce_lr_on_plateau"], ["greedy"],
-                                        ["cosine_with_min_lr"], ["cosine_warmup_with_min_lr"],
-                                        ["warmup_stable_decay"]],
+    # transformers' own, but they step on eval_loss (not computed: the first evaluation failed)
+    "training_args.lr_scheduler_type": [["bogus"], ["Linear"], ["reduce_lr_on_plateau"], ["greedy"]],
+    # the chosen scheduler's arguments: a TypeError or ValueError once the model had loaded, or ignored (constant)
+    "training_args.lr_scheduler_kwargs": [
+        ["{min_lr_rat: 0.1}", "training_args.lr_scheduler_type=cosine_with_min_lr"], ["{num_cycles: 2}"],
+        ["{num_cycles: 2}", "training_args.lr_scheduler_type=constant"],
+        ["{}", "training_args.lr_scheduler_type=cosine_with_min_lr"],
+        ["{min_lr: 1e-5, min_lr_rate: 0.1}", "training_args.lr_scheduler_type=cosine_warmup_with_min_lr"],
+        ["{}", "training_args.lr_scheduler_type=warmup_stable_decay"],
+        ["{num_decay_steps: 1, decay_type: cos}", "training_args.lr_scheduler_type=warmup_stable_decay"],
+        ["{num_cycles: two}", "training_args.lr_scheduler_type=cosine"]],
     "training_args.optim": [["bogus"], ["adamw"]],
     "training_args.log_level": [["loud"]],
     "training_args.evaluation_strategy": [["sometimes"]],

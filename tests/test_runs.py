@@ -124,3 +124,17 @@ def test_a_resume_is_told_every_data_input_it_changes_that_its_checkpoint_record
     # a key a record lacks (an older glm-ft kept fewer) is not compared
     runs.write_json(ckpt / runs.DATA_ORDER_RECORD, {"max_input_length": 64})
     assert runs.changed_data_inputs(ckpt, {**saved, "world_size": 1}) == []
+
+
+def test_a_resume_is_told_the_dtype_it_changes_apart_from_the_data_order(tmp_path):
+    """The record also keeps the dtype the weights loaded in ("auto" resolved): another one is a change of
+    precision, not of the rows the steps train; a record without it (an older glm-ft's) is not compared."""
+    ckpt = _run_folder(tmp_path, complete_steps=(2,)) / "checkpoint-2"
+    saved = {"model.torch_dtype": "float32", "max_input_length": 64, "world_size": 1}
+    runs.write_json(ckpt / runs.DATA_ORDER_RECORD, saved)
+    now = {**saved, "model.torch_dtype": "bfloat16"}
+    assert runs.changed_precision_inputs(ckpt, now) == ["model.torch_dtype float32 -> bfloat16"]
+    assert runs.changed_data_inputs(ckpt, now) == []
+    assert runs.changed_precision_inputs(ckpt, saved) == []
+    runs.write_json(ckpt / runs.DATA_ORDER_RECORD, {"max_input_length": 64})
+    assert runs.changed_precision_inputs(ckpt, now) == []

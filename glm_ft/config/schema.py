@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Dict, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 
 from glm_ft.methods import METHODS, freeze, lora, ptuning_v2, sft
 
@@ -77,6 +77,12 @@ class GenerationArgs:
     repetition_penalty: Optional[float] = None
 
 
+def _open_mapping() -> DictConfig:
+    """An empty mapping whose keys the command line adds without `+` (training_args.lr_scheduler_kwargs.num_cycles=2):
+    it has no keys of its own to misspell, and Hydra's struct flag would refuse every one."""
+    return OmegaConf.create({}, flags={"struct": False})
+
+
 @dataclass
 class TrainingArgs:
     # Documented keys (finetune_configs_zh.md), with their documented defaults.
@@ -114,6 +120,9 @@ class TrainingArgs:
     warmup_steps: float = 0
     weight_decay: float = 0.0
     lr_scheduler_type: str = "linear"
+    # The chosen scheduler's own arguments (min_lr_rate, num_cycles, num_decay_steps, ...), passed to transformers'
+    # get_scheduler; validate.py checks them against that scheduler's signature.
+    lr_scheduler_kwargs: Dict[str, Any] = field(default_factory=_open_mapping)
     max_grad_norm: float = 1.0
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999

@@ -164,19 +164,47 @@ def _check_choice(key: str, value: str, choices: tuple[str, ...], source: str) -
 # transformers' schedulers that cannot run under glm-ft, refused here rather than where transformers fails on them.
 _ON_EVAL_LOSS = ("steps the rate on eval_loss, which glm-ft's evaluation (generation, scored by ROUGE/BLEU) does not "
                  "compute: the first evaluation would fail")
-_NEEDS_KWARGS = "needs training_args.lr_scheduler_kwargs ({}), which glm-ft does not take: training would fail to start"
-UNRUNNABLE_SCHEDULERS = {
-    "reduce_lr_on_plateau": _ON_EVAL_LOSS,
-    "greedy": _ON_EVAL_LOSS,
-    "cosine_with_min_lr": _NEEDS_KWARGS.format("min_lr or min_lr_rate"),
-    "cosine_warmup_with_min_lr": _NEEDS_KWARGS.format("min_lr or min_lr_rate"),
-    "warmup_stable_decay": _NEEDS_KWARGS.format("num_decay_steps"),
-}
+UNRUNNABLE_SCHEDULERS = {"reduce_lr_on_plateau": _ON_EVAL_LOSS, "greedy": _ON_EVAL_LOSS}
+# The min_lr schedulers take exactly one of these (their bodies raise otherwise, once the model has loaded).
+_ONE_OF = ("min_lr", "min_lr_rate")
 
 
 def scheduler_choices() -> tuple[str, ...]:
     """The installed transformers' SchedulerType values that glm-ft runs: a rate from the step alone."""
     return tuple(name for name in hf_choices.enum_values("SchedulerType") if name not in UNRUNNABLE_SCHEDULERS)
+
+
+def _check_scheduler_kwargs(args: DictConfig) -> None:
+    """lr_scheduler_kwargs against the chosen scheduler's signature (read from transformers' source): a name it does
+    not take failed with a TypeError once the model had loaded, or was ignored (constant, constant_with_warmup)."""
+    key, name = "training_args.lr_scheduler_kwargs", args.lr_scheduler_type
+    given = OmegaConf.to_container(args.lr_scheduler_kwargs, resolve=True)
+    spec = hf_choices.scheduler_args(name)
+    names = spec.names or ()  # None (**kwargs) only for the UNRUNNABLE_SCHEDULERS, refused before
+    takes = f"it takes {', '.join(names)}" if names else "it takes none"
+    for kwarg, value in given.items():
+        if kwarg not in names:
+            guesses = closest(str(kwarg), list(names))
+            hint = f"did you mean {' or '.join(guesses)}? " if guesses else ""
+            raise ConfigError(f"{key}.{kwarg}: not an argument of lr_scheduler_type={name} ({hint}{takes})")
+        if value is None and kwarg in spec.optional_none:
+            continue
+        if kwarg in spec.choices and value not in spec.choices[kwarg]:
+            raise ConfigError(f"{key}.{kwarg}: '{value}' is not one of {', '.join(spec.choices[kwarg])}")
+        if kwarg in spec.text and not isinstance(value, str):
+            raise ConfigError(f"{key}.{kwarg}: must be a string, got {value!r}")
+        if kwarg not in spec.text and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise ConfigError(f"{key}.{kwarg}: must be a number, got {value!r}")
+    missing = [kwarg for kwarg in spec.required if given.get(kwarg) is None]
+    if missing:
+        raise ConfigError(f"{key}.{missing[0]}: lr_scheduler_type={name} needs it")
+    if name == "polynomial" and given.get("lr_end") is not None and given["lr_end"] >= args.learning_rate:
+        # get_polynomial_decay_schedule_with_warmup raises on it, once the model has loaded
+        raise ConfigError(f"{key}.lr_end: must be below training_args.learning_rate ({args.learning_rate}), "
+                          f"got {given['lr_end']}")
+    if all(kwarg in names for kwarg in _ONE_OF) and sum(given.get(k) is not None for k in _ONE_OF) != 1:
+        raise ConfigError(f"{key}: lr_scheduler_type={name} needs exactly one of min_lr (a learning rate) or "
+                          "min_lr_rate (a fraction of training_args.learning_rate)")
 
 
 def _check_training_args(args: DictConfig) -> None:
@@ -189,6 +217,7 @@ def _check_training_args(args: DictConfig) -> None:
         raise ConfigError(f"training_args.lr_scheduler_type: {args.lr_scheduler_type} {reason}; use one of "
                           f"{', '.join(scheduler_choices())}")
     _check_choice("lr_scheduler_type", args.lr_scheduler_type, scheduler_choices(), "transformers' SchedulerType")
+    _check_scheduler_kwargs(args)
     _check_choice("optim", args.optim, hf_choices.enum_values("OptimizerNames"), "transformers' OptimizerNames")
     _check_choice("log_level", args.log_level, hf_choices.log_levels(), "transformers' log levels")
     positive = ["per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",

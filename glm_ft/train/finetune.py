@@ -22,7 +22,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 from transformers import GenerationConfig, set_seed
 
-from glm_ft import dist
+from glm_ft import dist, methods
 from glm_ft.config.paths import InputPaths, input_paths
 from glm_ft.config.schema import DATA_CACHE
 from glm_ft.data.dataset import load_datasets
@@ -42,7 +42,7 @@ from glm_ft.tracking.tracker import closing_interrupted, settle_previous_run, st
 from glm_ft.data.collate import Collator
 from glm_ft.train.evaluation import generation_config, metrics_fn, stop_token_ids, write_predictions
 from glm_ft.train.trainer import (GlmTrainer, PruningCallback, TrackerCallback, Watchdog, changed_data_order,
-                                  disk_full_named, resume_point)
+                                  changed_precision, disk_full_named, resume_point)
 from glm_ft.train.trainer_args import build_training_arguments
 
 log = logging.getLogger("glm_ft")
@@ -231,6 +231,13 @@ def _train_and_save(cfg: DictConfig, run_dir: Path, trainer, tracker, job_trial)
             if changed:
                 log.warning("resume: %s since %s: the resumed steps do not continue its data order (an "
                             "uninterrupted run would train other batches)", changed, resume_from)
+            # Allowed, as the Trainer allows it (another GPU may have bf16, or memory may need it), and said: the
+            # checkpoint's weights and AdamW states are cast to this run's dtypes as they load, without a word.
+            changed = changed_precision(Path(resume_from), trainer.args, trainer.data_inputs)
+            if changed:
+                log.warning("resume: %s since %s: the resumed steps compute in another precision than its steps (the "
+                            "weights and optimizer states it saved load cast to this run's dtypes; an uninterrupted "
+                            "run would compute other losses)", changed, resume_from)
         tracker.set_tags({"glm_ft.resumed_from": resume_from})
     if resume_from and job_trial is not None and job_trial.pruned_by(checkpoint_step(Path(resume_from))):
         # A trial its pruner stopped, killed with its sweep after saving the checkpoint at that step and before the
@@ -275,9 +282,13 @@ def _data_inputs(cfg: DictConfig, where: InputPaths, train_sha256: str | None, p
                  world_size: int) -> dict:
     """What decides each step's rows besides the Trainer's arguments, as each checkpoint records it
     (glm_ft.runs.DATA_ORDER_RECORD): the training file's contents (the digest the dataset cache already took), the
-    lengths every sample is cut to, packing and its budget, and how many processes share each step's batches."""
+    lengths every sample is cut to, packing and its budget, and how many processes share each step's batches; and
+    the dtype the weights load in (model.torch_dtype's "auto" resolved: it follows training_args.bf16 for LoRA)."""
     train_file = where.data_files.get("train")
-    return {"data.train_file": str(train_file) if train_file else None, "data.train_sha256": train_sha256,
+    args = cfg.training_args
+    dtype = methods.torch_dtype(cfg.model.torch_dtype, method=cfg.method.name, bf16=args.bf16, fp16=args.fp16)
+    return {"model.torch_dtype": str(dtype).removeprefix("torch."),
+            "data.train_file": str(train_file) if train_file else None, "data.train_sha256": train_sha256,
             "max_input_length": cfg.max_input_length, "max_output_length": cfg.max_output_length,
             "data.packing": bool(cfg.data.packing), "data.pack_max_length": pack_budget, "world_size": world_size}
 

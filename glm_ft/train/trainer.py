@@ -31,8 +31,9 @@ from glm_ft import dist, methods
 from glm_ft.atomic import write_text_atomic
 from glm_ft.errors import CheckpointError, GlmFtError
 from glm_ft.config.schema import EVAL_BATCH_TOKENS
-from glm_ft.runs import (COMPLETE_MARKER, DATA_ORDER_RECORD, changed_data_inputs, checkpoint_dir,
-                         last_complete_checkpoint, mark_complete, rotate_checkpoints, write_json)
+from glm_ft.runs import (COMPLETE_MARKER, DATA_ORDER_RECORD, changed_data_inputs, changed_precision_inputs,
+                         checkpoint_dir, last_complete_checkpoint, mark_complete, rotate_checkpoints, shown_value,
+                         write_json)
 from glm_ft.data.collate import SAMPLE_INDEX
 from glm_ft.train.evaluation import Indexed, in_sample_order, plan_generation, write_predictions
 from glm_ft.train.generation import generate
@@ -322,21 +323,33 @@ class GlmTrainer(WholeRunLoss, Seq2SeqTrainer):
 # What decides which rows each step trains: changed on resume, the resumed steps do not continue the checkpoint's order.
 DATA_ORDER_ARGS = ("per_device_train_batch_size", "gradient_accumulation_steps", "train_sampling_strategy", "seed",
                    "data_seed")
+# The mixed-precision switches: changed on resume, the resumed steps compute in another precision than the saved ones.
+PRECISION_ARGS = ("bf16", "fp16")
 
 
 def changed_data_order(checkpoint: Path, args, data_inputs: dict | None = None) -> str | None:
     """What a resume changes of what each step trains, as one phrase: the data-order arguments against the
     checkpoint's training_args.json, and `data_inputs` (the data, lengths, packing, processes) against its
     DATA_ORDER_RECORD. What a checkpoint did not record is not compared."""
+    changed = _changed_args(checkpoint, args, DATA_ORDER_ARGS) + changed_data_inputs(checkpoint, data_inputs or {})
+    return ", ".join(changed) or None
+
+
+def changed_precision(checkpoint: Path, args, data_inputs: dict | None = None) -> str | None:
+    """What a resume changes of the precision each step computes in, as one phrase: the mixed-precision switches
+    against training_args.json, the dtype the weights load in ("auto" resolved) against DATA_ORDER_RECORD."""
+    changed = _changed_args(checkpoint, args, PRECISION_ARGS)
+    return ", ".join(changed + changed_precision_inputs(checkpoint, data_inputs or {})) or None
+
+
+def _changed_args(checkpoint: Path, args, keys: tuple[str, ...]) -> list[str]:
     try:
         saved = json.loads((Path(checkpoint) / TRAINING_ARGS_JSON).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         saved = {}
     now = args.to_dict()
-    changed = [f"training_args.{key} {saved[key]} -> {now[key]}" for key in DATA_ORDER_ARGS
-               if key in saved and key in now and saved[key] != now[key]]
-    changed += changed_data_inputs(checkpoint, data_inputs or {})
-    return ", ".join(changed) or None
+    return [f"training_args.{key} {shown_value(saved[key])} -> {shown_value(now[key])}" for key in keys
+            if key in saved and key in now and saved[key] != now[key]]
 
 
 class Watchdog(TrainerCallback):

@@ -15,7 +15,7 @@ import pytest
 from conftest import ROOT, compose, run_process
 from glm_ft.config import hf_choices
 from glm_ft.errors import ConfigError
-from glm_ft.config.validate import validate
+from glm_ft.config.validate import UNRUNNABLE_SCHEDULERS, validate
 
 
 def test_enums_equal_transformers_own():
@@ -119,29 +119,79 @@ def test_values_at_the_bounds_are_accepted(override):
     validate(compose(["experiment=quickstart", override]), check_paths=False)
 
 
-@pytest.mark.parametrize("name", hf_choices.enum_values("SchedulerType"))
-def test_a_scheduler_is_accepted_only_if_it_sets_the_rate_from_the_step_alone(name):
-    """The Trainer builds the schedule from lr_scheduler_type and lr_scheduler_kwargs, which glm-ft does not take (an
-    empty dict), and steps any but a LambdaLR on metric_for_best_model, eval_loss, which glm-ft's evaluation does not
-    compute. An accepted type builds into a LambdaLR; a refused one fails to build or is metric-stepped (refused
-    before anything loads instead of after the model loaded, or at the first evaluation)."""
+# The arguments without which a scheduler does not build (transformers raises): what a config must give it.
+NEEDED_KWARGS = {"cosine_with_min_lr": {"min_lr_rate": 0.1}, "cosine_warmup_with_min_lr": {"min_lr": 1e-3},
+                 "warmup_stable_decay": {"num_decay_steps": 2}}
+
+
+def _scheduler(name: str, kwargs: dict):
     import torch
     from transformers.optimization import get_scheduler
 
-    def build():
-        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-        return get_scheduler(name, optimizer, num_warmup_steps=1, num_training_steps=4, scheduler_specific_kwargs={})
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    return get_scheduler(name, optimizer, num_warmup_steps=1, num_training_steps=4, scheduler_specific_kwargs=kwargs)
 
+
+def _validate_scheduler(name: str, kwargs: dict) -> None:
+    validate(compose(["experiment=quickstart", f"training_args.lr_scheduler_type={name}",
+                      f"training_args.lr_scheduler_kwargs={kwargs!r}".replace("'", "")]), check_paths=False)
+
+
+@pytest.mark.parametrize("name", hf_choices.enum_values("SchedulerType"))
+def test_a_scheduler_is_accepted_only_if_it_sets_the_rate_from_the_step_alone(name):
+    """The Trainer steps any schedule but a LambdaLR on metric_for_best_model, eval_loss, which glm-ft's evaluation
+    does not compute. An accepted type (with the arguments it needs) builds into a LambdaLR; a refused one fails to
+    build or is metric-stepped (refused before anything loads instead of at the first evaluation)."""
+    import torch
+
+    kwargs = NEEDED_KWARGS.get(name, {})
     try:
-        validate(compose(["experiment=quickstart", f"training_args.lr_scheduler_type={name}"]), check_paths=False)
+        _validate_scheduler(name, kwargs)
     except ConfigError as err:
         assert str(err).startswith(f"training_args.lr_scheduler_type: {name} ")
         try:
-            assert not isinstance(build(), torch.optim.lr_scheduler.LambdaLR)
+            assert not isinstance(_scheduler(name, kwargs), torch.optim.lr_scheduler.LambdaLR)
         except (TypeError, ValueError):
             pass
         return
-    assert isinstance(build(), torch.optim.lr_scheduler.LambdaLR)
+    assert isinstance(_scheduler(name, kwargs), torch.optim.lr_scheduler.LambdaLR)
+
+
+@pytest.mark.parametrize("name", [n for n in hf_choices.enum_values("SchedulerType") if n not in UNRUNNABLE_SCHEDULERS])
+def test_lr_scheduler_kwargs_are_the_arguments_transformers_scheduler_takes(name):
+    """Each argument read from transformers' source is one its scheduler builds with (a value of the kind glm-ft
+    checks for); a name it does not take, which glm-ft refuses, fails to build or, for the constant schedules, is
+    silently ignored by get_scheduler; each argument NEEDED_KWARGS gives is needed."""
+    import torch
+
+    spec = hf_choices.scheduler_args(name)
+    for kwarg in spec.names:
+        value = spec.choices[kwarg][-1] if kwarg in spec.choices else 1e-4  # below any learning rate here
+        kwargs = {**NEEDED_KWARGS.get(name, {}), kwarg: value}
+        if kwarg in ("min_lr", "min_lr_rate"):  # one or the other
+            kwargs = {k: v for k, v in kwargs.items() if k not in ("min_lr", "min_lr_rate") or k == kwarg}
+        _validate_scheduler(name, kwargs)
+        assert isinstance(_scheduler(name, kwargs), torch.optim.lr_scheduler.LambdaLR)
+    with pytest.raises(ConfigError, match=r"^training_args.lr_scheduler_kwargs.bogus: not an argument"):
+        _validate_scheduler(name, {**NEEDED_KWARGS.get(name, {}), "bogus": 1})
+    if name not in ("constant", "constant_with_warmup"):
+        with pytest.raises(TypeError):
+            _scheduler(name, {**NEEDED_KWARGS.get(name, {}), "bogus": 1})
+    if name in NEEDED_KWARGS:
+        with pytest.raises(ConfigError, match=r"^training_args.lr_scheduler_kwargs"):
+            _validate_scheduler(name, {})
+        with pytest.raises((TypeError, ValueError)):
+            _scheduler(name, {})
+    if name == "polynomial":  # its end rate below the start
+        with pytest.raises(ConfigError, match="lr_end: must be below training_args.learning_rate"):
+            _validate_scheduler(name, {"lr_end": 2e-3})  # the quickstart's rate
+        with pytest.raises(ValueError):
+            _scheduler(name, {"lr_end": 1.0})
+    if {"min_lr", "min_lr_rate"} <= set(spec.names):  # not both either
+        with pytest.raises(ConfigError, match="exactly one of min_lr"):
+            _validate_scheduler(name, {"min_lr": 1e-3, "min_lr_rate": 0.1})
+        with pytest.raises(ValueError):
+            _scheduler(name, {"min_lr": 1e-3, "min_lr_rate": 0.1})
 
 
 def test_the_zero_keys_read_from_deepspeeds_source_are_its_models_own():

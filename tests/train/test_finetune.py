@@ -435,6 +435,7 @@ def test_an_unchanged_resume_warns_nothing_even_from_a_moved_copy_of_the_data(sa
     assert (record["max_input_length"], record["data.packing"], record["world_size"]) == (64, False, 1)
     out = _resume(checkpoint, _train_file(tmp_path / "moved", rows), tmp_path / "resumed", mlflow_env)
     assert "data order" not in out  # the same bytes elsewhere are the same rows
+    assert "precision" not in out
 
 
 def test_a_checkpoint_saved_before_the_record_resumes_as_before(saved_at_step_2, tmp_path, mlflow_env):
@@ -497,6 +498,73 @@ def test_sft_with_an_explicit_bf16_dtype_trains_and_resumes_in_pure_bf16(tmp_pat
     assert trained(tmp_path / "resumed", "checkpoint-4", 3) == trained(tmp_path / "whole", "checkpoint-4", 3)
     assert weight_dtypes(tmp_path / "resumed" / "final") == {"BF16"}
     assert adam_state_dtypes(tmp_path / "resumed" / "checkpoint-4") == {torch.bfloat16}
+
+
+PRECISION_WARNING = ("since {}: the resumed steps compute in another precision than its steps (the weights and "
+                     "optimizer states it saved load cast to this run's dtypes; an uninterrupted run would compute "
+                     "other losses)")
+
+
+def test_a_resume_in_another_precision_says_so_in_one_line(tmp_path, mlflow_env):
+    """An fp32 sft checkpoint resumed with model.torch_dtype=bfloat16 trains on in pure bf16: the Trainer casts its
+    weights and AdamW states to bf16 as they load, without a word (only MLflow's glm_ft.resume_changed_params held
+    it). Allowed, as the Trainer allows it (a GPU with bf16, less memory), and said in one line, as a change of data
+    order is; a resume in the checkpoint's own precision says nothing (test_resume_from_named_checkpoint)."""
+    import torch
+
+    args = [*METHODS["sft"], "training_args.save_steps=2", "training_args.eval_steps=100", "data.val_file=null",
+            "data.test_file=null"]
+    first = train([*args, "training_args.max_steps=2"], tmp_path / "fp32", mlflow_env)
+    assert first.returncode == 0, first.stderr[-3000:]
+    checkpoint = tmp_path / "fp32" / "checkpoint-2"
+    assert (weight_dtypes(checkpoint), adam_state_dtypes(checkpoint)) == ({"F32"}, {torch.float32})
+    same = train([*args, "training_args.max_steps=3", f"resume={checkpoint}"], tmp_path / "same", mlflow_env)
+    assert same.returncode == 0 and "precision" not in same.stdout + same.stderr, same.stderr[-3000:]
+    resumed = train([*args, "training_args.max_steps=4", "model.torch_dtype=bfloat16", f"resume={checkpoint}"],
+                    tmp_path / "bf16", mlflow_env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    lines = [line for line in (resumed.stdout + resumed.stderr).splitlines() if "precision" in line]
+    assert len(lines) == 1 and lines[0].endswith(
+        f"resume: model.torch_dtype float32 -> bfloat16 {PRECISION_WARNING.format(checkpoint)}"), lines
+    # what the line says: the resumed steps trained bf16 weights with bf16 AdamW states
+    saved = tmp_path / "bf16" / "checkpoint-4"
+    assert (weight_dtypes(saved), adam_state_dtypes(saved)) == ({"BF16"}, {torch.bfloat16})
+
+
+def test_a_lora_resume_with_bf16_on_says_its_base_computes_in_bf16(saved_at_step_2, tmp_path, mlflow_env):
+    """LoRA's model.torch_dtype=auto follows training_args.bf16: switched on at the resume, the frozen base loads in
+    bf16 and the steps run under bf16 autocast. Both are named (the adapter and its AdamW states stay fp32)."""
+    checkpoint = saved_at_step_2[0]
+    out = _resume(checkpoint, checkpoint.parent.parent / "data", tmp_path / "resumed", mlflow_env,
+                  "training_args.bf16=true")
+    assert (f"resume: training_args.bf16 false -> true, model.torch_dtype float32 -> bfloat16 "
+            f"{PRECISION_WARNING.format(checkpoint)}") in out
+    assert "data order" not in out
+
+
+def test_cosine_with_min_lr_takes_its_min_lr_rate_from_lr_scheduler_kwargs(tmp_path, mlflow_env):
+    """training_args.lr_scheduler_kwargs reaches transformers' scheduler: every logged rate is the cosine from
+    learning_rate down to min_lr_rate x learning_rate after a linear warmup, computed here from its definition."""
+    base, warmup, steps, floor = 1e-3, 2, 7, 0.25
+    run_dir = tmp_path / "run"
+    result = train(["method=lora", "training_args.lr_scheduler_type=cosine_with_min_lr",
+                    f"training_args.lr_scheduler_kwargs.min_lr_rate={floor}", f"training_args.warmup_steps={warmup}",
+                    f"training_args.max_steps={steps}", "training_args.save_steps=100", "data.val_file=null",
+                    "data.test_file=null"], run_dir, mlflow_env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert OmegaConf.load(run_dir / "finetune.yaml").training_args.lr_scheduler_kwargs == {"min_lr_rate": floor}
+
+    def rate(k: int) -> float:  # step k trains at the rate the schedule has after k - 1 scheduler steps
+        done = k - 1
+        if done < warmup:
+            return base * done / warmup
+        progress = (done - warmup) / (steps - warmup)
+        return base * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+    history = json.loads((run_dir / "final" / "training_log.json").read_text())["log_history"]
+    logged = {h["step"]: h["learning_rate"] for h in history if "learning_rate" in h}
+    assert logged == pytest.approx({k: rate(k) for k in range(1, steps + 1)}, rel=1e-6, abs=1e-12)
+    assert min(logged.values()) == 0 and min(v for v in logged.values() if v) > floor * base  # warmup, then the floor
 
 
 def test_switches(tmp_path, mlflow_env):
