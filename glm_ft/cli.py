@@ -8,6 +8,7 @@ from __future__ import annotations
 import faulthandler
 import json
 import logging
+import signal
 import sys
 from pathlib import Path
 
@@ -24,7 +25,7 @@ from glm_ft.runs import check_resume_world_size, finished_step
 from glm_ft.config.locations import config_dir
 from glm_ft.config.preflight import check_command_line
 from glm_ft.tracking.redact import redact, redact_files, redact_log_records
-from glm_ft.tracking.signals import Terminated, stop_behind
+from glm_ft.tracking.signals import SIGTERM_GUARD, Terminated, restated, stop_behind
 from glm_ft.config.ds_config import check_zero_values
 from glm_ft.config.render import render_run_files
 from glm_ft.config.paths import InputPaths
@@ -90,7 +91,7 @@ def run(cfg: DictConfig) -> float | None:
             stop = stop_behind(err)
             if stop is None:
                 raise
-            raise (KeyboardInterrupt() if isinstance(stop, KeyboardInterrupt) else Terminated()) from err
+            raise restated(stop, str(stop)) from err
     if cfg.optimized_metric is None:
         from glm_ft.search.sweep import DEFAULT_METRIC
 
@@ -120,18 +121,25 @@ def _hydra_main(cfg: DictConfig) -> float | None:
             raise JobFailed(f"error: {err}") from None
         to_stderr(f"error: {err}")
         sys.exit(1)
-    except KeyboardInterrupt as err:
+    except (KeyboardInterrupt, Terminated) as err:  # Ctrl-C, or SIGTERM (a scheduler's stop, `kill PID`)
         hc = HydraConfig.get()
         if hc.mode == RunMode.MULTIRUN:
             # Raised on, so Hydra launches no further job; main() says it in one line. A rerun of the sweep (not
             # resume=auto in the job's folder) continues it, skipping the jobs that finished.
             where = str(err).split(" (continue with", 1)[0] or "before it finished"  # its hint is for one run
             job = redact(" ".join(hc.overrides.task))
-            raise KeyboardInterrupt(f"{where}: sweep job #{hc.job.num} ({job}); continue the sweep with the same "
-                                    f"command and hydra.sweep.dir={hc.sweep.dir}") from None
-        # The MLflow run is already marked KILLED; say where to continue from.
+            raise restated(err, f"{where}: sweep job #{hc.job.num} ({job}); continue the sweep with the same "
+                                f"command and hydra.sweep.dir={hc.sweep.dir}") from None
+        stopped(err)  # the MLflow run is already marked KILLED
+
+
+def stopped(err: KeyboardInterrupt | Terminated) -> None:
+    """The one line of a job stopped by Ctrl-C or SIGTERM, saying where to continue from, and the exit code a shell
+    or scheduler expects of that signal: 130 (128 + SIGINT), 143 (128 + SIGTERM). Under torchrun every rank is
+    stopped at the same step: rank 0 says it."""
+    if dist.is_rank_zero():
         to_stderr(f"interrupted {err}".rstrip())
-        sys.exit(130)
+    sys.exit(128 + signal.SIGTERM if isinstance(err, Terminated) else 130)
 
 
 def main() -> None:
@@ -146,11 +154,8 @@ def main() -> None:
         sys.exit(1)
     try:
         _hydra_main()
-    except KeyboardInterrupt as err:  # a sweep's (-m) Ctrl-C; a single run's exits 130 inside _hydra_main
-        from glm_ft.tracking.signals import SIGTERM_GUARD
-
+    except (KeyboardInterrupt, Terminated) as err:  # a sweep's (-m) stop; a single run's exits inside _hydra_main
         SIGTERM_GUARD.interrupted = True  # the sweep's parent run ends KILLED (glm_ft.search.sweep, at exit)
-        to_stderr(f"interrupted {err}".rstrip())
-        sys.exit(130)
+        stopped(err)
     if dist.is_multi_process():
         dist.exit_skipping_native_teardown()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 from omegaconf import DictConfig
 
@@ -48,14 +49,18 @@ def previous_run(store, cfg: DictConfig, run_dir: Path,
         store.end_run(run_id, status)
         log.warning("MLflow: run %s was left RUNNING by process %s, which is gone; marked %s", run_id,
                     owner.get("pid"), status)
+    files: list = []
     try:
-        sent = resend_unsent(store.client, run_dir, run_id)
+        sent, files = resend_unsent(store.client, run_dir, run_id)
         if sent:
             log.info("MLflow: sent %d points of run %s that an earlier process could not send", sent, run_id)
     except Exception as err:
         log.warning("MLflow: could not send the points an earlier process kept for run %s: %s", run_id,
                     redact(str(err)))
-    if cfg.resume is None or not reopen:
+    continued = cfg.resume is not None and reopen
+    if files and not continued:
+        _log_kept_files(store, run_dir, run_id, files, replaced=reopen)
+    if not continued:
         return None, None
     store.client.update_run(run_id, status="RUNNING")
     store.client.set_tag(run_id, "glm_ft.resumes", str(int(run.data.tags.get("glm_ft.resumes", "0")) + 1))
@@ -63,6 +68,36 @@ def previous_run(store, cfg: DictConfig, run_dir: Path,
         store.client.delete_tag(run_id, ERROR_TAG)
     log.info("MLflow: continuing run %s", run_id)
     return run_id, dict(run.data.params)
+
+
+def _log_kept_files(store, run_dir: Path, run_id: str, files: list, replaced: bool) -> None:
+    """The run files an earlier process could not log (the store was down when its run ended), logged with its kept
+    points. `replaced`: a new run starts in the folder, and Hydra (.hydra/) and rendering (finetune.yaml) have
+    already written its config over those files. A continued run logs the folder's files at its own end."""
+    if replaced:
+        log.warning("MLflow: the run files of MLflow run %s were not logged (the store was down when it ended) and "
+                    "a new run has replaced its config in %s, so they stay unlogged", run_id, run_dir)
+        return
+    log_files(store.client, run_id, files)
+    log.info("MLflow: logged the %d run files of run %s that an earlier process could not log", len(files), run_id)
+
+
+def log_path(client, run_id: str, path: Path, artifact_path: str | None = None) -> None:
+    """A file, or a folder (logged under its own name unless artifact_path says otherwise)."""
+    if path.is_dir():
+        client.log_artifacts(run_id, str(path), artifact_path or path.name)
+    elif path.is_file():
+        client.log_artifact(run_id, str(path), artifact_path)
+    else:
+        raise FileNotFoundError(f"log_artifact: no such file or folder: {path}")
+
+
+def log_files(client, run_id: str, files: list[tuple[Path, str | None]]) -> None:
+    for path, artifact_path in files:
+        try:
+            log_path(client, run_id, path, artifact_path)
+        except Exception as err:  # a failing upload must not hide the job's own outcome
+            log.warning("MLflow: could not log %s: %s", path, redact(str(err)))
 
 
 # How long the end of a run waits for the sender to deliver what it holds before keeping it in a file.
@@ -83,7 +118,7 @@ def close_run(tracker, status: str, stopping: bool = False) -> None:
         log.warning("MLflow: waiting up to %.0f s for the tracking store %s to take the last %d points of run %s "
                     "(Ctrl-C stops waiting; they are kept in %s)", wait, store.shown_uri, sender.pending, run_id,
                     tracker.run_dir)
-    unsent = None
+    unsent, delivered = None, False
     try:
         delivered = sender.flush(wait)
         if delivered:
@@ -93,12 +128,21 @@ def close_run(tracker, status: str, stopping: bool = False) -> None:
     finally:  # also on a Ctrl-C or SIGTERM while waiting: what the store has not taken is kept, never dropped
         if unsent is None:
             unsent = sender.close(0, STOP_JOIN_S)
+        if not delivered:  # the run files too, logged by the next start in the folder with the points
+            unsent = unsent + unsent_run_files(tracker)
         _keep_unsent(tracker, unsent)
     closed = end_run(store, run_id, status)
     try:
         mark_mlflow_run_ended(tracker.run_dir, status, closed)
     except OSError as err:  # a full disk must not replace the job's own outcome
         log.warning("MLflow: could not record the end of run %s in %s: %s", run_id, tracker.run_dir, err)
+
+
+def unsent_run_files(tracker) -> list[tuple[str, Any]]:
+    from mlflow.entities import RunTag
+
+    tags, files = tracker.run_files()
+    return [("tag", RunTag(key, value)) for key, value in tags.items()] + [("file", file) for file in files]
 
 
 def _keep_unsent(tracker, unsent: list) -> None:
@@ -115,7 +159,6 @@ def _keep_unsent(tracker, unsent: list) -> None:
         kept = f"they are lost (could not be kept in {tracker.run_dir}: {err})"
     log.error("MLflow: the tracking store %s did not take %s of run %s; %s", tracker.store.shown_uri,
               describe_unsent(unsent), run_id, kept)
-    log.warning("MLflow: run files not logged as artifacts (the store is down); they stay in %s", tracker.run_dir)
 
 
 def end_run(store, run_id: str, status: str) -> bool:

@@ -187,27 +187,35 @@ def save_unsent(run_dir: Path, run_id: str, unsent: list[tuple[str, Any]]) -> Pa
     path = Path(run_dir) / UNSENT_FILE
     with open(path, "a", encoding="utf-8") as out:
         for kind, item in unsent:
-            row = {"run_id": run_id, "kind": kind, "key": item.key, "value": item.value}
+            if kind == "file":  # (path, artifact path): a run file not logged; relative, should the folder move
+                file, artifact_path = item
+                row = {"run_id": run_id, "kind": kind, "path": os.path.relpath(file, run_dir),
+                       "artifact_path": artifact_path}
+            else:
+                row = {"run_id": run_id, "kind": kind, "key": item.key, "value": item.value}
             if kind == "metric":
                 row.update(timestamp=item.timestamp, step=item.step)
             out.write(json.dumps(row) + "\n")
     return path
 
 
-def resend_unsent(client: Any, run_dir: Path, run_id: str) -> int:
-    """Send a previous process's unsent points of this run (raises if the store refuses); returns how many."""
+def resend_unsent(client: Any, run_dir: Path, run_id: str) -> tuple[int, list[tuple[Path, str | None]]]:
+    """Send a previous process's unsent points of this run (raises if the store refuses); returns how many, and the
+    run files it could not log, (path, artifact path), for the caller to log (glm_ft.tracking.lifecycle)."""
     from mlflow.entities import Metric, RunTag
 
     path = Path(run_dir) / UNSENT_FILE
     if not path.is_file():
-        return 0
-    metrics, tags = [], []
+        return 0, []
+    metrics, tags, files = [], [], []
     for line in path.read_text(encoding="utf-8").splitlines():
         row = json.loads(line)
         if row.get("run_id") != run_id:
             continue
         if row["kind"] == "metric":
             metrics.append(Metric(row["key"], row["value"], row["timestamp"], row["step"]))
+        elif row["kind"] == "file":
+            files.append((Path(run_dir) / row["path"], row["artifact_path"]))
         else:
             tags.append(RunTag(row["key"], row["value"]))
     for start in range(0, len(metrics), MAX_BATCH_METRICS):
@@ -215,11 +223,14 @@ def resend_unsent(client: Any, run_dir: Path, run_id: str) -> int:
     for start in range(0, len(tags), MAX_BATCH_TAGS):
         client.log_batch(run_id, tags=tags[start:start + MAX_BATCH_TAGS])
     path.unlink()
-    return len(metrics) + len(tags)
+    return len(metrics) + len(tags), files
 
 
 def describe_unsent(unsent: list[tuple[str, Any]]) -> str:
     steps = sorted({item.step for kind, item in unsent if kind == "metric"})
     metrics = sum(kind == "metric" for kind, _ in unsent)
+    files = sum(kind == "file" for kind, _ in unsent)
     where = f" (steps {steps[0]}..{steps[-1]})" if steps else ""
-    return f"{metrics} metric points{where} and {len(unsent) - metrics} tags"
+    tags = len(unsent) - metrics - files
+    return f"{metrics} metric points{where}, {tags} tags and {files} run files" if files else \
+        f"{metrics} metric points{where} and {tags} tags"

@@ -2,8 +2,9 @@
 
 - `signals_deferred`: Ctrl-C or SIGTERM arriving inside an MLflow write is held until the write returns.
 - `SIGTERM_GUARD`: SIGTERM ends the open runs KILLED (never left RUNNING), shared by the sweep parent and the job's run.
-- `interrupt_behind`: the Ctrl-C or SIGTERM that another exception was raised while unwinding from;
-  `stop_behind`: that, or the launcher's end (glm_ft.dist.launcher_gone) behind a failed collective.
+- `interrupt_behind`: the Ctrl-C or SIGTERM that another exception was raised while unwinding from; `restated`: the
+  same kind of stop saying where it stopped; `stop_behind`: that, or the launcher's end (glm_ft.dist.launcher_gone)
+  behind a failed collective.
 """
 
 from __future__ import annotations
@@ -64,10 +65,15 @@ class SignalSafeClient:
 
 
 class Terminated(SystemExit):
-    """SIGTERM, raised like Ctrl-C so `finally` blocks run and the run ends KILLED; exits with 143."""
+    """SIGTERM, raised like Ctrl-C so `finally` blocks run and the run ends KILLED; exits with 143. `where`: where it
+    stopped, as a KeyboardInterrupt's message says it (its str, so the CLI words both stops with the same code)."""
 
-    def __init__(self) -> None:
+    def __init__(self, where: str = "") -> None:
         super().__init__(128 + signal.SIGTERM)
+        self.where = where
+
+    def __str__(self) -> str:
+        return self.where
 
 
 class _SigtermGuard:
@@ -136,6 +142,12 @@ def interrupt_behind(err: BaseException) -> BaseException | None:
         seen.add(id(current))
         current = current.__cause__ or current.__context__
     return None
+
+
+def restated(stop: BaseException, where: str) -> BaseException:
+    """The same kind of stop as `stop` (Ctrl-C or SIGTERM), saying `where`: the CLI words both alike and exits with
+    the kind's code (130, 143)."""
+    return KeyboardInterrupt(where) if isinstance(stop, KeyboardInterrupt) else Terminated(where)
 
 
 def stop_behind(err: BaseException) -> BaseException | None:

@@ -28,7 +28,7 @@ from omegaconf import DictConfig
 
 from glm_ft import dist, methods
 from glm_ft.runs import CURVES_FILE, EVAL_PREDICTIONS, FINAL, PREDICTIONS
-from glm_ft.tracking.lifecycle import ERROR_TAG, close_run, end_run, previous_run
+from glm_ft.tracking.lifecycle import ERROR_TAG, close_run, end_run, log_files, log_path, previous_run
 from glm_ft.tracking.params import MAX_RUN_NAME, fit_tags, flatten_config, metric_name, run_tags, split_long_values
 from glm_ft.tracking.parent import child_run_name, hydra_config, parent_for_job
 from glm_ft.tracking.redact import redact
@@ -108,13 +108,7 @@ class Tracker:
 
     def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
         """A file, or a folder (logged under its own name unless artifact_path says otherwise)."""
-        path = Path(path)
-        if path.is_dir():
-            self.client.log_artifacts(self.run_id, str(path), artifact_path or path.name)
-        elif path.is_file():
-            self.client.log_artifact(self.run_id, str(path), artifact_path)
-        else:
-            raise FileNotFoundError(f"log_artifact: no such file or folder: {path}")
+        log_path(self.client, self.run_id, Path(path), artifact_path)
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         from mlflow.entities import RunTag
@@ -126,21 +120,27 @@ class Tracker:
         tracking.log_full_model=true (gigabytes of weights in the artifact store are rarely what anyone wants)."""
         path = Path(path)
         self.set_tags({"glm_ft.model_path": str(path.resolve())})
-        if methods.get(self.cfg.method.name).WHOLE_MODEL and not self.cfg.tracking.log_full_model:
-            return
-        self.log_artifact(path, "model")
+        if self._logs_model():
+            self.log_artifact(path, "model")
+
+    def _logs_model(self) -> bool:
+        return not (methods.get(self.cfg.method.name).WHOLE_MODEL and not self.cfg.tracking.log_full_model)
+
+    def run_files(self) -> tuple[dict[str, str], list[tuple[Path, str | None]]]:
+        """What the end of the run logs from its folder: tags, and (path, artifact path) of the config, predictions,
+        curves and the trained model (see log_model). Logged by `_log_run_files`, or kept for the next start in the
+        folder when the store is down (glm_ft.tracking.lifecycle.close_run)."""
+        files = [(self.run_dir / name, None) for name in RUN_FILES] + [(self.run_dir / ".hydra", ".hydra")]
+        files = [(path, artifact_path) for path, artifact_path in files if path.exists()]
+        model = self.run_dir / MODEL_DIR
+        if not model.exists():
+            return {}, files
+        return {"glm_ft.model_path": str(model.resolve())}, files + ([(model, "model")] if self._logs_model() else [])
 
     def _log_run_files(self) -> None:
-        for path in [self.run_dir / name for name in RUN_FILES] + [self.run_dir / ".hydra", self.run_dir / MODEL_DIR]:
-            if not path.exists():
-                continue
-            try:
-                if path.name == MODEL_DIR:
-                    self.log_model(path)
-                else:
-                    self.log_artifact(path, ".hydra" if path.name == ".hydra" else None)
-            except Exception as err:  # a failing upload must not hide the job's own outcome
-                log.warning("MLflow: could not log %s: %s", path, err)
+        tags, files = self.run_files()
+        self.set_tags(tags)
+        log_files(self.client, self.run_id, files)
 
 
 class NullTracker:

@@ -36,7 +36,7 @@ from glm_ft.runs import (CURVES_FILE, EVAL_PREDICTIONS, FINAL, FINAL_LOG, PREDIC
 from glm_ft.search import TRIAL_ENV, trial_tags
 from glm_ft.tracking.curves import run_log_history, write_training_curves
 from glm_ft.tracking.parent import hydra_config
-from glm_ft.tracking.signals import Terminated, interrupt_behind
+from glm_ft.tracking.signals import interrupt_behind, restated
 from glm_ft.tracking.store import ui_hint
 from glm_ft.tracking.tracker import closing_interrupted, settle_previous_run, start_run
 from glm_ft.data.collate import Collator
@@ -46,10 +46,6 @@ from glm_ft.train.trainer import (GlmTrainer, PruningCallback, TrackerCallback, 
 from glm_ft.train.trainer_args import build_training_arguments
 
 log = logging.getLogger("glm_ft")
-
-
-class Interrupted(KeyboardInterrupt):
-    """Ctrl-C during training, with where to continue from."""
 
 
 def generation_config_for(cfg: DictConfig, tokenizer) -> GenerationConfig:
@@ -247,12 +243,10 @@ def _train_and_save(cfg: DictConfig, run_dir: Path, trainer, tracker, job_trial)
         result = trainer.train(resume_from_checkpoint=resume_from)
     except BaseException as err:
         interrupt = interrupt_behind(err)
-        if isinstance(interrupt, KeyboardInterrupt):
+        if interrupt is not None:  # Ctrl-C or SIGTERM (a scheduler's stop), also when a library's cleanup failed on it
             last = last_complete_checkpoint(run_dir) or "none"
-            raise Interrupted(f"at step {trainer.state.global_step}; last complete checkpoint: {last} (continue "
-                              f"with resume=auto hydra.run.dir={run_dir})") from err
-        if interrupt is not None and interrupt is not err:  # SIGTERM, as a library's cleanup failed on it
-            raise Terminated() from err
+            raise restated(interrupt, f"at step {trainer.state.global_step}; last complete checkpoint: {last} "
+                                      f"(continue with resume=auto hydra.run.dir={run_dir})") from err
         if resume_from and interrupt is None and isinstance(err, refused_weights_errors()):
             # The checkpoint's own files (weights, optimizer.pt, rng_state.pth): refused in one line, never run.
             raise CheckpointError(f"resume: {resume_from}: {refused_weights_reason(err)}") from None

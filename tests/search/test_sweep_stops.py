@@ -20,7 +20,10 @@ from lifecycle_helpers import sigkill_once
 from test_sweep import APP, app_env, sweep_runs
 
 
-def test_ctrl_c_to_a_sweep_ends_in_one_line_and_its_runs_killed(tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl_c", "sigterm"])
+def test_a_stopped_sweep_ends_in_one_line_and_its_runs_killed(tmp_path, signum):
+    """Ctrl-C in the terminal, or SIGTERM from a scheduler: one line (not one per layer the stop unwinds through)
+    naming the job, its step and checkpoint and how to continue the sweep, the signal's exit code, runs KILLED."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     sweep_dir = tmp_path / "sweep"
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
@@ -35,15 +38,15 @@ def test_ctrl_c_to_a_sweep_ends_in_one_line_and_its_runs_killed(tmp_path):
         while not list((sweep_dir / "0").glob("checkpoint-*/glm_ft_complete")):
             assert proc.poll() is None, proc.stderr.read()[-2000:]
             time.sleep(0.05)
-        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in the terminal does
+        os.killpg(proc.pid, signum)  # what Ctrl-C in the terminal does, or a scheduler stopping the job
         _, stderr = proc.communicate()
     finally:
         end_process_group(proc)
-    assert proc.returncode == 130, stderr[-3000:]
+    assert proc.returncode == 128 + signum, stderr[-3000:]
     assert "Traceback" not in stderr, stderr[-3000:]
-    assert "interrupted at step" in stderr, stderr[-3000:]
+    assert stderr.count("interrupted at step") == 1, stderr[-3000:]
     last = stderr[stderr.rindex("interrupted at step"):].splitlines()[0]  # after the progress bar's last \r
-    assert "sweep job #0" in last
+    assert "sweep job #0" in last and f"last complete checkpoint: {sweep_dir / '0' / 'checkpoint-'}" in last
     assert f"hydra.sweep.dir={sweep_dir}" in last and "resume=auto" not in last
 
     from mlflow.tracking import MlflowClient

@@ -173,3 +173,48 @@ def test_sigterm_during_an_outage_keeps_the_points_within_a_schedulers_grace(out
         assert max(steps) >= last
         losses = logged_losses(client, run_id)
         assert {step: loss for step, loss in losses.items() if step <= last} == trainer_losses(run_dir, last)
+
+
+@pytest.mark.parametrize("again", ["resume_auto", "new_run"])
+def test_run_files_of_a_run_that_ended_during_an_outage_are_logged_with_its_kept_points(again, tmp_path):
+    """A job that ends while the server is down keeps its last points in mlflow_unsent.jsonl, which a later start in
+    the folder sends; its run files (config, curves, the adapter) were never logged, not even then. resume=auto with
+    the server back now logs them with the points. A new run started in the folder (no resume) has already replaced
+    the config that ended run's files are, so it says so in one line naming the folder instead."""
+    from mlflow.tracking import MlflowClient
+
+    args = [*QUICK, f"training_args.max_steps={SAVE}", f"training_args.save_steps={SAVE}"]
+    root, port, uri, run_dir, log = outage_setup(tmp_path)
+    with contextlib.ExitStack() as servers:
+        server = servers.enter_context(mlflow_server(root, port))
+        client = MlflowClient(uri)
+        env = {"MLFLOW_TRACKING_URI": uri, "GLM_FT_MLFLOW_FLUSH_TIMEOUT_S": "0"}  # the store is not waited for
+        with background(train_cmd(args, run_dir, stop_after="final"), log, env=env) as proc:
+            wait_until_stopped(proc, log, "final/")
+            kill_group(server)
+            server.wait()
+            kill_group(proc, signal.SIGCONT)  # evaluation's points and the run files, with the store down
+            wait_for(lambda: proc.poll() is not None, "the end of the job", may_exit=True)
+        text = log.read_text(errors="replace")
+        assert proc.returncode == 0 and (run_dir / "mlflow_unsent.jsonl").is_file(), text[-3000:]
+        servers.enter_context(mlflow_server(root, port, "restarted"))
+        run_id = mlflow_run_id(run_dir)
+        assert client.list_artifacts(run_id) == []
+
+        later = run_train([*args, f"hydra.run.dir={run_dir}", *(["resume=auto"] if again == "resume_auto" else [])],
+                          env={"MLFLOW_TRACKING_URI": uri})
+        assert later.returncode == 0, later.stderr[-3000:]
+        assert not (run_dir / "mlflow_unsent.jsonl").exists()
+        run = client.get_run(run_id)
+        assert run.info.status == "FINISHED" and "eval_rouge-l" in run.data.metrics  # the kept points arrived
+        logged = {a.path for a in client.list_artifacts(run_id)}
+        if again == "resume_auto":
+            assert logged == {".hydra", "finetune.yaml", "eval_predictions.jsonl", "training_curves.png", "model"}
+            assert "adapter_model.safetensors" in {a.path.rsplit("/", 1)[-1]
+                                                   for a in client.list_artifacts(run_id, "model")}
+            assert run.data.tags["glm_ft.model_path"] == str(run_dir / "final")
+        else:
+            assert logged == set()
+            said = [line for line in (later.stdout + later.stderr).splitlines()
+                    if f"the run files of MLflow run {run_id} were not logged" in line]
+            assert len(said) == 1 and str(run_dir) in said[0], later.stdout[-3000:]

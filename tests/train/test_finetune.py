@@ -656,7 +656,10 @@ def _mlflow_runs(uri: str):
     return client.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"])
 
 
-def test_ctrl_c_keeps_the_last_checkpoint_and_marks_the_run_killed(tmp_path, mlflow_env):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl_c", "sigterm"])
+def test_a_stop_keeps_the_last_checkpoint_says_so_and_marks_the_run_killed(tmp_path, mlflow_env, signum):
+    """Ctrl-C, or SIGTERM as a scheduler (SLURM, Kubernetes) or `kill PID` stops a job: one line naming the step,
+    the last complete checkpoint and how to continue (SIGTERM printed nothing), and the signal's exit code."""
     run_dir = tmp_path / "interrupted"
     env = {**os.environ, **mlflow_env}
     cmd = [sys.executable, str(ROOT / "train.py"), *SMALL, "method=lora", "training_args.max_steps=1000000",
@@ -668,12 +671,13 @@ def test_ctrl_c_keeps_the_last_checkpoint_and_marks_the_run_killed(tmp_path, mlf
         while not list(run_dir.glob("checkpoint-*/glm_ft_complete")):
             assert proc.poll() is None, proc.stderr.read()[-2000:]
             time.sleep(0.05)
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signum)
         _, stderr = proc.communicate()
     finally:
         end_process_group(proc)
-    assert proc.returncode == 130, stderr[-2000:]
-    assert "interrupted at step" in stderr and "Traceback" not in stderr
+    assert proc.returncode == 128 + signum, stderr[-2000:]
+    assert stderr.count("interrupted at step") == 1 and "Traceback" not in stderr, stderr[-2000:]
+    assert f"(continue with resume=auto hydra.run.dir={run_dir})" in stderr
     complete = sorted((p.parent for p in run_dir.glob("checkpoint-*/glm_ft_complete")),
                       key=lambda p: int(p.name.split("-")[1]))
     assert complete and f"last complete checkpoint: {complete[-1]}" in stderr
