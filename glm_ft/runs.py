@@ -230,11 +230,13 @@ def final_record(run_dir: Path) -> dict[str, Any]:
 
 def finished_step(run_dir: Path, max_steps: int, num_train_epochs: float) -> int | None:
     """The step final/ was trained to, if that is the whole training asked for now: `max_steps` when > 0, else
-    `num_train_epochs` (against the epochs final/ records); None when there is more to train (resume=auto trains
-    on from the newest checkpoint) or no final/."""
+    `num_train_epochs` (against the epochs final/ records), or where early stopping ended it; None when there is
+    more to train (resume=auto trains on from the newest checkpoint) or no final/."""
     step = final_step(run_dir)
     if step is None:
         return None
+    if final_record(run_dir).get("stopped_early"):
+        return step  # its patience ran out (training_args.early_stopping_patience): training on would not improve
     if max_steps > 0:
         return step if step >= max_steps else None
     trained = final_record(run_dir).get("epoch")

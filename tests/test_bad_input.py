@@ -85,6 +85,18 @@ BAD_VALUES = {
     # a study's metric, misspelt or without the split it is scored on: refused before training, not after it
     "optimized_metric": [["eval_rougeL"], ["loss"], ["eval_rouge-l", "data.val_file=null"],
                          ["test_bleu-4", "data.test_file=null"]],
+    # keeping the best model and early stopping: transformers refused these once the model had loaded, or (its
+    # default metric, eval_loss, which the generation-based evaluation never computes) at the first evaluation
+    "training_args.metric_for_best_model": [["eval_rougeL", "training_args.load_best_model_at_end=true"],
+                                            ["eval_loss", "training_args.load_best_model_at_end=true"], ["loss"],
+                                            ["eval_runtime"], ["test_rouge-l"]],
+    "training_args.load_best_model_at_end": [["true", "data.val_file=null"],
+                                             ["true", "training_args.evaluation_strategy=no"]],
+    "training_args.save_strategy": [["epoch", "training_args.load_best_model_at_end=true"]],
+    "training_args.save_steps": [["3", "training_args.load_best_model_at_end=true"]],
+    "training_args.early_stopping_patience": [["0"], ["2", "data.val_file=null"],
+                                              ["2", "training_args.evaluation_strategy=no"]],
+    "training_args.early_stopping_threshold": [["-0.5", "training_args.early_stopping_patience=2"]],
     # glm_ft/methods/: the LoRA variants' and freeze tuning's values
     "method.init_lora_weights": [["pisa", "method=lora"], ["eva", "method=lora"], ["pissa_niter_x", "method=lora"],
                                  ["pissa", "method=lora", "method.use_dora=true"],
@@ -224,6 +236,14 @@ def test_unreadable_directory_and_fifo_data_files(tmp_path):
      "Recursive interpolation detected"),
     (["tracking.run_name=${tracking.experiment_name}", "tracking.experiment_name=${tracking.run_name}"],
      "Recursive interpolation detected"),
+    # the metric's close names, and why the loss is no choice
+    (["training_args.metric_for_best_model=eval_rougeL", "training_args.load_best_model_at_end=true"],
+     "error: training_args.metric_for_best_model: 'eval_rougeL' is not a metric glm-ft's evaluation reports (did you "
+     "mean eval_rouge-1 or eval_rouge-2 or eval_rouge-l?)"),
+    (["training_args.metric_for_best_model=eval_loss", "training_args.early_stopping_patience=2"],
+     "eval_loss is not computed: glm-ft evaluates by generating replies and scoring them, with no loss"),
+    (["training_args.save_steps=3", "training_args.load_best_model_at_end=true"],
+     "error: training_args.save_steps: must be a multiple of training_args.eval_steps (3 vs 2)"),
 ])
 def test_config_refusals_are_one_line(args, expect, tmp_path):
     run_dir = [] if any(a.startswith("hydra.run.dir") for a in args) else [f"hydra.run.dir={tmp_path / 'run'}"]

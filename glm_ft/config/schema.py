@@ -135,6 +135,16 @@ class TrainingArgs:
     dataloader_pin_memory: bool = True
     ddp_find_unused_parameters: Optional[bool] = None
     torch_compile: bool = False
+    # Keep the best evaluated checkpoint as final/ (transformers' switches). metric_for_best_model null: eval_rouge-l
+    # when load_best_model_at_end or early stopping is on (transformers' own default, loss, is never computed here);
+    # greater_is_better null: derived from the metric's name, as transformers derives it.
+    load_best_model_at_end: bool = False
+    metric_for_best_model: Optional[str] = None
+    greater_is_better: Optional[bool] = None
+    # transformers' EarlyStoppingCallback: stop after this many evaluations without an improvement of
+    # metric_for_best_model by more than early_stopping_threshold; null = off. Not TrainingArguments fields.
+    early_stopping_patience: Optional[int] = None
+    early_stopping_threshold: float = 0.0
 
 
 @dataclass

@@ -41,6 +41,7 @@ def validate(cfg: DictConfig, *, check_paths: bool = True) -> InputPaths | None:
     if not 0 <= cfg.seed < SEED_LIMIT:
         raise ConfigError(f"seed: must be in [0, 2**32), got {cfg.seed}")
     _check_training_args(cfg.training_args)
+    _check_best_model(cfg)
     _check_generation(cfg.training_args.generation_config)
     _check_tracking(cfg.tracking, reach=not cfg.dry_run)
     _check_optimized_metric(cfg)
@@ -253,6 +254,50 @@ def _check_training_args(args: DictConfig) -> None:
     if args.fp16 and not cuda_available():
         raise ConfigError("training_args.fp16=true needs a CUDA GPU and none is available; "
                           "use training_args.bf16=true on CPU or drop fp16")
+
+
+def _check_best_model(cfg: DictConfig) -> None:
+    """load_best_model_at_end and early stopping: transformers refused their contradictions only once the model had
+    loaded (TrainingArguments), its default metric (the loss) only at the first evaluation (a KeyError)."""
+    from glm_ft.train.metrics import METRIC_NAMES
+
+    args, key = cfg.training_args, "training_args.metric_for_best_model"
+    evaluated = [f"eval_{metric}" for metric in METRIC_NAMES]
+    name = args.metric_for_best_model
+    if name is not None:
+        full = str(name) if str(name).startswith("eval_") else f"eval_{name}"
+        if full == "eval_loss":
+            raise ConfigError(f"{key}: {name} is not computed: glm-ft evaluates by generating replies and scoring "
+                              f"them, with no loss; use one of {', '.join(evaluated)}")
+        if full not in evaluated:
+            guesses = closest(full, evaluated)
+            hint = f"did you mean {' or '.join(guesses)}?" if guesses else f"one of {', '.join(evaluated)}"
+            raise ConfigError(f"{key}: '{name}' is not a metric glm-ft's evaluation reports ({hint})")
+    patience = args.early_stopping_patience
+    if patience is not None and patience < 1:
+        raise ConfigError(f"training_args.early_stopping_patience: must be >= 1 (evaluations without improvement "
+                          f"before stopping), or null for no early stopping; got {patience}")
+    if args.early_stopping_threshold < 0:
+        raise ConfigError(f"training_args.early_stopping_threshold: must be >= 0, got {args.early_stopping_threshold}")
+    wanted = [k for k, on in (("load_best_model_at_end", args.load_best_model_at_end),
+                              ("early_stopping_patience", patience is not None)) if on]
+    if not wanted:
+        return
+    need = f"training_args.{wanted[0]}: needs evaluations during training"
+    if cfg.data.val_file is None:
+        raise ConfigError(f"{need}, and data.val_file is null (no evaluation set)")
+    if args.evaluation_strategy == "no":
+        raise ConfigError(f"{need}, and training_args.evaluation_strategy is no")
+    if not args.load_best_model_at_end:
+        return
+    if args.save_strategy != args.evaluation_strategy:
+        raise ConfigError(f"training_args.save_strategy: must match training_args.evaluation_strategy "
+                          f"({args.save_strategy} vs {args.evaluation_strategy}) with load_best_model_at_end: the "
+                          "best model is chosen among checkpoints saved where it was evaluated")
+    if args.save_strategy == "steps" and args.save_steps % args.eval_steps:
+        raise ConfigError(f"training_args.save_steps: must be a multiple of training_args.eval_steps "
+                          f"({args.save_steps} vs {args.eval_steps}) with load_best_model_at_end: every checkpoint "
+                          "must be evaluated for the best one to be known")
 
 
 # What transformers' generate() refuses (its logits processors raise on these; num_beams=0 divides by zero at the

@@ -26,7 +26,7 @@ from glm_ft import dist, methods
 from glm_ft.config.paths import InputPaths, input_paths
 from glm_ft.config.schema import DATA_CACHE
 from glm_ft.data.dataset import load_datasets
-from glm_ft.errors import CheckpointError
+from glm_ft.errors import CheckpointError, ConfigError
 from glm_ft import heap
 from glm_ft.model import (base_model_dir, load_model_for_training, load_tokenizer, parameter_counts,
                           refused_weights_errors, refused_weights_reason)
@@ -40,6 +40,7 @@ from glm_ft.tracking.signals import interrupt_behind, restated
 from glm_ft.tracking.store import ui_hint
 from glm_ft.tracking.tracker import closing_interrupted, settle_previous_run, start_run
 from glm_ft.data.collate import Collator
+from glm_ft.train.best_model import best_model_tags, early_stopping
 from glm_ft.train.evaluation import generation_config, metrics_fn, stop_token_ids, write_predictions
 from glm_ft.train.trainer import (GlmTrainer, PruningCallback, TrackerCallback, Watchdog, changed_data_order,
                                   changed_precision, disk_full_named, resume_point)
@@ -104,7 +105,9 @@ def _train(cfg: DictConfig, run_dir: Path, paths: dict[str, Path], where: InputP
         collator = PackedCollator(tokenizer.pad_token_id)
     # Counts describe the run, they are not curves: tags keep them off MLflow's metric columns and charts.
     tracker.set_tags(data.stats)
-    if data.val is None or len(data.val) == 0:
+    has_eval = data.val is not None and len(data.val) > 0
+    if not has_eval:
+        _check_needs_no_eval(cfg)
         log.warning("no validation samples: evaluation during training is skipped")
     stop_ids = stop_token_ids(tokenizer)
     gen_config = generation_config_for(cfg, tokenizer)
@@ -117,10 +120,10 @@ def _train(cfg: DictConfig, run_dir: Path, paths: dict[str, Path], where: InputP
     tracker.set_tags({"glm_ft.base_model": str(model_dir)})
     _write_run_info(run_dir, cfg, model_dir)
 
-    has_eval = data.val is not None and len(data.val) > 0
     args = build_training_arguments(cfg, run_dir, paths.get("ds_config"), has_eval=has_eval,
                                     generation_config=gen_config)
-    callbacks = [TrackerCallback(tracker), Watchdog()]  # in this order: see TrackerCallback
+    # in this order: see TrackerCallback
+    callbacks = [TrackerCallback(tracker), Watchdog(), *early_stopping(cfg.training_args)]
     job_trial = _search_trial(cfg, tracker, has_eval, callbacks)
     trainer = GlmTrainer(
         model=model, args=args, train_dataset=data.train, eval_dataset=data.val if has_eval else None,
@@ -148,9 +151,11 @@ def _train(cfg: DictConfig, run_dir: Path, paths: dict[str, Path], where: InputP
         # A redo (resume=auto after final/ was saved) did not train: what training evaluated is in the checkpoints.
         history = run_log_history(trainer.state.log_history, run_dir, trained=trained_step is None)
         last = next((h for h in reversed(history) if "eval_rouge-l" in h), None)
+        # final/ may hold an earlier checkpoint's model (load_best_model_at_end): then it is evaluated again below
+        final_model_step = _final_model_step(trainer, run_dir, trained_step)
         if "evaluated" in progress:
             final.update(progress["evaluated"])
-        elif last is not None and last["step"] == trainer.state.global_step:
+        elif last is not None and last["step"] == trainer.state.global_step == final_model_step:
             final.update({k: v for k, v in last.items() if k.startswith("eval_")})  # evaluated at the last step
         else:
             final.update(trainer.evaluate())
@@ -267,9 +272,28 @@ def _train_and_save(cfg: DictConfig, run_dir: Path, trainer, tracker, job_trial)
         # before final/ counts, as a checkpoint's points are before it does (TrackerCallback).
         tracker.settle()
         # the epochs trained (fractional when max_steps ended it): a later resume=auto with more trains on
+        facts = trainer.final_model_facts()
         mark_complete(run_dir / FINAL, trainer.state.global_step, epoch=trainer.state.epoch,
-                      num_input_tokens_seen=trainer.state.num_input_tokens_seen)
-        tracker.set_tags({"glm_ft.final_model": str(run_dir / FINAL)})
+                      num_input_tokens_seen=trainer.state.num_input_tokens_seen, **facts)
+        tracker.set_tags({"glm_ft.final_model": str(run_dir / FINAL),
+                          **best_model_tags(trainer.state, trainer.args, facts)})
+
+
+def _check_needs_no_eval(cfg: DictConfig) -> None:
+    """A validation file that holds no evaluation sample (all skipped, or no assistant turn that carries loss):
+    what needs evaluations is refused before the model loads (validate.py refuses data.val_file=null)."""
+    for key in ("load_best_model_at_end", "early_stopping_patience"):
+        if cfg.training_args[key] not in (None, False):
+            raise ConfigError(f"training_args.{key}: needs evaluations during training, and {cfg.data.val_file} "
+                              "holds no validation sample")
+
+
+def _final_model_step(trainer, run_dir: Path, trained_step: int | None) -> int:
+    """The step whose model final/ holds: the best checkpoint's with load_best_model_at_end. A job that only redoes
+    the final evaluation (trained_step set) reads it from final/'s marker."""
+    if trained_step is None:
+        return trainer.final_model_facts()["model_step"]
+    return int(final_record(run_dir).get("model_step", trained_step))
 
 
 def _data_inputs(cfg: DictConfig, where: InputPaths, train_sha256: str | None, pack_budget: int | None,

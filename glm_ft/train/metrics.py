@@ -20,6 +20,19 @@ import logging
 
 METRIC_NAMES = ("rouge-1", "rouge-2", "rouge-l", "bleu-4")
 _ROUGE_TYPES = {"rouge-1": "rouge1", "rouge-2": "rouge2", "rouge-l": "rougeL"}
+# What load_best_model_at_end and early stopping judge by when training_args.metric_for_best_model is null: ROUGE-L,
+# which the shipped sweeps rank trials by (transformers' own default, the loss, is never computed by this evaluation).
+BEST_MODEL_METRIC = "eval_rouge-l"
+
+
+def best_model_metric(args) -> str | None:
+    """training_args.metric_for_best_model as the Trainer compares it (eval_ prefixed, as transformers prefixes it),
+    or BEST_MODEL_METRIC when it is null and keeping the best model or early stopping is on; None when neither."""
+    name = args.metric_for_best_model
+    if name is None:
+        on = args.load_best_model_at_end or args.early_stopping_patience is not None
+        return BEST_MODEL_METRIC if on else None
+    return str(name) if str(name).startswith("eval_") else f"eval_{name}"
 
 
 class JiebaTokenizer:

@@ -35,6 +35,7 @@ from glm_ft.runs import (COMPLETE_MARKER, DATA_ORDER_RECORD, changed_data_inputs
                          checkpoint_dir, last_complete_checkpoint, mark_complete, rotate_checkpoints, shown_value,
                          write_json)
 from glm_ft.data.collate import SAMPLE_INDEX
+from glm_ft.train.best_model import BestModel
 from glm_ft.train.evaluation import Indexed, in_sample_order, plan_generation, write_predictions
 from glm_ft.train.generation import generate
 from glm_ft.train.metrics import prefix_metrics
@@ -96,7 +97,7 @@ class TrainingDiverged(GlmFtError):
     """The loss became NaN or infinite."""
 
 
-class GlmTrainer(WholeRunLoss, Seq2SeqTrainer):
+class GlmTrainer(WholeRunLoss, BestModel, Seq2SeqTrainer):
     """Generation-based evaluation for a decoder-only model, and method-aware checkpoints.
 
     Evaluation and prediction batch by a token budget, longest prompts first (`generation_batches`: at least
@@ -199,9 +200,10 @@ class GlmTrainer(WholeRunLoss, Seq2SeqTrainer):
         sampler = getattr(self, "_epoch_sampler", None)
         if sampler is not None and "epoch" in kwargs:
             sampler.set_epoch(kwargs["epoch"])
-        if self.state.global_step >= self.state.max_steps:
+        if self.state.global_step >= self.state.max_steps or self.stopped_early():
             # Resumed from the last step's checkpoint (killed while final/ was saved): nothing is left to train. The
             # Trainer would train one step past max_steps before it looked, and final/ would hold another model.
+            # The same for a checkpoint saved at the evaluation that stopped the run early.
             self.control.should_training_stop = True
             return None
         return super()._run_epoch(*args, **kwargs)

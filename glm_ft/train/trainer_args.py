@@ -13,12 +13,16 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from transformers import Seq2SeqTrainingArguments
 
+from glm_ft.train.metrics import best_model_metric
+
 # documented / schema name → current transformers name
 TRANSLATED_KEYS = {
     "evaluation_strategy": "eval_strategy",
     "group_by_length": "train_sampling_strategy",
     "gradient_checkpointing": "activation_checkpointing",
 }
+# training_args keys that are no TrainingArguments field: glm-ft's own callbacks take them (EarlyStoppingCallback).
+NOT_TRAINER_KEYS = ("early_stopping_patience", "early_stopping_threshold")
 
 
 def seq2seq_kwargs(cfg: DictConfig, run_dir: Path, ds_path: Path | None, *, has_eval: bool) -> dict[str, Any]:
@@ -26,6 +30,12 @@ def seq2seq_kwargs(cfg: DictConfig, run_dir: Path, ds_path: Path | None, *, has_
     gen = {k: v for k, v in args.pop("generation_config").items() if v is not None}
     kwargs: dict[str, Any] = {}
     for key, value in args.items():
+        if key in NOT_TRAINER_KEYS:
+            continue
+        if key == "metric_for_best_model":
+            value = best_model_metric(cfg.training_args)
+        if key in ("metric_for_best_model", "greater_is_better") and value is None:
+            continue  # transformers derives greater_is_better from the metric's name
         if key == "group_by_length":
             kwargs["train_sampling_strategy"] = "group_by_length" if value else "random"
         elif key == "gradient_checkpointing":

@@ -137,14 +137,17 @@ def test_missing_model_and_data_paths_name_the_path(tmp_path):
 
 
 def test_shipped_training_args_all_reach_transformers():
-    """Every schema key maps onto a Seq2SeqTrainingArguments field (after glm-ft's documented translations)."""
+    """Every schema key maps onto a Seq2SeqTrainingArguments field (after glm-ft's documented translations), or is
+    an argument of transformers' EarlyStoppingCallback."""
     import dataclasses
+    import inspect
 
-    from transformers import Seq2SeqTrainingArguments
+    from transformers import EarlyStoppingCallback, Seq2SeqTrainingArguments
 
     from glm_ft.config.schema import TrainingArgs
-    from glm_ft.train.trainer_args import TRANSLATED_KEYS
+    from glm_ft.train.trainer_args import NOT_TRAINER_KEYS, TRANSLATED_KEYS
 
     hf = {f.name for f in dataclasses.fields(Seq2SeqTrainingArguments)}
+    assert set(NOT_TRAINER_KEYS) <= set(inspect.signature(EarlyStoppingCallback).parameters)
     for f in dataclasses.fields(TrainingArgs):
-        assert TRANSLATED_KEYS.get(f.name, f.name) in hf, f.name
+        assert TRANSLATED_KEYS.get(f.name, f.name) in hf or f.name in NOT_TRAINER_KEYS, f.name

@@ -786,3 +786,136 @@ def test_a_resume_takes_the_new_learning_rate_once(tmp_path, mlflow_env):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     got = rates(tmp_path / "c" / "checkpoint-8")
     assert {k: got[k] for k in (5, 6, 7, 8)} == pytest.approx({k: 5e-4 * (9 - k) / 7 for k in (5, 6, 7, 8)})
+
+
+# --- load_best_model_at_end and early stopping ------------------------------------------------------------------
+
+# An evaluation and a checkpoint every step. LoRA's and freeze tuning's eval_rouge-l on the 4 validation samples goes
+# up and down at a learning rate of 2e-2 (the 3rd step's is above the 4th's); LoRA's at 3e-2 rises, then stays put
+# for a few evaluations: the best checkpoint is not the last, and a patience of 2 runs out before the end.
+BEST = ["experiment=quickstart", "training_args.save_steps=1", "training_args.eval_steps=1",
+        "training_args.logging_steps=1", "eval_subset=4", "training_args.per_device_train_batch_size=4",
+        "training_args.generation_config.max_new_tokens=8"]
+
+
+def eval_history(state_file: Path, metric: str = "eval_rouge-l") -> dict[int, float]:
+    history = json.loads(state_file.read_text())["log_history"]
+    return {h["step"]: h[metric] for h in history if metric in h}
+
+
+def best_step(evals: dict[int, float]) -> int:
+    """The first step of the highest value: a tie is no improvement (transformers compares with >)."""
+    return min(step for step, value in evals.items() if value == max(evals.values()))
+
+
+def patience_stop(evals: dict[int, float], patience: int, threshold: float = 0.0) -> int | None:
+    """The step EarlyStoppingCallback stops at, recomputed from the logged metrics: its count of evaluations that do
+    not beat the best so far by more than `threshold` reaches `patience` (the best itself moves on any gain)."""
+    best, count = None, 0
+    for step, value in sorted(evals.items()):
+        count = 0 if best is None or (value > best and value - best > threshold) else count + 1
+        best = value if best is None or value > best else best
+        if count >= patience:
+            return step
+    return None
+
+
+def tensors(folder: Path) -> dict:
+    """What the checkpoint trained: a LoRA adapter, or freeze tuning's tensors (which the Trainer's own best-model
+    loader does not know)."""
+    from safetensors.torch import load_file
+
+    name = next(n for n in ("adapter_model.safetensors", "trained_weights.safetensors") if (folder / n).is_file())
+    return load_file(folder / name)
+
+
+def same_tensors(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(bool((a[k] == b[k]).all()) for k in a)
+
+
+@pytest.mark.parametrize("method", ["lora", "freeze"])
+def test_load_best_model_at_end_makes_final_the_best_evaluated_checkpoint(method, tmp_path, mlflow_env):
+    run_dir = tmp_path / "best"
+    out = run_train([*BEST, f"method={method}", "training_args.learning_rate=2e-2", "training_args.max_steps=4",
+                     "training_args.save_total_limit=1", "training_args.load_best_model_at_end=true",
+                     f"hydra.run.dir={run_dir}"], env=mlflow_env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    evals = eval_history(run_dir / "checkpoint-4" / "trainer_state.json")
+    assert sorted(evals) == list(range(1, 5))
+    best = best_step(evals)
+    final = tensors(run_dir / "final")
+    assert same_tensors(final, tensors(run_dir / f"checkpoint-{best}"))
+    # On this project's machines the 3rd evaluation beats the 4th; a CPU whose float rounding makes the last the best
+    # still checks everything else (final/ is then the last step's model, rightly).
+    if best != 4:
+        assert evals[4] < evals[best] and not same_tensors(final, tensors(run_dir / "checkpoint-4"))
+    # save_total_limit=1: the best and the newest (resume=auto's starting point) stay, as transformers keeps them
+    # during training (at its end it deleted the newest, before final/ was saved)
+    assert sorted(p.name for p in run_dir.glob("checkpoint-*")) == sorted({f"checkpoint-{best}", "checkpoint-4"})
+    marker = json.loads((run_dir / "final" / "glm_ft_complete").read_text())
+    assert marker["step"] == 4 and marker["model_step"] == best
+    # the final evaluation, the one a sweep optimises, is final/'s model's: the best checkpoint's score
+    progress = json.loads((run_dir / "glm_ft_progress.json").read_text())
+    assert progress["metrics"]["eval_rouge-l"] == pytest.approx(evals[best])
+    assert json.loads((run_dir / "eval_metrics.json").read_text())["eval_rouge-l"] == pytest.approx(evals[best])
+    run = next(r for r in _mlflow_runs(mlflow_env["MLFLOW_TRACKING_URI"])
+               if r.data.tags.get("glm_ft.run_dir") == str(run_dir))
+    assert run.data.tags["glm_ft.final_model_step"] == str(best)
+    assert run.data.tags["glm_ft.final_model_checkpoint"] == str(run_dir / f"checkpoint-{best}")
+    assert run.data.tags["glm_ft.metric_for_best_model"] == "eval_rouge-l"
+    assert float(run.data.tags["glm_ft.best_metric"]) == pytest.approx(evals[best])
+    assert run.data.metrics["eval_rouge-l"] == pytest.approx(evals[best])  # the run's value: final/'s
+
+
+def test_early_stopping_stops_where_the_patience_runs_out_and_a_resume_keeps_its_count(tmp_path, mlflow_env):
+    from lifecycle_helpers import background, kill_group, train_cmd, wait_until_stopped
+
+    args = [*BEST, "method=lora", "training_args.learning_rate=3e-2", "training_args.max_steps=12",
+            "training_args.load_best_model_at_end=true",
+            "training_args.early_stopping_patience=2", "data.test_file=null"]
+    whole = tmp_path / "whole"
+    out = run_train([*args, f"hydra.run.dir={whole}"], env=mlflow_env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    marker = json.loads((whole / "final" / "glm_ft_complete").read_text())
+    evals = eval_history(whole / "final" / "training_log.json")
+    stop = patience_stop(evals, 2)
+    assert stop is not None and stop < 12 and max(evals) == stop, f"no stop by the patience rule: {evals}"
+    assert marker["step"] == stop and marker["stopped_early"] and marker["model_step"] == best_step(evals)
+    assert same_tensors(tensors(whole / "final"), tensors(whole / f"checkpoint-{best_step(evals)}"))
+    # finished: resume=auto trains nothing more (the marker's step is below max_steps)
+    again = run_train([*args, "resume=auto", f"hydra.run.dir={whole}"], env=mlflow_env)
+    assert again.returncode == 0 and "is complete" in again.stdout + again.stderr, again.stderr[-3000:]
+
+    # Killed after the checkpoint one evaluation before the stop: the resume counts on from the saved count and
+    # keeps the best so far, so it stops at the same step with the same final/.
+    killed, log = tmp_path / "killed", tmp_path / "killed.log"
+    with background(train_cmd(args, killed, stop_after=f"checkpoint-{stop - 1}"), log, env=mlflow_env) as proc:
+        wait_until_stopped(proc, log, f"checkpoint-{stop - 1}")
+        kill_group(proc)
+        proc.wait()
+    assert not (killed / "final").exists()
+    resumed = run_train([*args, "resume=auto", f"hydra.run.dir={killed}"], env=mlflow_env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    marker_resumed = json.loads((killed / "final" / "glm_ft_complete").read_text())
+    assert marker_resumed["step"] == stop and marker_resumed["model_step"] == marker["model_step"]
+    assert eval_history(killed / "final" / "training_log.json") == pytest.approx(evals)
+    assert same_tensors(tensors(killed / "final"), tensors(whole / "final"))
+
+
+def test_a_redone_final_evaluation_is_of_the_best_checkpoint_final_holds(tmp_path, mlflow_env):
+    """Killed once final/ (the best checkpoint's model) was saved: resume=auto redoes the final evaluation of that
+    model, not the last step's evaluation taken from the training's log."""
+    from lifecycle_helpers import killed_once_final_is_saved
+
+    run_dir = tmp_path / "redo"
+    args = [*BEST, "method=lora", "training_args.learning_rate=2e-2", "training_args.max_steps=4",
+            "training_args.load_best_model_at_end=true", "data.test_file=null"]
+    killed_once_final_is_saved(args, run_dir, mlflow_env)
+    assert not (run_dir / "glm_ft_progress.json").is_file() or "evaluated" not in json.loads(
+        (run_dir / "glm_ft_progress.json").read_text())
+    evals = eval_history(run_dir / "final" / "training_log.json")
+    best = best_step(evals)  # the 3rd step's on this project's machines: the check then tells the two apart
+    out = run_train([*args, "resume=auto", f"hydra.run.dir={run_dir}"], env=mlflow_env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    progress = json.loads((run_dir / "glm_ft_progress.json").read_text())
+    assert progress["metrics"]["eval_rouge-l"] == pytest.approx(evals[best])

@@ -42,3 +42,15 @@ def test_without_validation_data_evaluation_is_off(tmp_path):
 
 def test_nan_losses_are_not_hidden(tmp_path):
     assert build(tmp_path, []).logging_nan_inf_filter is False
+
+
+@pytest.mark.parametrize("overrides, metric", [
+    (["training_args.load_best_model_at_end=true"], "eval_rouge-l"),
+    (["training_args.early_stopping_patience=3"], "eval_rouge-l"),
+    (["training_args.load_best_model_at_end=true", "training_args.metric_for_best_model=bleu-4"], "eval_bleu-4"),
+])
+def test_the_best_model_is_judged_by_a_metric_the_evaluation_reports(tmp_path, overrides, metric):
+    """transformers' default metric, the loss, is never computed by glm-ft's evaluation: its first evaluation
+    failed with a KeyError. Higher is better, derived from the name as transformers derives it."""
+    args = build(tmp_path, ["training_args.save_steps=100", *overrides])
+    assert args.metric_for_best_model == metric and args.greater_is_better is True

@@ -1,0 +1,99 @@
+"""Keeping the best evaluated checkpoint as final/ (training_args.load_best_model_at_end) and stopping early
+(training_args.early_stopping_patience: transformers' EarlyStoppingCallback), across glm-ft's checkpoints and resumes.
+
+transformers chooses the best checkpoint (metric_for_best_model; state.best_metric, best_global_step,
+best_model_checkpoint in each trainer_state.json) and protects it from save_total_limit; glm-ft's own rotation
+(glm_ft.runs.rotate_checkpoints, after the completion marker) keeps it too. What is corrected here: the methods' own
+checkpoint files as the best model, the patience count across a resume, and the end-of-training deletion.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from transformers import EarlyStoppingCallback
+
+from glm_ft import methods
+from glm_ft.runs import checkpoint_step
+
+log = logging.getLogger(__name__)
+
+
+class BestModel:
+    """A mixin for the Trainer (before it in the bases)."""
+
+    def _init_training_state(self, *args, **kwargs):
+        out = super()._init_training_state(*args, **kwargs)
+        self._restore_early_stopping()
+        return out
+
+    def _restore_early_stopping(self) -> None:
+        """EarlyStoppingCallback's count of evaluations without improvement, as the resumed checkpoint saved it in
+        trainer_state.json. transformers restores it only with restore_callback_states_from_checkpoint (off by
+        default), and then with the checkpoint's patience and threshold: a resumed run counted from 0 again and
+        trained past where the uninterrupted one stopped. Here the count comes back, the patience stays this run's."""
+        saved = (self.state.stateful_callbacks or {}).get(EarlyStoppingCallback.__name__)
+        saved = saved[0] if isinstance(saved, list) and saved else saved
+        count = ((saved or {}).get("attributes") or {}).get("early_stopping_patience_counter", 0)
+        for callback in self.callback_handler.callbacks:
+            if isinstance(callback, EarlyStoppingCallback):
+                callback.early_stopping_patience_counter = int(count or 0)
+                # a checkpoint saved without early stopping has no entry, where _save_checkpoint looks it up
+                self.state.stateful_callbacks.setdefault(EarlyStoppingCallback.__name__, callback.state())
+
+    def stopped_early(self) -> bool:
+        """Whether early stopping's patience ran out (training_args.early_stopping_patience)."""
+        return any(callback.early_stopping_patience_counter >= callback.early_stopping_patience
+                   for callback in self.callback_handler.callbacks if isinstance(callback, EarlyStoppingCallback))
+
+    def _load_best_model(self) -> None:
+        # The method's own checkpoint files (a P-Tuning v2 prefix, freeze's trained tensors, a PiSSA adapter saved
+        # converted), which the Trainer's loader does not know: it skipped them with a warning.
+        best = self.state.best_model_checkpoint
+        log.info("loading the best model, %s (%s=%s)", best, self.args.metric_for_best_model, self.state.best_metric)
+        if not methods.get(self.method.name).load_for_resume(self.accelerator.unwrap_model(self.model), best):
+            super()._load_best_model()
+
+    def _finalize_training(self, *args, **kwargs):
+        # With save_total_limit=1 the Trainer deletes every checkpoint but the best here, before final/ is saved and
+        # marked: the newest, which resume=auto continues from (a kill during final/'s save, a longer max_steps),
+        # would be gone. Watchdog's rotation has kept the best and the newest, as during training.
+        limit, self.args.save_total_limit = self.args.save_total_limit, None
+        try:
+            return super()._finalize_training(*args, **kwargs)
+        finally:
+            self.args.save_total_limit = limit
+
+    def final_model_facts(self) -> dict[str, Any]:
+        """What final/ holds, for its completion marker: `model_step`, the step whose weights it holds (the best
+        checkpoint's with load_best_model_at_end, else the last step's), `stopped_early` when the patience ran out."""
+        best = self.state.best_model_checkpoint
+        loaded = self.args.load_best_model_at_end and best is not None
+        facts: dict[str, Any] = {"model_step": checkpoint_step(Path(best)) if loaded else self.state.global_step}
+        if self.stopped_early():
+            facts["stopped_early"] = True
+        return facts
+
+
+def best_model_tags(state, args, facts: dict[str, Any]) -> dict[str, str]:
+    """MLflow tags naming what final/ holds and the best evaluation, beside glm_ft.final_model."""
+    tags = {"glm_ft.final_model_step": str(facts["model_step"])}
+    if args.load_best_model_at_end and state.best_model_checkpoint is not None:
+        tags["glm_ft.final_model_checkpoint"] = str(state.best_model_checkpoint)
+    if args.metric_for_best_model is not None and state.best_metric is not None:
+        tags.update({"glm_ft.metric_for_best_model": args.metric_for_best_model,
+                     "glm_ft.best_metric": repr(float(state.best_metric)),
+                     "glm_ft.best_model_checkpoint": str(state.best_model_checkpoint)})
+    if facts.get("stopped_early"):
+        tags["glm_ft.stopped_early_at_step"] = str(state.global_step)
+    return tags
+
+
+def early_stopping(training_args) -> list[EarlyStoppingCallback]:
+    """The callback training_args.early_stopping_patience asks for (none when null)."""
+    if training_args.early_stopping_patience is None:
+        return []
+    return [EarlyStoppingCallback(early_stopping_patience=training_args.early_stopping_patience,
+                                  early_stopping_threshold=training_args.early_stopping_threshold)]
