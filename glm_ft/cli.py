@@ -18,7 +18,7 @@ from hydra.errors import CompactHydraException
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from glm_ft import dist
+from glm_ft import dist, stops
 import glm_ft.config.schema  # noqa: F401  (registers the schema with Hydra's ConfigStore)
 from glm_ft.errors import ConfigError, GlmFtError, to_stderr
 from glm_ft.runs import check_resume_world_size, finished_step
@@ -50,6 +50,7 @@ def run(cfg: DictConfig) -> float | None:
     """One job. Returns `optimized_metric` of the final metrics, which an Optuna sweep maximises (in a sweep without
     one, eval_rouge-l, which its parent ranks by)."""
     run_dir = Path(HydraConfig.get().runtime.output_dir)
+    stops.reached(stops.STARTING)  # a sweep's jobs run in one process: each starts its own account
     dist.quiet_replicas()  # after Hydra's logging setup, which sets every logger's level again for each job
     # Hydra wrote the overrides there, a tracking URI's password included: masked before any check can refuse
     redact_files(run_dir / ".hydra")
@@ -85,13 +86,7 @@ def run(cfg: DictConfig) -> float | None:
         with long_lived():
             from glm_ft.train.finetune import finetune
 
-        try:
-            metrics = finetune(cfg, run_dir, paths, where)
-        except Exception as err:  # a library's cleanup failed on a Ctrl-C or SIGTERM, or the launcher is gone
-            stop = stop_behind(err)
-            if stop is None:
-                raise
-            raise restated(stop, str(stop)) from err
+        metrics = finetune(cfg, run_dir, paths, where)
     if cfg.optimized_metric is None:
         from glm_ft.search.sweep import DEFAULT_METRIC
 
@@ -122,29 +117,53 @@ def _hydra_main(cfg: DictConfig) -> float | None:
         to_stderr(f"error: {err}")
         sys.exit(1)
     except (KeyboardInterrupt, Terminated) as err:  # Ctrl-C, or SIGTERM (a scheduler's stop, `kill PID`)
-        hc = HydraConfig.get()
-        if hc.mode == RunMode.MULTIRUN:
-            # Raised on, so Hydra launches no further job; main() says it in one line. A rerun of the sweep (not
-            # resume=auto in the job's folder) continues it, skipping the jobs that finished.
-            where = str(err).split(" (continue with", 1)[0] or "before it finished"  # its hint is for one run
-            job = redact(" ".join(hc.overrides.task))
-            raise restated(err, f"{where}: sweep job #{hc.job.num} ({job}); continue the sweep with the same "
-                                f"command and hydra.sweep.dir={hc.sweep.dir}") from None
-        stopped(err)  # the MLflow run is already marked KILLED
+        job_stopped(cfg, err)
+    except Exception as err:  # a library's cleanup failed on a Ctrl-C or SIGTERM, or the launcher is gone
+        stop = stop_behind(err)
+        if stop is None:
+            raise
+        job_stopped(cfg, stop)
+
+
+def job_stopped(cfg: DictConfig, stop: BaseException) -> None:
+    """A job stopped by Ctrl-C or SIGTERM, at any stage: its MLflow run, if one was opened, is already KILLED."""
+    hc = HydraConfig.get()
+    line = stops.stop_line(cfg, Path(hc.runtime.output_dir))
+    if hc.mode == RunMode.MULTIRUN:
+        # Raised on, so Hydra launches no further job; main() says it in one line. A rerun of the sweep (not
+        # resume=auto in the job's folder) continues it, skipping the jobs that finished.
+        where = line.split(" (continue with", 1)[0]  # its hint is for one run
+        job = redact(" ".join(hc.overrides.task))
+        raise restated(stop, f"{where}: sweep job #{hc.job.num} ({job}); continue the sweep with the same "
+                             f"command and hydra.sweep.dir={hc.sweep.dir}") from None
+    stopped(restated(stop, line))
 
 
 def stopped(err: KeyboardInterrupt | Terminated) -> None:
-    """The one line of a job stopped by Ctrl-C or SIGTERM, saying where to continue from, and the exit code a shell
-    or scheduler expects of that signal: 130 (128 + SIGINT), 143 (128 + SIGTERM). Under torchrun every rank is
-    stopped at the same step: rank 0 says it."""
+    """The one line of a job stopped by Ctrl-C or SIGTERM (glm_ft.stops words it; a stop before any job has no run
+    folder yet), and the exit code a shell or scheduler expects of that signal: 130 (128 + SIGINT), 143 (128 +
+    SIGTERM). Under torchrun every rank is stopped at the same step: rank 0 says it."""
     if dist.is_rank_zero():
-        to_stderr(f"interrupted {err}".rstrip())
+        to_stderr(f"interrupted {str(err) or stops.STARTING_LINE}")
     sys.exit(128 + signal.SIGTERM if isinstance(err, Terminated) else 130)
 
 
 def main() -> None:
     # A crash in native code (CUDA, NCCL/gloo, a C++ abort) hours into a run should at least say where Python was.
     faulthandler.enable()
+    # SIGTERM raises Terminated from the first line on, as Ctrl-C raises KeyboardInterrupt: its default action
+    # (before the job's MLflow run opened its own handler) ended the process with exit 143 and not a word.
+    SIGTERM_GUARD.acquire()
+    try:
+        _main()
+    except (KeyboardInterrupt, Terminated) as err:  # a sweep's (-m) stop, or one outside any job; a job's exits in it
+        SIGTERM_GUARD.interrupted = True  # the sweep's parent run ends KILLED (glm_ft.search.sweep, at exit)
+        stopped(err)
+    finally:
+        SIGTERM_GUARD.release()
+
+
+def _main() -> None:
     sys.argv = dist.shared_run_dir(dist.take_launcher_args(sys.argv))
     dist.stop_when_orphaned()
     try:
@@ -152,10 +171,6 @@ def main() -> None:
     except ConfigError as err:
         to_stderr(f"error: {err}")
         sys.exit(1)
-    try:
-        _hydra_main()
-    except (KeyboardInterrupt, Terminated) as err:  # a sweep's (-m) stop; a single run's exits inside _hydra_main
-        SIGTERM_GUARD.interrupted = True  # the sweep's parent run ends KILLED (glm_ft.search.sweep, at exit)
-        stopped(err)
+    _hydra_main()
     if dist.is_multi_process():
         dist.exit_skipping_native_teardown()

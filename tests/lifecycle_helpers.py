@@ -70,16 +70,17 @@ def background(cmd: list[str], log: Path, env: dict | None = None, cwd: Path = R
 
 
 def train_cmd(args: list[str], run_dir: Path, stop_after: str | None = None) -> list[str]:
-    """`python train.py ARGS`; with `stop_after` (a folder name: checkpoint-4, final), the job stops itself with
-    SIGSTOP once that folder is complete, so the test breaks things at that exact point however fast training is
-    (see `stopped`), then SIGKILLs it or sends SIGCONT."""
+    """`python train.py ARGS`; with `stop_after` the job stops itself with SIGSTOP at that exact point, so the test
+    breaks things there however fast training is (see `stopped`), then SIGKILLs it or sends a signal and SIGCONT.
+    `stop_after`: a folder name (checkpoint-4, final), once that folder is complete; or `module:function` (a method
+    as `module:Class.method`), as that function is entered, every time."""
     if stop_after is None:
         return [sys.executable, str(ROOT / "train.py"), *args, f"hydra.run.dir={run_dir}"]
     return [sys.executable, "-c", STOPPING_TRAIN, stop_after, *args, f"hydra.run.dir={run_dir}"]
 
 
 STOPPING_TRAIN = """
-import os, signal, sys
+import importlib, os, signal, sys
 sys.path.insert(0, os.getcwd())
 import glm_ft.runs as runs
 stop_after, mark_complete = sys.argv[1], runs.mark_complete
@@ -88,6 +89,17 @@ def mark_then_stop(folder, step, **facts):
     if folder.name == stop_after:
         os.kill(os.getpid(), signal.SIGSTOP)
 runs.mark_complete = mark_then_stop  # before glm_ft.train imports it by name
+if ":" in stop_after:  # patched before glm_ft.cli (and what it imports later) imports the function by name
+    module, _, name = stop_after.partition(":")
+    owner = importlib.import_module(module)
+    *outer, attribute = name.split(".")
+    for part in outer:
+        owner = getattr(owner, part)
+    entered = getattr(owner, attribute)
+    def stop_then_enter(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGSTOP)
+        return entered(*args, **kwargs)
+    setattr(owner, attribute, stop_then_enter)
 sys.argv = ["train.py", *sys.argv[2:]]
 from glm_ft.cli import main
 main()
@@ -106,6 +118,18 @@ def stopped(proc: subprocess.Popen) -> bool:
 def wait_until_stopped(proc: subprocess.Popen, log: Path, folder: str) -> None:
     """Wait for a job started with `train_cmd(..., stop_after=folder)` to stop itself there."""
     wait_for(lambda: stopped(proc), f"{folder} (the job stops there)", proc, log)
+
+
+def signalled_at(stop_after: str, signum: int, args: list[str], run_dir: Path, env: dict) -> tuple[int, str]:
+    """Run the job until it stops itself at `stop_after` (see `train_cmd`), send it `signum` there (Ctrl-C's SIGINT,
+    a scheduler's SIGTERM), let it go on; its exit code and output."""
+    log = run_dir.parent / f"{run_dir.name}.log"
+    with background(train_cmd(args, run_dir, stop_after=stop_after), log, env=env) as proc:
+        wait_until_stopped(proc, log, stop_after)
+        os.kill(proc.pid, signum)  # held while it is stopped, delivered as it continues
+        os.kill(proc.pid, signal.SIGCONT)
+        proc.wait()
+    return proc.returncode, log.read_text(errors="replace")
 
 
 def killed_once_final_is_saved(args: list[str], run_dir: Path, env: dict) -> None:

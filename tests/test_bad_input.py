@@ -71,7 +71,8 @@ BAD_VALUES = {
         ["{}", "training_args.lr_scheduler_type=warmup_stable_decay"],
         ["{num_decay_steps: 1, decay_type: cos}", "training_args.lr_scheduler_type=warmup_stable_decay"],
         ["{num_cycles: two}", "training_args.lr_scheduler_type=cosine"]],
-    "training_args.optim": [["bogus"], ["adamw"]],
+    # under ZeRO-3, whose config brings DeepSpeed's AdamW: transformers ran that instead, without a word
+    "training_args.optim": [["bogus"], ["adamw"], ["adafactor", "deepspeed=zero3"]],
     "training_args.log_level": [["loud"]],
     "training_args.evaluation_strategy": [["sometimes"]],
     "training_args.save_total_limit": [["-1"], ["0"]],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from omegaconf import OmegaConf
 
 from conftest import ROOT, run_process, run_train
 from glm_ft.config.schema import DATA_CACHE
+from lifecycle_helpers import QUICK, signalled_at
 
 HEAVY = ("torch", "transformers", "peft", "deepspeed", "mlflow", "datasets")
 
@@ -129,3 +131,34 @@ def test_an_error_is_one_write_so_ranks_sharing_an_unbuffered_stderr_do_not_inte
         main()
     assert exit_.value.code == 1
     assert len(raw.seen) == 1 and raw.seen[0].startswith(b"error: ") and raw.seen[0].endswith(b"\n"), raw.seen
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("stop_at", "signum"), [
+    ("glm_ft.config.validate:check_data_rows", signal.SIGTERM),  # the data check: no MLflow run yet
+    ("glm_ft.config.validate:check_data_rows", signal.SIGINT),
+    # inside MLflow's call that makes the run, which holds the signal until it returns: the run stayed RUNNING
+    ("mlflow.tracking.client:MlflowClient.create_run", signal.SIGTERM),
+    ("glm_ft.model:load_model_for_training", signal.SIGTERM),  # inside the job's MLflow run
+], ids=["data_check_sigterm", "data_check_ctrl_c", "run_creation_sigterm", "model_loading_sigterm"])
+def test_a_stop_before_training_says_so_in_one_line(stop_at, signum, tmp_path):
+    """SIGTERM in a job's first seconds, before its MLflow run opened, ended it by the default action: exit 143 and
+    not a word; Ctrl-C there, or either while the model loaded, printed a bare `interrupted`. A run made is KILLED."""
+    from mlflow.tracking import MlflowClient
+
+    run_dir = tmp_path / "run"
+    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    code, out = signalled_at(stop_at, signum, [*QUICK, "training_args.max_steps=2"], run_dir, env)
+    assert code == 128 + signum and "Traceback" not in out, out[-3000:]
+    said = [line.rpartition("\r")[2] for line in out.splitlines() if "interrupted" in line]
+    assert said == ["interrupted before training started; nothing was trained or saved (continue with the same "
+                    "command)"], out[-3000:]
+    assert not list(run_dir.glob("checkpoint-*")) and not (run_dir / "final").exists()
+    assert not list(run_dir.rglob("*.tmp"))  # nothing half-written
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    if "check_data_rows" in stop_at:
+        assert runs == [] and not (run_dir / "mlflow_run.json").exists()
+    else:
+        assert [r.info.status for r in runs] == ["KILLED"]
+        assert json.loads((run_dir / "mlflow_run.json").read_text())["run_id"] == runs[0].info.run_id

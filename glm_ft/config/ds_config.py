@@ -3,7 +3,8 @@
 Checked before any weights load: a contradiction with training_args (transformers reports it only inside train(),
 and DeepSpeed silently maps some "auto" values to its defaults), a key of the ZeRO section DeepSpeed does not take
 (read from DeepSpeed's own source, nothing imported), and the section's values as DeepSpeed's own model judges them
-(that one imports deepspeed: the caller runs it where the run would import it next). `resolve_deepspeed` fills every
+(that one imports deepspeed: the caller runs it where the run would import it next), and an `optimizer` or
+`scheduler` section that transformers would run instead of training_args' own. `resolve_deepspeed` fills every
 "auto" exactly as transformers' HfTrainerDeepSpeedConfig will (glm_ft.config.render writes the result).
 """
 
@@ -65,9 +66,46 @@ def _same(a: Any, b: Any) -> bool:
     return a == b
 
 
+# training_args.optim values that are the AdamW a DeepSpeed `optimizer` section of type Adam/AdamW runs.
+ADAMW_OPTIMS = ("adamw_torch", "adamw_torch_fused")
+
+
+def _check_optimizer_and_scheduler(ds: dict, args: DictConfig) -> None:
+    """transformers builds the optimizer and the schedule from training_args unless the DeepSpeed config has a
+    section of its own (integrations/deepspeed.py, deepspeed_optim_sched), and then ignores training_args' without a
+    word: a scheduler section replaces lr_scheduler_type, lr_scheduler_kwargs and the warmup's shape, an optimizer
+    section replaces optim. Only what says the same as training_args is let through."""
+    if "scheduler" in ds:
+        raise ConfigError(f"deepspeed.scheduler: transformers would run it instead of training_args.lr_scheduler_type="
+                          f"{args.lr_scheduler_type} (and its lr_scheduler_kwargs and warmup) without a word; glm-ft "
+                          "schedules from training_args, which DeepSpeed runs as it is: drop the section "
+                          "(~deepspeed.scheduler) and set training_args.lr_scheduler_type (DeepSpeed's WarmupLR is "
+                          "constant_with_warmup, WarmupDecayLR is linear)")
+    if "optimizer" not in ds:
+        return
+    section = ds["optimizer"]
+    kind = section.get("type") if isinstance(section, dict) else None
+    if not isinstance(kind, str):
+        raise ConfigError(f"deepspeed.optimizer: {section!r} has no type; remove the section with ~deepspeed.optimizer "
+                          "(the Trainer then builds training_args.optim) or set deepspeed.optimizer.type=AdamW")
+    if kind.lower() not in ("adam", "adamw"):
+        raise ConfigError(f"deepspeed.optimizer.type={kind} would train instead of training_args.optim={args.optim} "
+                          "without a word; set deepspeed.optimizer.type=AdamW or remove the section with "
+                          "~deepspeed.optimizer (the Trainer then builds training_args.optim)")
+    if (section.get("params") or {}).get("adam_w_mode", True) is False:  # DeepSpeed's Adam with L2, not AdamW
+        raise ConfigError(f"deepspeed.optimizer.params.adam_w_mode=false makes DeepSpeed's {kind} an Adam with L2 "
+                          f"weight decay, not the AdamW of training_args.optim={args.optim}; drop the key, or remove "
+                          "the section with ~deepspeed.optimizer")
+    if args.optim not in ADAMW_OPTIMS:
+        raise ConfigError(f"training_args.optim={args.optim}: the DeepSpeed config's optimizer ({kind}) would train "
+                          "instead without a word; remove it with ~deepspeed.optimizer to train with "
+                          f"{args.optim}, or set training_args.optim to one of {', '.join(ADAMW_OPTIMS)}")
+
+
 def check_deepspeed(cfg: DictConfig) -> None:
     """Reject a DeepSpeed config that contradicts training_args or that DeepSpeed would refuse."""
     ds = OmegaConf.to_container(cfg.deepspeed, resolve=True)
+    _check_optimizer_and_scheduler(ds, cfg.training_args)
     stage = _get(ds, "zero_optimization.stage")
     if stage is not None and stage not in (0, 1, 2, 3):
         raise ConfigError(f"deepspeed.zero_optimization.stage: {stage!r} is not one of 0, 1, 2, 3")

@@ -34,7 +34,7 @@ from glm_ft.tracking.parent import child_run_name, hydra_config, parent_for_job
 from glm_ft.tracking.redact import redact
 from glm_ft.tracking.run_record import read_mlflow_run, write_mlflow_run
 from glm_ft.tracking.sender import Sender
-from glm_ft.tracking.signals import SIGTERM_GUARD, Terminated, stop_behind
+from glm_ft.tracking.signals import SIGTERM_GUARD, Terminated, signals_deferred, stop_behind
 from glm_ft.tracking.store import Store
 
 log = logging.getLogger(__name__)
@@ -178,23 +178,23 @@ def start_run(cfg: DictConfig, run_dir: Path, tags: Mapping[str, str] | None = N
         return
     run_dir = Path(run_dir)
     store = Store(cfg.tracking)
-    hc = hydra_config()
-    run_id, logged = previous_run(store, cfg, run_dir)
-    if run_id is None:
-        parent_id, swept = parent_for_job(store, hc)
-        tags = {**run_tags(cfg, run_dir, hc), **(tags or {})}
-        name = cfg.tracking.run_name
-        if hc is not None and not name:
-            name = child_run_name(hc, swept) if parent_id else (str(hc.job.override_dirname) or None)
-        if parent_id:
-            tags["glm_ft.job_num"] = str(hc.job.num)
-        run_id = store.create_run(redact(name)[:MAX_RUN_NAME] if name else None, tags, parent_id)
-    write_mlflow_run(run_dir, run_id, store.experiment_id, store.uri)
-    tracker = Tracker(store, run_id, cfg, run_dir)
+    SIGTERM_GUARD.acquire()  # before the hold below, which puts back the handler it found
+    # A Ctrl-C or SIGTERM while the run is made or reopened (MLflow's calls hold them until they return) landed
+    # before the run was recorded in mlflow_run.json or could be closed: it stayed RUNNING for good. Held until the
+    # run can be ended KILLED.
+    holding = contextlib.ExitStack()
+    holding.enter_context(signals_deferred())
+    try:
+        tracker, logged = _open_run(store, cfg, run_dir, tags)
+    except BaseException:
+        holding.close()
+        SIGTERM_GUARD.release()
+        raise
+    run_id = tracker.run_id
     SIGTERM_GUARD.open_runs[run_id] = store
-    SIGTERM_GUARD.acquire()
     status, stopping = "FINISHED", False
     try:
+        holding.close()  # a stop held since the run was made lands here
         tracker.log_params(cfg, logged)
         yield tracker
     except (KeyboardInterrupt, Terminated):
@@ -225,6 +225,24 @@ def start_run(cfg: DictConfig, run_dir: Path, tags: Mapping[str, str] | None = N
         finally:
             SIGTERM_GUARD.open_runs.pop(run_id, None)
             SIGTERM_GUARD.release()
+
+
+def _open_run(store: Store, cfg: DictConfig, run_dir: Path,
+              tags: Mapping[str, str] | None) -> tuple[Tracker, Mapping[str, str] | None]:
+    """The folder's run continued (resume), or a new one; recorded in mlflow_run.json. With the params it holds."""
+    hc = hydra_config()
+    run_id, logged = previous_run(store, cfg, run_dir)
+    if run_id is None:
+        parent_id, swept = parent_for_job(store, hc)
+        tags = {**run_tags(cfg, run_dir, hc), **(tags or {})}
+        name = cfg.tracking.run_name
+        if hc is not None and not name:
+            name = child_run_name(hc, swept) if parent_id else (str(hc.job.override_dirname) or None)
+        if parent_id:
+            tags["glm_ft.job_num"] = str(hc.job.num)
+        run_id = store.create_run(redact(name)[:MAX_RUN_NAME] if name else None, tags, parent_id)
+    write_mlflow_run(run_dir, run_id, store.experiment_id, store.uri)
+    return Tracker(store, run_id, cfg, run_dir), logged
 
 
 def settle_previous_run(cfg: DictConfig, run_dir: Path) -> None:

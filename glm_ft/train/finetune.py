@@ -17,12 +17,13 @@ import json
 import logging
 import os
 import warnings
+import weakref
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 from transformers import GenerationConfig, set_seed
 
-from glm_ft import dist, methods
+from glm_ft import dist, methods, stops
 from glm_ft.config.paths import InputPaths, input_paths
 from glm_ft.config.schema import DATA_CACHE
 from glm_ft.data.dataset import load_datasets
@@ -31,12 +32,12 @@ from glm_ft import heap
 from glm_ft.model import (base_model_dir, load_model_for_training, load_tokenizer, parameter_counts,
                           refused_weights_errors, refused_weights_reason)
 from glm_ft.runs import (CURVES_FILE, EVAL_PREDICTIONS, FINAL, FINAL_LOG, PREDICTIONS, checkpoint_step,
-                         disown_later, final_record, finished_step, last_complete_checkpoint, mark_complete,
-                         read_progress, record_progress, reset_progress, resume_checkpoint, write_run_info)
+                         disown_later, final_record, finished_step, mark_complete, read_progress, record_progress,
+                         reset_progress, resume_checkpoint, write_run_info)
 from glm_ft.search import TRIAL_ENV, trial_tags
 from glm_ft.tracking.curves import run_log_history, write_training_curves
 from glm_ft.tracking.parent import hydra_config
-from glm_ft.tracking.signals import interrupt_behind, restated
+from glm_ft.tracking.signals import interrupt_behind
 from glm_ft.tracking.store import ui_hint
 from glm_ft.tracking.tracker import closing_interrupted, settle_previous_run, start_run
 from glm_ft.data.collate import Collator
@@ -148,6 +149,7 @@ def _train(cfg: DictConfig, run_dir: Path, paths: dict[str, Path], where: InputP
 
     final: dict[str, float] = {}
     if has_eval:
+        stops.reached(stops.FINAL_EVALUATION)
         # A redo (resume=auto after final/ was saved) did not train: what training evaluated is in the checkpoints.
         history = run_log_history(trainer.state.log_history, run_dir, trained=trained_step is None)
         last = next((h for h in reversed(history) if "eval_rouge-l" in h), None)
@@ -164,6 +166,7 @@ def _train(cfg: DictConfig, run_dir: Path, paths: dict[str, Path], where: InputP
             tracker.settle()  # a resume skips a recorded stage: its points must be in the store first
             record_progress(run_dir, evaluated=final)
     if data.test is not None and len(data.test) > 0:
+        stops.reached(stops.TEST_PREDICTION)
         if "predicted" in progress and (run_dir / PREDICTIONS).is_file():
             final.update(progress["predicted"])
         else:
@@ -177,6 +180,7 @@ def _train(cfg: DictConfig, run_dir: Path, paths: dict[str, Path], where: InputP
                 record_progress(run_dir, predicted=out.metrics)
                 log.info("test: %d predictions → %s; %s", n, run_dir / PREDICTIONS,
                          ", ".join(f"{k}={v:.4g}" for k, v in out.metrics.items() if "rouge" in k or "bleu" in k))
+    stops.reached(stops.CLOSING)  # the curves, the run's records, and closing its MLflow run (uploading its files)
     if dist.is_rank_zero():
         _write_curves(cfg, run_dir, trainer.state.log_history, trained=trained_step is None)
         record_progress(run_dir, complete=True, step=trainer.state.global_step, metrics=final)
@@ -216,6 +220,10 @@ def _write_curves(cfg: DictConfig, run_dir: Path, log_history: list[dict], train
 
 def _train_and_save(cfg: DictConfig, run_dir: Path, trainer, tracker, job_trial) -> None:
     resume_from = resume_checkpoint(cfg.resume, run_dir)
+    # From here on the folder changes (stale stages and other trainings' checkpoints go): a stop says what it keeps.
+    # A weak reference: a trainer kept alive to the interpreter's exit has its progress bars fail in their __del__.
+    training = weakref.ref(trainer)
+    stops.reached(lambda: f"at step {training().state.global_step}" if training() is not None else "in training")
     if dist.is_rank_zero():
         reset_progress(run_dir)
         # A checkpoint of another folder shares no history with this one's: all of this folder's are another's.
@@ -247,12 +255,8 @@ def _train_and_save(cfg: DictConfig, run_dir: Path, trainer, tracker, job_trial)
     try:
         result = trainer.train(resume_from_checkpoint=resume_from)
     except BaseException as err:
-        interrupt = interrupt_behind(err)
-        if interrupt is not None:  # Ctrl-C or SIGTERM (a scheduler's stop), also when a library's cleanup failed on it
-            last = last_complete_checkpoint(run_dir) or "none"
-            raise restated(interrupt, f"at step {trainer.state.global_step}; last complete checkpoint: {last} "
-                                      f"(continue with resume=auto hydra.run.dir={run_dir})") from err
-        if resume_from and interrupt is None and isinstance(err, refused_weights_errors()):
+        # A stop (Ctrl-C, SIGTERM, also when a library's cleanup failed on it) is worded by the CLI (glm_ft.stops).
+        if resume_from and interrupt_behind(err) is None and isinstance(err, refused_weights_errors()):
             # The checkpoint's own files (weights, optimizer.pt, rng_state.pth): refused in one line, never run.
             raise CheckpointError(f"resume: {resume_from}: {refused_weights_reason(err)}") from None
         raise

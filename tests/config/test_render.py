@@ -115,6 +115,14 @@ def test_resolution_matches_transformers(tmp_path, monkeypatch):
     (["deepspeed=zero2", "deepspeed.zero_optimization.stage=4"], ["deepspeed.zero_optimization.stage"]),
     (["deepspeed=zero2", "deepspeed.fp16.enabled=true", "deepspeed.bf16.enabled=true"],
      ["deepspeed.fp16.enabled", "deepspeed.bf16.enabled"]),
+    # a section of its own: transformers runs it and ignores training_args' optim or schedule without a word
+    (["deepspeed=zero2", "training_args.lr_scheduler_type=cosine", "+deepspeed.scheduler={type: WarmupDecayLR, "
+      "params: {warmup_min_lr: auto, warmup_max_lr: auto, warmup_num_steps: auto, total_num_steps: auto}}"],
+     ["deepspeed.scheduler", "training_args.lr_scheduler_type=cosine"]),
+    (["deepspeed=zero3", "training_args.optim=adafactor"], ["training_args.optim=adafactor", "~deepspeed.optimizer"]),
+    (["deepspeed=zero3", "deepspeed.optimizer.type=Lamb"], ["deepspeed.optimizer.type=Lamb", "training_args.optim"]),
+    (["deepspeed=zero3", "+deepspeed.optimizer.params.adam_w_mode=false"],
+     ["deepspeed.optimizer.params.adam_w_mode", "training_args.optim"]),
 ])
 def test_contradictions_fail_naming_both_keys(overrides, keys):
     with pytest.raises(ConfigError) as err:
@@ -128,3 +136,6 @@ def test_consistent_explicit_values_pass():
                              "deepspeed.train_batch_size=8", "training_args.gradient_accumulation_steps=2",
                              "deepspeed.gradient_accumulation_steps=2", "training_args.bf16=true",
                              "deepspeed.bf16.enabled=true"]))
+    # ZeRO-3's AdamW section is training_args' AdamW, its values filled from them; without it, any optim
+    check_deepspeed(compose(["deepspeed=zero3", "training_args.optim=adamw_torch"]))
+    check_deepspeed(compose(["deepspeed=zero3", "~deepspeed.optimizer", "training_args.optim=adafactor"]))

@@ -19,6 +19,7 @@ from omegaconf import OmegaConf
 
 from conftest import ROOT, end_process_group, launcher_env, run_process, run_train
 from glm_ft.runs import complete_checkpoints
+from lifecycle_helpers import signalled_at
 
 pytestmark = pytest.mark.slow
 
@@ -685,6 +686,36 @@ def test_a_stop_keeps_the_last_checkpoint_says_so_and_marks_the_run_killed(tmp_p
     run = next(r for r in _mlflow_runs(mlflow_env["MLFLOW_TRACKING_URI"])
                if r.data.tags.get("glm_ft.run_dir") == str(run_dir))
     assert run.info.status == "KILLED"
+
+
+@pytest.mark.parametrize(("stop_at", "signum", "where", "redone"), [
+    ("glm_ft.train.trainer:GlmTrainer.evaluate", signal.SIGTERM, "during the final evaluation",
+     "the final evaluation and the test prediction"),
+    ("glm_ft.train.trainer:GlmTrainer.predict", signal.SIGINT, "during the test prediction", "the test prediction"),
+], ids=["final_evaluation_sigterm", "test_prediction_ctrl_c"])
+def test_a_stop_after_final_is_saved_says_it_is_kept_and_resume_redoes_only_the_rest(stop_at, signum, where, redone,
+                                                                                    tmp_path, mlflow_env):
+    """Stopped once final/ is complete, a job printed a bare `interrupted`: now one line saying final/ is kept and
+    what resume=auto redoes, which then trains nothing."""
+    run_dir = tmp_path / "stopped"
+    args = [*SMALL, "method=lora", "training_args.max_steps=2", "training_args.evaluation_strategy=no"]
+    code, out = signalled_at(stop_at, signum, args, run_dir, mlflow_env)
+    assert code == 128 + signum and "Traceback" not in out, out[-3000:]
+    said = [line.rpartition("\r")[2] for line in out.splitlines() if "interrupted" in line]
+    assert said == [f"interrupted {where}; the trained model, {run_dir / 'final'} (step 2), is complete (continue "
+                    f"with resume=auto hydra.run.dir={run_dir}, which trains nothing and redoes only {redone})"], said
+    assert not list(run_dir.rglob("*.tmp"))  # nothing half-written
+    run = next(r for r in _mlflow_runs(mlflow_env["MLFLOW_TRACKING_URI"])
+               if r.data.tags.get("glm_ft.run_dir") == str(run_dir))
+    assert run.info.status == "KILLED"
+    marker = (run_dir / "final" / "glm_ft_complete").stat().st_mtime_ns
+    resumed = run_train([*args, "resume=auto", f"hydra.run.dir={run_dir}"], env=mlflow_env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "redoing only what is missing" in resumed.stdout + resumed.stderr
+    assert (run_dir / "final" / "glm_ft_complete").stat().st_mtime_ns == marker  # final/ as it was: nothing trained
+    assert (run_dir / "predictions.jsonl").is_file() and (run_dir / "eval_metrics.json").is_file()
+    assert next(r for r in _mlflow_runs(mlflow_env["MLFLOW_TRACKING_URI"])
+                if r.info.run_id == run.info.run_id).info.status == "FINISHED"
 
 
 # train.py with a Ctrl-C (a real SIGINT) that lands inside a library's lock, as it did in tqdm's progress bar:

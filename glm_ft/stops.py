@@ -1,0 +1,54 @@
+"""The one line a job stopped by Ctrl-C or SIGTERM prints: where it stopped, and what its run folder keeps.
+
+The job names its stage as it reaches it (`reached`); `stop_line` words the stop from that stage and from what the
+folder holds (its complete checkpoints, final/'s marker, glm_ft_progress.json), so a stop anywhere -- config
+validation, the data check, model loading, a step, final/'s save, the final evaluation, the test prediction, the
+MLflow run's close -- says the same kind of line, whichever exception carried it to the CLI (glm_ft.cli.stopped).
+Light: nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+from omegaconf import DictConfig
+
+from glm_ft.runs import FINAL, finished_step, last_complete_checkpoint, read_progress
+
+STARTING = "before training started"
+# Before the job changed anything of its folder (validation, the data check, loading: it has trained nothing yet).
+STARTING_LINE = f"{STARTING}; nothing was trained or saved (continue with the same command)"
+FINAL_EVALUATION = "during the final evaluation"
+TEST_PREDICTION = "during the test prediction"
+CLOSING = "while closing the run"
+
+_stage: Callable[[], str] = lambda: STARTING
+
+
+def reached(stage: str | Callable[[], str]) -> None:
+    """The job's stage from now on; a callable is asked when a stop is worded (a training's current step)."""
+    global _stage
+    _stage = stage if callable(stage) else (lambda: stage)
+
+
+def stop_line(cfg: DictConfig, run_dir: Path) -> str:
+    """Where the job stopped and what its folder keeps, ending in `(continue with ...)` when there is more to do
+    (the sweep replaces that hint by its own)."""
+    where = _stage()
+    if where == STARTING:
+        return STARTING_LINE
+    resume = f"resume=auto hydra.run.dir={run_dir}"
+    args = cfg.training_args
+    step = finished_step(run_dir, int(args.get("max_steps", -1) or -1), float(args.num_train_epochs))
+    if step is None:
+        last = last_complete_checkpoint(run_dir) or "none"
+        return f"{where}; last complete checkpoint: {last} (continue with {resume})"
+    progress = read_progress(run_dir)
+    missing = [name for name, done, wanted in (("the final evaluation", "evaluated", cfg.data.get("val_file")),
+                                               ("the test prediction", "predicted", cfg.data.get("test_file")))
+               if wanted and done not in progress]
+    if progress.get("complete") or not missing:
+        return f"{where}; every stage is done: {run_dir} holds the trained model, its metrics and predictions"
+    return (f"{where}; the trained model, {Path(run_dir) / FINAL} (step {step}), is complete (continue with {resume}, "
+            f"which trains nothing and redoes only {' and '.join(missing)})")
