@@ -138,6 +138,12 @@ def closest(word: str, candidates: list[str], n: int = 3) -> list[str]:
     return list(dict.fromkeys(both + close + affix))[:n]
 
 
+def did_you_mean(word: str, candidates: list[str], otherwise: str = "") -> str:
+    """"did you mean A or B?" for the candidates closest to `word`, else `otherwise`."""
+    guesses = closest(word, candidates)
+    return f"did you mean {' or '.join(guesses)}?" if guesses else otherwise
+
+
 def _leaf_paths(children: dict[str, Any], prefix: str = "") -> list[str]:
     out = []
     for name, node in children.items():

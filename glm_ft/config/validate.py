@@ -18,7 +18,7 @@ from omegaconf.errors import OmegaConfBaseException
 from glm_ft.config import hf_choices
 from glm_ft.errors import ConfigError
 from glm_ft import methods
-from glm_ft.config.keys import closest, no_keys_message, unknown_key_message
+from glm_ft.config.keys import did_you_mean, no_keys_message, unknown_key_message
 from glm_ft.config.paths import SPLIT_KEYS, InputPaths, input_paths, resolve_path
 from glm_ft.config.schema import DATA_CACHE, TINY_MODEL_DIR, TrainingArgs
 
@@ -156,8 +156,8 @@ def _check_finite(node: Any, prefix: str = "") -> None:
 def _check_choice(key: str, value: str, choices: tuple[str, ...], source: str) -> None:
     if value in choices:
         return
-    guesses = closest(value, list(choices))
-    hint = f"did you mean {' or '.join(guesses)}? " if guesses else ""
+    hint = did_you_mean(value, list(choices))
+    hint = f"{hint} " if hint else ""
     shown = ", ".join(choices) if len(choices) <= 12 else f"{', '.join(choices[:8])}, ... ({len(choices)} in all)"
     raise ConfigError(f"training_args.{key}: '{value}' is not one of {source} ({hint}{shown})")
 
@@ -185,8 +185,8 @@ def _check_scheduler_kwargs(args: DictConfig) -> None:
     takes = f"it takes {', '.join(names)}" if names else "it takes none"
     for kwarg, value in given.items():
         if kwarg not in names:
-            guesses = closest(str(kwarg), list(names))
-            hint = f"did you mean {' or '.join(guesses)}? " if guesses else ""
+            hint = did_you_mean(str(kwarg), list(names))
+            hint = f"{hint} " if hint else ""
             raise ConfigError(f"{key}.{kwarg}: not an argument of lr_scheduler_type={name} ({hint}{takes})")
         if value is None and kwarg in spec.optional_none:
             continue
@@ -259,19 +259,18 @@ def _check_training_args(args: DictConfig) -> None:
 def _check_best_model(cfg: DictConfig) -> None:
     """load_best_model_at_end and early stopping: transformers refused their contradictions only once the model had
     loaded (TrainingArguments), its default metric (the loss) only at the first evaluation (a KeyError)."""
-    from glm_ft.train.metrics import METRIC_NAMES
+    from glm_ft.train.metrics import METRIC_NAMES, eval_metric_name
 
     args, key = cfg.training_args, "training_args.metric_for_best_model"
     evaluated = [f"eval_{metric}" for metric in METRIC_NAMES]
     name = args.metric_for_best_model
     if name is not None:
-        full = str(name) if str(name).startswith("eval_") else f"eval_{name}"
+        full = eval_metric_name(name)
         if full == "eval_loss":
             raise ConfigError(f"{key}: {name} is not computed: glm-ft evaluates by generating replies and scoring "
                               f"them, with no loss; use one of {', '.join(evaluated)}")
         if full not in evaluated:
-            guesses = closest(full, evaluated)
-            hint = f"did you mean {' or '.join(guesses)}?" if guesses else f"one of {', '.join(evaluated)}"
+            hint = did_you_mean(full, evaluated, f"one of {', '.join(evaluated)}")
             raise ConfigError(f"{key}: '{name}' is not a metric glm-ft's evaluation reports ({hint})")
     patience = args.early_stopping_patience
     if patience is not None and patience < 1:
@@ -331,8 +330,7 @@ def check_optimized_metric(name: Any, data: Any) -> None:
         return
     reported = [f"{split}_{metric}" for split in ("eval", "test") for metric in METRIC_NAMES]
     if name not in reported:
-        guesses = closest(str(name), reported)
-        hint = f"did you mean {' or '.join(guesses)}?" if guesses else f"one of {', '.join(reported)}"
+        hint = did_you_mean(str(name), reported, f"one of {', '.join(reported)}")
         raise ConfigError(f"optimized_metric: '{name}' is not a metric a run reports ({hint})")
     split_key = "val_file" if name.startswith("eval_") else "test_file"
     if split_key in data and data[split_key] is None:

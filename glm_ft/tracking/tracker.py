@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 # Written by glm_ft.config.render / the training job; logged when present.
 RUN_FILES = ("finetune.yaml", "ds_config.json", "ds_config.resolved.json", PREDICTIONS, EVAL_PREDICTIONS,
              CURVES_FILE)
-# The trained adapter, prefix or model that glm_ft.train.finetune saves; logged through Tracker.log_model.
+# The trained adapter, prefix or model that glm_ft.train.finetune saves; logged by Tracker.run_files.
 MODEL_DIR = FINAL
 # The most a checkpoint waits for points on their way to a store that is up (usually milliseconds).
 CHECKPOINT_FLUSH_S = 5.0
@@ -115,20 +115,15 @@ class Tracker:
 
         self.sender.submit(tags=[RunTag(k, v) for k, v in fit_tags(tags).items()])
 
-    def log_model(self, path: str | os.PathLike) -> None:
-        """The trained adapter/prefix as artifacts under model/; a full SFT checkpoint only as a path tag unless
-        tracking.log_full_model=true (gigabytes of weights in the artifact store are rarely what anyone wants)."""
-        path = Path(path)
-        self.set_tags({"glm_ft.model_path": str(path.resolve())})
-        if self._logs_model():
-            self.log_artifact(path, "model")
-
     def _logs_model(self) -> bool:
+        """The trained adapter/prefix is logged as artifacts under model/; a full SFT checkpoint only as a path tag
+        unless tracking.log_full_model=true (gigabytes of weights in the artifact store are rarely what anyone
+        wants)."""
         return not (methods.get(self.cfg.method.name).WHOLE_MODEL and not self.cfg.tracking.log_full_model)
 
     def run_files(self) -> tuple[dict[str, str], list[tuple[Path, str | None]]]:
         """What the end of the run logs from its folder: tags, and (path, artifact path) of the config, predictions,
-        curves and the trained model (see log_model). Logged by `_log_run_files`, or kept for the next start in the
+        curves and the trained model (see _logs_model). Logged by `_log_run_files`, or kept for the next start in the
         folder when the store is down (glm_ft.tracking.lifecycle.close_run)."""
         files = [(self.run_dir / name, None) for name in RUN_FILES] + [(self.run_dir / ".hydra", ".hydra")]
         files = [(path, artifact_path) for path, artifact_path in files if path.exists()]
@@ -161,9 +156,6 @@ class NullTracker:
         pass
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
-        pass
-
-    def log_model(self, path: str | os.PathLike) -> None:
         pass
 
 

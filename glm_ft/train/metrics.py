@@ -25,14 +25,19 @@ _ROUGE_TYPES = {"rouge-1": "rouge1", "rouge-2": "rouge2", "rouge-l": "rougeL"}
 BEST_MODEL_METRIC = "eval_rouge-l"
 
 
+def eval_metric_name(name: str) -> str:
+    """A metric_for_best_model as the Trainer compares it: eval_ prefixed, as transformers prefixes it."""
+    return str(name) if str(name).startswith("eval_") else f"eval_{name}"
+
+
 def best_model_metric(args) -> str | None:
-    """training_args.metric_for_best_model as the Trainer compares it (eval_ prefixed, as transformers prefixes it),
-    or BEST_MODEL_METRIC when it is null and keeping the best model or early stopping is on; None when neither."""
+    """training_args.metric_for_best_model as the Trainer compares it (eval_metric_name), or BEST_MODEL_METRIC when
+    it is null and keeping the best model or early stopping is on; None when neither."""
     name = args.metric_for_best_model
     if name is None:
         on = args.load_best_model_at_end or args.early_stopping_patience is not None
         return BEST_MODEL_METRIC if on else None
-    return str(name) if str(name).startswith("eval_") else f"eval_{name}"
+    return eval_metric_name(name)
 
 
 class JiebaTokenizer:
