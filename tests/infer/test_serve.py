@@ -242,6 +242,9 @@ def test_a_client_that_goes_away_stops_its_generation_and_the_next_request_is_se
         status, _, expected = post(port, follow_up)
         assert status == 200
         before = metrics(port)
+        # the counters against the reply's own usage: a fresh server counted just that request's tokens
+        assert before == {"glm_ft_generation_tokens_total": json.loads(expected)["usage"]["completion_tokens"],
+                          "glm_ft_requests_cancelled_total": 0}
 
         body = json.dumps({"messages": [{"role": "user", "content": "类型#裙"}], "max_tokens": 1000,
                            "stream": stream}).encode()
@@ -258,7 +261,8 @@ def test_a_client_that_goes_away_stops_its_generation_and_the_next_request_is_se
 
         after = metrics(port)
         assert after["glm_ft_requests_cancelled_total"] == before["glm_ft_requests_cancelled_total"] + 1
-        abandoned = after["glm_ft_generation_tokens_total"] - before["glm_ft_generation_tokens_total"] - 8
+        abandoned = (after["glm_ft_generation_tokens_total"] - before["glm_ft_generation_tokens_total"]
+                     - reply["usage"]["completion_tokens"])
         assert 1 <= abandoned < 1000
 
 
