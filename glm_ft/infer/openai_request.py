@@ -21,6 +21,16 @@ class ModelNotFound(LookupError):
     """A request for a model this server does not serve: 404, as OpenAI and vLLM answer it."""
 
 
+def text_only(body: dict) -> None:
+    """JSON's `\\ud800` escapes a lone UTF-16 surrogate, which Python's reader takes and no text holds: the tokenizer
+    fails on it (a 500). Refused wherever it is in the request (content, tool names, tool schemas)."""
+    try:
+        json.dumps(body, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as err:
+        found = err.object[err.start:err.end].encode("unicode_escape").decode()
+        raise BadRequest(f"the request holds a lone UTF-16 surrogate ({found}), which is not a character") from None
+
+
 def requested_model(body: dict, names: list[str]) -> str:
     """The served name a reply reports: the one the request names, or the first when it names none. OpenAI requires
     `model`; vLLM, whose behaviour clients of self-hosted models are written against, takes its absence as the

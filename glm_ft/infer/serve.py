@@ -9,7 +9,7 @@ assistant and `tool` (ChatGLM3's observation); `tools` in the OpenAI form are re
 ChatGLM3 was trained, and a reply that calls one comes back as `tool_calls`, streamed or not
 (glm_ft/infer/tool_calls.py). The prompt is built by glm-ft's tokenizer, so it holds exactly the ids training used;
 generation stops on eos, `<|user|>` and `<|observation|>` (finish_reason "stop"), or at max_tokens ("length"; unset:
---max-new-tokens or the rest of the context). Greedy unless the request sets a temperature above 0.
+--max-new-tokens or the rest of the context). Greedy unless the request sets a temperature of 1e-5 or more.
 `stream_options.include_usage` ends a stream with the usage chunk.
 
 Every kind of checkpoint serves (LoRA, P-Tuning v2, full, any ChatGLM3 folder). A `--format hf` export is served
@@ -32,9 +32,12 @@ from glm_ft import heap
 from glm_ft.methods import DTYPE_NAMES
 from glm_ft.errors import GlmFtError, to_stderr
 from glm_ft.infer.openai_request import (BadRequest, ModelNotFound, conversation, number, refuse_unsupported,
-                                         requested_model, stream_usage)
+                                         requested_model, stream_usage, text_only)
 from glm_ft.infer.tool_calls import StreamedReply, reply_message
 from glm_ft.runs import FINAL
+
+GREEDY_BELOW = 1e-5  # a temperature below it decodes greedily, as vLLM's _SAMPLING_EPS
+
 
 class Engine:
     """The loaded checkpoint; one generation at a time (a model is not safe to share between threads)."""
@@ -47,7 +50,8 @@ class Engine:
         self.stops = stop_token_ids(self.tokenizer)
         self.lock = threading.Lock()
         self.tokens_generated = 0  # /metrics: a generation's progress shows while it runs
-        self.cancelled = 0  # generations stopped because their client went away
+        self.cancelled = 0  # requests whose client went away before their reply was whole
+        self.counting = threading.Lock()  # `cancelled` grows from generation threads and the event loop
 
     def prepare(self, body: dict) -> tuple[list[int], Any]:
         from glm_ft.infer.checkpoint import generation_config
@@ -58,6 +62,8 @@ class Engine:
         limit = number(key, body.get(key), None, 1, integer=True)
         # floats: JSON's `2` is an int, which transformers' TemperatureLogitsWarper refuses (a 500 mid-request)
         temperature = float(number("temperature", body.get("temperature"), 0.0, 0.0, 2.0))
+        # Greedy below vLLM's epsilon: logits divided by 1e-300 overflow to NaN probabilities (a 500 mid-request)
+        temperature = temperature if temperature >= GREEDY_BELOW else 0.0
         top_p = float(number("top_p", body.get("top_p"), 1.0, 0.0, 1.0))
         context = self.model.config.seq_length
         if len(ids) >= context:
@@ -98,10 +104,15 @@ class Engine:
             out = self.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
                                       generation_config=gen, streamer=streamer,
                                       stopping_criteria=StoppingCriteriaList([progress]))
-        self.cancelled += progress.fired
+        if progress.fired:
+            self.count_cancelled()
         new = out[0, len(ids):].tolist()
         end = next((i + 1 for i, tok in enumerate(new) if tok in self.stops), len(new))
         return new[:end]
+
+    def count_cancelled(self) -> None:
+        with self.counting:
+            self.cancelled += 1
 
     def text(self, new: list[int]) -> str:
         kept = [t for t in new if t not in self.stops]
@@ -115,7 +126,7 @@ class Engine:
 
 
 # /metrics in Prometheus' text format, as vLLM and TGI expose theirs: tokens generated, counted as each is made, and
-# generations stopped early because their client went away
+# requests whose client went away before their reply was whole (while it was sent, generated, or still read)
 METRICS = ("# TYPE glm_ft_generation_tokens_total counter\nglm_ft_generation_tokens_total {tokens}\n"
            "# TYPE glm_ft_requests_cancelled_total counter\nglm_ft_requests_cancelled_total {cancelled}\n")
 
@@ -125,7 +136,8 @@ def create_app(engine: Engine, names: list[str] | None = None):
     import asyncio
 
     from fastapi import FastAPI, Request
-    from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+    from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+    from starlette.requests import ClientDisconnect
 
     names = names or [engine.name]
     started = int(time.time())
@@ -155,17 +167,20 @@ def create_app(engine: Engine, names: list[str] | None = None):
 
         try:
             body = await request.json()
+        except ClientDisconnect:  # gone before its body came: no one to answer, nothing to log
+            engine.count_cancelled()
+            return Response(status_code=499)  # nginx's "client closed request"; nothing is sent
         except ValueError:
             return error(400, "the request body is not JSON")
         if not isinstance(body, dict):
             return error(400, "the request body must be a JSON object")
         try:
+            text_only(body)
             model = requested_model(body, names)
             ids, gen = engine.prepare(body)
             include_usage = stream_usage(body)
-            seed = body.get("seed")
-            if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-                raise BadRequest("seed: expected an integer")
+            # set_seed (numpy's) takes 0 to 2**32 - 1 only: any other was a 500 mid-request
+            seed = number("seed", body.get("seed"), None, 0, 2**32 - 1, integer=True)
         except ModelNotFound as err:
             return error(404, str(err), code="model_not_found", param="model")
         except BadRequest as err:
@@ -255,7 +270,8 @@ async def _stream(engine: Engine, ids: list[int], gen, seed, reply: StreamedRepl
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m glm_ft serve", description=__doc__.splitlines()[0])
-    parser.add_argument("checkpoint",
+    # Optional to argparse only: after --served-model-name's names it is their last word (see below)
+    parser.add_argument("checkpoint", nargs="?",
                         help="run folder, checkpoint folder (LoRA, P-Tuning v2, freeze, SFT) or model folder")
     parser.add_argument("--base-model", help="base model folder (default: the one recorded at training time)")
     parser.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1: this machine only)")
@@ -265,7 +281,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "one (or none: the first) (default: the checkpoint folder's name)")
     parser.add_argument("--max-new-tokens", type=int, default=512, help="default max_tokens of a request")
     parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPE_NAMES])
+    parser.usage = parser.format_usage().removeprefix("usage: ").rstrip().replace("[checkpoint]", "checkpoint")
     args = parser.parse_args(argv)
+    if args.checkpoint is None:
+        # `--served-model-name a RUN`: the option's names took RUN too, as vLLM's do; RUN is the command's one
+        # positional, so it is their last word.
+        if not args.served_model_name or len(args.served_model_name) < 2:
+            parser.error("the following arguments are required: checkpoint")
+        args.checkpoint = args.served_model_name.pop()
     if args.max_new_tokens < 1:
         parser.error("--max-new-tokens must be at least 1")
     if not 0 <= args.port <= 65535:

@@ -231,6 +231,92 @@ def test_an_empty_served_model_name_is_refused_in_one_line(capsys):
     assert parse_args(["RUN", "--model-name", "glm"]).served_model_name == ["glm"]  # the option's former name
 
 
+def test_run_after_the_served_names_is_still_the_run(capsys):
+    """`--served-model-name NAME...` takes every word up to the next option, as vLLM's does: written before RUN, it
+    took RUN too, and serve stopped with "the following arguments are required: checkpoint"."""
+    from glm_ft.infer.serve import parse_args
+
+    for argv in (["RUN", "--served-model-name", "a", "b"], ["--served-model-name", "a", "b", "RUN"],
+                 ["--served-model-name", "a", "b", "RUN", "--port", "9"],
+                 ["--port", "9", "RUN", "--model-name", "a", "b"]):
+        args = parse_args(argv)
+        assert (args.checkpoint, args.served_model_name) == ("RUN", ["a", "b"]), argv
+    assert parse_args(["--served-model-name", "a", "RUN"]).served_model_name == ["a"]
+    assert parse_args(["RUN"]).served_model_name is None
+    for argv in ([], ["--served-model-name", "a"]):  # one word: a name or RUN, either way one is missing
+        with pytest.raises(SystemExit) as exited:
+            parse_args(argv)
+        assert exited.value.code == 2
+        err = capsys.readouterr().err
+        assert err.splitlines()[-1].endswith("error: the following arguments are required: checkpoint")
+        assert "[checkpoint]" not in err and err.splitlines()[0].startswith("usage: ")
+
+
+def wait_for_log_or(port: int, log: Path, proc, counter: str, value: int) -> None:
+    """Until /metrics' `counter` reaches `value` or the server logs a traceback (or exits)."""
+    while metrics(port)[counter] < value and "Traceback" not in log.read_text():
+        assert proc.poll() is None, log.read_text()
+        time.sleep(0.05)
+
+
+def test_a_client_gone_before_its_body_came_is_counted_as_cancelled_without_a_traceback(tmp_path):
+    """A client that sends its headers and part of its body, then closes the socket, raised starlette's
+    ClientDisconnect out of the handler: uvicorn logged "Exception in ASGI application" with a traceback. It is a
+    request cancelled by its client, like one that goes away while it generates."""
+    port, server = tiny_server(tmp_path)
+    log = tmp_path / "serve.log"
+    with server as proc:
+        before = metrics(port)
+        for partial in (b'{"messages": [', b""):  # part of the body, and none of it
+            with socket.create_connection(("127.0.0.1", port)) as gone:
+                gone.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                             b"Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n" + partial)
+        wait_for_log_or(port, log, proc, "glm_ft_requests_cancelled_total", 2)
+        assert "Traceback" not in log.read_text() and "ClientDisconnect" not in log.read_text(), log.read_text()
+        assert metrics(port) == {**before, "glm_ft_requests_cancelled_total": 2}  # nothing generated for them
+        status, _, raw = post(port, {"messages": [{"role": "user", "content": "类型#上衣"}], "max_tokens": 2})
+        assert status == 200 and json.loads(raw)["usage"]["completion_tokens"] == 2
+        assert metrics(port)["glm_ft_requests_cancelled_total"] == 2
+
+
+def test_seeds_tiny_temperatures_and_lone_surrogates_are_answered_not_500s(tmp_path):
+    """Each was a 500 with a traceback in the log (a stream: an error event after 200): a seed numpy's set_seed
+    refuses (outside 0 to 2**32 - 1), a temperature so small that logits / temperature overflow to NaN probabilities,
+    a lone UTF-16 surrogate (JSON's "\\ud800", which Python reads) that the tokenizer cannot encode."""
+    port, server = tiny_server(tmp_path)
+    log = tmp_path / "serve.log"
+    query = [{"role": "user", "content": "类型#裙"}]
+    with server:
+        for seed in (-1, 2**32, 2**63):
+            for stream in (False, True):
+                status, _, raw = post(port, {"messages": query, "max_tokens": 2, "temperature": 1, "seed": seed,
+                                             "stream": stream})
+                assert status == 400, raw
+                assert json.loads(raw)["error"]["message"] == "seed: expected an integer from 0 to 4294967295"
+        sampled = [post(port, {"messages": query, "max_tokens": 4, "temperature": 1.5, "seed": seed})
+                   for seed in (0, 2**32 - 1, 2**32 - 1)]
+        assert [status for status, _, _ in sampled] == [200] * 3
+        assert json.loads(sampled[1][2])["choices"] == json.loads(sampled[2][2])["choices"]  # the seed is used
+
+        greedy = json.loads(post(port, {"messages": query, "max_tokens": 4})[2])["choices"]
+        for temperature in (1e-300, 5e-324, 1e-6):  # below vLLM's 1e-5: greedy, as there
+            status, _, raw = post(port, {"messages": query, "max_tokens": 4, "temperature": temperature, "seed": 3})
+            assert status == 200 and json.loads(raw)["choices"] == greedy, raw
+
+        tools = [{"type": "function", "function": {"name": "f", "description": "\ud800"}}]
+        for body, found in (({"messages": [{"role": "user", "content": "x\udc00y"}]}, "\\udc00"),
+                            ({"messages": query, "tools": tools}, "\\ud800"),
+                            ({"messages": query, "stream": True, "tools": tools}, "\\ud800")):
+            status, _, raw = post(port, {**body, "max_tokens": 2})
+            assert status == 400, raw
+            assert json.loads(raw)["error"]["message"] == (f"the request holds a lone UTF-16 surrogate ({found}), "
+                                                           "which is not a character")
+        status, _, raw = post(port, {"messages": [{"role": "user", "content": "\U0001f600 \ud83d\ude00"}],
+                                     "max_tokens": 2})  # a pair is one character, escaped or not
+        assert status == 200, raw
+        assert "Traceback" not in log.read_text(), log.read_text()
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_a_client_that_goes_away_stops_its_generation_and_the_next_request_is_served(stream, tmp_path):
     """A request whose client disconnects (a real socket on loopback, closed once the server generates for it) stops
