@@ -32,6 +32,21 @@ def reached(stage: str | Callable[[], str]) -> None:
     _stage = stage if callable(stage) else (lambda: stage)
 
 
+def training(step: Callable[[], int | None], resumed_from: int | None = None) -> None:
+    """A training from now on: a stop says the step it reached, `step()` (None once the Trainer is gone). A training
+    resumed from a checkpoint at step `resumed_from` counts from 0 until the Trainer has restored that checkpoint's
+    state (its model, its trainer_state.json): a stop before then is at `resumed_from`, not at step 0."""
+    def where() -> str:
+        now = step()
+        if now is None:
+            return "in training"
+        if resumed_from and not now:
+            return f"before training resumed from step {resumed_from}"
+        return f"at step {now}"
+
+    reached(where)
+
+
 def stop_line(cfg: DictConfig, run_dir: Path) -> str:
     """Where the job stopped and what its folder keeps, ending in `(continue with ...)` when there is more to do
     (the sweep replaces that hint by its own)."""
@@ -42,13 +57,22 @@ def stop_line(cfg: DictConfig, run_dir: Path) -> str:
     args = cfg.training_args
     step = finished_step(run_dir, int(args.get("max_steps", -1) or -1), float(args.num_train_epochs))
     if step is None:
-        last = last_complete_checkpoint(run_dir) or "none"
-        return f"{where}; last complete checkpoint: {last} (continue with {resume})"
+        last = last_complete_checkpoint(run_dir)
+        if last is None and cfg.get("resume") not in (None, "auto"):
+            # Resumed from another folder's checkpoint, and nothing saved here yet: resume=auto here would start from
+            # scratch; that checkpoint is still where this training continues from.
+            last = Path(cfg.resume).expanduser().resolve()
+            resume = f"resume={last} hydra.run.dir={run_dir}"
+        return f"{where}; last complete checkpoint: {last or 'none'} (continue with {resume})"
     progress = read_progress(run_dir)
     missing = [name for name, done, wanted in (("the final evaluation", "evaluated", cfg.data.get("val_file")),
                                                ("the test prediction", "predicted", cfg.data.get("test_file")))
                if wanted and done not in progress]
     if progress.get("complete") or not missing:
-        return f"{where}; every stage is done: {run_dir} holds the trained model, its metrics and predictions"
+        done = f"{where}; every stage is done: {run_dir} holds the trained model, its metrics and predictions"
+        if not cfg.tracking.get("enabled"):
+            return done
+        # The stop ended its MLflow run KILLED, maybe before its run files were logged: resume=auto closes it.
+        return f"{done} (continue with {resume}, which trains nothing and closes its MLflow run FINISHED)"
     return (f"{where}; the trained model, {Path(run_dir) / FINAL} (step {step}), is complete (continue with {resume}, "
             f"which trains nothing and redoes only {' and '.join(missing)})")

@@ -162,3 +162,46 @@ def test_a_stop_before_training_says_so_in_one_line(stop_at, signum, tmp_path):
     else:
         assert [r.info.status for r in runs] == ["KILLED"]
         assert json.loads((run_dir / "mlflow_run.json").read_text())["run_id"] == runs[0].info.run_id
+
+
+@pytest.mark.slow
+def test_a_resumed_job_stopped_before_its_checkpoint_loaded_says_the_step_it_resumes_from(tmp_path):
+    """A resumed job stopped as its checkpoint loads (the Trainer's state still a fresh one's) said `interrupted at
+    step 0`, and one resumed from another folder's checkpoint also `last complete checkpoint: none (continue with
+    resume=auto ...)`, which in that folder starts from scratch. Now: the step of the checkpoint it resumes from,
+    and a continuation that resumes from it."""
+    from mlflow.tracking import MlflowClient
+
+    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    first, other = tmp_path / "first", tmp_path / "other"
+    trained = run_train([*QUICK, "training_args.max_steps=4", "training_args.save_steps=2",
+                         f"hydra.run.dir={first}"], env=env)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    more = [*QUICK, "training_args.max_steps=6", "training_args.save_steps=2"]
+
+    def step_of(checkpoint: Path) -> int:  # the checkpoint's own record, as the Trainer restores it
+        return json.loads((checkpoint / "trainer_state.json").read_text())["global_step"]
+
+    def stop_line(signum: int, args: list[str], run_dir: Path) -> str:
+        code, out = signalled_at("glm_ft.train.trainer:GlmTrainer._load_from_checkpoint", signum, args, run_dir, env)
+        assert code == 128 + signum and "Traceback" not in out, out[-3000:]
+        (said,) = [line.rpartition("\r")[2] for line in out.splitlines() if "interrupted" in line]
+        return said
+
+    checkpoint = first / "checkpoint-2"
+    said = stop_line(signal.SIGTERM, [*more, f"resume={checkpoint}"], other)
+    assert said == (f"interrupted before training resumed from step {step_of(checkpoint)}; last complete checkpoint: "
+                    f"{checkpoint} (continue with resume={checkpoint} hydra.run.dir={other})"), said
+    hint = said.rpartition("(continue with ")[2].rstrip(")").split()
+    continued = run_train([*more, *hint], env=env)
+    assert continued.returncode == 0, continued.stderr[-3000:]
+    assert f"resuming from {checkpoint}" in continued.stdout + continued.stderr  # not from scratch
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    run = client.get_run(json.loads((other / "mlflow_run.json").read_text())["run_id"])
+    assert run.info.status == "FINISHED" and run.data.tags["glm_ft.resumed_from"] == str(checkpoint)
+    assert step_of(other / "checkpoint-6") == 6
+
+    checkpoint = first / "checkpoint-4"
+    said = stop_line(signal.SIGINT, [*more, "resume=auto"], first)
+    assert said == (f"interrupted before training resumed from step {step_of(checkpoint)}; last complete checkpoint: "
+                    f"{checkpoint} (continue with resume=auto hydra.run.dir={first})"), said

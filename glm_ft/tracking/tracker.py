@@ -249,12 +249,14 @@ def settle_previous_run(cfg: DictConfig, run_dir: Path) -> None:
 
 
 def closing_interrupted(cfg: DictConfig, run_dir: Path) -> bool:
-    """Whether the run folder's MLflow run is still RUNNING with no end recorded in mlflow_run.json: the process
-    that had it died before closing it (for a complete run: while its run files were uploaded or its status set)."""
+    """For a complete run: whether the run folder's MLflow run was not closed as its job ended. Still RUNNING with no
+    end recorded in mlflow_run.json: the process that had it died while closing it (its run files uploaded, its
+    status set). KILLED: a Ctrl-C or SIGTERM stopped it there (the store's KILLED, whatever mlflow_run.json
+    recorded), maybe before its run files were logged; left so, the store kept a KILLED run of a complete job."""
     if not cfg.tracking.enabled or not dist.is_rank_zero():
         return False
     record = read_mlflow_run(run_dir)
-    if not record or record.get("ended") is not None:
+    if not record:
         return False
     try:
         store = Store(cfg.tracking)
@@ -263,4 +265,6 @@ def closing_interrupted(cfg: DictConfig, run_dir: Path) -> bool:
         run = store.client.get_run(str(record.get("run_id")))
     except Exception:  # the store can't say: settle_previous_run warns about it
         return False
-    return run.info.lifecycle_stage == "active" and run.info.status == "RUNNING"
+    if run.info.lifecycle_stage != "active":
+        return False
+    return run.info.status == "KILLED" or (run.info.status == "RUNNING" and record.get("ended") is None)

@@ -68,9 +68,10 @@ def finetune(cfg: DictConfig, run_dir: Path, paths: dict[str, Path],
         if not closing_interrupted(cfg, run_dir):
             settle_previous_run(cfg, run_dir)
             return done
-        # Killed after its last stage, while its MLflow run was being closed (run files uploaded, status set):
-        # continue that run and close it as the uninterrupted job did, FINISHED with its run files.
+        # Killed or stopped after its last stage, while its MLflow run was being closed (run files uploaded, status
+        # set): continue that run and close it as the uninterrupted job did, FINISHED with its run files.
         log.info("resume=auto: the MLflow run of %s was not closed; closing it", run_dir)
+        stops.reached(stops.CLOSING)
         with start_run(cfg, run_dir, tags=trial_tags()):
             return done
     dist.keep_collectives_on_loopback()
@@ -223,7 +224,8 @@ def _train_and_save(cfg: DictConfig, run_dir: Path, trainer, tracker, job_trial)
     # From here on the folder changes (stale stages and other trainings' checkpoints go): a stop says what it keeps.
     # A weak reference: a trainer kept alive to the interpreter's exit has its progress bars fail in their __del__.
     training = weakref.ref(trainer)
-    stops.reached(lambda: f"at step {training().state.global_step}" if training() is not None else "in training")
+    stops.training(lambda: training().state.global_step if training() is not None else None,
+                   resumed_from=checkpoint_step(Path(resume_from)) if resume_from else None)
     if dist.is_rank_zero():
         reset_progress(run_dir)
         # A checkpoint of another folder shares no history with this one's: all of this folder's are another's.

@@ -10,6 +10,7 @@ import json
 import os
 import re
 import signal
+from pathlib import Path
 
 import pytest
 
@@ -18,7 +19,8 @@ from glm_ft.runs import CURVES_FILE
 from glm_ft.search import STUDY_ENV, TRIAL_ENV
 from glm_ft.tracking.curves import read_series
 from lifecycle_helpers import (QUICK, background, complete, fill, kill_group, killed_once_final_is_saved, logged_losses,
-                               mlflow_run_id, stopped, tmpfs, train_cmd, trainer_losses, wait_for, wait_until_stopped)
+                               mlflow_run_id, signalled_at, stopped, tmpfs, train_cmd, trainer_losses, wait_for,
+                               wait_until_stopped)
 
 pytestmark = pytest.mark.slow
 
@@ -252,6 +254,43 @@ def test_killed_while_closing_its_mlflow_run_a_complete_run_resumes_to_finished(
     (run,) = runs_of(store["client"], run_dir)
     assert run.info.run_id == run_id and run.info.status == "FINISHED"
     assert {"finetune.yaml", CURVES_FILE, "model/adapter_model.safetensors"} <= artifacts_of(store["client"], run_id)
+
+
+@pytest.mark.parametrize(("stop_at", "signum"), [
+    ("glm_ft.tracking.store:ui_hint", signal.SIGTERM),  # the job's last line: complete recorded, its run not closed
+    ("glm_ft.tracking.lifecycle:close_run", signal.SIGINT),  # as its MLflow run's closing begins
+    ("glm_ft.tracking.tracker:Tracker._log_run_files", signal.SIGTERM),  # as its run files are uploaded
+], ids=["complete_sigterm", "close_ctrl_c", "uploading_files_sigterm"])
+def test_stopped_while_closing_its_mlflow_run_a_complete_run_resumes_to_finished(stop_at, signum, tmp_path, store):
+    """Ctrl-C or SIGTERM after the last stage, while the MLflow run is being closed: the run ended KILLED (its run
+    files unlogged when the stop came before their upload) and resume=auto, taking the job as complete, left it so for
+    good. Now the stop line says resume=auto closes it, and resume=auto closes the same run FINISHED with its files."""
+    args = [*QUICK, "training_args.max_steps=2", "training_args.save_steps=2"]
+    run_dir = tmp_path / "run"
+    code, out = signalled_at(stop_at, signum, args, run_dir, store["env"])
+    assert code == 128 + signum and "Traceback" not in out, out[-3000:]
+    said = [line.rpartition("\r")[2] for line in out.splitlines() if "interrupted" in line]
+    assert said == [f"interrupted while closing the run; every stage is done: {run_dir} holds the trained model, its "
+                    f"metrics and predictions (continue with resume=auto hydra.run.dir={run_dir}, which trains nothing "
+                    "and closes its MLflow run FINISHED)"], out[-3000:]
+    assert json.loads((run_dir / "glm_ft_progress.json").read_text())["complete"] is True
+    run_id = mlflow_run_id(run_dir)
+    assert store["client"].get_run(run_id).info.status == "KILLED"
+
+    again = run_train([*args, "resume=auto", f"hydra.run.dir={run_dir}"], env=store["env"])
+    assert again.returncode == 0, again.stderr[-3000:]
+    said = again.stdout + again.stderr
+    assert f"resume=auto: {run_dir} is complete" in said and f"the MLflow run of {run_dir} was not closed" in said
+    (run,) = runs_of(store["client"], run_dir)
+    assert run.info.run_id == run_id and run.info.status == "FINISHED" and run.data.tags["glm_ft.resumes"] == "1"
+    assert json.loads((run_dir / "mlflow_run.json").read_text())["ended"] == {"status": "FINISHED", "closed": True}
+    logged = artifacts_of(store["client"], run_id)
+    assert {"finetune.yaml", "eval_predictions.jsonl", CURVES_FILE, ".hydra/config.yaml"} <= logged
+    # The model logged is the run folder's final/, byte for byte.
+    model = {p for p in logged if p.startswith("model/")}
+    assert model == {f"model/{name}" for name in file_digests(run_dir / "final")}
+    copy = store["client"].download_artifacts(run_id, "model", str(tmp_path / "downloaded"))
+    assert file_digests(Path(copy)) == file_digests(run_dir / "final")
 
 
 def test_a_redone_prediction_reports_what_the_uninterrupted_run_reports(tmp_path, store):
