@@ -4,7 +4,8 @@
 transformers chooses the best checkpoint (metric_for_best_model; state.best_metric, best_global_step,
 best_model_checkpoint in each trainer_state.json) and protects it from save_total_limit; glm-ft's own rotation
 (glm_ft.runs.rotate_checkpoints, after the completion marker) keeps it too. What is corrected here: the methods' own
-checkpoint files as the best model, the patience count across a resume, and the end-of-training deletion.
+checkpoint files as the best model, the patience count across a resume, the best so far of another run folder (a
+resume from its checkpoint starts afresh), the step the evaluated model is of, and the end-of-training deletion.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 
 from transformers import EarlyStoppingCallback
 
-from glm_ft import methods
+from glm_ft import dist, methods
 from glm_ft.runs import checkpoint_step
 
 log = logging.getLogger(__name__)
@@ -24,19 +25,49 @@ log = logging.getLogger(__name__)
 class BestModel:
     """A mixin for the Trainer (before it in the bases)."""
 
-    def _init_training_state(self, *args, **kwargs):
-        out = super()._init_training_state(*args, **kwargs)
-        self._restore_early_stopping()
+    # The step of the checkpoint the model was last loaded from after training (the best one, or final/'s model_step
+    # in a job that only redoes the final stages); None: the model is the last trained step's.
+    loaded_model_step: int | None = None
+
+    def _init_training_state(self, max_steps, num_update_steps_per_epoch, num_train_epochs, resume_from_checkpoint,
+                             trial):
+        out = super()._init_training_state(max_steps, num_update_steps_per_epoch, num_train_epochs,
+                                           resume_from_checkpoint, trial)
+        self._restore_early_stopping(afresh=self._drop_foreign_best(resume_from_checkpoint))
         return out
 
-    def _restore_early_stopping(self) -> None:
+    @property
+    def model_step(self) -> int:
+        """The step whose weights the model holds: what an evaluation's numbers are of."""
+        return self.state.global_step if self.loaded_model_step is None else self.loaded_model_step
+
+    def _drop_foreign_best(self, resume_from_checkpoint: str | None) -> bool:
+        """A resume from another run folder's checkpoint starts the best so far (and early stopping's count against
+        it) afresh; True when it did. Its trainer_state.json names that folder's best checkpoint, which this folder
+        lacks: final/ was loaded from the other folder; with it deleted, its score stayed the bar (final/ was the last
+        step's model unless a later one beat it); and where this folder held another training's checkpoint-K, the
+        Trainer pointed the best at that one (rotated away, final/ then held the last step's model, its marker K)."""
+        state = self.state
+        if resume_from_checkpoint is None or state.best_metric is None and state.best_global_step is None:
+            return False
+        if Path(resume_from_checkpoint).resolve().parent == Path(self.args.output_dir).resolve():
+            return False
+        if dist.is_rank_zero():
+            log.warning("resume: the best checkpoint so far, %s (%s=%s), is another run folder's: the best model "
+                        "and early stopping start afresh in %s", state.best_model_checkpoint or
+                        f"checkpoint-{state.best_global_step}", self.args.metric_for_best_model, state.best_metric,
+                        self.args.output_dir)
+        state.best_metric = state.best_global_step = state.best_model_checkpoint = None
+        return True
+
+    def _restore_early_stopping(self, afresh: bool = False) -> None:
         """EarlyStoppingCallback's count of evaluations without improvement, as the resumed checkpoint saved it in
         trainer_state.json. transformers restores it only with restore_callback_states_from_checkpoint (off by
         default), and then with the checkpoint's patience and threshold: a resumed run counted from 0 again and
         trained past where the uninterrupted one stopped. Here the count comes back, the patience stays this run's."""
         saved = (self.state.stateful_callbacks or {}).get(EarlyStoppingCallback.__name__)
         saved = saved[0] if isinstance(saved, list) and saved else saved
-        count = ((saved or {}).get("attributes") or {}).get("early_stopping_patience_counter", 0)
+        count = 0 if afresh else ((saved or {}).get("attributes") or {}).get("early_stopping_patience_counter", 0)
         for callback in self.callback_handler.callbacks:
             if isinstance(callback, EarlyStoppingCallback):
                 callback.early_stopping_patience_counter = int(count or 0)
@@ -55,6 +86,7 @@ class BestModel:
         log.info("loading the best model, %s (%s=%s)", best, self.args.metric_for_best_model, self.state.best_metric)
         if not methods.get(self.method.name).load_for_resume(self.accelerator.unwrap_model(self.model), best):
             super()._load_best_model()
+        self.loaded_model_step = checkpoint_step(Path(best))
 
     def _finalize_training(self, *args, **kwargs):
         # With save_total_limit=1 the Trainer deletes every checkpoint but the best here, before final/ is saved and
@@ -69,9 +101,7 @@ class BestModel:
     def final_model_facts(self) -> dict[str, Any]:
         """What final/ holds, for its completion marker: `model_step`, the step whose weights it holds (the best
         checkpoint's with load_best_model_at_end, else the last step's), `stopped_early` when the patience ran out."""
-        best = self.state.best_model_checkpoint
-        loaded = self.args.load_best_model_at_end and best is not None
-        facts: dict[str, Any] = {"model_step": checkpoint_step(Path(best)) if loaded else self.state.global_step}
+        facts: dict[str, Any] = {"model_step": self.model_step}
         if self.stopped_early():
             facts["stopped_early"] = True
         return facts

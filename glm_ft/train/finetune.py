@@ -155,13 +155,18 @@ def _train(cfg: DictConfig, run_dir: Path, paths: dict[str, Path], where: InputP
         history = run_log_history(trainer.state.log_history, run_dir, trained=trained_step is None)
         last = next((h for h in reversed(history) if "eval_rouge-l" in h), None)
         # final/ may hold an earlier checkpoint's model (load_best_model_at_end): then it is evaluated again below
-        final_model_step = _final_model_step(trainer, run_dir, trained_step)
         if "evaluated" in progress:
             final.update(progress["evaluated"])
-        elif last is not None and last["step"] == trainer.state.global_step == final_model_step:
+        elif last is not None and last["step"] == trainer.state.global_step == trainer.model_step:
             final.update({k: v for k, v in last.items() if k.startswith("eval_")})  # evaluated at the last step
         else:
+            logged = len(trainer.state.log_history)
             final.update(trainer.evaluate())
+            if trainer.model_step != trainer.state.global_step:
+                # Step K's model again, which the training's curve has at K: no point at the last step there (a redo's
+                # replaced that step's own evaluation). MLflow keeps it at the last step, so that the run's latest
+                # values are final/'s; eval_metrics.json and the tag glm_ft.final_model_step say K.
+                del trainer.state.log_history[logged:]
             tracker.log_metrics(final, step=trainer.state.global_step)
         if dist.is_rank_zero():
             tracker.settle()  # a resume skips a recorded stage: its points must be in the store first
@@ -294,14 +299,6 @@ def _check_needs_no_eval(cfg: DictConfig) -> None:
                               "holds no validation sample")
 
 
-def _final_model_step(trainer, run_dir: Path, trained_step: int | None) -> int:
-    """The step whose model final/ holds: the best checkpoint's with load_best_model_at_end. A job that only redoes
-    the final evaluation (trained_step set) reads it from final/'s marker."""
-    if trained_step is None:
-        return trainer.final_model_facts()["model_step"]
-    return int(final_record(run_dir).get("model_step", trained_step))
-
-
 def _data_inputs(cfg: DictConfig, where: InputPaths, train_sha256: str | None, pack_budget: int | None,
                  world_size: int) -> dict:
     """What decides each step's rows besides the Trainer's arguments, as each checkpoint records it
@@ -333,6 +330,8 @@ def _restore_final_state(trainer, run_dir: Path, step: int) -> None:
     state would log 0 for both at the final step, which MLflow then shows as the run's values."""
     record = final_record(run_dir)
     trainer.state.global_step = step
+    # the step whose weights final/ holds: the best checkpoint's with load_best_model_at_end
+    trainer.loaded_model_step = int(record.get("model_step", step))
     trainer.state.epoch = record.get("epoch", trainer.state.epoch)
     tokens = record.get("num_input_tokens_seen")
     if tokens is None:  # a final/ marked before the count was recorded: the checkpoint at that step has it

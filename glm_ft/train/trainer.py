@@ -189,7 +189,7 @@ class GlmTrainer(WholeRunLoss, BestModel, Seq2SeqTrainer):
         if metric_key_prefix == "eval" and self.eval_predictions is not None and dist.is_rank_zero():
             write_predictions(self.eval_predictions, self.processing_class, dataloader.dataset.dataset,
                               predictions, self.gen_config.eos_token_id,
-                              {**metrics, "step": self.state.global_step}, metrics_name="eval_metrics.json")
+                              {**metrics, "step": self.model_step}, metrics_name="eval_metrics.json")
         return EvalLoopOutput(predictions=predictions, label_ids=labels, metrics=metrics,
                               num_samples=output.num_samples)
 

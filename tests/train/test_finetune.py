@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
+from best_model_helpers import (EVAL_SCORES, best_step, eval_history, eval_scores, patience_counts,
+                                patience_stop, same_tensors, tensors)
 from conftest import ROOT, end_process_group, launcher_env, run_process, run_train
 from glm_ft.runs import complete_checkpoints
 from lifecycle_helpers import signalled_at
@@ -829,39 +831,14 @@ BEST = ["experiment=quickstart", "training_args.save_steps=1", "training_args.ev
         "training_args.generation_config.max_new_tokens=8"]
 
 
-def eval_history(state_file: Path, metric: str = "eval_rouge-l") -> dict[int, float]:
-    history = json.loads(state_file.read_text())["log_history"]
-    return {h["step"]: h[metric] for h in history if metric in h}
+def assert_curve_is_the_trainings(run_dir: Path, evals: dict[int, float]) -> None:
+    """training_curves.png draws each evaluation during training at its step, and no point at the last step for an
+    earlier checkpoint's model evaluated again at the end."""
+    from glm_ft.tracking.curves import read_series
 
-
-def best_step(evals: dict[int, float]) -> int:
-    """The first step of the highest value: a tie is no improvement (transformers compares with >)."""
-    return min(step for step, value in evals.items() if value == max(evals.values()))
-
-
-def patience_stop(evals: dict[int, float], patience: int, threshold: float = 0.0) -> int | None:
-    """The step EarlyStoppingCallback stops at, recomputed from the logged metrics: its count of evaluations that do
-    not beat the best so far by more than `threshold` reaches `patience` (the best itself moves on any gain)."""
-    best, count = None, 0
-    for step, value in sorted(evals.items()):
-        count = 0 if best is None or (value > best and value - best > threshold) else count + 1
-        best = value if best is None or value > best else best
-        if count >= patience:
-            return step
-    return None
-
-
-def tensors(folder: Path) -> dict:
-    """What the checkpoint trained: a LoRA adapter, or freeze tuning's tensors (which the Trainer's own best-model
-    loader does not know)."""
-    from safetensors.torch import load_file
-
-    name = next(n for n in ("adapter_model.safetensors", "trained_weights.safetensors") if (folder / n).is_file())
-    return load_file(folder / name)
-
-
-def same_tensors(a: dict, b: dict) -> bool:
-    return a.keys() == b.keys() and all(bool((a[k] == b[k]).all()) for k in a)
+    drawn = read_series(run_dir / "training_curves.png")["eval_rouge-l"]
+    assert [step for step, _ in drawn] == sorted(evals)
+    assert dict(drawn) == pytest.approx(evals)
 
 
 @pytest.mark.parametrize("method", ["lora", "freeze"])
@@ -888,7 +865,13 @@ def test_load_best_model_at_end_makes_final_the_best_evaluated_checkpoint(method
     # the final evaluation, the one a sweep optimises, is final/'s model's: the best checkpoint's score
     progress = json.loads((run_dir / "glm_ft_progress.json").read_text())
     assert progress["metrics"]["eval_rouge-l"] == pytest.approx(evals[best])
-    assert json.loads((run_dir / "eval_metrics.json").read_text())["eval_rouge-l"] == pytest.approx(evals[best])
+    # eval_metrics.json names the step whose model it scored, as final/'s marker does, and its numbers are those the
+    # evaluation during training logged at that step (it said step 4, of the 3rd step's numbers)
+    evaluated = json.loads((run_dir / "eval_metrics.json").read_text())
+    assert evaluated["step"] == marker["model_step"] == best
+    scores = eval_scores(run_dir / "checkpoint-4" / "trainer_state.json", best)
+    assert {key: evaluated[key] for key in scores} == pytest.approx(scores)
+    assert_curve_is_the_trainings(run_dir, evals)
     run = next(r for r in _mlflow_runs(mlflow_env["MLFLOW_TRACKING_URI"])
                if r.data.tags.get("glm_ft.run_dir") == str(run_dir))
     assert run.data.tags["glm_ft.final_model_step"] == str(best)
@@ -950,3 +933,45 @@ def test_a_redone_final_evaluation_is_of_the_best_checkpoint_final_holds(tmp_pat
     assert out.returncode == 0, out.stderr[-3000:]
     progress = json.loads((run_dir / "glm_ft_progress.json").read_text())
     assert progress["metrics"]["eval_rouge-l"] == pytest.approx(evals[best])
+    evaluated = json.loads((run_dir / "eval_metrics.json").read_text())
+    assert evaluated["step"] == json.loads((run_dir / "final" / "glm_ft_complete").read_text())["model_step"] == best
+    scores = eval_scores(run_dir / "final" / "training_log.json", best)
+    assert {key: evaluated[key] for key in scores} == pytest.approx(scores)
+    # the redone evaluation took the place of the 4th step's own in the curve
+    assert_curve_is_the_trainings(run_dir, evals)
+
+
+def test_a_resume_from_another_folders_checkpoint_keeps_the_best_of_its_own(tmp_path, mlflow_env):
+    """resume=<another run folder>/checkpoint-N: that folder's best checkpoint, which its trainer_state.json names,
+    is no candidate for this run's final/ (final/ was loaded from the other folder; with that checkpoint deleted,
+    final/'s marker named a step whose weights it did not hold). The best so far and early stopping's count start
+    afresh: final/ is the best of this folder's checkpoints."""
+    args = [*BEST, "method=lora", "training_args.load_best_model_at_end=true",
+            "training_args.early_stopping_patience=5", "data.test_file=null"]
+    first, second = tmp_path / "first", tmp_path / "second"
+    out = run_train([*args, "training_args.learning_rate=2e-2", "training_args.max_steps=4",
+                     f"hydra.run.dir={first}"], env=mlflow_env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    # A rate that moves no score: every evaluation here stays at or below the first folder's best
+    out = run_train([*args, "training_args.learning_rate=1e-9", "training_args.max_steps=6",
+                     f"resume={first / 'checkpoint-4'}", f"hydra.run.dir={second}"], env=mlflow_env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    state = json.loads((second / "checkpoint-6" / "trainer_state.json").read_text())
+    own = {step: value for step, value in eval_history(second / "checkpoint-6" / "trainer_state.json").items()
+           if step > 4}
+    best = best_step(own)
+    assert state["best_model_checkpoint"] == str(second / f"checkpoint-{best}")
+    assert state["best_metric"] == pytest.approx(own[best])
+    marker = json.loads((second / "final" / "glm_ft_complete").read_text())
+    assert marker["step"] == 6 and marker["model_step"] == best
+    assert same_tensors(tensors(second / "final"), tensors(second / f"checkpoint-{best}"))
+    counter = state["stateful_callbacks"]["EarlyStoppingCallback"]["attributes"]["early_stopping_patience_counter"]
+    assert counter == patience_counts(own)[6]
+    evaluated = json.loads((second / "eval_metrics.json").read_text())
+    assert evaluated["step"] == best
+    assert {key: evaluated[key] for key in EVAL_SCORES} == pytest.approx(
+        eval_scores(second / "checkpoint-6" / "trainer_state.json", best))
+    run = next(r for r in _mlflow_runs(mlflow_env["MLFLOW_TRACKING_URI"])
+               if r.data.tags.get("glm_ft.run_dir") == str(second))
+    assert run.data.tags["glm_ft.final_model_checkpoint"] == str(second / f"checkpoint-{best}")
+    assert f"the best checkpoint so far, {first / 'checkpoint-'}" in out.stdout + out.stderr  # and said so
