@@ -70,7 +70,10 @@ BAD_VALUES = {
         ["{min_lr: 1e-5, min_lr_rate: 0.1}", "training_args.lr_scheduler_type=cosine_warmup_with_min_lr"],
         ["{}", "training_args.lr_scheduler_type=warmup_stable_decay"],
         ["{num_decay_steps: 1, decay_type: cos}", "training_args.lr_scheduler_type=warmup_stable_decay"],
-        ["{num_cycles: two}", "training_args.lr_scheduler_type=cosine"]],
+        ["{num_cycles: two}", "training_args.lr_scheduler_type=cosine"],
+        # out of range, which transformers does not check: a rate rising instead of decaying, a negative floor
+        ["{num_cycles: -1}", "training_args.lr_scheduler_type=cosine_with_restarts"],
+        ["{min_lr: -1e-5}", "training_args.lr_scheduler_type=cosine_with_min_lr"]],
     # under ZeRO-3, whose config brings DeepSpeed's AdamW: transformers ran that instead, without a word
     "training_args.optim": [["bogus"], ["adamw"], ["adafactor", "deepspeed=zero3"]],
     "training_args.log_level": [["loud"]],

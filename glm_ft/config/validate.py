@@ -168,6 +168,15 @@ _ON_EVAL_LOSS = ("steps the rate on eval_loss, which glm-ft's evaluation (genera
 UNRUNNABLE_SCHEDULERS = {"reduce_lr_on_plateau": _ON_EVAL_LOSS, "greedy": _ON_EVAL_LOSS}
 # The min_lr schedulers take exactly one of these (their bodies raise otherwise, once the model has loaded).
 _ONE_OF = ("min_lr", "min_lr_rate")
+# Each argument means the same in every scheduler that takes it. transformers checks none of these ranges: outside
+# them the rate rises instead of decaying (num_cycles < 0 with restarts, min_lr above the rate), turns negative
+# (lr_end) or sits at 0 early (min_lr), or training fails (power < 0 after the last step, timescale 0 at once).
+_RATIO = (lambda v, lr: 0 <= v <= 1, "in [0, 1]")
+_KWARG_RANGES = {"num_cycles": (lambda v, lr: v > 0, "> 0"), "power": (lambda v, lr: v > 0, "> 0"),
+                 "timescale": (lambda v, lr: v > 0, "> 0"), "lr_end": (lambda v, lr: v >= 0, ">= 0"),
+                 "num_decay_steps": (lambda v, lr: v >= 0, ">= 0"), "num_stable_steps": (lambda v, lr: v >= 0, ">= 0"),
+                 "min_lr": (lambda v, lr: 0 <= v <= lr, "in [0, training_args.learning_rate]"),
+                 "min_lr_rate": _RATIO, "min_lr_ratio": _RATIO, "warmup_lr_rate": _RATIO}
 
 
 def scheduler_choices() -> tuple[str, ...]:
@@ -196,6 +205,9 @@ def _check_scheduler_kwargs(args: DictConfig) -> None:
             raise ConfigError(f"{key}.{kwarg}: must be a string, got {value!r}")
         if kwarg not in spec.text and (isinstance(value, bool) or not isinstance(value, (int, float))):
             raise ConfigError(f"{key}.{kwarg}: must be a number, got {value!r}")
+        in_range, allowed = _KWARG_RANGES.get(kwarg, (lambda v, lr: True, ""))
+        if kwarg not in spec.text and not in_range(value, args.learning_rate):
+            raise ConfigError(f"{key}.{kwarg}: must be {allowed}, got {value!r}")
     missing = [kwarg for kwarg in spec.required if given.get(kwarg) is None]
     if missing:
         raise ConfigError(f"{key}.{missing[0]}: lr_scheduler_type={name} needs it")

@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 import accelerate.utils.other
+from accelerate.utils import DummyOptim  # transformers' stand-in for a DeepSpeed config's optimizer, not yet built
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
@@ -39,6 +40,7 @@ from glm_ft.train.best_model import BestModel
 from glm_ft.train.evaluation import Indexed, in_sample_order, plan_generation, write_predictions
 from glm_ft.train.generation import generate
 from glm_ft.train.metrics import prefix_metrics
+from glm_ft.train.optimizer import decay_groups, optimizer_state_fits
 from glm_ft.train.run_loss import WholeRunLoss
 
 log = logging.getLogger(__name__)
@@ -269,15 +271,13 @@ class GlmTrainer(WholeRunLoss, BestModel, Seq2SeqTrainer):
         self.state.compute_steps(self.args, max_steps)
         return out
 
+    def _prepare_for_training(self, max_steps, train_dataloader, resume_from_checkpoint):
+        with optimizer_state_fits(resume_from_checkpoint):  # under DeepSpeed its load_checkpoint loads it here
+            return super()._prepare_for_training(max_steps, train_dataloader, resume_from_checkpoint)
+
     def _load_optimizer_and_scheduler(self, checkpoint):
-        try:
+        with optimizer_state_fits(checkpoint):
             super()._load_optimizer_and_scheduler(checkpoint)
-        except ValueError as err:  # torch's optimizer.load_state_dict, about an optimizer built another way
-            if "parameter group" not in str(err):
-                raise
-            raise CheckpointError(f"resume: {checkpoint}'s optimizer state does not fit this run's optimizer ({err}); "
-                                  "was it trained with another method.loraplus_lr_ratio (null or a number) or other "
-                                  "trainable weights?") from None
         # Under a DeepSpeed config that brings its own optimizer (ZeRO-3's), accelerate wraps the Trainer's schedule
         # (a LambdaLR, which DeepSpeed's engine steps and restored in load_checkpoint) in DeepSpeedSchedulerWrapper.
         scheduler = getattr(self.lr_scheduler, "scheduler", self.lr_scheduler)
@@ -316,6 +316,9 @@ class GlmTrainer(WholeRunLoss, BestModel, Seq2SeqTrainer):
                          f"{len(rates)}; cannot tell each group's learning rate")
 
     def create_optimizer(self, model=None):
+        if isinstance(self.optimizer, DummyOptim):  # the DeepSpeed config's own AdamW (ZeRO-3's), not built yet
+            self.optimizer.params = decay_groups(self, self.model if model is None else model)
+            return self.optimizer
         if self.optimizer is None:  # the method's own optimizer (LoRA+), else the Trainer's
             self.optimizer = methods.get(self.method.name).create_optimizer(self.model if model is None else model,
                                                                            self.args, self.method)

@@ -194,6 +194,52 @@ def test_lr_scheduler_kwargs_are_the_arguments_transformers_scheduler_takes(name
             _scheduler(name, {"min_lr": 1e-3, "min_lr_rate": 0.1})
 
 
+def _schedule_faults(name: str, kwargs: dict, steps: int = 8) -> list[str]:
+    """What is wrong with transformers' own schedule for these arguments: its rates (base rate 1) over `steps`
+    training steps after one warmup step, through the step after the last (the Trainer steps the scheduler then)."""
+    import torch
+    from transformers.optimization import get_scheduler
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    try:
+        scheduler = get_scheduler(name, optimizer, num_warmup_steps=1, num_training_steps=steps,
+                                  scheduler_specific_kwargs=kwargs)
+        rates = [scheduler.lr_lambdas[0](step) for step in range(steps + 1)]
+    except (ArithmeticError, ValueError) as err:
+        return [f"fails: {err!r}"]
+    trained, after = rates[:steps], rates[1:steps]  # the rates the steps train at; those after the warmup
+    faults = ["a negative rate"] if min(trained) < 0 else []
+    faults += ["a rate above the learning rate"] if max(trained) > 1 else []
+    faults += ["a step at rate 0 after the warmup"] if min(after) == 0 else []
+    faults += ["rises after the warmup"] if any(b > a + 1e-12 for a, b in zip(after, after[1:])) else []
+    faults += ["never decays"] if after[-1] == 1 else []
+    return faults
+
+
+# (scheduler, lr_scheduler_kwargs, the key refused); the quickstart's learning rate is 2e-3
+BAD_SCHEDULER_KWARGS = [
+    ("cosine_with_restarts", {"num_cycles": -1}, "num_cycles"), ("cosine", {"num_cycles": 0}, "num_cycles"),
+    ("polynomial", {"power": -1}, "power"), ("polynomial", {"lr_end": -0.5}, "lr_end"),
+    ("inverse_sqrt", {"timescale": 0}, "timescale"), ("cosine_with_min_lr", {"min_lr": -0.5}, "min_lr"),
+    ("cosine_with_min_lr", {"min_lr": 1.5}, "min_lr"), ("cosine_with_min_lr", {"min_lr_rate": 1.5}, "min_lr_rate"),
+    ("cosine_warmup_with_min_lr", {"min_lr_rate": 0.1, "warmup_lr_rate": -0.5}, "warmup_lr_rate"),
+    ("warmup_stable_decay", {"num_decay_steps": 2, "min_lr_ratio": 2}, "min_lr_ratio"),
+    ("warmup_stable_decay", {"num_decay_steps": -1}, "num_decay_steps"),
+    ("warmup_stable_decay", {"num_decay_steps": 2, "num_stable_steps": -3}, "num_stable_steps"),
+]
+
+
+@pytest.mark.parametrize("name,kwargs,key", BAD_SCHEDULER_KWARGS)
+def test_lr_scheduler_kwargs_outside_their_range_are_refused_naming_the_key(name, kwargs, key):
+    """transformers checks none of these ranges: each bad value trains a wrong schedule (negative, rising, above the
+    rate, at 0 early, never decaying) or fails at the end of training, once the model has loaded and trained; the
+    scheduler's in-range defaults schedule none of that."""
+    assert _schedule_faults(name, kwargs), kwargs
+    assert _schedule_faults(name, NEEDED_KWARGS.get(name, {})) == []
+    with pytest.raises(ConfigError, match=rf"^training_args\.lr_scheduler_kwargs\.{key}: must be "):
+        _validate_scheduler(name, kwargs)
+
+
 def test_the_zero_keys_read_from_deepspeeds_source_are_its_models_own():
     from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
 

@@ -117,6 +117,37 @@ def test_load_best_model_at_end_under_deepspeed_makes_final_the_best_checkpoint(
     assert {key: evaluated[key] for key in EVAL_SCORES} == pytest.approx(eval_scores(state, best))
 
 
+def test_zero3s_own_adamw_keeps_weight_decay_off_biases_and_norm_weights(tmp_path):
+    """ZeRO-3's config brings DeepSpeed's AdamW, which transformers gave one flat parameter list: with
+    training_args.weight_decay it decayed the biases and norm weights too (norm weights 1 → 0.5 ± lr in this step),
+    unlike the Trainer's AdamW without DeepSpeed or without the section. Each weight after one step, against AdamW's
+    first step from the base weights: w0 × (1 - lr × decay) moved by less than lr (Adam's first update is
+    lr × g / (|g| + eps)), decay 0 for what transformers' Trainer exempts (biases, norm weights)."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    import glm_ft.chatglm3 as chatglm3
+    from glm_ft.chatglm3.tiny import ensure_tiny_model
+
+    chatglm3.register()
+
+    base_dir = ensure_tiny_model(tmp_path / "tiny")
+    lr, decay = 1e-2, 50.0
+    result = run([sys.executable], 3, tmp_path / "run", tmp_path, f"model.path={base_dir}", "training_args.max_steps=1",
+                 "training_args.save_steps=1", "training_args.eval_steps=1", "training_args.warmup_steps=0",
+                 f"training_args.learning_rate={lr}", f"training_args.weight_decay={decay}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    base = load_file(base_dir / "model.safetensors")
+    trained = load_file(tmp_path / "run" / "final" / "model.safetensors")
+    assert trained.keys() == base.keys()
+    parameters = {name for name, _ in AutoModelForCausalLM.from_pretrained(base_dir).named_parameters()}
+    exempt = {name for name in parameters if name.endswith(".bias") or "layernorm" in name}
+    assert any(name.endswith("layernorm.weight") for name in exempt) and any(".bias" in name for name in exempt)
+    for name, before in base.items():  # buffers (rotary inv_freq) are not trained
+        expected = before * (1.0 if name in exempt or name not in parameters else 1 - lr * decay)
+        assert (trained[name] - expected).abs().max() <= lr * (1 + 1e-4), name
+
+
 @pytest.mark.parametrize("stage", [2, 3])
 def test_two_processes_under_torchrun(stage, tmp_path):
     prefix = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
