@@ -64,6 +64,10 @@ def conversation(body: dict) -> list[dict]:
             content = "".join(p["text"] for p in content)
         if content is not None and not isinstance(content, str):
             raise BadRequest(f"messages[{i}].content: expected a string")
+        if content is None and not (message["role"] == "assistant" and message.get("tool_calls")):
+            # OpenAI requires it but for an assistant message that calls a tool: a user turn without one is a
+            # client's mistake, not an empty message
+            raise BadRequest(f"messages[{i}].content: required (null only on an assistant message with tool_calls)")
         converted = {"role": ROLES[message["role"]], "content": content or ""}
         if message.get("name") and converted["role"] == "assistant":
             converted["metadata"] = str(message["name"])
@@ -78,11 +82,29 @@ def conversation(body: dict) -> list[dict]:
         if not isinstance(tools, list):
             raise BadRequest("tools: expected a list")
         functions = [_function(j, tool) for j, tool in enumerate(tools)]
+    if tools and tools_offered(body):
         if out[0]["role"] == "system":
             out[0]["tools"] = functions
         else:
             out.insert(0, {"role": "system", "content": "", "tools": functions})
     return out
+
+
+def tools_offered(body: dict) -> bool:
+    """Whether the request's `tools` go into the prompt and a reply in ChatGLM3's call form comes back as
+    `tool_calls`. `tool_choice` "none" means the model must answer in text: the tools are not offered, as a ChatGLM3
+    prompt without them asks for an answer. "required" and a named function would need decoding constrained to a
+    call, which ChatGLM3's generation here cannot guarantee: refused, not served as "auto"."""
+    choice = body.get("tool_choice")
+    if choice == "none":
+        return False
+    if choice is not None and choice != "auto":
+        if choice == "required" or (isinstance(choice, dict) and choice.get("type") == "function"):
+            raise BadRequest(f"tool_choice: {json.dumps(choice, ensure_ascii=False)} is not supported by glm-ft "
+                             'serve, which cannot force a tool call (accepted: "auto", "none")')
+        raise BadRequest('tool_choice: expected "none", "auto", "required" or {"type": "function", "function": '
+                         '{"name": ...}}')
+    return bool(body.get("tools"))
 
 
 def _function(j: int, tool) -> dict:
@@ -105,17 +127,51 @@ def number(key: str, value, default, low: float, high: float | None = None, inte
     return value
 
 
-# OpenAI request fields that would change what comes back and that serve does not implement: refused by name
-# rather than ignored (a client asking for three choices, or to stop at ".", must not get one unstopped reply).
-UNSUPPORTED = {"n": (None, 1), "stop": (None, [], ""), "logprobs": (None, False), "top_logprobs": (None, 0)}
+# OpenAI request fields that would change what comes back and that serve does not implement: refused by name, unless
+# they hold the value that means "off" (what clients send by default), rather than ignored (a client asking for three
+# choices or a JSON object must not get one free-text reply).
+OFF = {"n": (None, 1), "logprobs": (None, False), "top_logprobs": (None, 0), "presence_penalty": (None, 0),
+       "frequency_penalty": (None, 0), "logit_bias": (None, {}), "response_format": (None, {"type": "text"}),
+       "functions": (None, []), "function_call": (None, "none", "auto"), "audio": (None,),
+       "modalities": (None, ["text"]), "prediction": (None,), "reasoning_effort": (None,), "verbosity": (None,),
+       "web_search_options": (None,), "store": (None, False)}
+# Fields served (or checked where they are used), and those that change nothing in the reply: `user`, `metadata`,
+# `safety_identifier`, `prompt_cache_key` and `service_tier` concern OpenAI's accounts and caches; ChatGLM3 makes one
+# call per turn, which any `parallel_tool_calls` allows.
+KNOWN = {"messages", "model", "stream", "stream_options", "max_tokens", "max_completion_tokens", "temperature", "top_p",
+         "seed", "stop", "tools", "tool_choice", "parallel_tool_calls", "user", "metadata", "safety_identifier",
+         "prompt_cache_key", "service_tier", *OFF}
+
+
+def _is_off(value, off) -> bool:
+    if isinstance(off, (int, float)) and not isinstance(off, bool):  # 0 and 0.0, not false
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and value == off
+    return value == off and type(value) is type(off)
 
 
 def refuse_unsupported(body: dict) -> None:
-    for key, accepted in UNSUPPORTED.items():
-        value = body.get(key)
-        if not any(value == ok and type(value) is type(ok) for ok in accepted):
+    for key in body:  # as OpenAI answers a field it does not know, rather than ignore a vLLM extra such as top_k
+        if key not in KNOWN:
+            raise BadRequest(f"{key}: unrecognized request argument (not an OpenAI chat-completions field "
+                             "glm-ft serve knows)")
+    for key, accepted in OFF.items():
+        if not any(_is_off(body.get(key), ok) for ok in accepted):
             raise BadRequest(f"{key}: not supported by glm-ft serve (accepted: "
                              f"{', '.join('null' if ok is None else json.dumps(ok) for ok in accepted)})")
+    if body.get("parallel_tool_calls") not in (None, True, False):
+        raise BadRequest("parallel_tool_calls: expected true or false")
+
+
+def stop_strings(body: dict) -> list[str]:
+    """`stop`: a string or a list of them; the reply ends before the first that it holds
+    (glm_ft/infer/stop_strings.py)."""
+    stop = body.get("stop")
+    if stop is None or stop == "":
+        return []
+    stops = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops):
+        raise BadRequest("stop: expected a string or a list of non-empty strings")
+    return stops
 
 
 def stream_usage(body: dict) -> bool:

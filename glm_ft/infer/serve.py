@@ -8,9 +8,11 @@ Endpoints: `GET /health`, `GET /metrics` (Prometheus text), `GET /v1/models`, `P
 assistant and `tool` (ChatGLM3's observation); `tools` in the OpenAI form are rendered into the system prompt as
 ChatGLM3 was trained, and a reply that calls one comes back as `tool_calls`, streamed or not
 (glm_ft/infer/tool_calls.py). The prompt is built by glm-ft's tokenizer, so it holds exactly the ids training used;
-generation stops on eos, `<|user|>` and `<|observation|>` (finish_reason "stop"), or at max_tokens ("length"; unset:
---max-new-tokens or the rest of the context). Greedy unless the request sets a temperature of 1e-5 or more.
-`stream_options.include_usage` ends a stream with the usage chunk.
+generation stops on eos, `<|user|>` and `<|observation|>` or before the first `stop` string (finish_reason "stop"),
+or at max_tokens ("length"; unset: --max-new-tokens or the rest of the context). Greedy unless the request sets a
+temperature of 1e-5 or more. `stream_options.include_usage` ends a stream with the usage chunk. `tool_choice` "none"
+offers no tools; OpenAI fields serve does not implement are a 400 naming them (glm_ft/infer/openai_request.py), and
+a failure of its own a 500 in OpenAI's error shape, the traceback in the log.
 
 Every kind of checkpoint serves (LoRA, P-Tuning v2, full, any ChatGLM3 folder). A `--format hf` export is served
 by stock tooling instead: `transformers serve OUT` (needs `transformers[serving]`) or vLLM.
@@ -25,6 +27,7 @@ import socket
 import sys
 import threading
 import time
+import traceback
 import uuid
 from typing import Any
 
@@ -32,10 +35,14 @@ from glm_ft import heap
 from glm_ft.methods import DTYPE_NAMES
 from glm_ft.errors import GlmFtError, to_stderr
 from glm_ft.infer.openai_request import (BadRequest, ModelNotFound, conversation, number, refuse_unsupported,
-                                         requested_model, stream_usage, text_only)
+                                         requested_model, stop_strings, stream_usage, text_only, tools_offered)
+from glm_ft.infer.stop_strings import StopText, first_stop, leading
 from glm_ft.infer.tool_calls import StreamedReply, reply_message
 from glm_ft.runs import FINAL
 
+# A failure of the server's own, as OpenAI words it: the traceback goes to the server's log, not to the client
+SERVER_ERROR = {"message": "The server had an error while processing your request (its log has the details)",
+                "type": "server_error", "param": None, "code": None}
 GREEDY_BELOW = 1e-5  # a temperature below it decodes greedily, as vLLM's _SAMPLING_EPS
 
 
@@ -80,9 +87,9 @@ class Engine:
         return ids, gen
 
     def generate(self, ids: list[int], gen, streamer=None, seed: int | None = None,
-                 cancelled: threading.Event | None = None) -> list[int]:
-        """The new ids up to and including the first stop token; ends early once `cancelled` is set (the request's
-        client went away)."""
+                 cancelled: threading.Event | None = None, stop: list[str] = ()) -> list[int]:
+        """The new ids up to and including the first stop token, or the token that completes the reply's first
+        `stop` string; ends early once `cancelled` is set (the request's client went away)."""
         import torch
         from transformers import StoppingCriteria, StoppingCriteriaList, set_seed
 
@@ -96,14 +103,21 @@ class Engine:
                 self.fired = self.fired or (cancelled is not None and cancelled.is_set())
                 return torch.full((input_ids.shape[0],), self.fired, dtype=torch.bool, device=input_ids.device)
 
+        class StopStrings(StoppingCriteria):
+            def __call__(self, input_ids, scores, **kwargs):
+                text = engine.decoded(input_ids[0, len(ids):].tolist())
+                found = first_stop(text[leading(text):], stop) is not None
+                return torch.full((input_ids.shape[0],), found, dtype=torch.bool, device=input_ids.device)
+
         progress = Progress()
+        criteria = StoppingCriteriaList([progress, StopStrings()] if stop else [progress])
         with self.lock, torch.no_grad():
             if seed is not None:
                 set_seed(seed)
             input_ids = torch.tensor([ids], device=self.model.device)
             out = self.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
                                       generation_config=gen, streamer=streamer,
-                                      stopping_criteria=StoppingCriteriaList([progress]))
+                                      stopping_criteria=criteria)
         if progress.fired:
             self.count_cancelled()
         new = out[0, len(ids):].tolist()
@@ -114,9 +128,16 @@ class Engine:
         with self.counting:
             self.cancelled += 1
 
-    def text(self, new: list[int]) -> str:
-        kept = [t for t in new if t not in self.stops]
-        return self.tokenizer.decode(kept, skip_special_tokens=True).strip()
+    def decoded(self, new: list[int]) -> str:
+        return self.tokenizer.decode([t for t in new if t not in self.stops], skip_special_tokens=True)
+
+    def reply(self, new: list[int], stop: list[str] = ()) -> tuple[str, str]:
+        """The reply's text and finish_reason: cut before the first `stop` string it holds (then "stop"), else
+        stripped."""
+        text = self.decoded(new)
+        text = text[leading(text):]
+        at = first_stop(text, stop)
+        return (text.strip(), self.finish_reason(new)) if at is None else (text[:at], "stop")
 
     def finish_reason(self, new: list[int]) -> str:
         return "stop" if new and new[-1] in self.stops else "length"
@@ -146,6 +167,10 @@ def create_app(engine: Engine, names: list[str] | None = None):
     def error(status: int, message: str, code: str | None = None, param: str | None = None) -> JSONResponse:
         return JSONResponse({"error": {"message": message, "type": "invalid_request_error", "param": param,
                                        "code": code}}, status_code=status)
+
+    @app.exception_handler(Exception)
+    async def server_error(request, err):  # starlette re-raises `err` after this answer: uvicorn logs its traceback
+        return JSONResponse({"error": SERVER_ERROR}, status_code=500)
 
     @app.get("/health")
     def health():
@@ -181,6 +206,7 @@ def create_app(engine: Engine, names: list[str] | None = None):
             include_usage = stream_usage(body)
             # set_seed (numpy's) takes 0 to 2**32 - 1 only: any other was a 500 mid-request
             seed = number("seed", body.get("seed"), None, 0, 2**32 - 1, integer=True)
+            stop, tools = stop_strings(body), tools_offered(body)
         except ModelNotFound as err:
             return error(404, str(err), code="model_not_found", param="model")
         except BadRequest as err:
@@ -190,18 +216,18 @@ def create_app(engine: Engine, names: list[str] | None = None):
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())
         if body.get("stream"):
-            reply = StreamedReply(tools_offered=bool(body.get("tools")))
+            reply = StreamedReply(tools_offered=tools)
             return StreamingResponse(_stream(engine, ids, gen, seed, reply, completion_id, created, include_usage,
-                                             model), media_type="text/event-stream")
+                                             model, stop), media_type="text/event-stream")
         # The client may go away while it waits for the whole reply: watch for that as StreamingResponse does for a
         # stream (once the body is read, `receive` returns only on a disconnect), and stop generating then.
         cancelled = threading.Event()
         watcher = asyncio.ensure_future(_until_disconnected(request.receive, cancelled))
         try:
-            new = await run_in_threadpool(engine.generate, ids, gen, None, seed, cancelled)
+            new = await run_in_threadpool(engine.generate, ids, gen, None, seed, cancelled, stop)
         finally:
             watcher.cancel()
-        message, finish = reply_message(engine.text(new), engine.finish_reason(new), bool(body.get("tools")))
+        message, finish = reply_message(*engine.reply(new, stop), tools)
         return {"id": completion_id, "object": "chat.completion", "created": created, "model": model,
                 "choices": [{"index": 0, "message": message, "finish_reason": finish}],
                 "usage": engine.usage(ids, new)}
@@ -216,7 +242,7 @@ async def _until_disconnected(receive, cancelled: threading.Event) -> None:
 
 
 async def _stream(engine: Engine, ids: list[int], gen, seed, reply: StreamedReply, completion_id: str, created: int,
-                  include_usage: bool = False, model: str | None = None):
+                  include_usage: bool = False, model: str | None = None, stop: list[str] = ()):
     """Server-sent events: a role chunk, content chunks as text is decoded (or a tool call once it is whole), a
     chunk with finish_reason, with `include_usage` OpenAI's usage chunk (no choices; the others carry
     `"usage": null`), [DONE]."""
@@ -236,8 +262,9 @@ async def _stream(engine: Engine, ids: list[int], gen, seed, reply: StreamedRepl
 
     def work():
         try:
-            result["new"] = engine.generate(ids, gen, streamer, seed, cancelled)
-        except BaseException as err:  # reported in the stream; the streamer must end either way
+            result["new"] = engine.generate(ids, gen, streamer, seed, cancelled, stop)
+        except BaseException as err:  # reported in the stream, its traceback in the log; the streamer must end
+            traceback.print_exc()
             result["error"] = err
             streamer.end()
 
@@ -246,20 +273,22 @@ async def _stream(engine: Engine, ids: list[int], gen, seed, reply: StreamedRepl
     try:
         yield chunk({"role": "assistant", "content": ""})
         loop = asyncio.get_running_loop()
+        cut = StopText(stop)
         while True:
             text = await loop.run_in_executor(None, lambda: next(streamer, None))
+            for delta in reply.feed(cut.feed(text) if text is not None else cut.flush()):
+                yield chunk(delta)
             if text is None:
                 break
-            for delta in reply.feed(text):
-                yield chunk(delta)
     except BaseException:  # the response was closed or cancelled mid-stream (client gone): free the model
         cancelled.set()
         raise
     await loop.run_in_executor(None, thread.join)
     if "error" in result:
-        yield f"data: {json.dumps({'error': {'message': str(result['error']), 'type': 'server_error'}})}\n\n"
+        yield f"data: {json.dumps({'error': SERVER_ERROR})}\n\n"
     else:
-        deltas, finish_reason = reply.finish(engine.finish_reason(result["new"]))
+        deltas, finish_reason = reply.finish("stop" if cut.stopped else engine.finish_reason(result["new"]),
+                                             cut=cut.stopped)
         for delta in deltas:
             yield chunk(delta)
         yield chunk({}, finish_reason)

@@ -87,11 +87,15 @@ class StreamedReply:
         self.trailing = text[len(body):]
         return [{"content": body}] if body else []
 
-    def finish(self, finish_reason: str) -> tuple[list[dict[str, Any]], str]:
-        """The deltas left to send once the reply has ended, and the response's finish_reason."""
-        if self.streaming or not self.held.strip():
+    def finish(self, finish_reason: str, cut: bool = False) -> tuple[list[dict[str, Any]], str]:
+        """The deltas left to send once the reply has ended, and the response's finish_reason. `cut`: the reply
+        ended before a stop string, and keeps the whitespace before it, as unstreamed (glm_ft/infer/stop_strings.py)."""
+        if self.streaming:
+            return ([{"content": self.trailing}] if cut and self.trailing else []), finish_reason
+        if not self.held.strip():
             return [], finish_reason
-        message, finish_reason = reply_message(self.held.strip(), finish_reason, self.tools_offered)
+        text = self.held.lstrip() if cut else self.held.strip()
+        message, finish_reason = reply_message(text, finish_reason, self.tools_offered)
         if message["content"] is not None:
             return [{"content": message["content"]}], finish_reason
         return [{"tool_calls": [{"index": i, **call} for i, call in enumerate(message["tool_calls"])]}], finish_reason

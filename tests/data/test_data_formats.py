@@ -209,3 +209,11 @@ def test_a_model_trained_on_sharegpt_calls_makes_calls_serve_returns_as_tool_cal
             assert choice["finish_reason"] == "tool_calls", choice
             function = choice["message"]["tool_calls"][0]["function"]
             assert function["name"] == "get_weather" and json.loads(function["arguments"]) == {"city": city}
+            # tool_choice "none": the model must not call a tool, so the tools are not offered; it answers in text
+            request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions",
+                                             data=json.dumps({**body, "tool_choice": "none"}).encode(),
+                                             headers={"content-type": "application/json"})
+            with urllib.request.urlopen(request) as response:
+                choice = json.loads(response.read())["choices"][0]
+            assert choice["finish_reason"] != "tool_calls" and "tool_calls" not in choice["message"], choice
+            assert isinstance(choice["message"]["content"], str)

@@ -419,3 +419,108 @@ def test_ctrl_c_stops_the_server_with_exit_130_and_no_traceback(runs):
         end_process_group(proc)
         proc.stdout.close()
         proc.stderr.close()
+
+
+def after_a_space(text: str) -> tuple[str, str]:
+    """A stop string of two characters after a space, where it first occurs, and the reply it leaves."""
+    at = next(i for i in range(1, len(text) - 2) if text[i - 1] == " " != text[i] and text.find(text[i:i + 2]) == i)
+    return text[at:at + 2], text[:at]
+
+
+def test_stop_cuts_the_reply_before_the_first_stop_string_streamed_or_not(tmp_path):
+    """`stop` was refused with a 400, though LangChain and others send it. With it, the reply is the reply without it
+    cut before the stop string, finish_reason "stop", usage the tokens generated up to the one that completed it;
+    streamed, the deltas add up to that text, so no part of the stop string was sent, even one split across the
+    chunks the reply streams in without `stop`."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    port, server = tiny_server(tmp_path)
+    messages = [{"role": "user", "content": "类型#裙"}]
+    request = {"messages": messages, "max_tokens": 60}
+    with server:
+        whole = json.loads(post(port, request)[2])
+        text = whole["choices"][0]["message"]["content"]
+        chunks = [json.loads(e) for e in sse_events(post(port, {**request, "stream": True})[2])[:-1]]
+        pieces = [c["choices"][0]["delta"].get("content", "") for c in chunks]
+        assert "".join(pieces) == text
+        # a stop string that starts past the reply's first third, occurs there first and spans two streamed chunks
+        inside = {sum(map(len, pieces[:i])) for i in range(len(pieces))}
+        at = next(i for i in range(len(text) // 3, len(text) - 6) if text.find(text[i:i + 6]) == i
+                  and inside & set(range(i + 1, i + 6)) and "\ufffd" not in text[i:i + 6])
+        stop = text[at:at + 6]
+
+        tokenizer = AutoTokenizer.from_pretrained(tmp_path / "tiny")
+        model = AutoModelForCausalLM.from_pretrained(tmp_path / "tiny").eval()
+        generated = by_hand(tokenizer, model, messages, 60)  # the tokens up to the one completing the stop string
+        needed = next(n for n in range(1, len(generated) + 1)
+                      if stop in tokenizer.decode(generated[:n], skip_special_tokens=True).lstrip())
+        prompt = whole["usage"]["prompt_tokens"]
+        usage = {"prompt_tokens": prompt, "completion_tokens": needed, "total_tokens": prompt + needed}
+        assert needed < whole["usage"]["completion_tokens"]
+
+        for stops, cut in ((stop, text[:at]), ([" not in the reply", stop], text[:at]),
+                           ([stop, text[1:3]], text[:text.find(text[1:3])]), (["not in the reply"], None),
+                           after_a_space(text)):  # the space before the stop string is the reply's end
+            status, _, raw = post(port, {**request, "stop": stops})
+            assert status == 200, raw
+            reply = json.loads(raw)
+            if cut is None:  # as without `stop`
+                assert reply["choices"] == whole["choices"] and reply["usage"] == whole["usage"]
+                continue
+            assert reply["choices"][0] == {"index": 0, "message": {"role": "assistant", "content": cut},
+                                           "finish_reason": "stop"}
+            if cut == text[:at]:
+                assert reply["usage"] == usage
+            status, _, raw = post(port, {**request, "stop": stops, "stream": True,
+                                         "stream_options": {"include_usage": True}})
+            *streamed, last = [json.loads(e) for e in sse_events(raw)[:-1]]
+            assert "".join(c["choices"][0]["delta"].get("content", "") for c in streamed) == cut
+            assert streamed[-1]["choices"][0]["finish_reason"] == "stop" and last["usage"] == reply["usage"]
+
+        # with tools offered, a reply whose first line is not empty is held to its end (it may be a call)
+        tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+        text = json.loads(post(port, {**request, "tools": tools})[2])["choices"][0]["message"]["content"]
+        stop, cut = after_a_space(text)
+        for stream in (False, True):
+            status, _, raw = post(port, {**request, "tools": tools, "stop": stop, "stream": stream})
+            assert status == 200, raw
+            if stream:
+                chunks = [json.loads(e) for e in sse_events(raw)[:-1]]
+                assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == cut
+            else:
+                assert json.loads(raw)["choices"][0]["message"]["content"] == cut
+
+        status, _, raw = post(port, {**request, "stop": ["a", ""]})
+        assert status == 400 and json.loads(raw)["error"]["message"].startswith("stop: expected"), raw
+
+
+def test_tool_choice_none_offers_no_tools_and_a_forced_call_is_refused(tmp_path):
+    """`tool_choice` was ignored: "none" still offered the tools (a call came back as tool_calls), "required" and a
+    named function were served as "auto". "none" now answers as if no tools were sent; the forced forms, which
+    ChatGLM3's generation cannot guarantee, are a 400 naming tool_choice and the value."""
+    port, server = tiny_server(tmp_path)
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    request = {"messages": [{"role": "user", "content": "北京天气"}], "max_tokens": 8}
+    with server:
+        plain = json.loads(post(port, request)[2])
+        offered = json.loads(post(port, {**request, "tools": tools})[2])
+        assert offered["usage"]["prompt_tokens"] > plain["usage"]["prompt_tokens"]
+        for choice, expected in (("none", plain), ("auto", offered), (None, offered)):
+            status, _, raw = post(port, {**request, "tools": tools, "tool_choice": choice})
+            assert status == 200, raw
+            reply = json.loads(raw)
+            assert reply["choices"] == expected["choices"] and reply["usage"] == expected["usage"], choice
+            status, _, raw = post(port, {**request, "tools": tools, "tool_choice": choice, "stream": True})
+            chunks = [json.loads(e) for e in sse_events(raw)[:-1]]
+            assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) \
+                == expected["choices"][0]["message"]["content"]
+
+        named = {"type": "function", "function": {"name": "get_weather"}}
+        for choice, message in (("required", 'tool_choice: "required" is not supported'),
+                                (named, f"tool_choice: {json.dumps(named)} is not supported"),
+                                ("sometimes", 'tool_choice: expected "none", "auto"')):
+            for stream in (False, True):
+                status, _, raw = post(port, {**request, "tools": tools, "tool_choice": choice, "stream": stream})
+                assert status == 400 and json.loads(raw)["error"]["message"].startswith(message), raw
+        status, _, raw = post(port, {"messages": [{"role": "user"}], "max_tokens": 2})
+        assert status == 400 and json.loads(raw)["error"]["message"].startswith("messages[0].content: required")
