@@ -134,17 +134,18 @@ def job_stopped(cfg: DictConfig, stop: BaseException) -> None:
         # resume=auto in the job's folder) continues it, skipping the jobs that finished.
         where = line.split(" (continue with", 1)[0]  # its hint is for one run
         job = redact(" ".join(hc.overrides.task))
-        raise restated(stop, f"{where}: sweep job #{hc.job.num} ({job}); continue the sweep with the same "
-                             f"command and hydra.sweep.dir={hc.sweep.dir}") from None
+        raise restated(stop, f"{where}: sweep job #{hc.job.num} ({job}); {stops.continue_sweep(hc.sweep.dir)}") \
+            from None
     stopped(restated(stop, line))
 
 
 def stopped(err: KeyboardInterrupt | Terminated) -> None:
     """The one line of a job stopped by Ctrl-C or SIGTERM (glm_ft.stops words it; a stop before any job has no run
     folder yet), and the exit code a shell or scheduler expects of that signal: 130 (128 + SIGINT), 143 (128 +
-    SIGTERM). Under torchrun every rank is stopped at the same step: rank 0 says it."""
+    SIGTERM). Under torchrun every rank is stopped at the same step: rank 0 says it. A stop with no word of where
+    came outside any job: before it, or in a sweep's own work between its jobs (glm_ft.stops.outside_job_line)."""
     if dist.is_rank_zero():
-        to_stderr(f"interrupted {str(err) or stops.STARTING_LINE}")
+        to_stderr(f"interrupted {str(err) or stops.outside_job_line()}")
     sys.exit(128 + signal.SIGTERM if isinstance(err, Terminated) else 130)
 
 

@@ -24,12 +24,33 @@ TEST_PREDICTION = "during the test prediction"
 CLOSING = "while closing the run"
 
 _stage: Callable[[], str] = lambda: STARTING
+_sweep_dir: Path | None = None  # the sweep this process runs (`-m`), if any
 
 
 def reached(stage: str | Callable[[], str]) -> None:
     """The job's stage from now on; a callable is asked when a stop is worded (a training's current step)."""
     global _stage
     _stage = stage if callable(stage) else (lambda: stage)
+
+
+def sweeping(sweep_dir: Path) -> None:
+    """This process runs the sweep in `sweep_dir`: a stop outside its jobs says how to continue it."""
+    global _sweep_dir
+    _sweep_dir = sweep_dir
+
+
+def continue_sweep(sweep_dir: Path | str) -> str:
+    """How a stopped sweep goes on: its default folder is named after the time it started, so the same command
+    alone would start another sweep and train every job again."""
+    return f"continue the sweep with the same command and hydra.sweep.dir={sweep_dir}"
+
+
+def outside_job_line() -> str:
+    """The line of a stop outside any job: before a single run's job started, or in a sweep's own work (recording a
+    job's end, launching the next, closing its parent run), where jobs may have trained and the sweep goes on."""
+    if _sweep_dir is None:
+        return STARTING_LINE
+    return f"between the jobs of the sweep in {_sweep_dir}; {continue_sweep(_sweep_dir)}"
 
 
 def training(step: Callable[[], int | None], resumed_from: int | None = None) -> None:

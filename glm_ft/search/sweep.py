@@ -30,12 +30,12 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from glm_ft import dist
+from glm_ft import dist, stops
 from glm_ft.tracking.lifecycle import ERROR_TAG, end_run
 from glm_ft.tracking.params import git_commit, split_long_values
 from glm_ft.tracking.redact import redact, redact_files, redact_log_records
 from glm_ft.tracking.parent import PARENT_ENV, PARENT_FILE, SWEPT_PARAMS_TAG, parse_overrides
-from glm_ft.tracking.signals import SIGTERM_GUARD
+from glm_ft.tracking.signals import SIGTERM_GUARD, Terminated, restated
 from glm_ft.tracking.store import Store
 from glm_ft.tracking.tracker import Tracker
 from glm_ft.atomic import write_text_atomic
@@ -127,6 +127,7 @@ class MlflowSweepCallback(Callback):
         except SweepLocked as err:
             to_stderr(f"error: {err}")
             sys.exit(1)
+        stops.sweeping(sweep_dir)
         if not config.tracking.enabled or config.get("dry_run") or not dist.is_rank_zero():
             return
         try:
@@ -228,6 +229,16 @@ class MlflowSweepCallback(Callback):
             end_run(store, parent_id, status)
             log.info("MLflow: sweep parent run %s %s (%d jobs, %d failed)", parent_id, status, len(outcomes),
                      len(failed))
+        except (KeyboardInterrupt, Terminated) as stop:
+            # Stopped while it was closed (its summary maybe half sent): KILLED, as a job's run stopped while closing
+            # is, where it stayed RUNNING; a re-run of the sweep, whose finished jobs it skips, closes it again.
+            end_run(store, parent_id, "KILLED")
+            if not self._reached_end:  # at exit, after the sweep's own stop or failure was said
+                log.warning("MLflow: sweep parent run %s KILLED: stopped while it was closed", parent_id)
+                return
+            raise restated(stop, f"while closing the sweep's MLflow parent run; every job is done: "
+                                 f"{stops.continue_sweep(self._sweep_dir)}, which runs none of them again and "
+                                 "closes it FINISHED") from None
         except Exception as err:
             log.error("MLflow: could not close sweep parent run %s: %s", parent_id, err)
         finally:

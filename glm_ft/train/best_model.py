@@ -84,9 +84,38 @@ class BestModel:
         # converted), which the Trainer's loader does not know: it skipped them with a warning.
         best = self.state.best_model_checkpoint
         log.info("loading the best model, %s (%s=%s)", best, self.args.metric_for_best_model, self.state.best_metric)
-        if not methods.get(self.method.name).load_for_resume(self.accelerator.unwrap_model(self.model), best):
-            super()._load_best_model()
+        if not self._loaded(Path(best)):
+            # Deleted (or its weights) since it was saved: transformers only warns that it "could not locate the
+            # best model" and loads nothing; final/ then holds the last step's model, and its record says so.
+            log.warning("the best model, %s, is gone or holds no weights: the model stays the last step's (step %d)",
+                        best, self.state.global_step)
+            return
         self.loaded_model_step = checkpoint_step(Path(best))
+
+    def _loaded(self, folder: Path) -> bool:
+        """Load the best checkpoint's weights into the model; False when it has none to load."""
+        model = self.accelerator.unwrap_model(self.model)
+        if not folder.is_dir():
+            return False
+        if methods.get(self.method.name).load_for_resume(model, str(folder)):
+            return True
+        if not self._trainer_loads_weights(folder, model):
+            return False
+        super()._load_best_model()
+        return True
+
+    def _trainer_loads_weights(self, folder: Path, model) -> bool:
+        """Whether transformers' best-model loader finds weights it loads in `folder` (DeepSpeed's and FSDP's
+        loaders fail when they find none). Where it finds none it warns and returns with the model as it was."""
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            return True
+        from peft import PeftModel
+        from transformers.utils import (ADAPTER_SAFE_WEIGHTS_NAME, ADAPTER_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME,
+                                        SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME)
+
+        names = ((ADAPTER_SAFE_WEIGHTS_NAME, ADAPTER_WEIGHTS_NAME) if isinstance(model, PeftModel) else
+                 (SAFE_WEIGHTS_NAME, WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_INDEX_NAME))
+        return any((folder / name).is_file() for name in names)
 
     def _finalize_training(self, *args, **kwargs):
         # With save_total_limit=1 the Trainer deletes every checkpoint but the best here, before final/ is saved and
@@ -110,8 +139,9 @@ class BestModel:
 def best_model_tags(state, args, facts: dict[str, Any]) -> dict[str, str]:
     """MLflow tags naming what final/ holds and the best evaluation, beside glm_ft.final_model."""
     tags = {"glm_ft.final_model_step": str(facts["model_step"])}
-    if args.load_best_model_at_end and state.best_model_checkpoint is not None:
-        tags["glm_ft.final_model_checkpoint"] = str(state.best_model_checkpoint)
+    best = state.best_model_checkpoint
+    if args.load_best_model_at_end and best is not None and checkpoint_step(Path(best)) == facts["model_step"]:
+        tags["glm_ft.final_model_checkpoint"] = str(best)  # not when it could not be loaded (BestModel)
     if args.metric_for_best_model is not None and state.best_metric is not None:
         tags.update({"glm_ft.metric_for_best_model": args.metric_for_best_model,
                      "glm_ft.best_metric": repr(float(state.best_metric)),

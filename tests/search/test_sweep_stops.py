@@ -211,3 +211,97 @@ def test_a_job_killed_before_it_trains_does_not_leave_another_jobs_checkpoint_as
     history = json.loads((sweep_dir / "0" / "checkpoint-6" / "trainer_state.json").read_text())["log_history"]
     rates = {h["step"]: h["learning_rate"] for h in history if "loss" in h}
     assert rates[2] == pytest.approx(0.005 / 20)  # the quickstart's 20 warmup steps, from 0.005 (not 0.001)
+
+
+# --- a sweep stopped as its second job, or the sweep itself, closes: the same command again finishes it -----------
+
+GRID = ["method.r=4,8"]
+OPTUNA = ["hparams_search=lora_optuna", "hydra/sweeper/sampler=grid", "method.r=choice(4,8)", "method.lora_alpha=32",
+          "method.lora_dropout=0.1"]
+CLOSING_JOB = ("interrupted while closing the run; every stage is done: {job} holds the trained model, its metrics "
+               "and predictions: sweep job #1 (")
+
+
+@pytest.mark.parametrize(("sweeper", "stop_at", "said", "child_after_stop"), [
+    # the job's run files uploading: its child run KILLED
+    (GRID, "glm_ft.tracking.tracker:Tracker._log_run_files", CLOSING_JOB, "KILLED"),
+    (OPTUNA, "glm_ft.tracking.tracker:Tracker._log_run_files", CLOSING_JOB, "KILLED"),
+    # the job's run closed FINISHED, its end not yet recorded in .glm_ft_jobs/: said "before training started;
+    # nothing was trained or saved (continue with the same command)", which started another sweep
+    (GRID, "glm_ft.search.sweep:MlflowSweepCallback.on_job_end", "interrupted between the jobs of the sweep in {sweep}",
+     "FINISHED"),
+    # every job done, the sweep's parent run closing: it stayed RUNNING, and the line said nothing was trained
+    (GRID, "glm_ft.search.sweep:best_child", "interrupted while closing the sweep's MLflow parent run; every job is "
+     "done", "FINISHED"),
+], ids=["grid_job_closing", "optuna_job_closing", "grid_job_end_recorded", "grid_parent_closing"])
+def test_a_sweep_stopped_as_it_closes_finishes_with_the_same_command_training_nothing_again(
+        sweeper, stop_at, said, child_after_stop, tmp_path):
+    """SIGTERM as the second job or the sweep itself closes, after both jobs trained: one line saying where and how
+    to continue; no run left RUNNING. The same command again trains nothing: the stopped job's own child run is
+    reopened and ends FINISHED with its run files (no duplicate beside a KILLED one), the first job's results stay,
+    and the parent ends FINISHED counting both jobs completed."""
+    from mlflow.tracking import MlflowClient
+
+    from lifecycle_helpers import QUICK, STOPPING_TRAIN, background, stopped, wait_for
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    env = {"MLFLOW_TRACKING_URI": uri}
+    sweep_dir, log = tmp_path / "sweep", tmp_path / "first.log"
+    args = ["-m", *QUICK, "training_args.max_steps=2", "training_args.save_steps=2", *sweeper,
+            f"hydra.sweep.dir={sweep_dir}"]
+    with background([sys.executable, "-c", STOPPING_TRAIN, stop_at, *args], log, env=env) as proc:
+        # stopped there each time it gets there: the first job's passes go on; the second job's (its folder made)
+        # gets the signal
+        while not (wait_for(lambda: stopped(proc), stop_at, proc, log) and (sweep_dir / "1").is_dir()):
+            os.kill(proc.pid, signal.SIGCONT)
+            wait_for(lambda: not stopped(proc), "SIGCONT", proc, log)
+        os.kill(proc.pid, signal.SIGTERM)  # held while it is stopped, delivered as it continues
+        os.kill(proc.pid, signal.SIGCONT)
+        assert proc.wait() == 128 + signal.SIGTERM, log.read_text()[-3000:]
+    parent, children = jobs_runs(client, sweep_dir)
+    assert parent.info.status == "KILLED"  # not left RUNNING
+    assert {num: c.info.status for num, c in children.items()} == {"0": "FINISHED", "1": child_after_stop}
+    out = log.read_text()
+    lines = [line.rpartition("\r")[2] for line in out.splitlines() if "interrupted" in line]
+    assert len(lines) == 1 and "Traceback" not in out, out[-3000:]
+    assert lines[0].startswith(said.format(job=sweep_dir / "1", sweep=sweep_dir)), lines
+    assert f"continue the sweep with the same command and hydra.sweep.dir={sweep_dir}" in lines[0], lines
+
+    first, second = children["0"], children["1"]
+    trained = {path: path.read_bytes() for path in sorted(sweep_dir.rglob("*"))
+               if path.is_file() and ("checkpoint-" in str(path) or "/final/" in str(path))}
+    assert any("/1/final/" in str(path) for path in trained)
+
+    again = run_process([sys.executable, str(ROOT / "train.py"), *args], env={**os.environ, **env})
+    assert again.returncode == 0, again.stderr[-3000:]
+    said_again = again.stdout + again.stderr
+    assert "resuming from" not in said_again and "train_runtime" not in said_again  # nothing trained again
+    assert {path: path.read_bytes() for path in trained} == trained
+    parent, children = jobs_runs(client, sweep_dir)
+    assert parent.info.status == "FINISHED"
+    assert parent.data.metrics["jobs"] == 2 and parent.data.metrics["jobs_failed"] == 0
+    assert {num: (c.info.run_id, c.info.status) for num, c in children.items()} == {
+        "0": (first.info.run_id, "FINISHED"), "1": (second.info.run_id, "FINISHED")}
+    artifacts = {a.path for a in client.list_artifacts(second.info.run_id)} | {
+        a.path for a in client.list_artifacts(second.info.run_id, "model")}
+    assert {"finetune.yaml", "eval_predictions.jsonl", "model/adapter_model.safetensors"} <= artifacts
+    # the first job's run as its own job left it
+    kept = children["0"]
+    assert (kept.info.end_time, kept.data.metrics) == (first.info.end_time, first.data.metrics)
+    outcomes = {p.name: json.loads(p.read_text())["status"] for p in (sweep_dir / ".glm_ft_jobs").glob("*.json")}
+    assert outcomes == {"0.json": "COMPLETED", "1.json": "COMPLETED"}
+    if sweeper is OPTUNA:
+        assert parent.data.metrics["trials_complete"] == 2
+        assert OmegaConf.load(sweep_dir / "optimization_results.yaml").trials == {"COMPLETE": 2}
+
+
+def jobs_runs(client, sweep_dir):
+    """The sweep's parent run and its children by job number (an Optuna grid need not run method.r=4 first), one
+    each."""
+    parent = client.get_run((sweep_dir / "mlflow_parent_run_id").read_text().strip())
+    children = client.search_runs([parent.info.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    by_job = {c.data.tags["glm_ft.job_num"]: c for c in children}
+    assert len(by_job) == len(children), [(c.info.run_name, c.info.status) for c in children]  # no duplicate
+    return parent, by_job

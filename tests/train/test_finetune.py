@@ -941,6 +941,49 @@ def test_a_redone_final_evaluation_is_of_the_best_checkpoint_final_holds(tmp_pat
     assert_curve_is_the_trainings(run_dir, evals)
 
 
+@pytest.mark.parametrize(("method", "removed"), [("lora", "adapter_model.safetensors"), ("freeze", None)],
+                         ids=["lora_weights_file", "freeze_folder"])
+def test_a_best_checkpoint_deleted_before_it_loads_leaves_final_the_last_steps_model_and_says_so(
+        method, removed, tmp_path, mlflow_env):
+    """The best checkpoint's weights file (or the whole folder, as a user or a cleanup script deletes it) gone by the
+    end of training: transformers warned that it "could not locate the best model" and loaded nothing, yet final/'s
+    marker, eval_metrics.json and MLflow named the best step for the last step's model (and freeze tuning's own
+    loader failed on the missing folder after the whole training). Now final/ is the last step's model, said so."""
+    from lifecycle_helpers import background, train_cmd, wait_until_stopped
+
+    run_dir, log = tmp_path / "best", tmp_path / "best.log"
+    args = [*BEST, f"method={method}", "training_args.learning_rate=2e-2", "training_args.max_steps=4",
+            "training_args.load_best_model_at_end=true", "data.test_file=null"]
+    with background(train_cmd(args, run_dir, stop_after="glm_ft.train.best_model:BestModel._load_best_model"), log,
+                    env=mlflow_env) as proc:
+        wait_until_stopped(proc, log, "the best model's load")
+        evals = eval_history(run_dir / "checkpoint-4" / "trainer_state.json")
+        best = best_step(evals)
+        # the 3rd step's on this project's machines (see above): final/ then differs from the best checkpoint
+        assert best != 4, f"the last evaluation is the best here, nothing tells the two apart: {evals}"
+        kept = tensors(run_dir / f"checkpoint-{best}")
+        if removed:
+            (run_dir / f"checkpoint-{best}" / removed).unlink()
+        else:
+            shutil.rmtree(run_dir / f"checkpoint-{best}")
+        os.kill(proc.pid, signal.SIGCONT)
+        assert proc.wait() == 0, log.read_text()[-3000:]
+    final = tensors(run_dir / "final")
+    assert same_tensors(final, tensors(run_dir / "checkpoint-4")) and not same_tensors(final, kept)
+    marker = json.loads((run_dir / "final" / "glm_ft_complete").read_text())
+    assert marker["step"] == marker["model_step"] == 4
+    evaluated = json.loads((run_dir / "eval_metrics.json").read_text())
+    assert evaluated["step"] == 4
+    assert f"the best model, {run_dir / f'checkpoint-{best}'}, is gone or holds no weights" in log.read_text()
+    assert {key: evaluated[key] for key in EVAL_SCORES} == pytest.approx(
+        eval_scores(run_dir / "checkpoint-4" / "trainer_state.json", 4))
+    run = next(r for r in _mlflow_runs(mlflow_env["MLFLOW_TRACKING_URI"])
+               if r.data.tags.get("glm_ft.run_dir") == str(run_dir))
+    assert run.info.status == "FINISHED" and run.data.tags["glm_ft.final_model_step"] == "4"
+    assert "glm_ft.final_model_checkpoint" not in run.data.tags
+    assert run.data.metrics["eval_rouge-l"] == pytest.approx(evals[4])
+
+
 def test_a_resume_from_another_folders_checkpoint_keeps_the_best_of_its_own(tmp_path, mlflow_env):
     """resume=<another run folder>/checkpoint-N: that folder's best checkpoint, which its trainer_state.json names,
     is no candidate for this run's final/ (final/ was loaded from the other folder; with that checkpoint deleted,
