@@ -145,12 +145,26 @@ def destroy_process_group() -> None:
 
 
 _launcher: int | None = None  # the pid of this rank's launcher, once stop_when_orphaned watches it
+# The file glm_ft.launch writes the name of the signal that stops it to (SIGINT, SIGTERM), before it signals a rank.
+LAUNCH_STOP = "GLM_FT_LAUNCH_STOP"
 
 
 def launcher_gone() -> bool:
     """This rank's launcher has ended. What then fails (a collective whose peer rank already stopped, "Connection
     closed by peer") is the job being stopped, not a failure of its own."""
     return _launcher is not None and os.getppid() != _launcher
+
+
+def launcher_stopped_by() -> str | None:
+    """The signal that stopped this rank's glm_ft.launch (SIGINT, SIGTERM), once one has: the launcher tells each
+    rank in turn, so this rank's own may not have arrived yet when a peer already told has ended."""
+    record = os.environ.get(LAUNCH_STOP)
+    if not record or not is_multi_process():
+        return None
+    try:
+        return Path(record).read_text(encoding="utf-8").strip() or None
+    except OSError:  # not stopped (no record), or the launcher has ended (then launcher_gone says it)
+        return None
 
 
 def stop_when_orphaned(every_s: float = 2.0) -> None:

@@ -73,7 +73,8 @@ def train_cmd(args: list[str], run_dir: Path, stop_after: str | None = None) -> 
     """`python train.py ARGS`; with `stop_after` the job stops itself with SIGSTOP at that exact point, so the test
     breaks things there however fast training is (see `stopped`), then SIGKILLs it or sends a signal and SIGCONT.
     `stop_after`: a folder name (checkpoint-4, final), once that folder is complete; or `module:function` (a method
-    as `module:Class.method`), as that function is entered, every time."""
+    as `module:Class.method`), as that function is entered, every time. Under glm_ft.launch (the script written to a
+    file), only the rank that the env's STOP_RANK names stops, if it is set."""
     if stop_after is None:
         return [sys.executable, str(ROOT / "train.py"), *args, f"hydra.run.dir={run_dir}"]
     return [sys.executable, "-c", STOPPING_TRAIN, stop_after, *args, f"hydra.run.dir={run_dir}"]
@@ -84,6 +85,8 @@ import importlib, os, signal, sys
 sys.path.insert(0, os.getcwd())
 import glm_ft.runs as runs
 stop_after, mark_complete = sys.argv[1], runs.mark_complete
+if os.environ.get("STOP_RANK", os.environ.get("RANK")) != os.environ.get("RANK"):
+    stop_after = ""  # under a launcher with STOP_RANK set, the other ranks run on
 def mark_then_stop(folder, step, **facts):
     mark_complete(folder, step, **facts)
     if folder.name == stop_after:

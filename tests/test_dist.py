@@ -5,6 +5,7 @@ The env:// variables are set as torchrun, the deepspeed launcher and submitit se
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 
@@ -13,7 +14,7 @@ import pytest
 from glm_ft import dist
 
 DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-             "TORCHELASTIC_RUN_ID", "GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")
+             "TORCHELASTIC_RUN_ID", "GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME", "GLM_FT_LAUNCH_STOP")
 
 
 @pytest.fixture(autouse=True)
@@ -98,3 +99,31 @@ def test_gpus_are_pinned_one_per_worker(tmp_path, monkeypatch):
         assert dist.pin_gpu_for_worker(tmp_path) == "1" and os.environ["CUDA_VISIBLE_DEVICES"] == "1"
     finally:
         first.communicate("")
+
+
+@pytest.mark.parametrize("signum, stop", [(signal.SIGTERM, "Terminated"), (signal.SIGINT, "KeyboardInterrupt")])
+def test_a_collective_failed_after_the_launcher_was_stopped_is_that_stop(tmp_path, monkeypatch, signum, stop):
+    """glm_ft.launch records the signal that stops it before it tells any rank: a collective that fails in a rank not
+    told yet (its peer, told first, has ended) is that same stop; without the record it stays an error."""
+    from glm_ft.launch import record_stops
+    from glm_ft.tracking.signals import SIGTERM_GUARD, stop_behind
+    from torch.distributed.elastic.multiprocessing import api
+
+    monkeypatch.setattr(api, "_terminate_process_handler", api._terminate_process_handler)  # record_stops wraps it
+    monkeypatch.setattr(SIGTERM_GUARD, "terminating", False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv(dist.LAUNCH_STOP, str(tmp_path / "stop"))
+    failed = RuntimeError("Connection closed by peer [127.0.0.1]:29500")
+    assert dist.launcher_stopped_by() is None and stop_behind(failed) is None
+    record_stops(tmp_path / "stop")
+    with pytest.raises(api.SignalException):  # then torchrun's own handler, which stops the ranks
+        api._terminate_process_handler(signum, None)
+    assert dist.launcher_stopped_by() == signal.Signals(signum).name
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        assert type(stop_behind(failed)).__name__ == stop
+        # this rank's own signal, still on its way, is the same stop: it does not interrupt the rank's exit
+        assert SIGTERM_GUARD.terminating
+        assert signal.getsignal(signal.SIGINT) is (signal.SIG_IGN if signum == signal.SIGINT else previous)
+    finally:
+        signal.signal(signal.SIGINT, previous)

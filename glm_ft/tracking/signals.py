@@ -4,7 +4,7 @@
 - `SIGTERM_GUARD`: SIGTERM ends the open runs KILLED (never left RUNNING), shared by the sweep parent and the job's run.
 - `interrupt_behind`: the Ctrl-C or SIGTERM that another exception was raised while unwinding from; `restated`: the
   same kind of stop saying where it stopped; `stop_behind`: that, or the launcher's end (glm_ft.dist.launcher_gone)
-  behind a failed collective.
+  or stop (glm_ft.dist.launcher_stopped_by) behind a failed collective.
 """
 
 from __future__ import annotations
@@ -151,11 +151,25 @@ def restated(stop: BaseException, where: str) -> BaseException:
 
 
 def stop_behind(err: BaseException) -> BaseException | None:
-    """The stop that `err` stands for: the interrupt behind it, or a `Terminated` when this rank's launcher is gone
-    (what then fails, a collective whose peer already stopped, is the job being stopped, not a failure)."""
+    """The stop that `err` stands for: the interrupt behind it; or, when this rank's launcher is gone (a `Terminated`)
+    or was stopped (the same kind of stop as its signal), that stop: what then fails, a collective whose peer already
+    stopped, is the job being stopped, not a failure. A stop in any phase of a multi-process run (a step, a
+    checkpoint's save, an evaluation) so ends every rank as the stop, whichever rank its signal reached first."""
     from glm_ft import dist
 
     interrupt = interrupt_behind(err)
-    if interrupt is None and dist.launcher_gone():
+    if interrupt is not None:
+        return interrupt
+    if dist.launcher_gone():
         return Terminated()
-    return interrupt
+    by = dist.launcher_stopped_by()
+    if by is None:
+        return None
+    # The launcher's signal to this rank may still be on its way: it is this same stop, already being acted on
+    # (ignored as a second SIGTERM is; a second Ctrl-C would raise KeyboardInterrupt while the rank exits).
+    SIGTERM_GUARD.terminating = True
+    if by == "SIGINT":
+        with contextlib.suppress(ValueError):  # only the main thread may set a handler
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+        return KeyboardInterrupt()
+    return Terminated()

@@ -282,3 +282,87 @@ def test_sigterm_to_glm_ft_launch_stops_the_ranks_without_a_traceback(tmp_path):
     client = MlflowClient(env["MLFLOW_TRACKING_URI"])
     (killed,) = client.search_runs([client.get_experiment_by_name("glm-ft").experiment_id])
     assert killed.info.status == "KILLED"
+
+
+# glm_ft.launch that stops itself (SIGSTOP) right after torchrun has sent the rank FIRST_RANK its SIGTERM, before it
+# tells the other: a launcher descheduled under load, whose first rank has ended before the next is told.
+PAUSING_LAUNCH = """
+import os, signal, sys
+sys.path.insert(0, os.getcwd())
+from torch.distributed.elastic.multiprocessing.subprocess_handler import subprocess_handler
+close, first, held, paused = subprocess_handler.SubprocessHandler.close, int(os.environ["FIRST_RANK"]), [], []
+def told_in_turn(self, death_sig=None):
+    if death_sig != signal.SIGTERM or paused:
+        return close(self, death_sig)
+    if self.local_rank_id != first:
+        return held.append(self)
+    close(self, death_sig)
+    paused.append(self)
+    os.kill(os.getpid(), signal.SIGSTOP)
+    for other in held:
+        if other.proc.poll() is None:
+            close(other, death_sig)
+subprocess_handler.SubprocessHandler.close = told_in_turn
+from glm_ft.launch import main
+sys.exit(main())
+"""
+
+
+@pytest.mark.parametrize("first", [0, 1])
+@pytest.mark.parametrize("stop_at", ["GlmTrainer._save_checkpoint", "GlmTrainer.evaluation_loop"])
+def test_sigterm_that_reaches_one_rank_long_before_the_other_inside_a_collective_is_the_stop(stop_at, first, tmp_path):
+    """SIGTERM to glm_ft.launch while one rank is inside a checkpoint save's (an evaluation's) collective and the
+    other, `first`, has not joined it: `first` gets torchrun's SIGTERM and ends, and the other's collective fails
+    ("Connection closed by peer") before its own SIGTERM arrives. That failure is the launcher's stop, not an error
+    with a traceback; rank 0 (told first or not) says it in its one line and ends the MLflow run KILLED."""
+    import signal
+
+    from lifecycle_helpers import STOPPING_TRAIN, background, stopped, wait_for
+
+    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db", "STOP_RANK": str(first),
+           "FIRST_RANK": str(first)}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        os.environ.pop(key, None)  # (restored by conftest's environment_restored)
+    script = tmp_path / "stopping_train.py"  # torchrun runs a script file
+    script.write_text(STOPPING_TRAIN)
+    log, run_dir = tmp_path / "launch.log", tmp_path / "run"
+    cmd = [sys.executable, "-c", PAUSING_LAUNCH, *LAUNCH[3:], str(script), f"glm_ft.train.trainer:{stop_at}", *ARGS,
+           "deepspeed=zero2", f"hydra.run.dir={run_dir}"]
+    ranks: list[int] = []
+    try:
+        with background(cmd, log, env=env) as proc:
+            def first_stopped() -> int | None:  # at stop_at, which the other rank goes on into, up to its collective
+                states = _process_states()
+                ranks[:] = sorted(pid for pid, (parent, _) in states.items() if parent == proc.pid)
+                return next((pid for pid in ranks if states[pid][1] == "T"), None)
+
+            told = wait_for(first_stopped, f"rank {first} at {stop_at}", proc, log)
+            proc.send_signal(signal.SIGTERM)
+            wait_for(lambda: stopped(proc), f"the launcher's pause once it has told rank {first}", proc, log)
+            os.kill(told, signal.SIGCONT)  # it stops; the other, not told yet, waits for it in the collective
+
+            def ended() -> bool:
+                states = _process_states()
+                return all(states.get(pid, (0, "Z"))[1] == "Z" for pid in ranks)
+
+            wait_for(ended, "both ranks' end")
+            proc.send_signal(signal.SIGCONT)
+            wait_for(lambda: proc.poll() is not None, "the launcher's end", may_exit=True)
+    finally:
+        for pid in ranks:  # still ours (not a pid reused since): its command line is the rank's
+            with contextlib.suppress(OSError):
+                if script.name.encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    os.kill(pid, signal.SIGKILL)
+    text = log.read_text(errors="replace")
+    assert proc.returncode == 128 + signal.SIGTERM, text[-3000:]
+    assert "Traceback" not in text and "Connection closed" not in text, text[-3000:]
+    # counted in the text: a progress bar's last redraw may share the line that the stop is printed on
+    assert text.count(f"interrupted at step 3; last complete checkpoint: none (continue with resume=auto "
+                      f"hydra.run.dir={run_dir})\n") == 1, text[-3000:]
+    assert text.rstrip().endswith("glm_ft.launch: stopped by SIGTERM"), text[-3000:]
+    assert not (run_dir / "checkpoint-3" / "glm_ft_complete").exists()
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    (killed,) = client.search_runs([client.get_experiment_by_name("glm-ft").experiment_id])
+    assert killed.info.status == "KILLED"
