@@ -15,6 +15,7 @@ from typing import Callable
 from omegaconf import DictConfig
 
 from glm_ft.runs import FINAL, finished_step, last_complete_checkpoint, read_progress
+from glm_ft.tracking.signals import raise_lost_stop
 
 STARTING = "before training started"
 # Before the job changed anything of its folder (validation, the data check, loading: it has trained nothing yet).
@@ -28,8 +29,10 @@ _sweep_dir: Path | None = None  # the sweep this process runs (`-m`), if any
 
 
 def reached(stage: str | Callable[[], str]) -> None:
-    """The job's stage from now on; a callable is asked when a stop is worded (a training's current step)."""
+    """The job's stage from now on; a callable is asked when a stop is worded (a training's current step). A stop
+    Python dropped in the stage before is raised here, as that stage's."""
     global _stage
+    raise_lost_stop()
     _stage = stage if callable(stage) else (lambda: stage)
 
 

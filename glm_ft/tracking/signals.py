@@ -2,6 +2,7 @@
 
 - `signals_deferred`: Ctrl-C or SIGTERM arriving inside an MLflow write is held until the write returns.
 - `SIGTERM_GUARD`: SIGTERM ends the open runs KILLED (never left RUNNING), shared by the sweep parent and the job's run.
+- `raise_lost_stop`: a Ctrl-C or SIGTERM whose exception Python dropped (raised inside a `__del__`), raised again.
 - `interrupt_behind`: the Ctrl-C or SIGTERM that another exception was raised while unwinding from; `restated`: the
   same kind of stop saying where it stopped; `stop_behind`: that, or the launcher's end (glm_ft.dist.launcher_gone)
   or stop (glm_ft.dist.launcher_stopped_by) behind a failed collective.
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import sys
 import threading
 from typing import Any, Iterator
 
@@ -91,6 +93,8 @@ class _SigtermGuard:
         # Set on SIGTERM or Ctrl-C inside a run: the sweep parent then ends KILLED rather than FAILED.
         self.interrupted = False
         self.open_runs: dict[str, Any] = {}  # run id -> the Store it is in
+        self.lost: BaseException | None = None  # a stop Python dropped (see raise_lost_stop)
+        self.previous_unraisable: Any = None
 
     def acquire(self) -> None:
         if threading.current_thread() is not threading.main_thread():
@@ -100,6 +104,7 @@ class _SigtermGuard:
             if self.previous is signal.SIG_IGN:
                 return
             signal.signal(signal.SIGTERM, self._handle)
+            self.previous_unraisable, sys.unraisablehook = sys.unraisablehook, self._unraisable
         self.depth += 1
 
     def release(self) -> None:
@@ -108,7 +113,17 @@ class _SigtermGuard:
         self.depth -= 1
         if self.depth == 0:
             signal.signal(signal.SIGTERM, self.previous if self.previous is not None else signal.SIG_DFL)
+            sys.unraisablehook = self.previous_unraisable or sys.__unraisablehook__
             self.terminating = self.interrupted = False
+            self.lost = None
+
+    def _unraisable(self, unraisable: Any) -> None:
+        """A Ctrl-C or SIGTERM that landed inside a `__del__` (a garbage collection runs them at any allocation)
+        raised there, and Python ignores what a `__del__` raises: it printed a traceback and the job went on."""
+        if isinstance(unraisable.exc_value, (KeyboardInterrupt, Terminated)):
+            self.lost = self.lost or unraisable.exc_value
+            return
+        (self.previous_unraisable or sys.__unraisablehook__)(unraisable)
 
     def _handle(self, signum: int, frame: Any) -> None:
         self.interrupted = True
@@ -125,6 +140,17 @@ class _SigtermGuard:
 
 
 SIGTERM_GUARD = _SigtermGuard()
+
+
+def raise_lost_stop() -> None:
+    """Raise the Ctrl-C or SIGTERM that Python dropped, if one was (`_SigtermGuard._unraisable`).
+
+    The handler raises a stop once (a second SIGTERM is ignored while the first unwinds), and the orphaned rank's
+    watch sends one SIGTERM: lost inside a `__del__`, the rank trained on for good after its launcher was killed.
+    Called where a job may stop cleanly: every Trainer step, evaluation and save, and each stage of the job."""
+    lost, SIGTERM_GUARD.lost = SIGTERM_GUARD.lost, None
+    if lost is not None:
+        raise restated(lost, str(lost))
 
 
 def interrupt_behind(err: BaseException) -> BaseException | None:

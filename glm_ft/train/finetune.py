@@ -43,8 +43,9 @@ from glm_ft.tracking.tracker import closing_interrupted, settle_previous_run, st
 from glm_ft.data.collate import Collator
 from glm_ft.train.best_model import best_model_tags, early_stopping
 from glm_ft.train.evaluation import generation_config, metrics_fn, stop_token_ids, write_predictions
+from glm_ft.train.disk_full import disk_full_named, resume_point
 from glm_ft.train.trainer import (GlmTrainer, PruningCallback, TrackerCallback, Watchdog, changed_data_order,
-                                  changed_precision, disk_full_named, resume_point)
+                                  changed_precision)
 from glm_ft.train.trainer_args import build_training_arguments
 
 log = logging.getLogger("glm_ft")

@@ -1,5 +1,5 @@
 """The Trainer glm-ft trains with, and its callbacks: generation-based evaluation in sample order, method-aware
-checkpoints, completion markers, a NaN watchdog, MLflow logging, and a full disk named in one line.
+checkpoints, completion markers, a NaN watchdog and MLflow logging.
 
 Heavy (torch, transformers): imported once training starts (glm_ft.train.finetune), never on the light path.
 """
@@ -7,13 +7,11 @@ Heavy (torch, transformers): imported once training starts (glm_ft.train.finetun
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import logging
 import math
 import os
 import random
-import shutil
 import sys
 from pathlib import Path
 
@@ -30,18 +28,20 @@ from transformers.trainer_utils import EvalLoopOutput, EvalPrediction
 
 from glm_ft import dist, methods
 from glm_ft.atomic import write_text_atomic
-from glm_ft.errors import CheckpointError, GlmFtError
+from glm_ft.errors import GlmFtError
 from glm_ft.config.schema import EVAL_BATCH_TOKENS
 from glm_ft.runs import (COMPLETE_MARKER, DATA_ORDER_RECORD, changed_data_inputs, changed_precision_inputs,
                          checkpoint_dir, last_complete_checkpoint, mark_complete, rotate_checkpoints, shown_value,
                          write_json)
 from glm_ft.data.collate import SAMPLE_INDEX
 from glm_ft.train.best_model import BestModel
+from glm_ft.train.disk_full import disk_full_named
 from glm_ft.train.evaluation import Indexed, in_sample_order, plan_generation, write_predictions
 from glm_ft.train.generation import generate
 from glm_ft.train.metrics import prefix_metrics
 from glm_ft.train.optimizer import decay_groups, optimizer_state_fits
 from glm_ft.train.run_loss import WholeRunLoss
+from glm_ft.tracking.signals import raise_lost_stop
 
 log = logging.getLogger(__name__)
 # A checkpoint's record of the Trainer's arguments. The Trainer's own is a pickle of the arguments object
@@ -359,9 +359,15 @@ def _changed_args(checkpoint: Path, args, keys: tuple[str, ...]) -> list[str]:
 
 class Watchdog(TrainerCallback):
     """Marks finished checkpoints complete, then deletes those past `save_total_limit`; stops on a NaN loss,
-    naming the step."""
+    naming the step; raises a Ctrl-C or SIGTERM that Python dropped (glm_ft.tracking.signals.raise_lost_stop)."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        raise_lost_stop()
+
+    on_substep_end = on_prediction_step = on_evaluate = on_step_end
 
     def on_save(self, args, state, control, **kwargs):
+        raise_lost_stop()
         ckpt = checkpoint_dir(Path(args.output_dir), state.global_step)
         if ckpt.is_dir() and dist.is_rank_zero():
             mark_complete(ckpt, state.global_step)
@@ -412,39 +418,3 @@ class PruningCallback(TrainerCallback):
                      value)
             control.should_save = True
             control.should_training_stop = True
-
-
-@contextlib.contextmanager
-def disk_full_named(folder: Path, run_dir: Path):
-    """A full disk while writing `folder` becomes one line naming it. torch's zip writer reports ENOSPC as
-    "inline_container.cc:...: unexpected pos" (no errno), so a RuntimeError counts as a full disk when the folder's
-    filesystem has (almost) nothing left. The half-written folder has no completion marker: resume skips it."""
-    try:
-        yield
-    except (OSError, RuntimeError) as err:
-        if not _is_disk_full(err, folder):
-            raise
-        raise CheckpointError(f"No space left on device while saving {folder}; {resume_point(run_dir)}") from err
-
-
-def resume_point(run_dir: Path) -> str:
-    """The end of a full disk's one line: what is left to resume from."""
-    last = last_complete_checkpoint(run_dir)
-    return (f"the last complete checkpoint, {last}, stays the resume point: free space, then continue with "
-            f"resume=auto hydra.run.dir={run_dir}") if last else "there is no complete checkpoint yet"
-
-
-DISK_FULL_BELOW_BYTES = 16 << 20
-
-
-def _is_disk_full(err: BaseException, folder: Path) -> bool:
-    seen: BaseException | None = err
-    while seen is not None:
-        if isinstance(seen, OSError) and seen.errno == errno.ENOSPC or "No space left" in str(seen):
-            return True
-        seen = seen.__cause__ or seen.__context__
-    probe = folder if folder.exists() else folder.parent
-    try:
-        return shutil.disk_usage(probe).free < DISK_FULL_BELOW_BYTES
-    except OSError:
-        return False

@@ -10,6 +10,7 @@ import json
 import os
 import re
 import signal
+import sys
 from pathlib import Path
 
 import pytest
@@ -353,3 +354,45 @@ def test_the_interrupt_behind_an_error_is_found_through_its_chain():
     looped.__context__ = RuntimeError("b")
     looped.__context__.__context__ = looped
     assert interrupt_behind(looped) is None
+
+
+LOSING_A_STOP = """
+import os, signal, sys, time
+sys.path.insert(0, os.getcwd())
+import glm_ft.runs as runs
+signum, mark_complete = int(sys.argv[1]), runs.mark_complete
+class Finalizer:
+    def __del__(self):
+        os.kill(os.getpid(), signum)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:  # the signal's handler runs in here: what it raises, Python drops
+            pass
+def mark_then_lose_a_stop(folder, step, **facts):
+    mark_complete(folder, step, **facts)
+    if folder.name == "checkpoint-2":
+        Finalizer()  # unreferenced at once: its __del__ runs here, in the main thread, as a garbage collection would
+runs.mark_complete = mark_then_lose_a_stop  # before glm_ft.train imports it by name
+sys.argv = ["train.py", *sys.argv[2:]]
+from glm_ft.cli import main
+main()
+"""
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "ctrl_c"])
+def test_a_stop_landing_inside_a_finalizer_still_stops_the_job(signum, tmp_path, store):
+    """A signal's handler runs at whatever bytecode is next, also inside a `__del__` that a garbage collection
+    started; Python drops what a `__del__` raises. The stop was lost with a traceback, and the job trained on: a rank
+    whose launcher had been SIGKILLed (it gets one SIGTERM) trained for good. Now the job stops at its next step."""
+    args = [*QUICK, "training_args.max_steps=8", "training_args.save_steps=2"]
+    run_dir, log = tmp_path / "run", tmp_path / "train.log"
+    cmd = [sys.executable, "-c", LOSING_A_STOP, str(int(signum)), *args, f"hydra.run.dir={run_dir}"]
+    with background(cmd, log, env=store["env"]) as proc:
+        proc.wait()
+    out = log.read_text(errors="replace")
+    assert proc.returncode == 128 + signum, out[-3000:]
+    assert "Traceback" not in out and "Exception ignored" not in out, out[-3000:]
+    said = [line[line.index("interrupted"):] for line in out.splitlines() if "interrupted" in line]  # after tqdm's
+    assert said == [f"interrupted at step 3; last complete checkpoint: {run_dir / 'checkpoint-2'} (continue with "
+                    f"resume=auto hydra.run.dir={run_dir})"], out[-3000:]
+    assert complete(run_dir, 2) and not (run_dir / "checkpoint-4").exists()
+    assert store["client"].get_run(mlflow_run_id(run_dir)).info.status == "KILLED"
