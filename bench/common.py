@@ -45,7 +45,7 @@ def attention_pairs(seq_lens: Sequence[int], prefix_len: int = 0) -> int:
 
 
 def training_flops(config: Mapping[str, Any], seq_lens: Sequence[int], *, all_weights_train: bool = True,
-                   prefix_len: int = 0) -> int:
+                   prefix_len: int = 0, targets: int | None = None) -> int:
     """Model FLOPs of forward plus backward; padding is not counted: these are the model's FLOPs, not the machine's.
 
     The forward pass takes 2 FLOPs (multiply, add) per matmul weight per token, and 2 · 2 · heads · kv_channels per
@@ -53,8 +53,12 @@ def training_flops(config: Mapping[str, Any], seq_lens: Sequence[int], *, all_we
     weight per token) and, for weights that train, weight gradients (2 more): 6·N per token for full fine-tuning,
     4·N for a frozen base (LoRA, P-Tuning v2, whose own weights add < 1 % and are left out). Attention has no
     weights; its backward is counted as twice its forward, so attention contributes 3× its forward FLOPs either way.
+    With `targets` (the tokens that have one), the output layer counts at those tokens only: the loss needs no
+    logits elsewhere, so logits for prompt tokens are not useful work.
     """
-    weights = matmul_params(config) * sum(seq_lens)
+    tokens = sum(seq_lens)
+    head = config["hidden_size"] * config["padded_vocab_size"]
+    weights = (matmul_params(config) - head) * tokens + head * (tokens if targets is None else targets)
     attn = 4 * config["num_layers"] * config["num_attention_heads"] * config["kv_channels"]
     return (6 if all_weights_train else 4) * weights + 3 * attn * attention_pairs(seq_lens, prefix_len)
 

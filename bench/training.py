@@ -50,8 +50,9 @@ class RecordingCollator:
 
 
 def full_logits_loss(hidden_states, output_layer, labels, num_items_in_batch=None):
-    """The training loss as it was before chunking: the batch's full-vocabulary logits, which transformers'
-    causal-LM loss upcasts to fp32 (the 'before' side of the memory figure)."""
+    """The training loss of the reference's model code, and glm-ft's before chunking: the batch's full-vocabulary
+    logits, which transformers' causal-LM loss upcasts to fp32 (the training baseline's, and the memory figure's
+    'before' side)."""
     logits = output_layer(hidden_states)
     return ForCausalLMLoss(logits, labels, vocab_size=logits.shape[-1], num_items_in_batch=num_items_in_batch)
 
@@ -164,7 +165,7 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
         # trained the same batches in the same order
         "step_s": [b - a for a, b in zip(step_end[warmup - 1:], step_end[warmup:])],
         "step_tokens": [b["tokens"] for b in timed],
-        "step_flops": [training_flops(model_config(spec["size"]), b["lengths"],
+        "step_flops": [training_flops(model_config(spec["size"]), b["lengths"], targets=b["targets"],
                                       all_weights_train=cfg.method.name == "sft") for b in timed],
         "batches_digest": digest([b["lengths"] for b in batches]),
     }

@@ -61,6 +61,11 @@ def test_training_flops_are_6n_for_full_training_and_4n_for_a_frozen_base_plus_3
     assert training_flops(cfg, lens, all_weights_train=False) == 4 * n * 150 + 3 * attn
     with_prefix = training_flops(cfg, lens, all_weights_train=False, prefix_len=128)
     assert with_prefix - training_flops(cfg, lens, all_weights_train=False) == 3 * 4 * 28 * 32 * 128 * 150 * 128
+    # the output layer counts only at the tokens that have a target (40 of 150): logits elsewhere are not useful work
+    head = 4096 * 65024
+    assert training_flops(cfg, lens, targets=40) == training_flops(cfg, lens) - 6 * head * (150 - 40)
+    assert training_flops(cfg, lens, all_weights_train=False, targets=150) == \
+        training_flops(cfg, lens, all_weights_train=False)
 
 
 def test_goals_say_whether_they_are_met_and_by_how_much_they_miss():
@@ -206,7 +211,7 @@ def test_every_ratio_in_the_table_is_in_glm_fts_favour_above_one():
     assert rows["peak PSS of the process tree, those jobs"]["ratio"] == 0.8
     memory = next(r for label, r in rows.items() if label.startswith("peak RSS, LoRA training mid, 65,024 vocab"))
     assert (memory["baseline"], memory["glm_ft"], memory["ratio"]) == (3000.0, 1500.0, 2.0)
-    assert rows["model FLOP/s / fp32 matmul peak, mid"]["ratio"] is None  # shown, not a ratio
+    assert rows["model FLOP/s / fp32 matmul peak, mid (LoRA)"]["ratio"] is None  # shown, not a ratio
     assert not any(label.startswith("eval") for label in rows)  # figures not run leave no rows
     goals = goal_values(figures, ratios)
     assert goals["first_step_time_ratio"] == 2.5 and goals["first_step_memory_ratio"] == 0.8

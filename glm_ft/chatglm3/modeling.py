@@ -14,7 +14,6 @@ forward call (training, plain forward and each `generate` step alike); the cache
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
@@ -24,14 +23,12 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, slice_logits_to
 from transformers.utils import can_return_tuple
 
 from .configuration import ChatGLMConfig
+from .loss import chunked_causal_lm_loss
 from .segments import segment_attention_mask, segment_position_ids
 
 # The original draws its prefix from nn.Embedding's default init, N(0, 1), and applies a fixed dropout of 0.1.
 PREFIX_INIT_STD = 1.0
 PREFIX_DROPOUT = 0.1
-# Rows of logits computed at once by the training loss: 1024 x 65,024 fp32 is 254 MiB, against 4 x 2,048 x 65,024
-# (2 GiB) for a batch's full logits.
-LOSS_CHUNK_TOKENS = 1024
 
 
 class RMSNorm(nn.Module):
@@ -357,31 +354,6 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
 
         hidden_states = self.encoder(inputs_embeds, prefix, mask, rotary, cache)
         return BaseModelOutputWithPast(last_hidden_state=hidden_states, cache=cache)
-
-
-def _summed_token_loss(hidden: torch.Tensor, output_layer: nn.Module, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(output_layer(hidden).float(), targets, reduction="sum")
-
-
-def chunked_causal_lm_loss(hidden_states, output_layer, labels, num_items_in_batch=None, chunk=LOSS_CHUNK_TOKENS):
-    """transformers' causal-LM loss (shift, ignore -100, fp32 logits, sum / num_items_in_batch or mean) without the
-    batch's full-vocabulary logits: only positions that have a target get logits, `chunk` rows at a time, each chunk
-    recomputed in the backward pass instead of kept. Prompt tokens (most of a ChatGLM3 sample) cost nothing."""
-    targets = F.pad(labels, (0, 1), value=-100)[..., 1:]
-    keep = targets != -100
-    hidden, targets = hidden_states[keep], targets[keep]
-    total = hidden_states.new_zeros((), dtype=torch.float32)
-    for start in range(0, hidden.shape[0], chunk):
-        part = hidden[start : start + chunk], output_layer, targets[start : start + chunk]
-        if torch.is_grad_enabled():
-            total = total + checkpoint(_summed_token_loss, *part, use_reentrant=False)
-        else:
-            total = total + _summed_token_loss(*part)
-    if num_items_in_batch is None:
-        return total / keep.sum()  # a batch without targets gives NaN, as transformers' mean does
-    if torch.is_tensor(num_items_in_batch):
-        num_items_in_batch = num_items_in_batch.to(total.device)
-    return total / num_items_in_batch
 
 
 class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
