@@ -226,7 +226,8 @@ class Bench:
         return {
             "sides": sides,
             "samples": rows,
-            "same_weights": len({v.get("weights_sha256_16") for v in sides.values()}) == 1,
+            # a frozen base loads in bf16 under bf16=true (model.torch_dtype auto): the fp32 sides' weights are equal
+            "same_weights": len({sides[side].get("weights_sha256_16") for side in fp32}) == 1,
             # fp32 sides must agree to rounding; bf16 autocast moves the loss by bf16's precision (~1e-3 relative)
             "same_initial_loss": same_value([sides[side].get("initial_loss_over_set") for side in fp32], 1e-4),
             # each sample's own loss, packed or not, against the baseline's (the samples are keyed by their tokens)
