@@ -9,7 +9,7 @@ import pytest
 
 from conftest import run_train
 from glm_ft.runs import CURVES_FILE
-from glm_ft.tracking.curves import curve_series, figure, read_series
+from glm_ft.tracking.curves import COLOURS, curve_series, draw, read_series, ticks
 
 
 def _from_trainer_state(path) -> dict[str, list[list[float]]]:
@@ -24,15 +24,37 @@ def _from_trainer_state(path) -> dict[str, list[list[float]]]:
     return {"loss": loss, **evals}
 
 
-def test_the_figure_draws_exactly_the_series():
-    history = [{"loss": 3.0, "step": 1, "learning_rate": 1e-3}, {"loss": 2.5, "step": 2},
+def test_the_picture_draws_exactly_the_series():
+    history = [{"loss": 3.0, "step": 1, "learning_rate": 1e-3}, {"loss": 2.5, "step": 2}, {"loss": 2.75, "step": 3},
                {"eval_rouge-l": 4.0, "eval_runtime": 1.2, "eval_samples": 4, "step": 2},
-               {"train_runtime": 9.0, "train_loss": 2.7, "step": 2}]
+               {"eval_rouge-l": 9.5, "eval_loss": 2.6, "step": 3},
+               {"train_runtime": 9.0, "train_loss": 2.7, "step": 3}]
     series = curve_series(history)
-    assert series == {"loss": [[1, 3.0], [2, 2.5]], "eval_rouge-l": [[2, 4.0]]}
-    fig = figure(series, "a title")
-    drawn = {line.get_label(): line.get_xydata().tolist() for ax in fig.axes for line in ax.lines}
-    assert drawn == series
+    assert series == {"loss": [[1, 3.0], [2, 2.5], [3, 2.75]], "eval_rouge-l": [[2, 4.0], [3, 9.5]],
+                      "eval_loss": [[3, 2.6]]}
+    image, layout = draw(series, "a title")
+    assert [(p.keys, p.ylabel) for p in layout] == [(["loss", "eval_loss"], "loss"), (["eval_rouge-l"], "eval metric")]
+    pixels = image.load()
+    for panel in layout:
+        (left, top, right, bottom), (x0, x1), (y0, y1) = panel.box, panel.x, panel.y
+        for key, colour in zip(panel.keys, COLOURS):
+            for step, value in series[key]:
+                # Where the point must be, from the axes' box and ranges alone: each lies inside, in its colour.
+                x = left + (step - x0) / (x1 - x0) * (right - left)
+                y = bottom - (value - y0) / (y1 - y0) * (bottom - top)
+                assert left < x < right and top < y < bottom, (key, step)
+                assert pixels[round(x), round(y)] == colour, (key, step)
+        # a point no series has, halfway between two of the loss's: the line, not a dot
+        if "loss" in panel.keys:
+            assert pixels[round(left + (1.5 - x0) / (x1 - x0) * (right - left)),
+                          round(bottom - (3.5 - y0) / (y1 - y0) * (bottom - top))] != COLOURS[0]
+
+
+@pytest.mark.parametrize(("low", "high", "expected"), [(0.0, 1.0, [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]),
+                                                       (0.95, 1.05, [0.96, 0.98, 1.0, 1.02, 1.04]),
+                                                       (-3.0, 47.0, [0.0, 10.0, 20.0, 30.0, 40.0])])
+def test_axis_ticks_are_round_values_inside_the_range(low, high, expected):
+    assert ticks(low, high) == expected
 
 
 @pytest.mark.slow

@@ -603,6 +603,8 @@ def test_a_run_without_deepspeed_or_tracking_loads_neither(tmp_path):
     assert {"torch", "transformers.trainer", "peft"} <= modules  # the import log is real
     assert not {"deepspeed", "mlflow"} & modules
     assert "optuna" not in modules  # a job outside an Optuna study has no use for it
+    # Its curves are drawn with Pillow: matplotlib's import would set the job's peak memory (bench/README.md)
+    assert (tmp_path / "run" / "training_curves.png").is_file() and "matplotlib" not in modules
 
 
 # Records, for every forward of the real model, whether it ran in training or evaluation and under autocast.
