@@ -188,6 +188,7 @@ def _train(cfg: DictConfig, run_dir: Path, paths: dict[str, Path], where: InputP
                 log.info("test: %d predictions → %s; %s", n, run_dir / PREDICTIONS,
                          ", ".join(f"{k}={v:.4g}" for k, v in out.metrics.items() if "rouge" in k or "bleu" in k))
     stops.reached(stops.CLOSING)  # the curves, the run's records, and closing its MLflow run (uploading its files)
+    heap.release_freed()  # what training freed, before the closing work would add to the job's peak
     if dist.is_rank_zero():
         _write_curves(cfg, run_dir, trainer.state.log_history, trained=trained_step is None)
         record_progress(run_dir, complete=True, step=trainer.state.global_step, metrics=final)
