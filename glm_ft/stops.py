@@ -30,8 +30,11 @@ _sweep_dir: Path | None = None  # the sweep this process runs (`-m`), if any
 
 def reached(stage: str | Callable[[], str]) -> None:
     """The job's stage from now on; a callable is asked when a stop is worded (a training's current step). A stop
-    Python dropped in the stage before is raised here, as that stage's."""
+    Python dropped in the stage before is raised here, as that stage's; at a job's start (a sweep's next job), as
+    this job's, before it started."""
     global _stage
+    if stage == STARTING:
+        _stage = lambda: STARTING
     raise_lost_stop()
     _stage = stage if callable(stage) else (lambda: stage)
 

@@ -72,7 +72,7 @@ class _FrozenHeadLoss(torch.autograd.Function):
             total += (lse - scores.gather(1, target[:, None]).squeeze(1)).sum()
             # d loss / d scores = softmax - one-hot, in place of the scores
             probs = scores.sub_(lse[:, None]).exp_()
-            probs[torch.arange(len(target)), target] -= 1
+            probs[torch.arange(len(target), device=target.device), target] -= 1
             grad[start:start + chunk] = (probs.to(logits.dtype) @ weight.to(logits.dtype)).to(hidden.dtype)
         ctx.save_for_backward(grad)
         return total

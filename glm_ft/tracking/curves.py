@@ -113,7 +113,8 @@ def draw(series: Mapping[str, list[list[float]]], title: str):
             _text(pen, (left - 5, y), f"{value:g}", small, "right")
         pen.rectangle(panel.box, outline="black")
         _text(pen, ((left + right) / 2, bottom + 22), "global step", font, "top")
-        label = Image.new("RGB", pen.textbbox((0, 0), panel.ylabel, font=font)[2:], "white")
+        label = Image.new("RGB", [max(1, math.ceil(v)) for v in pen.textbbox((0, 0), panel.ylabel, font=font)[2:]],
+                          "white")
         ImageDraw.Draw(label).text((0, 0), panel.ylabel, fill="black", font=font)
         label = label.rotate(90, expand=True)
         image.paste(label, (left - 62, int((top + bottom - label.height) / 2)))
