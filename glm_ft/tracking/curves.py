@@ -67,11 +67,17 @@ def panels(series: Mapping[str, list[list[float]]]) -> list[Panel]:
     scores = [k for k in series if k not in losses]
     out = []
     for i, (keys, ylabel) in enumerate([(losses, "loss"), (scores, "eval metric")] if scores else [(losses, "loss")]):
-        points = [point for key in keys for point in series[key]]
+        points = [point for key in keys for point in _finite(series[key])]
         left, top = i * PANEL_SIZE[0], TITLE_HEIGHT
         box = (left + PLOT_BOX[0], top + PLOT_BOX[1], left + PLOT_BOX[2], top + PLOT_BOX[3])
         out.append(Panel(keys, ylabel, box, _span([s for s, _ in points]), _span([v for _, v in points])))
     return out
+
+
+def _finite(points: Iterable[list[float]]) -> list[list[float]]:
+    """The points that can be drawn: a NaN or infinite metric (an eval_loss that overflowed) is a gap, as in
+    matplotlib, not a range of NaN that made the whole picture fail."""
+    return [point for point in points if all(map(math.isfinite, point))]
 
 
 def _span(values: list[float]) -> tuple[float, float]:
@@ -88,7 +94,8 @@ def ticks(low: float, high: float, about: int = 5) -> list[float]:
     power = 10 ** math.floor(math.log10(raw))
     step = next(m * power for m in (1, 2, 5, 10) if m * power >= raw * (1 - 1e-9))  # not by float noise
     first = math.ceil(low / step) * step
-    return [round(first + i * step, 12) for i in range(int((high - first) / step + 1e-9) + 1)]
+    digits = 3 - math.floor(math.log10(step))  # multiples of step, less float noise, at any scale
+    return [round(first + i * step, digits) for i in range(int((high - first) / step + 1e-9) + 1)]
 
 
 def draw(series: Mapping[str, list[list[float]]], title: str):
@@ -119,9 +126,10 @@ def draw(series: Mapping[str, list[list[float]]], title: str):
         label = label.rotate(90, expand=True)
         image.paste(label, (left - 62, int((top + bottom - label.height) / 2)))
         for key, colour in zip(panel.keys, COLOURS * len(panel.keys)):
-            points = [panel.pixel(step, value) for step, value in series[key]]
-            if len(points) > 1:
-                pen.line(points, fill=colour, width=2, joint="curve")
+            points = [panel.pixel(step, value) for step, value in _finite(series[key])]
+            for run in _finite_runs(panel, series[key]):
+                if len(run) > 1:
+                    pen.line(run, fill=colour, width=2, joint="curve")
             if len(points) < MARKERS_BELOW:
                 for x, y in points:
                     pen.ellipse((x - 3, y - 3, x + 3, y + 3), fill=colour)
@@ -129,16 +137,27 @@ def draw(series: Mapping[str, list[list[float]]], title: str):
     return image, layout
 
 
+def _finite_runs(panel: Panel, points: list[list[float]]) -> list[list[tuple[float, float]]]:
+    """A series' stretches between its non-finite points, in pixels: each drawn as one line."""
+    runs: list[list[tuple[float, float]]] = [[]]
+    for point in points:
+        if _finite([point]):
+            runs[-1].append(panel.pixel(*point))
+        elif runs[-1]:
+            runs.append([])
+    return runs
+
+
 def _legend(pen, panel: Panel, series: Mapping[str, list[list[float]]], font) -> None:
     """In the corner of the axes that covers the fewest points (matplotlib's "best", by points only)."""
     if not panel.keys:
         return
-    rows = [(key, pen.textbbox((0, 0), key, font=font)) for key in panel.keys]
+    rows = [(key, pen.textbbox((0, 0), _shown(key, font), font=font)) for key in panel.keys]
     width, height = 34 + max(box[2] for _, box in rows), 6 + 16 * len(rows)
     left, top, right, bottom = panel.box
     corners = [(right - 8 - width, top + 8), (left + 8, top + 8), (right - 8 - width, bottom - 8 - height),
                (left + 8, bottom - 8 - height)]
-    points = [panel.pixel(*point) for key in panel.keys for point in series[key]]
+    points = [panel.pixel(*point) for key in panel.keys for point in _finite(series[key])]
     x0, y0 = min(corners, key=lambda c: sum(c[0] - 4 <= x <= c[0] + width + 4 and c[1] - 4 <= y <= c[1] + height + 4
                                             for x, y in points))
     pen.rectangle((x0, y0, x0 + width, y0 + height), fill="white", outline=(200, 200, 200))
@@ -160,6 +179,7 @@ def _font(size: int):
 def _text(pen, xy: tuple[float, float], text: str, font, align: str) -> None:
     """`text` centred on xy ("center"), hanging below it ("top"), ending at it ("right") or starting at it ("left")
     (by its box, which bitmap fonts support where anchors are not)."""
+    text = _shown(text, font)
     x0, y0, x1, y1 = pen.textbbox((0, 0), text, font=font)
     width, height = x1 - x0, y1 - y0
     x, y = xy
@@ -169,9 +189,19 @@ def _text(pen, xy: tuple[float, float], text: str, font, align: str) -> None:
 
 
 def _fitted(pen, text: str, font, width: int) -> str:
-    while text and pen.textbbox((0, 0), text, font=font)[2] > width:
+    while len(text) > 1 and pen.textbbox((0, 0), _shown(text, font), font=font)[2] > width:
         text = text[:-2] + "…"
     return text
+
+
+def _shown(text: str, font) -> str:
+    """`text` as `font` can draw it: Pillow's bitmap font (a Pillow without FreeType) has Latin-1 glyphs only and
+    raised UnicodeEncodeError on any other (a run folder's name in Chinese, the title's "…")."""
+    from PIL import ImageFont
+
+    if isinstance(font, ImageFont.FreeTypeFont):
+        return text
+    return text.replace("…", "...").encode("latin-1", "replace").decode("latin-1")
 
 
 def write_training_curves(log_history: Iterable[Mapping[str, Any]], path: Path, title: str) -> dict:

@@ -367,11 +367,11 @@ class Watchdog(TrainerCallback):
     on_substep_end = on_prediction_step = on_evaluate = on_step_end
 
     def on_save(self, args, state, control, **kwargs):
-        raise_lost_stop()
         ckpt = checkpoint_dir(Path(args.output_dir), state.global_step)
         if ckpt.is_dir() and dist.is_rank_zero():
             mark_complete(ckpt, state.global_step)
             rotate_checkpoints(Path(args.output_dir), args.save_total_limit, keep=[ckpt, state.best_model_checkpoint])
+        raise_lost_stop()  # after the marker: a stop dropped during the save keeps what it saved
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         loss = (logs or {}).get("loss")

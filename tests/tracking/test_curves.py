@@ -4,6 +4,7 @@ counts (data, parameters) are tags, not metrics."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
@@ -34,27 +35,60 @@ def test_the_picture_draws_exactly_the_series():
                       "eval_loss": [[3, 2.6]]}
     image, layout = draw(series, "a title")
     assert [(p.keys, p.ylabel) for p in layout] == [(["loss", "eval_loss"], "loss"), (["eval_rouge-l"], "eval metric")]
-    pixels = image.load()
+    pixels = _assert_points_drawn(image, layout, series)
     for panel in layout:
         (left, top, right, bottom), (x0, x1), (y0, y1) = panel.box, panel.x, panel.y
-        for key, colour in zip(panel.keys, COLOURS):
-            for step, value in series[key]:
-                # Where the point must be, from the axes' box and ranges alone: each lies inside, in its colour.
-                x = left + (step - x0) / (x1 - x0) * (right - left)
-                y = bottom - (value - y0) / (y1 - y0) * (bottom - top)
-                assert left < x < right and top < y < bottom, (key, step)
-                assert pixels[round(x), round(y)] == colour, (key, step)
         # a point no series has, halfway between two of the loss's: the line, not a dot
         if "loss" in panel.keys:
             assert pixels[round(left + (1.5 - x0) / (x1 - x0) * (right - left)),
                           round(bottom - (3.5 - y0) / (y1 - y0) * (bottom - top))] != COLOURS[0]
 
 
+def _assert_points_drawn(image, layout, series):
+    pixels = image.load()
+    for panel in layout:
+        (left, top, right, bottom), (x0, x1), (y0, y1) = panel.box, panel.x, panel.y
+        for key, colour in zip(panel.keys, COLOURS):
+            for step, value in series[key]:
+                if not math.isfinite(value):
+                    continue
+                # Where the point must be, from the axes' box and ranges alone: each lies inside, in its colour.
+                x = left + (step - x0) / (x1 - x0) * (right - left)
+                y = bottom - (value - y0) / (y1 - y0) * (bottom - top)
+                assert left < x < right and top < y < bottom, (key, step)
+                assert pixels[round(x), round(y)] == colour, (key, step)
+    return pixels
+
+
+def test_a_nan_or_infinite_metric_is_a_gap_and_the_rest_is_drawn():
+    """An eval_loss that overflowed: its NaN or inf took the axes' range with it and the picture was not written."""
+    series = {"loss": [[1, 3.0], [2, float("nan")], [3, 2.5], [4, float("inf")], [5, 2.0]],
+              "eval_loss": [[2, float("nan")]], "eval_rouge-l": [[2, float("-inf")], [4, 9.5], [5, 12.0]]}
+    image, layout = draw(series, "a title")
+    assert [(p.x, p.y) for p in layout] == [(pytest.approx((0.8, 5.2)), pytest.approx((1.95, 3.05))),
+                                            (pytest.approx((3.95, 5.05)), pytest.approx((9.375, 12.125)))]
+    _assert_points_drawn(image, layout, series)
+
+
 @pytest.mark.parametrize(("low", "high", "expected"), [(0.0, 1.0, [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]),
                                                        (0.95, 1.05, [0.96, 0.98, 1.0, 1.02, 1.04]),
-                                                       (-3.0, 47.0, [0.0, 10.0, 20.0, 30.0, 40.0])])
+                                                       (-3.0, 47.0, [0.0, 10.0, 20.0, 30.0, 40.0]),
+                                                       (9.5e-15, 2.05e-14, [1e-14, 1.5e-14, 2e-14])])
 def test_axis_ticks_are_round_values_inside_the_range(low, high, expected):
     assert ticks(low, high) == expected
+
+
+def test_pillows_bitmap_font_draws_a_long_title_and_any_characters():
+    """A Pillow without FreeType has only its Latin-1 bitmap font: the title's "…" and a run folder named in
+    Chinese raised UnicodeEncodeError, and the picture was not written."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    from glm_ft.tracking.curves import _fitted, _text
+
+    bitmap, pen = ImageFont.load_default_imagefont(), ImageDraw.Draw(Image.new("RGB", (300, 40), "white"))
+    title = _fitted(pen, "lora on chatglm3: 微调 " + "x" * 300, bitmap, 280)
+    assert title.endswith("…") and len(title) < 100
+    _text(pen, (150, 20), title, bitmap, "center")
 
 
 @pytest.mark.slow

@@ -382,7 +382,8 @@ main()
 def test_a_stop_landing_inside_a_finalizer_still_stops_the_job(signum, tmp_path, store):
     """A signal's handler runs at whatever bytecode is next, also inside a `__del__` that a garbage collection
     started; Python drops what a `__del__` raises. The stop was lost with a traceback, and the job trained on: a rank
-    whose launcher had been SIGKILLed (it gets one SIGTERM) trained for good. Now the job stops at its next step."""
+    whose launcher had been SIGKILLed (it gets one SIGTERM) trained for good. Now the job stops once that save is
+    marked complete (the marker's write dropped it)."""
     args = [*QUICK, "training_args.max_steps=8", "training_args.save_steps=2"]
     run_dir, log = tmp_path / "run", tmp_path / "train.log"
     cmd = [sys.executable, "-c", LOSING_A_STOP, str(int(signum)), *args, f"hydra.run.dir={run_dir}"]
@@ -392,7 +393,7 @@ def test_a_stop_landing_inside_a_finalizer_still_stops_the_job(signum, tmp_path,
     assert proc.returncode == 128 + signum, out[-3000:]
     assert "Traceback" not in out and "Exception ignored" not in out, out[-3000:]
     said = [line[line.index("interrupted"):] for line in out.splitlines() if "interrupted" in line]  # after tqdm's
-    assert said == [f"interrupted at step 3; last complete checkpoint: {run_dir / 'checkpoint-2'} (continue with "
+    assert said == [f"interrupted at step 2; last complete checkpoint: {run_dir / 'checkpoint-2'} (continue with "
                     f"resume=auto hydra.run.dir={run_dir})"], out[-3000:]
     assert complete(run_dir, 2) and not (run_dir / "checkpoint-4").exists()
     assert store["client"].get_run(mlflow_run_id(run_dir)).info.status == "KILLED"

@@ -14,8 +14,10 @@ from conftest import compose
 from glm_ft.model import load_for_training
 from glm_ft.data.collate import Collator
 from glm_ft.runs import complete_checkpoints
+from glm_ft.tracking.signals import SIGTERM_GUARD, Terminated
 from glm_ft.train.trainer import TRAINING_ARGS_JSON, GlmTrainer, Watchdog
 from glm_ft.train.trainer_args import build_training_arguments
+from test_stops import Finalizer
 
 LENGTHS = (3, 41, 9, 70, 5, 23, 12, 2, 55, 17, 30, 7)
 NEW = 10
@@ -179,3 +181,28 @@ def test_a_resume_whose_optimizer_state_does_not_fit_is_one_error(tmp_path):
     with pytest.raises(CheckpointError, match=r"checkpoint-2's optimizer state does not fit .*loraplus_lr_ratio"):
         _train_saving_every_2_steps(tmp_path, tmp_path / "run", 4, "method=lora", "method.loraplus_lr_ratio=16",
                                     resume=str(tmp_path / "run" / "checkpoint-2"))
+
+
+class _LoseAStop(TrainerCallback):
+    """Placed after Watchdog: at step `step`'s end, a SIGTERM lands inside a `__del__` and Python drops it."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            Finalizer(Terminated())
+
+
+def test_a_stop_dropped_before_a_save_is_raised_once_the_saved_checkpoint_is_marked_complete(tmp_path):
+    """A stop Python dropped is raised again at the next save: after that checkpoint, fully written, is marked
+    complete, not before, which left it unmarked, so that a resume skipped it and trained its steps again."""
+    run_dir = tmp_path / "run"
+    SIGTERM_GUARD.acquire()
+    try:
+        with pytest.raises(Terminated):
+            _train_saving_every_2_steps(tmp_path, run_dir, 6, callbacks=[_LoseAStop(2)])
+    finally:
+        SIGTERM_GUARD.release()
+    assert [p.name for p in complete_checkpoints(run_dir)] == ["checkpoint-2"]
+    assert not (run_dir / "checkpoint-4").exists()
