@@ -77,7 +77,11 @@ def panels(series: Mapping[str, list[list[float]]]) -> list[Panel]:
 def _finite(points: Iterable[list[float]]) -> list[list[float]]:
     """The points that can be drawn: a NaN or infinite metric (an eval_loss that overflowed) is a gap, as in
     matplotlib, not a range of NaN that made the whole picture fail."""
-    return [point for point in points if all(map(math.isfinite, point))]
+    return [point for point in points if _drawable(point)]
+
+
+def _drawable(point: list[float]) -> bool:
+    return all(map(math.isfinite, point))
 
 
 def _span(values: list[float]) -> tuple[float, float]:
@@ -141,7 +145,7 @@ def _finite_runs(panel: Panel, points: list[list[float]]) -> list[list[tuple[flo
     """A series' stretches between its non-finite points, in pixels: each drawn as one line."""
     runs: list[list[tuple[float, float]]] = [[]]
     for point in points:
-        if _finite([point]):
+        if _drawable(point):
             runs[-1].append(panel.pixel(*point))
         elif runs[-1]:
             runs.append([])
